@@ -1,0 +1,73 @@
+"""
+attention.py: causal grouped-query attention with a KV cache. Read after model.py.
+
+Nemotron-H's attention layers use no positional encoding at all (NoPE): the Mamba-2 layers before
+them already carry order (Nemotron-H, arXiv:2504.03624, Sec. 2.1). RoPE (Su et al. 2021,
+arXiv:2104.09864) is an option for models that want it; Hugging Face NemotronH has none, so a RoPE
+model cannot be exported.
+
+GQA (Ainslie et al. 2023, arXiv:2305.13245): n_head query heads share n_kv_head key/value heads.
+Shape letters: B batch, T new tokens, S keys in view (cached + new), h query heads, g kv heads,
+d head dim.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# rotary position embedding (optional)
+
+
+def apply_rope(x, pos0, theta):
+    """Rotate pairs (i, i + d/2) of x (B, h, T, d) by angle (pos0 + t) * theta^(-2i/d)."""
+    T, d = x.shape[-2], x.shape[-1]
+    inv_freq = theta ** -(torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
+    angles = torch.outer(torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos(), angles.sin()  # (T, d/2)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# attention
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.rope_theta = cfg.rope_theta if cfg.rope else None
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def new_cache(self, batch_size, max_len, device, dtype):
+        """A preallocated KV cache: appending a token writes in place, no concatenation."""
+        shape = (batch_size, self.n_kv_head, max_len, self.head_dim)
+        return {"k": torch.zeros(shape, device=device, dtype=dtype),
+                "v": torch.zeros(shape, device=device, dtype=dtype), "pos": 0}
+
+    def forward(self, x, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, g, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, g, T, d)
+        pos0 = 0 if cache is None else cache["pos"]
+        if self.rope_theta is not None:
+            q, k = apply_rope(q, pos0, self.rope_theta), apply_rope(k, pos0, self.rope_theta)
+        if cache is not None:
+            if pos0 + T > cache["k"].size(2):
+                raise ValueError(f"KV cache holds {cache['k'].size(2)} positions, asked for {pos0 + T}")
+            cache["k"][:, :, pos0:pos0 + T] = k
+            cache["v"][:, :, pos0:pos0 + T] = v
+            cache["pos"] = pos0 + T
+            k, v = cache["k"][:, :, :pos0 + T], cache["v"][:, :, :pos0 + T]  # (B, g, S, d)
+        if pos0 == 0 or T == 1:  # causal from the start, or one query that sees every key
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
+        else:  # several new queries after a cached prefix: query t sees keys 0 .. pos0 + t
+            mask = torch.ones(T, pos0 + T, dtype=torch.bool, device=x.device).tril(pos0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
+        return self.o_proj(y)

@@ -1,0 +1,202 @@
+"""
+mamba.py: the Mamba-2 mixer in plain PyTorch. Read after model.py.
+
+Paper: Dao & Gu 2024, "Transformers are SSMs" (arXiv:2405.21060): Sec. 6 and Listing 1 for the
+chunked SSD algorithm, Sec. 7 for the Mamba-2 block. Nemotron-H (arXiv:2504.03624) uses the block
+as is, with a gated RMSNorm normalised per group of heads before out_proj.
+
+The selective state space model, per head, with a scalar decay a_t = exp(dt_t * A):
+    h_t = a_t * h_{t-1} + dt_t * x_t B_t^T        (h_t: P x N)
+    y_t = h_t C_t + D * x_t
+ssd_chunked() computes it for a whole sequence with matmuls (the training path); ssd_scan_ref()
+runs the recurrence one step at a time and is the ground truth the tests compare against;
+ssd_step() is one step of it, used for O(1)-per-token decoding.
+
+Shape letters: B batch, T length, H heads, P head dim (headdim), N state size (d_state),
+G groups of heads sharing B and C (n_groups), Q chunk length (chunk_size), c number of chunks,
+K conv width (d_conv).
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# the SSD maths
+
+
+def segsum(x):
+    """x (..., Q) -> (..., Q, Q) with out[i, j] = x[j+1] + ... + x[i] for j <= i, -inf above.
+
+    Summed with a masked cumsum rather than as a difference of cumsums, which loses precision."""
+    Q = x.size(-1)
+    x = x[..., None].expand(*x.shape, Q)  # (..., Q, Q): x[..., i, j] = x_i
+    mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril(-1)
+    x = x.masked_fill(~mask, 0)
+    x_segsum = torch.cumsum(x, dim=-2)
+    mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril(0)
+    return x_segsum.masked_fill(~mask, -torch.inf)
+
+
+def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """The chunked SSD algorithm of Mamba-2 (Listing 1 of the paper), in fp32.
+
+    x (B, T, H, P), dt (B, T, H) already softplus'ed, A (H,) negative, B and C (B, T, G, N),
+    D (H,) or None, initial_state (B, H, P, N) or None.
+    Returns y (B, T, H, P) and the final state (B, H, P, N). Any T: the sequence is padded with
+    dt = 0 (no decay, no input) up to a multiple of chunk_size, which leaves the state unchanged.
+    """
+    Bsz, T, H, P = x.shape
+    G, N, Q = B.shape[2], B.shape[3], chunk_size
+    x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
+    pad = (-T) % Q
+    if pad:
+        x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
+        dt = F.pad(dt, (0, 0, 0, pad))
+    c = (T + pad) // Q
+    B = B.repeat_interleave(H // G, dim=2)  # (B, T', H, N): head h reads group h // (H/G)
+    C = C.repeat_interleave(H // G, dim=2)
+    x_dt = x * dt[..., None]  # the input term dt_t * x_t
+    x_dt, B, C = (t.view(Bsz, c, Q, H, -1) for t in (x_dt, B, C))  # (B, c, Q, H, P or N)
+    dA = (dt * A).view(Bsz, c, Q, H).permute(0, 3, 1, 2)  # (B, H, c, Q): log of the decay a_t
+    dA_cs = torch.cumsum(dA, dim=-1)  # (B, H, c, Q)
+
+    # 1) intra-chunk outputs (the diagonal blocks): a masked "attention" C_l B_s^T L_ls inside each chunk
+    L = torch.exp(segsum(dA))  # (B, H, c, Q, Q): decay from position s to l
+    CB = torch.einsum("bclhn,bcshn->bhcls", C, B)
+    Y_diag = torch.einsum("bhcls,bcshp->bclhp", CB * L, x_dt)
+
+    # 2) the state each chunk would end in, starting from zero (the B terms of the off-diagonal blocks)
+    decay_states = torch.exp(dA_cs[..., -1:] - dA_cs)  # (B, H, c, Q): decay from l to the chunk's end
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, x_dt)  # (B, c, H, P, N)
+
+    # 3) inter-chunk recurrence: pass the states across chunk boundaries (the A terms)
+    if initial_state is None:
+        initial_state = torch.zeros_like(states[:, 0])
+    states = torch.cat([initial_state.float()[:, None], states], dim=1)  # (B, c+1, H, P, N)
+    decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (B, H, c+1, c+1)
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)  # state at the start of each chunk
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4) state -> output: what the carried-in state contributes inside each chunk (the C terms)
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(dA_cs))
+
+    y = (Y_diag + Y_off).reshape(Bsz, c * Q, H, P)[:, :T]  # (B, T, H, P)
+    if D is not None:
+        y = y + x[:, :T] * D.float()[:, None]
+    return y, final_state
+
+
+def ssd_step(h, x, dt, A, B, C, D=None):
+    """One step of the recurrence. h (B, H, P, N) fp32, x (B, H, P), dt (B, H), B and C (B, G, N).
+    Returns y (B, H, P) and the new state."""
+    H, G = x.shape[1], B.shape[1]
+    B = B.float().repeat_interleave(H // G, dim=1)  # (B, H, N)
+    C = C.float().repeat_interleave(H // G, dim=1)
+    dt = dt.float()
+    dA = torch.exp(dt * A.float())  # (B, H)
+    h = h * dA[..., None, None] + (dt[..., None] * x.float())[..., None] * B[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", h, C)
+    if D is not None:
+        y = y + x.float() * D.float()[:, None]
+    return y, h
+
+
+def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None):
+    """Sequential-recurrence reference of ssd_chunked (same arguments but no chunk size)."""
+    Bsz, T, H, P = x.shape
+    h = torch.zeros(Bsz, H, P, B.shape[-1]) if initial_state is None else initial_state.float()
+    ys = []
+    for t in range(T):
+        y, h = ssd_step(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        ys.append(y)
+    return torch.stack(ys, dim=1), h
+
+
+def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+    """The SSD op the mixer calls: y (B, T, H, P), final_state (B, H, P, N). kernels.py will add
+    a Triton fast path here; ssd_chunked is the reference for it."""
+    return ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state)
+
+
+# -----------------------------------------------------------------------------
+# the Mamba-2 mixer
+
+
+class GatedRMSNorm(nn.Module):
+    """norm(y * silu(z)), normalised over groups of group_size channels (one group per n_groups)."""
+
+    def __init__(self, dim, group_size, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.group_size, self.eps = group_size, eps
+
+    def forward(self, y, z):
+        dtype = y.dtype
+        y = y.float() * F.silu(z.float())
+        yg = y.view(*y.shape[:-1], -1, self.group_size)  # (..., G, d_inner / G)
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * yg.view(y.shape).to(dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.H, self.P, self.N, self.G = cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.n_groups
+        self.K, self.chunk_size, self.dt_limit = cfg.d_conv, cfg.chunk_size, cfg.dt_limit
+        self.d_inner = self.H * self.P
+        self.conv_dim = self.d_inner + 2 * self.G * self.N  # x, B and C go through the conv together
+        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.H, bias=False)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, self.K, groups=self.conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.empty(self.H))
+        self.A_log = nn.Parameter(torch.empty(self.H))
+        self.D = nn.Parameter(torch.empty(self.H))
+        self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.G, cfg.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+
+    def new_cache(self, batch_size, device, dtype):
+        """Constant-size decoding state: the last K-1 conv inputs and the SSM state h (fp32)."""
+        return {"conv": torch.zeros(batch_size, self.conv_dim, self.K - 1, device=device, dtype=dtype),
+                "ssm": torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=torch.float32)}
+
+    def forward(self, u, cache=None):
+        Bsz, T, _ = u.shape
+        if cache is not None and T == 1:
+            return self.step(u, cache)
+        zxbcdt = self.in_proj(u)  # (B, T, d_inner + conv_dim + H)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
+        # 1) depthwise causal conv over time: left-pad with the cached inputs (zeros at the start)
+        xBC = xBC.transpose(1, 2)  # (B, conv_dim, T)
+        past = cache["conv"] if cache is not None else xBC.new_zeros(Bsz, self.conv_dim, self.K - 1)
+        xBC = torch.cat([past, xBC], dim=-1)  # (B, conv_dim, K-1+T)
+        if cache is not None:
+            cache["conv"] = xBC[:, :, -(self.K - 1):].clone()
+        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        x, B, C = xBC.transpose(1, 2).split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
+        # 2) discretisation parameters: dt > 0 within the configured limits, A < 0
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, T, H)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        # 3) the SSD over the whole sequence, starting from the cached state when decoding
+        y, h = ssd(x.reshape(Bsz, T, self.H, self.P), dt, A,
+                   B.reshape(Bsz, T, self.G, self.N), C.reshape(Bsz, T, self.G, self.N),
+                   self.chunk_size, D=self.D, initial_state=None if cache is None else cache["ssm"])
+        if cache is not None:
+            cache["ssm"] = h
+        # 4) gated norm, then back to the model width
+        y = self.norm(y.reshape(Bsz, T, self.d_inner), z)  # (B, T, d_inner)
+        return self.out_proj(y.to(u.dtype))
+
+    def step(self, u, cache):
+        """One token (B, 1, d_model) in O(1): shift the conv window, one recurrence step."""
+        zxbcdt = self.in_proj(u[:, 0])  # (B, d_inner + conv_dim + H)
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
+        window = torch.cat([cache["conv"], xBC[:, :, None]], dim=-1)  # (B, conv_dim, K)
+        cache["conv"] = window[:, :, 1:]
+        xBC = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, conv_dim)
+        x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, H)
+        A = -torch.exp(self.A_log.float())
+        y, cache["ssm"] = ssd_step(cache["ssm"], x.view(-1, self.H, self.P), dt, A,
+                                   B.view(-1, self.G, self.N), C.view(-1, self.G, self.N), self.D)
+        y = self.norm(y.view(-1, 1, self.d_inner), z[:, None])  # (B, 1, d_inner)
+        return self.out_proj(y.to(u.dtype))

@@ -1,0 +1,495 @@
+"""
+model.py: the Nemotron hybrid Mamba-Transformer-MoE language model. Read this file first.
+
+Papers: Nemotron-H (arXiv:2504.03624): a stack of Mamba-2, attention and MLP layers written as one
+pattern string, each layer a pre-norm residual block; Nemotron 3 (NVIDIA 2025): some MLPs become
+(Latent)MoE layers. The mixers live in mamba.py, attention.py and moe.py; this file wires them
+together, initialises them, decodes with caches, and reads/writes Hugging Face NemotronH folders.
+"""
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import Attention
+from mamba import Mamba2Mixer
+from moe import MLP, MoE
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class NemotronConfig:
+    vocab_size: int = 256                 # bytes by default; Nemotron's tokenizer has 131072
+    d_model: int = 256                    # residual width (HF hidden_size)
+    pattern: str = "M-M*M-ME"             # per layer: M mamba2, * attention, - mlp, E moe
+    norm_eps: float = 1e-5                # RMSNorm epsilon, every norm in the model
+    tie_embeddings: bool = False          # share the embedding and LM head weights
+    init_std: float = 0.02                # std of every linear/embedding weight at init
+    # attention (*)
+    n_head: int = 4                       # query heads
+    n_kv_head: int = 2                    # key/value heads (GQA)
+    head_dim: int = 64                    # per head
+    rope: bool = False                    # Nemotron-H attention is NoPE; RoPE is opt-in
+    rope_theta: float = 10000.0           # RoPE base, when rope is on
+    # mlp (-)
+    d_ff: int = 1024                      # squared-ReLU MLP width (HF intermediate_size)
+    # mamba-2 (M)
+    mamba_heads: int = 8                  # H; d_inner = H * P
+    headdim: int = 64                     # P
+    d_state: int = 64                     # N
+    n_groups: int = 1                     # G: heads share B and C within a group
+    d_conv: int = 4                       # K, causal depthwise conv width
+    chunk_size: int = 64                  # Q of the chunked SSD
+    dt_min: float = 0.001                 # dt is initialised log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4           # ... and at least this
+    dt_limit: tuple = (0.001, float("inf"))  # dt is clamped to this range (see HF_CONFIG_KEYS)
+    # moe (E)
+    n_experts: int = 8                    # routed experts
+    top_k: int = 2                        # experts per token
+    moe_d_ff: int = 256                   # routed expert width
+    shared_d_ff: int = 512                # the always-on shared expert's width
+    moe_latent_size: int = None           # LatentMoE width l for routed experts; None = off
+    n_group: int = 1                      # expert groups for group-limited routing
+    topk_group: int = 1                   # groups a token may route into
+    routed_scaling_factor: float = 1.0    # multiplies the normalised routing weights
+    norm_topk_prob: bool = True           # normalise the chosen weights to sum to one
+
+    def __post_init__(self):
+        self.dt_limit = tuple(self.dt_limit)  # a list after JSON / ckpt round trips
+        bad = set(self.pattern) - set("M*-E")
+        assert self.pattern and not bad, f"pattern {self.pattern!r}: unknown layer kinds {sorted(bad)}"
+        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+        assert self.mamba_heads % self.n_groups == 0, "mamba_heads must be a multiple of n_groups"
+        assert self.n_experts % self.n_group == 0, "n_experts must be a multiple of n_group"
+        assert self.topk_group <= self.n_group and self.top_k <= self.n_experts
+        assert self.top_k <= self.topk_group * self.n_experts // self.n_group, "too few experts in reach"
+        assert not self.rope or self.head_dim % 2 == 0
+        self.n_layer = len(self.pattern)
+
+    def to_dict(self):
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block around one mixer: x + mixer(norm(x))."""
+
+    def __init__(self, cfg, kind):
+        super().__init__()
+        self.kind = kind
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if kind == "M":
+            self.mixer = Mamba2Mixer(cfg)
+        elif kind == "*":
+            self.mixer = Attention(cfg)
+        elif kind == "-":
+            self.mixer = MLP(cfg.d_model, cfg.d_ff)
+        elif kind == "E":
+            self.mixer = MoE(cfg)
+
+    def forward(self, x, cache=None):
+        h = self.norm(x)
+        h = self.mixer(h, cache) if self.kind in "M*" else self.mixer(h)
+        return x + h
+
+
+class Nemotron(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.backbone = nn.ModuleDict(dict(  # named as in NVIDIA's checkpoints
+            embeddings=nn.Embedding(config.vocab_size, config.d_model),
+            layers=nn.ModuleList(Block(config, kind) for kind in config.pattern),
+            norm_f=RMSNorm(config.d_model, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embeddings.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialisation as Nemotron-H / Megatron-LM do it, all in one place:
+        - linear and embedding weights, router and experts: N(0, init_std);
+        - the projections that write into the residual stream (Mamba out_proj, attention o_proj,
+          MLP/expert down_proj, fc2_latent_proj): N(0, init_std / sqrt(2 * n_layer)), GPT-2 style;
+        - Mamba-2: A = -exp(A_log) with A ~ U[1, 16]; dt_bias = softplus^-1(dt) for dt log-uniform
+          in [dt_min, dt_max] (floored at dt_init_floor), so the initial steps span two decades;
+          D = 1; the conv keeps PyTorch's default init, as in the Mamba-2 code;
+        - norms 1, biases 0, the MoE correction bias 0."""
+        cfg = self.config
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight", "down_proj",
+                              "fc2_latent_proj.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            elif "conv1d" in name or "norm" in name or leaf in ("A_log", "dt_bias", "D"):
+                continue  # below
+            else:
+                nn.init.normal_(p, 0.0, std)
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, nn.LayerNorm)) or type(m).__name__ == "GatedRMSNorm":
+                nn.init.ones_(m.weight)
+            if isinstance(m, Mamba2Mixer):
+                m.conv1d.reset_parameters()
+                m.A_log.copy_(torch.empty_like(m.A_log).uniform_(1, 16).log())
+                log_dt = torch.rand_like(m.dt_bias) * (math.log(cfg.dt_max) - math.log(cfg.dt_min))
+                dt = torch.exp(log_dt + math.log(cfg.dt_min)).clamp(min=cfg.dt_init_floor)
+                m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+                m.D.fill_(1.0)
+        for b in self.buffers():
+            b.zero_()
+
+    def num_params(self, active=False):
+        """Parameters without the embedding table; active=True counts only the top_k routed
+        experts each token uses (the MoE's compute, not its memory)."""
+        cfg = self.config
+        n = sum(p.numel() for p in self.parameters()) - self.backbone.embeddings.weight.numel()
+        if cfg.tie_embeddings:
+            n += self.lm_head.weight.numel()  # the head still computes
+        if active:
+            per_expert = 2 * (cfg.moe_latent_size or cfg.d_model) * cfg.moe_d_ff
+            n -= cfg.pattern.count("E") * (cfg.n_experts - cfg.top_k) * per_expert
+        return n
+
+    def flops_per_token(self, T):
+        """Training FLOPs per token (forward + backward = 3x forward) at sequence length T:
+        6 per active weight, plus attention's scores and values (the causal half of them) and the
+        SSD's quadratic-in-chunk and state terms."""
+        cfg = self.config
+        flops = 6 * self.num_params(active=True)
+        attn = 2 * 2 * cfg.n_head * cfg.head_dim * T / 2  # QK^T and AV, causal half, per token
+        Q, N, P, H = cfg.chunk_size, cfg.d_state, cfg.headdim, cfg.mamba_heads
+        ssd = 2 * H * (Q * N / 2 + Q * P / 2 + 2 * N * P)  # C B^T, (CB.L) x, states, C h
+        return flops + 3 * (cfg.pattern.count("*") * attn + cfg.pattern.count("M") * ssd)
+
+    def hidden(self, idx, cache=None):
+        x = self.backbone.embeddings(idx)  # (B, T, d)
+        for i, block in enumerate(self.backbone.layers):
+            x = block(x, None if cache is None else cache[i])
+        return self.backbone.norm_f(x)
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.hidden(idx)).float()  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # decoding
+
+    def new_cache(self, batch_size, max_len):
+        """One entry per layer: Mamba conv + SSM states (constant size), attention KV buffers."""
+        p = self.lm_head.weight
+        cache = []
+        for block in self.backbone.layers:
+            if block.kind == "M":
+                cache.append(block.mixer.new_cache(batch_size, p.device, p.dtype))
+            elif block.kind == "*":
+                cache.append(block.mixer.new_cache(batch_size, max_len, p.device, p.dtype))
+            else:
+                cache.append(None)
+        return cache
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """Yields max_new_tokens tokens of shape (B, 1): one prefill forward over the prompt
+        (the chunked SSD hands its final state to the cache), then one token at a time."""
+        cache = self.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
+        logits = self.lm_head(self.hidden(idx, cache)[:, -1]).float()  # (B, vocab)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
+            yield nxt
+            if i + 1 < max_new_tokens:
+                logits = self.lm_head(self.hidden(nxt, cache)[:, -1]).float()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+        """idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p))
+        return torch.cat([idx, *new], dim=1)
+
+    # -------------------------------------------------------------------------
+    # checkpoints: ours and Hugging Face NemotronH
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu"):
+        """A Hugging Face NemotronH folder, a train.py out_dir, or a ckpt.pt of ours. Never
+        touches the network. dtype=None keeps the checkpoint's dtype."""
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+            return load_hf(path, dtype, device)
+        ckpt_path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+        if not os.path.isfile(ckpt_path):
+            raise CheckpointError(f"{path}: neither a Hugging Face folder (config.json) nor a "
+                                  f"ckpt.pt / out_dir with one")
+        try:
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+            config = NemotronConfig(**ckpt["model_config"])
+        except Exception as e:  # a truncated file, a foreign pickle, a config we cannot build
+            raise CheckpointError(f"{ckpt_path}: not a readable nanoNemotron checkpoint ({e})") from None
+        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_state_dict(state, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.backbone.embeddings.weight
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, folder):
+        save_hf(self, folder)
+
+
+class CheckpointError(Exception):
+    """A checkpoint or Hugging Face folder this code cannot read; the message says why."""
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, vocab) -> next token (B, 1): greedy, or temperature / top-k / top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face NemotronH interop
+#
+# NVIDIA's checkpoints name parameters as our modules do (backbone.layers.{i}.mixer.in_proj.weight,
+# ...), except that each routed expert is its own module there (mixer.experts.{e}.up_proj.weight)
+# while we stack them (mixer.experts.up_proj, (E, F, l)), and that transformers' own
+# save_pretrained may write model.* instead of backbone.*.
+
+HF_LAYER_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
+                  "mlp": "-", "moe": "E"}
+# our config field: (HF key, legacy HF key)
+HF_CONFIG_KEYS = {
+    "vocab_size": ("vocab_size", None), "d_model": ("hidden_size", None),
+    "norm_eps": ("layer_norm_epsilon", "rms_norm_eps"), "tie_embeddings": ("tie_word_embeddings", None),
+    "init_std": ("initializer_range", None),
+    "n_head": ("num_attention_heads", None), "n_kv_head": ("num_key_value_heads", None),
+    "head_dim": ("head_dim", "attention_head_dim"), "d_ff": ("intermediate_size", None),
+    "mamba_heads": ("mamba_num_heads", None), "headdim": ("mamba_head_dim", None),
+    "d_state": ("ssm_state_size", None), "n_groups": ("n_groups", "mamba_n_groups"),
+    "d_conv": ("conv_kernel", "mamba_d_conv"), "chunk_size": ("chunk_size", "mamba_chunk_size"),
+    "dt_min": ("time_step_min", "mamba_dt_min"), "dt_max": ("time_step_max", "mamba_dt_max"),
+    "dt_init_floor": ("time_step_floor", "mamba_dt_init_floor"),
+    "n_experts": ("n_routed_experts", None), "top_k": ("num_experts_per_tok", None),
+    "moe_d_ff": ("moe_intermediate_size", None),
+    "shared_d_ff": ("moe_shared_expert_intermediate_size", None),
+    "moe_latent_size": ("moe_latent_size", None), "n_group": ("n_group", None),
+    "topk_group": ("topk_group", None), "routed_scaling_factor": ("routed_scaling_factor", None),
+    "norm_topk_prob": ("norm_topk_prob", None),
+}
+# HF keys whose value this code does not implement otherwise: key -> the values it supports
+HF_SUPPORTED = {"attention_bias": (False,), "mlp_bias": (False,), "use_bias": (False,),
+                "mamba_proj_bias": (False,), "use_conv_bias": (True,), "mamba_hidden_act": ("silu",),
+                "mlp_hidden_act": ("relu2",), "hidden_act": ("relu2",), "sliding_window": (None,),
+                "n_shared_experts": (1,), "expand": None}
+
+
+def config_from_hf(hf):
+    """A NemotronConfig from the dict of an HF config.json; unsupported settings raise."""
+    bad = [f"{k}={hf[k]!r} (supported: {v})" for k, v in HF_SUPPORTED.items()
+           if v is not None and k in hf and hf[k] not in v]
+    if "layers_block_type" in hf:
+        kinds = hf["layers_block_type"]
+        bad += [f"layers_block_type has {t!r}" for t in kinds if t not in HF_LAYER_KINDS]
+        pattern = "".join(HF_LAYER_KINDS.get(t, "?") for t in kinds)
+    elif "hybrid_override_pattern" in hf:
+        pattern = hf["hybrid_override_pattern"]
+        bad += [f"hybrid_override_pattern has {c!r}" for c in set(pattern) - set("M*-E")]
+    else:
+        bad.append("no layers_block_type or hybrid_override_pattern")
+        pattern = ""
+    if bad:
+        raise CheckpointError("unsupported NemotronH config: " + "; ".join(bad))
+    args = {"pattern": pattern}
+    for ours, (key, legacy) in HF_CONFIG_KEYS.items():
+        if key in hf and hf[key] is not None:
+            args[ours] = hf[key]
+        elif legacy in hf:
+            args[ours] = hf[legacy]
+    if "head_dim" not in args:
+        args["head_dim"] = args["d_model"] // args["n_head"]
+    # transformers' NemotronH clamps dt to [time_step_min, time_step_limit[1]] (its
+    # time_step_limit's lower end is not used); we match it so logits agree
+    hi = (hf.get("time_step_limit") or hf.get("mamba_dt_limit") or (0.0, float("inf")))[1]
+    args["dt_limit"] = (args.get("dt_min", 0.001), float(hi))
+    try:
+        return NemotronConfig(**args)
+    except (AssertionError, TypeError) as e:
+        raise CheckpointError(f"unsupported NemotronH config: {e}") from None
+
+
+def config_to_hf(cfg):
+    if cfg.rope:
+        raise CheckpointError("Hugging Face NemotronH has no RoPE: a rope=True model cannot be exported")
+    hf = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+          "layers_block_type": [{"M": "linear_attention", "*": "full_attention", "-": "mlp",
+                                 "E": "moe"}[c] for c in cfg.pattern],
+          "hybrid_override_pattern": cfg.pattern,  # what loaders older than transformers 5 read
+          "time_step_limit": list(cfg.dt_limit), "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2",
+          "use_conv_bias": True, "use_bias": False, "mlp_bias": False, "attention_bias": False,
+          "n_shared_experts": 1, "num_nextn_predict_layers": 0, "bos_token_id": None,
+          "eos_token_id": None, "pad_token_id": None}
+    hf.update({key: getattr(cfg, ours) for ours, (key, _) in HF_CONFIG_KEYS.items()})
+    hf["time_step_min"] = cfg.dt_limit[0]  # transformers clamps dt at time_step_min
+    hf["time_step_limit"] = [cfg.dt_limit[0], cfg.dt_limit[1]]
+    return hf
+
+
+def hf_to_ours(key):
+    """HF parameter name -> (our name, expert index or None)."""
+    key = re.sub(r"^model\.", "backbone.", key)
+    m = re.match(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$", key)
+    if m:
+        return f"{m[1]}.{m[3]}", int(m[2])
+    return key, None
+
+
+def load_hf(folder, dtype=None, device="cpu"):
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError("reading Hugging Face checkpoints needs safetensors: pip install safetensors") from None
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from None
+    config = config_from_hf(hf)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    # build on the meta device (no memory), then give each parameter the tensor read from disk,
+    # so the weights exist once: an 8B bf16 checkpoint loads in about 16 GB
+    with torch.device("meta"):
+        model = Nemotron(config)
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    filled = set()
+    for fname in files:
+        with safe_open(os.path.join(folder, fname), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                name, expert = hf_to_ours(key)
+                if name.startswith("mtp.") or key.startswith("mtp."):
+                    continue  # multi-token-prediction layers: loaded by the MTP issue
+                if name == "lm_head.weight" and config.tie_embeddings:
+                    continue  # the head is the embedding table
+                if name not in params:
+                    raise CheckpointError(f"{folder}/{fname}: unexpected tensor {key}")
+                t = f.get_tensor(key)
+                t = t if dtype is None else t.to(dtype)
+                target = params[name]
+                if expert is not None:  # copy expert e into its slot of the stacked weight
+                    if target.is_meta:
+                        target = torch.empty(target.shape, dtype=t.dtype, device=device)
+                        _set_tensor(model, name, target)
+                        params[name] = target
+                    target[expert].copy_(t)
+                    filled.add(f"{name}.{expert}")
+                else:
+                    if tuple(t.shape) != tuple(target.shape):
+                        raise CheckpointError(f"{key}: shape {tuple(t.shape)}, config implies {tuple(target.shape)}")
+                    _set_tensor(model, name, t)
+                    filled.add(name)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+        filled.add("lm_head.weight")
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    missing += [n for n, t in params.items() if t.dim() == 3 and "experts" in n
+                and any(f"{n}.{e}" not in filled for e in range(t.size(0)))]
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint lacks {sorted(set(missing))[:8]}")
+    return model
+
+
+def _set_tensor(model, name, t):
+    mod_name, leaf = name.rsplit(".", 1)
+    mod = model.get_submodule(mod_name)
+    if leaf in mod._buffers:
+        mod._buffers[leaf] = t
+    else:
+        mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+
+
+def save_hf(model, folder, max_shard_bytes=5 * 2**30):
+    """Writes config.json and model.safetensors (sharded with an index past max_shard_bytes) in
+    NVIDIA's layout, which transformers' NemotronHForCausalLM loads."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("writing Hugging Face checkpoints needs safetensors: pip install safetensors") from None
+    cfg = model.config
+    hf = config_to_hf(cfg)
+    hf["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            t = t.clone()  # transformers' NemotronH never ties: it reads lm_head.weight itself
+        if re.search(r"\.experts\.(up_proj|down_proj)$", name):
+            base, leaf = name.rsplit(".", 1)
+            tensors.update({f"{base}.{e}.{leaf}.weight": t[e].contiguous() for e in range(t.size(0))})
+        else:
+            tensors[name] = t.contiguous()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, os.path.join(folder, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)

@@ -1,0 +1,123 @@
+"""
+moe.py: the Mixture-of-Experts layer of Nemotron 3, with LatentMoE. Read after model.py.
+
+Papers: Nemotron 3 (NVIDIA 2025) for the layer and LatentMoE; DeepSeek-V3 (arXiv:2412.19437,
+Sec. 2.1.2) for the routing it inherits: sigmoid affinities, a correction bias used only to choose
+experts, group-limited top-k, selected weights normalised and scaled.
+
+Per token u (width d):
+    s        = sigmoid(u W_r^T)                      fp32 router scores, one per expert
+    chosen   = top_k(s + b) within the topk_group best of n_group groups   (b: correction bias)
+    g_i      = routed_scaling_factor * s_i / sum_{j in chosen} s_j          (i in chosen)
+    MoE(u)   = W_up2( sum_i g_i * E_i(W_down2 u) ) + shared(u)
+E_i and shared are non-gated relu^2 MLPs. With LatentMoE the routed experts read and write a
+smaller latent width l through W_down2 = fc1_latent_proj (d -> l) and W_up2 = fc2_latent_proj
+(l -> d); without it both are the identity. The router and the shared expert see the full width.
+
+Shape letters: M tokens (B*T flattened), E routed experts, k experts per token, F expert hidden
+width, l latent width.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# routing
+
+
+def route(scores, bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
+    """scores (M, E) sigmoid affinities, bias (E,) -> weights (M, k), expert ids (M, k)."""
+    M, E = scores.shape
+    choice = scores + bias  # the bias steers which experts are chosen, never the weights
+    # 1) keep the topk_group groups whose two best experts score highest
+    group_scores = choice.view(M, n_group, E // n_group).topk(min(2, E // n_group), dim=-1)[0].sum(-1)
+    group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]  # (M, topk_group)
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()  # (M, n_group)
+    expert_mask = group_mask[:, :, None].expand(M, n_group, E // n_group).reshape(M, E)
+    # 2) top-k experts among the kept groups
+    idx = choice.masked_fill(~expert_mask, float("-inf")).topk(top_k, dim=-1, sorted=False)[1]
+    # 3) weights from the raw scores, normalised over the chosen experts, then scaled
+    weights = scores.gather(1, idx)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * scaling, idx
+
+
+class Router(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
+        # not a parameter: balancing moves it outside the optimizer (see the "MoE at scale" issue)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
+        self.cfg = cfg
+
+    def forward(self, u):
+        c = self.cfg
+        scores = torch.sigmoid(F.linear(u.float(), self.weight.float()))  # (M, E) in fp32
+        return route(scores, self.e_score_correction_bias.float(), c.top_k, c.n_group, c.topk_group,
+                     c.norm_topk_prob, c.routed_scaling_factor)
+
+
+# -----------------------------------------------------------------------------
+# experts
+
+
+class MLP(nn.Module):
+    """Non-gated squared-ReLU MLP (Nemotron-H's feed-forward and the MoE's shared expert)."""
+
+    def __init__(self, d_model, d_ff):
+        super().__init__()
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.relu(self.up_proj(x)).square())
+
+
+class Experts(nn.Module):
+    """E routed relu^2 experts stored as two stacked weights, as transformers' NemotronH does."""
+
+    def __init__(self, n_experts, d_in, d_ff):
+        super().__init__()
+        self.up_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_in))  # (E, F, l)
+        self.down_proj = nn.Parameter(torch.empty(n_experts, d_in, d_ff))  # (E, l, F)
+
+    def forward(self, x, weights, idx):
+        """x (M, l), weights and idx (M, k) -> (M, l). Loops over the experts that got tokens
+        (the "MoE at scale" issue replaces the loop with a grouped GEMM)."""
+        out = torch.zeros_like(x, dtype=weights.dtype)
+        flat_idx = idx.flatten()  # (M*k,): token m's j-th choice sits at m*k + j
+        order = flat_idx.argsort()
+        counts = torch.bincount(flat_idx, minlength=self.up_proj.size(0)).tolist()
+        token = (order // idx.size(1)).split(counts)  # per expert: which tokens it serves
+        slot = order.split(counts)  # ... and where their weights sit in weights.flatten()
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = F.relu(F.linear(x[token[e]], self.up_proj[e])).square()  # (n, F)
+            y = F.linear(h, self.down_proj[e]) * weights.flatten()[slot[e], None]  # (n, l)
+            out.index_add_(0, token[e], y.to(out.dtype))
+        return out.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        latent = cfg.moe_latent_size
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_experts, latent or cfg.d_model, cfg.moe_d_ff)
+        self.shared_experts = MLP(cfg.d_model, cfg.shared_d_ff)
+        if latent is not None:  # LatentMoE: routed experts live in width l < d
+            self.fc1_latent_proj = nn.Linear(cfg.d_model, latent, bias=False)
+            self.fc2_latent_proj = nn.Linear(latent, cfg.d_model, bias=False)
+        self.latent = latent is not None
+
+    def forward(self, u):
+        shape = u.shape
+        u = u.reshape(-1, shape[-1])  # (M, d)
+        weights, idx = self.gate(u)  # (M, k) each
+        x = self.fc1_latent_proj(u) if self.latent else u  # (M, l)
+        y = self.experts(x, weights, idx)  # (M, l)
+        y = self.fc2_latent_proj(y) if self.latent else y  # (M, d)
+        return (y + self.shared_experts(u)).view(shape)
