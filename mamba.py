@@ -48,27 +48,28 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     """
     Bsz, T, H, P = x.shape
     G, N, Q = B.shape[2], B.shape[3], chunk_size
+    R = H // G  # heads per group: head h = g * R + r reads the B and C of group g
     x, dt, A, B, C = x.float(), dt.float(), A.float(), B.float(), C.float()
     pad = (-T) % Q
     if pad:
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
     c = (T + pad) // Q
-    B = B.repeat_interleave(H // G, dim=2)  # (B, T', H, N): head h reads group h // (H/G)
-    C = C.repeat_interleave(H // G, dim=2)
-    x_dt = x * dt[..., None]  # the input term dt_t * x_t
-    x_dt, B, C = (t.view(Bsz, c, Q, H, -1) for t in (x_dt, B, C))  # (B, c, Q, H, P or N)
+    x_dt = (x * dt[..., None]).view(Bsz, c, Q, G, R, P)  # the input term dt_t * x_t, by chunk
+    B, C = B.view(Bsz, c, Q, G, N), C.view(Bsz, c, Q, G, N)
     dA = (dt * A).view(Bsz, c, Q, H).permute(0, 3, 1, 2)  # (B, H, c, Q): log of the decay a_t
     dA_cs = torch.cumsum(dA, dim=-1)  # (B, H, c, Q)
 
-    # 1) intra-chunk outputs (the diagonal blocks): a masked "attention" C_l B_s^T L_ls inside each chunk
-    L = torch.exp(segsum(dA))  # (B, H, c, Q, Q): decay from position s to l
-    CB = torch.einsum("bclhn,bcshn->bhcls", C, B)
-    Y_diag = torch.einsum("bhcls,bcshp->bclhp", CB * L, x_dt)
+    # 1) intra-chunk outputs (the diagonal blocks): a masked "attention" C_l B_s^T L_ls inside
+    # each chunk; C B^T is shared by the R heads of a group, the decays L are per head
+    L = torch.exp(segsum(dA)).view(Bsz, G, R, c, Q, Q)  # decay from position s to l
+    CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # (B, G, c, Q, Q)
+    Y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", CB[:, :, None] * L, x_dt)  # (B, c, Q, G, R, P)
 
     # 2) the state each chunk would end in, starting from zero (the B terms of the off-diagonal blocks)
     decay_states = torch.exp(dA_cs[..., -1:] - dA_cs)  # (B, H, c, Q): decay from l to the chunk's end
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", B, decay_states, x_dt)  # (B, c, H, P, N)
+    x_decayed = x_dt * decay_states.permute(0, 2, 3, 1).view(Bsz, c, Q, G, R, 1)
+    states = torch.einsum("bclgn,bclgrp->bcgrpn", B, x_decayed).reshape(Bsz, c, H, P, N)
 
     # 3) inter-chunk recurrence: pass the states across chunk boundaries (the A terms)
     if initial_state is None:
@@ -79,7 +80,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     states, final_state = states[:, :-1], states[:, -1]
 
     # 4) state -> output: what the carried-in state contributes inside each chunk (the C terms)
-    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", C, states, torch.exp(dA_cs))
+    Y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, states.view(Bsz, c, G, R, P, N))
+    Y_off = Y_off * torch.exp(dA_cs).permute(0, 2, 3, 1).view(Bsz, c, Q, G, R, 1)
 
     y = (Y_diag + Y_off).reshape(Bsz, c * Q, H, P)[:, :T]  # (B, T, H, P)
     if D is not None:
@@ -123,6 +125,18 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 # the Mamba-2 mixer
 
 
+def causal_conv(x, weight, bias):
+    """Depthwise conv over time without padding: x (B, K-1+T, C), weight (C, 1, K) as nn.Conv1d
+    keeps it -> (B, T, C), y_t = bias + sum_k weight[:, k] * x_{t+k}. K shifted multiply-adds in
+    the (B, T, C) layout, so no transposes (and a cheaper backward than F.conv1d on a CPU)."""
+    K = weight.size(-1)
+    T = x.size(1) - (K - 1)
+    y = bias + x[:, :T] * weight[:, 0, 0]
+    for k in range(1, K):
+        y = y + x[:, k:k + T] * weight[:, 0, k]
+    return y
+
+
 class GatedRMSNorm(nn.Module):
     """norm(y * silu(z)), normalised over groups of group_size channels (one group per n_groups)."""
 
@@ -156,7 +170,7 @@ class Mamba2Mixer(nn.Module):
 
     def new_cache(self, batch_size, device, dtype):
         """Constant-size decoding state: the last K-1 conv inputs and the SSM state h (fp32)."""
-        return {"conv": torch.zeros(batch_size, self.conv_dim, self.K - 1, device=device, dtype=dtype),
+        return {"conv": torch.zeros(batch_size, self.K - 1, self.conv_dim, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=torch.float32)}
 
     def forward(self, u, cache=None):
@@ -166,13 +180,12 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(u)  # (B, T, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
         # 1) depthwise causal conv over time: left-pad with the cached inputs (zeros at the start)
-        xBC = xBC.transpose(1, 2)  # (B, conv_dim, T)
-        past = cache["conv"] if cache is not None else xBC.new_zeros(Bsz, self.conv_dim, self.K - 1)
-        xBC = torch.cat([past, xBC], dim=-1)  # (B, conv_dim, K-1+T)
+        past = cache["conv"] if cache is not None else xBC.new_zeros(Bsz, self.K - 1, self.conv_dim)
+        xBC = torch.cat([past, xBC], dim=1)  # (B, K-1+T, conv_dim)
         if cache is not None:
-            cache["conv"] = xBC[:, :, -(self.K - 1):].clone()
-        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
-        x, B, C = xBC.transpose(1, 2).split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
+            cache["conv"] = xBC[:, -(self.K - 1):].clone()
+        xBC = F.silu(causal_conv(xBC, self.conv1d.weight, self.conv1d.bias))  # (B, T, conv_dim)
+        x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         # 2) discretisation parameters: dt > 0 within the configured limits, A < 0
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, T, H)
         A = -torch.exp(self.A_log.float())  # (H,)
@@ -190,9 +203,9 @@ class Mamba2Mixer(nn.Module):
         """One token (B, 1, d_model) in O(1): shift the conv window, one recurrence step."""
         zxbcdt = self.in_proj(u[:, 0])  # (B, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        window = torch.cat([cache["conv"], xBC[:, :, None]], dim=-1)  # (B, conv_dim, K)
-        cache["conv"] = window[:, :, 1:]
-        xBC = F.silu((window * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)  # (B, conv_dim)
+        window = torch.cat([cache["conv"], xBC[:, None]], dim=1)  # (B, K, conv_dim)
+        cache["conv"] = window[:, 1:]
+        xBC = F.silu(causal_conv(window, self.conv1d.weight, self.conv1d.bias))[:, 0]  # (B, conv_dim)
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, H)
         A = -torch.exp(self.A_log.float())

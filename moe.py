@@ -84,21 +84,19 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_in, d_ff))  # (E, l, F)
 
     def forward(self, x, weights, idx):
-        """x (M, l), weights and idx (M, k) -> (M, l). Loops over the experts that got tokens
-        (the "MoE at scale" issue replaces the loop with a grouped GEMM)."""
-        out = torch.zeros_like(x, dtype=weights.dtype)
-        flat_idx = idx.flatten()  # (M*k,): token m's j-th choice sits at m*k + j
-        order = flat_idx.argsort()
-        counts = torch.bincount(flat_idx, minlength=self.up_proj.size(0)).tolist()
-        token = (order // idx.size(1)).split(counts)  # per expert: which tokens it serves
-        slot = order.split(counts)  # ... and where their weights sit in weights.flatten()
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            h = F.relu(F.linear(x[token[e]], self.up_proj[e])).square()  # (n, F)
-            y = F.linear(h, self.down_proj[e]) * weights.flatten()[slot[e], None]  # (n, l)
-            out.index_add_(0, token[e], y.to(out.dtype))
-        return out.to(x.dtype)
+        """x (M, l), weights and idx (M, k) -> (M, l). Token copies are sorted by expert, each
+        expert runs on its contiguous slice, and the weighted outputs are added back per token.
+        A loop over experts (the "MoE at scale" issue replaces it with one grouped GEMM)."""
+        M, k = idx.shape
+        order = idx.flatten().argsort()  # (M*k,): copy m*k + j of token m is its j-th choice
+        counts = torch.bincount(idx.flatten(), minlength=self.up_proj.size(0)).tolist()
+        token = order // k  # (M*k,): the token of each sorted copy
+        xs = x[token].split(counts)  # per expert: the tokens it serves
+        # unbind once: indexing up_proj[e] per expert would make autograd write E full-size grads
+        up, down = self.up_proj.unbind(0), self.down_proj.unbind(0)
+        ys = [F.linear(F.relu(F.linear(xe, up[e])).square(), down[e]) for e, xe in enumerate(xs)]
+        ys = torch.cat(ys) * weights.flatten()[order, None].to(x.dtype)  # (M*k, l)
+        return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 class MoE(nn.Module):

@@ -1,0 +1,89 @@
+"""
+configurator.py: nanoGPT-style command-line overrides, shared by train.py, sample.py and the other
+scripts. Not a module: a script exec's it after defining its config globals, so the code below reads
+and writes that script's globals(). The script's side of the contract, in this order:
+
+    batch_size = 16                # ... the script's config globals, one comment each ...
+    config_keys = [k for k, v in globals().items()
+                   if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+    config = {k: globals()[k] for k in config_keys}   # the resolved config, to print and save
+
+Arguments, applied left to right (later ones win):
+    config/tiny_cpu.py   a config file of plain Python assignments; it may only assign config keys
+                         (and names starting with "_", which it keeps to itself)
+    --key=value          value parsed with ast.literal_eval, never eval; text that is not a Python
+                         literal stays a string (allowed where the default is a str or None); where the
+                         default is a str, any text that is not a string literal stays as it is typed
+                         (--out_dir=2024 means "2024")
+    --flag               sets a bool key to True
+    --help, -h           lists the config keys with their current values, exits 0
+A value must have its default's type, except that an int is promoted to float and a default of None
+takes anything. An unknown key, a wrong type or a missing config file prints one line on stderr and
+exits with code 2. Overrides print only on the master process (env RANK unset or "0").
+"""
+import ast, builtins as _builtins, difflib, os, sys
+
+# names start with "_" so that nothing here clobbers or adds to the script's own globals
+_master = os.environ.get("RANK", "0") == "0"
+if "config_keys" not in globals():
+    raise NameError("configurator.py: the script must define config_keys before exec'ing it")
+
+def _fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+def _checked(key, value):
+    # the value to store for key, or exit 2: unknown key, or a type other than the default's
+    if key not in config_keys:
+        close = difflib.get_close_matches(key, config_keys, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "--help lists the valid keys"
+        _fail(f"unknown config key '{key}' ({hint})")
+    default = globals()[key]
+    if default is None or type(value) is type(default):
+        return value
+    if type(default) is float and type(value) is int:  # int -> float; bool is an int but not allowed
+        return float(value)
+    _fail(f"config key '{key}' expects {type(default).__name__} (default {default!r}), got {value!r}")
+
+# ----------------------------------------------------------------------------
+for _arg in sys.argv[1:]:
+    if _arg in ("--help", "-h"):
+        print("config keys (current values):")
+        for _key in config_keys:
+            print(f"  --{_key}={globals()[_key]!r}")
+        sys.exit(0)
+    elif not _arg.startswith("--"):
+        # a config file: run it in a scratch namespace seeded with the current values, then apply
+        # what it assigned, so that a typo in a file is caught like a typo on the command line
+        if not os.path.isfile(_arg):
+            _fail(f"config file '{_arg}' not found")
+        with open(_arg) as _f:
+            _source = _f.read()
+        if _master:
+            print(f"Overriding config with {_arg}:\n{_source}")
+        _scope = {_key: globals()[_key] for _key in config_keys}
+        # footgun: nanoGPT scripts have a config key named `compile`, which shadows the builtin here
+        exec(_builtins.compile(_source, _arg, "exec"), _scope)
+        for _key, _val in _scope.items():
+            # skip private names, __builtins__ and imported modules (a file may `import math`)
+            if not _key.startswith("_") and type(_val) is not type(os):
+                globals()[_key] = _checked(_key, _val)
+    elif "=" not in _arg:
+        _key = _arg[2:]
+        if _key in config_keys and type(globals()[_key]) is not bool:
+            _fail(f"config key '{_key}' is not a bool: give it a value, --{_key}=...")
+        globals()[_key] = _checked(_key, True)
+        if _master:
+            print(f"Overriding: {_key} = True")
+    else:
+        _key, _text = _arg[2:].split("=", 1)
+        try:
+            _val = ast.literal_eval(_text)
+        except Exception:  # literal_eval raises ValueError, SyntaxError, TypeError, ... on non-literals
+            _val = _text  # stays a string; _checked rejects it unless the default is a str or None
+        if type(globals().get(_key)) is str and type(_val) is not str:
+            _val = _text  # for a str key, --out_dir=2024 means the text "2024", not the int
+        globals()[_key] = _checked(_key, _val)
+        if _master:
+            print(f"Overriding: {_key} = {globals()[_key]!r}")

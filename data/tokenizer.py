@@ -1,0 +1,148 @@
+"""
+data/tokenizer.py: the on-disk format of a data set and the tokenizers its meta.json names. Shared by
+train.py, sample.py and every data/<name>/prepare.py; read it before any of them.
+
+A data set is a folder data/<name>/ holding
+  train.bin, val.bin  raw uint32 token ids, no header: np.memmap(path, dtype=np.uint32, mode="r").
+                      uint32 because Nemotron's vocabulary (131072) does not fit in uint16.
+  meta.json           {"vocab_size": int, "tokenizer": kind, ...}, where kind is one of
+                        "bytes"     UTF-8 bytes, vocab 256
+                        "chars"     + "chars": the sorted list of characters; id = index in it
+                        "tiktoken"  + "encoding": a tiktoken encoding name ("gpt2", "o200k_base")
+                        "hf"        + "tokenizer_file": a Hugging Face tokenizer.json (a relative path
+                                    is taken from the data-set folder)
+write_dataset() writes meta.json last, so a folder whose meta.json exists is complete.
+"""
+import json, os
+import numpy as np
+import tiktoken
+
+class DataError(Exception):
+    """Missing or malformed data-set files, or a tokenizer that cannot load: callers print it and exit."""
+
+# ----------------------------------------------------------------------------
+# the data-set folder
+
+REQUIRED = {"bytes": [], "chars": ["chars"], "tiktoken": ["encoding"], "hf": ["tokenizer_file"]}
+
+def check_meta(meta, where="meta"):
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int):
+        raise DataError(f"{where}: expected a JSON object with an integer 'vocab_size'")
+    if meta.get("tokenizer") not in REQUIRED:
+        raise DataError(f"{where}: 'tokenizer' is {meta.get('tokenizer')!r}, expected one of {list(REQUIRED)}")
+    missing = [k for k in REQUIRED[meta["tokenizer"]] if k not in meta]
+    if missing:
+        raise DataError(f"{where}: tokenizer kind {meta['tokenizer']!r} needs {missing}")
+    return meta
+
+def read_meta(data_dir):
+    """The checked meta.json of a data-set folder; DataError if it is missing or malformed."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: prepare the data set first (python data/<name>/prepare.py)")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except ValueError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    check_meta(meta, path)
+    if meta["tokenizer"] == "hf":  # resolve it here, so that load_tokenizer(read_meta(d)) finds it
+        meta["tokenizer_file"] = os.path.join(data_dir, meta["tokenizer_file"])
+    return meta
+
+def _replace_atomically(path, write):
+    # write a temp file beside the target, then rename: an interrupted run never leaves a half file
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+def write_dataset(out_dir, train, val, meta):
+    """Write train.bin, val.bin (uint32) and then meta.json (with token counts added); returns the meta."""
+    train, val = np.asarray(train, dtype=np.uint32), np.asarray(val, dtype=np.uint32)
+    assert len(train) and len(val), "both splits need tokens"
+    assert max(train.max(), val.max()) < meta["vocab_size"], "token id out of vocabulary"
+    meta = check_meta({**meta, "train_tokens": len(train), "val_tokens": len(val)})
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, "meta.json")
+    if os.path.exists(meta_path):
+        os.remove(meta_path)  # old meta + new train.bin must never pass for a complete data set
+    _replace_atomically(os.path.join(out_dir, "train.bin"), train.tofile)
+    _replace_atomically(os.path.join(out_dir, "val.bin"), val.tofile)
+    _replace_atomically(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    return meta
+
+# ----------------------------------------------------------------------------
+# tokenizers: encode(str) -> list[int], decode(list[int]) -> str, vocab_size, eot (id or None), and
+# meta (what meta.json needs to load the same tokenizer again)
+
+class ByteTokenizer:
+    vocab_size, eot, meta = 256, None, {"tokenizer": "bytes", "vocab_size": 256}
+    def encode(self, text): return list(text.encode("utf-8"))
+    def decode(self, ids): return bytes(ids).decode("utf-8", errors="replace")  # ids may cut a character
+
+class CharTokenizer:
+    def __init__(self, chars):
+        self.itos, self.stoi = list(chars), {c: i for i, c in enumerate(chars)}
+        self.vocab_size, self.eot = len(self.itos), None
+        self.meta = {"tokenizer": "chars", "vocab_size": self.vocab_size, "chars": self.itos}
+    def encode(self, text):
+        unknown = sorted(set(text) - self.stoi.keys())
+        if unknown:
+            raise DataError(f"characters {unknown} are not in this data set's vocabulary")
+        return [self.stoi[c] for c in text]
+    def decode(self, ids): return "".join(self.itos[i] for i in ids)
+
+class TiktokenTokenizer:
+    def __init__(self, enc):  # enc: a tiktoken.Encoding, e.g. from tiktoken_encoding("gpt2")
+        self.enc, self.vocab_size = enc, enc.n_vocab
+        self.eot = enc.encode_single_token("<|endoftext|>") if "<|endoftext|>" in enc.special_tokens_set else None
+        self.meta = {"tokenizer": "tiktoken", "vocab_size": enc.n_vocab, "encoding": enc.name}
+    def encode(self, text): return self.enc.encode_ordinary(text)  # "<|endoftext|>" in text is just text
+    def decode(self, ids): return self.enc.decode(ids)  # replaces invalid UTF-8, like ByteTokenizer
+
+def tiktoken_encoding(name):
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception as e:  # requests' ConnectionError when offline, ValueError for an unknown name, ...
+        raise DataError(f"tiktoken could not load encoding {name!r} (it downloads its vocabulary on first "
+                        f"use; no network?): {type(e).__name__}: {str(e)[:200]}") from None
+
+class HFTokenizer:
+    def __init__(self, path):  # path: a tokenizer.json
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise DataError("this tokenizer is a Hugging Face tokenizer.json: pip install tokenizers") from None
+        if not os.path.isfile(path):
+            raise DataError(f"tokenizer file {path} not found")
+        self.tok = Tokenizer.from_file(path)
+        self.vocab_size = self.tok.get_vocab_size()
+        self.meta = {"tokenizer": "hf", "vocab_size": self.vocab_size, "tokenizer_file": os.path.abspath(path)}
+        # end of text: the eos_token of a checkpoint's tokenizer_config.json if there is one
+        eos, config = "<|endoftext|>", os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        if os.path.isfile(config):
+            with open(config) as f:
+                eos = json.load(f).get("eos_token") or eos
+        self.eot = self.tok.token_to_id(eos["content"] if isinstance(eos, dict) else eos)
+    def encode(self, text): return self.tok.encode(text, add_special_tokens=False).ids  # no BOS added
+    def decode(self, ids): return self.tok.decode(ids, skip_special_tokens=False)
+
+def load_tokenizer(meta_or_path):
+    """The tokenizer of a meta dict, a data-set folder (its meta.json) or a folder with a tokenizer.json
+    (a Hugging Face checkpoint). Raises DataError with a clear message when it cannot."""
+    if isinstance(meta_or_path, dict):
+        meta = check_meta(meta_or_path)
+    elif os.path.isfile(os.path.join(meta_or_path, "tokenizer.json")):
+        return HFTokenizer(os.path.join(meta_or_path, "tokenizer.json"))
+    else:
+        meta = read_meta(meta_or_path)
+    kind = meta["tokenizer"]
+    if kind == "bytes":
+        return ByteTokenizer()
+    elif kind == "chars":
+        return CharTokenizer(meta["chars"])
+    elif kind == "tiktoken":
+        return TiktokenTokenizer(tiktoken_encoding(meta["encoding"]))
+    else:  # "hf"
+        return HFTokenizer(meta["tokenizer_file"])
