@@ -107,7 +107,8 @@ def ssd_step(h, x, dt, A, B, C, D=None):
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None):
     """Sequential-recurrence reference of ssd_chunked (same arguments but no chunk size)."""
     Bsz, T, H, P = x.shape
-    h = torch.zeros(Bsz, H, P, B.shape[-1]) if initial_state is None else initial_state.float()
+    h = initial_state.float() if initial_state is not None else \
+        x.new_zeros(Bsz, H, P, B.shape[-1], dtype=torch.float32)
     ys = []
     for t in range(T):
         y, h = ssd_step(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)

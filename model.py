@@ -318,14 +318,13 @@ HF_CONFIG_KEYS = {
 # HF keys whose value this code does not implement otherwise: key -> the values it supports
 HF_SUPPORTED = {"attention_bias": (False,), "mlp_bias": (False,), "use_bias": (False,),
                 "mamba_proj_bias": (False,), "use_conv_bias": (True,), "mamba_hidden_act": ("silu",),
-                "mlp_hidden_act": ("relu2",), "hidden_act": ("relu2",), "sliding_window": (None,),
-                "n_shared_experts": (1,), "expand": None}
+                "mlp_hidden_act": ("relu2",), "sliding_window": (None,),
+                "n_shared_experts": (1,)}
 
 
 def config_from_hf(hf):
     """A NemotronConfig from the dict of an HF config.json; unsupported settings raise."""
-    bad = [f"{k}={hf[k]!r} (supported: {v})" for k, v in HF_SUPPORTED.items()
-           if v is not None and k in hf and hf[k] not in v]
+    bad = [f"{k}={hf[k]!r} (supported: {v})" for k, v in HF_SUPPORTED.items() if k in hf and hf[k] not in v]
     if "layers_block_type" in hf:
         kinds = hf["layers_block_type"]
         bad += [f"layers_block_type has {t!r}" for t in kinds if t not in HF_LAYER_KINDS]
@@ -349,6 +348,8 @@ def config_from_hf(hf):
     # transformers' NemotronH clamps dt to [time_step_min, time_step_limit[1]] (its
     # time_step_limit's lower end is not used); we match it so logits agree
     hi = (hf.get("time_step_limit") or hf.get("mamba_dt_limit") or (0.0, float("inf")))[1]
+    if isinstance(hi, dict):  # transformers 5 writes infinity as {"__float__": "Infinity"}
+        hi = hi.get("__float__")
     args["dt_limit"] = (args.get("dt_min", 0.001), float(hi))
     try:
         return NemotronConfig(**args)
@@ -422,6 +423,9 @@ def load_hf(folder, dtype=None, device="cpu"):
                 t = t if dtype is None else t.to(dtype)
                 target = params[name]
                 if expert is not None:  # copy expert e into its slot of the stacked weight
+                    if expert >= target.size(0) or tuple(t.shape) != tuple(target.shape[1:]):
+                        raise CheckpointError(f"{key}: shape {tuple(t.shape)}, config implies "
+                                              f"{target.size(0)} experts of {tuple(target.shape[1:])}")
                     if target.is_meta:
                         target = torch.empty(target.shape, dtype=t.dtype, device=device)
                         _set_tensor(model, name, target)

@@ -95,8 +95,8 @@ class Experts(nn.Module):
         # unbind once: indexing up_proj[e] per expert would make autograd write E full-size grads
         up, down = self.up_proj.unbind(0), self.down_proj.unbind(0)
         ys = [F.linear(F.relu(F.linear(xe, up[e])).square(), down[e]) for e, xe in enumerate(xs)]
-        ys = torch.cat(ys) * weights.flatten()[order, None].to(x.dtype)  # (M*k, l)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        ys = torch.cat(ys).float() * weights.flatten()[order, None]  # (M*k, l), summed in fp32
+        return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, ys).to(x.dtype)
 
 
 class MoE(nn.Module):

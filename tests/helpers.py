@@ -1,0 +1,36 @@
+"""Shared test helpers. Not a test file: imported by tests/test_*.py (the repo root and tests/ are on
+sys.path through tests/conftest.py and pytest's rootdir insertion)."""
+
+import pytest
+import torch
+
+
+def assert_close(a, b, name, atol, rtol=0.0):
+    """Assert |a - b| <= atol + rtol * |b| elementwise; on failure report the max and mean absolute
+    difference, where the worst element sits, and the shapes, so a tolerance miss is diagnosable."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+    assert torch.equal(a64.isnan(), b64.isnan()), f"{name}: NaNs in different places"
+    diff = (a64 - b64).abs()
+    diff = torch.where((a64 == b64) | a64.isnan(), torch.zeros_like(diff), diff)  # equal infs, NaN pairs
+    bad = diff > atol + rtol * b64.abs()
+    if bad.any():
+        worst = int((diff - rtol * b64.abs()).argmax())  # the element furthest out of tolerance
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), diff.shape))
+        raise AssertionError(
+            f"{name}: {int(bad.sum())}/{diff.numel()} elements out of tolerance (atol={atol:g}, "
+            f"rtol={rtol:g}); max abs diff {diff.max().item():.3e}, mean abs diff "
+            f"{diff.mean().item():.3e}, max |b| {b64.abs().max().item():.3e}; worst at {where}: "
+            f"{a64.flatten()[worst].item():.8g} vs {b64.flatten()[worst].item():.8g}")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny shapes run fastest on one thread, and on a shared 2-core machine intra-op threads
+    spin-wait on each other (a 2x32 matmul took 2 ms instead of 15 us). Import this into a test
+    module to apply it there; the thread count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

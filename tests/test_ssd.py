@@ -1,0 +1,191 @@
+"""
+Tests for the SSD maths of mamba.py: the chunked algorithm against the sequential recurrence
+(outputs, final state and gradients), state hand-off across calls, segsum, and the mixer's O(1)
+step() against its forward().
+
+Run: python -m pytest -q tests/test_ssd.py
+
+Precision: ssd_chunked, ssd_step and ssd_scan_ref all upcast to fp32 (they call .float()), so the
+comparisons are fp32 against fp32 with different summation orders. Inputs are O(1), T <= 64, so the
+outputs agree to a few ulps of their magnitude times the number of terms summed: atol 2e-5 /
+rtol 1e-4 for outputs and states. Gradients go through exp(segsum) and sums over every later
+position, and their magnitudes reach ~10-100, so they get 10x looser: atol 2e-4 / rtol 1e-3.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from mamba import Mamba2Mixer, segsum, ssd_chunked, ssd_scan_ref
+from model import Nemotron, NemotronConfig
+
+OUT_TOL = dict(atol=2e-5, rtol=1e-4)
+GRAD_TOL = dict(atol=2e-4, rtol=1e-3)
+
+
+def make_inputs(T, G, with_init, with_D, seed, Bsz=2, H=4, P=3, N=5):
+    """Random SSD inputs with decays spanning ~0.01 .. 1 per step, so both the intra-chunk decay
+    and the carried state matter. Odd P and N catch reshapes that mix up dims."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    return dict(
+        x=r(Bsz, T, H, P),
+        dt=F.softplus(r(Bsz, T, H) - 1.0),  # (0, ~3): dt is softplus'ed in the mixer
+        A=-torch.exp(torch.rand(H, generator=g) * 1.5),  # [-4.5, -1]
+        B=r(Bsz, T, G, N),
+        C=r(Bsz, T, G, N),
+        D=r(H) if with_D else None,
+        initial_state=r(Bsz, H, P, N) if with_init else None,
+    )
+
+
+def leaves(inp):
+    """Clones of the inputs that require grad (None stays None)."""
+    return {k: None if v is None else v.clone().requires_grad_(True) for k, v in inp.items()}
+
+
+# every chunk size x length x n_groups; the four (initial_state, D) combinations rotate through them
+# so that each appears with every chunk size and every length (the full product costs 4x the time)
+CASES = [(Q, T, G, *[(False, False), (True, True), (True, False), (False, True)][(i + j + G) % 4])
+         for i, Q in enumerate([4, 8, 16, 64]) for j, T in enumerate([1, 7, 37, 64]) for G in (1, 2)]
+
+
+@pytest.mark.parametrize("chunk_size,T,G,with_init,with_D", CASES)
+def test_chunked_matches_scan(chunk_size, T, G, with_init, with_D):
+    """ssd_chunked == ssd_scan_ref: y, final state, and the gradients w.r.t. every input."""
+    inp = make_inputs(T, G, with_init, with_D, seed=1000 * chunk_size + 10 * T + G)
+    a, b = leaves(inp), leaves(inp)
+    y1, h1 = ssd_chunked(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size, D=a["D"],
+                         initial_state=a["initial_state"])
+    y2, h2 = ssd_scan_ref(b["x"], b["dt"], b["A"], b["B"], b["C"], D=b["D"], initial_state=b["initial_state"])
+    assert y1.shape == inp["x"].shape and h1.shape == h2.shape == (2, 4, 3, 5)
+    assert_close(y1, y2, "y", **OUT_TOL)
+    assert_close(h1, h2, "final state", **OUT_TOL)
+    # a loss that weights every output and the final state differently
+    g = torch.Generator().manual_seed(7)
+    wy, wh = torch.randn(y1.shape, generator=g), torch.randn(h1.shape, generator=g)
+    ((y1 * wy).sum() + (h1 * wh).sum()).backward()
+    ((y2 * wy).sum() + (h2 * wh).sum()).backward()
+    for k in a:
+        if a[k] is not None:
+            assert a[k].grad is not None, f"no gradient for {k}"
+            assert_close(a[k].grad, b[k].grad, f"grad {k}", **GRAD_TOL)
+
+
+@pytest.mark.parametrize("chunk_size", [4, 16])
+@pytest.mark.parametrize("T,split", [(37, 13), (37, 16), (20, 1), (9, 8)])
+def test_state_handoff(chunk_size, T, split):
+    """Running [0, split) and then [split, T) from the first half's final state == running [0, T)
+    (split points inside and on chunk boundaries, and length-1 halves)."""
+    inp = make_inputs(T, 2, with_init=True, with_D=True, seed=T + split)
+    x, dt, A, B, C, D, h0 = (inp[k] for k in ("x", "dt", "A", "B", "C", "D", "initial_state"))
+    y, h = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=h0)
+    s = slice(0, split), slice(split, T)
+    ya, ha = ssd_chunked(x[:, s[0]], dt[:, s[0]], A, B[:, s[0]], C[:, s[0]], chunk_size, D=D, initial_state=h0)
+    yb, hb = ssd_chunked(x[:, s[1]], dt[:, s[1]], A, B[:, s[1]], C[:, s[1]], chunk_size, D=D, initial_state=ha)
+    assert_close(torch.cat([ya, yb], dim=1), y, "y split vs whole", **OUT_TOL)
+    assert_close(hb, h, "final state split vs whole", **OUT_TOL)
+
+
+def test_padding_leaves_state_unchanged():
+    """dt = 0 steps (what ssd_chunked pads with) neither decay nor feed the state."""
+    inp = make_inputs(5, 1, with_init=True, with_D=False, seed=3)
+    inp["dt"][:, 2:] = 0.0
+    _, h_full = ssd_scan_ref(**inp)
+    short = {k: (v[:, :2] if k in ("x", "dt", "B", "C") else v) for k, v in inp.items()}
+    _, h_short = ssd_scan_ref(**short)
+    assert_close(h_full, h_short, "state after dt=0 steps", atol=0, rtol=0)
+
+
+def test_segsum():
+    """segsum(x)[i, j] = x[j+1] + ... + x[i] below the diagonal, 0 on it, -inf above; so
+    exp(segsum) is the decay from j to i, and it composes: s[i, k] = s[i, j] + s[j, k]."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, dtype=torch.float64)
+    s = segsum(x)
+    assert s.shape == (3, 9, 9) and s.dtype == torch.float64
+    cs = x.cumsum(-1)
+    ref = cs[..., :, None] - cs[..., None, :]  # cs[i] - cs[j]
+    lower = torch.ones(9, 9, dtype=torch.bool).tril()
+    assert_close(s[..., lower], ref[..., lower], "segsum lower triangle", atol=1e-12)
+    assert (s.diagonal(dim1=-2, dim2=-1) == 0).all()
+    assert torch.isneginf(s[..., ~lower]).all()
+    assert_close(s[:, 7, 2], s[:, 7, 4] + s[:, 4, 2], "segsum composes", atol=1e-12)
+    # gradients are finite despite the -inf entries (exp(-inf) = 0 has zero derivative)
+    xr = x.clone().requires_grad_(True)
+    torch.exp(segsum(xr)).sum().backward()
+    assert torch.isfinite(xr.grad).all()
+
+
+# -----------------------------------------------------------------------------
+# the mixer: O(1) step() == forward()
+
+
+def make_mixer(G=2, K=4, chunk_size=8, seed=0):
+    cfg = NemotronConfig(vocab_size=16, d_model=16, pattern="M", mamba_heads=4, headdim=6, d_state=5,
+                         n_groups=G, d_conv=K, chunk_size=chunk_size, init_std=0.2)
+    torch.manual_seed(seed)
+    mixer = Nemotron(cfg).backbone.layers[0].mixer
+    assert isinstance(mixer, Mamba2Mixer)
+    with torch.no_grad():  # make D, the gated norm and the conv bias matter
+        mixer.D.normal_()
+        mixer.norm.weight.add_(0.3 * torch.randn_like(mixer.norm.weight))
+        mixer.conv1d.bias.normal_(0, 0.3)
+    return mixer.eval()
+
+
+@pytest.mark.parametrize("G,K", [(1, 4), (2, 4), (2, 2)])
+def test_mixer_step_matches_forward(G, K):
+    """Feeding tokens one at a time through step() with a cache == forward() over the sequence,
+    and the cache then holds the same state as a prefill forward with a cache."""
+    mixer = make_mixer(G=G, K=K)
+    torch.manual_seed(1)
+    u = torch.randn(2, 19, 16)  # 19: not a multiple of chunk_size 8
+    with torch.no_grad():
+        y_full = mixer(u)
+        cache = mixer.new_cache(2, u.device, u.dtype)
+        y_step = torch.cat([mixer.step(u[:, t:t + 1], cache) for t in range(u.size(1))], dim=1)
+        cache_pf = mixer.new_cache(2, u.device, u.dtype)
+        y_pf = mixer(u, cache_pf)
+    # fp32 throughout, different summation order (recurrence vs chunked matmuls): outputs O(0.1-1)
+    assert_close(y_step, y_full, "step vs forward", atol=1e-5, rtol=1e-4)
+    assert_close(y_pf, y_full, "forward with cache vs without", atol=1e-6, rtol=1e-5)
+    assert_close(cache["ssm"], cache_pf["ssm"], "ssm state step vs prefill", atol=1e-5, rtol=1e-4)
+    # the same in_proj rows, computed as a (B, d) vs a (B, T, d) matmul: a few ulps apart
+    assert_close(cache["conv"], cache_pf["conv"], "conv state step vs prefill", atol=1e-6, rtol=1e-6)
+    assert cache["conv"].numel() == 2 * mixer.conv_dim * (K - 1)  # the last K-1 conv inputs (any layout)
+
+
+@pytest.mark.parametrize("pieces", [[2, 1, 1, 5, 1], [1, 1, 9, 3], [11, 1]])
+def test_mixer_prefill_pieces(pieces):
+    """A cache filled by forward() on pieces of any length (shorter than the conv window too),
+    mixed with single steps, gives the whole-sequence forward."""
+    mixer = make_mixer(G=2, K=4)
+    torch.manual_seed(2)
+    u = torch.randn(1, sum(pieces), 16)
+    with torch.no_grad():
+        y_full = mixer(u)
+        cache = mixer.new_cache(1, u.device, u.dtype)
+        outs, t = [], 0
+        for n in pieces:
+            outs.append(mixer(u[:, t:t + n], cache))  # T == 1 goes through step()
+            t += n
+    assert_close(torch.cat(outs, dim=1), y_full, "pieces vs whole", atol=1e-5, rtol=1e-4)
+
+
+def test_mixer_dt_limit():
+    """dt is clamped to dt_limit in both paths: with a huge lower limit every dt equals it, which
+    the step and the forward must agree on."""
+    mixer = make_mixer()
+    mixer.dt_limit = (0.5, 0.5)
+    torch.manual_seed(3)
+    u = torch.randn(1, 6, 16)
+    with torch.no_grad():
+        y_full = mixer(u)
+        cache = mixer.new_cache(1, u.device, u.dtype)
+        y_step = torch.cat([mixer.step(u[:, t:t + 1], cache) for t in range(6)], dim=1)
+    assert_close(y_step, y_full, "step vs forward at clamped dt", atol=1e-5, rtol=1e-4)
+    assert math.isclose(mixer.dt_limit[0], 0.5)
