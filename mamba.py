@@ -206,7 +206,7 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
         window = torch.cat([cache["conv"], xBC[:, None]], dim=1)  # (B, K, conv_dim)
         cache["conv"] = window[:, 1:]
-        xBC = F.silu(causal_conv(window, self.conv1d.weight, self.conv1d.bias))[:, 0]  # (B, conv_dim)
+        xBC = F.silu(torch.einsum("bkc,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, H)
         A = -torch.exp(self.A_log.float())

@@ -253,7 +253,9 @@ class Nemotron(nn.Module):
             ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
             config = NemotronConfig(**ckpt["model_config"])
         except Exception as e:  # a truncated file, a foreign pickle, a config we cannot build
-            raise CheckpointError(f"{ckpt_path}: not a readable nanoNemotron checkpoint ({e})") from None
+            why = (str(e).strip().splitlines() or [""])[0][:200]  # torch's own messages run for lines
+            raise CheckpointError(f"{ckpt_path}: not a readable nanoNemotron checkpoint "
+                                  f"({type(e).__name__}: {why})") from None
         state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
         with torch.device("meta"):
             model = cls(config)
