@@ -92,16 +92,16 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 def ssd_step(h, x, dt, A, B, C, D=None):
     """One step of the recurrence. h (B, H, P, N) fp32, x (B, H, P), dt (B, H), B and C (B, G, N).
     Returns y (B, H, P) and the new state."""
-    H, G = x.shape[1], B.shape[1]
-    B = B.float().repeat_interleave(H // G, dim=1)  # (B, H, N)
-    C = C.float().repeat_interleave(H // G, dim=1)
-    dt = dt.float()
-    dA = torch.exp(dt * A.float())  # (B, H)
-    h = h * dA[..., None, None] + (dt[..., None] * x.float())[..., None] * B[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", h, C)
+    Bsz, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    x, dt = x.float(), dt.float()
+    dA = torch.exp(dt * A.float()).view(Bsz, G, H // G, 1, 1)  # the decay a_t, heads by group
+    dBx = (dt[..., None] * x).view(Bsz, G, H // G, P, 1) * B.float().view(Bsz, G, 1, 1, N)
+    h = h.view(Bsz, G, H // G, P, N) * dA + dBx  # h_t = a_t h_{t-1} + dt_t x_t B_t^T
+    y = (h @ C.float().view(Bsz, G, 1, N, 1)).view(Bsz, H, P)  # y_t = h_t C_t
     if D is not None:
-        y = y + x.float() * D.float()[:, None]
-    return y, h
+        y = y + x * D.float()[:, None]
+    return y, h.view(Bsz, H, P, N)
 
 
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None):

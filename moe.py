@@ -30,18 +30,26 @@ def route(scores, bias, top_k, n_group, topk_group, norm_topk_prob, scaling):
     """scores (M, E) sigmoid affinities, bias (E,) -> weights (M, k), expert ids (M, k)."""
     M, E = scores.shape
     choice = scores + bias  # the bias steers which experts are chosen, never the weights
-    # 1) keep the topk_group groups whose two best experts score highest
-    group_scores = choice.view(M, n_group, E // n_group).topk(min(2, E // n_group), dim=-1)[0].sum(-1)
-    group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]  # (M, topk_group)
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()  # (M, n_group)
-    expert_mask = group_mask[:, :, None].expand(M, n_group, E // n_group).reshape(M, E)
+    # 1) keep the topk_group groups whose two best experts score highest (one group: all of them)
+    if n_group > 1:
+        choice = limit_to_groups(choice, n_group, topk_group)
     # 2) top-k experts among the kept groups
-    idx = choice.masked_fill(~expert_mask, float("-inf")).topk(top_k, dim=-1, sorted=False)[1]
+    idx = choice.topk(top_k, dim=-1, sorted=False)[1]
     # 3) weights from the raw scores, normalised over the chosen experts, then scaled
     weights = scores.gather(1, idx)
     if norm_topk_prob:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
     return weights * scaling, idx
+
+
+def limit_to_groups(choice, n_group, topk_group):
+    """Set to -inf the scores of experts outside the topk_group best of n_group groups."""
+    M, E = choice.shape
+    group_scores = choice.view(M, n_group, E // n_group).topk(min(2, E // n_group), dim=-1)[0].sum(-1)
+    group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]  # (M, topk_group)
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0).bool()  # (M, n_group)
+    expert_mask = group_mask[:, :, None].expand(M, n_group, E // n_group).reshape(M, E)
+    return choice.masked_fill(~expert_mask, float("-inf"))
 
 
 class Router(nn.Module):
