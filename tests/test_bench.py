@@ -1,0 +1,58 @@
+"""
+Smoke test of bench.py's functions at tiny sizes: they run, return what the reports print, and the
+transformers candidate really has our weights. No timing is asserted (benchmarks are not tests).
+
+    python -m pytest -q tests/test_bench.py
+"""
+import sys
+
+import torch
+
+import bench
+from model import NemotronConfig
+
+CFG = NemotronConfig(**bench.QUICK)
+
+
+def test_attention_only_keeps_mlp_and_moe():
+    assert bench.attention_only(NemotronConfig()).pattern == "*-***-*E"
+    assert bench.attention_only(CFG).d_model == CFG.d_model
+
+
+def test_bench_train_and_report(capsys):
+    res = bench.bench_train(CFG, batch_size=2, seq_len=16, steps=1, warmup=0)
+    assert {"ours hybrid", "ours attention-only"} <= set(res)
+    assert all(r["tok/s"] > 0 and r["params"] > 0 for r in res.values())
+    bench.report_train(res, CFG, batch_size=2, seq_len=16, steps=1, warmup=0)
+    out = capsys.readouterr().out
+    assert "ours hybrid" in out and "*-***-*E" in out
+
+
+def test_bench_decode_and_report(capsys):
+    res = bench.bench_decode(CFG, contexts=(16, 40), steps=2, warmup=1)
+    assert list(res) == [16, 40]
+    assert all(r["ms"] > 0 and r["prefill_s"] > 0 for by_name in res.values() for r in by_name.values())
+    bench.report_decode(res, steps=2, warmup=1)
+    out = capsys.readouterr().out
+    assert "ms/token at 40 / at 16" in out
+
+
+def test_transformers_candidate_has_our_weights():
+    models = bench.candidates(CFG)
+    if "transformers" not in models:
+        return  # transformers not installed: the bench compares ours only
+    ours, theirs = models["ours hybrid"].eval(), models["transformers"].eval()
+    x = torch.randint(0, CFG.vocab_size, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], theirs(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+        # and the decoding loops agree token for token
+        a = torch.cat(list(bench.stream(ours, x, 5)), dim=1)
+        b = torch.cat(list(bench.stream(theirs, x, 5)), dim=1)
+    assert torch.equal(a, b)
+
+
+def test_main_quick(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "decode", "--quick", "--no_hf"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "decode" in out and "target <= 1.3" in out

@@ -1,0 +1,120 @@
+"""
+sample.py end to end on a tiny untrained model: an out_dir ckpt.pt, an HF folder with and without a
+tokenizer.json, greedy output equal to model.generate, and bad input. Two runs are real subprocesses;
+the others run the script in this process (runpy), which saves a torch import each.
+
+    python -m pytest -q tests/test_sample.py
+"""
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import Nemotron, NemotronConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(d_model=64, pattern="M*-E", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
+            headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
+
+
+def run_sample(*args):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    p = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], capture_output=True,
+                       cwd=REPO, env=env, timeout=120)
+    return p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
+
+
+def run_inline(capsys, monkeypatch, *args):
+    """sample.py in this process: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
+    rc = 0
+    try:
+        runpy.run_path(os.path.join(REPO, "sample.py"), run_name="__main__")
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def greedy(path, ids, n=8):
+    model = Nemotron.from_pretrained(str(path)).eval()
+    return model.generate(torch.tensor([ids]), n, temperature=0)[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """The same tiny model as an out_dir (ckpt.pt + a meta.json copy) and as an HF folder."""
+    root = tmp_path_factory.mktemp("sample")
+    torch.manual_seed(0)
+    cfg = NemotronConfig(**TINY)
+    model = Nemotron(cfg)
+    out_dir = root / "out"
+    out_dir.mkdir()
+    torch.save({"model": model.state_dict(), "model_config": cfg.to_dict(),
+                "config": {"dataset": "no_such_dataset"}}, out_dir / "ckpt.pt")
+    (out_dir / "meta.json").write_text(json.dumps({"tokenizer": "bytes", "vocab_size": 256}))
+    model.save_pretrained(str(root / "hf"))
+    return root
+
+
+def test_out_dir_greedy_matches_generate(saved):
+    prompt = saved / "prompt.txt"
+    prompt.write_text("def f(x):\n    return", encoding="utf-8")
+    rc, out, err = run_sample(f"--init_from={saved / 'out'}", f"--start=FILE:{prompt}",
+                              "--temperature=0", "--max_new_tokens=8", "--device=cpu")
+    assert rc == 0, err
+    ids = list(prompt.read_bytes())
+    expected = bytes(greedy(saved / "out", ids)).decode("utf-8", errors="replace")
+    assert expected in out
+    assert "tok/s" in err and "Traceback" not in err
+
+
+def test_hf_folder_without_tokenizer_falls_back_to_bytes(saved, capsys, monkeypatch):
+    rc, out, err = run_inline(capsys, monkeypatch, f"--init_from={saved / 'hf'}", "--start=hello", "--temperature=0",
+                              "--max_new_tokens=8", "--num_samples=2")
+    assert rc == 0, err
+    assert "using UTF-8 bytes" in err
+    expected = bytes(greedy(saved / "hf", list(b"hello"))).decode("utf-8", errors="replace")
+    assert out.count(expected) == 2  # greedy: both samples are the same
+
+
+def test_hf_folder_with_tokenizer_json(saved, tmp_path, capsys, monkeypatch):
+    tokenizers = pytest.importorskip("tokenizers")
+    folder = tmp_path / "hf_tok"
+    folder.mkdir()
+    for f in os.listdir(saved / "hf"):
+        (folder / f).write_bytes((saved / "hf" / f).read_bytes())
+    vocab = {f"w{i}": i for i in range(256)}  # a word-level tokenizer as wide as the model
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    rc, out, err = run_inline(capsys, monkeypatch, f"--init_from={folder}", "--start=w1 w2 w3", "--temperature=0",
+                              "--max_new_tokens=8", "--top_k=5", "--top_p=0.9")
+    assert rc == 0, err
+    assert "using UTF-8 bytes" not in err
+    assert tok.decode(greedy(folder, [1, 2, 3])) in out
+
+
+def test_missing_init_from(saved):
+    rc, out, err = run_sample(f"--init_from={saved / 'missing_dir'}", "--max_new_tokens=4")
+    assert rc != 0
+    assert "Traceback" not in err and "error:" in err and "missing_dir" in err
+
+
+@pytest.mark.parametrize("bad", ["corrupt.pt", "no_ckpt_dir", "prompt_file"])
+def test_bad_input_is_one_clear_message(saved, bad, capsys, monkeypatch):
+    path = saved / bad
+    args = [f"--init_from={path}"]
+    if bad == "corrupt.pt":
+        path.write_bytes(b"not a checkpoint")
+    elif bad == "no_ckpt_dir":
+        path.mkdir()
+    else:
+        args = [f"--init_from={saved / 'out'}", f"--start=FILE:{path}"]
+    rc, out, err = run_inline(capsys, monkeypatch, *args, "--max_new_tokens=4")
+    assert rc == 1
+    assert err.startswith("error:") and str(path) in err

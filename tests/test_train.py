@@ -1,0 +1,174 @@
+"""
+tests/test_train.py: train.py end to end, as a user runs it: subprocesses on the CPU, tiny models.
+Run: python -m pytest -q tests/test_train.py        (about 1.5 minutes on an idle 2-core CPU)
+
+Covers: the loss falls; resume is bit-identical to a straight run; 2 DDP processes (torchrun, gloo)
+match 1 process; bad input exits non-zero with one clear message and loses nothing; fine-tuning
+from another run's out_dir.
+"""
+import json, os, shutil, subprocess, sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a hybrid with all four layer kinds, small enough for a few seconds per run
+TINY = ['--d_model=32', '--pattern=M*-E', '--n_head=2', '--n_kv_head=1', '--head_dim=16', '--d_ff=64',
+        '--mamba_heads=2', '--headdim=32', '--d_state=16', '--chunk_size=16', '--n_experts=4', '--top_k=2',
+        '--moe_d_ff=32', '--shared_d_ff=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
+        '--log_interval=1', '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=2', '--lr_decay_iters=60',
+        '--sample_new_tokens=0', '--device=cpu', '--dtype=float32', '--compile=False']
+
+
+# one thread per process: tiny models gain nothing from more, and two DDP ranks share the cores
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
+
+
+def train(out_dir, *flags, launcher=(sys.executable,)):
+    cmd = [*launcher, 'train.py', f'--out_dir={out_dir}', *TINY, *flags]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def failed_cleanly(proc, *words, code=None):
+    """Non-zero exit (or exactly `code`), no traceback, and a message on stderr naming each word."""
+    assert proc.returncode != 0 and (code is None or proc.returncode == code), (proc.returncode, proc.stderr[-2000:])
+    assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    for w in words:
+        assert w in proc.stderr, f"{w!r} not in stderr:\n{proc.stderr[-2000:]}"
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out_dir):
+    """step -> training loss, the last logged value of each step (a resumed run appends to the log)."""
+    return {r['step']: r['loss'] for r in read_log(out_dir) if 'loss' in r}
+
+
+def load_model_state(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)['model']
+
+
+@pytest.fixture(scope='session', autouse=True)
+def pycode():
+    # train.py prepares pycode on first use; doing it once here keeps the runs below evenly timed
+    if not os.path.exists(os.path.join(ROOT, 'data', 'pycode', 'meta.json')):
+        ok(subprocess.run([sys.executable, '-c', 'from data.pycode.prepare import prepare; prepare()'],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True))
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """One 60-step run, shared by the tests that need a good checkpoint. Treat it as read-only."""
+    out = str(tmp_path_factory.mktemp('trained'))
+    proc = ok(train(out, '--max_iters=60', '--eval_interval=30', '--sample_new_tokens=20'))
+    return out, proc
+
+# -----------------------------------------------------------------------------
+
+
+def test_loss_falls_and_log(trained):
+    out, proc = trained
+    log = read_log(out)
+    head = log[0]
+    assert head['config']['max_iters'] == 60 and 'git' in head and head['torch'] == torch.__version__
+    assert head['device'] == 'cpu'
+    losses = step_losses(out)
+    assert sorted(losses) == list(range(60))
+    assert losses[0] > 5.0  # ~ln(256) = 5.55 at init
+    assert losses[59] < 3.5, losses  # byte-level: the model has learned at least the frequent characters
+    evals = [r for r in log if 'val_loss' in r]
+    assert [r['step'] for r in evals] == [0, 30, 60] and evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.5
+    assert set(log[2]) == {'step', 'loss', 'lr', 'dt_ms', 'tok/s', 'mfu'} and log[2]['mfu'] is None  # n/a on CPU
+    assert 'sample:' in proc.stdout and f"final val loss {evals[-1]['val_loss']:.4f}" in proc.stdout
+
+
+def test_resume_is_bit_identical(tmp_path):
+    a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+    flags = ['--eval_interval=4', '--lr_decay_iters=12']  # the same schedule for both runs
+    ok(train(a, *flags, '--max_iters=12'))
+    ok(train(b, *flags, '--max_iters=6'))  # saves at its last step, 6, though 6 % eval_interval != 0
+    ok(train(b, *flags, '--max_iters=12', '--init_from=resume'))
+    sa, sb = load_model_state(a), load_model_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs after resume"
+    la, lb = step_losses(a), step_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(12))
+    assert [la[s] for s in range(6, 12)] == [lb[s] for s in range(6, 12)]
+    assert [r['step'] for r in read_log(b) if 'val_loss' in r] == [0, 4, 6, 8, 12]  # no eval twice at 6
+
+
+def test_ddp_two_processes_match_one(tmp_path):
+    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
+    flags = ['--max_iters=6', '--eval_interval=6', '--gradient_accumulation_steps=2']
+    ok(train(one, *flags))
+    torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
+    ok(train(two, *flags, launcher=torchrun))
+    s1, s2 = load_model_state(one), load_model_state(two)
+    for k in s1:  # the same global batches: only the order of float sums differs (all-reduce vs accumulate)
+        torch.testing.assert_close(s2[k], s1[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    l1, l2 = step_losses(one), step_losses(two)
+    assert sorted(l1) == sorted(l2) == list(range(6))
+    assert all(abs(l1[s] - l2[s]) < 1e-4 for s in l1), (l1, l2)
+    assert read_log(two)[0]['world_size'] == 2
+
+
+def test_finetune_from_another_run(trained, tmp_path):
+    src, _ = trained
+    before = open(os.path.join(src, 'ckpt.pt'), 'rb').read()
+    out = str(tmp_path / 'ft')
+    ok(train(out, f'--init_from={src}', '--max_iters=4', '--eval_interval=2', '--d_model=64'))
+    src_val = [r['val_loss'] for r in read_log(src) if 'val_loss' in r][-1]
+    first = [r for r in read_log(out) if 'val_loss' in r][0]
+    assert first['step'] == 0 and abs(first['val_loss'] - src_val) < 1e-4  # starts from the trained weights
+    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model_config']['d_model'] == 32  # its config wins
+    assert open(os.path.join(src, 'ckpt.pt'), 'rb').read() == before
+
+# -----------------------------------------------------------------------------
+# bad input: one clear message, non-zero exit, nothing lost
+
+
+def test_unknown_key_and_wrong_type(tmp_path):
+    failed_cleanly(train(str(tmp_path), '--learnig_rate=1e-3'), 'learnig_rate', code=2)
+    failed_cleanly(train(str(tmp_path), '--batch_size=big'), 'batch_size', code=2)
+
+
+def test_missing_dataset(tmp_path):
+    failed_cleanly(train(str(tmp_path), '--dataset=no_such_data'), 'no_such_data')
+
+
+def test_block_size_larger_than_data(tmp_path):
+    failed_cleanly(train(str(tmp_path), '--block_size=10000000'), 'block_size')
+
+
+def test_resume_without_checkpoint(tmp_path):
+    failed_cleanly(train(str(tmp_path), '--init_from=resume'), 'ckpt.pt')
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
+    path = tmp_path / 'ckpt.pt'
+    garbage = b'not a checkpoint\x00' * 100
+    path.write_bytes(garbage)
+    failed_cleanly(train(str(tmp_path), '--init_from=resume', '--max_iters=10'), 'ckpt.pt')
+    assert path.read_bytes() == garbage
+
+
+def test_nan_stops_without_overwriting_checkpoint(trained, tmp_path):
+    out = str(tmp_path / 'diverge')
+    shutil.copytree(trained[0], out)
+    ckpt = os.path.join(out, 'ckpt.pt')
+    before, mtime = open(ckpt, 'rb').read(), os.stat(ckpt).st_mtime_ns
+    # lr 1e30: the first update sends the weights to ~1e30 and the next forward overflows to inf/nan
+    proc = train(out, '--init_from=resume', '--max_iters=70', '--eval_interval=5', '--learning_rate=1e30',
+                 '--lr_decay_iters=1000')  # past the trained run's schedule: the stable phase, at 1e30
+    failed_cleanly(proc, 'diverged')
+    assert open(ckpt, 'rb').read() == before and os.stat(ckpt).st_mtime_ns == mtime
+    assert not os.path.exists(ckpt + '.tmp')

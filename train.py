@@ -1,0 +1,415 @@
+"""
+train.py: train a Nemotron hybrid (Mamba-2 / attention / MLP / MoE) language model. Read after model.py.
+
+One process on a CPU, a Mac or a GPU:
+    python train.py                                  # the default: a small hybrid on pycode, CPU, minutes
+    python train.py config/tiny_cpu.py --max_iters=100
+Data-parallel (DDP) on one node, with torchrun:
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py
+Resume, or fine-tune from another run or a Hugging Face NemotronH folder:
+    python train.py --init_from=resume --out_dir=out
+    python train.py --init_from=path/to/out_dir_or_hf_folder --learning_rate=1e-4
+
+The training loop follows nanoGPT's train.py; the learning-rate schedule adds warmup-stable-decay
+(WSD), which Nemotron-H (arXiv:2504.03624) trains with. Batches are a pure function of
+(seed, step): a resumed run sees exactly the batches a straight run would, and N ranks split the
+same global batch that one process would see, so both give the same weights.
+"""
+import dataclasses, json, math, os, random, subprocess, sys, time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from model import CheckpointError, Nemotron, NemotronConfig
+from data.tokenizer import DataError, load_tokenizer, read_meta
+
+# -----------------------------------------------------------------------------
+# default config: a 0.9M-parameter hybrid with all four layer kinds on pycode, ~5 minutes on a 2-core CPU
+# (nanoGPT's defaults are GPT-2 124M; ours are the CPU run that `python train.py` promises)
+# I/O
+out_dir = 'out'                 # checkpoints (ckpt.pt) and the metrics log (log.jsonl)
+eval_interval = 250             # estimate train/val loss (and maybe checkpoint) every this many steps
+eval_iters = 10                 # batches per loss estimate
+log_interval = 10               # steps between log lines (each costs a device sync)
+always_save_checkpoint = True   # save at every eval, not only when val loss improves
+init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir / ckpt.pt / HF folder to fine-tune
+sample_new_tokens = 300         # tokens of sample printed at the end (0: none)
+# data
+dataset = 'pycode'              # data/<dataset>/{train,val}.bin (uint32) and meta.json
+batch_size = 16                 # sequences per micro-step, per rank
+block_size = 128                # tokens per sequence
+gradient_accumulation_steps = 1 # micro-steps per step, over all ranks (divided among them)
+# model: one global per NemotronConfig field, same name and order (model.py documents each)
+vocab_size = None               # None: the dataset's (meta.json); a larger value pads the embedding
+d_model = 128                   # residual width
+pattern = 'M*M-ME'              # per layer: M mamba2, * attention, - mlp, E moe
+norm_eps = 1e-5                 # RMSNorm epsilon
+tie_embeddings = False          # share the input embedding with the output head
+init_std = 0.02                 # std of the normal init of linear and embedding weights
+n_head = 4                      # attention query heads
+n_kv_head = 2                   # attention key/value heads (GQA)
+head_dim = 32                   # attention head width
+rope = False                    # RoPE in attention (Nemotron-H is NoPE: the Mamba layers carry order)
+rope_theta = 10000.0            # RoPE base
+d_ff = 512                      # MLP hidden width
+mamba_heads = 4                 # Mamba-2 heads H (H * P = 2 * d_model, Mamba-2's expansion)
+headdim = 64                    # Mamba-2 head dim P
+d_state = 32                    # Mamba-2 state size N
+n_groups = 1                    # Mamba-2 groups G sharing B and C
+d_conv = 4                      # Mamba-2 causal conv width K
+chunk_size = 32                 # SSD chunk length Q
+dt_min = 0.001                  # Mamba-2 dt init range, low end
+dt_max = 0.1                    # Mamba-2 dt init range, high end
+dt_init_floor = 1e-4            # Mamba-2 dt init floor
+dt_limit = (0.001, float('inf'))  # clamp of dt in the forward pass
+n_experts = 8                   # routed experts per MoE layer
+top_k = 2                       # experts per token
+moe_d_ff = 128                  # routed expert hidden width
+shared_d_ff = 256               # shared expert hidden width
+moe_latent_size = None          # LatentMoE width l (None: experts work at d_model)
+n_group = 1                     # expert groups for group-limited routing
+topk_group = 1                  # groups a token may route into
+routed_scaling_factor = 1.0     # scale of the normalised routing weights
+norm_topk_prob = True           # normalise the chosen experts' weights to sum to 1
+# optimizer: AdamW, weight decay on matrices only
+learning_rate = 4e-3            # peak learning rate
+max_iters = 1000                # total optimizer steps
+weight_decay = 0.1              # applied to >= 2-D parameters (matrices, embeddings)
+beta1 = 0.9                     # AdamW beta1
+beta2 = 0.95                    # AdamW beta2
+grad_clip = 1.0                 # clip the global grad norm to this (0: off)
+# learning-rate schedule
+lr_schedule = 'wsd'             # 'wsd' (warmup-stable-decay, Nemotron-H) or 'cosine' (nanoGPT)
+warmup_iters = 50               # linear warmup steps
+lr_decay_iters = 1000           # the schedule reaches min_lr here (usually = max_iters)
+decay_frac = 0.2                # wsd: the last decay_frac of lr_decay_iters decays linearly to min_lr
+min_lr = 4e-4                   # floor of the schedule (~learning_rate / 10, as Chinchilla)
+# system
+device = 'auto'                 # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # bf16 needs no grad scaler; fp32 elsewhere
+compile = False                 # torch.compile the model (worth it on a GPU, slow to start on a CPU)
+seed = 1337                     # model init and the batch sequence
+peak_flops = 0.0                # FLOP/s per device that MFU is measured against (0: look the GPU up)
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in config_keys}  # the resolved config, logged and checkpointed
+# -----------------------------------------------------------------------------
+
+# bf16 dense tensor-core peaks (FLOP/s) from the vendors' data sheets; first substring match wins
+PEAK_FLOPS = [('H100', 989e12), ('H200', 989e12), ('B200', 2250e12), ('A100', 312e12),
+              ('L40S', 362e12), ('L4', 121e12), ('A10', 125e12), ('4090', 165e12)]
+
+def print0(*args, **kwargs):
+    if master_process:
+        print(*args, **kwargs)
+
+def die(message):
+    """Bad input or a diverged run: one line on stderr, exit 1, nothing saved is touched."""
+    print0(f"error: {message}", file=sys.stderr)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(1)
+
+# -----------------------------------------------------------------------------
+# processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE, as in nanoGPT
+ddp = int(os.environ.get('RANK', -1)) != -1
+ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if ddp:
+    ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
+    ddp_world_size = int(os.environ['WORLD_SIZE'])
+    if device.startswith('cuda'):
+        device = f'cuda:{ddp_local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+master_process = ddp_rank == 0
+device_type = device.split(':')[0]
+for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
+    if globals()[k] < 1:
+        die(f"{k} must be at least 1, got {globals()[k]}")
+if gradient_accumulation_steps % ddp_world_size != 0:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} ranks")
+accum_steps = gradient_accumulation_steps // ddp_world_size  # micro-steps of this rank
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+print0(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    die(f"dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
+if lr_schedule not in ('wsd', 'cosine'):
+    die(f"lr_schedule must be 'wsd' or 'cosine', not '{lr_schedule}'")
+torch.manual_seed(seed)  # the same on every rank: DDP also broadcasts rank 0's weights at wrap time
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+# autocast on CUDA only (bf16 matmuls on a CPU are slower than fp32); float16 also needs a grad scaler
+amp = device_type == 'cuda' and dtype != 'float32'
+ctx = torch.autocast(device_type='cuda', dtype=getattr(torch, dtype)) if amp else nullcontext()
+if dtype != 'float32' and not amp:
+    print0(f"note: dtype={dtype} applies on CUDA only; training in float32 on {device}")
+
+# -----------------------------------------------------------------------------
+# data: token ids as raw uint32 (np.memmap), sampled at random offsets
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+if not os.path.exists(os.path.join(data_dir, 'meta.json')):  # meta.json is written last: no meta, no data
+    if dataset != 'pycode':
+        die(f"data/{dataset} is not prepared: run `python data/{dataset}/prepare.py` first"
+            if os.path.exists(os.path.join(data_dir, 'prepare.py')) else f"no data set '{dataset}' (no data/{dataset}/prepare.py)")
+    if master_process:  # the default data set needs no network: it is this Python's own stdlib
+        print0("preparing data/pycode (first use)...")
+        from data.pycode.prepare import prepare
+        prepare()
+    if ddp:
+        dist.barrier()
+try:
+    meta = read_meta(data_dir)
+except DataError as e:
+    die(str(e))
+for split in ('train', 'val'):
+    n = len(np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r'))
+    if n <= block_size:
+        die(f"block_size={block_size} does not fit data/{dataset}/{split}.bin ({n:,} tokens)")
+
+def get_batch(split, key, part, n_parts):
+    """Part `part` of the n_parts micro-batches that np.random.default_rng([seed, *key]) draws.
+    Each rank draws the same offsets and keeps its own parts, so the batch ignores the world size."""
+    # recreate the memmap each call to avoid a memory leak, as nanoGPT does
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r')
+    ix = np.random.default_rng([seed, *key]).integers(0, len(data) - block_size, size=n_parts * batch_size)
+    ix = ix[part * batch_size:(part + 1) * batch_size]
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if device_type == 'cuda':  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+def get_train_batch(it, micro_step):
+    # step `it` has gradient_accumulation_steps micro-batches; this rank owns a contiguous run of them
+    return get_batch('train', (0, it), ddp_rank * accum_steps + micro_step, gradient_accumulation_steps)
+
+# -----------------------------------------------------------------------------
+# model: from scratch, resumed from out_dir/ckpt.pt, or loaded to fine-tune
+iter_num, best_val_loss, ckpt = 0, float('inf'), None
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if init_from == 'scratch':
+    if vocab_size is None:
+        vocab_size = meta['vocab_size']
+    model_args = {f.name: globals()[f.name] for f in dataclasses.fields(NemotronConfig)}
+    try:
+        model_config = NemotronConfig(**model_args)
+    except AssertionError as e:  # __post_init__ checks the pattern and the divisibility rules
+        die(f"bad model config: {e}")
+    model = Nemotron(model_config)
+elif init_from == 'resume':
+    if not os.path.exists(ckpt_path):
+        die(f"--init_from=resume but {ckpt_path} does not exist (train with --init_from=scratch first)")
+    try:  # any failure to read means a corrupt or foreign file: report it, leave it as it is
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        model = Nemotron(NemotronConfig(**ckpt['model_config']))
+        state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
+        model.load_state_dict(state)
+        iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    except Exception as e:
+        die(f"cannot resume from {ckpt_path}: not a valid checkpoint ({type(e).__name__}: {str(e)[:100]})")
+else:  # a fine-tune starts at step 0 with a fresh optimizer
+    try:  # master weights in float32 whatever the checkpoint holds: autocast does the low precision
+        model = Nemotron.from_pretrained(init_from, dtype=torch.float32)
+    except CheckpointError as e:
+        die(f"cannot fine-tune from --init_from={init_from}: {e}")
+if model.config.vocab_size < meta['vocab_size']:
+    die(f"the model's vocab_size {model.config.vocab_size} is smaller than data/{dataset}'s {meta['vocab_size']}")
+model.to(device)
+print0(f"model: {model.num_params() / 1e6:.2f}M parameters, pattern {model.config.pattern}")
+
+# AdamW: decay matrices and embeddings, not norms, biases, A_log, D or dt_bias (all 1-D)
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
+                               {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+scaler = torch.amp.GradScaler(device_type, enabled=amp and dtype == 'float16')
+if ckpt is not None:
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        rng = ckpt['rng']  # restored last, after everything that draws from it (model init)
+        torch.set_rng_state(rng['torch'])
+        if rng['cuda'] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng['cuda'])
+        np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+        random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
+    except Exception as e:
+        die(f"cannot resume from {ckpt_path}: not a valid checkpoint ({type(e).__name__}: {str(e)[:100]})")
+    ckpt = None  # free the memory
+
+raw_model = model  # the plain module: its state_dict has no _orig_mod./module. prefixes
+if compile:
+    print0("compiling the model... (takes a minute)")
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+
+# -----------------------------------------------------------------------------
+# helpers of the loop
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over the same eval_iters batches of each split every time, shared among the ranks."""
+    out = {}
+    eval_model = model.module if ddp else model  # not through DDP: ranks may run unequal counts of batches
+    eval_model.eval()
+    for i, split in enumerate(('train', 'val')):
+        total = torch.zeros((), device=device)
+        for k in range(ddp_rank, eval_iters, ddp_world_size):
+            X, Y = get_batch(split, (1 + i, k), 0, 1)
+            with ctx:
+                _, loss = eval_model(X, Y)
+            total += loss.float()
+        if ddp:
+            dist.all_reduce(total)
+        out[split] = total.item() / eval_iters
+    eval_model.train()
+    return out
+
+def get_lr(it):
+    if it < warmup_iters:  # 1) linear warmup
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:  # 3) past the schedule: stay at the floor
+        return min_lr
+    if lr_schedule == 'cosine':  # 2) cosine from learning_rate down to min_lr
+        ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+    decay_start = max(warmup_iters, lr_decay_iters - round(decay_frac * lr_decay_iters))
+    if it < decay_start:  # 2) wsd: stable at the peak, then linear decay over the last decay_frac
+        return learning_rate
+    return learning_rate + (min_lr - learning_rate) * (it - decay_start) / (lr_decay_iters - decay_start)
+
+def save_checkpoint():
+    """Write out_dir/ckpt.pt atomically: a crash mid-write leaves the previous checkpoint intact."""
+    np_state = np.random.get_state()
+    ckpt = {
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'model_config': raw_model.config.to_dict(),
+        'config': config,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'data_position': iter_num,  # batches are a function of (seed, step): the step is the position
+        # plain lists and tensors only, so that torch.load(weights_only=True) reads it back
+        'rng': {'torch': torch.get_rng_state(),
+                'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]],
+                'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]},
+    }
+    tmp = ckpt_path + '.tmp'
+    torch.save(ckpt, tmp)
+    os.replace(tmp, ckpt_path)
+
+def log(record):
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+def git_hash():
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
+
+# -----------------------------------------------------------------------------
+# training loop
+flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+if peak_flops == 0.0 and device_type == 'cuda':
+    name = torch.cuda.get_device_name(device)
+    peak_flops = next((f for key, f in PEAK_FLOPS if key in name), 0.0)
+start_iter = iter_num
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'meta.json'), 'w') as f:  # the tokenizer travels with the run
+        json.dump(meta, f)
+    log({'config': config, 'git': git_hash(), 'torch': torch.__version__, 'device': device,
+         'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
+         'params': raw_model.num_params(), 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+pbar = tqdm(total=max_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True)
+X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
+losses = None
+for iter_num in range(start_iter, max_iters + 1):
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    # evaluate and checkpoint; a resumed run skips its first step's eval, done before that checkpoint was saved
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (init_from == 'resume' and iter_num == start_iter):
+        losses = estimate_loss()
+        if master_process:
+            pbar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log({'step': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
+        if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
+            pbar.close()
+            die(f"loss is not finite at step {iter_num} (train {losses['train']}, val {losses['val']}): "
+                f"the run diverged; {ckpt_path} was not overwritten")
+        if iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint):
+            best_val_loss = min(best_val_loss, losses['val'])
+            if master_process:
+                save_checkpoint()
+    if iter_num == max_iters:
+        break
+
+    # one optimizer step over accum_steps micro-steps
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(accum_steps):
+        if ddp:  # sync gradients on the last micro-step only (what model.no_sync() does, without nesting)
+            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / accum_steps  # the mean over micro-steps; DDP then averages over ranks
+        loss_sum += loss.detach().float()
+        nxt = (iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)
+        X, Y = get_train_batch(*nxt)  # fetch the next micro-batch while this one computes (async on a GPU)
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    # log: reading the loss syncs the device, so only every log_interval steps
+    if iter_num % log_interval == 0 or iter_num == max_iters - 1:
+        if ddp:
+            dist.all_reduce(loss_sum)
+        lossf = loss_sum.item() / ddp_world_size
+        if not math.isfinite(lossf):
+            pbar.close()
+            die(f"loss is {lossf} at step {iter_num}: the run diverged (try a lower learning_rate); "
+                f"{ckpt_path} was not overwritten")
+        dt = time.time() - t0
+        tok_s = tokens_per_iter / dt
+        mfu = flops_per_iter / dt / (peak_flops * ddp_world_size) if peak_flops > 0 else None
+        pbar.set_postfix_str(f"loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
+                             f" | mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}")
+        if master_process:
+            log({'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s, 'mfu': mfu})
+    pbar.update(1)
+pbar.close()
+
+# -----------------------------------------------------------------------------
+# the end: a sample from the trained model, and the final val loss
+if master_process and sample_new_tokens > 0:
+    try:
+        tokenizer = load_tokenizer(data_dir)
+    except DataError as e:  # e.g. tiktoken offline without its cached vocabulary: skip the sample only
+        tokenizer = None
+        print(f"no sample: {e}")
+    if tokenizer is not None:
+        raw_model.eval()
+        idx = torch.tensor([tokenizer.encode('\n')], dtype=torch.long, device=device)
+        with ctx:
+            out = raw_model.generate(idx, sample_new_tokens, temperature=0.8, top_k=50)
+        print(f"sample:\n{tokenizer.decode(out[0].tolist())}\n---------------")
+if losses is not None:
+    print0(f"final val loss {losses['val']:.4f} (step {iter_num})")
+if ddp:
+    dist.destroy_process_group()
