@@ -96,11 +96,6 @@ class Experts(nn.Module):
         expert runs on its contiguous slice, and the weighted outputs are added back per token.
         A loop over experts (the "MoE at scale" issue replaces it with one grouped GEMM)."""
         M, k = idx.shape
-        if M * k <= self.up_proj.size(0):  # decoding a few tokens: read just the chosen experts
-            up, down = self.up_proj[idx], self.down_proj[idx]  # (M, k, F, l), (M, k, l, F)
-            h = F.relu(torch.einsum("mkfl,ml->mkf", up, x)).square()
-            y = torch.einsum("mklf,mkf->mkl", down, h)  # (M, k, l)
-            return (y.float() * weights[..., None]).sum(1).to(x.dtype)
         order = idx.flatten().argsort()  # (M*k,): copy m*k + j of token m is its j-th choice
         counts = torch.bincount(idx.flatten(), minlength=self.up_proj.size(0)).tolist()
         token = order // k  # (M*k,): the token of each sorted copy
