@@ -15,7 +15,7 @@ from data.pycode import prepare as pycode
 from data.fineweb_edu import prepare as fineweb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt")  # beside the checkout, in CI too
 # no proxy variables: a subprocess must fail on its own bad URL, not on a proxy of this machine
 OFFLINE_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
