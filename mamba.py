@@ -25,17 +25,14 @@ import torch.nn.functional as F
 # the SSD maths
 
 
-def segsum(x):
-    """x (..., Q) -> (..., Q, Q) with out[i, j] = x[j+1] + ... + x[i] for j <= i, -inf above.
-
-    Summed with a masked cumsum rather than as a difference of cumsums, which loses precision."""
-    Q = x.size(-1)
-    x = x[..., None].expand(*x.shape, Q)  # (..., Q, Q): x[..., i, j] = x_i
-    mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril(-1)
-    x = x.masked_fill(~mask, 0)
-    x_segsum = torch.cumsum(x, dim=-2)
-    mask = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril(0)
-    return x_segsum.masked_fill(~mask, -torch.inf)
+def segsum(x_cs):
+    """x_cs (..., Q) cumulative sums -> (..., Q, Q) with out[i, j] = x_cs[i] - x_cs[j] =
+    x[j+1] + ... + x[i] for j <= i, and -inf above the diagonal (so that exp() gives 0 there).
+    A difference of cumsums, as the mamba_ssm kernels compute it; masked before exp, so that no
+    inf ever meets a zero gradient."""
+    Q = x_cs.size(-1)
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=x_cs.device).tril()
+    return (x_cs[..., :, None] - x_cs[..., None, :]).masked_fill(~causal, -torch.inf)
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
@@ -62,7 +59,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 
     # 1) intra-chunk outputs (the diagonal blocks): a masked "attention" C_l B_s^T L_ls inside
     # each chunk; C B^T is shared by the R heads of a group, the decays L are per head
-    L = torch.exp(segsum(dA)).view(Bsz, G, R, c, Q, Q)  # decay from position s to l
+    L = torch.exp(segsum(dA_cs)).view(Bsz, G, R, c, Q, Q)  # decay from position s to l
     CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # (B, G, c, Q, Q)
     Y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", CB[:, :, None] * L, x_dt)  # (B, c, Q, G, R, P)
 
@@ -75,7 +72,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     if initial_state is None:
         initial_state = torch.zeros_like(states[:, 0])
     states = torch.cat([initial_state.float()[:, None], states], dim=1)  # (B, c+1, H, P, N)
-    decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1], (1, 0))))  # (B, H, c+1, c+1)
+    decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1].cumsum(-1), (1, 0))))  # (B, H, c+1, c+1)
     states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)  # state at the start of each chunk
     states, final_state = states[:, :-1], states[:, -1]
 
@@ -126,18 +123,6 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
 # the Mamba-2 mixer
 
 
-def causal_conv(x, weight, bias):
-    """Depthwise conv over time without padding: x (B, K-1+T, C), weight (C, 1, K) as nn.Conv1d
-    keeps it -> (B, T, C), y_t = bias + sum_k weight[:, k] * x_{t+k}. K shifted multiply-adds in
-    the (B, T, C) layout, so no transposes (and a cheaper backward than F.conv1d on a CPU)."""
-    K = weight.size(-1)
-    T = x.size(1) - (K - 1)
-    y = bias + x[:, :T] * weight[:, 0, 0]
-    for k in range(1, K):
-        y = y + x[:, k:k + T] * weight[:, 0, k]
-    return y
-
-
 class GatedRMSNorm(nn.Module):
     """norm(y * silu(z)), normalised over groups of group_size channels (one group per n_groups)."""
 
@@ -171,7 +156,7 @@ class Mamba2Mixer(nn.Module):
 
     def new_cache(self, batch_size, device, dtype):
         """Constant-size decoding state: the last K-1 conv inputs and the SSM state h (fp32)."""
-        return {"conv": torch.zeros(batch_size, self.K - 1, self.conv_dim, device=device, dtype=dtype),
+        return {"conv": torch.zeros(batch_size, self.conv_dim, self.K - 1, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=torch.float32)}
 
     def forward(self, u, cache=None):
@@ -181,11 +166,13 @@ class Mamba2Mixer(nn.Module):
         zxbcdt = self.in_proj(u)  # (B, T, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
         # 1) depthwise causal conv over time: left-pad with the cached inputs (zeros at the start)
-        past = cache["conv"] if cache is not None else xBC.new_zeros(Bsz, self.K - 1, self.conv_dim)
-        xBC = torch.cat([past, xBC], dim=1)  # (B, K-1+T, conv_dim)
+        xBC = xBC.transpose(1, 2)  # (B, conv_dim, T)
+        past = cache["conv"] if cache is not None else xBC.new_zeros(Bsz, self.conv_dim, self.K - 1)
+        xBC = torch.cat([past, xBC], dim=-1)  # (B, conv_dim, K-1+T)
         if cache is not None:
-            cache["conv"] = xBC[:, -(self.K - 1):].clone()
-        xBC = F.silu(causal_conv(xBC, self.conv1d.weight, self.conv1d.bias))  # (B, T, conv_dim)
+            cache["conv"] = xBC[:, :, -(self.K - 1):].clone()
+        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
+        xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         # 2) discretisation parameters: dt > 0 within the configured limits, A < 0
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, T, H)
@@ -204,9 +191,9 @@ class Mamba2Mixer(nn.Module):
         """One token (B, 1, d_model) in O(1): shift the conv window, one recurrence step."""
         zxbcdt = self.in_proj(u[:, 0])  # (B, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        window = torch.cat([cache["conv"], xBC[:, None]], dim=1)  # (B, K, conv_dim)
-        cache["conv"] = window[:, 1:]
-        xBC = F.silu(torch.einsum("bkc,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
+        window = torch.cat([cache["conv"], xBC[:, :, None]], dim=-1)  # (B, conv_dim, K)
+        cache["conv"] = window[:, :, 1:]
+        xBC = F.silu(torch.einsum("bck,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, H)
         A = -torch.exp(self.A_log.float())

@@ -250,16 +250,17 @@ class Nemotron(nn.Module):
             raise CheckpointError(f"{path}: neither a Hugging Face folder (config.json) nor a "
                                   f"ckpt.pt / out_dir with one")
         try:
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+            # mmap: the optimizer state in the file is never read into memory, only the weights
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True, mmap=True)
             config = NemotronConfig(**ckpt["model_config"])
-        except Exception as e:  # a truncated file, a foreign pickle, a config we cannot build
+            state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
+            with torch.device("meta"):
+                model = cls(config)
+            model.load_state_dict(state, assign=True)
+        except Exception as e:  # a truncated file, a foreign pickle, a config or weights that don't fit
             why = (str(e).strip().splitlines() or [""])[0][:200]  # torch's own messages run for lines
             raise CheckpointError(f"{ckpt_path}: not a readable nanoNemotron checkpoint "
                                   f"({type(e).__name__}: {why})") from None
-        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_state_dict(state, assign=True)
         if config.tie_embeddings:
             model.lm_head.weight = model.backbone.embeddings.weight
         return model.to(device=device, dtype=dtype)

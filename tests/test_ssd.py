@@ -101,11 +101,11 @@ def test_padding_leaves_state_unchanged():
 
 
 def test_segsum():
-    """segsum(x)[i, j] = x[j+1] + ... + x[i] below the diagonal, 0 on it, -inf above; so
-    exp(segsum) is the decay from j to i, and it composes: s[i, k] = s[i, j] + s[j, k]."""
+    """segsum(cumsum(x))[i, j] = x[j+1] + ... + x[i] below the diagonal, 0 on it, -inf above;
+    so exp(segsum) is the decay from j to i, and it composes: s[i, k] = s[i, j] + s[j, k]."""
     torch.manual_seed(0)
     x = torch.randn(3, 9, dtype=torch.float64)
-    s = segsum(x)
+    s = segsum(x.cumsum(-1))
     assert s.shape == (3, 9, 9) and s.dtype == torch.float64
     cs = x.cumsum(-1)
     ref = cs[..., :, None] - cs[..., None, :]  # cs[i] - cs[j]
@@ -116,7 +116,7 @@ def test_segsum():
     assert_close(s[:, 7, 2], s[:, 7, 4] + s[:, 4, 2], "segsum composes", atol=1e-12)
     # gradients are finite despite the -inf entries (exp(-inf) = 0 has zero derivative)
     xr = x.clone().requires_grad_(True)
-    torch.exp(segsum(xr)).sum().backward()
+    torch.exp(segsum(xr.cumsum(-1))).sum().backward()
     assert torch.isfinite(xr.grad).all()
 
 
