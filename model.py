@@ -299,24 +299,24 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
 
 HF_LAYER_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
                   "mlp": "-", "moe": "E"}
-# our config field: (HF key, legacy HF key)
+# our config field: (HF key, legacy HF key, transformers' default when config.json has neither)
 HF_CONFIG_KEYS = {
-    "vocab_size": ("vocab_size", None), "d_model": ("hidden_size", None),
-    "norm_eps": ("layer_norm_epsilon", "rms_norm_eps"), "tie_embeddings": ("tie_word_embeddings", None),
-    "init_std": ("initializer_range", None),
-    "n_head": ("num_attention_heads", None), "n_kv_head": ("num_key_value_heads", None),
-    "head_dim": ("head_dim", "attention_head_dim"), "d_ff": ("intermediate_size", None),
-    "mamba_heads": ("mamba_num_heads", None), "headdim": ("mamba_head_dim", None),
-    "d_state": ("ssm_state_size", None), "n_groups": ("n_groups", "mamba_n_groups"),
-    "d_conv": ("conv_kernel", "mamba_d_conv"), "chunk_size": ("chunk_size", "mamba_chunk_size"),
-    "dt_min": ("time_step_min", "mamba_dt_min"), "dt_max": ("time_step_max", "mamba_dt_max"),
-    "dt_init_floor": ("time_step_floor", "mamba_dt_init_floor"),
-    "n_experts": ("n_routed_experts", None), "top_k": ("num_experts_per_tok", None),
-    "moe_d_ff": ("moe_intermediate_size", None),
-    "shared_d_ff": ("moe_shared_expert_intermediate_size", None),
-    "moe_latent_size": ("moe_latent_size", None), "n_group": ("n_group", None),
-    "topk_group": ("topk_group", None), "routed_scaling_factor": ("routed_scaling_factor", None),
-    "norm_topk_prob": ("norm_topk_prob", None),
+    "vocab_size": ("vocab_size", None, 131072), "d_model": ("hidden_size", None, 4096),
+    "norm_eps": ("layer_norm_epsilon", "rms_norm_eps", 1e-5),
+    "tie_embeddings": ("tie_word_embeddings", None, False), "init_std": ("initializer_range", None, 0.02),
+    "n_head": ("num_attention_heads", None, 32), "n_kv_head": ("num_key_value_heads", None, 8),
+    "head_dim": ("head_dim", "attention_head_dim", 128), "d_ff": ("intermediate_size", None, 21504),
+    "mamba_heads": ("mamba_num_heads", None, 128), "headdim": ("mamba_head_dim", None, 64),
+    "d_state": ("ssm_state_size", None, 128), "n_groups": ("n_groups", "mamba_n_groups", 8),
+    "d_conv": ("conv_kernel", "mamba_d_conv", 4), "chunk_size": ("chunk_size", "mamba_chunk_size", 128),
+    "dt_min": ("time_step_min", "mamba_dt_min", 0.001), "dt_max": ("time_step_max", "mamba_dt_max", 0.1),
+    "dt_init_floor": ("time_step_floor", "mamba_dt_init_floor", 1e-4),
+    "n_experts": ("n_routed_experts", None, 8), "top_k": ("num_experts_per_tok", None, 2),
+    "moe_d_ff": ("moe_intermediate_size", None, 7688),
+    "shared_d_ff": ("moe_shared_expert_intermediate_size", None, 7688),
+    "moe_latent_size": ("moe_latent_size", None, None), "n_group": ("n_group", None, 1),
+    "topk_group": ("topk_group", None, 1), "routed_scaling_factor": ("routed_scaling_factor", None, 1.0),
+    "norm_topk_prob": ("norm_topk_prob", None, True),
 }
 # HF keys whose value this code does not implement otherwise: key -> the values it supports
 HF_SUPPORTED = {"attention_bias": (False,), "mlp_bias": (False,), "use_bias": (False,),
@@ -341,19 +341,14 @@ def config_from_hf(hf):
     if bad:
         raise CheckpointError("unsupported NemotronH config: " + "; ".join(bad))
     args = {"pattern": pattern}
-    for ours, (key, legacy) in HF_CONFIG_KEYS.items():
-        if key in hf and hf[key] is not None:
-            args[ours] = hf[key]
-        elif legacy in hf:
-            args[ours] = hf[legacy]
-    if "head_dim" not in args:
-        args["head_dim"] = args["d_model"] // args["n_head"]
+    for ours, (key, legacy, default) in HF_CONFIG_KEYS.items():
+        args[ours] = hf[key] if hf.get(key) is not None else hf.get(legacy, default)
     # transformers' NemotronH clamps dt to [time_step_min, time_step_limit[1]] (its
     # time_step_limit's lower end is not used); we match it so logits agree
     hi = (hf.get("time_step_limit") or hf.get("mamba_dt_limit") or (0.0, float("inf")))[1]
     if isinstance(hi, dict):  # transformers 5 writes infinity as {"__float__": "Infinity"}
         hi = hi.get("__float__")
-    args["dt_limit"] = (args.get("dt_min", 0.001), float(hi))
+    args["dt_limit"] = (args["dt_min"], float(hi))
     try:
         return NemotronConfig(**args)
     except (AssertionError, TypeError) as e:
@@ -371,7 +366,7 @@ def config_to_hf(cfg):
           "use_conv_bias": True, "use_bias": False, "mlp_bias": False, "attention_bias": False,
           "n_shared_experts": 1, "num_nextn_predict_layers": 0, "bos_token_id": None,
           "eos_token_id": None, "pad_token_id": None}
-    hf.update({key: getattr(cfg, ours) for ours, (key, _) in HF_CONFIG_KEYS.items()})
+    hf.update({key: getattr(cfg, ours) for ours, (key, _, _) in HF_CONFIG_KEYS.items()})
     hf["time_step_min"] = cfg.dt_limit[0]  # transformers clamps dt at time_step_min
     hf["time_step_limit"] = [cfg.dt_limit[0], cfg.dt_limit[1]]
     return hf

@@ -1,7 +1,6 @@
 """Shared test helpers. Not a test file: imported by tests/test_*.py (the repo root and tests/ are on
 sys.path through tests/conftest.py and pytest's rootdir insertion)."""
 
-import pytest
 import torch
 
 
@@ -23,14 +22,3 @@ def assert_close(a, b, name, atol, rtol=0.0):
             f"rtol={rtol:g}); max abs diff {diff.max().item():.3e}, mean abs diff "
             f"{diff.mean().item():.3e}, max |b| {b64.abs().max().item():.3e}; worst at {where}: "
             f"{a64.flatten()[worst].item():.8g} vs {b64.flatten()[worst].item():.8g}")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes run fastest on one thread, and on a shared 2-core machine intra-op threads
-    spin-wait on each other (a 2x32 matmul took 2 ms instead of 15 us). Import this into a test
-    module to apply it there; the thread count is restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -21,11 +21,11 @@ import torch
 
 tf = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from helpers import assert_close, one_thread  # noqa: E402,F401 (one_thread: an autouse fixture)
-from model import CheckpointError, Nemotron, NemotronConfig, save_hf  # noqa: E402
+from helpers import assert_close
+from model import CheckpointError, Nemotron, NemotronConfig, save_hf
 
 tf.logging.set_verbosity_error()
 tf.utils.logging.disable_progress_bar()
@@ -463,3 +463,15 @@ def test_expert_index_out_of_range(tmp_path):
                                                  torch.zeros(16, 32)))
     with pytest.raises(CheckpointError, match="experts"):
         Nemotron.from_pretrained(str(folder))
+
+
+def test_missing_keys_take_transformers_defaults():
+    """A config.json that leaves a key out gets what transformers' NemotronHConfig defaults it to
+    (e.g. ssm_state_size 128, chunk_size 128, head_dim 128), not our NemotronConfig defaults."""
+    from model import HF_CONFIG_KEYS, config_from_hf
+    hf = {"hybrid_override_pattern": "M*-", "hidden_size": 256, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "mamba_num_heads": 8, "n_groups": 2}
+    ours = config_from_hf(hf)
+    theirs = tf.NemotronHConfig(**hf)
+    for field, (key, _, _) in HF_CONFIG_KEYS.items():
+        assert getattr(ours, field) == getattr(theirs, key), f"{field} vs {key}"

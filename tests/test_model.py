@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import assert_close
 from model import Nemotron, NemotronConfig
 from moe import MoE, route
 

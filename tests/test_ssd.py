@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, one_thread  # noqa: F401 (one_thread: an autouse fixture)
+from helpers import assert_close
 from mamba import Mamba2Mixer, segsum, ssd_chunked, ssd_scan_ref
 from model import Nemotron, NemotronConfig
 
