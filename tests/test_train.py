@@ -132,6 +132,19 @@ def test_finetune_from_another_run(trained, tmp_path):
     assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model_config']['d_model'] == 32  # its config wins
     assert open(os.path.join(src, 'ckpt.pt'), 'rb').read() == before
 
+
+def test_finetune_from_hf_folder(trained, tmp_path):
+    """--init_from=<Hugging Face NemotronH folder>: the run starts from the folder's weights."""
+    from model import Nemotron
+    src, _ = trained
+    hf = str(tmp_path / 'hf')
+    Nemotron.from_pretrained(src).save_pretrained(hf)
+    out = str(tmp_path / 'ft')
+    ok(train(out, f'--init_from={hf}', '--max_iters=2', '--eval_interval=2'))
+    src_val = [r['val_loss'] for r in read_log(src) if 'val_loss' in r][-1]
+    first = [r for r in read_log(out) if 'val_loss' in r][0]
+    assert first['step'] == 0 and abs(first['val_loss'] - src_val) < 1e-4
+
 # -----------------------------------------------------------------------------
 # bad input: one clear message, non-zero exit, nothing lost
 
