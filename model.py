@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import Attention
-from mamba import Mamba2Mixer
+from mamba import GatedRMSNorm, Mamba2Mixer
 from moe import MLP, MoE
 
 # -----------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class Nemotron(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         for m in self.modules():
-            if isinstance(m, (RMSNorm, nn.LayerNorm)) or type(m).__name__ == "GatedRMSNorm":
+            if isinstance(m, (RMSNorm, GatedRMSNorm)):
                 nn.init.ones_(m.weight)
             if isinstance(m, Mamba2Mixer):
                 m.conv1d.reset_parameters()
