@@ -185,3 +185,13 @@ def test_nan_stops_without_overwriting_checkpoint(trained, tmp_path):
     failed_cleanly(proc, 'diverged')
     assert open(ckpt, 'rb').read() == before and os.stat(ckpt).st_mtime_ns == mtime
     assert not os.path.exists(ckpt + '.tmp')
+
+
+@pytest.mark.parametrize('config', [None, 'config/tiny_cpu.py', 'config/pycode_attention_only.py'])
+def test_shipped_configs_run(config, tmp_path):
+    """The README's `python train.py` (default model) and the shipped CPU configs build and take
+    a few steps, ending with a sample: a later change of defaults cannot silently break them."""
+    cmd = [sys.executable, 'train.py', *([config] if config else []), f'--out_dir={tmp_path}',
+           '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--sample_new_tokens=8']
+    proc = ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+    assert 'final val loss' in proc.stdout and 'sample:' in proc.stdout
