@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 # -----------------------------------------------------------------------------
 # the SSD maths
 
@@ -182,7 +184,7 @@ class Mamba2Mixer(nn.Module):
                    B.reshape(Bsz, T, self.G, self.N), C.reshape(Bsz, T, self.G, self.N),
                    self.chunk_size, D=self.D, initial_state=None if cache is None else cache["ssm"])
         if cache is not None:
-            cache["ssm"] = h
+            cache["ssm"] = h.contiguous()  # the decode kernel updates it in place
         # 4) gated norm, then back to the model width
         y = self.norm(y.reshape(Bsz, T, self.d_inner), z)  # (B, T, d_inner)
         return self.out_proj(y.to(u.dtype))
@@ -191,13 +193,21 @@ class Mamba2Mixer(nn.Module):
         """One token (B, 1, d_model) in O(1): shift the conv window, one recurrence step."""
         zxbcdt = self.in_proj(u[:, 0])  # (B, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        window = torch.cat([cache["conv"], xBC[:, :, None]], dim=-1)  # (B, conv_dim, K)
-        cache["conv"] = window[:, :, 1:]
-        xBC = F.silu(torch.einsum("bck,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
+        if kernels.use_triton(u):
+            xBC, cache["conv"] = kernels.conv_update(cache["conv"], xBC[:, None], self.conv1d.weight,
+                                                     self.conv1d.bias)  # (B, 1, conv_dim)
+            xBC = xBC[:, 0]
+        else:
+            window = torch.cat([cache["conv"], xBC[:, :, None]], dim=-1)  # (B, conv_dim, K)
+            cache["conv"] = window[:, :, 1:]
+            xBC = F.silu(torch.einsum("bck,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, H)
         A = -torch.exp(self.A_log.float())
-        y, cache["ssm"] = ssd_step(cache["ssm"], x.view(-1, self.H, self.P), dt, A,
-                                   B.view(-1, self.G, self.N), C.view(-1, self.G, self.N), self.D)
+        x, B, C = x.view(-1, self.H, self.P), B.view(-1, self.G, self.N), C.view(-1, self.G, self.N)
+        if kernels.use_triton(u):  # updates cache["ssm"] in place
+            y = kernels.ssd_update(cache["ssm"], x[:, None], dt[:, None], A, B[:, None], C[:, None], self.D)[0]
+        else:
+            y, cache["ssm"] = ssd_step(cache["ssm"], x, dt, A, B, C, self.D)
         y = self.norm(y.view(-1, 1, self.d_inner), z[:, None])  # (B, 1, d_inner)
         return self.out_proj(y.to(u.dtype))
