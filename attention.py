@@ -49,7 +49,7 @@ class Attention(nn.Module):
         return {"k": torch.zeros(shape, device=device, dtype=dtype),
                 "v": torch.zeros(shape, device=device, dtype=dtype), "pos": 0}
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, seq_idx=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, g, T, d)
@@ -64,7 +64,11 @@ class Attention(nn.Module):
             cache["v"][:, :, pos0:pos0 + T] = v
             cache["pos"] = pos0 + T
             k, v = cache["k"][:, :, :pos0 + T], cache["v"][:, :, :pos0 + T]  # (B, g, S, d)
-        if pos0 == 0 or T == 1:  # causal from the start, or one query that sees every key
+        if seq_idx is not None:  # packed documents (training): causal within each document only
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = mask & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (B, T, T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        elif pos0 == 0 or T == 1:  # causal from the start, or one query that sees every key
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)
         else:  # several new queries after a cached prefix: query t sees keys 0 .. pos0 + t
             mask = torch.ones(T, pos0 + T, dtype=torch.bool, device=x.device).tril(pos0)

@@ -37,11 +37,13 @@ def segsum(x_cs):
     return (x_cs[..., :, None] - x_cs[..., None, :]).masked_fill(~causal, -torch.inf)
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
     """The chunked SSD algorithm of Mamba-2 (Listing 1 of the paper), in fp32.
 
     x (B, T, H, P), dt (B, T, H) already softplus'ed, A (H,) negative, B and C (B, T, G, N),
-    D (H,) or None, initial_state (B, H, P, N) or None.
+    D (H,) or None, initial_state (B, H, P, N) or None, seq_idx (B, T) nondecreasing document
+    ids of packed sequences or None: the state starts from zero at each new document (the initial
+    state belongs to the first one), so no token sees another document.
     Returns y (B, T, H, P) and the final state (B, H, P, N). Any T: the sequence is padded with
     dt = 0 (no decay, no input) up to a multiple of chunk_size, which leaves the state unchanged.
     """
@@ -54,6 +56,8 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
         x, B, C = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, B, C))
         dt = F.pad(dt, (0, 0, 0, pad))
     c = (T + pad) // Q
+    if seq_idx is not None:  # padding continues the last document
+        doc = F.pad(seq_idx[:, None].float(), (0, pad), mode="replicate")[:, 0].view(Bsz, c, Q)
     x_dt = (x * dt[..., None]).view(Bsz, c, Q, G, R, P)  # the input term dt_t * x_t, by chunk
     B, C = B.view(Bsz, c, Q, G, N), C.view(Bsz, c, Q, G, N)
     dA = (dt * A).view(Bsz, c, Q, H).permute(0, 3, 1, 2)  # (B, H, c, Q): log of the decay a_t
@@ -62,11 +66,15 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
     # 1) intra-chunk outputs (the diagonal blocks): a masked "attention" C_l B_s^T L_ls inside
     # each chunk; C B^T is shared by the R heads of a group, the decays L are per head
     L = torch.exp(segsum(dA_cs)).view(Bsz, G, R, c, Q, Q)  # decay from position s to l
+    if seq_idx is not None:  # nothing decays across a document boundary: L = 0 there
+        L = L * (doc[:, :, :, None] == doc[:, :, None, :])[:, None, None]
     CB = torch.einsum("bclgn,bcsgn->bgcls", C, B)  # (B, G, c, Q, Q)
     Y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", CB[:, :, None] * L, x_dt)  # (B, c, Q, G, R, P)
 
     # 2) the state each chunk would end in, starting from zero (the B terms of the off-diagonal blocks)
     decay_states = torch.exp(dA_cs[..., -1:] - dA_cs)  # (B, H, c, Q): decay from l to the chunk's end
+    if seq_idx is not None:  # only the chunk's last document reaches its end state
+        decay_states = decay_states * (doc == doc[..., -1:])[:, None]
     x_decayed = x_dt * decay_states.permute(0, 2, 3, 1).view(Bsz, c, Q, G, R, 1)
     states = torch.einsum("bclgn,bclgrp->bcgrpn", B, x_decayed).reshape(Bsz, c, H, P, N)
 
@@ -75,12 +83,18 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
         initial_state = torch.zeros_like(states[:, 0])
     states = torch.cat([initial_state.float()[:, None], states], dim=1)  # (B, c+1, H, P, N)
     decay_chunk = torch.exp(segsum(F.pad(dA_cs[..., -1].cumsum(-1), (1, 0))))  # (B, H, c+1, c+1)
+    if seq_idx is not None:  # boundary z holds the document of the token before it (z = 0: the first)
+        doc_z = torch.cat([doc[:, :1, 0], doc[:, :, -1]], dim=1)  # (B, c+1)
+        decay_chunk = decay_chunk * (doc_z[:, :, None] == doc_z[:, None, :])[:, None]
     states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)  # state at the start of each chunk
     states, final_state = states[:, :-1], states[:, -1]
 
     # 4) state -> output: what the carried-in state contributes inside each chunk (the C terms)
     Y_off = torch.einsum("bclgn,bcgrpn->bclgrp", C, states.view(Bsz, c, G, R, P, N))
-    Y_off = Y_off * torch.exp(dA_cs).permute(0, 2, 3, 1).view(Bsz, c, Q, G, R, 1)
+    decay_out = torch.exp(dA_cs)  # (B, H, c, Q): decay from the chunk's start to l
+    if seq_idx is not None:  # the carried-in state reaches only its own document
+        decay_out = decay_out * (doc == doc_z[:, :-1, None])[:, None]
+    Y_off = Y_off * decay_out.permute(0, 2, 3, 1).view(Bsz, c, Q, G, R, 1)
 
     y = (Y_diag + Y_off).reshape(Bsz, c * Q, H, P)[:, :T]  # (B, T, H, P)
     if D is not None:
@@ -103,26 +117,42 @@ def ssd_step(h, x, dt, A, B, C, D=None):
     return y, h.view(Bsz, H, P, N)
 
 
-def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None):
+def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
     """Sequential-recurrence reference of ssd_chunked (same arguments but no chunk size)."""
     Bsz, T, H, P = x.shape
     h = initial_state.float() if initial_state is not None else \
         x.new_zeros(Bsz, H, P, B.shape[-1], dtype=torch.float32)
     ys = []
     for t in range(T):
+        if seq_idx is not None and t > 0:  # a new document starts from the zero state
+            h = h * (seq_idx[:, t] == seq_idx[:, t - 1]).view(Bsz, 1, 1, 1)
         y, h = ssd_step(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
         ys.append(y)
     return torch.stack(ys, dim=1), h
 
 
-def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None):
+def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
     """The SSD op the mixer calls: y (B, T, H, P), final_state (B, H, P, N). kernels.py will add
     a Triton fast path here; ssd_chunked is the reference for it."""
-    return ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state)
+    return ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
 
 
 # -----------------------------------------------------------------------------
 # the Mamba-2 mixer
+
+
+def packed_conv(x, weight, bias, seq_idx):
+    """The causal depthwise conv of packed documents: x (B, C, K-1+T) left-padded, weight
+    (C, 1, K), seq_idx (B, T). Output t sums only the inputs of its own document, so each
+    document starts as if from zeros: K shifted multiply-adds, each masked."""
+    K = weight.size(-1)
+    T = x.size(-1) - (K - 1)
+    doc = F.pad(seq_idx, (K - 1, 0), value=-1)  # (B, K-1+T): the padding is no document
+    y = bias[:, None]
+    for k in range(K):
+        same = (doc[:, k:k + T] == seq_idx)[:, None]  # (B, 1, T)
+        y = y + weight[:, 0, k, None] * x[:, :, k:k + T] * same
+    return y  # (B, C, T)
 
 
 class GatedRMSNorm(nn.Module):
@@ -161,10 +191,11 @@ class Mamba2Mixer(nn.Module):
         return {"conv": torch.zeros(batch_size, self.conv_dim, self.K - 1, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=torch.float32)}
 
-    def forward(self, u, cache=None):
+    def forward(self, u, cache=None, seq_idx=None):
         Bsz, T, _ = u.shape
         if cache is not None and T == 1:
             return self.step(u, cache)
+        assert seq_idx is None or cache is None, "packed documents are for training, not decoding"
         zxbcdt = self.in_proj(u)  # (B, T, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
         # 1) depthwise causal conv over time: left-pad with the cached inputs (zeros at the start)
@@ -173,8 +204,11 @@ class Mamba2Mixer(nn.Module):
         xBC = torch.cat([past, xBC], dim=-1)  # (B, conv_dim, K-1+T)
         if cache is not None:
             cache["conv"] = xBC[:, :, -(self.K - 1):].clone()
-        xBC = F.silu(F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim))
-        xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
+        if seq_idx is None:
+            xBC = F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
+        else:
+            xBC = packed_conv(xBC, self.conv1d.weight, self.conv1d.bias, seq_idx)
+        xBC = F.silu(xBC).transpose(1, 2)  # (B, T, conv_dim)
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         # 2) discretisation parameters: dt > 0 within the configured limits, A < 0
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, T, H)
@@ -182,7 +216,8 @@ class Mamba2Mixer(nn.Module):
         # 3) the SSD over the whole sequence, starting from the cached state when decoding
         y, h = ssd(x.reshape(Bsz, T, self.H, self.P), dt, A,
                    B.reshape(Bsz, T, self.G, self.N), C.reshape(Bsz, T, self.G, self.N),
-                   self.chunk_size, D=self.D, initial_state=None if cache is None else cache["ssm"])
+                   self.chunk_size, D=self.D, initial_state=None if cache is None else cache["ssm"],
+                   seq_idx=seq_idx)
         if cache is not None:
             cache["ssm"] = h.contiguous()  # the decode kernel updates it in place
         # 4) gated norm, then back to the model width

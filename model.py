@@ -111,9 +111,9 @@ class Block(nn.Module):
         elif kind == "E":
             self.mixer = MoE(cfg)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, seq_idx=None):
         h = self.norm(x)
-        h = self.mixer(h, cache) if self.kind in "M*" else self.mixer(h)
+        h = self.mixer(h, cache, seq_idx) if self.kind in "M*" else self.mixer(h)
         return x + h
 
 
@@ -189,14 +189,16 @@ class Nemotron(nn.Module):
         ssd = 2 * H * (Q * N / 2 + Q * P / 2 + 2 * N * P)  # C B^T, (CB.L) x, states, C h
         return flops + 3 * (cfg.pattern.count("*") * attn + cfg.pattern.count("M") * ssd)
 
-    def hidden(self, idx, cache=None):
+    def hidden(self, idx, cache=None, seq_idx=None):
         x = self.backbone.embeddings(idx)  # (B, T, d)
         for i, block in enumerate(self.backbone.layers):
-            x = block(x, None if cache is None else cache[i])
+            x = block(x, None if cache is None else cache[i], seq_idx)
         return self.backbone.norm_f(x)
 
-    def forward(self, idx, targets=None):
-        logits = self.lm_head(self.hidden(idx)).float()  # (B, T, vocab)
+    def forward(self, idx, targets=None, seq_idx=None):
+        """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets are given.
+        seq_idx (B, T): document ids of packed sequences; no token then sees another document."""
+        logits = self.lm_head(self.hidden(idx, seq_idx=seq_idx)).float()  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)

@@ -75,6 +75,50 @@ def test_chunked_matches_scan(chunk_size, T, G, with_init, with_D):
             assert_close(a[k].grad, b[k].grad, f"grad {k}", **GRAD_TOL)
 
 
+def documents(Bsz, T, seed):
+    """seq_idx (B, T) of packed documents: random boundaries, some inside chunks, some on chunk
+    edges, a one-token document, and a row that is one single document."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(Bsz, T, generator=g) < 0.15
+    starts[:, 0] = False
+    starts[0, min(8, T - 1)] = T > 8  # a boundary exactly on a chunk edge (chunk sizes 4, 8)
+    starts[-1] = False  # one document
+    return starts.long().cumsum(1)
+
+
+@pytest.mark.parametrize("chunk_size,T,G", [(4, 37, 2), (8, 64, 1), (16, 7, 1), (8, 50, 2)])
+def test_chunked_matches_scan_with_documents(chunk_size, T, G):
+    """seq_idx: the state restarts from zero at each document (the initial state belongs to the
+    first); chunked == recurrence, outputs, final state and gradients."""
+    inp = make_inputs(T, G, True, True, seed=T + G, Bsz=3)
+    seq_idx = documents(3, T, seed=T)
+    a, b = leaves(inp), leaves(inp)
+    y1, h1 = ssd_chunked(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size, D=a["D"],
+                         initial_state=a["initial_state"], seq_idx=seq_idx)
+    y2, h2 = ssd_scan_ref(b["x"], b["dt"], b["A"], b["B"], b["C"], D=b["D"],
+                          initial_state=b["initial_state"], seq_idx=seq_idx)
+    assert_close(y1, y2, "y", **OUT_TOL)
+    assert_close(h1, h2, "final state", **OUT_TOL)
+    (y1.square().sum() + h1.sum()).backward()
+    (y2.square().sum() + h2.sum()).backward()
+    for k in a:
+        assert_close(a[k].grad, b[k].grad, f"grad {k}", **GRAD_TOL)
+
+
+def test_documents_are_independent():
+    """A packed row gives each document exactly what it gets alone (the first one with the
+    initial state, the others from zero): the recurrence reference, by construction of a reset."""
+    inp = make_inputs(20, 2, True, True, seed=3, Bsz=1)
+    seq_idx = torch.tensor([[0] * 6 + [1] * 9 + [2] * 5])
+    y, _ = ssd_chunked(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 4, D=inp["D"],
+                       initial_state=inp["initial_state"], seq_idx=seq_idx)
+    for lo, hi in [(0, 6), (6, 15), (15, 20)]:
+        part = {k: v[:, lo:hi] if k in ("x", "dt", "B", "C") else v for k, v in inp.items()}
+        alone, _ = ssd_chunked(part["x"], part["dt"], part["A"], part["B"], part["C"], 4, D=part["D"],
+                               initial_state=inp["initial_state"] if lo == 0 else None)
+        assert_close(y[:, lo:hi], alone, f"document {lo}:{hi}", **OUT_TOL)
+
+
 @pytest.mark.parametrize("chunk_size", [4, 16])
 @pytest.mark.parametrize("T,split", [(37, 13), (37, 16), (20, 1), (9, 8)])
 def test_state_handoff(chunk_size, T, split):
