@@ -43,6 +43,7 @@ dataset = 'pycode'              # data/<dataset>/{train,val}.bin (uint32) and me
 batch_size = 16                 # sequences per micro-step, per rank
 block_size = 128                # tokens per sequence
 gradient_accumulation_steps = 1 # micro-steps per step, over all ranks (divided among them)
+doc_masking = False             # packed documents: Mamba state, conv and attention restart at each end-of-text token (meta.json "eot")
 # model: one global per NemotronConfig field, same name and order (model.py documents each)
 vocab_size = None               # None: the dataset's (meta.json); a larger value pads the embedding
 d_model = 128                   # residual width
@@ -168,6 +169,8 @@ try:
     meta = read_meta(data_dir)
 except DataError as e:
     die(str(e))
+if doc_masking and meta.get('eot') is None:
+    die(f"doc_masking needs documents separated by an end-of-text token, and data/{dataset}/meta.json names none ('eot')")
 for split in ('train', 'val'):
     n = len(np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r'))
     if n <= block_size:
@@ -175,16 +178,20 @@ for split in ('train', 'val'):
 
 def get_batch(split, key, part, n_parts):
     """Part `part` of the n_parts micro-batches that np.random.default_rng([seed, *key]) draws.
-    Each rank draws the same offsets and keeps its own parts, so the batch ignores the world size."""
+    Each rank draws the same offsets and keeps its own parts, so the batch ignores the world size.
+    Returns x, y and, with doc_masking, seq_idx (B, T): each end-of-text token starts a document."""
     # recreate the memmap each call to avoid a memory leak, as nanoGPT does
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r')
     ix = np.random.default_rng([seed, *key]).integers(0, len(data) - block_size, size=n_parts * batch_size)
     ix = ix[part * batch_size:(part + 1) * batch_size]
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    seq_idx = (x == meta['eot']).cumsum(1) if doc_masking else None
     if device_type == 'cuda':  # pinned memory lets the copy overlap with compute
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)
+    else:
+        move = lambda t: None if t is None else t.to(device)
+    return move(x), move(y), move(seq_idx)
 
 def get_train_batch(it, micro_step):
     # step `it` has gradient_accumulation_steps micro-batches; this rank owns a contiguous run of them
@@ -262,9 +269,9 @@ def estimate_loss():
     for i, split in enumerate(('train', 'val')):
         total = torch.zeros((), device=device)
         for k in range(ddp_rank, eval_iters, ddp_world_size):
-            X, Y = get_batch(split, (1 + i, k), 0, 1)
+            X, Y, S = get_batch(split, (1 + i, k), 0, 1)
             with ctx:
-                _, loss = eval_model(X, Y)
+                _, loss = eval_model(X, Y, seq_idx=S)
             total += loss.float()
         if ddp:
             dist.all_reduce(total)
@@ -332,7 +339,7 @@ if master_process:
          'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
          'params': raw_model.num_params(), 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
 pbar = tqdm(total=max_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True)
-X, Y = get_train_batch(iter_num, 0)  # fetch the very first batch
+X, Y, S = get_train_batch(iter_num, 0)  # fetch the very first batch
 losses = None
 for iter_num in range(start_iter, max_iters + 1):
     lr = get_lr(iter_num)
@@ -363,11 +370,11 @@ for iter_num in range(start_iter, max_iters + 1):
         if ddp:  # sync gradients on the last micro-step only (what model.no_sync() does, without nesting)
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with ctx:
-            _, loss = model(X, Y)
+            _, loss = model(X, Y, seq_idx=S)
             loss = loss / accum_steps  # the mean over micro-steps; DDP then averages over ranks
         loss_sum += loss.detach().float()
         nxt = (iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)
-        X, Y = get_train_batch(*nxt)  # fetch the next micro-batch while this one computes (async on a GPU)
+        X, Y, S = get_train_batch(*nxt)  # fetch the next micro-batch while this one computes (async on a GPU)
         scaler.scale(loss).backward()
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)

@@ -11,6 +11,8 @@ A data set is a folder data/<name>/ holding
                         "tiktoken"  + "encoding": a tiktoken encoding name ("gpt2", "o200k_base")
                         "hf"        + "tokenizer_file": a Hugging Face tokenizer.json (a relative path
                                     is taken from the data-set folder)
+                      Optional: "eot", the end-of-text id that starts each document (train.py's
+                      doc_masking needs it).
 write_dataset() writes meta.json last, so a folder whose meta.json exists is complete.
 """
 import json, os

@@ -6,8 +6,9 @@ Covers: the loss falls; resume is bit-identical to a straight run; 2 DDP process
 match 1 process; bad input exits non-zero with one clear message and loses nothing; fine-tuning
 from another run's out_dir.
 """
-import json, os, shutil, subprocess, sys
+import json, math, os, shutil, subprocess, sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,3 +196,30 @@ def test_shipped_configs_run(config, tmp_path):
            '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--sample_new_tokens=8']
     proc = ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
     assert 'final val loss' in proc.stdout and 'sample:' in proc.stdout
+
+
+@pytest.fixture
+def docs_dataset():
+    """A throwaway data set of short byte documents, each started by an end-of-text id 256."""
+    from data.tokenizer import write_dataset
+    name = f'_test_docs_{os.getpid()}'
+    folder = os.path.join(ROOT, 'data', name)
+    g = np.random.default_rng(0)
+    docs = [np.concatenate([[256], g.integers(97, 123, size=g.integers(5, 60))]) for _ in range(400)]
+    tokens = np.concatenate(docs)
+    cut = len(tokens) * 9 // 10
+    write_dataset(folder, tokens[:cut], tokens[cut:], {'tokenizer': 'bytes', 'vocab_size': 257, 'eot': 256})
+    yield name
+    shutil.rmtree(folder)
+
+
+def test_doc_masking(docs_dataset, tmp_path):
+    """--doc_masking restarts Mamba state, conv and attention at each end-of-text token: it trains,
+    and it changes the losses (documents no longer see each other); data without 'eot' is refused."""
+    losses = {}
+    for flag in (True, False):
+        out = str(tmp_path / str(flag))
+        ok(train(out, f'--dataset={docs_dataset}', f'--doc_masking={flag}', '--max_iters=4', '--eval_interval=4'))
+        losses[flag] = [r['loss'] for r in read_log(out) if 'loss' in r]
+    assert all(math.isfinite(x) for x in losses[True]) and losses[True] != losses[False]
+    failed_cleanly(train(str(tmp_path / 'p'), '--doc_masking=True'), 'eot')

@@ -78,7 +78,7 @@ def prepare(docs, tok, out_dir=HERE, val_fraction=0.01):
     cut += int(starts[0]) if len(starts) else 0
     if not 0 < cut < len(tokens):
         raise DataError(f"{len(docs)} documents, {len(tokens)} tokens: too few to split into train and val")
-    meta = write_dataset(out_dir, tokens[:cut], tokens[cut:], {**tok.meta, "documents": len(docs)})
+    meta = write_dataset(out_dir, tokens[:cut], tokens[cut:], {**tok.meta, "documents": len(docs), "eot": tok.eot})
     print(f"{len(docs):,} documents, encoding {meta.get('encoding')}, vocab {meta['vocab_size']:,}")
     print(f"train: {meta['train_tokens']:,} tokens | val: {meta['val_tokens']:,} tokens -> {out_dir}")
     return meta
