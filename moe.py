@@ -56,15 +56,50 @@ class Router(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
-        # not a parameter: balancing moves it outside the optimizer (see the "MoE at scale" issue)
+        # not a parameter: balance_experts moves it, outside the optimizer
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
         self.cfg = cfg
+        self.stats = None  # training only: [tokens per expert (E), summed router entropy, tokens]
 
     def forward(self, u):
         c = self.cfg
         scores = torch.sigmoid(F.linear(u.float(), self.weight.float()))  # (M, E) in fp32
-        return route(scores, self.e_score_correction_bias.float(), c.top_k, c.n_group, c.topk_group,
-                     c.norm_topk_prob, c.routed_scaling_factor)
+        weights, idx = route(scores, self.e_score_correction_bias.float(), c.top_k, c.n_group,
+                             c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+        if self.training:  # what balance_experts and balance_metrics read after the optimizer step
+            with torch.no_grad():
+                load = torch.bincount(idx.flatten(), minlength=c.n_experts).float()
+                p = scores / scores.sum(-1, keepdim=True)  # the scores as a distribution over experts
+                entropy = -(p * p.clamp_min(1e-20).log()).sum()
+                stats = torch.cat([load, entropy[None], load.new_tensor([len(idx)])])
+            self.stats = stats if self.stats is None else self.stats + stats
+        return weights, idx
+
+    def take_stats(self):
+        """The statistics summed since the last call (zeros if the router saw no training tokens)."""
+        stats, self.stats = self.stats, None
+        return stats if stats is not None else self.weight.new_zeros(self.cfg.n_experts + 2, dtype=torch.float32)
+
+
+@torch.no_grad()
+def balance_experts(routers, stats, gamma):
+    """Aux-loss-free load balancing (DeepSeek-V3, Sec. 2.1.2), run after each optimizer step: each
+    expert's correction bias b_i moves by gamma toward balance, b_i += gamma * sign(mean load -
+    load_i), so an overloaded expert is chosen less often, an idle one more. stats (layers, E+2):
+    the routers' take_stats(), summed over data-parallel ranks so that every rank moves alike."""
+    for router, s in zip(routers, stats):
+        load = s[:-2]
+        router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
+
+
+def balance_metrics(stats):
+    """Per MoE layer, from stats (layers, E+2): busiest expert's load over the mean load, its share
+    of the token copies, and the mean entropy of the router's score distribution (nats)."""
+    load = stats[:, :-2]
+    busiest = load.max(dim=1).values
+    return {"load_max_over_mean": (busiest / load.mean(dim=1).clamp_min(1e-20)).tolist(),
+            "busiest_share": (busiest / load.sum(dim=1).clamp_min(1e-20)).tolist(),
+            "router_entropy": (stats[:, -2] / stats[:, -1].clamp_min(1)).tolist()}
 
 
 # -----------------------------------------------------------------------------

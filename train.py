@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import CheckpointError, Nemotron, NemotronConfig
+from moe import Router, balance_experts, balance_metrics
 from data.tokenizer import DataError, load_tokenizer, read_meta
 
 # -----------------------------------------------------------------------------
@@ -76,6 +77,7 @@ n_group = 1                     # expert groups for group-limited routing
 topk_group = 1                  # groups a token may route into
 routed_scaling_factor = 1.0     # scale of the normalised routing weights
 norm_topk_prob = True           # normalise the chosen experts' weights to sum to 1
+moe_bias_rate = 1e-3            # aux-loss-free balancing: step of each expert's routing bias after every optimizer step (0: off)
 # optimizer: AdamW, weight decay on matrices only
 learning_rate = 4e-3            # peak learning rate
 max_iters = 1000                # total optimizer steps
@@ -251,6 +253,7 @@ if ckpt is not None:
     ckpt = None  # free the memory
 
 raw_model = model  # the plain module: its state_dict has no _orig_mod./module. prefixes
+routers = [m for m in raw_model.modules() if isinstance(m, Router)]  # the MoE layers' routers
 if compile:
     print0("compiling the model... (takes a minute)")
     model = torch.compile(model)
@@ -382,6 +385,12 @@ for iter_num in range(start_iter, max_iters + 1):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    # MoE routing statistics of this step, summed over ranks: every rank moves its biases alike
+    stats = torch.stack([r.take_stats() for r in routers]) if routers else None
+    if stats is not None and ddp:
+        dist.all_reduce(stats)
+    if stats is not None and moe_bias_rate > 0:
+        balance_experts(routers, stats, moe_bias_rate)
 
     # log: reading the loss syncs the device, so only every log_interval steps
     if iter_num % log_interval == 0 or iter_num == max_iters - 1:
@@ -395,10 +404,12 @@ for iter_num in range(start_iter, max_iters + 1):
         dt = time.time() - t0
         tok_s = tokens_per_iter / dt
         mfu = flops_per_iter / dt / (peak_flops * ddp_world_size) if peak_flops > 0 else None
+        moe = balance_metrics(stats) if stats is not None else {}
         pbar.set_postfix_str(f"loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
-                             f" | mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}")
+                             f" | mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}"
+                             + (f" | moe load max/mean {max(moe['load_max_over_mean']):.2f}" if moe else ""))
         if master_process:
-            log({'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s, 'mfu': mfu})
+            log({'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s, 'mfu': mfu, **moe})
     pbar.update(1)
 pbar.close()
 

@@ -87,7 +87,9 @@ def test_loss_falls_and_log(trained):
     assert losses[59] < 3.5, losses  # byte-level: the model has learned at least the frequent characters
     evals = [r for r in log if 'val_loss' in r]
     assert [r['step'] for r in evals] == [0, 30, 60] and evals[-1]['val_loss'] < evals[0]['val_loss'] - 1.5
-    assert set(log[2]) == {'step', 'loss', 'lr', 'dt_ms', 'tok/s', 'mfu'} and log[2]['mfu'] is None  # n/a on CPU
+    assert set(log[2]) == {'step', 'loss', 'lr', 'dt_ms', 'tok/s', 'mfu', 'load_max_over_mean', 'busiest_share',
+                           'router_entropy'} and log[2]['mfu'] is None  # n/a on CPU
+    assert len(log[2]['load_max_over_mean']) == 1  # one MoE layer in M*-E, one value each
     assert 'sample:' in proc.stdout and f"final val loss {evals[-1]['val_loss']:.4f}" in proc.stdout
 
 

@@ -1,0 +1,92 @@
+"""
+Aux-loss-free load balancing of moe.py (DeepSeek-V3 Sec. 2.1.2): the routing statistics a router
+collects in training, the bias update's direction and size, the balance metrics, and that the
+update really evens out a skewed router.
+
+Run: python -m pytest -q tests/test_moe.py
+"""
+
+import pytest
+import torch
+
+from helpers import assert_close
+from model import NemotronConfig
+from moe import Router, balance_experts, balance_metrics, route
+
+CFG = NemotronConfig(d_model=16, n_experts=8, top_k=2)
+
+
+def make_router(seed=0):
+    torch.manual_seed(seed)
+    router = Router(CFG)
+    torch.nn.init.normal_(router.weight, std=0.5)
+    return router
+
+
+def test_stats_are_collected_in_training_only():
+    router = make_router()
+    u = torch.randn(50, 16)
+    router.eval()
+    router(u)
+    assert router.stats is None
+    router.train()
+    _, idx = router(u)
+    _, idx2 = router(u[:20])
+    stats = router.take_stats()
+    load = torch.bincount(torch.cat([idx, idx2]).flatten(), minlength=8).float()
+    assert torch.equal(stats[:-2], load) and stats[-1] == 70  # tokens seen
+    scores = torch.sigmoid(u @ router.weight.T)
+    p = scores / scores.sum(-1, keepdim=True)
+    entropy = -(p * p.log()).sum() + -(p[:20] * p[:20].log()).sum()
+    assert_close(stats[-2], entropy, "summed router entropy", atol=1e-3, rtol=1e-5)
+    assert router.stats is None  # taken
+    assert torch.equal(router.take_stats(), torch.zeros(10))
+
+
+def test_bias_moves_against_the_load():
+    """b_i += gamma * sign(mean load - load_i): busy experts down, idle ones up, average ones stay."""
+    routers = [make_router(0), make_router(1)]
+    stats = torch.zeros(2, 10)
+    stats[0, :8] = torch.tensor([10., 0, 5, 5, 5, 5, 5, 5])  # mean 5
+    stats[1, :8] = 4.0  # perfectly balanced
+    balance_experts(routers, stats, gamma=0.01)
+    assert torch.equal(routers[0].e_score_correction_bias, torch.tensor([-0.01, 0.01, 0, 0, 0, 0, 0, 0]))
+    assert torch.equal(routers[1].e_score_correction_bias, torch.zeros(8))
+
+
+def test_bias_changes_selection_not_weights():
+    scores = torch.sigmoid(torch.randn(30, 8))
+    bias = torch.zeros(8)
+    bias[3] = 10.0  # expert 3 is chosen by every token ...
+    w, idx = route(scores, bias, 2, 1, 1, False, 1.0)
+    assert (idx == 3).any(dim=1).all()
+    assert_close(w, scores.gather(1, idx), "weights are the raw scores", atol=0)  # ... at its own score
+
+
+def test_balance_metrics():
+    stats = torch.tensor([[6., 2, 2, 2, 3.0, 3], [3., 3, 3, 3, 0.0, 3]])  # 4 experts, entropy sum, tokens
+    m = balance_metrics(stats)
+    assert m["load_max_over_mean"] == pytest.approx([2.0, 1.0])
+    assert m["busiest_share"] == pytest.approx([0.5, 0.25])
+    assert m["router_entropy"] == pytest.approx([1.0, 0.0])
+
+
+def test_balancing_evens_out_a_skewed_router():
+    """A router that sends every token to expert 0 (4x the mean load): 300 steps of the bias
+    update, no training, bring the busiest expert within 1.3x of the mean load. (Two experts with
+    identical preferences would instead trade the same tokens back and forth: the sign rule moves
+    both biases by gamma every step.)"""
+    router = make_router(2)
+    with torch.no_grad():
+        router.weight[0] += 1.5  # expert 0 attracts every token
+    router.train()
+    g = torch.Generator().manual_seed(0)
+    for step in range(300):
+        router(torch.randn(256, 16, generator=g) + 1.0)  # inputs with a mean that row 0 matches
+        stats = router.take_stats()[None]
+        if step == 0:
+            before = balance_metrics(stats)["load_max_over_mean"][0]
+        balance_experts([router], stats, gamma=0.01)
+    router(torch.randn(2048, 16, generator=g) + 1.0)
+    after = balance_metrics(router.take_stats()[None])["load_max_over_mean"][0]
+    assert before > 3.5 and after < 1.3, (before, after)
