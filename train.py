@@ -77,7 +77,7 @@ n_group = 1                     # expert groups for group-limited routing
 topk_group = 1                  # groups a token may route into
 routed_scaling_factor = 1.0     # scale of the normalised routing weights
 norm_topk_prob = True           # normalise the chosen experts' weights to sum to 1
-moe_bias_rate = 1e-3            # aux-loss-free balancing: step of each expert's routing bias after every optimizer step (0: off)
+moe_bias_rate = 1e-2            # aux-loss-free balancing: bias step per optimizer step (0: off); DeepSeek-V3 uses 1e-3 over far longer runs
 # optimizer: AdamW, weight decay on matrices only
 learning_rate = 4e-3            # peak learning rate
 max_iters = 1000                # total optimizer steps
