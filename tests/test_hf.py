@@ -173,7 +173,9 @@ def test_transformers_to_ours(name, tmp_path):
 
 def test_reads_transformers_encoded_infinity():
     """transformers 5 writes float('inf') in config.json as {"__float__": "Infinity"} (e.g.
-    time_step_limit: [0.0, {"__float__": "Infinity"}]); the loader must read it as inf."""
+    time_step_limit: [0.0, {"__float__": "Infinity"}]); the loader must read it as inf.
+    Regression (issue #2): float() of that dict raised TypeError, so no folder that transformers
+    saved could be loaded."""
     from model import config_from_hf
     hf = hf_config().to_dict()
     hf = json.loads(json.dumps(hf, default=str))  # as a file would hold it
@@ -444,6 +446,8 @@ def test_missing_tensor(key, named, tmp_path):
     ("backbone.layers.2.mixer.experts.3.down_proj.weight", (1, 16)),  # would broadcast into (32, 16)
 ], ids=["in_proj", "norm", "expert", "expert-broadcastable"])
 def test_wrong_shape(key, shape, tmp_path):
+    """Regression (issue #2): a per-expert tensor of the wrong shape raised RuntimeError, or was
+    silently broadcast into its slot, instead of a CheckpointError naming it."""
     folder = good_folder(tmp_path)
     edit_tensors(folder, lambda t: t.__setitem__(key, torch.zeros(shape)))
     with pytest.raises(CheckpointError, match=key.rsplit(".", 2)[-2]):
@@ -458,6 +462,7 @@ def test_unexpected_tensor(tmp_path):
 
 
 def test_expert_index_out_of_range(tmp_path):
+    """Regression (issue #2): experts.8.* with 8 experts raised IndexError, not CheckpointError."""
     folder = good_folder(tmp_path)
     edit_tensors(folder, lambda t: t.__setitem__("backbone.layers.2.mixer.experts.8.up_proj.weight",
                                                  torch.zeros(16, 32)))
