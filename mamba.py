@@ -57,7 +57,7 @@ def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=
         dt = F.pad(dt, (0, 0, 0, pad))
     c = (T + pad) // Q
     if seq_idx is not None:  # padding continues the last document
-        doc = F.pad(seq_idx[:, None].float(), (0, pad), mode="replicate")[:, 0].view(Bsz, c, Q)
+        doc = torch.cat([seq_idx, seq_idx[:, -1:].expand(Bsz, pad)], dim=1).view(Bsz, c, Q)
     x_dt = (x * dt[..., None]).view(Bsz, c, Q, G, R, P)  # the input term dt_t * x_t, by chunk
     B, C = B.view(Bsz, c, Q, G, N), C.view(Bsz, c, Q, G, N)
     dA = (dt * A).view(Bsz, c, Q, H).permute(0, 3, 1, 2)  # (B, H, c, Q): log of the decay a_t
@@ -191,6 +191,11 @@ class Mamba2Mixer(nn.Module):
         return {"conv": torch.zeros(batch_size, self.conv_dim, self.K - 1, device=device, dtype=dtype),
                 "ssm": torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=torch.float32)}
 
+    def discretize(self, dt):
+        """dt > 0 within the configured limits (fp32, dt's shape), and A = -exp(A_log) < 0 (H,)."""
+        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
+        return dt, -torch.exp(self.A_log.float())
+
     def forward(self, u, cache=None, seq_idx=None):
         Bsz, T, _ = u.shape
         if cache is not None and T == 1:
@@ -211,8 +216,7 @@ class Mamba2Mixer(nn.Module):
         xBC = F.silu(xBC).transpose(1, 2)  # (B, T, conv_dim)
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         # 2) discretisation parameters: dt > 0 within the configured limits, A < 0
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, T, H)
-        A = -torch.exp(self.A_log.float())  # (H,)
+        dt, A = self.discretize(dt)  # (B, T, H), (H,)
         # 3) the SSD over the whole sequence, starting from the cached state when decoding
         y, h = ssd(x.reshape(Bsz, T, self.H, self.P), dt, A,
                    B.reshape(Bsz, T, self.G, self.N), C.reshape(Bsz, T, self.G, self.N),
@@ -228,7 +232,8 @@ class Mamba2Mixer(nn.Module):
         """One token (B, 1, d_model) in O(1): shift the conv window, one recurrence step."""
         zxbcdt = self.in_proj(u[:, 0])  # (B, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        if kernels.use_triton(u):
+        fast = kernels.use_triton(u)
+        if fast:
             xBC, cache["conv"] = kernels.conv_update(cache["conv"], xBC[:, None], self.conv1d.weight,
                                                      self.conv1d.bias)  # (B, 1, conv_dim)
             xBC = xBC[:, 0]
@@ -237,10 +242,9 @@ class Mamba2Mixer(nn.Module):
             cache["conv"] = window[:, :, 1:]
             xBC = F.silu(torch.einsum("bck,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)  # (B, H)
-        A = -torch.exp(self.A_log.float())
+        dt, A = self.discretize(dt)  # (B, H), (H,)
         x, B, C = x.view(-1, self.H, self.P), B.view(-1, self.G, self.N), C.view(-1, self.G, self.N)
-        if kernels.use_triton(u):  # updates cache["ssm"] in place
+        if fast:  # updates cache["ssm"] in place
             y = kernels.ssd_update(cache["ssm"], x[:, None], dt[:, None], A, B[:, None], C[:, None], self.D)[0]
         else:
             y, cache["ssm"] = ssd_step(cache["ssm"], x, dt, A, B, C, self.D)

@@ -364,7 +364,7 @@ def config_to_hf(cfg):
           "layers_block_type": [{"M": "linear_attention", "*": "full_attention", "-": "mlp",
                                  "E": "moe"}[c] for c in cfg.pattern],
           "hybrid_override_pattern": cfg.pattern,  # what loaders older than transformers 5 read
-          "time_step_limit": list(cfg.dt_limit), "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2",
+          "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2",
           "use_conv_bias": True, "use_bias": False, "mlp_bias": False, "attention_bias": False,
           "n_shared_experts": 1, "num_nextn_predict_layers": 0, "bos_token_id": None,
           "eos_token_id": None, "pad_token_id": None}

@@ -216,11 +216,11 @@ elif init_from == 'resume':
     if not os.path.exists(ckpt_path):
         die(f"--init_from=resume but {ckpt_path} does not exist (train with --init_from=scratch first)")
     try:  # any failure to read means a corrupt or foreign file: report it, leave it as it is
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        model = Nemotron(NemotronConfig(**ckpt['model_config']))
-        state = {k.removeprefix('_orig_mod.').removeprefix('module.'): v for k, v in ckpt['model'].items()}
-        model.load_state_dict(state)
+        model = Nemotron.from_pretrained(ckpt_path)  # the weights, as model.py reads any ckpt.pt
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)  # the rest
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
+    except CheckpointError as e:
+        die(f"cannot resume: {e}")
     except Exception as e:
         die(f"cannot resume from {ckpt_path}: not a valid checkpoint ({type(e).__name__}: {str(e)[:100]})")
 else:  # a fine-tune starts at step 0 with a fresh optimizer
