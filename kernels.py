@@ -37,6 +37,326 @@ def use_triton(t):
 if triton is not None:
 
     # -------------------------------------------------------------------------
+    # chunked SSD (training and prefill), Sec. 6 of the paper
+    #
+    # Every tensor is contiguous (the host makes it so), and a kernel computes offsets from the
+    # sizes: x, dy (B, T, H, P); dt (B, T, H) fp32; B, C (B, T, G, N); seq_idx (B, T) int32.
+    # T is cut into c = ceil(T/Q) chunks; positions past T read as x = dt = 0 (no input, no decay),
+    # so a partial last chunk needs no padding in memory. The intermediates, all fp32:
+    # a (B, H, c*Q), CB (B, c, G, Q, Q), S (B, c, H, P, N). Programs along axis 0 cover
+    # (batch, chunk) pairs bc = b * c + chunk. With seq_idx, nothing crosses a document boundary:
+    # a decay between two positions (or a position and a chunk edge) of different documents is 0.
+
+    @triton.jit
+    def _dot(a, b, LOWP: tl.constexpr):
+        # fp32 operands (exact in the interpreter, TF32 on a GPU), or bf16 operands when the inputs
+        # are bf16 (tensor cores at full rate); the accumulator is fp32 either way
+        if LOWP:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _doc_edges(doc_ptr, b, c, T, Q: tl.constexpr):
+        # the document of the token before chunk c (the first token's for c = 0), whose state the
+        # chunk inherits, and the document of its last token, the only one that reaches its end
+        before = tl.load(doc_ptr + b * T + tl.maximum(c * Q - 1, 0))
+        last = tl.load(doc_ptr + b * T + tl.minimum(c * Q + Q, T) - 1)
+        return before, last
+
+    @triton.jit
+    def _chunk_cumsum_kernel(dt_ptr, A_ptr, a_ptr, T, H, Q: tl.constexpr):
+        # step 0: a_t = sum of dt_s A over s <= t in the chunk, the log of the decay from the
+        # chunk's start to t (a is nonincreasing: dt > 0, A < 0)
+        b, h, c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        t = c * Q + tl.arange(0, Q)
+        dt = tl.load(dt_ptr + (b * T + t) * H + h, mask=t < T, other=0.0)
+        a = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
+        tl.store(a_ptr + (b * H + h) * tl.num_programs(2) * Q + t, a)
+
+    @triton.jit
+    def _chunk_cb_kernel(C_ptr, B_ptr, cb_ptr, T, G, N, Q: tl.constexpr, BLOCK_N: tl.constexpr,
+                         LOWP: tl.constexpr):
+        # CB[l, s] = C_l . B_s within a chunk: the "attention scores" of the diagonal block, once
+        # per group (all its heads share them)
+        bc, g = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        b, c = bc // tl.cdiv(T, Q), bc % tl.cdiv(T, Q)
+        t = c * Q + tl.arange(0, Q)
+        acc = tl.zeros((Q, Q), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            off = ((b * T + t[:, None]) * G + g) * N + n[None, :]
+            m = (t[:, None] < T) & (n[None, :] < N)
+            Cv = tl.load(C_ptr + off, mask=m, other=0.0).to(tl.float32)
+            Bv = tl.load(B_ptr + off, mask=m, other=0.0).to(tl.float32)
+            acc += _dot(Cv, tl.trans(Bv), LOWP)
+        q = tl.arange(0, Q)
+        tl.store(cb_ptr + ((bc * G + g) * Q + q[:, None]) * Q + q[None, :], acc)
+
+    @triton.jit
+    def _chunk_state_kernel(X_ptr, dt_ptr, V_ptr, a_ptr, doc_ptr, out_ptr, T, H, G, P, N,
+                            Q: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_N: tl.constexpr, TO_END: tl.constexpr, HAS_DOC: tl.constexpr,
+                            LOWP: tl.constexpr):
+        # out = sum_l w_l X_l V_l^T over one chunk of one head, a (P, N) matrix:
+        #   TO_END (step 2): X = x, V = B, w_l = dt_l exp(a_end - a_l): the state the chunk ends
+        #     in when it starts from zero
+        #   else (backward of step 4): X = dy, V = C, w_l = exp(a_l): dL/dS, the gradient of the
+        #     state the chunk starts from, through the chunk's own outputs
+        bc, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        nc = tl.cdiv(T, Q)
+        b, c, g = bc // nc, bc % nc, h // (H // G)
+        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+        a_ptr += (b * H + h) * nc * Q + c * Q
+        a_end = tl.load(a_ptr + Q - 1)
+        if HAS_DOC:
+            before, last = _doc_edges(doc_ptr, b, c, T, Q)
+            if TO_END:
+                doc_ref = last
+            else:
+                doc_ref = before
+        acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        for l0 in range(0, Q, BLOCK_Q):
+            l = l0 + tl.arange(0, BLOCK_Q)
+            t = c * Q + l
+            a_l = tl.load(a_ptr + l)
+            if TO_END:
+                w = tl.load(dt_ptr + (b * T + t) * H + h, mask=t < T, other=0.0) * tl.exp(a_end - a_l)
+            else:
+                w = tl.exp(a_l)
+            if HAS_DOC:
+                w = tl.where(tl.load(doc_ptr + b * T + t, mask=t < T, other=-1) == doc_ref, w, 0.0)
+            Xv = tl.load(X_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
+                         mask=(t[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32)
+            Vv = tl.load(V_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
+                         mask=(t[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+            acc += _dot(tl.trans(Xv * w[:, None]), Vv, LOWP)
+        tl.store(out_ptr + ((bc * H + h) * P + p[:, None]) * N + n[None, :], acc,
+                 mask=(p[:, None] < P) & (n[None, :] < N))
+
+    @triton.jit
+    def _state_passing_kernel(S_ptr, a_ptr, init_ptr, final_ptr, doc_ptr, T, H, PN,
+                              Q: tl.constexpr, BLOCK: tl.constexpr, HAS_INIT: tl.constexpr,
+                              HAS_DOC: tl.constexpr):
+        # step 3: S_{c+1} = exp(a_end(c)) S_c + st_c, sequential over the chunks, one program per
+        # (batch, head, block of the P*N state entries). In place: chunk c's slot of S holds st_c
+        # (from step 2) on entry and S_c, the state at the chunk's start, on exit.
+        b, h, i = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+        nc = tl.cdiv(T, Q)
+        if HAS_INIT:
+            s = tl.load(init_ptr + (b * H + h) * PN + i, mask=i < PN, other=0.0)
+        else:
+            s = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c in range(nc):
+            ptrs = S_ptr + ((b * nc + c) * H + h) * PN + i
+            st = tl.load(ptrs, mask=i < PN, other=0.0)
+            tl.store(ptrs, s, mask=i < PN)
+            keep = tl.exp(tl.load(a_ptr + (b * H + h) * nc * Q + c * Q + Q - 1))
+            if HAS_DOC:  # a new document inside chunk c: the carried state stops there
+                before, last = _doc_edges(doc_ptr, b, c, T, Q)
+                keep = tl.where(before == last, keep, 0.0)
+            s = keep * s + st
+        tl.store(final_ptr + (b * H + h) * PN + i, s, mask=i < PN)
+
+    @triton.jit
+    def _state_passing_bwd_kernel(dS_ptr, S_ptr, a_ptr, dfinal_ptr, dinit_ptr, dend_ptr, doc_ptr,
+                                  T, H, PN, Q: tl.constexpr, BLOCK: tl.constexpr,
+                                  HAS_DFINAL: tl.constexpr, HAS_DOC: tl.constexpr):
+        # backward of step 3, from the last chunk to the first. With G_c = dL/dS_c, G_c =
+        # dS_c (through chunk c's outputs) + keep_c G_{c+1}, and G_{c count} = dL/dfinal:
+        #   dL/dst_c = G_{c+1},  dL/da_end(c) = keep_c <G_{c+1}, S_c>,  dL/dinitial = G_0.
+        # In place: chunk c's slot of dS holds dS_c on entry and dL/dst_c on exit; dend gets one
+        # partial sum of the inner product per block (the host adds them up).
+        b, h, blk = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        i = blk * BLOCK + tl.arange(0, BLOCK)
+        nc = tl.cdiv(T, Q)
+        if HAS_DFINAL:
+            gs = tl.load(dfinal_ptr + (b * H + h) * PN + i, mask=i < PN, other=0.0)
+        else:
+            gs = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in range(nc):
+            c = nc - 1 - k
+            ptrs = dS_ptr + ((b * nc + c) * H + h) * PN + i
+            d_own = tl.load(ptrs, mask=i < PN, other=0.0)
+            tl.store(ptrs, gs, mask=i < PN)
+            keep = tl.exp(tl.load(a_ptr + (b * H + h) * nc * Q + c * Q + Q - 1))
+            if HAS_DOC:
+                before, last = _doc_edges(doc_ptr, b, c, T, Q)
+                keep = tl.where(before == last, keep, 0.0)
+            S = tl.load(S_ptr + ((b * nc + c) * H + h) * PN + i, mask=i < PN, other=0.0)
+            tl.store(dend_ptr + ((b * H + h) * nc + c) * tl.num_programs(2) + blk, keep * tl.sum(gs * S))
+            gs = d_own + keep * gs
+        tl.store(dinit_ptr + (b * H + h) * PN + i, gs, mask=i < PN)
+
+    @triton.jit
+    def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, cb_ptr, C_ptr, S_ptr, D_ptr, doc_ptr, y_ptr,
+                           T, H, G, P, N, Q: tl.constexpr, BLOCK_L: tl.constexpr,
+                           BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
+                           HAS_DOC: tl.constexpr, LOWP: tl.constexpr):
+        # the outputs of a block of positions l of one chunk and head:
+        #   y_l = exp(a_l) S_c C_l                                (step 4: the carried-in state)
+        #       + sum_{s <= l} CB[l, s] exp(a_l - a_s) dt_s x_s   (step 1: the diagonal block)
+        #       + D x_l
+        bc, h, lb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        nc = tl.cdiv(T, Q)
+        b, c, g = bc // nc, bc % nc, h // (H // G)
+        l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+        t_l = c * Q + l
+        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+        a_ptr += (b * H + h) * nc * Q + c * Q
+        a_l = tl.load(a_ptr + l)
+        decay_l = tl.exp(a_l)
+        if HAS_DOC:
+            before, last = _doc_edges(doc_ptr, b, c, T, Q)
+            doc_l = tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-1)
+            decay_l = tl.where(doc_l == before, decay_l, 0.0)
+        C_l = tl.load(C_ptr + ((b * T + t_l[:, None]) * G + g) * N + n[None, :],
+                      mask=(t_l[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+        S_T = tl.load(S_ptr + ((bc * H + h) * P + p[None, :]) * N + n[:, None],
+                      mask=(n[:, None] < N) & (p[None, :] < P), other=0.0)  # (BLOCK_N, BLOCK_P): S_c^T
+        acc = _dot(C_l, S_T, LOWP) * decay_l[:, None]  # (BLOCK_L, BLOCK_P)
+        for s0 in range(0, (lb + 1) * BLOCK_L, BLOCK_L):  # only blocks on or below the diagonal
+            s = s0 + tl.arange(0, BLOCK_L)
+            t_s = c * Q + s
+            cb = tl.load(cb_ptr + ((bc * G + g) * Q + l[:, None]) * Q + s[None, :])
+            a_s = tl.load(a_ptr + s)
+            dt_s = tl.load(dt_ptr + (b * T + t_s) * H + h, mask=t_s < T, other=0.0)
+            keep = l[:, None] >= s[None, :]
+            if HAS_DOC:
+                keep &= doc_l[:, None] == tl.load(doc_ptr + b * T + t_s, mask=t_s < T, other=-2)[None, :]
+            # min(., 0): above the diagonal a_l - a_s > 0 could overflow before the mask drops it
+            w = tl.where(keep, cb * tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)) * dt_s[None, :], 0.0)
+            x_s = tl.load(x_ptr + ((b * T + t_s[:, None]) * H + h) * P + p[None, :],
+                          mask=(t_s[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32)
+            acc += _dot(w, x_s, LOWP)
+        xl_ptrs = ((b * T + t_l[:, None]) * H + h) * P + p[None, :]
+        lm = (t_l[:, None] < T) & (p[None, :] < P)
+        if HAS_D:
+            acc += tl.load(D_ptr + h) * tl.load(x_ptr + xl_ptrs, mask=lm, other=0.0).to(tl.float32)
+        tl.store(y_ptr + xl_ptrs, acc.to(y_ptr.dtype.element_ty), mask=lm)
+
+    @triton.jit
+    def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, cb_ptr, B_ptr, C_ptr, dy_ptr, dSt_ptr, D_ptr,
+                                  doc_ptr, dx_ptr, ddt_ptr, dB_ptr, da_ptr, m_ptr,
+                                  T, H, G, P, N, Q: tl.constexpr, BLOCK_S: tl.constexpr,
+                                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
+                                  HAS_DOC: tl.constexpr, LOWP: tl.constexpr):
+        # the gradients through the input term dt_s x_s B_s^T of a block of positions s, with
+        # u_s = dt_s x_s and dSt = dL/dst, the gradient of the chunk's end state (from step 3):
+        #   into the end state (step 2), w_s = exp(a_end - a_s):
+        #     du_s += w_s dSt B_s,   dB_s += w_s dSt^T u_s,   m_s = w_s u_s . dSt B_s
+        #   into the chunk's later outputs (step 1), over l >= s, L[l, s] = exp(a_l - a_s):
+        #     du_s += sum_l CB[l, s] L[l, s] dy_l,   dCB[l, s] = L[l, s] dy_l . u_s,
+        #     dB_s += sum_l dCB[l, s] C_l,   da_s -= sum_l CB[l, s] dCB[l, s]
+        # then dx_s = dt_s du_s + D dy_s and ddt_s = x_s . du_s. dB is per head (the host sums
+        # the heads of a group); da_s gets -m_s here and a_end gets sum_s m_s on the host.
+        bc, h, sb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        nc = tl.cdiv(T, Q)
+        b, c, g = bc // nc, bc % nc, h // (H // G)
+        s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+        t_s = c * Q + s
+        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+        a_ptr += (b * H + h) * nc * Q + c * Q
+        a_s = tl.load(a_ptr + s)
+        dt_s = tl.load(dt_ptr + (b * T + t_s) * H + h, mask=t_s < T, other=0.0)
+        xs_ptrs = ((b * T + t_s[:, None]) * H + h) * P + p[None, :]
+        sm = (t_s[:, None] < T) & (p[None, :] < P)
+        x_s = tl.load(x_ptr + xs_ptrs, mask=sm, other=0.0).to(tl.float32)
+        u_s = x_s * dt_s[:, None]  # (BLOCK_S, BLOCK_P)
+        B_s = tl.load(B_ptr + ((b * T + t_s[:, None]) * G + g) * N + n[None, :],
+                      mask=(t_s[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+        w = tl.exp(tl.load(a_ptr + Q - 1) - a_s)
+        if HAS_DOC:
+            before, last = _doc_edges(doc_ptr, b, c, T, Q)
+            doc_s = tl.load(doc_ptr + b * T + t_s, mask=t_s < T, other=-1)
+            w = tl.where(doc_s == last, w, 0.0)
+        dSt = tl.load(dSt_ptr + ((bc * H + h) * P + p[:, None]) * N + n[None, :],
+                      mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+        du = _dot(B_s, tl.trans(dSt), LOWP) * w[:, None]  # (BLOCK_S, BLOCK_P)
+        dB = _dot(u_s, dSt, LOWP) * w[:, None]  # (BLOCK_S, BLOCK_N)
+        m = tl.sum(du * u_s, axis=1)
+        da = -m
+        for l0 in range(sb * BLOCK_S, Q, BLOCK_S):  # only blocks on or below the diagonal
+            l = l0 + tl.arange(0, BLOCK_S)
+            t_l = c * Q + l
+            a_l = tl.load(a_ptr + l)
+            cb = tl.load(cb_ptr + ((bc * G + g) * Q + l[:, None]) * Q + s[None, :])  # (BLOCK_S l, BLOCK_S s)
+            keep = l[:, None] >= s[None, :]
+            if HAS_DOC:
+                keep &= tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-2)[:, None] == doc_s[None, :]
+            L = tl.where(keep, tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)), 0.0)
+            dy_l = tl.load(dy_ptr + ((b * T + t_l[:, None]) * H + h) * P + p[None, :],
+                           mask=(t_l[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32)
+            C_l = tl.load(C_ptr + ((b * T + t_l[:, None]) * G + g) * N + n[None, :],
+                          mask=(t_l[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+            du += _dot(tl.trans(cb * L), dy_l, LOWP)
+            dcb = L * _dot(dy_l, tl.trans(u_s), LOWP)
+            dB += _dot(tl.trans(dcb), C_l, LOWP)
+            da -= tl.sum(cb * dcb, axis=0)
+        dx = du * dt_s[:, None]
+        if HAS_D:
+            dx += tl.load(D_ptr + h) * tl.load(dy_ptr + xs_ptrs, mask=sm, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + xs_ptrs, dx, mask=sm)
+        tl.store(ddt_ptr + (b * T + t_s) * H + h, tl.sum(du * x_s, axis=1), mask=t_s < T)
+        tl.store(dB_ptr + ((b * T + t_s[:, None]) * H + h) * N + n[None, :], dB,
+                 mask=(t_s[:, None] < T) & (n[None, :] < N))
+        tl.store(da_ptr + (b * H + h) * nc * Q + c * Q + s, da)
+        tl.store(m_ptr + (b * H + h) * nc * Q + c * Q + s, m)
+
+    @triton.jit
+    def _chunk_scan_bwd_dc_kernel(x_ptr, dt_ptr, a_ptr, cb_ptr, B_ptr, C_ptr, dy_ptr, S_ptr, doc_ptr,
+                                  dC_ptr, da_ptr, T, H, G, P, N, Q: tl.constexpr,
+                                  BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr, LOWP: tl.constexpr):
+        # the gradients through C_l and a_l of a block of outputs l (run after the dx kernel,
+        # whose da it adds to):
+        #   carried-in state (step 4), e_l = exp(a_l):  dC_l += e_l S_c^T dy_l,
+        #     da_l += e_l dy_l . S_c C_l
+        #   diagonal block (step 1), over s <= l:  dC_l += sum_s dCB[l, s] B_s,
+        #     da_l += sum_s CB[l, s] dCB[l, s]
+        bc, h, lb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        nc = tl.cdiv(T, Q)
+        b, c, g = bc // nc, bc % nc, h // (H // G)
+        l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+        t_l = c * Q + l
+        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+        a_ptr += (b * H + h) * nc * Q + c * Q
+        a_l = tl.load(a_ptr + l)
+        decay_l = tl.exp(a_l)
+        if HAS_DOC:
+            before, last = _doc_edges(doc_ptr, b, c, T, Q)
+            doc_l = tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-1)
+            decay_l = tl.where(doc_l == before, decay_l, 0.0)
+        dy_l = tl.load(dy_ptr + ((b * T + t_l[:, None]) * H + h) * P + p[None, :],
+                       mask=(t_l[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32)
+        C_l = tl.load(C_ptr + ((b * T + t_l[:, None]) * G + g) * N + n[None, :],
+                      mask=(t_l[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+        S = tl.load(S_ptr + ((bc * H + h) * P + p[:, None]) * N + n[None, :],
+                    mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+        dC = _dot(dy_l, S, LOWP) * decay_l[:, None]  # (BLOCK_L, BLOCK_N)
+        da = decay_l * tl.sum(dy_l * _dot(C_l, tl.trans(S), LOWP), axis=1)
+        for s0 in range(0, (lb + 1) * BLOCK_L, BLOCK_L):
+            s = s0 + tl.arange(0, BLOCK_L)
+            t_s = c * Q + s
+            a_s = tl.load(a_ptr + s)
+            dt_s = tl.load(dt_ptr + (b * T + t_s) * H + h, mask=t_s < T, other=0.0)
+            cb = tl.load(cb_ptr + ((bc * G + g) * Q + l[:, None]) * Q + s[None, :])
+            keep = l[:, None] >= s[None, :]
+            if HAS_DOC:
+                keep &= doc_l[:, None] == tl.load(doc_ptr + b * T + t_s, mask=t_s < T, other=-2)[None, :]
+            L = tl.where(keep, tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)), 0.0)
+            u_s = tl.load(x_ptr + ((b * T + t_s[:, None]) * H + h) * P + p[None, :],
+                          mask=(t_s[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32) * dt_s[:, None]
+            B_s = tl.load(B_ptr + ((b * T + t_s[:, None]) * G + g) * N + n[None, :],
+                          mask=(t_s[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+            dcb = L * _dot(dy_l, tl.trans(u_s), LOWP)  # (BLOCK_L, BLOCK_L)
+            dC += _dot(dcb, B_s, LOWP)
+            da += tl.sum(cb * dcb, axis=1)
+        tl.store(dC_ptr + ((b * T + t_l[:, None]) * H + h) * N + n[None, :], dC,
+                 mask=(t_l[:, None] < T) & (n[None, :] < N))
+        da_ptrs = da_ptr + (b * H + h) * nc * Q + c * Q + l
+        tl.store(da_ptrs, tl.load(da_ptrs) + da)
+
+    # -------------------------------------------------------------------------
     # SSD state update for k tokens
 
     @triton.jit
@@ -114,6 +434,146 @@ if triton is not None:
             else:
                 v = tl.load(x_ptr + b * s_xb + (i - (KW - 1)) * s_xt + c, mask=cm, other=0.0)
             tl.store(new_state_ptr + b * s_sb + c * s_sc + j, v, mask=cm)
+
+
+# -----------------------------------------------------------------------------
+# chunked SSD: host side and autograd
+
+
+def _ssd_prepare(x, dt, A, B, C, Q, D, initial_state, seq_idx):
+    Bsz, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    assert dt.shape == (Bsz, T, H) and A.shape == (H,) and B.shape == C.shape == (Bsz, T, G, N)
+    assert H % G == 0, "heads must split evenly into groups"
+    assert initial_state is None or initial_state.shape == (Bsz, H, P, N)
+    x, B, C = x.contiguous(), B.contiguous(), C.contiguous()
+    dt, A = dt.float().contiguous(), A.float().contiguous()
+    D = D.float().contiguous() if D is not None else None
+    initial_state = initial_state.float().contiguous() if initial_state is not None else None
+    seq_idx = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else None
+    return x, dt, A, B, C, D, initial_state, seq_idx
+
+
+def _ssd_meta(x, B, Q):
+    """Launch parameters shared by the SSD kernels."""
+    P, N = x.shape[3], B.shape[3]
+    # bf16 dot operands on a GPU for bf16 inputs; fp32 in the interpreter, which mistreats bf16
+    lowp = x.dtype != torch.float32 and not INTERPRET
+    return dict(Q=Q, BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=max(16, triton.next_power_of_2(N)),
+                BLOCK=min(Q, 64), LOWP=lowp)
+
+
+def _ssd_states(x, dt, A, B, C, initial_state, seq_idx, meta):
+    """Steps 0, 2 and 3, and the C B^T of step 1: a (B, H, c*Q), CB (B, c, G, Q, Q), the states
+    S (B, c, H, P, N) at each chunk's start, and the final state (B, H, P, N)."""
+    Bsz, T, H, P = x.shape
+    G, N, Q = B.shape[2], B.shape[3], meta["Q"]
+    nc = triton.cdiv(T, Q)
+    doc = seq_idx if seq_idx is not None else dt  # a dummy pointer when there are no documents
+    a = torch.empty(Bsz, H, nc * Q, device=x.device, dtype=torch.float32)
+    _chunk_cumsum_kernel[(Bsz, H, nc)](dt, A, a, T, H, Q=Q)
+    CB = torch.empty(Bsz, nc, G, Q, Q, device=x.device, dtype=torch.float32)
+    _chunk_cb_kernel[(Bsz * nc, G)](C, B, CB, T, G, N, Q=Q, BLOCK_N=min(meta["BLOCK_N"], 64), LOWP=meta["LOWP"])
+    S = torch.empty(Bsz, nc, H, P, N, device=x.device, dtype=torch.float32)
+    _chunk_state_kernel[(Bsz * nc, H)](x, dt, B, a, doc, S, T, H, G, P, N, Q=Q, BLOCK_Q=meta["BLOCK"],
+                                       BLOCK_P=meta["BLOCK_P"], BLOCK_N=meta["BLOCK_N"], TO_END=True,
+                                       HAS_DOC=seq_idx is not None, LOWP=meta["LOWP"])
+    final = torch.empty(Bsz, H, P, N, device=x.device, dtype=torch.float32)
+    BLOCK = min(1024, triton.next_power_of_2(P * N))
+    _state_passing_kernel[(Bsz, H, triton.cdiv(P * N, BLOCK))](
+        S, a, initial_state if initial_state is not None else S, final, doc, T, H, P * N, Q=Q, BLOCK=BLOCK,
+        HAS_INIT=initial_state is not None, HAS_DOC=seq_idx is not None)
+    return a, CB, S, final
+
+
+class _SSD(torch.autograd.Function):
+    # Saved for the backward: the inputs only. The backward recomputes a (a cumsum), CB (one
+    # small matmul per chunk and group) and the chunk states S (one pass over x): S alone is
+    # c*H*P*N fp32 numbers, as much memory as x in fp32 when N = Q, and recomputing all three
+    # costs a fraction of the backward's own work.
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, Q, D, initial_state, seq_idx):
+        x, dt, A, B, C, D, initial_state, seq_idx = _ssd_prepare(x, dt, A, B, C, Q, D, initial_state, seq_idx)
+        Bsz, T, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        meta = _ssd_meta(x, B, Q)
+        a, CB, S, final = _ssd_states(x, dt, A, B, C, initial_state, seq_idx, meta)
+        y = torch.empty_like(x)  # in x's dtype, as the mixer's next op (the gated norm) reads it
+        _chunk_scan_kernel[(Bsz * triton.cdiv(T, Q), H, Q // meta["BLOCK"])](
+            x, dt, a, CB, C, S, D if D is not None else A, seq_idx if seq_idx is not None else dt, y,
+            T, H, G, P, N, Q=Q, BLOCK_L=meta["BLOCK"], BLOCK_P=meta["BLOCK_P"], BLOCK_N=meta["BLOCK_N"],
+            HAS_D=D is not None, HAS_DOC=seq_idx is not None, LOWP=meta["LOWP"])
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_state, seq_idx)
+        ctx.Q = Q
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, initial_state, seq_idx = ctx.saved_tensors
+        Q = ctx.Q
+        Bsz, T, H, P = x.shape
+        G, N = B.shape[2], B.shape[3]
+        nc = triton.cdiv(T, Q)
+        meta = _ssd_meta(x, B, Q)
+        f32 = dict(device=x.device, dtype=torch.float32)
+        doc = seq_idx if seq_idx is not None else dt
+        dy = dy.contiguous() if dy is not None else torch.zeros_like(x)
+        # 1) recompute the forward's intermediates
+        a, CB, S, _ = _ssd_states(x, dt, A, B, C, initial_state, seq_idx, meta)
+        # 2) dL/dS_c through each chunk's own outputs (backward of step 4), then back through the
+        # state passing (step 3): dS becomes dL/dst_c, the gradient of each chunk's end state
+        dS = torch.empty(Bsz, nc, H, P, N, **f32)
+        _chunk_state_kernel[(Bsz * nc, H)](dy, dt, C, a, doc, dS, T, H, G, P, N, Q=Q, BLOCK_Q=meta["BLOCK"],
+                                           BLOCK_P=meta["BLOCK_P"], BLOCK_N=meta["BLOCK_N"], TO_END=False,
+                                           HAS_DOC=seq_idx is not None, LOWP=meta["LOWP"])
+        BLOCK = min(1024, triton.next_power_of_2(P * N))
+        nblk = triton.cdiv(P * N, BLOCK)
+        dinit = torch.empty(Bsz, H, P, N, **f32)
+        dend = torch.empty(Bsz, H, nc, nblk, **f32)
+        _state_passing_bwd_kernel[(Bsz, H, nblk)](
+            dS, S, a, dfinal.float().contiguous() if dfinal is not None else dS, dinit, dend, doc, T, H, P * N,
+            Q=Q, BLOCK=BLOCK, HAS_DFINAL=dfinal is not None, HAS_DOC=seq_idx is not None)
+        # 3) through steps 1 and 2, within each chunk: dx, ddt (its x part), dB and dC per head, da
+        dx = torch.empty(Bsz, T, H, P, **f32)
+        ddt = torch.empty(Bsz, T, H, **f32)
+        dB = torch.empty(Bsz, T, H, N, **f32)
+        dC = torch.empty(Bsz, T, H, N, **f32)
+        da = torch.empty(Bsz, H, nc * Q, **f32)
+        m = torch.empty(Bsz, H, nc * Q, **f32)
+        grid = (Bsz * nc, H, Q // meta["BLOCK"])
+        common = dict(Q=Q, BLOCK_P=meta["BLOCK_P"], BLOCK_N=meta["BLOCK_N"], HAS_DOC=seq_idx is not None,
+                      LOWP=meta["LOWP"])
+        _chunk_scan_bwd_dx_kernel[grid](x, dt, a, CB, B, C, dy, dS, D if D is not None else A, doc,
+                                        dx, ddt, dB, da, m, T, H, G, P, N, BLOCK_S=meta["BLOCK"],
+                                        HAS_D=D is not None, **common)
+        _chunk_scan_bwd_dc_kernel[grid](x, dt, a, CB, B, C, dy, S, doc, dC, da, T, H, G, P, N,
+                                        BLOCK_L=meta["BLOCK"], **common)
+        # 4) a_end of each chunk gets the terms that the kernels left to the host, then the
+        # backward of step 0: dL/d(dt_t A) is the sum of da over positions >= t in its chunk
+        da = da.view(Bsz, H, nc, Q)  # (B, H, c, Q)
+        da[..., -1] += m.view(Bsz, H, nc, Q).sum(-1) + dend.sum(-1)
+        ddA = da.flip(-1).cumsum(-1).flip(-1).view(Bsz, H, nc * Q)[:, :, :T].transpose(1, 2)  # (B, T, H)
+        ddt = ddt + ddA * A
+        dA = (ddA * dt).sum((0, 1))
+        dD = torch.einsum("bthp,bthp->h", dy.float(), x.float()) if D is not None else None
+        dB = dB.view(Bsz, T, G, H // G, N).sum(3)  # (B, T, G, N): the heads of a group share B
+        dC = dC.view(Bsz, T, G, H // G, N).sum(3)
+        return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), None, dD,
+                dinit if initial_state is not None else None, None)
+
+
+def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
+    """The chunked SSD of Mamba-2 as Triton kernels, forward and backward; mamba.ssd_ref is the
+    PyTorch reference with the same signature. x (B, T, H, P) bf16 or fp32, dt (B, T, H) after
+    softplus, A (H,) negative, B and C (B, T, G, N), D (H,) or None, initial_state (B, H, P, N)
+    or None, seq_idx (B, T) nondecreasing document ids of packed sequences (the state restarts
+    from zero at each new document) or None. chunk_size is rounded up to a power of two >= 16 (the
+    chunked algorithm is exact for any chunk length; only the rounding of the sums changes).
+    Returns y (B, T, H, P) in x's dtype and the final state (B, H, P, N) in fp32; states and
+    accumulation are fp32 throughout."""
+    Q = max(16, triton.next_power_of_2(chunk_size))  # the kernels' tile: the maths holds for any Q
+    return _SSD.apply(x, dt, A, B, C, Q, D, initial_state, seq_idx)
 
 
 def _ssd_update_fwd(h, x, dt, A, B, C, D, save_states):

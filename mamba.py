@@ -8,7 +8,7 @@ as is, with a gated RMSNorm normalised per group of heads before out_proj.
 The selective state space model, per head, with a scalar decay a_t = exp(dt_t * A):
     h_t = a_t * h_{t-1} + dt_t * x_t B_t^T        (h_t: P x N)
     y_t = h_t C_t + D * x_t
-ssd_chunked() computes it for a whole sequence with matmuls (the training path); ssd_scan_ref()
+ssd_ref() computes it for a whole sequence with matmuls (the training path); ssd_scan_ref()
 runs the recurrence one step at a time and is the ground truth the tests compare against;
 ssd_step() is one step of it, used for O(1)-per-token decoding.
 
@@ -37,7 +37,7 @@ def segsum(x_cs):
     return (x_cs[..., :, None] - x_cs[..., None, :]).masked_fill(~causal, -torch.inf)
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
+def ssd_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
     """The chunked SSD algorithm of Mamba-2 (Listing 1 of the paper), in fp32.
 
     x (B, T, H, P), dt (B, T, H) already softplus'ed, A (H,) negative, B and C (B, T, G, N),
@@ -118,7 +118,7 @@ def ssd_step(h, x, dt, A, B, C, D=None):
 
 
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
-    """Sequential-recurrence reference of ssd_chunked (same arguments but no chunk size)."""
+    """Sequential-recurrence reference of ssd_ref (same arguments but no chunk size)."""
     Bsz, T, H, P = x.shape
     h = initial_state.float() if initial_state is not None else \
         x.new_zeros(Bsz, H, P, B.shape[-1], dtype=torch.float32)
@@ -132,9 +132,12 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
 
 
 def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
-    """The SSD op the mixer calls: y (B, T, H, P), final_state (B, H, P, N). kernels.py will add
-    a Triton fast path here; ssd_chunked is the reference for it."""
-    return ssd_chunked(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
+    """The SSD op the mixer calls: y (B, T, H, P), final_state (B, H, P, N). The Triton kernels
+    (kernels.ssd) where kernels.use_triton(x) says so (a GPU, or the interpreter in tests), the
+    PyTorch reference ssd_ref elsewhere. y is fp32 from ssd_ref, in x's dtype from the kernels."""
+    if kernels.use_triton(x):
+        return kernels.ssd(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
+    return ssd_ref(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
 
 
 # -----------------------------------------------------------------------------

@@ -1,14 +1,18 @@
 """
-Triton decode kernels (kernels.py) against the PyTorch references of mamba.py: the SSD state
-update over k tokens against ssd_step run k times, the conv update against a full causal conv, and
-a Mamba-2 mixer decoding with the kernels against the same mixer without them.
+Triton kernels (kernels.py) against the PyTorch references of mamba.py: the chunked SSD (outputs,
+final state and the gradients of every input) against ssd_ref, the SSD state update over k tokens
+against ssd_step run k times, the conv update against a full causal conv, and a Mamba-2 mixer
+training and decoding with the kernels against the same mixer without them.
 
 Run: python -m pytest -q tests/test_kernels.py
 Without a GPU the kernels run in the Triton interpreter, which must be switched on before triton
 compiles anything: the outer test re-runs this file in a subprocess with TRITON_INTERPRET=1 (the
 variable would otherwise send every other test file's CPU decoding through the interpreter too).
-Tolerance: fp32 on both sides, the same operations in the same order up to the sum over the state
-(atol 1e-5); bf16 inputs are compared after the same rounding.
+Tolerance: fp32 on both sides. The decode kernels run the same operations in the same order up to
+the sum over the state (atol 1e-5). The chunked SSD sums in a different order (and its gradients
+through longer chains), so it is compared relative to each tensor's largest entry: 1e-4 in the
+interpreter (exact fp32 dots), 1e-2 on a GPU (TF32 dots). bf16 inputs are compared after the same
+rounding, with bf16's 2^-8 relative step where a result is stored in bf16.
 """
 
 import os
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 import kernels
 from helpers import assert_close
-from mamba import Mamba2Mixer, ssd_step
+from mamba import Mamba2Mixer, ssd_ref, ssd_step
 from model import NemotronConfig
 
 INSIDE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
@@ -37,6 +41,94 @@ def test_in_interpreter():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+SSD_TOL = 1e-2 if DEV == "cuda" else 1e-4
+
+
+def ssd_case(Bsz, T, H, P, G, N, docs=False, dtype=torch.float32, seed=0):
+    """Inputs of the chunked SSD, all requiring grad; with docs, document ids whose boundaries fall
+    inside a chunk, on a chunk edge (t = 16) and around a one-token document (t = 17)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    case = dict(x=r(Bsz, T, H, P).to(dtype), dt=torch.rand(Bsz, T, H, generator=g) * 0.5 + 0.05,
+                A=-torch.rand(H, generator=g) * 2 - 0.1, B=r(Bsz, T, G, N).to(dtype),
+                C=r(Bsz, T, G, N).to(dtype), D=r(H), initial_state=r(Bsz, H, P, N))
+    case = {k: v.to(DEV).requires_grad_() for k, v in case.items()}
+    seq_idx = None
+    if docs:
+        edges = torch.tensor([5, 16, 17, 30, 150])  # every row starts documents at these positions
+        seq_idx = (torch.arange(T)[:, None] >= edges).sum(1).expand(Bsz, T).clone()
+        seq_idx[1:, :12] = 0  # the other rows start their second document later
+        seq_idx = seq_idx.to(DEV)
+    return case, seq_idx
+
+
+def ssd_grads(fn, case, seq_idx, chunk_size, with_D, with_init):
+    """y, final state, and the gradients of sum(y * gy) + sum(final * gh) for every input."""
+    a = {k: v.detach().clone().requires_grad_() for k, v in case.items()}
+    y, h = fn(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size, D=a["D"] if with_D else None,
+              initial_state=a["initial_state"] if with_init else None, seq_idx=seq_idx)
+    g = torch.Generator().manual_seed(7)
+    # bf16-exact upstream gradients: the kernel's bf16 y hands back a bf16 gradient, unrounded so
+    gy = torch.randn(y.shape, generator=g).to(DEV).bfloat16().float()
+    gh = torch.randn(h.shape, generator=g).to(DEV)
+    ((y.float() * gy).sum() + (h * gh).sum()).backward()
+    used = [k for k in a if (k != "D" or with_D) and (k != "initial_state" or with_init)]
+    return y.float(), h, {k: a[k].grad.float() for k in used}
+
+
+def compare_ssd(case, seq_idx, chunk_size, with_D=True, with_init=True, rel=SSD_TOL):
+    out = ssd_grads(kernels.ssd, case, seq_idx, chunk_size, with_D, with_init)
+    ref = ssd_grads(ssd_ref, case, seq_idx, chunk_size, with_D, with_init)
+    for name, a, b in [("y", out[0], ref[0]), ("final state", out[1], ref[1]),
+                       *[(f"d{k}", out[2][k], ref[2][k]) for k in ref[2]]]:
+        tol = rel * b.abs().max().item()
+        assert_close(a, b, name, atol=tol, rtol=rel)
+
+
+@inside
+@pytest.mark.parametrize("Bsz,T,H,P,G,N,Q,with_D,with_init,docs", [
+    (2, 40, 4, 8, 2, 16, 16, True, True, False),    # T not a multiple of the chunk, 2 groups
+    (2, 32, 2, 16, 1, 16, 16, False, False, False),  # whole chunks, no D, no initial state
+    (1, 24, 4, 8, 4, 8, 16, True, True, False),     # a group per head, N below the tile
+    (2, 40, 4, 8, 2, 16, 16, True, True, True),     # packed documents
+    (1, 200, 2, 16, 1, 16, 128, True, True, True),  # two tiles per chunk, documents across them
+    (2, 20, 2, 8, 1, 16, 8, True, False, False),    # chunk_size 8: the kernels round it up to 16
+])
+def test_ssd_matches_reference(Bsz, T, H, P, G, N, Q, with_D, with_init, docs):
+    case, seq_idx = ssd_case(Bsz, T, H, P, G, N, docs=docs)
+    compare_ssd(case, seq_idx, Q, with_D, with_init)
+
+
+@inside
+def test_ssd_bf16_inputs():
+    """bf16 x, B, C: fp32 states and sums, y and dx, dB, dC rounded to bf16 once at the end."""
+    case, seq_idx = ssd_case(2, 40, 4, 16, 2, 16, docs=True, dtype=torch.bfloat16)
+    compare_ssd(case, seq_idx, 16, rel=max(SSD_TOL, 2 ** -7))
+
+
+@inside
+def test_mixer_trains_the_same_with_kernels():
+    """Forward and backward of a Mamba-2 mixer on packed documents, through mamba.ssd's switch."""
+    cfg = NemotronConfig(d_model=32, mamba_heads=4, headdim=8, d_state=16, n_groups=2, chunk_size=16)
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(cfg).to(DEV)
+    for p in mixer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    u = torch.randn(2, 37, 32, device=DEV)
+    seq_idx = (torch.arange(37, device=DEV) >= 20).long().expand(2, 37)
+    outs = {}
+    for use in (False, True):
+        kernels.USE_TRITON = use
+        mixer.zero_grad()
+        y = mixer(u, seq_idx=seq_idx)
+        y.square().sum().backward()
+        outs[use] = [y.detach()] + [p.grad.clone() for p in mixer.parameters()]
+    kernels.USE_TRITON = True
+    names = ["y"] + [n for n, _ in mixer.named_parameters()]
+    for name, a, b in zip(names, outs[True], outs[False]):
+        assert_close(a, b, name, atol=SSD_TOL * b.abs().max().item(), rtol=SSD_TOL)
 
 
 def inputs(Bsz, K, H, P, G, N, dtype=torch.float32, seed=0):

@@ -5,7 +5,7 @@ step() against its forward().
 
 Run: python -m pytest -q tests/test_ssd.py
 
-Precision: ssd_chunked, ssd_step and ssd_scan_ref all upcast to fp32 (they call .float()), so the
+Precision: ssd_ref, ssd_step and ssd_scan_ref all upcast to fp32 (they call .float()), so the
 comparisons are fp32 against fp32 with different summation orders. Inputs are O(1), T <= 64, so the
 outputs agree to a few ulps of their magnitude times the number of terms summed: atol 2e-5 /
 rtol 1e-4 for outputs and states. Gradients go through exp(segsum) and sums over every later
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close
-from mamba import Mamba2Mixer, segsum, ssd_chunked, ssd_scan_ref
+from mamba import Mamba2Mixer, segsum, ssd_ref, ssd_scan_ref
 from model import Nemotron, NemotronConfig
 
 OUT_TOL = dict(atol=2e-5, rtol=1e-4)
@@ -55,10 +55,10 @@ CASES = [(Q, T, G, *[(False, False), (True, True), (True, False), (False, True)]
 
 @pytest.mark.parametrize("chunk_size,T,G,with_init,with_D", CASES)
 def test_chunked_matches_scan(chunk_size, T, G, with_init, with_D):
-    """ssd_chunked == ssd_scan_ref: y, final state, and the gradients w.r.t. every input."""
+    """ssd_ref == ssd_scan_ref: y, final state, and the gradients w.r.t. every input."""
     inp = make_inputs(T, G, with_init, with_D, seed=1000 * chunk_size + 10 * T + G)
     a, b = leaves(inp), leaves(inp)
-    y1, h1 = ssd_chunked(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size, D=a["D"],
+    y1, h1 = ssd_ref(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size, D=a["D"],
                          initial_state=a["initial_state"])
     y2, h2 = ssd_scan_ref(b["x"], b["dt"], b["A"], b["B"], b["C"], D=b["D"], initial_state=b["initial_state"])
     assert y1.shape == inp["x"].shape and h1.shape == h2.shape == (2, 4, 3, 5)
@@ -93,7 +93,7 @@ def test_chunked_matches_scan_with_documents(chunk_size, T, G):
     inp = make_inputs(T, G, True, True, seed=T + G, Bsz=3)
     seq_idx = documents(3, T, seed=T)
     a, b = leaves(inp), leaves(inp)
-    y1, h1 = ssd_chunked(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size, D=a["D"],
+    y1, h1 = ssd_ref(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk_size, D=a["D"],
                          initial_state=a["initial_state"], seq_idx=seq_idx)
     y2, h2 = ssd_scan_ref(b["x"], b["dt"], b["A"], b["B"], b["C"], D=b["D"],
                           initial_state=b["initial_state"], seq_idx=seq_idx)
@@ -110,11 +110,11 @@ def test_documents_are_independent():
     initial state, the others from zero): the recurrence reference, by construction of a reset."""
     inp = make_inputs(20, 2, True, True, seed=3, Bsz=1)
     seq_idx = torch.tensor([[0] * 6 + [1] * 9 + [2] * 5])
-    y, _ = ssd_chunked(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 4, D=inp["D"],
+    y, _ = ssd_ref(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 4, D=inp["D"],
                        initial_state=inp["initial_state"], seq_idx=seq_idx)
     for lo, hi in [(0, 6), (6, 15), (15, 20)]:
         part = {k: v[:, lo:hi] if k in ("x", "dt", "B", "C") else v for k, v in inp.items()}
-        alone, _ = ssd_chunked(part["x"], part["dt"], part["A"], part["B"], part["C"], 4, D=part["D"],
+        alone, _ = ssd_ref(part["x"], part["dt"], part["A"], part["B"], part["C"], 4, D=part["D"],
                                initial_state=inp["initial_state"] if lo == 0 else None)
         assert_close(y[:, lo:hi], alone, f"document {lo}:{hi}", **OUT_TOL)
 
@@ -126,16 +126,16 @@ def test_state_handoff(chunk_size, T, split):
     (split points inside and on chunk boundaries, and length-1 halves)."""
     inp = make_inputs(T, 2, with_init=True, with_D=True, seed=T + split)
     x, dt, A, B, C, D, h0 = (inp[k] for k in ("x", "dt", "A", "B", "C", "D", "initial_state"))
-    y, h = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, initial_state=h0)
+    y, h = ssd_ref(x, dt, A, B, C, chunk_size, D=D, initial_state=h0)
     s = slice(0, split), slice(split, T)
-    ya, ha = ssd_chunked(x[:, s[0]], dt[:, s[0]], A, B[:, s[0]], C[:, s[0]], chunk_size, D=D, initial_state=h0)
-    yb, hb = ssd_chunked(x[:, s[1]], dt[:, s[1]], A, B[:, s[1]], C[:, s[1]], chunk_size, D=D, initial_state=ha)
+    ya, ha = ssd_ref(x[:, s[0]], dt[:, s[0]], A, B[:, s[0]], C[:, s[0]], chunk_size, D=D, initial_state=h0)
+    yb, hb = ssd_ref(x[:, s[1]], dt[:, s[1]], A, B[:, s[1]], C[:, s[1]], chunk_size, D=D, initial_state=ha)
     assert_close(torch.cat([ya, yb], dim=1), y, "y split vs whole", **OUT_TOL)
     assert_close(hb, h, "final state split vs whole", **OUT_TOL)
 
 
 def test_padding_leaves_state_unchanged():
-    """dt = 0 steps (what ssd_chunked pads with) neither decay nor feed the state."""
+    """dt = 0 steps (what ssd_ref pads with) neither decay nor feed the state."""
     inp = make_inputs(5, 1, with_init=True, with_D=False, seed=3)
     inp["dt"][:, 2:] = 0.0
     _, h_full = ssd_scan_ref(**inp)
