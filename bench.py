@@ -4,6 +4,7 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
     python bench.py            # train, then decode (about 5 minutes on a 2-core CPU)
     python bench.py train      # training tokens/s: ours hybrid, ours attention-only, transformers
     python bench.py decode     # cached decoding ms/token at contexts 256 .. 8192
+    python bench.py kernels    # the Triton SSD vs the PyTorch reference, eager and compiled (a GPU's job)
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
 The candidates take turns, one step each (a, b, c, a, b, c, ...), so that a noisy machine slows
@@ -23,11 +24,13 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from mamba import ssd_flops
 from model import Nemotron, NemotronConfig
 
 TRAIN_TARGET = 1.5    # ours / transformers training tokens/s
 DECODE_TARGET = 4.0   # transformers / ours decoding ms per token, at every context
 FLAT_TARGET = 1.3     # hybrid ms/token at the longest context / at the shortest
+SSD_TARGET = 5.0      # compiled reference / Triton SSD forward+backward ms at length 8K
 QUICK = dict(d_model=64, pattern="M-M*M-ME", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
              headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
 
@@ -161,6 +164,162 @@ def bench_decode(cfg, contexts=(256, 1024, 4096, 8192), steps=32, warmup=2, hf=T
 
 
 # -----------------------------------------------------------------------------
+# kernels: the Triton SSD against the PyTorch reference, eager and under torch.compile
+
+# dense (no sparsity) bf16 peak FLOP/s and HBM bandwidth (bytes/s) by GPU name, from the data sheets
+GPU_PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "B200": (2250e12, 8e12),
+             "A100": (312e12, 2.0e12)}
+
+
+def gpu_peaks():
+    """(bf16 FLOP/s, HBM bytes/s) of this GPU, or (None, None) when it is not in GPU_PEAKS."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in GPU_PEAKS.items() if k in name), (None, None))
+
+
+def timed(fn, reps):
+    """Seconds of each of reps calls of fn(), synchronising the GPU around each."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ssd_candidates(quick):
+    """name -> an ssd function with mamba.ssd_ref's signature."""
+    import kernels
+    from mamba import ssd_ref
+    fns = {"reference": ssd_ref}
+    if not quick:  # compiling takes a minute on a CPU: not for a smoke test
+        fns["compiled reference"] = torch.compile(ssd_ref, dynamic=False)
+    if kernels.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
+        fns["triton"] = kernels.ssd
+    return fns
+
+
+def bench_ssd(lengths, batch=4, heads=64, headdim=64, groups=1, d_state=128, chunk=128,
+              dtype=torch.bfloat16, reps=10, quick=False):
+    """{length: {name: {"fwd_ms", "fwdbwd_ms", "first_s", "peak_mb"}}} of the chunked SSD."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fns = ssd_candidates(quick)
+    results = {}
+    for T in lengths:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, T, heads, headdim, generator=g).to(dev, dtype)
+        dt = (torch.rand(batch, T, heads, generator=g) * 0.1 + 0.001).to(dev)
+        A = (-torch.rand(heads, generator=g) * 8 - 1).to(dev)
+        B, C = (torch.randn(batch, T, groups, d_state, generator=g).to(dev, dtype) for _ in range(2))
+        D = torch.randn(heads, generator=g).to(dev)
+        inputs = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
+        res = {}
+        for name, fn in fns.items():
+            def fwd():
+                with torch.no_grad():
+                    fn(x, dt, A, B, C, chunk, D=D)
+
+            def fwdbwd():
+                y, h = fn(x, dt, A, B, C, chunk, D=D)
+                (y.float().sum() + h.sum()).backward()
+                for t in inputs:
+                    t.grad = None
+            first = timed(fwd, 1)[0] + timed(fwdbwd, 1)[0]  # compiles (or JITs) both directions
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            fwd_s, fwdbwd_s = statistics.median(timed(fwd, reps)), statistics.median(timed(fwdbwd, reps))
+            peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev == "cuda" else None
+            res[name] = {"fwd_ms": 1000 * fwd_s, "fwdbwd_ms": 1000 * fwdbwd_s, "first_s": first, "peak_mb": peak}
+        results[T] = res
+    return results
+
+
+def bench_decode_kernel(batch=64, heads=64, headdim=64, d_state=128, reps=50):
+    """The SSD state update of one token: achieved bandwidth (bytes/s) of the Triton kernel (the state
+    read and written once) and of the reference ssd_step."""
+    import kernels
+    from mamba import ssd_step
+    dev = "cuda"
+    h = torch.randn(batch, heads, headdim, d_state, device=dev)
+    x = torch.randn(batch, 1, heads, headdim, device=dev, dtype=torch.bfloat16)
+    dt = torch.rand(batch, 1, heads, device=dev) * 0.1
+    A, D = -torch.rand(heads, device=dev), torch.randn(heads, device=dev)
+    B, C = (torch.randn(batch, 1, 1, d_state, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    state_bytes = 2 * h.numel() * 4  # read and written
+    kern_s = statistics.median(timed(lambda: kernels.ssd_update(h, x, dt, A, B, C, D), reps))
+    ref_s = statistics.median(timed(lambda: ssd_step(h, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D), reps))
+    return {"triton": state_bytes / kern_s, "reference": state_bytes / ref_s, "state_mb": h.numel() * 4 / 2 ** 20}
+
+
+def config_from_file(path):
+    """The NemotronConfig fields set by a config/ file (plain assignments)."""
+    fields = set(NemotronConfig.__dataclass_fields__)
+    scope = {}
+    with open(path) as f:
+        exec(f.read(), {}, scope)
+    return NemotronConfig(**{k: v for k, v in scope.items() if k in fields})
+
+
+def bench_e2e(cfg, batch_size=4, seq_len=2048, steps=5, warmup=2):
+    """Training tokens/s (bf16 autocast, AdamW) of cfg on this GPU with the Triton kernels and
+    without them (mamba.py's PyTorch references), taking turns step by step."""
+    import kernels
+    dev = "cuda"
+    torch.manual_seed(0)
+    model = Nemotron(cfg).to(dev)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
+    step = train_step(model, x[:, :-1], x[:, 1:])
+    times = {True: [], False: []}
+    for i in range(warmup + steps):
+        for use in (True, False):
+            kernels.USE_TRITON = use
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                step()
+            torch.cuda.synchronize()
+            if i >= warmup:
+                times[use].append(time.perf_counter() - t0)
+    kernels.USE_TRITON = True
+    return {("with kernels" if use else "without"): batch_size * seq_len / statistics.median(t)
+            for use, t in times.items()}
+
+
+def report_kernels(res, shape, decode=None, e2e=None):
+    peak, hbm = gpu_peaks()
+    b, H, P, G, N, Q, dtype = shape
+    flops_tok = ssd_flops(H, P, N, Q)
+    print(f"\n== kernels: chunked SSD, batch {b}, heads {H}, head dim {P}, groups {G}, state {N}, "
+          f"chunk {Q}, {dtype}; median ms (first call's s: compile + run, both directions)")
+    print(f"TFLOP/s counts {flops_tok / 1e6:.2f} MFLOP per token forward (mamba.ssd_flops), backward = 2x forward"
+          + (f"; % of the {peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else ""))
+    print(f"{'length':>7} {'candidate':<20}{'fwd ms':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}{'% peak':>8}"
+          f"{'first s':>9}{'peak MB':>9}")
+    for T, by_name in res.items():
+        for name, r in by_name.items():
+            tflops = 3 * flops_tok * b * T / (r["fwdbwd_ms"] / 1000) / 1e12
+            pct = f"{100 * tflops * 1e12 / peak:>7.1f}%" if peak else f"{'n/a':>8}"
+            mem = f"{r['peak_mb']:>9.0f}" if r["peak_mb"] is not None else f"{'n/a':>9}"
+            print(f"{T:>7} {name:<20}{r['fwd_ms']:>9.2f}{r['fwdbwd_ms']:>12.2f}{tflops:>9.2f}{pct}"
+                  f"{r['first_s']:>9.1f}{mem}")
+        if "triton" in by_name and "compiled reference" in by_name:
+            ratio = by_name["compiled reference"]["fwdbwd_ms"] / by_name["triton"]["fwdbwd_ms"]
+            print(f"{'':>8}triton vs compiled reference, fwd+bwd: {ratio:.2f}x faster (target >= {SSD_TARGET}x at 8K)")
+    if "triton" not in next(iter(res.values())):
+        print("no Triton candidate: its speed needs a GPU (the interpreter's timings measure Python, not the kernel)")
+    if decode is not None:
+        pct = f" = {100 * decode['triton'] / hbm:.0f}% of {hbm / 1e12:.2f} TB/s HBM" if hbm else ""
+        print(f"decode state update ({decode['state_mb']:.0f} MB fp32 state): triton {decode['triton'] / 1e9:.0f} GB/s"
+              f"{pct} (target >= 50%), reference {decode['reference'] / 1e9:.0f} GB/s")
+    if e2e is not None:
+        print(f"end-to-end training, {e2e['config']}: {e2e['with kernels']:,.0f} tok/s with the kernels, "
+              f"{e2e['without']:,.0f} without ({e2e['with kernels'] / e2e['without']:.2f}x)")
+
+
+# -----------------------------------------------------------------------------
 # reports
 
 
@@ -214,9 +373,31 @@ def report_decode(res, steps, warmup):
         print(f"transformers ms/token at {hi} / at {lo}: {hf_flat:.2f}")
 
 
+def run_kernels(quick):
+    """bench.py kernels: realistic shapes on a GPU; on a CPU only the reference (eager and compiled)
+    at a smaller size, and with --quick a smoke test (the Triton path too under TRITON_INTERPRET=1)."""
+    gpu = torch.cuda.is_available()
+    if quick:
+        shape, lengths, reps = (1, 4, 16, 1, 16, 16, torch.float32), (40,), 1
+    elif gpu:
+        shape, lengths, reps = (4, 64, 64, 1, 128, 128, torch.bfloat16), (2048, 4096, 8192, 16384), 10
+    else:
+        shape, lengths, reps = (1, 8, 64, 1, 64, 64, torch.float32), (1024, 4096), 3
+    b, H, P, G, N, Q, dtype = shape
+    res = bench_ssd(lengths, batch=b, heads=H, headdim=P, groups=G, d_state=N, chunk=Q, dtype=dtype,
+                    reps=reps, quick=quick)
+    decode = bench_decode_kernel() if gpu and not quick else None
+    e2e = None
+    if gpu and not quick:
+        e2e = bench_e2e(config_from_file(os.path.join(os.path.dirname(__file__), "config", "gpu_125m.py")))
+        e2e["config"] = "config/gpu_125m.py, batch 4 x 2048, bf16 autocast"
+    report_kernels(res, shape, decode, e2e)
+
+
 def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
-    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode"])
+    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode", "kernels"],
+                        help="all = train + decode; kernels (the Triton SSD; meant for a GPU) runs only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -229,8 +410,9 @@ def main():
     decode_kw = dict(contexts=(64, 128), steps=4, warmup=1) if args.quick else \
         dict(contexts=(256, 1024, 4096, 8192), steps=32, warmup=2)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"bench: torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}, "
-          f"config d_model={cfg.d_model} pattern={cfg.pattern!r} vocab={cfg.vocab_size}")
+    print(f"bench: torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}"
+          + ("" if args.what == "kernels" else
+             f", config d_model={cfg.d_model} pattern={cfg.pattern!r} vocab={cfg.vocab_size}"))
     if load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
         print("note: the machine is busy (load > CPUs): threads that wait on each other make timings noisy; "
               "--threads=1 is steadier")
@@ -241,6 +423,8 @@ def main():
     if args.what in ("all", "decode"):
         res = bench_decode(cfg, hf=not args.no_hf, **decode_kw)
         report_decode(res, decode_kw["steps"], decode_kw["warmup"])
+    if args.what == "kernels":
+        run_kernels(args.quick)
     print(f"\n(bench took {time.time() - t0:.0f} s)")
 
 

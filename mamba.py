@@ -102,6 +102,13 @@ def ssd_ref(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None
     return y, final_state
 
 
+def ssd_flops(H, P, N, Q):
+    """Forward FLOPs per token of the chunked SSD's matmuls: C B^T and (C B^T . L) x over the
+    causal half of a chunk, the chunk states and the state-to-output product (the backward is
+    counted as twice the forward, as for every matmul)."""
+    return 2 * H * (Q * N / 2 + Q * P / 2 + 2 * N * P)
+
+
 def ssd_step(h, x, dt, A, B, C, D=None):
     """One step of the recurrence. h (B, H, P, N) fp32, x (B, H, P), dt (B, H), B and C (B, G, N).
     Returns y (B, H, P) and the new state."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attention import Attention
-from mamba import GatedRMSNorm, Mamba2Mixer
+from mamba import GatedRMSNorm, Mamba2Mixer, ssd_flops
 from moe import MLP, MoE
 
 # -----------------------------------------------------------------------------
@@ -185,8 +185,7 @@ class Nemotron(nn.Module):
         cfg = self.config
         flops = 6 * self.num_params(active=True)
         attn = 2 * 2 * cfg.n_head * cfg.head_dim * T / 2  # QK^T and AV, causal half, per token
-        Q, N, P, H = cfg.chunk_size, cfg.d_state, cfg.headdim, cfg.mamba_heads
-        ssd = 2 * H * (Q * N / 2 + Q * P / 2 + 2 * N * P)  # C B^T, (CB.L) x, states, C h
+        ssd = ssd_flops(cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.chunk_size)
         return flops + 3 * (cfg.pattern.count("*") * attn + cfg.pattern.count("M") * ssd)
 
     def hidden(self, idx, cache=None, seq_idx=None):

@@ -56,3 +56,17 @@ def test_main_quick(monkeypatch, capsys):
     bench.main()
     out = capsys.readouterr().out
     assert "decode" in out and "target <= 1.3" in out
+
+
+def test_kernels_quick(monkeypatch, capsys):
+    """bench.py kernels --quick: the reference SSD timed (the Triton one too on a GPU or under the
+    interpreter), the table printed."""
+    monkeypatch.setattr(sys, "argv", ["bench.py", "kernels", "--quick"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "chunked SSD" in out and "reference" in out
+
+
+def test_config_from_file_reads_the_gpu_config():
+    cfg = bench.config_from_file("config/gpu_125m.py")
+    assert cfg.d_model == 768 and cfg.chunk_size == 128 and cfg.pattern.count("M") == 10
