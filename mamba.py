@@ -208,7 +208,7 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u, cache=None, seq_idx=None):
         Bsz, T, _ = u.shape
-        if cache is not None and T == 1:
+        if cache is not None and (T == 1 or cache.get("keep")):
             return self.step(u, cache)
         assert seq_idx is None or cache is None, "packed documents are for training, not decoding"
         zxbcdt = self.in_proj(u)  # (B, T, d_inner + conv_dim + H)
@@ -239,24 +239,40 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y.to(u.dtype))
 
     def step(self, u, cache):
-        """One token (B, 1, d_model) in O(1): shift the conv window, one recurrence step."""
-        zxbcdt = self.in_proj(u[:, 0])  # (B, d_inner + conv_dim + H)
+        """k <= 8 tokens (B, k, d_model) from the cache in O(k): extend the conv window, run the
+        recurrence token by token. With cache["keep"] set (speculative decoding), the conv window
+        and the state after every token are kept in cache["history"], so that rollback() can
+        return to any of them."""
+        Bsz, k, _ = u.shape
+        zxbcdt = self.in_proj(u)  # (B, k, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        fast = kernels.use_triton(u)
+        fast, keep = kernels.use_triton(u), cache.get("keep", False)
+        window = torch.cat([cache["conv"], xBC.transpose(1, 2)], dim=-1) if keep or not fast else None
         if fast:
-            xBC, cache["conv"] = kernels.conv_update(cache["conv"], xBC[:, None], self.conv1d.weight,
-                                                     self.conv1d.bias)  # (B, 1, conv_dim)
-            xBC = xBC[:, 0]
-        else:
-            window = torch.cat([cache["conv"], xBC[:, :, None]], dim=-1)  # (B, conv_dim, K)
-            cache["conv"] = window[:, :, 1:]
-            xBC = F.silu(torch.einsum("bck,ck->bc", window, self.conv1d.weight[:, 0]) + self.conv1d.bias)
+            xBC, cache["conv"] = kernels.conv_update(cache["conv"], xBC, self.conv1d.weight, self.conv1d.bias)
+        else:  # (B, conv_dim, k, K) windows, one per new token
+            xBC = torch.einsum("bctk,ck->btc", window.unfold(2, self.K, 1), self.conv1d.weight[:, 0])
+            xBC = F.silu(xBC + self.conv1d.bias)  # (B, k, conv_dim)
+            cache["conv"] = window[:, :, k:]
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
-        dt, A = self.discretize(dt)  # (B, H), (H,)
-        x, B, C = x.view(-1, self.H, self.P), B.view(-1, self.G, self.N), C.view(-1, self.G, self.N)
+        dt, A = self.discretize(dt)  # (B, k, H), (H,)
+        x, B, C = x.view(Bsz, k, self.H, self.P), B.view(Bsz, k, self.G, self.N), C.view(Bsz, k, self.G, self.N)
         if fast:  # updates cache["ssm"] in place
-            y = kernels.ssd_update(cache["ssm"], x[:, None], dt[:, None], A, B[:, None], C[:, None], self.D)[0]
+            y, states = kernels.ssd_update(cache["ssm"], x, dt, A, B, C, self.D, save_states=keep)
         else:
-            y, cache["ssm"] = ssd_step(cache["ssm"], x, dt, A, B, C, self.D)
-        y = self.norm(y.view(-1, 1, self.d_inner), z[:, None])  # (B, 1, d_inner)
+            ys, states = [], []
+            for t in range(k):
+                y_t, cache["ssm"] = ssd_step(cache["ssm"], x[:, t], dt[:, t], A, B[:, t], C[:, t], self.D)
+                ys.append(y_t)
+                states.append(cache["ssm"])
+            y, states = torch.stack(ys, dim=1), torch.stack(states, dim=1)  # (B, k, H, P), (B, k, H, P, N)
+        if keep:
+            cache["history"] = (window, states)
+        y = self.norm(y.reshape(Bsz, k, self.d_inner), z)  # (B, k, d_inner)
         return self.out_proj(y.to(u.dtype))
+
+    def rollback(self, cache, j):
+        """Return the cache to its state after the j-th (0-based) token of the last step()."""
+        window, states = cache.pop("history")
+        cache["conv"] = window[:, :, j + 1:j + self.K].contiguous()  # the last K-1 inputs up to token j
+        cache["ssm"] = states[:, j].contiguous()  # fp32, updated in place by the decode kernel

@@ -62,6 +62,11 @@ class NemotronConfig:
     topk_group: int = 1                   # groups a token may route into
     routed_scaling_factor: float = 1.0    # multiplies the normalised routing weights
     norm_topk_prob: bool = True           # normalise the chosen weights to sum to one
+    # multi-token prediction (MTP): depth k at position i predicts token i+k+1
+    mtp_depth: int = 0                    # D, the number of MTP depths trained (0: none)
+    mtp_pattern: str = "*E"               # each depth's block stack: attention, MLP, MoE (no Mamba)
+    mtp_share: bool = False               # one set of MTP weights for every depth (and any draft length)
+    mtp_loss_weight: float = 0.3          # lambda: training loss = main + lambda * mean of the D MTP losses
 
     def __post_init__(self):
         self.dt_limit = tuple(self.dt_limit)  # a list after JSON / ckpt round trips
@@ -73,6 +78,9 @@ class NemotronConfig:
         assert self.topk_group <= self.n_group and self.top_k <= self.n_experts
         assert self.top_k <= self.topk_group * self.n_experts // self.n_group, "too few experts in reach"
         assert not self.rope or self.head_dim % 2 == 0
+        bad = set(self.mtp_pattern) - set("*-E")
+        assert self.mtp_depth == 0 or (self.mtp_pattern and not bad), \
+            f"mtp_pattern {self.mtp_pattern!r}: MTP blocks are attention (*), MLP (-) or MoE (E)"
         self.n_layer = len(self.pattern)
 
     def to_dict(self):
@@ -117,6 +125,29 @@ class Block(nn.Module):
         return x + h
 
 
+class MTPDepth(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3, arXiv:2412.19437 Sec. 2.2; Nemotron 3):
+        h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)])    (2d -> d; the embedding comes first,
+                                                              as NVIDIA's checkpoints and vLLM read it)
+        h^k_i = final_layernorm(blocks(h'_i))                (blocks given by mtp_pattern)
+    h_i is the previous depth's output (the main model's final hidden state for k = 1); the
+    model's embedding and LM head are shared, so depth k's logits are lm_head(h^k_i)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.layers = nn.ModuleList(Block(cfg, kind) for kind in cfg.mtp_pattern)
+        self.final_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, h, emb, cache=None, seq_idx=None):
+        x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))  # (B, T, d)
+        for i, block in enumerate(self.layers):
+            x = block(x, None if cache is None else cache[i], seq_idx)
+        return self.final_layernorm(x)
+
+
 class Nemotron(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -127,6 +158,8 @@ class Nemotron(nn.Module):
             norm_f=RMSNorm(config.d_model, config.norm_eps),
         ))
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.mtp_depth:  # one set of weights per depth, or one shared by all
+            self.mtp = nn.ModuleList(MTPDepth(config) for _ in range(1 if config.mtp_share else config.mtp_depth))
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embeddings.weight
         if self.lm_head.weight.device.type != "meta":
@@ -175,7 +208,8 @@ class Nemotron(nn.Module):
             n += self.lm_head.weight.numel()  # the head still computes
         if active:
             per_expert = 2 * (cfg.moe_latent_size or cfg.d_model) * cfg.moe_d_ff
-            n -= cfg.pattern.count("E") * (cfg.n_experts - cfg.top_k) * per_expert
+            n_moe = cfg.pattern.count("E") + (len(self.mtp) * cfg.mtp_pattern.count("E") if cfg.mtp_depth else 0)
+            n -= n_moe * (cfg.n_experts - cfg.top_k) * per_expert
         return n
 
     def flops_per_token(self, T):
@@ -186,7 +220,16 @@ class Nemotron(nn.Module):
         flops = 6 * self.num_params(active=True)
         attn = 2 * 2 * cfg.n_head * cfg.head_dim * T / 2  # QK^T and AV, causal half, per token
         ssd = ssd_flops(cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.chunk_size)
-        return flops + 3 * (cfg.pattern.count("*") * attn + cfg.pattern.count("M") * ssd)
+        n_attn = cfg.pattern.count("*")
+        if cfg.mtp_depth:  # every depth runs its blocks and the LM head once more per token
+            per_depth = sum(p.numel() for p in self.mtp[0].parameters())
+            if cfg.mtp_pattern.count("E"):
+                per_depth -= cfg.mtp_pattern.count("E") * (cfg.n_experts - cfg.top_k) * \
+                    2 * (cfg.moe_latent_size or cfg.d_model) * cfg.moe_d_ff
+            flops += 6 * (cfg.mtp_depth * (per_depth + self.lm_head.weight.numel())
+                          - len(self.mtp) * per_depth)  # num_params counted each weight set once
+            n_attn += cfg.mtp_depth * cfg.mtp_pattern.count("*")
+        return flops + 3 * (n_attn * attn + cfg.pattern.count("M") * ssd)
 
     def hidden(self, idx, cache=None, seq_idx=None):
         x = self.backbone.embeddings(idx)  # (B, T, d)
@@ -196,12 +239,37 @@ class Nemotron(nn.Module):
 
     def forward(self, idx, targets=None, seq_idx=None):
         """idx (B, T) -> logits (B, T, vocab), and the mean cross-entropy if targets are given.
-        seq_idx (B, T): document ids of packed sequences; no token then sees another document."""
-        logits = self.lm_head(self.hidden(idx, seq_idx=seq_idx)).float()  # (B, T, vocab)
+        seq_idx (B, T): document ids of packed sequences; no token then sees another document.
+        With MTP depths and in training mode, the loss is main + mtp_loss_weight * mean of the
+        depths' losses, and self.mtp_losses holds the D depth losses (detached) for the log; in
+        eval mode it is the main model's loss alone."""
+        h = self.hidden(idx, seq_idx=seq_idx)  # (B, T, d)
+        logits = self.lm_head(h).float()  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if self.config.mtp_depth and self.training:
+                mtp = self.mtp_loss(h, idx, targets, seq_idx)
+                self.mtp_losses = [l.detach() for l in mtp]
+                loss = loss + self.config.mtp_loss_weight * torch.stack(mtp).mean()
         return logits, loss
+
+    def mtp_depth_module(self, k):
+        """The weights of depth k (1-based): its own, or the one shared set."""
+        return self.mtp[0] if self.config.mtp_share else self.mtp[k - 1]
+
+    def mtp_loss(self, h, idx, targets, seq_idx=None):
+        """The cross-entropy of each MTP depth k = 1..D: at position i it reads the previous
+        depth's h_i and the embedding of t_{i+k} (= idx[i+k]) and predicts t_{i+k+1} (=
+        targets[i+k]), so depth k covers the first T-k positions."""
+        T, losses = idx.size(1), []
+        for k in range(1, min(self.config.mtp_depth, T - 1) + 1):
+            emb = self.backbone.embeddings(idx[:, k:])  # (B, T-k, d)
+            h = self.mtp_depth_module(k)(h[:, :T - k], emb, seq_idx=None if seq_idx is None else seq_idx[:, :T - k])
+            logits = self.lm_head(h).float()  # (B, T-k, vocab)
+            losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, k:].reshape(-1),
+                                          ignore_index=-1))
+        return losses
 
     # -------------------------------------------------------------------------
     # decoding
@@ -232,10 +300,103 @@ class Nemotron(nn.Module):
                 logits = self.lm_head(self.hidden(nxt, cache)[:, -1]).float()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
-        """idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy."""
-        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p))
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, speculative=0):
+        """idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy. speculative=k drafts k
+        tokens per step with the MTP depths and verifies them in one forward (batch 1): greedy
+        output is the same token for token, sampled output has the same distribution."""
+        if speculative:
+            new = list(self.speculative_stream(idx, max_new_tokens, speculative, temperature, top_k, top_p))
+        else:
+            new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p))
         return torch.cat([idx, *new], dim=1)
+
+    # -------------------------------------------------------------------------
+    # self-speculative decoding with the MTP depths
+    #
+    # Committed: the tokens t_0 .. t_n, the main model's caches through position n-1 (t_n is the
+    # next input), and its final hidden states h_i. One round:
+    #   1) draft: depth j = 1..k reads (h^{j-1}_i, t_{i+j}) at each position i of a short window
+    #      [s, n-1] and its output at n-1 proposes d_j for t_{n+j} (t_{n+j} itself for i+j > n is a
+    #      draft: d_{i+j-n}). Recomputing the window keeps each depth's attention cache exactly
+    #      what training saw: entries before s used committed tokens only, and are kept.
+    #   2) verify: the main model reads [t_n, d_1 .. d_k] in one forward (k+1 positions); its
+    #      logits at position n+j-1 judge d_j, and the one after the last accepted draft gives a
+    #      token of its own, so a round emits 1 .. k+1 tokens.
+    #   3) roll back to the last accepted position: attention caches just forget the entries past
+    #      it; a Mamba layer cannot un-apply its recurrence, so in this forward it runs token by
+    #      token and keeps the conv window and the SSM state after every token (the k-token decode
+    #      kernel's saved states on a GPU, ssd_step on a CPU), and takes back the one it needs.
+
+    def mtp_cache(self, max_len):
+        """Per MTP block: an attention KV cache, or None (MLP and MoE keep nothing)."""
+        p = self.lm_head.weight
+        return [b.mixer.new_cache(1, max_len, p.device, p.dtype) if b.kind == "*" else None
+                for b in self.mtp[0].layers]
+
+    def rollback(self, cache, n_new, j):
+        """Keep the first j+1 of the n_new positions the last forward appended to cache."""
+        for block, c in zip(self.backbone.layers, cache):
+            if block.kind == "M":
+                block.mixer.rollback(c, j)
+            elif block.kind == "*":
+                c["pos"] -= n_new - (j + 1)
+
+    @torch.no_grad()
+    def speculative_stream(self, idx, max_new_tokens, k, temperature=1.0, top_k=None, top_p=None, stats=None):
+        """Yields max_new_tokens tokens (1, 1) as generate_stream does, drafting k tokens per round
+        with the MTP depths. stats, a dict, receives "rounds", "drafted" and "accepted" per draft
+        position (for the acceptance rate)."""
+        cfg = self.config
+        if idx.size(0) != 1:
+            raise ValueError("speculative decoding runs one sequence at a time (batch 1)")
+        if not cfg.mtp_depth:
+            raise ValueError("speculative decoding drafts with the MTP depths: this model has none (mtp_depth=0)")
+        if not 1 <= k <= (7 if cfg.mtp_share else min(7, cfg.mtp_depth)):
+            raise ValueError(f"speculative={k}: 1 .. {7 if cfg.mtp_share else min(7, cfg.mtp_depth)} "
+                             f"draft tokens (one per MTP depth unless mtp_share; at most 7)")
+        stats = stats if stats is not None else {}
+        stats.update(rounds=0, drafted=0, accepted=[0] * k)
+        max_len = idx.size(1) + max_new_tokens + k + 1
+        cache = self.new_cache(1, max_len)
+        mtp_caches = [self.mtp_cache(max_len) for _ in range(k)]
+        embed, head = self.backbone.embeddings, self.lm_head
+        H = self.hidden(idx, cache)  # (1, n, d): main hidden states of the window [s, n-1]
+        for c in cache:
+            if c is not None and "ssm" in c:
+                c["keep"] = True  # from now on, Mamba layers keep every state of a forward
+        seq = torch.cat([idx, sample_next(head(H[:, -1]).float(), temperature, top_k, top_p)], dim=1)
+        yield seq[:, -1:]
+        emitted, s = 1, 0
+        while emitted < max_new_tokens:
+            n = seq.size(1) - 1
+            # 1) draft d_1 .. d_k, depth by depth over the window [s, n-1]
+            h, ext, q = H, seq, []
+            for j in range(1, k + 1):
+                for c in mtp_caches[j - 1]:
+                    if c is not None:
+                        c["pos"] = s  # entries from s on are recomputed
+                h = self.mtp_depth_module(j)(h, embed(ext[:, s + j:n + j]), mtp_caches[j - 1])  # (1, n-s, d)
+                q.append(probabilities(head(h[:, -1]).float(), temperature, top_k, top_p))  # (1, vocab)
+                ext = torch.cat([ext, pick(q[-1], temperature)], dim=1)
+            drafts = ext[:, n + 1:]  # (1, k)
+            # 2) verify: the main model over [t_n, d_1 .. d_k]
+            hv = self.hidden(ext[:, n:], cache)  # (1, k+1, d)
+            p = probabilities(head(hv[0]).float(), temperature, top_k, top_p)  # (k+1, vocab)
+            j, nxt = accept(drafts[0], torch.cat(q), p, temperature)  # drafts kept, the verifier's token
+            # 3) roll back to position n+j, the last accepted draft
+            self.rollback(cache, k + 1, j)
+            stats["rounds"] += 1
+            stats["drafted"] += k
+            for i in range(j):
+                stats["accepted"][i] += 1
+            new = torch.cat([drafts[:, :j], nxt.view(1, 1)], dim=1)  # (1, j+1)
+            for i in range(min(j + 1, max_new_tokens - emitted)):
+                yield new[:, i:i + 1]
+            emitted += j + 1
+            seq = torch.cat([seq, new], dim=1)
+            H = torch.cat([H, hv[:, :j + 1]], dim=1)
+            s_next = max(0, n - k + 1)  # depth j's entries before it used committed tokens only
+            H, s = H[:, s_next - s:], s_next
 
     # -------------------------------------------------------------------------
     # checkpoints: ours and Hugging Face NemotronH
@@ -274,10 +435,11 @@ class CheckpointError(Exception):
     """A checkpoint or Hugging Face folder this code cannot read; the message says why."""
 
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
-    """logits (B, vocab) -> next token (B, 1): greedy, or temperature / top-k / top-p sampling."""
+def probabilities(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, vocab) -> the distribution sampling draws from (B, vocab): temperature, then
+    top-k and top-p filtering. temperature=0 returns the logits untouched (greedy takes argmax)."""
     if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
+        return logits
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)))[0][:, -1:]
@@ -287,7 +449,39 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
         probs = sorted_logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1)
+    return logits.softmax(-1)
+
+
+def pick(probs, temperature):
+    """A token (B, 1) from probabilities(): argmax when greedy, else a draw."""
+    return probs.argmax(-1, keepdim=True) if temperature == 0 else torch.multinomial(probs, 1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, vocab) -> next token (B, 1): greedy, or temperature / top-k / top-p sampling."""
+    return pick(probabilities(logits, temperature, top_k, top_p), temperature)
+
+
+def accept(drafts, q, p, temperature):
+    """Speculative acceptance of k drafts. drafts (k,), q (k, vocab) the draft distributions they
+    were drawn from, p (k+1, vocab) the verifier's at the same positions and one past them.
+    Returns j, the number of drafts kept, and the verifier's own next token (a tensor).
+    Greedy: keep drafts while they equal the verifier's argmax, then add its argmax.
+    Sampling (Leviathan et al. 2023, Chen et al. 2023): keep d_i with probability
+    min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw from norm(max(p_i - q_i, 0)); if all
+    are kept draw from p_k. The tokens emitted are then distributed exactly as p's own draws."""
+    k = drafts.numel()
+    if temperature == 0:
+        target = p.argmax(-1)  # (k+1,)
+        j = int((drafts == target[:k]).long().cumprod(0).sum())
+        return j, target[j]
+    for i in range(k):
+        d = drafts[i]
+        if torch.rand(()) * q[i, d] <= p[i, d]:  # accepted with probability min(1, p/q)
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        return i, torch.multinomial(residual / residual.sum(), 1)[0]
+    return k, torch.multinomial(p[k], 1)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -350,6 +544,11 @@ def config_from_hf(hf):
     if isinstance(hi, dict):  # transformers 5 writes infinity as {"__float__": "Infinity"}
         hi = hi.get("__float__")
     args["dt_limit"] = (args["dt_min"], float(hi))
+    n_mtp = hf.get("num_nextn_predict_layers") or 0
+    if n_mtp:  # one weight set (Nemotron 3 Super) is shared by every draft step
+        kinds = hf.get("mtp_layers_block_type")
+        mtp = "".join(HF_LAYER_KINDS.get(t, "?") for t in kinds) if kinds else hf.get("mtp_hybrid_override_pattern", "*E")
+        args.update(mtp_depth=n_mtp, mtp_pattern=mtp, mtp_share=n_mtp == 1)
     try:
         return NemotronConfig(**args)
     except (AssertionError, TypeError) as e:
@@ -370,12 +569,43 @@ def config_to_hf(cfg):
     hf.update({key: getattr(cfg, ours) for ours, (key, _, _) in HF_CONFIG_KEYS.items()})
     hf["time_step_min"] = cfg.dt_limit[0]  # transformers clamps dt at time_step_min
     hf["time_step_limit"] = [cfg.dt_limit[0], cfg.dt_limit[1]]
+    if cfg.mtp_depth:
+        hf["num_nextn_predict_layers"] = 1 if cfg.mtp_share else cfg.mtp_depth
+        hf["mtp_layers_block_type"] = [{"*": "full_attention", "-": "mlp", "E": "moe"}[c] for c in cfg.mtp_pattern]
+        hf["mtp_hybrid_override_pattern"] = cfg.mtp_pattern  # the older key
     return hf
 
 
-def hf_to_ours(key):
-    """HF parameter name -> (our name, expert index or None)."""
+# MTP weights. NVIDIA's checkpoints (as vLLM's and SGLang's NemotronH-MTP loaders read them) number
+# the blocks of all MTP weight sets in one flat list, L = len(mtp_pattern) per set:
+#     mtp.layers.{s*L}.enorm / hnorm / eh_proj        the fusion at the start of set s
+#     mtp.layers.{s*L+j}.norm / mixer.*                block j of set s (experts one by one)
+#     mtp.layers.{s*L+L-1}.final_layernorm            its final norm
+# eh_proj reads [enorm(embedding); hnorm(hidden)], embedding first. Ours: mtp.{s}.enorm, ...,
+# mtp.{s}.layers.{j}.*, mtp.{s}.final_layernorm.
+
+def mtp_to_hf(name, L):
+    m = re.match(r"mtp\.(\d+)\.(layers\.(\d+)\.)?(.*)", name)
+    s, j, rest = int(m[1]), m[3], m[4]
+    if j is not None:
+        return f"mtp.layers.{s * L + int(j)}.{rest}"
+    return f"mtp.layers.{s * L + (L - 1 if rest.startswith('final_layernorm') else 0)}.{rest}"
+
+
+def mtp_from_hf(key, L):
+    m = re.match(r"mtp\.layers\.(\d+)\.(.*)", key)
+    s, j = divmod(int(m[1]), L)
+    rest = m[2]
+    if rest.split(".")[0] in ("enorm", "hnorm", "eh_proj", "final_layernorm"):
+        return f"mtp.{s}.{rest}"
+    return f"mtp.{s}.layers.{j}.{rest}"
+
+
+def hf_to_ours(key, L=1):
+    """HF parameter name -> (our name, expert index or None); L: blocks per MTP weight set."""
     key = re.sub(r"^model\.", "backbone.", key)
+    if key.startswith("mtp.layers."):
+        key = mtp_from_hf(key, L)
     m = re.match(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$", key)
     if m:
         return f"{m[1]}.{m[3]}", int(m[2])
@@ -411,9 +641,7 @@ def load_hf(folder, dtype=None, device="cpu"):
     for fname in files:
         with safe_open(os.path.join(folder, fname), framework="pt", device=str(device)) as f:
             for key in f.keys():
-                name, expert = hf_to_ours(key)
-                if name.startswith("mtp.") or key.startswith("mtp."):
-                    continue  # multi-token-prediction layers: loaded by the MTP issue
+                name, expert = hf_to_ours(key, len(config.mtp_pattern))
                 if name == "lm_head.weight" and config.tie_embeddings:
                     continue  # the head is the embedding table
                 if name not in params:
@@ -470,6 +698,8 @@ def save_hf(model, folder, max_shard_bytes=5 * 2**30):
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             t = t.clone()  # transformers' NemotronH never ties: it reads lm_head.weight itself
+        if name.startswith("mtp."):
+            name = mtp_to_hf(name, len(cfg.mtp_pattern))
         if re.search(r"\.experts\.(up_proj|down_proj)$", name):
             base, leaf = name.rsplit(".", 1)
             tensors.update({f"{base}.{e}.{leaf}.weight": t[e].contiguous() for e in range(t.size(0))})

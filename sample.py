@@ -4,6 +4,7 @@ sample.py: load a model and stream a continuation of a prompt. Read after model.
     python sample.py --init_from=out --start="def fib(n):"
     python sample.py --init_from=path/to/hf_folder --start=FILE:prompt.txt --temperature=0
     python sample.py --init_from=out/ckpt.pt --num_samples=3 --top_k=50 --top_p=0.95
+    python sample.py --init_from=out-mtp --speculative=2   # MTP drafts 2 tokens, one verification each
 
 --init_from is a train.py out_dir, a ckpt.pt of ours, or a Hugging Face NemotronH folder
 (Model.from_pretrained reads all three). The tokenizer comes from the run's data set
@@ -28,6 +29,7 @@ max_new_tokens = 200      # tokens generated per sample
 temperature = 0.8         # 1.0 = the model's distribution, < 1 sharper, 0 = greedy
 top_k = None              # keep only the k most likely tokens (None: all)
 top_p = None              # keep the smallest set of tokens whose probability reaches p (None: all)
+speculative = 0           # self-speculative decoding: the MTP depths draft this many tokens per step (0: off)
 seed = 1337               # torch seed, so that sampling is reproducible
 device = 'auto'           # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'            # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16', 'float16'
@@ -118,7 +120,10 @@ def stream_sample(model, tokenizer, ids, dev):
     printed = tokenizer.decode(known(ids))
     print(printed, end='', flush=True)
     tokens, n, t0, t_first = list(ids), 0, time.time(), None
-    for nxt in model.generate_stream(x, max_new_tokens, temperature, top_k, top_p):
+    stats = {}
+    gen = model.speculative_stream(x, max_new_tokens, speculative, temperature, top_k, top_p, stats) \
+        if speculative else model.generate_stream(x, max_new_tokens, temperature, top_k, top_p)
+    for nxt in gen:
         tok = nxt.item()  # the .item() syncs, so the timings below are honest on a GPU too
         t_first = t_first or time.time()
         n += 1
@@ -135,6 +140,10 @@ def stream_sample(model, tokenizer, ids, dev):
     rate = (n - 1) / dt_decode if n > 1 and dt_decode > 0 else float('nan')
     note(f"[{n} tokens in {dt:.2f} s: prefill of {len(ids)} tokens {(t_first or t0) - t0:.2f} s, "
          f"then {rate:.1f} tok/s]")
+    if stats.get('rounds'):  # tokens per verification: the accepted drafts plus the verifier's own
+        per_pos = ' '.join(f"{a / stats['rounds']:.2f}" for a in stats['accepted'])
+        note(f"[speculative={speculative}: {1 + sum(stats['accepted']) / stats['rounds']:.2f} tokens per "
+             f"verification over {stats['rounds']} rounds; acceptance by draft position {per_pos}]")
 
 
 def main():
@@ -155,6 +164,11 @@ def main():
         die(f"cannot encode the prompt: {e}")
     if not ids:
         die("the prompt is empty: give --start some text (the default is a newline)")
+    if speculative and not model.config.mtp_depth:
+        die(f"--speculative={speculative}: the model has no MTP depths to draft with (train with --mtp_depth=N)")
+    if speculative and not 1 <= speculative <= (7 if model.config.mtp_share else min(7, model.config.mtp_depth)):
+        die(f"--speculative={speculative}: this model drafts 1 .. "
+            f"{7 if model.config.mtp_share else min(7, model.config.mtp_depth)} tokens (one per MTP depth unless mtp_share)")
     if max(ids) >= model.config.vocab_size:
         die(f"the tokenizer produced id {max(ids)}, beyond the model's vocab_size {model.config.vocab_size}")
     for _ in range(num_samples):

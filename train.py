@@ -77,6 +77,10 @@ n_group = 1                     # expert groups for group-limited routing
 topk_group = 1                  # groups a token may route into
 routed_scaling_factor = 1.0     # scale of the normalised routing weights
 norm_topk_prob = True           # normalise the chosen experts' weights to sum to 1
+mtp_depth = 0                   # multi-token prediction: D extra depths, depth k predicts token i+k+1 (0: none)
+mtp_pattern = '*E'              # each MTP depth's blocks (attention, MLP, MoE; Nemotron 3 Super: '*E')
+mtp_share = False               # one set of MTP weights for every depth (Nemotron 3 Super)
+mtp_loss_weight = 0.3           # lambda: loss = main + lambda * mean of the MTP depths' losses
 moe_bias_rate = 1e-2            # aux-loss-free balancing: bias step per optimizer step (0: off); DeepSeek-V3 uses 1e-3 over far longer runs
 # optimizer: AdamW, weight decay on matrices only
 learning_rate = 4e-3            # peak learning rate
@@ -405,11 +409,15 @@ for iter_num in range(start_iter, max_iters + 1):
         tok_s = tokens_per_iter / dt
         mfu = flops_per_iter / dt / (peak_flops * ddp_world_size) if peak_flops > 0 else None
         moe = balance_metrics(stats) if stats is not None else {}
+        # the MTP depths' losses of the last micro-step (the loss above includes lambda times their mean)
+        mtp = {'mtp_losses': [l.item() for l in raw_model.mtp_losses]} if mtp_depth else {}
         pbar.set_postfix_str(f"loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
                              f" | mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}"
-                             + (f" | moe load max/mean {max(moe['load_max_over_mean']):.2f}" if moe else ""))
+                             + (f" | moe load max/mean {max(moe['load_max_over_mean']):.2f}" if moe else "")
+                             + (f" | mtp {' '.join(f'{l:.3f}' for l in mtp['mtp_losses'])}" if mtp else ""))
         if master_process:
-            log({'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s, 'mfu': mfu, **moe})
+            log({'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s, 'mfu': mfu,
+                 **moe, **mtp})
     pbar.update(1)
 pbar.close()
 

@@ -225,3 +225,13 @@ def test_doc_masking(docs_dataset, tmp_path):
         losses[flag] = [r['loss'] for r in read_log(out) if 'loss' in r]
     assert all(math.isfinite(x) for x in losses[True]) and losses[True] != losses[False]
     failed_cleanly(train(str(tmp_path / 'p'), '--doc_masking=True'), 'eot')
+
+
+def test_mtp_depths_train_and_log(tmp_path):
+    """--mtp_depth: the log carries each depth's loss, the logged loss includes lambda times their mean,
+    and the checkpoint holds the MTP weights (sample.py drafts with them)."""
+    out = str(tmp_path / 'mtp')
+    ok(train(out, '--mtp_depth=2', '--mtp_loss_weight=0.5', '--max_iters=3', '--eval_interval=3'))
+    rows = [r for r in read_log(out) if 'mtp_losses' in r]
+    assert rows and all(len(r['mtp_losses']) == 2 and r['loss'] > min(r['mtp_losses']) for r in rows)
+    assert any(k.startswith('mtp.1.') for k in load_model_state(out))

@@ -1,0 +1,170 @@
+"""
+Multi-token prediction and self-speculative decoding (model.py): the MTP losses against a direct
+computation, the Mamba/attention rollback against decoding the kept tokens one by one, greedy
+speculative output equal to plain greedy output token for token, rejection sampling that keeps the
+verifier's distribution, the mtp.* layout of Hugging Face folders, and the train.py / sample.py flags.
+
+    python -m pytest -q tests/test_mtp.py
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import assert_close
+from model import Nemotron, NemotronConfig, accept
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(d_model=64, pattern="M*M-E", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
+            headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return Nemotron(NemotronConfig(**{**TINY, **kw}))
+
+
+def test_mtp_loss_is_each_depth_shifted():
+    """Depth k reads h^{k-1}_i and Emb(idx[i+k]) and is scored on targets[i+k]; the training loss is
+    main + lambda * mean(depths), the eval loss the main model's alone; every MTP weight gets a gradient."""
+    model = tiny(mtp_depth=2, mtp_loss_weight=0.5)
+    x = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(1))
+    idx, targets = x[:, :-1], x[:, 1:]
+    model.train()
+    _, loss = model(idx, targets)
+    loss.backward()
+    h = model.hidden(idx)
+    main = F.cross_entropy(model.lm_head(h).flatten(0, 1), targets.flatten())
+    depths = []
+    for k in (1, 2):
+        h = model.mtp[k - 1](h[:, :20 - k], model.backbone.embeddings(idx[:, k:]))
+        depths.append(F.cross_entropy(model.lm_head(h).flatten(0, 1), targets[:, k:].flatten()))
+    assert_close(torch.stack(model.mtp_losses), torch.stack(depths), "depth losses", atol=1e-5)
+    assert_close(loss, main + 0.5 * (depths[0] + depths[1]) / 2, "training loss", atol=1e-5)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("mtp.") and "experts" not in n)
+    model.eval()
+    assert_close(model(idx, targets)[1], main, "eval loss", atol=1e-5)
+
+
+def test_shared_depths_have_one_weight_set():
+    shared, own = tiny(mtp_depth=3, mtp_share=True), tiny(mtp_depth=3)
+    assert len(shared.mtp) == 1 and len(own.mtp) == 3
+    assert shared.mtp_depth_module(3) is shared.mtp[0] and own.mtp_depth_module(3) is own.mtp[2]
+    per_set = sum(p.numel() for p in own.mtp[0].parameters())
+    assert own.num_params() - shared.num_params() == 2 * per_set
+    assert shared.flops_per_token(64) == own.flops_per_token(64)  # the same compute per token
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("j", [0, 1, 3])
+def test_rollback_resumes_as_if_only_kept_tokens_were_read(j):
+    """Read 4 tokens with every state kept, roll back to the j-th, read one more: the same logits
+    as reading the first j+1 tokens one at a time (Mamba conv and SSM states, attention caches)."""
+    model = tiny().eval()
+    g = torch.Generator().manual_seed(2)
+    prompt, new, last = (torch.randint(0, 256, s, generator=g) for s in ((1, 9), (1, 4), (1, 1)))
+    a = model.new_cache(1, 32)
+    model.hidden(prompt, a)
+    for c in a:
+        if c is not None and "ssm" in c:
+            c["keep"] = True
+    model.hidden(new, a)
+    model.rollback(a, 4, j)
+    b = model.new_cache(1, 32)
+    model.hidden(prompt, b)
+    for t in range(j + 1):
+        model.hidden(new[:, t:t + 1], b)
+    assert_close(model.hidden(last, a), model.hidden(last, b), "hidden after rollback", atol=1e-5)
+
+
+def binary_head(model):
+    """Make the LM head choose between tokens 1 and 2 by the sign of v.h: the MTP drafts then agree
+    with the verifier about half the time, so rounds keep 0 .. k drafts."""
+    with torch.no_grad():
+        v = torch.randn(model.config.d_model, generator=torch.Generator().manual_seed(3))
+        model.lm_head.weight.mul_(0.01)
+        model.lm_head.weight[1], model.lm_head.weight[2] = v, -v
+    return model
+
+
+@pytest.mark.parametrize("share,ks", [(True, (1, 2, 3, 4)), (False, (1, 2))])
+def test_greedy_speculative_equals_greedy(share, ks):
+    model = binary_head(tiny(mtp_depth=2, mtp_share=share)).eval()
+    partial = 0
+    for seed in range(3):
+        prompt = torch.randint(0, 256, (1, 3 + 5 * seed), generator=torch.Generator().manual_seed(seed))
+        plain = model.generate(prompt, 24, temperature=0)
+        for k in ks:
+            stats = {}
+            spec = torch.cat([prompt, *model.speculative_stream(prompt, 24, k, temperature=0, stats=stats)], 1)
+            assert torch.equal(spec, plain), (seed, k)
+            assert model.generate(prompt, 24, temperature=0, speculative=k).equal(plain)
+            partial += 0 < stats["accepted"][0] and stats["accepted"][-1] < stats["rounds"]
+    assert partial > 0, "no run kept some drafts and dropped others: the rollback went untested"
+
+
+def test_rejection_sampling_keeps_the_verifier_distribution():
+    """The first token a round emits (a kept draft, or the residual draw after a rejection) is
+    distributed as p, whatever q the draft came from: 20000 rounds, each probability within 0.015."""
+    torch.manual_seed(0)
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    q = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    counts = torch.zeros(4)
+    for _ in range(20000):
+        d = torch.multinomial(q[0], 1)
+        j, nxt = accept(d, q, p, temperature=1.0)
+        counts[d[0] if j == 1 else nxt] += 1
+    assert_close(counts / counts.sum(), p[0], "first token's distribution", atol=0.015)
+
+
+def test_sampled_speculative_decoding_runs():
+    model = tiny(mtp_depth=1, mtp_share=True).eval()
+    torch.manual_seed(4)
+    out = model.generate(torch.zeros(1, 3, dtype=torch.long), 20, temperature=0.9, top_k=20, speculative=3)
+    assert out.shape == (1, 23) and int(out.max()) < 256
+    with pytest.raises(ValueError, match="MTP"):
+        tiny().speculative_stream(torch.zeros(1, 3, dtype=torch.long), 5, 2).__next__()
+    with pytest.raises(ValueError, match="one per MTP depth"):
+        tiny(mtp_depth=2).speculative_stream(torch.zeros(1, 3, dtype=torch.long), 5, 3).__next__()
+
+
+def test_hf_folder_has_nvidia_mtp_layout(tmp_path):
+    """mtp.layers.{s*L+j}: fusion (enorm, hnorm, eh_proj) on the set's first block, final_layernorm on
+    its last, experts one by one; the folder loads back identically, and transformers still reads
+    the main model from it (it ignores mtp.*)."""
+    safetensors = pytest.importorskip("safetensors")
+    model = tiny(mtp_depth=2).eval()
+    model.save_pretrained(tmp_path)
+    with safetensors.safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    for key in ("mtp.layers.0.enorm.weight", "mtp.layers.0.hnorm.weight", "mtp.layers.0.eh_proj.weight",
+                "mtp.layers.0.mixer.q_proj.weight", "mtp.layers.1.mixer.experts.3.up_proj.weight",
+                "mtp.layers.1.final_layernorm.weight", "mtp.layers.2.eh_proj.weight", "mtp.layers.3.norm.weight"):
+        assert key in keys, key
+    back = Nemotron.from_pretrained(str(tmp_path)).eval()
+    assert (back.config.mtp_depth, back.config.mtp_pattern, back.config.mtp_share) == (2, "*E", False)
+    for (n, a), (m, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    transformers = pytest.importorskip("transformers")
+    transformers.utils.logging.set_verbosity_error()
+    theirs = transformers.NemotronHForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    x = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        assert_close(theirs(input_ids=x).logits, model(x)[0], "main logits", atol=1e-4)
+
+
+def test_sample_py_speculative_flag(tmp_path):
+    model = tiny(mtp_depth=1, mtp_share=True)
+    model.save_pretrained(tmp_path / "hf")
+    cmd = [sys.executable, "sample.py", f"--init_from={tmp_path / 'hf'}", "--max_new_tokens=12",
+           "--temperature=0", "--speculative=2", "--start=ab"]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "tokens per verification" in p.stderr, p.stderr[-2000:]
+    tiny().save_pretrained(tmp_path / "plain")
+    p = subprocess.run(cmd[:2] + [f"--init_from={tmp_path / 'plain'}", "--speculative=2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "no MTP depths" in p.stderr and "Traceback" not in p.stderr
