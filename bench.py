@@ -4,6 +4,7 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
     python bench.py            # train, then decode (about 5 minutes on a 2-core CPU)
     python bench.py train      # training tokens/s: ours hybrid, ours attention-only, transformers
     python bench.py decode     # cached decoding ms/token at contexts 256 .. 8192
+    python bench.py decode --init_from=out-mtp1 --speculative=2   # plain vs MTP-speculative greedy tok/s
     python bench.py kernels    # the Triton SSD vs the PyTorch reference, eager and compiled (a GPU's job)
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
@@ -373,6 +374,50 @@ def report_decode(res, steps, warmup):
         print(f"transformers ms/token at {hi} / at {lo}: {hf_flat:.2f}")
 
 
+def bench_speculative(model, prompts, max_new_tokens=128, k=2, rounds=2):
+    """Greedy decoding of each prompt, plain and with speculative=k, taking turns (a, b, a, b, ...):
+    {"plain", "speculative"}: tokens/s over all prompts and rounds (prefill included, as a user
+    waits for it), and "stats": drafts kept per verification (one speculative pass per prompt)."""
+    model.eval()
+    secs = {"plain": 0.0, "speculative": 0.0}
+    stats = {"rounds": 0, "accepted": [0] * k}
+    for r in range(rounds):
+        for p in prompts:
+            for name in secs:
+                t0 = time.perf_counter()
+                if name == "plain":
+                    out = list(model.generate_stream(p, max_new_tokens, temperature=0))
+                else:
+                    st = {}
+                    out = list(model.speculative_stream(p, max_new_tokens, k, temperature=0, stats=st))
+                    if r == 0:
+                        stats["rounds"] += st["rounds"]
+                        stats["accepted"] = [a + b for a, b in zip(stats["accepted"], st["accepted"])]
+                secs[name] += time.perf_counter() - t0
+                assert len(out) == max_new_tokens
+    tokens = rounds * len(prompts) * max_new_tokens
+    return {"plain": tokens / secs["plain"], "speculative": tokens / secs["speculative"], "stats": stats}
+
+
+def report_speculative(res, k, n_prompts, max_new_tokens):
+    st = res["stats"]
+    per_round = 1 + sum(st["accepted"]) / max(st["rounds"], 1)
+    print(f"\n== speculative decoding: greedy, batch 1, {n_prompts} prompts x {max_new_tokens} new tokens, "
+          f"k = {k} drafts per verification, {torch.get_num_threads()} threads")
+    print(f"plain {res['plain']:.1f} tok/s, speculative {res['speculative']:.1f} tok/s: "
+          f"{res['speculative'] / res['plain']:.2f}x (target >= 1.4x at k = 2)")
+    print(f"tokens per verification {per_round:.2f} (target >= 2.0 at k = 2); kept by draft position: "
+          + " ".join(f"{a / max(st['rounds'], 1):.2f}" for a in st["accepted"]))
+
+
+def val_prompts(model, data_dir, n=4, length=64):
+    """n prompts of `length` tokens from evenly spaced places of data_dir/val.bin."""
+    import numpy as np
+    data = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint32, mode="r")
+    starts = [i * (len(data) - length) // n for i in range(n)]
+    return [torch.from_numpy(data[s:s + length].astype(np.int64))[None] for s in starts]
+
+
 def run_kernels(quick):
     """bench.py kernels: realistic shapes on a GPU; on a CPU only the reference (eager and compiled)
     at a smaller size, and with --quick a smoke test (the Triton path too under TRITON_INTERPRET=1)."""
@@ -401,6 +446,10 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
+    parser.add_argument("--init_from", default=None,
+                        help="decode: a trained out_dir with MTP depths, to time --speculative on real text")
+    parser.add_argument("--speculative", type=int, default=2, help="drafts per verification with --init_from")
+    parser.add_argument("--dataset", default="pycode", help="where --init_from's prompts come from (val.bin)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -411,7 +460,7 @@ def main():
         dict(contexts=(256, 1024, 4096, 8192), steps=32, warmup=2)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"bench: torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}"
-          + ("" if args.what == "kernels" else
+          + ("" if args.what == "kernels" or args.init_from else
              f", config d_model={cfg.d_model} pattern={cfg.pattern!r} vocab={cfg.vocab_size}"))
     if load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
         print("note: the machine is busy (load > CPUs): threads that wait on each other make timings noisy; "
@@ -420,7 +469,13 @@ def main():
     if args.what in ("all", "train"):
         res = bench_train(cfg, hf=not args.no_hf, **train_kw)
         report_train(res, cfg, **train_kw)
-    if args.what in ("all", "decode"):
+    if args.what == "decode" and args.init_from:  # a trained MTP model: plain vs speculative greedy decoding
+        model = Nemotron.from_pretrained(args.init_from)
+        n, new_tokens = (2, 16) if args.quick else (4, 256)
+        prompts = val_prompts(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)
+        res = bench_speculative(model, prompts, new_tokens, args.speculative, rounds=1 if args.quick else 2)
+        report_speculative(res, args.speculative, n, new_tokens)
+    elif args.what in ("all", "decode"):
         res = bench_decode(cfg, hf=not args.no_hf, **decode_kw)
         report_decode(res, decode_kw["steps"], decode_kw["warmup"])
     if args.what == "kernels":

@@ -70,3 +70,14 @@ def test_kernels_quick(monkeypatch, capsys):
 def test_config_from_file_reads_the_gpu_config():
     cfg = bench.config_from_file("config/gpu_125m.py")
     assert cfg.d_model == 768 and cfg.chunk_size == 128 and cfg.pattern.count("M") == 10
+
+
+def test_bench_speculative_and_report(capsys):
+    """Plain vs speculative greedy decoding of an (untrained) MTP model: both produce every token."""
+    torch.manual_seed(0)
+    model = bench.Nemotron(NemotronConfig(**{**bench.QUICK, "mtp_depth": 1, "mtp_share": True}))
+    prompts = [torch.randint(0, 256, (1, 8)) for _ in range(2)]
+    res = bench.bench_speculative(model, prompts, max_new_tokens=6, k=2, rounds=1)
+    assert res["plain"] > 0 and res["speculative"] > 0 and res["stats"]["rounds"] >= 3
+    bench.report_speculative(res, 2, 2, 6)
+    assert "tokens per verification" in capsys.readouterr().out
