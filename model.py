@@ -288,15 +288,22 @@ class Nemotron(nn.Module):
         return cache
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, steer=None):
         """Yields max_new_tokens tokens of shape (B, 1): one prefill forward over the prompt
-        (the chunked SSD hands its final state to the cache), then one token at a time."""
+        (the chunked SSD hands its final state to the cache), then one token at a time.
+        steer(token (B, 1)) -> tokens (B, m >= 1) may replace each sampled token by others, which
+        are emitted and read as if sampled (a thinking budget closes its section this way)."""
         cache = self.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
         logits = self.lm_head(self.hidden(idx, cache)[:, -1]).float()  # (B, vocab)
-        for i in range(max_new_tokens):
+        emitted = 0
+        while emitted < max_new_tokens:
             nxt = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
-            yield nxt
-            if i + 1 < max_new_tokens:
+            if steer is not None:
+                nxt = steer(nxt)[:, :max_new_tokens - emitted]  # (B, m)
+            for i in range(nxt.size(1)):
+                yield nxt[:, i:i + 1]
+            emitted += nxt.size(1)
+            if emitted < max_new_tokens:
                 logits = self.lm_head(self.hidden(nxt, cache)[:, -1]).float()
 
     @torch.no_grad()

@@ -118,3 +118,88 @@ def test_bad_input_is_one_clear_message(saved, bad, capsys, monkeypatch):
     rc, out, err = run_inline(capsys, monkeypatch, *args, "--max_new_tokens=4")
     assert rc == 1
     assert err.startswith("error:") and str(path) in err
+
+
+# -----------------------------------------------------------------------------
+# reasoning controls: chat format, thinking budget (with forced logits)
+
+def sample_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sample_mod", os.path.join(REPO, "sample.py"))
+    mod = importlib.util.module_from_spec(spec)
+    argv, sys.argv = sys.argv, ["sample.py"]
+    try:
+        spec.loader.exec_module(mod)  # defines the globals and functions; main() only runs as __main__
+    finally:
+        sys.argv = argv
+    return mod
+
+
+class ScriptedHead(torch.nn.Module):
+    """An LM head that ignores its input and makes greedy decoding spell out `text`, byte by byte."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.ids, self.i = list(text.encode()), 0
+        self.register_buffer("weight", torch.zeros(1))  # new_cache reads the head's device and dtype
+
+    def forward(self, h):
+        logits = torch.full((h.shape[0], 256), -1e9)
+        logits[:, self.ids[min(self.i, len(self.ids) - 1)]] = 0.0
+        self.i += 1
+        return logits
+
+
+def steered(prompt, script, budget, grace):
+    """The text greedy decoding produces after `prompt` with a thinking budget, the head forced to `script`."""
+    from data.tokenizer import ByteTokenizer
+    sample = sample_module()
+    torch.manual_seed(0)
+    model = Nemotron(NemotronConfig(**TINY)).eval()
+    model.lm_head = ScriptedHead(script)
+    tok = ByteTokenizer()
+    ids = tok.encode(prompt)
+    steer = sample.ThinkingBudget(tok, ids, budget, grace)
+    out = model.generate_stream(torch.tensor([ids]), len(script) + 12, temperature=0, steer=steer)
+    return tok.decode([t.item() for t in out])
+
+
+def test_chat_prompt_switches_thinking():
+    sample = sample_module()
+    on, off = sample.chat_prompt("2+2?", "on"), sample.chat_prompt("2+2?", "off")
+    assert "/think\n" in on and on.endswith("<|assistant|>\n<think>\n")
+    assert "/no_think\n" in off and off.endswith("<think></think>\n")
+    nano = "{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    assert sample.chat_prompt("hi", "off", nano + "{# /no_think #}") == "[system:/no_think][user:hi]<a>"
+    llama = nano + "{# detailed thinking #}"
+    assert sample.chat_prompt("hi", "on", llama) == "[system:detailed thinking on][user:hi]<a>"
+
+
+def test_thinking_budget_closes_at_the_next_newline():
+    """Budget 4: past it, the section closes right after the first newline within the grace window."""
+    text = steered("<think>\n", "abcdef\nghijklmnop", budget=4, grace=8)
+    assert text.startswith("abcdef\n</think>\nghij"), repr(text)
+
+
+def test_thinking_budget_closes_at_once_without_a_newline():
+    """Budget 2, grace 3: no newline by the 6th thinking token, which is replaced by the closing."""
+    text = steered("<think>\n", "abcdefghijklmnop", budget=2, grace=3)
+    assert text.startswith("abcde\n</think>\ngh"), repr(text)
+
+
+def test_thinking_budget_leaves_answers_alone():
+    """Thinking off (an empty section in the prompt) or no section at all: nothing is forced; a
+    section the model opens itself is counted from its opening."""
+    assert steered("<think></think>\n", "abcdefghij", budget=2, grace=1) == "abcdefghij" + "j" * 12
+    assert steered("plain ", "abcdefghij", budget=2, grace=1) == "abcdefghij" + "j" * 12
+    assert steered("x", "<think>abcdefgh", budget=2, grace=1).startswith("<think>abc\n</think>\ne")
+
+
+def test_sample_py_reasoning_flags(tmp_path):
+    torch.manual_seed(0)
+    Nemotron(NemotronConfig(**TINY)).save_pretrained(tmp_path / "hf")
+    rc, out, err = run_sample(f"--init_from={tmp_path / 'hf'}", "--reasoning=on", "--reasoning_budget=3",
+                              "--max_new_tokens=50", "--temperature=0", "--start=why")
+    assert rc == 0 and "<|assistant|>\n<think>\n" in out and "</think>" in out.split("<think>\n", 1)[1], err[-2000:]
+    rc, _, err = run_sample(f"--init_from={tmp_path / 'hf'}", "--reasoning=maybe")
+    assert rc == 1 and "'on' or 'off'" in err and "Traceback" not in err
