@@ -124,6 +124,27 @@ def ssd_step(h, x, dt, A, B, C, D=None):
     return y, h.view(Bsz, H, P, N)
 
 
+def ssd_steps(h, x, dt, A, B, C, D=None):
+    """k tokens of the recurrence at once, keeping every intermediate state (what the k-token decode
+    kernel does, and speculative decoding needs). With c_t = sum_{r <= t} dt_r A:
+        h_t = exp(c_t) h_0 + sum_{s <= t} exp(c_t - c_s) dt_s x_s B_s^T,    y_t = h_t C_t + D x_t
+    h (B, H, P, N) fp32, x (B, k, H, P), dt (B, k, H), B and C (B, k, G, N).
+    Returns y (B, k, H, P) and the states (B, k, H, P, N)."""
+    Bsz, k, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R = H // G
+    dt = dt.float()
+    c = torch.cumsum(dt * A.float(), dim=1)  # (B, k, H)
+    L = torch.exp(segsum(c.transpose(1, 2))).view(Bsz, G, R, k, k)  # decay from s to t
+    u = (dt[..., None] * x.float()).view(Bsz, k, G, R, P)  # dt_s x_s
+    states = torch.einsum("bgrts,bsgrp,bsgn->btgrpn", L, u, B.float())  # (B, k, G, R, P, N)
+    states = states + torch.exp(c).view(Bsz, k, G, R, 1, 1) * h.view(Bsz, 1, G, R, P, N)
+    y = torch.einsum("btgrpn,btgn->btgrp", states, C.float()).reshape(Bsz, k, H, P)
+    if D is not None:
+        y = y + x.float() * D.float()[:, None]
+    return y, states.view(Bsz, k, H, P, N)
+
+
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
     """Sequential-recurrence reference of ssd_ref (same arguments but no chunk size)."""
     Bsz, T, H, P = x.shape
@@ -259,13 +280,12 @@ class Mamba2Mixer(nn.Module):
         x, B, C = x.view(Bsz, k, self.H, self.P), B.view(Bsz, k, self.G, self.N), C.view(Bsz, k, self.G, self.N)
         if fast:  # updates cache["ssm"] in place
             y, states = kernels.ssd_update(cache["ssm"], x, dt, A, B, C, self.D, save_states=keep)
+        elif k == 1:  # plain decoding: one step of the recurrence
+            y, cache["ssm"] = ssd_step(cache["ssm"], x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], self.D)
+            y, states = y[:, None], cache["ssm"][:, None]  # (B, 1, H, P), (B, 1, H, P, N)
         else:
-            ys, states = [], []
-            for t in range(k):
-                y_t, cache["ssm"] = ssd_step(cache["ssm"], x[:, t], dt[:, t], A, B[:, t], C[:, t], self.D)
-                ys.append(y_t)
-                states.append(cache["ssm"])
-            y, states = torch.stack(ys, dim=1), torch.stack(states, dim=1)  # (B, k, H, P), (B, k, H, P, N)
+            y, states = ssd_steps(cache["ssm"], x, dt, A, B, C, self.D)
+            cache["ssm"] = states[:, -1]
         if keep:
             cache["history"] = (window, states)
         y = self.norm(y.reshape(Bsz, k, self.d_inner), z)  # (B, k, d_inner)

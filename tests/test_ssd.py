@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close
-from mamba import Mamba2Mixer, segsum, ssd_ref, ssd_scan_ref
+from mamba import Mamba2Mixer, segsum, ssd_ref, ssd_scan_ref, ssd_step, ssd_steps
 from model import Nemotron, NemotronConfig
 
 OUT_TOL = dict(atol=2e-5, rtol=1e-4)
@@ -233,3 +233,20 @@ def test_mixer_dt_limit():
         y_step = torch.cat([mixer.step(u[:, t:t + 1], cache) for t in range(6)], dim=1)
     assert_close(y_step, y_full, "step vs forward at clamped dt", atol=1e-5, rtol=1e-4)
     assert math.isclose(mixer.dt_limit[0], 0.5)
+
+
+@pytest.mark.parametrize("k,G", [(1, 1), (3, 2), (8, 1)])
+def test_ssd_steps_keeps_every_state_of_the_recurrence(k, G):
+    """ssd_steps (k tokens in closed form, speculative decoding's verification) == ssd_step run k
+    times: every output and every intermediate state, fp32, atol 1e-5."""
+    g = torch.Generator().manual_seed(k)
+    H, P, N = 4, 8, 6
+    x, B, C = torch.randn(2, k, H, P, generator=g), torch.randn(2, k, G, N, generator=g), torch.randn(2, k, G, N, generator=g)
+    dt, A, D = torch.rand(2, k, H, generator=g), -torch.rand(H, generator=g) * 3, torch.randn(H, generator=g)
+    h0 = torch.randn(2, H, P, N, generator=g)
+    y, states = ssd_steps(h0, x, dt, A, B, C, D)
+    h = h0
+    for t in range(k):
+        y_t, h = ssd_step(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
+        assert_close(y[:, t], y_t, f"y[{t}]", atol=1e-5, rtol=1e-5)
+        assert_close(states[:, t], h, f"state after token {t}", atol=1e-5, rtol=1e-5)
