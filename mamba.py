@@ -142,7 +142,7 @@ def ssd_steps(h, x, dt, A, B, C, D=None):
     y = torch.einsum("btgrpn,btgn->btgrp", states, C.float()).reshape(Bsz, k, H, P)
     if D is not None:
         y = y + x.float() * D.float()[:, None]
-    return y, states.view(Bsz, k, H, P, N)
+    return y, states.reshape(Bsz, k, H, P, N)
 
 
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
