@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")
 import kernels
 from helpers import assert_close
 from mamba import Mamba2Mixer, ssd_ref, ssd_step
-from model import NemotronConfig
+from model import Nemotron, NemotronConfig
 
 INSIDE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 inside = pytest.mark.skipif(not INSIDE, reason="runs in the interpreter subprocess of test_in_interpreter")
@@ -203,3 +203,25 @@ def test_mixer_decodes_the_same_with_kernels():
     kernels.USE_TRITON = True
     for i, name in enumerate(("outputs", "ssm state", "conv state")):
         assert_close(outs[True][i], outs[False][i], name, atol=1e-5, rtol=1e-5)
+
+
+@inside
+def test_speculative_decoding_with_kernels_matches_plain_greedy():
+    """The verification forward through the k-token kernels (conv and SSD states saved per token)
+    rolls back as the reference does: speculative greedy output == plain greedy output."""
+    cfg = NemotronConfig(d_model=32, pattern="M*E", n_head=2, n_kv_head=1, head_dim=16, mamba_heads=2,
+                         headdim=16, d_state=16, n_experts=4, moe_d_ff=16, shared_d_ff=16, chunk_size=16,
+                         mtp_depth=1, mtp_share=True)
+    torch.manual_seed(0)
+    model = Nemotron(cfg).to(DEV).eval()
+    with torch.no_grad():  # a head choosing between two tokens, so that some drafts are kept
+        v = torch.randn(32, device=DEV)
+        model.lm_head.weight.mul_(0.01)
+        model.lm_head.weight[1], model.lm_head.weight[2] = v, -v
+    prompt = torch.randint(0, 256, (1, 7), device=DEV)
+    kernels.USE_TRITON = True
+    plain = model.generate(prompt, 12, temperature=0)
+    assert torch.equal(model.generate(prompt, 12, temperature=0, speculative=3), plain)
+    kernels.USE_TRITON = False
+    assert torch.equal(model.generate(prompt, 12, temperature=0, speculative=3), plain)
+    kernels.USE_TRITON = True
