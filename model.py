@@ -29,7 +29,7 @@ from moe import MLP, MoE
 class NemotronConfig:
     vocab_size: int = 256                 # bytes by default; Nemotron's tokenizer has 131072
     d_model: int = 256                    # residual width (HF hidden_size)
-    pattern: str = "M-M*M-ME"             # per layer: M mamba2, * attention, - mlp, E moe
+    pattern: str = "M-M*M-ME"             # per layer: M mamba2, * attention, - mlp, E moe, W sliding-window attention
     norm_eps: float = 1e-5                # RMSNorm epsilon, every norm in the model
     tie_embeddings: bool = False          # share the embedding and LM head weights
     init_std: float = 0.02                # std of every linear/embedding weight at init
@@ -38,7 +38,9 @@ class NemotronConfig:
     n_kv_head: int = 2                    # key/value heads (GQA)
     head_dim: int = 64                    # per head
     rope: bool = False                    # Nemotron-H attention is NoPE; RoPE is opt-in
-    rope_theta: float = 10000.0           # RoPE base, when rope is on
+    rope_theta: float = 10000.0           # RoPE base, when rope is on (and in W layers, always)
+    sliding_window: int = 512             # W layers attend to the last this many positions, with RoPE (SWAN-GPT)
+    swan_train_len: int = None            # NoPE attention: scale queries by max(1, log(p+1)/log(this)) (None: off)
     # mlp (-)
     d_ff: int = 1024                      # squared-ReLU MLP width (HF intermediate_size)
     # mamba-2 (M)
@@ -70,7 +72,7 @@ class NemotronConfig:
 
     def __post_init__(self):
         self.dt_limit = tuple(self.dt_limit)  # a list after JSON / ckpt round trips
-        bad = set(self.pattern) - set("M*-E")
+        bad = set(self.pattern) - set("M*-EW")
         assert self.pattern and not bad, f"pattern {self.pattern!r}: unknown layer kinds {sorted(bad)}"
         assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
         assert self.mamba_heads % self.n_groups == 0, "mamba_heads must be a multiple of n_groups"
@@ -114,6 +116,8 @@ class Block(nn.Module):
             self.mixer = Mamba2Mixer(cfg)
         elif kind == "*":
             self.mixer = Attention(cfg)
+        elif kind == "W":
+            self.mixer = Attention(cfg, window=cfg.sliding_window)
         elif kind == "-":
             self.mixer = MLP(cfg.d_model, cfg.d_ff)
         elif kind == "E":
@@ -121,7 +125,7 @@ class Block(nn.Module):
 
     def forward(self, x, cache=None, seq_idx=None):
         h = self.norm(x)
-        h = self.mixer(h, cache, seq_idx) if self.kind in "M*" else self.mixer(h)
+        h = self.mixer(h, cache, seq_idx) if self.kind in "M*W" else self.mixer(h)
         return x + h
 
 
@@ -219,6 +223,8 @@ class Nemotron(nn.Module):
         cfg = self.config
         flops = 6 * self.num_params(active=True)
         attn = 2 * 2 * cfg.n_head * cfg.head_dim * T / 2  # QK^T and AV, causal half, per token
+        Wn = min(T, cfg.sliding_window)  # a W layer's query sees Wn keys, fewer in the first Wn positions
+        local = 2 * 2 * cfg.n_head * cfg.head_dim * Wn * (1 - Wn / (2 * T))
         ssd = ssd_flops(cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.chunk_size)
         n_attn = cfg.pattern.count("*")
         if cfg.mtp_depth:  # every depth runs its blocks and the LM head once more per token
@@ -229,7 +235,7 @@ class Nemotron(nn.Module):
             flops += 6 * (cfg.mtp_depth * (per_depth + self.lm_head.weight.numel())
                           - len(self.mtp) * per_depth)  # num_params counted each weight set once
             n_attn += cfg.mtp_depth * cfg.mtp_pattern.count("*")
-        return flops + 3 * (n_attn * attn + cfg.pattern.count("M") * ssd)
+        return flops + 3 * (n_attn * attn + cfg.pattern.count("W") * local + cfg.pattern.count("M") * ssd)
 
     def hidden(self, idx, cache=None, seq_idx=None):
         x = self.backbone.embeddings(idx)  # (B, T, d)
@@ -281,7 +287,7 @@ class Nemotron(nn.Module):
         for block in self.backbone.layers:
             if block.kind == "M":
                 cache.append(block.mixer.new_cache(batch_size, p.device, p.dtype))
-            elif block.kind == "*":
+            elif block.kind in "*W":
                 cache.append(block.mixer.new_cache(batch_size, max_len, p.device, p.dtype))
             else:
                 cache.append(None)
@@ -345,7 +351,7 @@ class Nemotron(nn.Module):
         for block, c in zip(self.backbone.layers, cache):
             if block.kind == "M":
                 block.mixer.rollback(c, j)
-            elif block.kind == "*":
+            elif block.kind in "*W":  # a W layer's ring keeps 8 spare slots for this
                 c["pos"] -= n_new - (j + 1)
 
     @torch.no_grad()
@@ -563,8 +569,9 @@ def config_from_hf(hf):
 
 
 def config_to_hf(cfg):
-    if cfg.rope:
-        raise CheckpointError("Hugging Face NemotronH has no RoPE: a rope=True model cannot be exported")
+    if cfg.rope or "W" in cfg.pattern:
+        raise CheckpointError("Hugging Face NemotronH has no RoPE or sliding-window layers: a rope=True "
+                              "or W-layer model cannot be exported")
     hf = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
           "layers_block_type": [{"M": "linear_attention", "*": "full_attention", "-": "mlp",
                                  "E": "moe"}[c] for c in cfg.pattern],

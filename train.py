@@ -48,7 +48,7 @@ doc_masking = False             # packed documents: Mamba state, conv and attent
 # model: one global per NemotronConfig field, same name and order (model.py documents each)
 vocab_size = None               # None: the dataset's (meta.json); a larger value pads the embedding
 d_model = 128                   # residual width
-pattern = 'M*M-ME'              # per layer: M mamba2, * attention, - mlp, E moe
+pattern = 'M*M-ME'              # per layer: M mamba2, * attention, - mlp, E moe, W sliding-window attention
 norm_eps = 1e-5                 # RMSNorm epsilon
 tie_embeddings = False          # share the input embedding with the output head
 init_std = 0.02                 # std of the normal init of linear and embedding weights
@@ -57,6 +57,8 @@ n_kv_head = 2                   # attention key/value heads (GQA)
 head_dim = 32                   # attention head width
 rope = False                    # RoPE in attention (Nemotron-H is NoPE: the Mamba layers carry order)
 rope_theta = 10000.0            # RoPE base
+sliding_window = 512            # W layers (sliding-window RoPE attention, SWAN-GPT) see this many positions
+swan_train_len = None           # NoPE attention: query scale max(1, log(p+1)/log(this)) beyond it (None: off)
 d_ff = 512                      # MLP hidden width
 mamba_heads = 4                 # Mamba-2 heads H (H * P = 2 * d_model, Mamba-2's expansion)
 headdim = 64                    # Mamba-2 head dim P
