@@ -1,7 +1,9 @@
 """
 Triton decode kernels (kernels.py) against the PyTorch references of mamba.py: the SSD state
 update over k tokens against ssd_step run k times, the conv update against a full causal conv, and
-a Mamba-2 mixer decoding with the kernels against the same mixer without them.
+a Mamba-2 mixer decoding with the kernels against the same mixer without them. The MoE grouped
+GEMM, forward and backward, against moe.grouped_mm_ref, and the experts running on it against
+the per-expert loop.
 
 Run: python -m pytest -q tests/test_kernels.py
 Without a GPU the kernels run in the Triton interpreter, which must be switched on before triton
@@ -24,6 +26,7 @@ import kernels
 from helpers import assert_close
 from mamba import Mamba2Mixer, ssd_step
 from model import NemotronConfig
+from moe import Experts, experts_loop, grouped_mm_ref
 
 INSIDE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 inside = pytest.mark.skipif(not INSIDE, reason="runs in the interpreter subprocess of test_in_interpreter")
@@ -111,3 +114,58 @@ def test_mixer_decodes_the_same_with_kernels():
     kernels.USE_TRITON = True
     for i, name in enumerate(("outputs", "ssm state", "conv state")):
         assert_close(outs[True][i], outs[False][i], name, atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# MoE grouped GEMM
+
+
+@inside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_matches_ref(dtype):
+    """Experts with 0, 1, 16 and 37 rows (tiles of 16 rows in the interpreter), K and n not
+    multiples of the tiles, w a transposed view as moe.py passes it. The reference runs in fp32 on
+    the same (rounded) inputs. fp32: atol 1e-4 (the TF32 of tl.dot on a GPU: 5e-2); bf16: the
+    kernel rounds (the interpreter truncates) its bf16 output once, 2e-2 relative."""
+    g = torch.Generator().manual_seed(0)
+    counts = [5, 0, 37, 16, 0, 1]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEV)
+    x = torch.randn(sum(counts), 48, generator=g).to(DEV, dtype).requires_grad_()
+    w = torch.randn(6, 40, 48, generator=g).to(DEV, dtype).transpose(1, 2).detach().requires_grad_()  # (E, K, n)
+    dy = torch.randn(sum(counts), 40, generator=g).to(DEV, dtype)
+    y = kernels.grouped_mm(x, w, offs)
+    y.backward(dy)
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = grouped_mm_ref(x32, w32, offs)
+    ref.backward(dy.float())
+    assert y.dtype == dtype
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=5e-2 if DEV == "cuda" else 1e-4)
+    assert_close(y.float(), ref, "y", **tol)
+    assert_close(x.grad.float(), x32.grad, "dx", **tol)
+    assert_close(w.grad.float(), w32.grad, "dw", **tol)
+    assert w.grad[[1, 4]].abs().sum() == 0  # experts without rows
+
+
+@inside
+def test_experts_on_the_kernel_match_the_loop():
+    """moe.Experts through kernels.grouped_mm (the switch on) == experts_loop, fp32, with two
+    experts idle: outputs and gradients of x, weights, up_proj, down_proj (atol 1e-4)."""
+    g = torch.Generator().manual_seed(0)
+    M, E, k, l, F_ = 24, 6, 2, 32, 16
+    experts = Experts(E, l, F_).to(DEV)
+    with torch.no_grad():
+        experts.up_proj.normal_(0, 0.3, generator=g)
+        experts.down_proj.normal_(0, 0.3, generator=g)
+    idx = torch.rand(M, 4, generator=g).argsort(-1)[:, :k].to(DEV)  # experts 4 and 5 idle
+    x, weights = torch.randn(M, l, generator=g).to(DEV), torch.rand(M, k, generator=g).to(DEV)
+    assert kernels.use_triton(x)
+    loop = lambda x, w, i: experts_loop(x, w, i, experts.up_proj, experts.down_proj)
+    res = []
+    for fn in (experts, loop):
+        experts.zero_grad(set_to_none=True)
+        x_, w_ = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        y = fn(x_, w_, idx)
+        y.square().sum().backward()
+        res.append([y, x_.grad, w_.grad, experts.up_proj.grad, experts.down_proj.grad])
+    for name, a, b in zip(["y", "dx", "dweights", "dup_proj", "ddown_proj"], *res):
+        assert_close(a, b, name, atol=5e-2 if DEV == "cuda" else 1e-4, rtol=1e-4)
