@@ -1,11 +1,12 @@
 """
 bench.py: speed measured side by side in one process, printed as ratios. Read after model.py.
 
-    python bench.py            # train, then decode (about 5 minutes on a 2-core CPU)
+    python bench.py            # train, decode, then moe (about 7 minutes on a 2-core CPU)
     python bench.py train      # training tokens/s: ours hybrid, ours attention-only, transformers
     python bench.py decode     # cached decoding ms/token at contexts 256 .. 8192
     python bench.py decode --init_from=out-mtp1 --speculative=2   # plain vs MTP-speculative greedy tok/s
     python bench.py kernels    # the Triton SSD vs the PyTorch reference, eager and compiled (a GPU's job)
+    python bench.py moe        # one MoE layer, forward + backward tokens/s, 64 and 128 experts, top-6
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
 The candidates take turns, one step each (a, b, c, a, b, c, ...), so that a noisy machine slows
@@ -15,6 +16,7 @@ loaded from our save_pretrained, so its weights are ours; on a CPU it runs its p
 benchmarks are measurements, not tests.
 """
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -26,12 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from mamba import ssd_flops
+import kernels
 from model import Nemotron, NemotronConfig
+from moe import experts_loop
 
 TRAIN_TARGET = 1.5    # ours / transformers training tokens/s
 DECODE_TARGET = 4.0   # transformers / ours decoding ms per token, at every context
 FLAT_TARGET = 1.3     # hybrid ms/token at the longest context / at the shortest
 SSD_TARGET = 5.0      # compiled reference / Triton SSD forward+backward ms at length 8K
+MOE_TARGET = 2.0      # ours / transformers tokens/s of one MoE layer, forward + backward
+MOE = dict(vocab_size=256, d_model=256, pattern="E", top_k=6, moe_d_ff=256, shared_d_ff=512)
 QUICK = dict(d_model=64, pattern="M-M*M-ME", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
              headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
 
@@ -318,6 +324,104 @@ def report_kernels(res, shape, decode=None, e2e=None):
     if e2e is not None:
         print(f"end-to-end training, {e2e['config']}: {e2e['with kernels']:,.0f} tok/s with the kernels, "
               f"{e2e['without']:,.0f} without ({e2e['with kernels'] / e2e['without']:.2f}x)")
+# one MoE layer: router, routed experts, shared expert; forward + backward, fp32
+
+
+def moe_candidates(cfg, hf=True):
+    """name -> (the layer, or None for the dense stand-in): ours (grouped GEMMs), ours with the
+    per-expert loop, and transformers' NemotronHMoE with our weights, with the experts
+    implementation its from_pretrained picks (grouped_mm with this torch) and with "eager"."""
+    torch.manual_seed(0)
+    model = Nemotron(cfg)
+    ours = model.backbone.layers[0].mixer
+    loop = copy.deepcopy(ours)
+    loop.experts.forward = lambda x, weights, idx: experts_loop(x, weights, idx, loop.experts.up_proj,
+                                                                loop.experts.down_proj)
+    layers = {"ours: grouped GEMM": ours, "ours: per-expert loop": loop}
+    theirs = hf_copy(model) if hf else None
+    if theirs is not None:
+        layers[f"transformers: {theirs.config._experts_implementation}"] = theirs.model.layers[0].mixer
+        if theirs.config._experts_implementation != "eager":
+            eager = copy.deepcopy(theirs)
+            eager.set_experts_implementation("eager")
+            layers["transformers: eager"] = eager.model.layers[0].mixer
+    layers["dense matmuls, same FLOPs"] = None
+    return layers
+
+
+def dense_moe_step(cfg, tokens):
+    """The layer's FLOPs as plain matmuls, forward + backward: router, one matmul per expert
+    projection over all tokens*top_k rows, and the shared expert; no routing, no activations
+    (and no LatentMoE projections: the bench's layer has none)."""
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g).mul_(0.02).requires_grad_()
+    d, k = cfg.d_model, cfg.top_k
+    u, xs = r(tokens, d), r(tokens * k, d)
+    router, up, down = r(d, cfg.n_experts), r(d, cfg.moe_d_ff), r(cfg.moe_d_ff, d)
+    shared_up, shared_down = r(d, cfg.shared_d_ff), r(cfg.shared_d_ff, d)
+    dy, dys, dyr = torch.randn(tokens * k, d), torch.randn(tokens, d), torch.randn(tokens, cfg.n_experts)
+
+    def step():
+        torch.autograd.backward([xs @ up @ down, u @ shared_up @ shared_down, u @ router], [dy, dys, dyr])
+
+    return step
+
+
+def bench_moe(n_experts=(64, 128), tokens=4096, steps=5, warmup=2, hf=True, cfg_kw=MOE):
+    """{E: {name: {"ms", "tok/s"}}}: one MoE layer, forward + backward on `tokens` random inputs,
+    the median of `steps` interleaved steps after `warmup`."""
+    results = {}
+    for E in n_experts:
+        cfg = NemotronConfig(**{**cfg_kw, "n_experts": E})
+        g = torch.Generator().manual_seed(0)
+        u, dy = torch.randn(1, tokens, cfg.d_model, generator=g), torch.randn(1, tokens, cfg.d_model, generator=g)
+        steppers = {}
+        for name, layer in moe_candidates(cfg, hf).items():
+            if layer is None:
+                steppers[name] = dense_moe_step(cfg, tokens)
+                continue
+            layer.train()
+            steppers[name] = lambda layer=layer: layer(u.clone().requires_grad_()).backward(dy)
+        times = {name: [] for name in steppers}
+        for i in range(warmup + steps):
+            for name, step in steppers.items():
+                t0 = time.perf_counter()
+                step()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+        results[E] = {name: {"ms": 1000 * statistics.median(t), "tok/s": tokens / statistics.median(t)}
+                      for name, t in times.items()}
+    return results
+
+
+def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, steps=20, device="cuda"):
+    """On a GPU: achieved TFLOP/s of kernels.grouped_mm, forward + backward (y, dx, dw: three
+    GEMMs), bf16, random dropless routing, beside one dense bf16 matmul of the same total rows.
+    The default sizes are Nemotron 3 Nano's expert up-projection (d 2688, expert d_ff 1856)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    bf16 = torch.bfloat16
+    idx = torch.randint(0, n_experts, (tokens * top_k,), device=device)
+    offs = torch.bincount(idx, minlength=n_experts).cumsum(0).to(torch.int32)
+    x = torch.randn(tokens * top_k, K, device=device, dtype=bf16, requires_grad=True)
+    w = torch.randn(n_experts, K, N, device=device, dtype=bf16).mul_(0.02).requires_grad_()
+    w0 = w[0].detach().clone().requires_grad_()
+    dy = torch.randn(tokens * top_k, N, device=device, dtype=bf16)
+    # autograd.grad, not backward: no gradient accumulation inside the timed step
+    candidates = {"grouped_mm": lambda: torch.autograd.grad(kernels.grouped_mm(x, w, offs), (x, w), dy),
+                  "dense mm": lambda: torch.autograd.grad(x @ w0, (x, w0), dy)}
+    res = {}
+    for name, step in candidates.items():
+        times = []
+        for i in range(3 + steps):
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
+        res[name] = 3 * 2 * tokens * top_k * K * N / statistics.median(times) / 1e12
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    return res, dict(device=name, n_experts=n_experts, tokens=tokens, top_k=top_k, K=K, N=N)
 
 
 # -----------------------------------------------------------------------------
@@ -437,12 +541,40 @@ def run_kernels(quick):
         e2e = bench_e2e(config_from_file(os.path.join(os.path.dirname(__file__), "config", "gpu_125m.py")))
         e2e["config"] = "config/gpu_125m.py, batch 4 x 2048, bf16 autocast"
     report_kernels(res, shape, decode, e2e)
+def report_moe(res, tokens, steps, warmup, cfg_kw=MOE):
+    c = NemotronConfig(**{**cfg_kw, "n_experts": max(res)})
+    print(f"\n== moe: one MoE layer (router, top-{c.top_k} routed experts, shared expert), fp32, {tokens} tokens, "
+          f"d_model {c.d_model}, expert d_ff {c.moe_d_ff}, shared d_ff {c.shared_d_ff}; forward + backward, "
+          f"median of {steps} interleaved steps after {warmup} warm-up, {torch.get_num_threads()} threads")
+    print(f"{'experts':>8}  {'candidate':<32}{'ms/step':>10}{'tok/s':>10}")
+    for E, r in res.items():
+        for i, (name, v) in enumerate(r.items()):
+            print(f"{E if i == 0 else '':>8}  {name:<32}{v['ms']:>10.1f}{v['tok/s']:>10,.0f}")
+    print("ceiling: transformers' time / the dense matmuls' time, the most that removing all routing overhead could give")
+    for E, r in res.items():
+        ours, dense = r["ours: grouped GEMM"]["ms"], r["dense matmuls, same FLOPs"]["ms"]
+        print(f"E={E}: ours grouped / ours loop tok/s: {r['ours: per-expert loop']['ms'] / ours:.2f}x; "
+              f"dense matmuls take {dense / ours:.2f} of ours' time")
+        for name in (n for n in r if n.startswith("transformers")):
+            ratio, ceiling = r[name]["ms"] / ours, r[name]["ms"] / dense
+            print(f"E={E}: ours / {name} tok/s: {ratio:.2f}x (ceiling {ceiling:.2f}x; target >= {MOE_TARGET}x: "
+                  f"{verdict(ratio >= MOE_TARGET)})")
+    if not any(n.startswith("transformers") for r in res.values() for n in r):
+        print("transformers is skipped or not installed: no peer to compare with")
+
+
+def report_grouped_gemm(res, shape):
+    print(f"\n== grouped GEMM on {shape['device']}: kernels.grouped_mm, bf16, forward + backward "
+          f"(y, dx, dw), {shape['n_experts']} experts, {shape['tokens']} tokens x top-{shape['top_k']}, "
+          f"K={shape['K']}, N={shape['N']}")
+    print(f"grouped GEMM {res['grouped_mm']:.0f} TFLOP/s; one dense bf16 matmul of the same rows "
+          f"{res['dense mm']:.0f} TFLOP/s; ratio {res['grouped_mm'] / res['dense mm']:.2f}")
 
 
 def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
-    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode", "kernels"],
-                        help="all = train + decode; kernels (the Triton SSD; meant for a GPU) runs only when named")
+    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode", "moe", "kernels"],
+                        help="all = train + decode + moe; kernels (the Triton SSD; meant for a GPU) runs only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -458,6 +590,8 @@ def main():
         dict(batch_size=8, seq_len=256, steps=5, warmup=2)
     decode_kw = dict(contexts=(64, 128), steps=4, warmup=1) if args.quick else \
         dict(contexts=(256, 1024, 4096, 8192), steps=32, warmup=2)
+    moe_kw = dict(n_experts=(8, 16), tokens=128, steps=2, warmup=1, cfg_kw={**MOE, **QUICK, "pattern": "E"}) \
+        if args.quick else dict(n_experts=(64, 128), tokens=4096, steps=5, warmup=2, cfg_kw=MOE)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"bench: torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}"
           + ("" if args.what == "kernels" or args.init_from else
@@ -480,6 +614,12 @@ def main():
         report_decode(res, decode_kw["steps"], decode_kw["warmup"])
     if args.what == "kernels":
         run_kernels(args.quick)
+    if args.what in ("all", "moe"):
+        res = bench_moe(hf=not args.no_hf, **moe_kw)
+        report_moe(res, moe_kw["tokens"], moe_kw["steps"], moe_kw["warmup"], moe_kw["cfg_kw"])
+        if torch.cuda.is_available() and kernels.use_triton(torch.empty(0, device="cuda")):
+            report_grouped_gemm(*bench_grouped_gemm(**({} if not args.quick else
+                                                       dict(n_experts=8, tokens=256, K=128, N=64, steps=2))))
     print(f"\n(bench took {time.time() - t0:.0f} s)")
 
 

@@ -13,6 +13,8 @@ Layering per op: @triton.jit _x_kernel -> _x_fwd (checks, allocates, launches) -
 These are inference-only (no autograd). mamba.py calls them when USE_TRITON is on and the tensors
 are on a GPU, or on the CPU under TRITON_INTERPRET=1 (the tests); elsewhere it runs the references.
 Without triton installed (macOS, Windows) the module still imports, with USE_TRITON off.
+At the end of the file, the MoE experts' grouped GEMM is the exception that trains: it has an autograd
+Function, and moe.py calls it under the same switch (moe.grouped_mm_ref is its reference).
 """
 
 import os
@@ -630,3 +632,154 @@ def conv_update(state, x, weight, bias):
     inputs, x (B, k, C), weight (C, 1, K) as nn.Conv1d keeps it, bias (C,).
     Returns out (B, k, C) and the new state (B, C, K-1)."""
     return _conv_update_fwd(state, x, weight, bias)
+
+
+# -----------------------------------------------------------------------------
+# grouped GEMM: all MoE experts in one launch (issue 4, "MoE at scale")
+#
+# The token copies arrive sorted by expert: rows offs[g-1]:offs[g] of x belong to expert g
+# (offs[-1] = number of rows). y = x @ w[g] on each expert's rows, with a dropless row count per
+# expert that only the GPU knows: the grid is sized by an upper bound, sum_g cdiv(n_g, BLOCK_M)
+# <= cdiv(N, BLOCK_M) + E, and each program finds its expert from offs, so nothing waits on the
+# host. The backward: dx = dy @ w[g]^T is the same kernel on the transposed weights;
+# dw[g] = x_g^T dy_g sums over the expert's rows, a second kernel with one program per tile of dw.
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_mm_kernel(x_ptr, w_ptr, offs_ptr, y_ptr,
+                           E, K, N,
+                           s_xm, s_xk,
+                           s_we, s_wk, s_wn,
+                           s_ym, s_yn,
+                           FP32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # program (t, j): row tile t of all experts' row tiles, numbered expert after expert,
+        # times column tile j: y[rows, cols] = x[rows, :] @ w[g][:, cols]
+        t, j = tl.program_id(0), tl.program_id(1)
+        # 1) the expert g of row tile t, from the row tiles of every expert
+        e = tl.arange(0, BLOCK_E)
+        end = tl.load(offs_ptr + e, mask=e < E, other=0)
+        start = tl.load(offs_ptr + e - 1, mask=(e > 0) & (e < E), other=0)
+        tiles = tl.cdiv(end - start, BLOCK_M)  # (BLOCK_E,), 0 for an expert without tokens
+        g = tl.sum((tl.cumsum(tiles, 0) <= t).to(tl.int32))
+        if g >= E:  # past the last row tile: the grid is an upper bound
+            return
+        first = tl.sum(tl.where(e < g, tiles, 0))  # row tiles of the experts before g
+        row0 = tl.sum(tl.where(e == g, start, 0)) + (t - first) * BLOCK_M
+        row_end = tl.sum(tl.where(e == g, end, 0))
+        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask, cmask = rows < row_end, cols < N
+        # 2) accumulate over K in fp32
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_g = w_ptr + g.to(tl.int64) * s_we
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :] * s_xk,
+                        mask=rmask[:, None] & (k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
+            b = tl.load(w_g + k[:, None] * s_wk + cols[None, :] * s_wn,
+                        mask=(k[:, None] < K) & cmask[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+            if FP32_DOT:  # the interpreter mistreats bf16 products: exact fp32 operands there
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        tl.store(y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & cmask[None, :])
+
+    @triton.jit
+    def _grouped_mm_dw_kernel(x_ptr, dy_ptr, offs_ptr, dw_ptr,
+                              K, N,
+                              s_xm, s_xk,
+                              s_dm, s_dn,
+                              s_we, s_wk, s_wn,
+                              FP32_DOT: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # program (g, i, j): tile (i, j) of expert g's weight gradient,
+        # dw[g][ks, cols] = sum over g's rows m of x[m, ks]^T dy[m, cols]; zero for an idle expert
+        g, i, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        row_start = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
+        row_end = tl.load(offs_ptr + g)
+        ks = i * BLOCK_K + tl.arange(0, BLOCK_K)
+        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        kmask, cmask = ks < K, cols < N
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            mmask = m < row_end
+            a = tl.load(x_ptr + m[None, :] * s_xm + ks[:, None] * s_xk,
+                        mask=kmask[:, None] & mmask[None, :], other=0.0)  # (BLOCK_K, BLOCK_M): x^T
+            b = tl.load(dy_ptr + m[:, None] * s_dm + cols[None, :] * s_dn,
+                        mask=mmask[:, None] & cmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
+            if FP32_DOT:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        tl.store(dw_ptr + g.to(tl.int64) * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn,
+                 acc.to(dw_ptr.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
+
+
+def _gemm_config(t):
+    """Tile sizes and launch options: GPU tiles for tensor cores (untuned: bench.py moe prints the
+    TFLOP/s they reach; fp32 gets half the K tile to fit shared memory), small tiles in the
+    interpreter (tl.dot needs 16 or more)."""
+    if t.is_cuda:
+        BLOCK_K = 64 if t.element_size() == 2 else 32
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=BLOCK_K, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
+
+
+def _fp32_dot(t):
+    # fp32 operands: in the interpreter always (bf16 dots are wrong there); on a GPU only for fp32
+    # inputs, which tl.dot then runs in TF32 (torch's fp32 matmuls do so only with allow_tf32)
+    return INTERPRET or t.dtype == torch.float32
+
+
+def _grouped_mm_fwd(x, w, offs):
+    Nr, K = x.shape
+    E, N = w.shape[0], w.shape[2]
+    assert w.shape[1] == K and offs.shape == (E,) and x.dtype == w.dtype, (x.shape, x.dtype, w.shape, w.dtype)
+    y = torch.empty(Nr, N, device=x.device, dtype=x.dtype)
+    cfg = _gemm_config(x)
+    grid = (triton.cdiv(Nr, cfg["BLOCK_M"]) + E, triton.cdiv(N, cfg["BLOCK_N"]))
+    _grouped_mm_kernel[grid](x, w, offs, y, E, K, N,
+                             x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                             y.stride(0), y.stride(1),
+                             FP32_DOT=_fp32_dot(x), BLOCK_E=triton.next_power_of_2(E), **cfg)
+    return y
+
+
+def _grouped_mm_dw(x, dy, offs, w):
+    (Nr, K), N, E = x.shape, dy.shape[1], offs.shape[0]
+    assert dy.shape[0] == Nr and w.shape == (E, K, N) and x.dtype == dy.dtype
+    dw = torch.empty_like(w)  # w's strides: a gradient in another layout makes the .grad update a strided copy
+    cfg = _gemm_config(x)
+    grid = (E, triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    _grouped_mm_dw_kernel[grid](x, dy, offs, dw, K, N,
+                                x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
+                                dw.stride(0), dw.stride(1), dw.stride(2),
+                                FP32_DOT=_fp32_dot(x), **cfg)
+    return dw
+
+
+class GroupedMMFn(torch.autograd.Function):
+    # saves x and w (the weight gradient needs x, the input gradient w); nothing is recomputed
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return _grouped_mm_fwd(x, w, offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        dx = _grouped_mm_fwd(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        dw = _grouped_mm_dw(x, dy, offs, w) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_mm(x, w, offs):
+    """All experts' GEMMs in one launch. x (N, K): the token copies sorted by expert, offs (E,)
+    int32: the end row of each expert's copies (offs[-1] = N, an expert without tokens repeats
+    the previous end), w (E, K, n), any strides, same dtype as x (fp32 or bf16).
+    Returns y (N, n) in x's dtype, accumulated in fp32: y[offs[g-1]:offs[g]] = x[offs[g-1]:offs[g]] @ w[g].
+    Differentiable in x and w. moe.grouped_mm_ref is the PyTorch reference."""
+    return GroupedMMFn.apply(x, w, offs)

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import kernels
+
 # -----------------------------------------------------------------------------
 # routing
 
@@ -118,6 +120,84 @@ class MLP(nn.Module):
         return self.down_proj(F.relu(self.up_proj(x)).square())
 
 
+def experts_loop(x, weights, idx, up_proj, down_proj):
+    """The reference the dispatch below must match (tests, bench.py moe): the same maths with a
+    Python loop over experts. x (M, l), weights and idx (M, k), up_proj (E, F, l), down_proj
+    (E, l, F) -> (M, l)."""
+    M, k = idx.shape
+    order = idx.flatten().argsort(stable=True)  # (M*k,): copy m*k + j of token m is its j-th choice
+    counts = torch.bincount(idx.flatten(), minlength=up_proj.size(0)).tolist()
+    token = order // k  # (M*k,): the token of each sorted copy
+    xs = x[token].split(counts)  # per expert: the tokens it serves
+    # unbind once: indexing up_proj[e] per expert would make autograd write E full-size grads
+    up, down = up_proj.unbind(0), down_proj.unbind(0)
+    ys = [F.linear(F.relu(F.linear(xe, up[e])).square(), down[e]) for e, xe in enumerate(xs) if len(xe)]
+    ys = torch.cat(ys).float() * weights.flatten()[order, None]  # (M*k, l), summed in fp32
+    return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, ys).to(x.dtype)
+
+
+def grouped_mm_ref(x, w, offs):
+    """Grouped GEMM, the PyTorch reference of kernels.grouped_mm. x (N, K) holds the rows of E
+    groups one after another, offs (E,) int32 the end row of each (offs[-1] = N), w (E, K, n):
+    rows offs[g-1]:offs[g] of the result (N, n) are those rows of x times w[g]. Differentiable."""
+    return GroupedMM.apply(x, w, offs)
+
+
+class GroupedMM(torch.autograd.Function):
+    # torch._grouped_mm has an autograd formula, but in torch 2.13 on CPU it fails on gradients
+    # that are not plain row-major (e.g. the stride-0 gradient of a .sum()), so the backward is
+    # written out: dx is again a grouped GEMM, against the transposed weights, and dw[g] = x_g^T dy_g
+    # is the "k-grouped" form of the same op (groups along the summed dimension).
+    @staticmethod
+    def forward(ctx, x, w, offs):
+        ctx.save_for_backward(x, w, offs)
+        return mm_by_groups(x, w, offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = mm_by_groups(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:  # in w's own layout: another would make the .grad update a strided copy
+            dw = mm_by_groups(dy.t(), x, offs).transpose(1, 2) if w.stride(1) == 1 else mm_by_groups(x.t(), dy, offs)
+        return dx, dw, None
+
+
+def mm_by_groups(a, b, offs):
+    """a (N, K) @ b (E, K, n) -> (N, n), rows grouped by offs; or a (K, N) @ b (N, n) -> (E, K, n),
+    the summed dimension N grouped by offs. torch._grouped_mm where it runs, else padded bmm."""
+    if grouped_mm_runs(a, b):
+        return torch._grouped_mm(a, b, offs=offs)
+    if b.dim() == 3:  # a's rows padded per group to the largest group, one bmm, padding dropped
+        a_pad, group, slot = pad_groups(a, offs)  # (E, C, K)
+        return torch.bmm(a_pad, b)[group, slot]  # (N, n)
+    a_pad = pad_groups(a.t(), offs)[0]  # (E, C, K)
+    return torch.bmm(a_pad.transpose(1, 2), pad_groups(b, offs)[0])  # (E, K, n)
+
+
+def grouped_mm_runs(a, b):
+    """Whether torch._grouped_mm takes these operands. Measured on torch 2.13's CPU kernel: fp32,
+    bf16 or fp16 only, and every stride but the unit one a multiple of 16 bytes. On a GPU the
+    Triton kernel is the fast path and the padded bmm serves as the debug path, so CPU only."""
+    def ok(t):
+        aligned = all(s * t.element_size() % 16 == 0 for s in t.stride() if s != 1)
+        return t.dtype in (torch.float32, torch.bfloat16, torch.float16) and aligned
+
+    return hasattr(torch, "_grouped_mm") and a.device.type == "cpu" and ok(a) and ok(b)
+
+
+def pad_groups(t, offs):
+    """Rows of t (N, K), grouped by offs -> (E, C, K) zero-padded to the largest group C, and the
+    (group, slot) of each row."""
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))  # (E,)
+    group = torch.repeat_interleave(torch.arange(len(offs), device=t.device), counts)  # (N,)
+    slot = torch.arange(len(group), device=t.device) - (offs - counts)[group]  # (N,)
+    padded = t.new_zeros(len(offs), int(counts.max()), t.size(1))
+    padded[group, slot] = t
+    return padded, group, slot
+
+
 class Experts(nn.Module):
     """E routed relu^2 experts stored as two stacked weights, as transformers' NemotronH does."""
 
@@ -127,19 +207,21 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_in, d_ff))  # (E, l, F)
 
     def forward(self, x, weights, idx):
-        """x (M, l), weights and idx (M, k) -> (M, l). Token copies are sorted by expert, each
-        expert runs on its contiguous slice, and the weighted outputs are added back per token.
-        A loop over experts (the "MoE at scale" issue replaces it with one grouped GEMM)."""
+        """x (M, l), weights and idx (M, k) -> (M, l). Dropless: every token copy is served, by one
+        grouped GEMM per projection over all experts (kernels.grouped_mm on a GPU)."""
         M, k = idx.shape
-        order = idx.flatten().argsort()  # (M*k,): copy m*k + j of token m is its j-th choice
-        counts = torch.bincount(idx.flatten(), minlength=self.up_proj.size(0)).tolist()
+        # 1) sort the M*k token copies by expert; expert e serves sorted rows offs[e-1]:offs[e]
+        order = idx.flatten().argsort(stable=True)  # (M*k,): copy m*k + j of token m is its j-th choice
         token = order // k  # (M*k,): the token of each sorted copy
-        xs = x[token].split(counts)  # per expert: the tokens it serves
-        # unbind once: indexing up_proj[e] per expert would make autograd write E full-size grads
-        up, down = self.up_proj.unbind(0), self.down_proj.unbind(0)
-        ys = [F.linear(F.relu(F.linear(xe, up[e])).square(), down[e]) for e, xe in enumerate(xs) if len(xe)]
-        ys = torch.cat(ys).float() * weights.flatten()[order, None]  # (M*k, l), summed in fp32
-        return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, ys).to(x.dtype)
+        offs = torch.bincount(idx.flatten(), minlength=self.up_proj.size(0)).cumsum(0).to(torch.int32)  # (E,)
+        # 2) the experts' relu^2 MLPs as two grouped GEMMs, in autocast's dtype where it is on
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        mm = kernels.grouped_mm if kernels.use_triton(x) else grouped_mm_ref
+        h = mm(x[token].to(dtype), self.up_proj.to(dtype).transpose(1, 2), offs)  # (M*k, F)
+        y = mm(F.relu(h).square(), self.down_proj.to(dtype).transpose(1, 2), offs)  # (M*k, l)
+        # 3) weight each copy's output and add it to its token, in fp32
+        y = y.float() * weights.flatten()[order, None]
+        return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, y).to(x.dtype)
 
 
 class MoE(nn.Module):

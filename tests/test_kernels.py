@@ -1,8 +1,10 @@
 """
-Triton kernels (kernels.py) against the PyTorch references of mamba.py: the chunked SSD (outputs,
-final state and the gradients of every input) against ssd_ref, the SSD state update over k tokens
-against ssd_step run k times, the conv update against a full causal conv, and a Mamba-2 mixer
-training and decoding with the kernels against the same mixer without them.
+Triton kernels (kernels.py) against the PyTorch references: the chunked SSD (outputs, final state
+and the gradients of every input) against mamba.ssd_ref, the SSD state update over k tokens
+against ssd_step run k times, the conv update against a full causal conv, a Mamba-2 mixer training
+and decoding with the kernels against the same mixer without them, speculative decoding through
+the k-token kernels; and the MoE grouped GEMM, forward and backward, against moe.grouped_mm_ref,
+with the experts running on it against the per-expert loop.
 
 Run: python -m pytest -q tests/test_kernels.py
 Without a GPU the kernels run in the Triton interpreter, which must be switched on before triton
@@ -12,7 +14,8 @@ Tolerance: fp32 on both sides. The decode kernels run the same operations in the
 the sum over the state (atol 1e-5). The chunked SSD sums in a different order (and its gradients
 through longer chains), so it is compared relative to each tensor's largest entry: 1e-4 in the
 interpreter (exact fp32 dots), 1e-2 on a GPU (TF32 dots). bf16 inputs are compared after the same
-rounding, with bf16's 2^-8 relative step where a result is stored in bf16.
+rounding, with bf16's 2^-8 relative step where a result is stored in bf16. The grouped GEMM's
+tolerances are stated at its tests.
 """
 
 import os
@@ -28,6 +31,7 @@ import kernels
 from helpers import assert_close
 from mamba import Mamba2Mixer, ssd_ref, ssd_step
 from model import Nemotron, NemotronConfig
+from moe import Experts, experts_loop, grouped_mm_ref
 
 INSIDE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 inside = pytest.mark.skipif(not INSIDE, reason="runs in the interpreter subprocess of test_in_interpreter")
@@ -225,3 +229,56 @@ def test_speculative_decoding_with_kernels_matches_plain_greedy():
     kernels.USE_TRITON = False
     assert torch.equal(model.generate(prompt, 12, temperature=0, speculative=3), plain)
     kernels.USE_TRITON = True
+# -----------------------------------------------------------------------------
+# MoE grouped GEMM
+
+
+@inside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_matches_ref(dtype):
+    """Experts with 0, 1, 16 and 37 rows (tiles of 16 rows in the interpreter), K and n not
+    multiples of the tiles, w a transposed view as moe.py passes it. The reference runs in fp32 on
+    the same (rounded) inputs. fp32: atol 1e-4 (the TF32 of tl.dot on a GPU: 5e-2); bf16: the
+    kernel rounds (the interpreter truncates) its bf16 output once, 2e-2 relative."""
+    g = torch.Generator().manual_seed(0)
+    counts = [5, 0, 37, 16, 0, 1]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEV)
+    x = torch.randn(sum(counts), 48, generator=g).to(DEV, dtype).requires_grad_()
+    w = torch.randn(6, 40, 48, generator=g).to(DEV, dtype).transpose(1, 2).detach().requires_grad_()  # (E, K, n)
+    dy = torch.randn(sum(counts), 40, generator=g).to(DEV, dtype)
+    y = kernels.grouped_mm(x, w, offs)
+    y.backward(dy)
+    x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = grouped_mm_ref(x32, w32, offs)
+    ref.backward(dy.float())
+    assert y.dtype == dtype
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=5e-2 if DEV == "cuda" else 1e-4)
+    assert_close(y.float(), ref, "y", **tol)
+    assert_close(x.grad.float(), x32.grad, "dx", **tol)
+    assert_close(w.grad.float(), w32.grad, "dw", **tol)
+    assert w.grad[[1, 4]].abs().sum() == 0  # experts without rows
+
+
+@inside
+def test_experts_on_the_kernel_match_the_loop():
+    """moe.Experts through kernels.grouped_mm (the switch on) == experts_loop, fp32, with two
+    experts idle: outputs and gradients of x, weights, up_proj, down_proj (atol 1e-4)."""
+    g = torch.Generator().manual_seed(0)
+    M, E, k, l, F_ = 24, 6, 2, 32, 16
+    experts = Experts(E, l, F_).to(DEV)
+    with torch.no_grad():
+        experts.up_proj.normal_(0, 0.3, generator=g)
+        experts.down_proj.normal_(0, 0.3, generator=g)
+    idx = torch.rand(M, 4, generator=g).argsort(-1)[:, :k].to(DEV)  # experts 4 and 5 idle
+    x, weights = torch.randn(M, l, generator=g).to(DEV), torch.rand(M, k, generator=g).to(DEV)
+    assert kernels.use_triton(x)
+    loop = lambda x, w, i: experts_loop(x, w, i, experts.up_proj, experts.down_proj)
+    res = []
+    for fn in (experts, loop):
+        experts.zero_grad(set_to_none=True)
+        x_, w_ = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        y = fn(x_, w_, idx)
+        y.square().sum().backward()
+        res.append([y, x_.grad, w_.grad, experts.up_proj.grad, experts.down_proj.grad])
+    for name, a, b in zip(["y", "dx", "dweights", "dup_proj", "ddown_proj"], *res):
+        assert_close(a, b, name, atol=5e-2 if DEV == "cuda" else 1e-4, rtol=1e-4)

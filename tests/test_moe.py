@@ -1,7 +1,8 @@
 """
 Aux-loss-free load balancing of moe.py (DeepSeek-V3 Sec. 2.1.2): the routing statistics a router
 collects in training, the bias update's direction and size, the balance metrics, and that the
-update really evens out a skewed router.
+update really evens out a skewed router. Then the dropless dispatch: Experts' grouped GEMMs against
+the per-expert loop (experts_loop), outputs and gradients.
 
 Run: python -m pytest -q tests/test_moe.py
 """
@@ -12,6 +13,7 @@ import torch
 from helpers import assert_close
 from model import NemotronConfig
 from moe import Router, balance_experts, balance_metrics, route
+from moe import Experts, experts_loop, grouped_mm_ref
 
 CFG = NemotronConfig(d_model=16, n_experts=8, top_k=2)
 
@@ -90,3 +92,62 @@ def test_balancing_evens_out_a_skewed_router():
     router(torch.randn(2048, 16, generator=g) + 1.0)
     after = balance_metrics(router.take_stats()[None])["load_max_over_mean"][0]
     assert before > 3.5 and after < 1.3, (before, after)
+
+
+# -----------------------------------------------------------------------------
+# dropless dispatch: one grouped GEMM per projection == a loop over experts
+
+
+def dispatch_inputs(M, E, k, l, F, idle=(1, 5), dtype=torch.float32, seed=0):
+    """Experts with random weights, and random routing that never picks the `idle` experts."""
+    g = torch.Generator().manual_seed(seed)
+    experts = Experts(E, l, F)
+    with torch.no_grad():
+        experts.up_proj.normal_(0, 0.3, generator=g)
+        experts.down_proj.normal_(0, 0.3, generator=g)
+    busy = torch.tensor([e for e in range(E) if e not in idle])
+    idx = busy[torch.rand(M, len(busy), generator=g).argsort(-1)[:, :k]]  # (M, k) distinct experts
+    weights, x = torch.rand(M, k, generator=g), torch.randn(M, l, generator=g)
+    return experts.to(dtype), x.to(dtype), weights, idx
+
+
+def outputs_and_grads(fn, experts, x, weights, idx, dy):
+    x, weights = x.clone().requires_grad_(), weights.clone().requires_grad_()
+    experts.zero_grad(set_to_none=True)
+    y = fn(x, weights, idx)
+    y.backward(dy)
+    return [y, x.grad, weights.grad, experts.up_proj.grad, experts.down_proj.grad]
+
+
+@pytest.mark.parametrize("M,l,F,dtype", [(40, 16, 32, torch.float32),  # torch._grouped_mm
+                                         (40, 6, 10, torch.float32),   # widths it rejects: padded bmm
+                                         (1, 16, 32, torch.float32),   # fewer tokens than experts
+                                         (40, 16, 32, torch.bfloat16)])
+def test_dispatch_matches_expert_loop(M, l, F, dtype):
+    """Output and gradients of x, weights, up_proj, down_proj, with experts 1 and 5 (and, at M=1,
+    most others) receiving no token. fp32: the same products summed per expert, atol 1e-5; bf16:
+    the same bf16 GEMMs on both sides, a few bf16 ulps (2e-2 relative)."""
+    experts, x, weights, idx = dispatch_inputs(M, E=8, k=3, l=l, F=F, dtype=dtype)
+    dy = torch.randn(M, l, generator=torch.Generator().manual_seed(1)).to(dtype)
+    loop = lambda x, w, i: experts_loop(x, w, i, experts.up_proj, experts.down_proj)
+    ours = outputs_and_grads(experts, experts, x, weights, idx, dy)
+    ref = outputs_and_grads(loop, experts, x, weights, idx, dy)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for name, a, b in zip(["y", "dx", "dweights", "dup_proj", "ddown_proj"], ours, ref):
+        assert_close(a.float(), b.float(), name, **tol)
+    assert ours[3][[1, 5]].abs().sum() == 0 and ours[4][[1, 5]].abs().sum() == 0  # idle experts
+
+
+def test_grouped_mm_ref_backward_takes_a_broadcast_gradient():
+    """Regression (issue 4): torch._grouped_mm's own backward fails in torch 2.13 on CPU when the
+    incoming gradient has stride 0, as the gradient of y.sum() has; grouped_mm_ref's does not."""
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5, 4]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(12, 8, generator=g, requires_grad=True)
+    w = torch.randn(4, 8, 16, generator=g, requires_grad=True)
+    grouped_mm_ref(x, w, offs).sum().backward()
+    dx = torch.cat([w[e].sum(1).expand(c, 8) for e, c in enumerate(counts)])  # d/dx of sum(x_g @ w[g])
+    dw = torch.stack([xg.sum(0)[:, None].expand(8, 16) for xg in x.split(counts)])
+    assert_close(x.grad, dx, "dx", atol=1e-5, rtol=1e-5)
+    assert_close(w.grad, dw, "dw", atol=1e-5, rtol=1e-5)
