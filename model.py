@@ -62,6 +62,7 @@ class NemotronConfig:
     topk_group: int = 1                   # groups a token may route into
     routed_scaling_factor: float = 1.0    # multiplies the normalised routing weights
     norm_topk_prob: bool = True           # normalise the chosen weights to sum to one
+    moe_seq_aux_coef: float = 0.0         # alpha of DeepSeek-V3's sequence-wise balance loss (training only); 0 = off
 
     def __post_init__(self):
         self.dt_limit = tuple(self.dt_limit)  # a list after JSON / ckpt round trips
@@ -72,6 +73,7 @@ class NemotronConfig:
         assert self.n_experts % self.n_group == 0, "n_experts must be a multiple of n_group"
         assert self.topk_group <= self.n_group and self.top_k <= self.n_experts
         assert self.top_k <= self.topk_group * self.n_experts // self.n_group, "too few experts in reach"
+        assert self.moe_seq_aux_coef >= 0, "moe_seq_aux_coef must be >= 0"
         assert not self.rope or self.head_dim % 2 == 0
         self.n_layer = len(self.pattern)
 
