@@ -73,7 +73,6 @@ class NemotronConfig:
         assert self.n_experts % self.n_group == 0, "n_experts must be a multiple of n_group"
         assert self.topk_group <= self.n_group and self.top_k <= self.n_experts
         assert self.top_k <= self.topk_group * self.n_experts // self.n_group, "too few experts in reach"
-        assert self.moe_seq_aux_coef >= 0, "moe_seq_aux_coef must be >= 0"
         assert not self.rope or self.head_dim % 2 == 0
         self.n_layer = len(self.pattern)
 

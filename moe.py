@@ -193,6 +193,19 @@ class MoE(nn.Module):
         return (y + self.shared_experts(u)).view(shape)
 
 
+def moe_costs(model, T):
+    """The MoE layers' share of a Nemotron's training FLOPs per token at sequence length T (6 per
+    active weight, as model.flops_per_token counts them: the router, the shared expert, the latent
+    projections and k routed experts; the top-k and the scatter are not counted) and of its
+    parameter memory (embeddings included). Call it on the whole model, before any sharding."""
+    cfg, moes = model.config, [m for m in model.modules() if isinstance(m, MoE)]
+    params = sum(p.numel() for m in moes for p in m.parameters())
+    per_expert = sum(p[0].numel() for m in moes[:1] for p in m.experts.parameters())
+    active = params - len(moes) * (cfg.n_experts - cfg.top_k) * per_expert
+    return {"moe_flops_share": 6 * active / model.flops_per_token(T),
+            "moe_param_share": params / sum(p.numel() for p in model.parameters())}
+
+
 # -----------------------------------------------------------------------------
 # expert parallelism (distributed): every function below takes a process group
 #

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import CheckpointError, Nemotron, NemotronConfig
-from moe import MoE, Router, balance_experts, balance_metrics, gather_experts, shard_experts, unshard_experts
+from moe import (MoE, Router, balance_experts, balance_metrics, gather_experts, moe_costs, shard_experts,
+                 unshard_experts)
 from data.tokenizer import DataError, load_tokenizer, read_meta
 
 # -----------------------------------------------------------------------------
@@ -238,8 +239,11 @@ else:  # a fine-tune starts at step 0 with a fresh optimizer
 if model.config.vocab_size < meta['vocab_size']:
     die(f"the model's vocab_size {model.config.vocab_size} is smaller than data/{dataset}'s {meta['vocab_size']}")
 model.to(device)
-n_params, flops_per_token = model.num_params(), model.flops_per_token(block_size)  # of the whole model, before any sharding
-print0(f"model: {n_params / 1e6:.2f}M parameters, pattern {model.config.pattern}")
+# of the whole model, before any sharding
+n_params, n_active, flops_per_token = model.num_params(), model.num_params(active=True), model.flops_per_token(block_size)
+costs = moe_costs(model, block_size) if 'E' in model.config.pattern else {}
+print0(f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active), pattern {model.config.pattern}"
+       + (f"; MoE layers: {costs['moe_flops_share']:.0%} of training FLOPs/token, {costs['moe_param_share']:.0%} of parameter memory" if costs else ""))
 
 # -----------------------------------------------------------------------------
 # expert parallelism inside data parallelism. Every rank trains on its own batch as in DDP. The W
@@ -422,7 +426,7 @@ if master_process:
         json.dump(meta, f)
     log({'config': config, 'git': git_hash(), 'torch': torch.__version__, 'device': device,
          'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
-         'params': n_params, 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+         'params': n_params, 'active_params': n_active, **costs, 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
 pbar = tqdm(total=max_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True)
 X, Y, S = get_train_batch(iter_num, 0)  # fetch the very first batch
 losses = None

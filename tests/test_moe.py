@@ -12,7 +12,7 @@ import torch
 
 from helpers import assert_close
 from model import Nemotron, NemotronConfig
-from moe import MoE, Router, balance_experts, balance_metrics, route, seq_balance_loss
+from moe import MoE, Router, balance_experts, balance_metrics, moe_costs, route, seq_balance_loss
 
 CFG = NemotronConfig(d_model=16, n_experts=8, top_k=2)
 
@@ -123,6 +123,20 @@ def test_seq_balance_loss_in_the_router():
     moe.eval()
     moe(u)
     assert moe.gate.aux_loss is None
+
+
+def test_moe_costs():
+    """A LatentMoE layer's share of FLOPs counts its router, shared expert, latent projections and
+    k of its E experts; its share of memory all of them (embeddings in the denominator)."""
+    cfg = NemotronConfig(d_model=16, pattern="-E", d_ff=32, n_experts=8, top_k=2, moe_d_ff=12,
+                         shared_d_ff=20, moe_latent_size=4)
+    model = Nemotron(cfg)
+    d, l, F, E, k = 16, 4, 12, 8, 2
+    active = E * d + 2 * d * 20 + 2 * d * l + k * 2 * l * F
+    total = E * d + 2 * d * 20 + 2 * d * l + E * 2 * l * F
+    costs = moe_costs(model, T=64)
+    assert costs["moe_flops_share"] == pytest.approx(6 * active / model.flops_per_token(64))
+    assert costs["moe_param_share"] == pytest.approx(total / sum(p.numel() for p in model.parameters()))
 
 
 def test_balancing_evens_out_a_skewed_router():

@@ -246,6 +246,22 @@ def test_shipped_configs_run(config, tmp_path):
     assert 'final val loss' in proc.stdout and 'sample:' in proc.stdout
 
 
+def test_latent_moe_configs_are_the_same_size(tmp_path):
+    """The README's LatentMoE experiment: config/moe_latent.py has exactly the total and active
+    parameters of config/moe_standard.py, and both train and sample."""
+    heads = []
+    for config in ('config/moe_standard.py', 'config/moe_latent.py'):
+        out = str(tmp_path / os.path.basename(config))
+        cmd = [sys.executable, 'train.py', config, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
+               '--eval_iters=1', '--sample_new_tokens=8']
+        proc = ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+        assert 'sample:' in proc.stdout and 'MoE layers: 35% of training FLOPs/token' in proc.stdout
+        heads.append(read_log(out)[0])
+    assert heads[0]['config']['n_experts'] * 4 == heads[1]['config']['n_experts']
+    for key in ('params', 'active_params', 'moe_flops_share', 'moe_param_share'):
+        assert heads[0][key] == heads[1][key], key
+
+
 @pytest.fixture
 def docs_dataset():
     """A throwaway data set of short byte documents, each started by an end-of-text id 256."""
