@@ -100,7 +100,7 @@ def seq_balance_loss(scores, idx, n_seq):
     k = idx.size(1)
     T = M // n_seq
     ones = scores.new_ones(n_seq, T * k)
-    counts = scores.new_zeros(n_seq, E).scatter_add_(1, idx.view(n_seq, T * k), ones)  # (S, E)
+    counts = scores.new_zeros(n_seq, E).scatter_add_(1, idx.view(n_seq, T * k), ones)  # (S, E), from (S, T*k) ids
     f = counts * E / (k * T)
     P = (scores / scores.sum(-1, keepdim=True)).view(n_seq, T, E).mean(1)  # (S, E)
     return (f * P).sum(1).mean()
@@ -249,13 +249,15 @@ def dispatch_experts(experts, x, weights, idx, group):
     counts = torch.bincount(idx.flatten(), minlength=n * E_local)  # (E,)
     # 2) exchange the counts: recv[j, e] = copies rank j sends to our local expert e
     recv = all_to_all(counts, [E_local] * n, [E_local] * n, group).view(n, E_local)  # (n, E/n)
-    send_splits, recv_splits = counts.view(n, E_local).sum(1).tolist(), recv.sum(1).tolist()
+    send_splits = counts.view(n, E_local).sum(1).tolist()  # (n,): copies we send to each rank
+    recv_splits = recv.sum(1).tolist()  # (n,): copies each rank sends us
     # 3) the copies travel to their experts' ranks and arrive grouped by source rank, then expert
     xr = AllToAll.apply(x[token], recv_splits, send_splits, group)  # (R, l), R copies received
     local = torch.repeat_interleave(torch.arange(E_local, device=x.device).repeat(n), recv.flatten())  # (R,)
     # each received copy runs through its one expert at weight 1: the routing weights are applied
-    # at home, where the router's gradient is. footgun: a rank may receive no copies at all, and
-    # must still take part in the backward all-to-alls, so the empty input passes through as is
+    # at home, where the router's gradient is. footgun: a rank may receive no copies at all and
+    # must still take part in both backward all-to-alls: the empty input passes through as is,
+    # which keeps its gradient path to x (the loop over experts would fail on it anyway)
     yr = experts(xr, xr.new_ones(len(local), 1), local[:, None]) if len(local) else xr  # (R, l)
     # 4) the results travel back by the reverse all-to-all, in the sorted order of step 1
     y = AllToAll.apply(yr, send_splits, recv_splits, group)  # (M*k, l)
