@@ -64,6 +64,7 @@ class NemotronConfig:
     topk_group: int = 1                   # groups a token may route into
     routed_scaling_factor: float = 1.0    # multiplies the normalised routing weights
     norm_topk_prob: bool = True           # normalise the chosen weights to sum to one
+    moe_seq_aux_coef: float = 0.0         # alpha of DeepSeek-V3's sequence-wise balance loss (training only); 0 = off
     # multi-token prediction (MTP): depth k at position i predicts token i+k+1
     mtp_depth: int = 0                    # D, the number of MTP depths trained (0: none)
     mtp_pattern: str = "*E"               # each depth's block stack: attention, MLP, MoE (no Mamba)

@@ -14,11 +14,15 @@ E_i and shared are non-gated relu^2 MLPs. With LatentMoE the routed experts read
 smaller latent width l through W_down2 = fc1_latent_proj (d -> l) and W_up2 = fc2_latent_proj
 (l -> d); without it both are the identity. The router and the shared expert see the full width.
 
-Shape letters: M tokens (B*T flattened), E routed experts, k experts per token, F expert hidden
-width, l latent width.
+Shape letters: M tokens (B*T flattened), S sequences, T tokens per sequence, E routed experts,
+k experts per token, F expert hidden width, l latent width, n ranks of an expert-parallel group.
+
+The last section, expert parallelism, is the only code here that talks to other processes: it
+takes a process group, and nothing else in the file depends on it.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -62,12 +66,17 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts))
         self.cfg = cfg
         self.stats = None  # training only: [tokens per expert (E), summed router entropy, tokens]
+        self.aux_loss = None  # training with moe_seq_aux_coef > 0: alpha * L_bal of the last forward
 
-    def forward(self, u):
+    def forward(self, u, n_seq=1):
+        """u (M, d), the tokens of n_seq sequences of equal length -> weights, expert ids (M, k)."""
         c = self.cfg
         scores = torch.sigmoid(F.linear(u.float(), self.weight.float()))  # (M, E) in fp32
         weights, idx = route(scores, self.e_score_correction_bias.float(), c.top_k, c.n_group,
                              c.topk_group, c.norm_topk_prob, c.routed_scaling_factor)
+        self.aux_loss = None
+        if self.training and c.moe_seq_aux_coef > 0:  # train.py adds it to the loss it backpropagates
+            self.aux_loss = c.moe_seq_aux_coef * seq_balance_loss(scores, idx, n_seq)
         if self.training:  # what balance_experts and balance_metrics read after the optimizer step
             with torch.no_grad():
                 load = torch.bincount(idx.flatten(), minlength=c.n_experts).float()
@@ -81,6 +90,22 @@ class Router(nn.Module):
         """The statistics summed since the last call (zeros if the router saw no training tokens)."""
         stats, self.stats = self.stats, None
         return stats if stats is not None else self.weight.new_zeros(self.cfg.n_experts + 2, dtype=torch.float32)
+
+
+def seq_balance_loss(scores, idx, n_seq):
+    """DeepSeek-V3's complementary sequence-wise balance loss (Sec. 2.1.2, eqs. 17-20), before its
+    factor alpha: per sequence of T tokens, f_i = E / (k T) * (copies routed to expert i) and
+    P_i = the mean over its tokens of s_i / sum_j s_j; L_bal = sum_i f_i P_i, averaged over the
+    n_seq sequences. 1 when balanced; only P carries a gradient (to the router weights).
+    scores (M, E) sigmoid affinities, idx (M, k) the chosen experts, M = n_seq * T."""
+    M, E = scores.shape
+    k = idx.size(1)
+    T = M // n_seq
+    ones = scores.new_ones(n_seq, T * k)
+    counts = scores.new_zeros(n_seq, E).scatter_add_(1, idx.view(n_seq, T * k), ones)  # (S, E), from (S, T*k) ids
+    f = counts * E / (k * T)
+    P = (scores / scores.sum(-1, keepdim=True)).view(n_seq, T, E).mean(1)  # (S, E)
+    return (f * P).sum(1).mean()
 
 
 @torch.no_grad()
@@ -235,12 +260,113 @@ class MoE(nn.Module):
             self.fc1_latent_proj = nn.Linear(cfg.d_model, latent, bias=False)
             self.fc2_latent_proj = nn.Linear(latent, cfg.d_model, bias=False)
         self.latent = latent is not None
+        self.ep_group = None  # set by shard_experts: this layer holds E/n experts, dispatches by all-to-all
 
     def forward(self, u):
         shape = u.shape
         u = u.reshape(-1, shape[-1])  # (M, d)
-        weights, idx = self.gate(u)  # (M, k) each
+        weights, idx = self.gate(u, n_seq=shape[0] if len(shape) == 3 else 1)  # (M, k) each
         x = self.fc1_latent_proj(u) if self.latent else u  # (M, l)
-        y = self.experts(x, weights, idx)  # (M, l)
+        if self.ep_group is None:
+            y = self.experts(x, weights, idx)  # (M, l)
+        else:
+            y = dispatch_experts(self.experts, x, weights, idx, self.ep_group)  # (M, l)
         y = self.fc2_latent_proj(y) if self.latent else y  # (M, d)
         return (y + self.shared_experts(u)).view(shape)
+
+
+def moe_costs(model, T):
+    """The MoE layers' share of a Nemotron's training FLOPs per token at sequence length T (6 per
+    active weight, as model.flops_per_token counts them: the router, the shared expert, the latent
+    projections and k routed experts; the top-k and the scatter are not counted) and of its
+    parameter memory (embeddings included). Call it on the whole model, before any sharding."""
+    cfg, moes = model.config, [m for m in model.modules() if isinstance(m, MoE)]
+    params = sum(p.numel() for m in moes for p in m.parameters())
+    per_expert = sum(p[0].numel() for m in moes[:1] for p in m.experts.parameters())
+    active = params - len(moes) * (cfg.n_experts - cfg.top_k) * per_expert
+    return {"moe_flops_share": 6 * active / model.flops_per_token(T),
+            "moe_param_share": params / sum(p.numel() for p in model.parameters())}
+
+
+# -----------------------------------------------------------------------------
+# expert parallelism (distributed): every function below takes a process group
+#
+# The n ranks of an EP group split each MoE layer's routed experts: group rank r holds experts
+# [r*E/n, (r+1)*E/n). The router, shared expert and latent projections stay whole on every rank.
+# After routing, each token copy travels to the rank of its expert and its result comes back, by
+# two all-to-alls with uneven splits. Every rank of the group must run the same MoE layers the
+# same number of times (forward and backward), or the collectives wait forever.
+
+
+def all_to_all(x, out_splits, in_splits, group):
+    """Rows x[sum(in_splits[:j]) : sum(in_splits[:j+1])] go to rank j; rank j's rows for us
+    arrive as out_splits[j] rows, in rank order."""
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all with a gradient: the backward sends each row's gradient back where it came from."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return all_to_all(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def dispatch_experts(experts, x, weights, idx, group):
+    """Expert-parallel Experts.forward: x (M, l), weights and idx (M, k) with global expert ids
+    -> (M, l), what all E experts in one process would give. experts holds this rank's E/n."""
+    M, k = idx.shape
+    n, E_local = dist.get_world_size(group), experts.up_proj.size(0)
+    # 1) sort the token copies by expert: the copies bound for each rank are one contiguous run
+    order = idx.flatten().argsort()  # (M*k,): copy m*k + j of token m is its j-th choice
+    token = order // k  # (M*k,): the token of each sorted copy
+    counts = torch.bincount(idx.flatten(), minlength=n * E_local)  # (E,)
+    # 2) exchange the counts: recv[j, e] = copies rank j sends to our local expert e
+    recv = all_to_all(counts, [E_local] * n, [E_local] * n, group).view(n, E_local)  # (n, E/n)
+    send_splits = counts.view(n, E_local).sum(1).tolist()  # (n,): copies we send to each rank
+    recv_splits = recv.sum(1).tolist()  # (n,): copies each rank sends us
+    # 3) the copies travel to their experts' ranks and arrive grouped by source rank, then expert
+    xr = AllToAll.apply(x[token], recv_splits, send_splits, group)  # (R, l), R copies received
+    local = torch.repeat_interleave(torch.arange(E_local, device=x.device).repeat(n), recv.flatten())  # (R,)
+    # each received copy runs through its one expert at weight 1: the routing weights are applied
+    # at home, where the router's gradient is. footgun: a rank may receive no copies at all and
+    # must still take part in both backward all-to-alls: the empty input passes through as is,
+    # which keeps its gradient path to x (the loop over experts would fail on it anyway)
+    yr = experts(xr, xr.new_ones(len(local), 1), local[:, None]) if len(local) else xr  # (R, l)
+    # 4) the results travel back by the reverse all-to-all, in the sorted order of step 1
+    y = AllToAll.apply(yr, send_splits, recv_splits, group)  # (M*k, l)
+    y = y.float() * weights.flatten()[order, None]  # summed in fp32, as Experts.forward does
+    return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, y).to(x.dtype)
+
+
+def shard_experts(moe, group):
+    """Keep only this rank's E/n routed experts of an MoE layer, which from now on dispatches
+    its token copies over group."""
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    for name in ("up_proj", "down_proj"):
+        full = getattr(moe.experts, name)
+        setattr(moe.experts, name, nn.Parameter(full.detach().chunk(n)[r].clone()))  # (E/n, ...)
+    moe.ep_group = group
+
+
+def gather_experts(t, group):
+    """The full (E, ...) tensor from the shards t (E/n, ...) that the ranks of group hold."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+def unshard_experts(moe):
+    """The reverse of shard_experts: every rank holds all E experts again and routes locally."""
+    for name in ("up_proj", "down_proj"):
+        shard = getattr(moe.experts, name)
+        setattr(moe.experts, name, nn.Parameter(gather_experts(shard.detach(), moe.ep_group)))
+    moe.ep_group = None

@@ -4,8 +4,9 @@ train.py: train a Nemotron hybrid (Mamba-2 / attention / MLP / MoE) language mod
 One process on a CPU, a Mac or a GPU:
     python train.py                                  # the default: a small hybrid on pycode, CPU, minutes
     python train.py config/tiny_cpu.py --max_iters=100
-Data-parallel (DDP) on one node, with torchrun:
+Data-parallel (DDP) on one node, with torchrun; --ep=N also shards the routed experts over N ranks:
     torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --ep=4
 Resume, or fine-tune from another run or a Hugging Face NemotronH folder:
     python train.py --init_from=resume --out_dir=out
     python train.py --init_from=path/to/out_dir_or_hf_folder --learning_rate=1e-4
@@ -25,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import CheckpointError, Nemotron, NemotronConfig
-from moe import Router, balance_experts, balance_metrics
+from moe import (MoE, Router, balance_experts, balance_metrics, gather_experts, moe_costs, shard_experts,
+                 unshard_experts)
 from data.tokenizer import DataError, load_tokenizer, read_meta
 
 # -----------------------------------------------------------------------------
@@ -79,6 +81,7 @@ n_group = 1                     # expert groups for group-limited routing
 topk_group = 1                  # groups a token may route into
 routed_scaling_factor = 1.0     # scale of the normalised routing weights
 norm_topk_prob = True           # normalise the chosen experts' weights to sum to 1
+moe_seq_aux_coef = 0.0          # alpha of DeepSeek-V3's sequence-wise balance loss, added to the trained loss, logged apart (0: off)
 mtp_depth = 0                   # multi-token prediction: D extra depths, depth k predicts token i+k+1 (0: none)
 mtp_pattern = '*E'              # each MTP depth's blocks (attention, MLP, MoE; Nemotron 3 Super: '*E')
 mtp_share = False               # one set of MTP weights for every depth (Nemotron 3 Super)
@@ -101,6 +104,7 @@ min_lr = 4e-4                   # floor of the schedule (~learning_rate / 10, as
 device = 'auto'                 # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # bf16 needs no grad scaler; fp32 elsewhere
 compile = False                 # torch.compile the model (worth it on a GPU, slow to start on a CPU)
+ep = 1                          # expert parallelism: shard each MoE layer's routed experts over this many ranks (torchrun)
 seed = 1337                     # model init and the batch sequence
 peak_flops = 0.0                # FLOP/s per device that MFU is measured against (0: look the GPU up)
 # -----------------------------------------------------------------------------
@@ -142,6 +146,8 @@ device_type = device.split(':')[0]
 for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
     if globals()[k] < 1:
         die(f"{k} must be at least 1, got {globals()[k]}")
+if ep < 1 or ddp_world_size % ep != 0:
+    die(f"ep={ep} must divide the number of ranks, {ddp_world_size} (launch with torchrun --nproc_per_node=<a multiple of {max(ep, 1)}>)")
 if gradient_accumulation_steps % ddp_world_size != 0:
     die(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} ranks")
 accum_steps = gradient_accumulation_steps // ddp_world_size  # micro-steps of this rank
@@ -157,6 +163,8 @@ torch.backends.cudnn.allow_tf32 = True
 # autocast on CUDA only (bf16 matmuls on a CPU are slower than fp32); float16 also needs a grad scaler
 amp = device_type == 'cuda' and dtype != 'float32'
 ctx = torch.autocast(device_type='cuda', dtype=getattr(torch, dtype)) if amp else nullcontext()
+if ep > 1 and amp and dtype == 'float16':  # each rank's scaler would judge its own expert grads: steps could differ
+    die("ep > 1 with dtype='float16' is not supported (its grad scaler is per rank): use bfloat16")
 if dtype != 'float32' and not amp:
     print0(f"note: dtype={dtype} applies on CUDA only; training in float32 on {device}")
 
@@ -237,17 +245,51 @@ else:  # a fine-tune starts at step 0 with a fresh optimizer
 if model.config.vocab_size < meta['vocab_size']:
     die(f"the model's vocab_size {model.config.vocab_size} is smaller than data/{dataset}'s {meta['vocab_size']}")
 model.to(device)
-print0(f"model: {model.num_params() / 1e6:.2f}M parameters, pattern {model.config.pattern}")
+# of the whole model, before any sharding
+n_params, n_active, flops_per_token = model.num_params(), model.num_params(active=True), model.flops_per_token(block_size)
+costs = moe_costs(model, block_size) if 'E' in model.config.pattern else {}
+print0(f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active), pattern {model.config.pattern}"
+       + (f"; MoE layers: {costs['moe_flops_share']:.0%} of training FLOPs/token, {costs['moe_param_share']:.0%} of parameter memory" if costs else ""))
+
+# -----------------------------------------------------------------------------
+# expert parallelism inside data parallelism. Every rank trains on its own batch as in DDP. The W
+# ranks form W/ep EP groups of ep consecutive ranks; in each, group rank r holds shard r of every
+# MoE layer's routed experts, and token copies reach their experts by all-to-all (moe.py). The W/ep
+# ranks that hold the same shard are its replicas: they average its gradient (sync_expert_grads);
+# DDP averages every other parameter, which all ranks hold whole.
+moes = [m for m in model.modules() if isinstance(m, MoE)]
+ep_group = replica_group = None
+if ep > 1:
+    if not moes:
+        die(f"ep={ep} shards MoE layers, and the pattern {model.config.pattern} has none ('E')")
+    if model.config.n_experts % ep != 0:
+        die(f"ep={ep} must divide n_experts={model.config.n_experts}")
+    for g in range(ddp_world_size // ep):  # new_group is collective: every rank makes every group
+        group = dist.new_group(list(range(g * ep, (g + 1) * ep)))
+        ep_group = group if ddp_rank // ep == g else ep_group
+    for r in range(ep):
+        group = dist.new_group(list(range(r, ddp_world_size, ep)))
+        replica_group = group if ddp_rank % ep == r else replica_group
+    for m in moes:
+        shard_experts(m, ep_group)
+expert_params = [p for m in moes for p in m.experts.parameters()] if ep > 1 else []
+is_expert = {id(p) for p in expert_params}
 
 # AdamW: decay matrices and embeddings, not norms, biases, A_log, D or dt_bias (all 1-D)
 params = [p for p in model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
+opt_index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g['params'])}  # state_dict's keys
 scaler = torch.amp.GradScaler(device_type, enabled=amp and dtype == 'float16')
 if ckpt is not None:
     try:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        optim_state = ckpt['optimizer']  # of the whole model, whatever ep saved it
+        for p in expert_params:  # keep this rank's shard of the experts' AdamW moments
+            s = optim_state['state'][opt_index[id(p)]]
+            optim_state['state'][opt_index[id(p)]] = {k: v.chunk(ep)[ddp_rank % ep].clone() if v.dim() > 0 else v
+                                                      for k, v in s.items()}
+        optimizer.load_state_dict(optim_state)
         rng = ckpt['rng']  # restored last, after everything that draws from it (model init)
         torch.set_rng_state(rng['torch'])
         if rng['cuda'] is not None and torch.cuda.is_available():
@@ -264,6 +306,8 @@ if compile:
     print0("compiling the model... (takes a minute)")
     model = torch.compile(model)
 if ddp:
+    # the expert shards differ from rank to rank: DDP leaves them to sync_expert_grads
+    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if id(p) in is_expert])
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 # -----------------------------------------------------------------------------
@@ -275,13 +319,15 @@ def estimate_loss():
     out = {}
     eval_model = model.module if ddp else model  # not through DDP: ranks may run unequal counts of batches
     eval_model.eval()
+    # under EP all ranks must run as many forwards (all-to-alls): round up, count the first eval_iters
+    n = math.ceil(eval_iters / ddp_world_size) * ddp_world_size if ep > 1 else eval_iters
     for i, split in enumerate(('train', 'val')):
         total = torch.zeros((), device=device)
-        for k in range(ddp_rank, eval_iters, ddp_world_size):
+        for k in range(ddp_rank, n, ddp_world_size):
             X, Y, S = get_batch(split, (1 + i, k), 0, 1)
             with ctx:
                 _, loss = eval_model(X, Y, seq_idx=S)
-            total += loss.float()
+            total += loss.float() * (k < eval_iters)
         if ddp:
             dist.all_reduce(total)
         out[split] = total.item() / eval_iters
@@ -301,12 +347,51 @@ def get_lr(it):
         return learning_rate
     return learning_rate + (min_lr - learning_rate) * (it - decay_start) / (lr_decay_iters - decay_start)
 
+def sync_expert_grads():
+    """The all-to-all backward has summed into each expert shard the gradient of its EP group's
+    losses; add its replicas' and divide by the world size: the mean over all ranks, as DDP's."""
+    for p in expert_params:
+        if p.grad is None:  # no token of the EP group reached this shard
+            p.grad = torch.zeros_like(p)
+        if ddp_world_size > ep:
+            dist.all_reduce(p.grad, group=replica_group)
+        p.grad /= ddp_world_size
+
+def clip_grad_norm(max_norm):
+    """clip_grad_norm_ of the whole model: under EP each rank holds 1/ep of the experts' grads, so
+    their squares are summed over the EP group; every rank then scales by the same factor."""
+    if ep == 1:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    dense = [p.grad for p in raw_model.parameters() if p.grad is not None and id(p) not in is_expert]
+    experts = [p.grad for p in expert_params]
+    sq_dense, sq_experts = (torch.stack([g.float().square().sum() for g in gs]).sum() for gs in (dense, experts))
+    dist.all_reduce(sq_experts, group=ep_group)
+    coef = (max_norm / ((sq_dense + sq_experts).sqrt() + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
+    for g in dense + experts:
+        g.mul_(coef)
+
+def full_state():
+    """The model's and optimizer's state dicts for the whole model. Under EP every rank must call
+    it: the expert shards (weights and AdamW moments) are gathered over the EP group."""
+    model_state, optim_state = raw_model.state_dict(), optimizer.state_dict()
+    names = {id(p): n for n, p in raw_model.named_parameters()}
+    for p in expert_params:
+        model_state[names[id(p)]] = gather_experts(p.detach(), ep_group)
+        s = optim_state['state'][opt_index[id(p)]]  # replaced, not edited: the optimizer shares this dict
+        optim_state['state'][opt_index[id(p)]] = {k: gather_experts(v, ep_group) if v.dim() > 0 else v
+                                                  for k, v in s.items()}
+    return model_state, optim_state
+
 def save_checkpoint():
-    """Write out_dir/ckpt.pt atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write out_dir/ckpt.pt atomically: a crash mid-write leaves the previous checkpoint intact.
+    Every rank calls it (under EP they gather the experts); rank 0 writes."""
+    model_state, optim_state = full_state()
+    if not master_process:
+        return
     np_state = np.random.get_state()
     ckpt = {
-        'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
+        'model': model_state,
+        'optimizer': optim_state,
         'model_config': raw_model.config.to_dict(),
         'config': config,
         'iter_num': iter_num,
@@ -335,7 +420,8 @@ def git_hash():
 
 # -----------------------------------------------------------------------------
 # training loop
-flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+flops_per_iter = flops_per_token * tokens_per_iter
+seq_aux = raw_model.config.moe_seq_aux_coef > 0 and bool(routers)  # the sequence-wise balance loss is on
 if peak_flops == 0.0 and device_type == 'cuda':
     name = torch.cuda.get_device_name(device)
     peak_flops = next((f for key, f in PEAK_FLOPS if key in name), 0.0)
@@ -346,7 +432,7 @@ if master_process:
         json.dump(meta, f)
     log({'config': config, 'git': git_hash(), 'torch': torch.__version__, 'device': device,
          'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
-         'params': raw_model.num_params(), 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+         'params': n_params, 'active_params': n_active, **costs, 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
 pbar = tqdm(total=max_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True)
 X, Y, S = get_train_batch(iter_num, 0)  # fetch the very first batch
 losses = None
@@ -367,27 +453,31 @@ for iter_num in range(start_iter, max_iters + 1):
                 f"the run diverged; {ckpt_path} was not overwritten")
         if iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
-            if master_process:
-                save_checkpoint()
+            save_checkpoint()
     if iter_num == max_iters:
         break
 
     # one optimizer step over accum_steps micro-steps
     t0 = time.time()
-    loss_sum = torch.zeros((), device=device)
+    loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     for micro_step in range(accum_steps):
         if ddp:  # sync gradients on the last micro-step only (what model.no_sync() does, without nesting)
             model.require_backward_grad_sync = micro_step == accum_steps - 1
         with ctx:
             _, loss = model(X, Y, seq_idx=S)
             loss = loss / accum_steps  # the mean over micro-steps; DDP then averages over ranks
+            aux = sum(r.aux_loss for r in routers) / accum_steps if seq_aux else None
         loss_sum += loss.detach().float()
+        if aux is not None:  # the balance loss is trained on, but logged apart from the LM loss
+            aux_sum += aux.detach().float()
+            loss = loss + aux
         nxt = (iter_num, micro_step + 1) if micro_step + 1 < accum_steps else (iter_num + 1, 0)
         X, Y, S = get_train_batch(*nxt)  # fetch the next micro-batch while this one computes (async on a GPU)
         scaler.scale(loss).backward()
+    sync_expert_grads()
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        clip_grad_norm(grad_clip)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -402,7 +492,8 @@ for iter_num in range(start_iter, max_iters + 1):
     if iter_num % log_interval == 0 or iter_num == max_iters - 1:
         if ddp:
             dist.all_reduce(loss_sum)
-        lossf = loss_sum.item() / ddp_world_size
+            dist.all_reduce(aux_sum)
+        lossf, auxf = loss_sum.item() / ddp_world_size, aux_sum.item() / ddp_world_size
         if not math.isfinite(lossf):
             pbar.close()
             die(f"loss is {lossf} at step {iter_num}: the run diverged (try a lower learning_rate); "
@@ -416,15 +507,19 @@ for iter_num in range(start_iter, max_iters + 1):
         pbar.set_postfix_str(f"loss {lossf:.4f} | lr {lr:.1e} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s"
                              f" | mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}"
                              + (f" | moe load max/mean {max(moe['load_max_over_mean']):.2f}" if moe else "")
-                             + (f" | mtp {' '.join(f'{l:.3f}' for l in mtp['mtp_losses'])}" if mtp else ""))
+                             + (f" | mtp {' '.join(f'{l:.3f}' for l in mtp['mtp_losses'])}" if mtp else "")
+                             + (f" | aux {auxf:.4f}" if seq_aux else ""))
         if master_process:
-            log({'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s, 'mfu': mfu,
-                 **moe, **mtp})
+            log({'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s, 'mfu': mfu, **moe,
+                 **mtp, **({'aux_loss': auxf} if seq_aux else {})})
     pbar.update(1)
 pbar.close()
 
 # -----------------------------------------------------------------------------
 # the end: a sample from the trained model, and the final val loss
+if ep > 1 and sample_new_tokens > 0:  # rank 0 samples alone: every rank gathers the experts back first
+    for m in moes:
+        unshard_experts(m)
 if master_process and sample_new_tokens > 0:
     try:
         tokenizer = load_tokenizer(data_dir)

@@ -1,8 +1,9 @@
 """
 Aux-loss-free load balancing of moe.py (DeepSeek-V3 Sec. 2.1.2): the routing statistics a router
 collects in training, the bias update's direction and size, the balance metrics, and that the
-update really evens out a skewed router. Then the dropless dispatch: Experts' grouped GEMMs against
-the per-expert loop (experts_loop), outputs and gradients.
+update really evens out a skewed router. Then the optional sequence-wise balance loss (same
+section): its value, off by default, and its gradient to the router. Then the dropless dispatch:
+Experts' grouped GEMMs against the per-expert loop (experts_loop), outputs and gradients.
 
 Run: python -m pytest -q tests/test_moe.py
 """
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from helpers import assert_close
-from model import NemotronConfig
-from moe import Router, balance_experts, balance_metrics, route
+from model import Nemotron, NemotronConfig
+from moe import MoE, Router, balance_experts, balance_metrics, moe_costs, route, seq_balance_loss
 from moe import Experts, experts_loop, grouped_mm_ref
 
 CFG = NemotronConfig(d_model=16, n_experts=8, top_k=2)
@@ -71,6 +72,73 @@ def test_balance_metrics():
     assert m["load_max_over_mean"] == pytest.approx([2.0, 1.0])
     assert m["busiest_share"] == pytest.approx([0.5, 0.25])
     assert m["router_entropy"] == pytest.approx([1.0, 0.0])
+
+
+def test_seq_balance_loss_value():
+    """L_bal = sum_i f_i P_i per sequence, averaged over sequences, against DeepSeek-V3's eqs.
+    17-20 written out as loops; and exactly 1 when balanced."""
+    g = torch.Generator().manual_seed(0)
+    S, T, E, k = 3, 10, 8, 2
+    scores = torch.sigmoid(torch.randn(S * T, E, generator=g))
+    _, idx = route(scores, torch.zeros(E), k, 1, 1, True, 1.0)
+    expected = 0.0
+    for s in range(S):
+        for i in range(E):
+            tokens = range(s * T, (s + 1) * T)
+            f = E / (k * T) * sum(i in idx[t].tolist() for t in tokens)
+            P = sum(scores[t, i] / scores[t].sum() for t in tokens) / T
+            expected += f * P / S
+    assert_close(seq_balance_loss(scores, idx, S), expected, "L_bal", atol=1e-6, rtol=1e-6)
+    # every expert chosen equally often, all scores equal: f_i = 1, P_i = 1/E
+    cycle = torch.arange(E).view(E // k, k).repeat(2, 1)  # (8, 2): 8 tokens, each expert twice
+    assert_close(seq_balance_loss(torch.full((8, E), 0.5), cycle, 1), 1.0, "balanced L_bal", atol=1e-6)
+
+
+def test_seq_balance_loss_off_by_default():
+    """moe_seq_aux_coef = 0 (the default): nothing is computed, in training or not."""
+    assert NemotronConfig().moe_seq_aux_coef == 0.0
+    torch.manual_seed(0)
+    model = Nemotron(NemotronConfig(d_model=16, pattern="E-E", d_ff=16, moe_d_ff=8, shared_d_ff=8)).train()
+    model(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8)))
+    assert all(m.gate.aux_loss is None for m in model.modules() if isinstance(m, MoE))
+
+
+def test_seq_balance_loss_in_the_router():
+    """With moe_seq_aux_coef = alpha, a router in training keeps alpha * L_bal of the batch's
+    sequences (MoE tells it how many), its gradient reaches the router weights, and eval mode
+    computes none."""
+    cfg = NemotronConfig(d_model=16, n_experts=8, top_k=2, moe_d_ff=8, shared_d_ff=8, moe_seq_aux_coef=0.1)
+    torch.manual_seed(0)
+    moe = MoE(cfg).train()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    u = torch.randn(3, 10, 16)  # (B, T, d)
+    moe(u)
+    aux = moe.gate.aux_loss
+    scores = torch.sigmoid(u.view(30, 16) @ moe.gate.weight.T)  # (B*T, E)
+    _, idx = route(scores, torch.zeros(8), 2, 1, 1, True, 1.0)
+    assert_close(aux, 0.1 * seq_balance_loss(scores, idx, 3), "alpha * L_bal", atol=1e-7, rtol=1e-6)
+    aux.backward()
+    grad = moe.gate.weight.grad
+    assert grad is not None and grad.abs().max() > 0
+    assert all(p.grad is None for n, p in moe.named_parameters() if not n.startswith("gate."))
+    moe.eval()
+    moe(u)
+    assert moe.gate.aux_loss is None
+
+
+def test_moe_costs():
+    """A LatentMoE layer's share of FLOPs counts its router, shared expert, latent projections and
+    k of its E experts; its share of memory all of them (embeddings in the denominator)."""
+    cfg = NemotronConfig(d_model=16, pattern="-E", d_ff=32, n_experts=8, top_k=2, moe_d_ff=12,
+                         shared_d_ff=20, moe_latent_size=4)
+    model = Nemotron(cfg)
+    d, l, F, E, k = 16, 4, 12, 8, 2
+    active = E * d + 2 * d * 20 + 2 * d * l + k * 2 * l * F
+    total = E * d + 2 * d * 20 + 2 * d * l + E * 2 * l * F
+    costs = moe_costs(model, T=64)
+    assert costs["moe_flops_share"] == pytest.approx(6 * active / model.flops_per_token(64))
+    assert costs["moe_param_share"] == pytest.approx(total / sum(p.numel() for p in model.parameters()))
 
 
 def test_balancing_evens_out_a_skewed_router():

@@ -3,7 +3,8 @@ tests/test_train.py: train.py end to end, as a user runs it: subprocesses on the
 Run: python -m pytest -q tests/test_train.py        (about 1.5 minutes on an idle 2-core CPU)
 
 Covers: the loss falls; resume is bit-identical to a straight run; 2 DDP processes (torchrun, gloo)
-match 1 process; bad input exits non-zero with one clear message and loses nothing; fine-tuning
+match 1 process, and so do expert-parallel runs (--ep=2 on 2 and on 4 ranks), with the sequence-wise
+balance loss on; bad input exits non-zero with one clear message and loses nothing; fine-tuning
 from another run's out_dir.
 """
 import json, math, os, shutil, subprocess, sys
@@ -55,6 +56,29 @@ def step_losses(out_dir):
 
 def load_model_state(out_dir):
     return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)['model']
+
+
+TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone')
+# 6 steps of 4 micro-batches, with the balance loss on: one process, or split among 2 or 4 ranks
+PARALLEL = ['--max_iters=6', '--eval_interval=6', '--gradient_accumulation_steps=4', '--moe_seq_aux_coef=0.01']
+
+
+def assert_same_run(one, other):
+    """Same weights, AdamW moments and logged losses: the same global batches, only the order of
+    float sums differs (all-reduce vs accumulate, all-to-all vs one matmul), fp32."""
+    c1, c2 = (torch.load(os.path.join(d, 'ckpt.pt'), map_location='cpu', weights_only=True) for d in (one, other))
+    assert c1['model'].keys() == c2['model'].keys()
+    for k in c1['model']:  # the whole model, however many ranks held its experts
+        torch.testing.assert_close(c2['model'][k], c1['model'][k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+    for i, s in c1['optimizer']['state'].items():  # AdamW's moments show the gradients' scale (clipping), which its
+        for k, v in s.items():                       # updates mostly hide: to 1e-5 of each tensor's largest value
+            torch.testing.assert_close(c2['optimizer']['state'][i][k], v, atol=1e-5 * v.abs().max().item(), rtol=0,
+                                       msg=lambda m: f"{i}.{k}: {m}")
+    l1, l2 = step_losses(one), step_losses(other)
+    assert sorted(l1) == sorted(l2) == list(range(6))
+    assert all(abs(l1[s] - l2[s]) < 1e-4 for s in l1), (l1, l2)
+    a1, a2 = ([r['aux_loss'] for r in read_log(d) if 'loss' in r] for d in (one, other))
+    assert len(a1) == 6 and all(abs(x - y) < 1e-6 for x, y in zip(a1, a2)), (a1, a2)
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -109,19 +133,32 @@ def test_resume_is_bit_identical(tmp_path):
     assert [r['step'] for r in read_log(b) if 'val_loss' in r] == [0, 4, 6, 8, 12]  # no eval twice at 6
 
 
-def test_ddp_two_processes_match_one(tmp_path):
-    one, two = str(tmp_path / 'one'), str(tmp_path / 'two')
-    flags = ['--max_iters=6', '--eval_interval=6', '--gradient_accumulation_steps=2']
-    ok(train(one, *flags))
-    torchrun = (sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
-    ok(train(two, *flags, launcher=torchrun))
-    s1, s2 = load_model_state(one), load_model_state(two)
-    for k in s1:  # the same global batches: only the order of float sums differs (all-reduce vs accumulate)
-        torch.testing.assert_close(s2[k], s1[k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-    l1, l2 = step_losses(one), step_losses(two)
-    assert sorted(l1) == sorted(l2) == list(range(6))
-    assert all(abs(l1[s] - l2[s]) < 1e-4 for s in l1), (l1, l2)
+@pytest.fixture(scope='module')
+def one_process(tmp_path_factory):
+    """The single-process run that the DDP and EP runs must reproduce. Treat it as read-only."""
+    out = str(tmp_path_factory.mktemp('one'))
+    ok(train(out, *PARALLEL))
+    return out
+
+
+def test_ddp_two_processes_match_one(one_process, tmp_path):
+    two = str(tmp_path / 'two')
+    ok(train(two, *PARALLEL, launcher=(*TORCHRUN, '--nproc_per_node=2')))
+    assert_same_run(one_process, two)
     assert read_log(two)[0]['world_size'] == 2
+
+
+@pytest.mark.parametrize('nproc', [2, 4])
+def test_expert_parallel_matches_one(one_process, nproc, tmp_path):
+    """--ep=2 under torchrun (gloo): on 2 ranks the experts are split in two; on 4, two EP groups
+    of 2 ranks each train on their own batches and the replicas of each half average its grads.
+    Either way: the weights, optimizer state and losses of one process, a checkpoint of the whole
+    model, and a sample at the end (rank 0 alone, from the gathered experts)."""
+    out = str(tmp_path / 'ep')
+    proc = ok(train(out, *PARALLEL, '--ep=2', '--sample_new_tokens=8', launcher=(*TORCHRUN, f'--nproc_per_node={nproc}')))
+    assert_same_run(one_process, out)
+    assert load_model_state(out)['backbone.layers.3.mixer.experts.up_proj'].shape[0] == 4  # n_experts
+    assert 'sample:' in proc.stdout
 
 
 def test_finetune_from_another_run(trained, tmp_path):
@@ -165,6 +202,15 @@ def test_block_size_larger_than_data(tmp_path):
     failed_cleanly(train(str(tmp_path), '--block_size=10000000'), 'block_size')
 
 
+def test_expert_parallel_bad_flags(tmp_path):
+    failed_cleanly(train(str(tmp_path), '--ep=2'), 'ep=2', 'torchrun')  # one process cannot hold half the experts
+    # under torchrun the launcher adds a traceback of its own: none may come from train.py
+    proc = train(str(tmp_path), '--ep=2', '--n_experts=3', '--gradient_accumulation_steps=2',
+                 launcher=(*TORCHRUN, '--nproc_per_node=2'))
+    assert proc.returncode != 0 and 'ep=2 must divide n_experts=3' in proc.stderr, proc.stderr[-2000:]
+    assert 'train.py", line' not in proc.stderr, proc.stderr[-2000:]
+
+
 def test_resume_without_checkpoint(tmp_path):
     failed_cleanly(train(str(tmp_path), '--init_from=resume'), 'ckpt.pt')
 
@@ -198,6 +244,22 @@ def test_shipped_configs_run(config, tmp_path):
            '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--sample_new_tokens=8']
     proc = ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
     assert 'final val loss' in proc.stdout and 'sample:' in proc.stdout
+
+
+def test_latent_moe_configs_are_the_same_size(tmp_path):
+    """The README's LatentMoE experiment: config/moe_latent.py has exactly the total and active
+    parameters of config/moe_standard.py, and both train and sample."""
+    heads = []
+    for config in ('config/moe_standard.py', 'config/moe_latent.py'):
+        out = str(tmp_path / os.path.basename(config))
+        cmd = [sys.executable, 'train.py', config, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
+               '--eval_iters=1', '--sample_new_tokens=8']
+        proc = ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+        assert 'sample:' in proc.stdout and 'MoE layers: 35% of training FLOPs/token' in proc.stdout
+        heads.append(read_log(out)[0])
+    assert heads[0]['config']['n_experts'] * 4 == heads[1]['config']['n_experts']
+    for key in ('params', 'active_params', 'moe_flops_share', 'moe_param_share'):
+        assert heads[0][key] == heads[1][key], key
 
 
 @pytest.fixture
