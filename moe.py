@@ -235,7 +235,7 @@ class Experts(nn.Module):
         """x (M, l), weights and idx (M, k) -> (M, l). Dropless: every token copy is served, by one
         grouped GEMM per projection over all experts (kernels.grouped_mm on a GPU)."""
         M, k = idx.shape
-        if M * k < self.up_proj.size(0) and not kernels.use_triton(x):
+        if M * k <= self.up_proj.size(0) and not kernels.use_triton(x):
             # decoding a token or a few: running just the chosen experts beats two grouped GEMMs
             # over mostly empty groups (12.6 vs 15.8 ms per token for the default model, LOG.md)
             return experts_loop(x, weights, idx, self.up_proj, self.down_proj)
