@@ -82,6 +82,22 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+def interleaved(steppers, steps, warmup):
+    """name -> median seconds of steppers[name](): the candidates take turns, one call each, so
+    that a noisy machine slows them all alike; the first `warmup` rounds are not counted."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = {name: [] for name in steppers}
+    for i in range(warmup + steps):
+        for name, step in steppers.items():
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 # -----------------------------------------------------------------------------
 # training: forward + backward + AdamW step, fp32
 
@@ -107,17 +123,9 @@ def bench_train(cfg, batch_size=8, seq_len=256, steps=5, warmup=2, hf=True):
     g = torch.Generator().manual_seed(0)
     data = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), generator=g)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-    steppers = {name: train_step(m, x, y) for name, m in models.items()}
-    times = {name: [] for name in models}
-    for i in range(warmup + steps):
-        for name, step in steppers.items():
-            t0 = time.perf_counter()
-            step()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
+    secs = interleaved({name: train_step(m, x, y) for name, m in models.items()}, steps, warmup)
     tokens = batch_size * seq_len
-    return {name: {"tok/s": tokens / statistics.median(t), "ms": 1000 * statistics.median(t),
-                   "params": n_params(models[name])} for name, t in times.items()}
+    return {name: {"tok/s": tokens / t, "ms": 1000 * t, "params": n_params(models[name])} for name, t in secs.items()}
 
 
 # -----------------------------------------------------------------------------
@@ -279,20 +287,16 @@ def bench_e2e(cfg, batch_size=4, seq_len=2048, steps=5, warmup=2):
     model = Nemotron(cfg).to(dev)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
     step = train_step(model, x[:, :-1], x[:, 1:])
-    times = {True: [], False: []}
-    for i in range(warmup + steps):
-        for use in (True, False):
+
+    def with_kernels(use):
+        def run():
             kernels.USE_TRITON = use
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 step()
-            torch.cuda.synchronize()
-            if i >= warmup:
-                times[use].append(time.perf_counter() - t0)
+        return run
+    secs = interleaved({"with kernels": with_kernels(True), "without": with_kernels(False)}, steps, warmup)
     kernels.USE_TRITON = True
-    return {("with kernels" if use else "without"): batch_size * seq_len / statistics.median(t)
-            for use, t in times.items()}
+    return {name: batch_size * seq_len / t for name, t in secs.items()}
 
 
 def report_kernels(res, shape, decode=None, e2e=None):
@@ -382,15 +386,8 @@ def bench_moe(n_experts=(64, 128), tokens=4096, steps=5, warmup=2, hf=True, cfg_
                 continue
             layer.train()
             steppers[name] = lambda layer=layer: layer(u.clone().requires_grad_()).backward(dy)
-        times = {name: [] for name in steppers}
-        for i in range(warmup + steps):
-            for name, step in steppers.items():
-                t0 = time.perf_counter()
-                step()
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-        results[E] = {name: {"ms": 1000 * statistics.median(t), "tok/s": tokens / statistics.median(t)}
-                      for name, t in times.items()}
+        secs = interleaved(steppers, steps, warmup)
+        results[E] = {name: {"ms": 1000 * t, "tok/s": tokens / t} for name, t in secs.items()}
     return results
 
 

@@ -58,6 +58,13 @@ if triton is not None:
         return tl.dot(a, b)
 
     @triton.jit
+    def _rows(ptr, b, t, T, X, x, cols, W):
+        # the (len(t), len(cols)) tile of a contiguous (B, T, X, W) tensor at batch b, positions t,
+        # slot x (a head or a group), columns cols; zeros past T and W, in fp32
+        return tl.load(ptr + ((b * T + t[:, None]) * X + x) * W + cols[None, :],
+                       mask=(t[:, None] < T) & (cols[None, :] < W), other=0.0).to(tl.float32)
+
+    @triton.jit
     def _doc_edges(doc_ptr, b, c, T, Q: tl.constexpr):
         # the document of the token before chunk c (the first token's for c = 0), whose state the
         # chunk inherits, and the document of its last token, the only one that reaches its end
@@ -86,11 +93,7 @@ if triton is not None:
         acc = tl.zeros((Q, Q), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            off = ((b * T + t[:, None]) * G + g) * N + n[None, :]
-            m = (t[:, None] < T) & (n[None, :] < N)
-            Cv = tl.load(C_ptr + off, mask=m, other=0.0).to(tl.float32)
-            Bv = tl.load(B_ptr + off, mask=m, other=0.0).to(tl.float32)
-            acc += _dot(Cv, tl.trans(Bv), LOWP)
+            acc += _dot(_rows(C_ptr, b, t, T, G, g, n, N), tl.trans(_rows(B_ptr, b, t, T, G, g, n, N)), LOWP)
         q = tl.arange(0, Q)
         tl.store(cb_ptr + ((bc * G + g) * Q + q[:, None]) * Q + q[None, :], acc)
 
@@ -127,10 +130,8 @@ if triton is not None:
                 w = tl.exp(a_l)
             if HAS_DOC:
                 w = tl.where(tl.load(doc_ptr + b * T + t, mask=t < T, other=-1) == doc_ref, w, 0.0)
-            Xv = tl.load(X_ptr + ((b * T + t[:, None]) * H + h) * P + p[None, :],
-                         mask=(t[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32)
-            Vv = tl.load(V_ptr + ((b * T + t[:, None]) * G + g) * N + n[None, :],
-                         mask=(t[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+            Xv = _rows(X_ptr, b, t, T, H, h, p, P)
+            Vv = _rows(V_ptr, b, t, T, G, g, n, N)
             acc += _dot(tl.trans(Xv * w[:, None]), Vv, LOWP)
         tl.store(out_ptr + ((bc * H + h) * P + p[:, None]) * N + n[None, :], acc,
                  mask=(p[:, None] < P) & (n[None, :] < N))
@@ -211,8 +212,7 @@ if triton is not None:
             before, last = _doc_edges(doc_ptr, b, c, T, Q)
             doc_l = tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-1)
             decay_l = tl.where(doc_l == before, decay_l, 0.0)
-        C_l = tl.load(C_ptr + ((b * T + t_l[:, None]) * G + g) * N + n[None, :],
-                      mask=(t_l[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+        C_l = _rows(C_ptr, b, t_l, T, G, g, n, N)
         S_T = tl.load(S_ptr + ((bc * H + h) * P + p[None, :]) * N + n[:, None],
                       mask=(n[:, None] < N) & (p[None, :] < P), other=0.0)  # (BLOCK_N, BLOCK_P): S_c^T
         acc = _dot(C_l, S_T, LOWP) * decay_l[:, None]  # (BLOCK_L, BLOCK_P)
@@ -227,8 +227,7 @@ if triton is not None:
                 keep &= doc_l[:, None] == tl.load(doc_ptr + b * T + t_s, mask=t_s < T, other=-2)[None, :]
             # min(., 0): above the diagonal a_l - a_s > 0 could overflow before the mask drops it
             w = tl.where(keep, cb * tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)) * dt_s[None, :], 0.0)
-            x_s = tl.load(x_ptr + ((b * T + t_s[:, None]) * H + h) * P + p[None, :],
-                          mask=(t_s[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32)
+            x_s = _rows(x_ptr, b, t_s, T, H, h, p, P)
             acc += _dot(w, x_s, LOWP)
         xl_ptrs = ((b * T + t_l[:, None]) * H + h) * P + p[None, :]
         lm = (t_l[:, None] < T) & (p[None, :] < P)
@@ -264,8 +263,7 @@ if triton is not None:
         sm = (t_s[:, None] < T) & (p[None, :] < P)
         x_s = tl.load(x_ptr + xs_ptrs, mask=sm, other=0.0).to(tl.float32)
         u_s = x_s * dt_s[:, None]  # (BLOCK_S, BLOCK_P)
-        B_s = tl.load(B_ptr + ((b * T + t_s[:, None]) * G + g) * N + n[None, :],
-                      mask=(t_s[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+        B_s = _rows(B_ptr, b, t_s, T, G, g, n, N)
         w = tl.exp(tl.load(a_ptr + Q - 1) - a_s)
         if HAS_DOC:
             before, last = _doc_edges(doc_ptr, b, c, T, Q)
@@ -286,10 +284,8 @@ if triton is not None:
             if HAS_DOC:
                 keep &= tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-2)[:, None] == doc_s[None, :]
             L = tl.where(keep, tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)), 0.0)
-            dy_l = tl.load(dy_ptr + ((b * T + t_l[:, None]) * H + h) * P + p[None, :],
-                           mask=(t_l[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32)
-            C_l = tl.load(C_ptr + ((b * T + t_l[:, None]) * G + g) * N + n[None, :],
-                          mask=(t_l[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+            dy_l = _rows(dy_ptr, b, t_l, T, H, h, p, P)
+            C_l = _rows(C_ptr, b, t_l, T, G, g, n, N)
             du += _dot(tl.trans(cb * L), dy_l, LOWP)
             dcb = L * _dot(dy_l, tl.trans(u_s), LOWP)
             dB += _dot(tl.trans(dcb), C_l, LOWP)
@@ -328,10 +324,8 @@ if triton is not None:
             before, last = _doc_edges(doc_ptr, b, c, T, Q)
             doc_l = tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-1)
             decay_l = tl.where(doc_l == before, decay_l, 0.0)
-        dy_l = tl.load(dy_ptr + ((b * T + t_l[:, None]) * H + h) * P + p[None, :],
-                       mask=(t_l[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32)
-        C_l = tl.load(C_ptr + ((b * T + t_l[:, None]) * G + g) * N + n[None, :],
-                      mask=(t_l[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+        dy_l = _rows(dy_ptr, b, t_l, T, H, h, p, P)
+        C_l = _rows(C_ptr, b, t_l, T, G, g, n, N)
         S = tl.load(S_ptr + ((bc * H + h) * P + p[:, None]) * N + n[None, :],
                     mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
         dC = _dot(dy_l, S, LOWP) * decay_l[:, None]  # (BLOCK_L, BLOCK_N)
@@ -346,10 +340,8 @@ if triton is not None:
             if HAS_DOC:
                 keep &= doc_l[:, None] == tl.load(doc_ptr + b * T + t_s, mask=t_s < T, other=-2)[None, :]
             L = tl.where(keep, tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)), 0.0)
-            u_s = tl.load(x_ptr + ((b * T + t_s[:, None]) * H + h) * P + p[None, :],
-                          mask=(t_s[:, None] < T) & (p[None, :] < P), other=0.0).to(tl.float32) * dt_s[:, None]
-            B_s = tl.load(B_ptr + ((b * T + t_s[:, None]) * G + g) * N + n[None, :],
-                          mask=(t_s[:, None] < T) & (n[None, :] < N), other=0.0).to(tl.float32)
+            u_s = _rows(x_ptr, b, t_s, T, H, h, p, P) * dt_s[:, None]
+            B_s = _rows(B_ptr, b, t_s, T, G, g, n, N)
             dcb = L * _dot(dy_l, tl.trans(u_s), LOWP)  # (BLOCK_L, BLOCK_L)
             dC += _dot(dcb, B_s, LOWP)
             da += tl.sum(cb * dcb, axis=1)
