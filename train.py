@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from model import CheckpointError, Nemotron, NemotronConfig
 from moe import Router, balance_experts, balance_metrics
+from plan import flops_per_token
 from data.tokenizer import DataError, load_tokenizer, read_meta
 
 # -----------------------------------------------------------------------------
@@ -333,7 +334,7 @@ def git_hash():
 
 # -----------------------------------------------------------------------------
 # training loop
-flops_per_iter = raw_model.flops_per_token(block_size) * tokens_per_iter
+flops_per_iter = flops_per_token(raw_model.config, block_size) * tokens_per_iter  # the planner's count, per layer type
 if peak_flops == 0.0 and device_type == 'cuda':
     name = torch.cuda.get_device_name(device)
     peak_flops = next((f for key, f in PEAK_FLOPS if key in name), 0.0)
