@@ -421,8 +421,8 @@ def pipeline_p2p(job, L):
 
 
 def evaluate(job, L):
-    """Predicted step time (s), its breakdown (s; the terms sum to the step time) and the peak
-    memory per GPU of layout L, as a dict."""
+    """Predicted step time (s) of layout L, its breakdown (s; the terms sum to the step time), the
+    throughput figures and the peak memory per GPU, as a dict."""
     cfg, hw, nb = job.cfg, job.hw, job.bytes
     m = job.gbs // (L.dp * L.mbs)  # micro-batches per step on each pipeline
     full, sel = L.recompute == "full", L.recompute == "selective"
@@ -450,19 +450,12 @@ def evaluate(job, L):
                 + hidden(sync("all_gather", dense, experts, nb["w"]), fwd)
         if cfg.tie_embeddings and L.pp > 1 and r in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last rank
             dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, False)
-        shard = lambda stage: dense / (dp_n if L.zero >= stage else 1) + experts / (edp_n if L.zero >= stage else 1)
+        local = dense / (dp_n if L.zero else 1) + experts / (edp_n if L.zero else 1)  # optimizer states held here
         # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
-        optimizer = mem_time(hw, (30 if nb["opt"] == 12 else 28) * shard(1), 8)
-        # memory: weights, gradients, optimizer states by ZeRO stage; activations of the micro-batches in flight
-        in_flight = min(m, L.pp - r) if L.vp == 1 else min(m * L.vp, 2 * (L.pp - r - 1) + (L.vp - 1) * L.pp + 1)
-        per_chunk = total["act_full" if full else "act_selective" if sel else "act"] / L.vp
-        # sharded gradients (weights) still exist whole for the block at work, before its reduce-scatter (after its gather)
-        working += biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
-        memory = nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1) + in_flight * per_chunk + working
+        optimizer = mem_time(hw, (30 if nb["opt"] == 12 else 28) * local, 8)
         compute = fwd + bwd + recompute
         ranks.append(dict(n=n_ranks, compute=compute, recompute=recompute, tp=tp_t, ep=ep_t, cp=cp_t, p2p=p2p,
-                          fsdp=fsdp, dp=dp_t, optimizer=optimizer, memory=memory,
-                          mb=compute + tp_t + ep_t + cp_t + p2p + fsdp))
+                          fsdp=fsdp, dp=dp_t, optimizer=optimizer, mb=compute + tp_t + ep_t + cp_t + p2p + fsdp))
     # the pipeline: m micro-batches at the pace of the slowest rank, plus the fill and drain
     # bubble of (pp - 1) / vp average micro-batch times (Narayanan et al. 2021, Sec. 2.2)
     slow = max(ranks, key=lambda x: x["mb"])
@@ -473,13 +466,28 @@ def evaluate(job, L):
                  "pp_p2p": m * slow["p2p"], "pp_bubble": bubble, "fsdp_comm": m * slow["fsdp"],
                  "dp_comm": tail["dp"], "optimizer": tail["optimizer"]}
     step = sum(breakdown.values())
-    memory = max(x["memory"] for x in ranks)
-    tokens = job.gbs * job.seq
+    tokens, peak = job.gbs * job.seq, memory(job, L)
     model_flops = job.flops * tokens / step / job.gpus
     return dict(layout=L, step_time_s=step, tokens_per_s_per_gpu=tokens / step / job.gpus,
                 model_tflops_per_gpu=model_flops / 1e12, mfu=model_flops / job.peak,
-                memory_gib_per_gpu=memory / 2**30, fits=memory <= HBM_USABLE * hw["hbm_gb"] * 1e9,
-                breakdown=breakdown)
+                memory_gib_per_gpu=peak / 2**30, fits=peak <= HBM_USABLE * hw["hbm_gb"] * 1e9, breakdown=breakdown)
+
+
+def memory(job, L):
+    """Peak bytes per GPU of layout L: weights, gradients and optimizer states by ZeRO stage, the
+    activations of the micro-batches in flight (1F1B: pp - rank of them; interleaved: Korthikanti et
+    al.'s count), and the working set of the block being recomputed and differentiated."""
+    nb, m, full, sel = job.bytes, job.gbs // (L.dp * L.mbs), L.recompute == "full", L.recompute == "selective"
+    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
+    peak = 0.0
+    for r, n_ranks, total, dense, experts, working, biggest in rank_sums(job, L):
+        shard = lambda stage: dense / (dp_n if L.zero >= stage else 1) + experts / (edp_n if L.zero >= stage else 1)
+        in_flight = min(m, L.pp - r) if L.vp == 1 else min(m * L.vp, 2 * (L.pp - r - 1) + (L.vp - 1) * L.pp + 1)
+        per_chunk = total["act_full" if full else "act_selective" if sel else "act"] / L.vp
+        # sharded gradients (weights) still exist whole for the block at work, before its reduce-scatter (after its gather)
+        working += biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
+        peak = max(peak, nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1) + in_flight * per_chunk + working)
+    return peak
 
 
 def model_totals(job, L):
@@ -583,8 +591,8 @@ def broken_rule(job, L):
 
 def search(job, fixed=None, top=10):
     """The `top` fastest layouts of job.gpus GPUs that fit in memory (the dimensions in `fixed`
-    held), best first; the candidate counts; and the evaluated layout with the least memory (for
-    the message when none fits). Pruning, each rule never dropping a layout that could rank:
+    held), best first; the candidate counts; and, when none fits, (GiB, layout) of the one that
+    comes closest. Pruning, each rule never dropping a layout that could rank:
       1. divisibility and placement (broken_rule): tp*pp*dp*cp = GPUs; tp inside a node and
          dividing heads, groups and widths; ep the experts; the batch dividing into micro-batches
          (a multiple of pp of them when interleaved); the sequence into 2*cp chunks; at least a
@@ -603,7 +611,7 @@ def search(job, fixed=None, top=10):
     grid = dict(tp=powers_of_two(N), cp=powers_of_two(N), pp=range(1, n_layers + 1),
                 ep=range(1, cfg.n_experts + 1) if moe else [1], vp=range(1, n_layers + 1),
                 mbs=range(1, gbs + 1), recompute=range(3), sp=range(2), zero=range(4))
-    counts = dict(grid=math.prod(1 if k in fixed else len(v) for k, v in grid.items()), valid=0, evaluated=0, fit=0)
+    counts = dict(grid=math.prod(1 if k in fixed else len(v) for k, v in grid.items()), valid=0, checked=0, timed=0)
     candidates = []
     for tp in opts("tp", powers_of_two(min(N, job.hw["gpus_per_node"]))):
         for cp in opts("cp", powers_of_two(N // tp)):
@@ -635,31 +643,30 @@ def search(job, fixed=None, top=10):
         any_fit, least = explore(job, L, fixed, counts, results, bar)
         if not any_fit:
             too_big[sizes] = mbs
-        smallest = min(smallest or least, least, key=lambda r: r["memory_gib_per_gpu"]) if least else smallest
+            smallest = min(smallest or least, least, key=lambda x: x[0])
         results.sort(key=lambda r: r["step_time_s"])
         del results[top:]
     return results, counts, smallest
 
 
 def explore(job, L, fixed, counts, results, bar):
-    """The recompute levels and ZeRO stages of one layout worth evaluating (rules 2 and 4); those
-    that fit go to results. Returns (whether any of them fits, the evaluated one with the least memory)."""
+    """The recompute levels and ZeRO stages of one layout worth timing (rules 2 and 4): those that
+    fit in memory are evaluated into results. Returns (whether any fits, (GiB, layout) of the least
+    memory-hungry one when none does)."""
     sharded = L.dp * L.cp > 1 or L.tp * L.dp * L.cp // L.ep > 1
     levels = ["none", "full"] if job.attention == "flash" or "*" not in job.cfg.pattern else ["none", "selective", "full"]
     levels = [fixed["recompute"]] if "recompute" in fixed else levels
     stages = [fixed["zero"]] if "zero" in fixed else [0, 1, 2, 3] if sharded else [0]
-    done = {}  # (recompute, zero) -> result
+    cap = HBM_USABLE * job.hw["hbm_gb"] * 1e9
 
-    def run(recompute, zero):
-        if (recompute, zero) not in done:
-            done[recompute, zero] = evaluate(job, replace(L, recompute=recompute, zero=zero))
-        return done[recompute, zero]
+    def need(recompute, zero):  # bytes per GPU
+        counts["checked"] += 1
+        return memory(job, replace(L, recompute=recompute, zero=zero))
     # the heaviest recompute takes the least memory at each ZeRO stage (ZeRO-3 need not take less than
-    # ZeRO-2: a whole block is gathered at a time); if none of those fits, nothing does
-    floors = [run(levels[-1], zero) for zero in stages]
-    if not any(r["fits"] for r in floors):
-        counts["evaluated"] += len(done)
-        return False, min(floors, key=lambda r: r["memory_gib_per_gpu"])
+    # ZeRO-2: it gathers a whole block at a time); if none of those fits, nothing does
+    floor = min((need(levels[-1], zero), zero) for zero in stages)
+    if floor[0] > cap:
+        return False, (floor[0] / 2**30, replace(L, recompute=levels[-1], zero=floor[1]))
     fitted = set()
     for recompute in levels:
         R = replace(L, recompute=recompute)
@@ -668,15 +675,13 @@ def explore(job, L, fixed, counts, results, bar):
         for zero in stages:
             if zero in fitted or any(1 <= z < zero for z in fitted):
                 continue  # dominated: a lighter recompute fitted at this stage, or a lower stage >= 1 fitted
-            r = run(recompute, zero)
-            if r["fits"]:
-                results.append(r)
+            if need(recompute, zero) <= cap:
+                results.append(evaluate(job, replace(R, zero=zero)))
+                counts["timed"] += 1
                 fitted.add(zero)
                 if zero >= 1:
                     break
-    counts["evaluated"] += len(done)
-    counts["fit"] += sum(r["fits"] for r in done.values())
-    return True, min(done.values(), key=lambda r: r["memory_gib_per_gpu"])
+    return True, None
 
 
 # -----------------------------------------------------------------------------
@@ -750,7 +755,9 @@ def validate(path):
     for row in rows:
         job, fixed, measured = run_job(row)
         results, _, smallest = search(job, fixed, top=1)
-        best = results[0] if results else smallest  # a published layout the model thinks OOM: still predicted
+        if not results and smallest is None:
+            raise ValueError(f"run {row['id']}: no layout satisfies the rules with {fixed}")
+        best = results[0] if results else evaluate(job, smallest[1])  # a published layout the model thinks OOM: still predicted
         out.append(dict(id=row["id"], model=row["model"], gpus=job.gpus, measured_s=measured, predicted_s=best["step_time_s"],
                         error=best["step_time_s"] / measured - 1, result=best, row=row, pair_group=row.get("pair_group") or None))
     return out
@@ -894,13 +901,12 @@ def make_job(a):
 
 
 def report(job, results, counts, seconds, top):
-    L0 = results[0]["layout"]
     lines = [f"{job.gpus} x {job.hw['name']}, {job.precision}, gbs {job.gbs} x {job.seq} tokens, "
              f"{job.flops / 1e9:.4g} GFLOP per token (6 x {job.flops / 6e9:.3g}B), pattern "
              f"{job.cfg.pattern if len(job.cfg.pattern) <= 60 else job.cfg.pattern[:57] + '...'}",
              f"candidates: {counts['grid']:,} in the grid, {counts['valid']:,} pass the divisibility and placement "
-             f"rules, {counts['evaluated']:,} evaluated after dominance and memory pruning, {counts['fit']:,} fit "
-             f"in memory ({seconds:.2f} s)"]
+             f"rules, {counts['checked']:,} checked against memory after dominance and bound pruning, "
+             f"{counts['timed']:,} fit and timed ({seconds:.2f} s)"]
     keys = list(results[0]["breakdown"])
     head = f"{'#':>3} {'tp':>2} {'pp':>3} {'dp':>5} {'cp':>2} {'ep':>3} {'vp':>2} {'mbs':>3} {'recomp':>9} {'sp':>2} " \
            f"{'zero':>4} {'step s':>9} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>5} {'GiB':>6} |" + \
@@ -989,14 +995,13 @@ def main(argv):
             why = broken_rule(job, L)
             if why:
                 raise ValueError(why)
-            results, counts = [evaluate(job, L)], dict(grid=1, valid=1, evaluated=1, fit=0)
-            counts["fit"] = int(results[0]["fits"])
+            results, counts = [evaluate(job, L)], dict(grid=1, valid=1, checked=1, timed=1)
         else:
             results, counts, smallest = search(job, fixed, top=a["top"])
             if not results:
                 raise ValueError("no layout satisfies the divisibility rules" if smallest is None else
                                  f"no layout fits in {job.hw['hbm_gb']} GB per GPU: the smallest needs "
-                                 f"{smallest['memory_gib_per_gpu']:.1f} GiB ({smallest['layout']})")
+                                 f"{smallest[0]:.1f} GiB ({smallest[1]})")
         seconds = time.perf_counter() - t0
         if a["emit"]:
             print(train_py_command(job, a["model"], results[0]))
