@@ -220,7 +220,9 @@ class Nemotron(nn.Module):
     def flops_per_token(self, T):
         """Training FLOPs per token (forward + backward = 3x forward) at sequence length T:
         6 per active weight, plus attention's scores and values (the causal half of them) and the
-        SSD's quadratic-in-chunk and state terms."""
+        SSD's quadratic-in-chunk and state terms. Counted here from the module's weights;
+        plan.flops_per_token counts the same per layer type from the config alone (train.py's MFU
+        uses that one; tests/test_plan.py checks that the two agree)."""
         cfg = self.config
         flops = 6 * self.num_params(active=True)
         attn = 2 * 2 * cfg.n_head * cfg.head_dim * T / 2  # QK^T and AV, causal half, per token

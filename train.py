@@ -28,6 +28,7 @@ from tqdm import tqdm
 from model import CheckpointError, Nemotron, NemotronConfig
 from moe import (MoE, Router, balance_experts, balance_metrics, gather_experts, moe_costs, shard_experts,
                  unshard_experts)
+from plan import flops_per_token
 from data.tokenizer import DataError, load_tokenizer, read_meta
 
 # -----------------------------------------------------------------------------
@@ -246,7 +247,7 @@ if model.config.vocab_size < meta['vocab_size']:
     die(f"the model's vocab_size {model.config.vocab_size} is smaller than data/{dataset}'s {meta['vocab_size']}")
 model.to(device)
 # of the whole model, before any sharding
-n_params, n_active, flops_per_token = model.num_params(), model.num_params(active=True), model.flops_per_token(block_size)
+n_params, n_active = model.num_params(), model.num_params(active=True)
 costs = moe_costs(model, block_size) if 'E' in model.config.pattern else {}
 print0(f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active), pattern {model.config.pattern}"
        + (f"; MoE layers: {costs['moe_flops_share']:.0%} of training FLOPs/token, {costs['moe_param_share']:.0%} of parameter memory" if costs else ""))
@@ -420,7 +421,7 @@ def git_hash():
 
 # -----------------------------------------------------------------------------
 # training loop
-flops_per_iter = flops_per_token * tokens_per_iter
+flops_per_iter = flops_per_token(raw_model.config, block_size) * tokens_per_iter  # the planner's count, per layer type
 seq_aux = raw_model.config.moe_seq_aux_coef > 0 and bool(routers)  # the sequence-wise balance loss is on
 if peak_flops == 0.0 and device_type == 'cuda':
     name = torch.cuda.get_device_name(device)

@@ -1,0 +1,1019 @@
+"""
+plan.py: the parallelism planner. Read after model.py and train.py.
+
+Given a model, a GPU type, a GPU count and a global batch, it predicts the duration of one training
+step for every parallel layout (tensor, pipeline, data, context and expert parallel sizes, virtual
+pipeline stages, micro-batch, activation recompute, sequence parallelism, ZeRO stage), drops the
+layouts that do not fit in memory, and ranks the rest by throughput:
+    python plan.py --model=nemotron-h-8b --gpu=h100 --gpus=64 --gbs=768
+    python plan.py --model=gpt3-175b --gpu=a100 --gpus=1024 --gbs=1536 --tp=8 --json
+    python plan.py --model=config/tiny_cpu.py --gpu=cpu.json --gpus=2 --gbs=32 --precision=fp32 --emit
+    python plan.py --calibrate --out=cpu.json          # measure this machine, write a hardware profile
+    python plan.py --validate=tests/published_runs.csv # predicted vs measured published runs
+
+Paper: "Automatically Planning Optimal Parallel Strategy for Large Language Models" (arXiv:2501.00254):
+a step's duration is its computation plus its communication minus their overlap, simulated for each
+candidate layout from model and hardware numbers, with the candidate space pruned. The terms follow
+Narayanan et al. 2021 (arXiv:2104.04473, PTD-P: 1F1B and interleaved pipelines), Korthikanti et al.
+2022 (arXiv:2205.05198: sequence parallelism, selective recompute, activation memory) and ZeRO
+(arXiv:1910.02054: memory by stage). Nothing here runs a model: it is arithmetic on a CPU.
+"""
+import ast, contextlib, csv, functools, json, math, os, re, sys, time
+from dataclasses import asdict, dataclass, fields, replace
+
+from mamba import ssd_flops
+from model import NemotronConfig, config_from_hf
+
+# -----------------------------------------------------------------------------
+# hardware: per GPU, dense peaks by precision (FLOP/s), HBM size (GB) and bandwidth (B/s), link
+# bandwidth per direction (B/s) inside the NVLink domain and out of it, GPUs per NVLink domain,
+# SMs (a GEMM's output tiles run in waves of this many), a kernel's fixed cost and a collective's
+# latency (s). From ../shared/planner/conventions_and_hardware.md (data sheets, NVIDIA's dgxc
+# recipes): NVLink 600 / 900 / 1800 GB/s bidirectional; HDR InfiniBand 200 Gb/s per A100, NDR or
+# RoCE 400 Gb/s per H100 / B200 GPU. SM counts from the data sheets (B200: 148, as reported).
+GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6)
+HARDWARE = {
+    "a100": dict(flops={"bf16": 312e12, "fp16": 312e12}, hbm_gb=80, hbm_bw=2.0e12,
+                 nvlink_bw=300e9, net_bw=25e9, gpus_per_node=8, sms=108),
+    "h100": dict(flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12}, hbm_gb=80, hbm_bw=3.35e12,
+                 nvlink_bw=450e9, net_bw=50e9, gpus_per_node=8, sms=132),
+    "h200": dict(flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12}, hbm_gb=141, hbm_bw=4.8e12,
+                 nvlink_bw=450e9, net_bw=50e9, gpus_per_node=8, sms=132),
+    "b200": dict(flops={"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12}, hbm_gb=180, hbm_bw=8e12,
+                 nvlink_bw=900e9, net_bw=50e9, gpus_per_node=8, sms=148),
+    "gb200": dict(flops={"bf16": 2450e12, "fp16": 2450e12, "fp8": 4900e12}, hbm_gb=186, hbm_bw=8e12,
+                  nvlink_bw=900e9, net_bw=50e9, gpus_per_node=72, sms=148),  # NVL72: one NVLink domain
+}
+# the fitted constants, the only ones (LOG.md, 2026-11-29: fit once on all of published_runs.csv):
+GEMM_EFF = 0.70   # a large GEMM's throughput over the dense peak (cuBLAS steady state)
+MEM_EFF = 0.90    # memory-bound kernels' bandwidth over the HBM peak
+NET_EFF = 0.85    # a large collective's bus bandwidth over the link's peak
+OVERLAP = 0.80    # the share of overlappable communication that compute actually hides
+HBM_USABLE = 0.95  # not fitted: CUDA context, communication buffers and fragmentation take the rest
+
+# bytes per element of activations, and per parameter of weights, gradients (reduced in this
+# precision) and optimizer states (Adam: fp32 master copy, m, v; plain fp32 training has no master)
+PRECISION = {"bf16": dict(act=2, w=2, g=4, opt=12), "fp16": dict(act=2, w=2, g=2, opt=12),
+             "fp8": dict(act=2, w=3, g=4, opt=12),  # fp8 keeps a bf16 weight and its fp8 copy
+             "fp32": dict(act=4, w=4, g=4, opt=8)}
+
+
+def load_hardware(gpu, **overrides):
+    """A preset name or a JSON profile (what --calibrate writes), with overrides applied."""
+    if gpu in HARDWARE:
+        hw = dict(GPU_DEFAULTS, name=gpu, **HARDWARE[gpu])
+    elif os.path.isfile(gpu):
+        with open(gpu) as f:
+            hw = dict(GPU_DEFAULTS, name=os.path.basename(gpu), **json.load(f))
+    else:
+        raise ValueError(f"unknown gpu '{gpu}': one of {', '.join(HARDWARE)}, or a JSON profile")
+    hw.update({k: v for k, v in overrides.items() if v is not None})
+    return hw
+
+
+# -----------------------------------------------------------------------------
+# models: a NemotronConfig describes any stack (pattern of M mamba2, * attention, - mlp, E moe).
+# A Transformer is "*-" per layer; a gated (SwiGLU) MLP of width f has the parameters and FLOPs of
+# a two-matrix MLP of width 1.5 f, which is how it is written here.
+
+def transformer(layers, hidden, heads, ffn, vocab, kv_heads=None, gated=False, experts=0, topk=2,
+                expert_ffn=None, shared_experts=0, moe_every=1, tie=False):
+    """A NemotronConfig for a dense or MoE Transformer given by its usual hyperparameters."""
+    w = 1.5 if gated else 1
+    moe = [experts > 0 and i % moe_every == 0 for i in range(layers)]
+    return NemotronConfig(
+        vocab_size=vocab, d_model=hidden, pattern="".join("*E" if e else "*-" for e in moe),
+        n_head=heads, n_kv_head=kv_heads or heads, head_dim=hidden // heads, d_ff=int(w * ffn),
+        n_experts=max(experts, 1), top_k=min(topk, max(experts, 1)), moe_d_ff=int(w * (expert_ffn or ffn)),
+        shared_d_ff=int(w * (expert_ffn or ffn) * shared_experts), tie_embeddings=tie)
+
+
+NEMOTRON_H = dict(vocab_size=131072, n_kv_head=8, head_dim=128, headdim=64, n_groups=8, chunk_size=128)
+PRESETS = {  # name: (config, training sequence length)
+    # Brown et al. 2020 (arXiv:2005.14165) Table 2.1: 96 x 12288, 96 heads, GPT-2 vocabulary, tied
+    "gpt3-175b": (transformer(96, 12288, 96, 49152, 50257, tie=True), 2048),
+    # Llama 3 (arXiv:2407.21783) Table 3: SwiGLU, GQA with 8 KV heads, 128K vocabulary, 8K context
+    "llama3-70b": (transformer(80, 8192, 64, 28672, 128256, kv_heads=8, gated=True), 8192),
+    "llama3-405b": (transformer(126, 16384, 128, 53248, 128256, kv_heads=8, gated=True), 8192),
+    # Nemotron-H (arXiv:2504.03624) and its released configs (Megatron-Bridge's NemotronH providers)
+    "nemotron-h-8b": (NemotronConfig(d_model=4096, d_ff=21504, n_head=32, mamba_heads=128, d_state=128,
+                      pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-", **NEMOTRON_H), 8192),
+    "nemotron-h-56b": (NemotronConfig(d_model=8192, d_ff=32768, n_head=64, mamba_heads=256, d_state=256,
+                       pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-"
+                               "M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-", **NEMOTRON_H), 8192),
+    # Nemotron 3 Nano 30B-A3B (NVIDIA 2025; its HF config / Megatron-Bridge provider): 128 experts,
+    # top-6, one shared expert of twice the width, 2 KV heads; 8K sequences here (it trains longer later)
+    "nemotron-3-nano": (NemotronConfig(**dict(NEMOTRON_H, n_kv_head=2), d_model=2688, n_head=32,
+                        mamba_heads=64, d_state=128, n_experts=128, top_k=6, moe_d_ff=1856,
+                        shared_d_ff=3712, routed_scaling_factor=2.5,
+                        pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"), 8192),
+}
+
+
+def load_model(spec):
+    """(NemotronConfig, default sequence length or None) from a preset name, an HF config.json (or
+    its folder), or a train.py config file (model globals as plain assignments)."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown model '{spec}': a preset ({', '.join(PRESETS)}), an HF config.json "
+                         "or folder, or a train.py config file")
+    if path.endswith(".json"):
+        with open(path) as f:
+            return config_from_hf(json.load(f)), None
+    # a train.py config file: plain assignments over train.py's own defaults, which are read from its
+    # source (the literal model globals; vocab_size None there means the data set's, here 256 bytes)
+    names, scope = {f.name for f in fields(NemotronConfig)} | {"block_size"}, {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")) as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names:
+                with contextlib.suppress(ValueError):  # not a literal (dt_limit): NemotronConfig's default
+                    scope[node.targets[0].id] = ast.literal_eval(node.value)
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), scope)
+    model = {k: v for k, v in scope.items() if k in names and k != "block_size" and v is not None}
+    return NemotronConfig(**model), scope.get("block_size")
+
+
+# -----------------------------------------------------------------------------
+# per layer type, counted once: parameters, FLOPs (here and in layer_cost) and, in layer_cost,
+# the bytes that memory-bound kernels move, saved activations and communication volumes
+
+def layer_params(cfg, kind):
+    """(dense, routed-expert total, routed-expert active) parameters of one block of this kind."""
+    d = cfg.d_model
+    if kind == "M":
+        d_in, gn = cfg.mamba_heads * cfg.headdim, cfg.n_groups * cfg.d_state
+        conv = d_in + 2 * gn
+        return d + d * (2 * d_in + 2 * gn + cfg.mamba_heads) + conv * (cfg.d_conv + 1) + 3 * cfg.mamba_heads \
+            + d_in + d_in * d, 0, 0
+    if kind in "*W":  # global or sliding-window attention: the same weights
+        return d + 2 * d * (cfg.n_head + cfg.n_kv_head) * cfg.head_dim, 0, 0
+    if kind == "-":
+        return d + 2 * d * cfg.d_ff, 0, 0
+    latent = cfg.moe_latent_size
+    expert = 2 * (latent or d) * cfg.moe_d_ff
+    dense = d + cfg.n_experts * d + 2 * d * cfg.shared_d_ff + (2 * d * latent if latent else 0)
+    return dense, cfg.n_experts * expert, cfg.top_k * expert
+
+
+def mtp_params(cfg):
+    """(dense, expert total, expert active) of one MTP depth's weights: enorm, hnorm, eh_proj, blocks, final norm."""
+    per_block = [layer_params(cfg, k) for k in cfg.mtp_pattern]
+    return 3 * cfg.d_model + 2 * cfg.d_model ** 2 + sum(p[0] for p in per_block), \
+        sum(p[1] for p in per_block), sum(p[2] for p in per_block)
+
+
+def flops_per_token(cfg, T):
+    """Training FLOPs per token (forward + backward = 3x forward) at sequence length T, the count
+    that train.py's MFU and this planner's model TFLOP/s use: 6 per active weight (the embedding
+    table is a lookup, the LM head a matmul), plus attention's scores and values over the causal
+    half, plus the SSD's chunk products (mamba.ssd_flops). MTP depths run their blocks and the
+    head once more per token. Equals model.Nemotron.flops_per_token (a test checks it)."""
+    head = cfg.vocab_size * cfg.d_model
+    active = sum(layer_params(cfg, k)[0] + layer_params(cfg, k)[2] for k in cfg.pattern) + cfg.d_model + head
+    kinds = cfg.pattern
+    if cfg.mtp_depth:
+        dense, _, experts = mtp_params(cfg)
+        active += cfg.mtp_depth * (dense + experts + head)
+        kinds += cfg.mtp_pattern * cfg.mtp_depth
+    attention = 2 * 2 * cfg.n_head * cfg.head_dim * T / 2
+    window = min(T, getattr(cfg, "sliding_window", T))  # a W layer's query sees this many keys, fewer early on
+    local = 2 * 2 * cfg.n_head * cfg.head_dim * window * (1 - window / (2 * T))
+    ssd = ssd_flops(cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.chunk_size)
+    return 6 * active + 3 * (kinds.count("*") * attention + kinds.count("W") * local + kinds.count("M") * ssd)
+
+
+# -----------------------------------------------------------------------------
+# time of a kernel and of a collective on one GPU
+
+def gemm_time(hw, peak, batch, m, n, k, nbytes):
+    """A (batch of) m x k @ k x n GEMM: its output tiles (128 x 128) run in waves over the SMs, so a
+    last partial wave idles SMs; a GEMM with little reuse is bound by HBM instead (roofline)."""
+    tiles = batch * math.ceil(m / 128) * math.ceil(n / 128)
+    util = tiles / (math.ceil(tiles / hw["sms"]) * hw["sms"])
+    compute = 2 * batch * m * n * k / (peak * GEMM_EFF * util)
+    memory = batch * (m * k + k * n + m * n) * nbytes / (hw["hbm_bw"] * MEM_EFF)
+    return max(compute, memory) + hw["kernel_s"]
+
+
+def mem_time(hw, nbytes, kernels):
+    return nbytes / (hw["hbm_bw"] * MEM_EFF) + kernels * hw["kernel_s"]
+
+
+def comm_time(hw, op, nbytes, n, intra):
+    """Ring collectives over n GPUs: nbytes is the full buffer (all-reduce, the gathered result,
+    the scattered input, the data one GPU sends in an all-to-all or a point-to-point message).
+    Inside the NVLink domain at NVLink speed, else at the GPU's share of the scale-out network."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    share = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
+             "all_to_all": (n - 1) / n, "p2p": 1.0}[op]
+    return hw["latency_s"] + share * nbytes / ((hw["nvlink_bw"] if intra else hw["net_bw"]) * NET_EFF)
+
+
+def hidden(comm, window):
+    """The exposed part of communication that may overlap a compute window."""
+    return comm - OVERLAP * min(comm, window)
+
+
+# -----------------------------------------------------------------------------
+# one layer on one GPU: the job, the layout, and the cost of each layer kind
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1             # tensor parallel (Megatron column/row split), inside a node
+    pp: int = 1             # pipeline stages
+    dp: int = 1             # data parallel replicas
+    cp: int = 1             # context parallel: the sequence split, attention as a ring
+    ep: int = 1             # expert parallel: routed experts split over ep of the tp*cp*dp ranks
+    vp: int = 1             # virtual stages per pipeline rank (interleaved 1F1B); 1 = plain 1F1B
+    mbs: int = 1            # micro-batch, sequences
+    recompute: str = "none"  # 'none', 'selective' (attention scores) or 'full' (each layer from its input)
+    sp: bool = False        # sequence parallel: norms and residuals split over the tp ranks
+    zero: int = 0           # 0 DDP, 1 optimizer states, 2 + gradients, 3 + weights sharded (FSDP)
+
+
+@dataclass
+class Job:
+    cfg: NemotronConfig
+    seq: int                # tokens per sequence
+    gbs: int                # sequences per step
+    gpus: int
+    hw: dict
+    precision: str = "bf16"
+    attention: str = "flash"  # 'flash' (fused, causal half) or 'materialized' (scores in HBM: before FlashAttention)
+
+    def __post_init__(self):
+        self.bytes = PRECISION[self.precision]
+        self.peak = self.hw["flops"][self.precision]  # linear layers (in fp8 with --precision=fp8)
+        self.core_peak = self.hw["flops"]["bf16" if self.precision == "fp8" else self.precision]
+        self.cache = {}
+        self.flops = flops_per_token(self.cfg, self.seq)
+        self.params = {k: layer_params(self.cfg, k) for k in set(self.cfg.pattern + self.cfg.mtp_pattern)}
+
+
+def layer_cost(job, kind, b, tp, cp, ep, sp):
+    """One block of `kind` ('M', '*', '-', 'E', or 'head': final norm, LM head and loss; 'embed')
+    for a micro-batch of b sequences on one GPU: forward and backward seconds, the attention core's
+    forward seconds (what selective recompute repeats), communication seconds per pass (tp, ep; cp
+    exposed), saved activation bytes by recompute level, forward FLOPs."""
+    key = (kind, b, tp, cp, ep if kind == "E" else 1, sp)  # only MoE blocks depend on ep
+    if key in job.cache:
+        return job.cache[key]
+    cfg, hw, s, d, act = job.cfg, job.hw, job.seq, job.cfg.d_model, job.bytes["act"]
+    t = b * s // cp         # tokens on this GPU
+    ew = tp if sp else 1    # sequence parallelism splits the d-wide elementwise work and its activations
+    lin = []                # linear-layer GEMMs (batch, m, n, k); in fp8 with --precision=fp8
+    mm = []                 # other GEMMs, in the activation precision
+    mem = 5 * t * d / ew * act  # bytes: the pre-norm (read, write) and the residual add (2 reads, 1 write)
+    kernels = 2
+    saved = 2 * t * d / ew * act  # for the backward: the norm's input and output
+    core = core_saved = core_flops = cp_bytes = a2a = 0.0
+    if kind == "*":
+        a, g, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        lin += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
+        saved += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
+        if cfg.rope:
+            mem, kernels = mem + 4 * t * (a + g) * hd / tp * act, kernels + 1
+        heads, q = b * a / tp, s / cp  # each GPU: its heads, its queries against all s keys (a ring under cp)
+        if job.attention == "flash":  # one fused kernel over the causal half; backward = 2.5x (recomputes scores)
+            core_flops = 4 * heads * q * s * hd / 2
+            core = core_flops / (job.core_peak * GEMM_EFF) + hw["kernel_s"]
+            saved += t * a / tp * 4  # the softmax statistics (fp32)
+        else:  # Megatron before FlashAttention: full s x s scores written, softmaxed, dropped out, read back
+            core_flops = 4 * heads * q * s * hd
+            scores = heads * q * s
+            core = gemm_time(hw, job.core_peak, heads, q, s, hd, act) + gemm_time(hw, job.core_peak, heads, q, hd, s, act) \
+                + mem_time(hw, 9 * scores * act / 2, 2)  # per score, 9 B at 16 bit: softmax in, out; dropout in, out, mask
+            core_saved = 5 * scores * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
+        cp_bytes = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring, each of cp-1 steps
+    elif kind == "-":
+        lin += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
+        mem, kernels = mem + 2 * t * cfg.d_ff / tp * act, kernels + 1  # the activation function
+        saved += 2 * t * cfg.d_ff / tp * act  # its input and output
+    elif kind == "M":
+        H, P, N, G, Q = cfg.mamba_heads / tp, cfg.headdim, cfg.d_state, cfg.n_groups / tp, cfg.chunk_size
+        d_in, conv = H * P, H * P + 2 * G * N
+        lin += [(1, t, 2 * d_in + 2 * G * N + H, d), (1, t, d, d_in)]
+        # the causal conv (read, write), the gated norm (y, z in, out); the chunked SSD: its chunk
+        # products at GEMM speed or its traffic (x, B, C in, y out, fp32 dt and chunk states), whichever is longer
+        ssd_bytes = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
+        core_flops = t * ssd_flops(H, P, N, Q)
+        core = max(core_flops / (job.core_peak * GEMM_EFF), ssd_bytes / (hw["hbm_bw"] * MEM_EFF)) + 5 * hw["kernel_s"]
+        mem, kernels = mem + (2 * conv + 3 * d_in) * t * act, kernels + 2
+        saved += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
+        cp_bytes = b * H * P * N * 4  # under cp each GPU passes its final SSM state on (all-gather)
+    elif kind == "E":
+        E, k, F, l = cfg.n_experts, cfg.top_k, cfg.moe_d_ff, cfg.moe_latent_size or d
+        routed = t / tp  # each tp rank routes its sequence-parallel share of the tokens
+        mm += [(1, routed, E, d)]  # the router
+        if cfg.moe_latent_size:
+            lin += [(1, routed, l, d), (1, routed, d, l)]
+        rows = routed * k * ep / E  # tokens per local expert, balanced (aux-loss-free balancing keeps it near)
+        lin += [(E / ep, rows, F, l), (E / ep, rows, l, F)]  # grouped GEMMs of the E/ep local experts
+        if cfg.shared_d_ff:
+            lin += [(1, t, cfg.shared_d_ff / tp, d), (1, t, d, cfg.shared_d_ff / tp)]
+        mem += (4 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp) * act + routed * E * 8
+        kernels += 6  # router top-k, permute, two activations, unpermute, combine
+        saved += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
+                  + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
+        a2a = 2 * comm_time(hw, "all_to_all", routed * k * l * act, ep, ep <= hw["gpus_per_node"])  # dispatch + combine
+    elif kind == "embed":  # the lookup (its TP all-reduce is counted with the layers' below)
+        mem, kernels, saved = t * d / ew * act, 1, 0.0
+    elif kind == "head":  # final norm, LM head, cross-entropy over fp32 logits (vocab split over tp)
+        V = cfg.vocab_size
+        mm += [(1, t, V / tp, d)]
+        mem, kernels = 2 * t * d / ew * act + t * V / tp * (act + 8), 4
+        saved = 2 * t * d / ew * act + t * V / tp * (act + 4)
+    fp8 = job.precision == "fp8"
+    fwd = bwd = 0.0
+    for batch, m, n, kk, linear in [g + (True,) for g in lin] + [g + (False,) for g in mm]:
+        peak, nbytes = (job.peak, 1 if fp8 else act) if linear else (job.core_peak, act)
+        fwd += gemm_time(hw, peak, batch, m, n, kk, nbytes)
+        bwd += gemm_time(hw, peak, batch, m, kk, n, nbytes) + gemm_time(hw, peak, batch, n, kk, m, nbytes)  # dgrad, wgrad
+        if fp8 and linear:  # casts to fp8: the input before the forward, the output's gradient before the backward
+            mem += batch * m * kk * (act + 1)
+            bwd += mem_time(hw, batch * m * n * (act + 1), 1)
+    fwd += mem_time(hw, mem, kernels) + core
+    bwd += mem_time(hw, 2 * mem, 2 * kernels) + (2.5 if kind == "*" else 2) * core
+    # tensor parallel: per pass one all-reduce of the layer's output (or, with sp, an all-gather and
+    # a reduce-scatter, the same bytes); the vocab-parallel embedding needs one too
+    tp_comm = comm_time(hw, "all_reduce", t * d * act, tp, True)
+    cp_intra = tp * cp <= hw["gpus_per_node"]
+    cp_comm = comm_time(hw, "all_gather" if kind == "M" else "p2p", cp_bytes * (cp if kind == "M" else cp - 1), cp, cp_intra)
+    flops = sum(2 * bt * m * n * kk for bt, m, n, kk in lin + mm) + core_flops
+    selective = core if kind == "*" and job.attention != "flash" else 0.0  # what selective recompute repeats
+    cost = dict(fwd=fwd, bwd=bwd, core=selective, tp=tp_comm, ep=a2a,
+                cp_fwd=hidden(cp_comm, core) if cp > 1 else 0.0, cp_bwd=hidden(2 * cp_comm, 2.5 * core) if cp > 1 else 0.0,
+                act=saved, act_selective=saved - core_saved, act_full=t * d / ew * act, flops=flops)
+    job.cache[key] = cost
+    return cost
+
+
+# -----------------------------------------------------------------------------
+# one layout: step time, its breakdown, memory per GPU
+
+def stage_groups(job, pp, vp):
+    """The pipeline ranks, grouped where they hold the same blocks: [(rank, {kind: count}, ranks in
+    the group)]. The pattern is cut into pp*vp chunks as even as they go (the first ranks take one
+    block more where they do not divide), chunk j on rank j % pp (the interleaved schedule of
+    Narayanan et al. 2021); the first rank adds the embedding, the last the head and the MTP
+    depths. A group keeps its lowest rank, the one with the most micro-batches in flight."""
+    key = ("stages", pp, vp)
+    if key not in job.cache:
+        cfg, groups = job.cfg, {}
+        cuts = [round(j * len(cfg.pattern) / (pp * vp) + 0.49) for j in range(pp * vp + 1)]
+        for r in range(pp):
+            counts = {}
+            for k in "".join(cfg.pattern[cuts[j]:cuts[j + 1]] for j in range(r, pp * vp, pp)):
+                counts[k] = counts.get(k, 0) + 1
+            if r == 0:
+                counts["embed"] = 1
+            if r == pp - 1:
+                for k in cfg.mtp_pattern * cfg.mtp_depth:
+                    counts[k] = counts.get(k, 0) + 1
+                counts["head"] = 1 + cfg.mtp_depth
+            sig = (r == 0, r == pp - 1, tuple(sorted(counts.items())))
+            groups.setdefault(sig, [r, counts, 0])[2] += 1
+        job.cache[key] = list(groups.values())
+    return job.cache[key]
+
+
+def stage_params(job, r, counts, pp):
+    """(dense, routed-expert) parameters of pipeline rank r, before any splitting."""
+    cfg, blocks = job.cfg, [k for k in counts if k not in ("embed", "head")]
+    dense = sum(counts[k] * job.params[k][0] for k in blocks)
+    experts = sum(counts[k] * job.params[k][1] for k in blocks)
+    if r == pp - 1 and cfg.mtp_depth:  # the depths' blocks were counted per depth above: count weight sets
+        sets, (d, e, _) = (1 if cfg.mtp_share else cfg.mtp_depth), mtp_params(cfg)
+        blocks = [job.params[k] for k in cfg.mtp_pattern * cfg.mtp_depth]
+        dense += sets * d - sum(p[0] for p in blocks)
+        experts += sets * e - sum(p[1] for p in blocks)
+    tables = (r == 0) + (r == pp - 1 and (not cfg.tie_embeddings or pp > 1))  # embedding, LM head
+    return dense + cfg.d_model * (r == pp - 1) + tables * cfg.vocab_size * cfg.d_model, experts
+
+
+def rank_sums(job, L):
+    """Per group of pipeline ranks, what does not depend on recompute or ZeRO: (rank, ranks in the
+    group, the layer_cost fields summed over its blocks, its dense and expert parameters on one
+    GPU, the largest block's activations, the largest block's parameters on one GPU)."""
+    key = ("sums", L.tp, L.cp, L.ep, L.mbs, L.sp, L.pp, L.vp)
+    if key not in job.cache:
+        out = []
+        for r, counts, n_ranks in stage_groups(job, L.pp, L.vp):
+            cost = {k: layer_cost(job, k, L.mbs, L.tp, L.cp, L.ep, L.sp) for k in counts}
+            total = {f: sum(n * cost[k][f] for k, n in counts.items()) for f in next(iter(cost.values()))}
+            dense, experts = stage_params(job, r, counts, L.pp)
+            blocks = [k for k in counts if k not in ("embed", "head")]
+            biggest = max(job.params[k][0] / L.tp + job.params[k][1] / L.ep for k in blocks)
+            out.append((r, n_ranks, total, dense / L.tp, experts / L.ep, max(cost[k]["act"] for k in counts), biggest))
+        job.cache[key] = out
+    return job.cache[key]
+
+
+def pipeline_p2p(job, L):
+    """Point-to-point seconds per micro-batch on a pipeline rank: each tp rank sends its 1/tp of the
+    activations forward and their gradients back, once per chunk."""
+    if L.pp == 1:
+        return 0.0
+    message = L.mbs * job.seq / L.cp * job.cfg.d_model * job.bytes["act"] / L.tp
+    return 2 * L.vp * comm_time(job.hw, "p2p", message, 2, job.gpus <= job.hw["gpus_per_node"])
+
+
+def evaluate(job, L):
+    """Predicted step time (s) of layout L, its breakdown (s; the terms sum to the step time), the
+    throughput figures and the peak memory per GPU, as a dict."""
+    cfg, hw, nb = job.cfg, job.hw, job.bytes
+    m = job.gbs // (L.dp * L.mbs)  # micro-batches per step on each pipeline
+    full, sel = L.recompute == "full", L.recompute == "selective"
+    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep  # replicas of a dense / a routed-expert weight
+    dp_intra = L.tp * L.cp * L.dp <= hw["gpus_per_node"]
+    sync = lambda op, dense, experts, nbytes: comm_time(hw, op, dense * nbytes, dp_n, dp_intra) \
+        + comm_time(hw, op, experts * nbytes, edp_n, dp_intra)  # over the dense and the expert replicas
+    ranks = []
+    for r, n_ranks, total, dense, experts, working, biggest in rank_sums(job, L):
+        fwd, bwd = total["fwd"], total["bwd"]
+        recompute = fwd if full else total["core"] if sel else 0.0
+        passes = 3 if full else 2  # forward, backward, and the forward again under full recompute
+        tp_t, ep_t = total["tp"] * passes, total["ep"] * passes
+        cp_t = total["cp_fwd"] * (1 + full) + total["cp_bwd"]
+        p2p = pipeline_p2p(job, L)
+        back = bwd + recompute  # the window in which gradients appear
+        fsdp = dp_t = 0.0
+        if L.zero == 3:  # every micro-batch gathers the weights (in the forward, again in the backward) and scatters gradients
+            gather = sync("all_gather", dense, experts, nb["w"])
+            fsdp = hidden(gather, fwd) + hidden((1 + full) * gather + sync("reduce_scatter", dense, experts, nb["g"]), back)
+        elif L.zero == 0:  # DDP: all-reduce the gradients under the last micro-batch's backward
+            dp_t = hidden(sync("all_reduce", dense, experts, nb["g"]), back)
+        else:  # reduce-scatter the gradients (ZeRO-2: every micro-batch's), gather the new weights under the next forward
+            dp_t = hidden(sync("reduce_scatter", dense, experts, nb["g"]), back) * (m if L.zero == 2 else 1) \
+                + hidden(sync("all_gather", dense, experts, nb["w"]), fwd)
+        if cfg.tie_embeddings and L.pp > 1 and r in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last rank
+            dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, False)
+        local = dense / (dp_n if L.zero else 1) + experts / (edp_n if L.zero else 1)  # optimizer states held here
+        # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
+        optimizer = mem_time(hw, (30 if nb["opt"] == 12 else 28) * local, 8)
+        compute = fwd + bwd + recompute
+        ranks.append(dict(n=n_ranks, compute=compute, recompute=recompute, tp=tp_t, ep=ep_t, cp=cp_t, p2p=p2p,
+                          fsdp=fsdp, dp=dp_t, optimizer=optimizer, mb=compute + tp_t + ep_t + cp_t + p2p + fsdp))
+    # the pipeline: m micro-batches at the pace of the slowest rank, plus the fill and drain
+    # bubble of (pp - 1) / vp average micro-batch times (Narayanan et al. 2021, Sec. 2.2)
+    slow = max(ranks, key=lambda x: x["mb"])
+    bubble = (L.pp - 1) / L.vp * sum(x["n"] * x["mb"] for x in ranks) / L.pp
+    tail = max(ranks, key=lambda x: x["dp"] + x["optimizer"])
+    breakdown = {"compute": m * (slow["compute"] - slow["recompute"]), "recompute": m * slow["recompute"],
+                 "tp_comm": m * slow["tp"], "ep_comm": m * slow["ep"], "cp_comm": m * slow["cp"],
+                 "pp_p2p": m * slow["p2p"], "pp_bubble": bubble, "fsdp_comm": m * slow["fsdp"],
+                 "dp_comm": tail["dp"], "optimizer": tail["optimizer"]}
+    step = sum(breakdown.values())
+    tokens, peak = job.gbs * job.seq, memory(job, L)
+    model_flops = job.flops * tokens / step / job.gpus
+    return dict(layout=L, step_time_s=step, tokens_per_s_per_gpu=tokens / step / job.gpus,
+                model_tflops_per_gpu=model_flops / 1e12, mfu=model_flops / job.peak,
+                memory_gib_per_gpu=peak / 2**30, fits=peak <= HBM_USABLE * hw["hbm_gb"] * 1e9, breakdown=breakdown)
+
+
+def memory(job, L):
+    """Peak bytes per GPU of layout L: weights, gradients and optimizer states by ZeRO stage, the
+    activations of the micro-batches in flight (1F1B: pp - rank of them; interleaved: Korthikanti et
+    al.'s count), and the working set of the block being recomputed and differentiated."""
+    nb, m, full, sel = job.bytes, job.gbs // (L.dp * L.mbs), L.recompute == "full", L.recompute == "selective"
+    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
+    peak = 0.0
+    for r, n_ranks, total, dense, experts, working, biggest in rank_sums(job, L):
+        shard = lambda stage: dense / (dp_n if L.zero >= stage else 1) + experts / (edp_n if L.zero >= stage else 1)
+        in_flight = min(m, L.pp - r) if L.vp == 1 else min(m * L.vp, 2 * (L.pp - r - 1) + (L.vp - 1) * L.pp + 1)
+        per_chunk = total["act_full" if full else "act_selective" if sel else "act"] / L.vp
+        # sharded gradients (weights) still exist whole for the block at work, before its reduce-scatter (after its gather)
+        working += biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
+        peak = max(peak, nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1) + in_flight * per_chunk + working)
+    return peak
+
+
+def model_totals(job, L):
+    """The layer_cost fields summed over every block of the model; the embedding's and heads'
+    forward and backward; the longest block's; the model's dense and routed-expert weights."""
+    key = ("totals", L.tp, L.cp, L.ep, L.mbs, L.sp)
+    if key not in job.cache:
+        counts = {k: (job.cfg.pattern + job.cfg.mtp_pattern * job.cfg.mtp_depth).count(k) for k in job.params}
+        counts.update(embed=1, head=1 + job.cfg.mtp_depth)
+        cost = {k: layer_cost(job, k, L.mbs, L.tp, L.cp, L.ep, L.sp) for k in counts}
+        total = {f: sum(n * cost[k][f] for k, n in counts.items()) for f in cost["head"]}
+        ends = {f: sum(n * cost[k][f] for k, n in counts.items() if k in ("embed", "head")) for f in ("fwd", "bwd")}
+        longest = {f: max(cost[k][f] for k in job.cfg.pattern) for f in ("fwd", "bwd", "core")}
+        weights = (sum(job.params[k][0] for k in job.cfg.pattern), sum(job.params[k][1] for k in job.cfg.pattern))
+        job.cache[key] = total, ends, longest, weights
+    return job.cache[key]
+
+
+def compute_bound(job, L):
+    """No layout with L's sizes and recompute level runs a step faster than this: every
+    micro-batch's compute and tensor, expert and context communication on a rank with the average
+    share of the blocks, its point-to-point, and the bubble of such ranks."""
+    t = model_totals(job, L)[0]
+    full, sel = L.recompute == "full", L.recompute == "selective"
+    per_mb = t["fwd"] + t["bwd"] + 2 * t["tp"] + 2 * t["ep"] + t["cp_fwd"] + t["cp_bwd"]
+    per_mb += t["fwd"] + t["tp"] + t["ep"] + t["cp_fwd"] if full else t["core"] if sel else 0.0
+    m = job.gbs // (L.dp * L.mbs)
+    return (m + (L.pp - 1) / L.vp) * per_mb / L.pp + m * pipeline_p2p(job, L)
+
+
+def sync_bound(job, L, stages):
+    """The least exposed data-parallel communication of any of these ZeRO stages on a rank with the
+    average share of the weights, under a window no longer than the longest block times the blocks
+    per rank plus the embedding and heads. Added to compute_bound, a lower bound of the step."""
+    if L.dp * L.cp == 1 and L.tp * L.dp * L.cp // L.ep == 1:
+        return 0.0
+    _, ends, longest, (dense, experts) = model_totals(job, L)
+    full, sel = L.recompute == "full", L.recompute == "selective"
+    m, hw, nb = job.gbs // (L.dp * L.mbs), job.hw, job.bytes
+    per_rank = len(job.cfg.pattern) / L.pp
+    fwd = per_rank * longest["fwd"] + ends["fwd"]
+    back = per_rank * (longest["bwd"] + (longest["fwd"] if full else longest["core"] if sel else 0)) + ends["bwd"] \
+        + (ends["fwd"] if full else 0)
+    tables = 1 + (not job.cfg.tie_embeddings or L.pp > 1)  # the embedding and the LM head (MTP weights left out)
+    dense, experts = (dense + tables * job.cfg.vocab_size * job.cfg.d_model) / L.pp / L.tp, experts / L.pp / L.ep
+    dp_n, edp_n, intra = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep, L.tp * L.cp * L.dp <= hw["gpus_per_node"]
+    sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, intra) + comm_time(hw, op, experts * nbytes, edp_n, intra)
+    least = {0: hidden(sync("all_reduce", nb["g"]), back),
+             1: hidden(sync("reduce_scatter", nb["g"]), back) + hidden(sync("all_gather", nb["w"]), fwd),
+             3: m * (1 - OVERLAP) * (2 * sync("all_gather", nb["w"]) + sync("reduce_scatter", nb["g"]))}
+    least[2] = least[1]
+    return min(least[z] for z in stages)
+
+
+# -----------------------------------------------------------------------------
+# the search
+
+@functools.cache
+def divisors(n):
+    return [i for i in range(1, n + 1) if n % i == 0]
+
+
+def powers_of_two(n):
+    return [2 ** i for i in range(n.bit_length()) if 2 ** i <= n]
+
+
+def broken_rule(job, L):
+    """Why layout L cannot run (a divisibility or placement rule), or None."""
+    cfg, gpn, n_layers = job.cfg, job.hw["gpus_per_node"], len(job.cfg.pattern)
+    kinds = cfg.pattern + cfg.mtp_pattern * cfg.mtp_depth
+    if L.tp * L.pp * L.dp * L.cp != job.gpus:
+        return f"tp*pp*dp*cp = {L.tp * L.pp * L.dp * L.cp}, not the {job.gpus} GPUs"
+    if L.tp > gpn:
+        return f"tp={L.tp}: tensor parallelism stays inside one NVLink domain ({gpn} GPUs)"
+    if "*" in kinds and (cfg.n_head % L.tp or cfg.n_kv_head % L.tp):
+        return f"tp={L.tp} must divide the attention heads ({cfg.n_head}) and KV heads ({cfg.n_kv_head})"
+    if "M" in kinds and (cfg.mamba_heads % L.tp or cfg.n_groups % L.tp):
+        return f"tp={L.tp} must divide the Mamba heads ({cfg.mamba_heads}) and groups ({cfg.n_groups})"
+    if "-" in kinds and cfg.d_ff % L.tp:
+        return f"tp={L.tp} must divide d_ff ({cfg.d_ff})"
+    if L.ep > 1 and ("E" not in kinds or cfg.n_experts % L.ep or (L.tp * L.dp * L.cp) % L.ep):
+        return f"ep={L.ep} must divide the routed experts ({cfg.n_experts if 'E' in kinds else 0}) and tp*dp*cp"
+    if L.pp * L.vp > n_layers:
+        return f"pp*vp = {L.pp * L.vp}: more pipeline chunks than the {n_layers} layers"
+    if L.vp > 1 and L.pp == 1:
+        return "virtual stages (vp > 1) need pipeline parallelism"
+    if job.gbs % (L.dp * L.mbs):
+        return f"gbs={job.gbs} must be a multiple of dp*mbs = {L.dp * L.mbs}"
+    if L.vp > 1 and (job.gbs // (L.dp * L.mbs)) % L.pp:
+        return "the interleaved schedule (vp > 1) needs a multiple of pp micro-batches"
+    if L.cp > 1 and job.seq % (2 * L.cp):
+        return f"seq_len={job.seq} must split into 2*cp = {2 * L.cp} chunks (causal load balancing)"
+    if L.sp and L.tp == 1:
+        return "sequence parallelism needs tp > 1"
+    if L.recompute not in ("none", "selective", "full"):
+        return f"recompute={L.recompute!r}: none, selective or full"
+    if L.zero not in (0, 1, 2, 3):
+        return f"zero={L.zero}: 0, 1, 2 or 3"
+    return None
+
+
+def search(job, fixed=None, top=10):
+    """The `top` fastest layouts of job.gpus GPUs that fit in memory (the dimensions in `fixed`
+    held), best first; the candidate counts; and, when none fits, (GiB, layout) of the one that
+    comes closest. Pruning, each rule never dropping a layout that could rank:
+      1. divisibility and placement (broken_rule): tp*pp*dp*cp = GPUs; tp inside a node and
+         dividing heads, groups and widths; ep the experts; the batch dividing into micro-batches
+         (a multiple of pp of them when interleaved); the sequence into 2*cp chunks; at least a
+         layer per chunk, and vp dividing the layers per rank (chunks as even as they go).
+      2. dominated choices, never faster with the other dimensions equal: sequence parallelism
+         off when tp > 1 (same communication, more work and memory); selective recompute with
+         flash attention (nothing to drop); a heavier recompute at a ZeRO stage a lighter one
+         fitted with; ZeRO-2 or -3 where a lower stage >= 1 fits (more communication, no less work).
+      3. memory: if nothing fits at some micro-batch, nothing fits at a larger one.
+      4. bound: candidates are evaluated in order of lower_bound, until it exceeds the top-th
+         step time found."""
+    fixed = fixed or {}
+    cfg, N, gbs = job.cfg, job.gpus, job.gbs
+    n_layers, moe = len(cfg.pattern), "E" in cfg.pattern
+    opts = lambda key, values: [fixed[key]] if key in fixed else values
+    grid = dict(tp=powers_of_two(N), cp=powers_of_two(N), pp=range(1, n_layers + 1),
+                ep=range(1, cfg.n_experts + 1) if moe else [1], vp=range(1, n_layers + 1),
+                mbs=range(1, gbs + 1), recompute=range(3), sp=range(2), zero=range(4))
+    counts = dict(grid=math.prod(1 if k in fixed else len(v) for k, v in grid.items()), valid=0, checked=0, timed=0)
+    candidates = []
+    for tp in opts("tp", powers_of_two(min(N, job.hw["gpus_per_node"]))):
+        for cp in opts("cp", powers_of_two(N // tp)):
+            for pp in opts("pp", [p for p in divisors(N // tp // cp) if p <= n_layers]):
+                dp = N // (tp * cp * pp)
+                if fixed.get("dp", dp) != dp or gbs % dp:
+                    continue
+                eps = [e for e in divisors(cfg.n_experts) if (tp * dp * cp) % e == 0] if moe else [1]
+                for ep in opts("ep", eps):
+                    for vp in opts("vp", divisors(n_layers // pp) if pp > 1 else [1]):
+                        for mbs in opts("mbs", divisors(gbs // dp)):
+                            L = Layout(tp, pp, dp, cp, ep, vp, mbs, fixed.get("recompute", "none"),
+                                       fixed.get("sp", tp > 1), fixed.get("zero", 0))
+                            if broken_rule(job, L):
+                                continue
+                            counts["valid"] += (1 if "recompute" in fixed else 3) * (1 if "zero" in fixed else 4) \
+                                * (1 if "sp" in fixed or tp == 1 else 2)
+                            candidates.append((compute_bound(job, L), mbs, L))
+    candidates.sort(key=lambda c: (c[0], c[1]))
+    results, smallest, too_big = [], None, {}  # too_big: (sizes but mbs) -> smallest mbs where nothing fit
+    stages = [fixed["zero"]] if "zero" in fixed else (0, 1, 2, 3)
+    for bound, mbs, L in candidates:
+        bar = results[top - 1]["step_time_s"] if len(results) >= top else math.inf
+        if bound > bar:
+            break  # rule 4: this and every later candidate is slower than the top found
+        sizes = replace(L, mbs=1)
+        if mbs >= too_big.get(sizes, math.inf) or bound + sync_bound(job, L, stages) > bar:
+            continue  # rules 3 and 4
+        any_fit, least = explore(job, L, fixed, counts, results, bar)
+        if not any_fit:
+            too_big[sizes] = mbs
+            smallest = min(smallest or least, least, key=lambda x: x[0])
+        results.sort(key=lambda r: r["step_time_s"])
+        del results[top:]
+    return results, counts, smallest
+
+
+def explore(job, L, fixed, counts, results, bar):
+    """The recompute levels and ZeRO stages of one layout worth timing (rules 2 and 4): those that
+    fit in memory are evaluated into results. Returns (whether any fits, (GiB, layout) of the least
+    memory-hungry one when none does)."""
+    sharded = L.dp * L.cp > 1 or L.tp * L.dp * L.cp // L.ep > 1
+    levels = ["none", "full"] if job.attention == "flash" or "*" not in job.cfg.pattern else ["none", "selective", "full"]
+    levels = [fixed["recompute"]] if "recompute" in fixed else levels
+    stages = [fixed["zero"]] if "zero" in fixed else [0, 1, 2, 3] if sharded else [0]
+    cap = HBM_USABLE * job.hw["hbm_gb"] * 1e9
+
+    def need(recompute, zero):  # bytes per GPU
+        counts["checked"] += 1
+        return memory(job, replace(L, recompute=recompute, zero=zero))
+    # the heaviest recompute takes the least memory at each ZeRO stage (ZeRO-3 need not take less than
+    # ZeRO-2: it gathers a whole block at a time); if none of those fits, nothing does
+    floor = min((need(levels[-1], zero), zero) for zero in stages)
+    if floor[0] > cap:
+        return False, (floor[0] / 2**30, replace(L, recompute=levels[-1], zero=floor[1]))
+    fitted = set()
+    for recompute in levels:
+        R = replace(L, recompute=recompute)
+        if compute_bound(job, R) + sync_bound(job, R, stages) > bar:
+            break  # rule 4: it cannot rank, nor can a heavier recompute
+        for zero in stages:
+            if zero in fitted or any(1 <= z < zero for z in fitted):
+                continue  # dominated: a lighter recompute fitted at this stage, or a lower stage >= 1 fitted
+            if need(recompute, zero) <= cap:
+                results.append(evaluate(job, replace(R, zero=zero)))
+                counts["timed"] += 1
+                fitted.add(zero)
+                if zero >= 1:
+                    break
+    return True, None
+
+
+# -----------------------------------------------------------------------------
+# published runs (../shared/planner/published_runs.csv and files like it): predicted vs measured
+
+def eq3_flops(row):
+    """Narayanan et al. 2021, Eq. 3: FLOPs per step, with the forward pass that full recompute repeats."""
+    B, s, l, h, V = (float(row[k]) for k in ("gbs_seqs", "seq_len", "layers", "hidden", "vocab"))
+    return 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
+
+
+def run_job(row):
+    """The Job of one published run, the layout fields it fixes, and its measured step time (s)."""
+    num = lambda k: float(row[k]) if re.fullmatch(r"[0-9.]+", (row.get(k) or "").strip()) else None
+    name = row["model"]
+    preset = next((p for p in PRESETS if p.replace("-", "") in name.lower().replace("-", "").replace(" ", "")), None)
+    if preset:
+        cfg = PRESETS[preset][0]
+    else:  # a Transformer from the row's shape; SwiGLU where the family uses it
+        gated = bool(re.search(r"llama|swiglu|mixtral|qwen|deepseek", name + row.get("notes", ""), re.I))
+        experts = int(num("moe_experts") or 0)
+        cfg = transformer(int(num("layers")), int(num("hidden")), int(num("heads")), int(num("ffn")), int(num("vocab")),
+                          kv_heads=int(num("kv_heads") or num("heads")), gated=gated, experts=experts,
+                          topk=int(num("moe_topk") or 2), expert_ffn=int(num("moe_expert_ffn") or num("ffn")),
+                          shared_experts=int(num("moe_shared_experts") or 0), tie="gpt" in name.lower())
+    year = min(int(y) for y in re.findall(r"20[0-9]{2}", row["source"] + row.get("framework", "")) or ["2025"])
+    # the export parts (H800, A800) are an H100 and an A100 with 400 GB/s NVLink
+    gpu, nvlink = next(((v, bw) for k, v, bw in [("GB200", "gb200", None), ("B200", "b200", None), ("H200", "h200", None),
+                                                 ("H100", "h100", None), ("H800", "h100", 200e9), ("A100", "a100", None),
+                                                 ("A800", "a100", 200e9)] if k in row["gpu"].upper()), (None, None))
+    if gpu is None:
+        raise ValueError(f"run {row['id']}: no hardware preset for GPU '{row['gpu']}'")
+    precision = "fp8" if "FP8" in row["precision"].upper() else "fp16" if "FP16" in row["precision"].upper() else "bf16"
+    gpus, gbs, seq = int(num("gpu_count")), int(num("gbs_seqs")), int(num("seq_len"))
+    # runs before 2022 had neither FlashAttention (Dao et al. 2022) nor sequence parallelism (Korthikanti et al. 2022)
+    job = Job(cfg, seq, gbs, gpus, load_hardware(gpu, nvlink_bw=nvlink), precision, "materialized" if year < 2022 else "flash")
+    fixed = {k: int(num(k)) for k in ("tp", "pp", "dp", "cp", "ep", "vp", "mbs") if num(k)}
+    if all(k in fixed for k in ("tp", "pp", "dp")) and fixed["tp"] * fixed["pp"] * fixed["dp"] == gpus:
+        fixed.update(cp=1, ep=1)  # the named sizes use every GPU
+    zero = (row.get("zero_or_fsdp") or "").lower()
+    if not zero and year < 2022:
+        fixed["zero"] = 0  # Megatron-LM's distributed optimizer (ZeRO-1) came in 2022
+    elif zero:
+        fixed["zero"] = 3 if "zero-3" in zero or "fsdp" in zero else 2 if "zero-2" in zero else \
+            1 if "zero-1" in zero or "distributed optimizer" in zero else 0
+    recompute = (row.get("recompute") or "").lower()
+    if recompute:
+        fixed["recompute"] = recompute if recompute in ("full", "selective") else "none"
+    if year < 2022 or (row.get("seq_parallel") or "").lower() == "no":
+        fixed["sp"] = False
+    elif (row.get("seq_parallel") or "").lower() == "yes":
+        fixed["sp"] = True
+    tokens = gbs * seq
+    if num("step_time_s"):
+        measured = num("step_time_s")
+    elif num("tokens_per_s_per_gpu"):
+        measured = tokens / (num("tokens_per_s_per_gpu") * gpus)
+    else:
+        basis = row.get("tflops_basis", "").lower()
+        flops = eq3_flops(row) if "eq.3" in basis or "recompute" in basis else flops_per_token(cfg, seq) * tokens
+        measured = flops / (num("tflops_per_gpu") * 1e12 * gpus)
+    return job, fixed, measured
+
+
+def validate(path):
+    """Predict every row of a published-runs CSV: a list of dicts (id, measured and predicted step
+    time, error, the layout chosen); unknown layout fields are searched, as the planner would."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        job, fixed, measured = run_job(row)
+        results, _, smallest = search(job, fixed, top=1)
+        if not results and smallest is None:
+            raise ValueError(f"run {row['id']}: no layout satisfies the rules with {fixed}")
+        best = results[0] if results else evaluate(job, smallest[1])  # a published layout the model thinks OOM: still predicted
+        out.append(dict(id=row["id"], model=row["model"], gpus=job.gpus, measured_s=measured, predicted_s=best["step_time_s"],
+                        error=best["step_time_s"] / measured - 1, result=best, row=row, pair_group=row.get("pair_group") or None))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# calibration: this machine's matmul, memory and collective speeds, as a hardware profile
+
+def _calibrate_rank(rank, port, queue):
+    import torch, torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # as torchrun runs each process (OMP_NUM_THREADS=1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+
+    def timed(fn, reps):  # median seconds of fn, both processes running it at once, as in training
+        times = []
+        for _ in range(reps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[reps // 2]
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    matmul = 2 * 1024 ** 3 / timed(lambda: a @ b, 15)
+    x, y = torch.randn(2 ** 23), torch.empty(2 ** 23)  # 32 MB each
+    copy = 2 * x.numel() * 4 / timed(lambda: y.copy_(x), 15)
+    one = torch.ones(1)
+    kernel = timed(lambda: [one.add(one) for _ in range(1000)], 9) / 1000
+    small, large = torch.ones(16), torch.ones(2 ** 22)  # 64 B and 16 MB
+    latency = timed(lambda: dist.all_reduce(small), 21)
+    bus = large.numel() * 4 / (timed(lambda: dist.all_reduce(large), 9) - latency)  # 2(n-1)/n = 1 for n = 2
+    if rank == 0:
+        queue.put(dict(matmul=matmul, copy=copy, kernel=kernel, latency=latency, bus=bus))
+    dist.destroy_process_group()
+
+
+def calibrate(out):
+    """Measure this CPU with 2 processes (gloo, one thread each, as torchrun runs train.py) and write
+    a hardware profile to out. Peaks are the measured speeds divided by the efficiencies the cost
+    model applies, so that the model reproduces what was measured for a large GEMM, a large copy
+    and a large all-reduce."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_calibrate_rank, args=(port, queue), nprocs=2)
+    m = queue.get()
+    profile = dict(flops={"fp32": m["matmul"] / GEMM_EFF}, hbm_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 / 1e9,
+                   hbm_bw=m["copy"] / MEM_EFF, nvlink_bw=m["bus"] / NET_EFF, net_bw=m["bus"] / NET_EFF, gpus_per_node=2,
+                   sms=1, kernel_s=m["kernel"], latency_s=m["latency"], measured=m)
+    with open(out, "w") as f:
+        json.dump(profile, f, indent=2)
+    return profile
+
+
+# -----------------------------------------------------------------------------
+# command line: nanoGPT-style --key=value flags, parsed by configurator.py
+
+# what train.py can run today: data parallel (DDP), without recompute, sharding or model
+# parallelism. --emit plans within this; widen it here when train.py learns TP, EP or FSDP.
+TRAIN_PY = dict(tp=1, pp=1, cp=1, ep=1, vp=1, sp=False, zero=0, recompute="none")
+LAYOUT_KEYS = [f.name for f in fields(Layout)]
+FLAGS = dict(
+    model=None,          # a preset (gpt3-175b, llama3-70b, ...), an HF config.json / folder, or a train.py config file
+    seq_len=None,        # tokens per sequence (default: the preset's, or the config file's block_size)
+    gpu="h100",          # a100, h100, h200, b200, gb200, or a JSON profile (--calibrate writes one)
+    gpus=8,              # GPUs in the job
+    gbs=None,            # global batch, sequences per step
+    precision="bf16",    # bf16, fp8 (linear layers), fp16, fp32
+    attention="flash",   # flash, or materialized (s x s scores in memory, as before FlashAttention)
+    **{k: None for k in LAYOUT_KEYS},  # --tp --pp --dp --cp --ep --vp --mbs --recompute --sp --zero: fix them
+    layers=None, hidden=None, heads=None, kv_heads=None, ffn=None, vocab=None,  # a Transformer without --model
+    experts=0, topk=2, expert_ffn=None, shared_experts=0, moe_every=1,  # ... with MoE layers
+    gated=False,         # ... with a gated (SwiGLU) MLP of width ffn
+    peak_tflops=None, hbm_gb=None, hbm_tbs=None, nvlink_gbs=None, net_gbs=None, gpus_per_node=None,  # hardware overrides
+    top=10,              # rows of the table
+    json=False,          # print the ranked layouts as JSON instead
+    emit=False,          # print the train.py command of the best layout train.py can run
+    calibrate=False,     # measure this machine and write --out
+    out="hardware.json",  # where --calibrate writes
+    validate=None,       # a published-runs CSV: predicted vs measured step times
+)
+
+
+def die(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv):
+    scope = dict(FLAGS, config_keys=list(FLAGS))
+    saved, sys.argv = sys.argv, [sys.argv[0], *argv]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its "Overriding: ..." echo must not mix with --json
+            exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read(), scope)
+    finally:
+        sys.argv = saved
+    return {k: scope[k] for k in FLAGS}
+
+
+def make_job(a):
+    """The Job and the layout dimensions the flags fix; ValueError names a bad flag."""
+    for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "top"):
+        if a[k] is not None and (type(a[k]) is not int or a[k] < 1):
+            raise ValueError(f"--{k} must be a positive integer, got {a[k]!r}")
+    if a["gbs"] is None:
+        raise ValueError("--gbs (global batch, sequences per step) is required")
+    if a["precision"] not in PRECISION:
+        raise ValueError(f"--precision={a['precision']}: one of {', '.join(PRECISION)}")
+    if a["attention"] not in ("flash", "materialized"):
+        raise ValueError(f"--attention={a['attention']}: flash or materialized")
+    if a["model"] is not None:
+        cfg, seq = load_model(a["model"])
+    elif a["layers"] is not None:
+        need = [k for k in ("hidden", "heads", "ffn", "vocab") if a[k] is None]
+        if need:
+            raise ValueError(f"a Transformer from flags needs --{' --'.join(need)}")
+        cfg, seq = transformer(a["layers"], a["hidden"], a["heads"], a["ffn"], a["vocab"], a["kv_heads"], a["gated"],
+                               a["experts"], a["topk"], a["expert_ffn"], a["shared_experts"], a["moe_every"]), None
+    else:
+        raise ValueError("give --model=... (a preset, an HF config or a train.py config) or --layers --hidden "
+                         "--heads --ffn --vocab")
+    seq = a["seq_len"] or seq
+    if seq is None:
+        raise ValueError("--seq_len is required for this model")
+    hw = load_hardware(a["gpu"], hbm_gb=a["hbm_gb"], gpus_per_node=a["gpus_per_node"],
+                       hbm_bw=a["hbm_tbs"] and a["hbm_tbs"] * 1e12, nvlink_bw=a["nvlink_gbs"] and a["nvlink_gbs"] * 1e9,
+                       net_bw=a["net_gbs"] and a["net_gbs"] * 1e9)
+    if a["peak_tflops"]:
+        hw["flops"] = dict(hw["flops"], **{a["precision"]: a["peak_tflops"] * 1e12})
+    if a["precision"] not in hw["flops"]:
+        raise ValueError(f"{hw['name']} has no {a['precision']} peak (it has {', '.join(hw['flops'])}): "
+                         f"use --precision={next(iter(hw['flops']))} or --peak_tflops")
+    fixed = {k: a[k] for k in LAYOUT_KEYS if a[k] is not None}
+    if "sp" in fixed and type(fixed["sp"]) is not bool:
+        raise ValueError(f"--sp must be True or False, got {fixed['sp']!r}")
+    return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"]), fixed
+
+
+def report(job, results, counts, seconds, top):
+    lines = [f"{job.gpus} x {job.hw['name']}, {job.precision}, gbs {job.gbs} x {job.seq} tokens, "
+             f"{job.flops / 1e9:.4g} GFLOP per token (6 x {job.flops / 6e9:.3g}B), pattern "
+             f"{job.cfg.pattern if len(job.cfg.pattern) <= 60 else job.cfg.pattern[:57] + '...'}",
+             f"candidates: {counts['grid']:,} in the grid, {counts['valid']:,} pass the divisibility and placement "
+             f"rules, {counts['checked']:,} checked against memory after dominance and bound pruning, "
+             f"{counts['timed']:,} fit and timed ({seconds:.2f} s)"]
+    keys = list(results[0]["breakdown"])
+    head = f"{'#':>3} {'tp':>2} {'pp':>3} {'dp':>5} {'cp':>2} {'ep':>3} {'vp':>2} {'mbs':>3} {'recomp':>9} {'sp':>2} " \
+           f"{'zero':>4} {'step s':>9} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>5} {'GiB':>6} |" + \
+           "".join(f" {k.replace('_comm', ''):>9}" for k in keys)
+    lines += [head + "   (breakdown, s)", "-" * len(head)]
+    for i, r in enumerate(results[:top]):
+        L = r["layout"]
+        lines.append(f"{i + 1:>3} {L.tp:>2} {L.pp:>3} {L.dp:>5} {L.cp:>2} {L.ep:>3} {L.vp:>2} {L.mbs:>3} "
+                     f"{L.recompute:>9} {'y' if L.sp else 'n':>2} {L.zero:>4} {r['step_time_s']:>9.4g} "
+                     f"{r['tokens_per_s_per_gpu']:>9.4g} {r['model_tflops_per_gpu']:>7.3g} {r['mfu'] * 100:>4.1f}% "
+                     f"{r['memory_gib_per_gpu']:>6.1f} |" + "".join(f" {r['breakdown'][k]:>9.3g}" for k in keys)
+                     + ("" if r["fits"] else "  does not fit"))
+    return "\n".join(lines)
+
+
+def as_json(r):
+    return dict(asdict(r["layout"]), **{k: v for k, v in r.items() if k != "layout"})
+
+
+def train_py_command(job, spec, r):
+    """The torchrun command that runs layout r with train.py."""
+    gpn = job.hw["gpus_per_node"]
+    nodes = math.ceil(job.gpus / gpn)
+    if job.gpus % nodes:
+        raise ValueError(f"{job.gpus} GPUs do not split evenly over {nodes} nodes of {gpn}")
+    launch = f"torchrun --standalone --nproc_per_node={job.gpus}" if nodes == 1 else \
+        f"torchrun --nnodes={nodes} --nproc_per_node={job.gpus // nodes} --rdzv_backend=c10d --rdzv_endpoint=HOST:29500"
+    if job.precision == "fp8":
+        raise ValueError("train.py has no fp8 training: plan with --precision=bf16 to --emit")
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[job.precision]
+    cfg, kinds = job.cfg, set(job.cfg.pattern + job.cfg.mtp_pattern * job.cfg.mtp_depth)
+    if spec and spec.endswith(".py"):
+        model = [spec]  # the config file carries the model; only the batch changes
+    else:
+        keys = ["vocab_size", "d_model", "pattern", "tie_embeddings"] + \
+            ["n_head", "n_kv_head", "head_dim", "rope"] * ("*" in kinds) + ["d_ff"] * ("-" in kinds) + \
+            ["mamba_heads", "headdim", "d_state", "n_groups", "d_conv", "chunk_size"] * ("M" in kinds) + \
+            ["n_experts", "top_k", "moe_d_ff", "shared_d_ff", "moe_latent_size", "n_group", "topk_group",
+             "routed_scaling_factor"] * ("E" in kinds) + ["mtp_depth", "mtp_pattern", "mtp_share"] * (cfg.mtp_depth > 0)
+        model = [f"--{k}={getattr(cfg, k)}" if type(getattr(cfg, k)) is not str else f"--{k}='{getattr(cfg, k)}'"
+                 for k in keys if getattr(cfg, k) is not None]
+    L = r["layout"]
+    return " ".join([launch, "train.py", *model, f"--batch_size={L.mbs}", f"--gradient_accumulation_steps={job.gbs // L.mbs}",
+                     f"--block_size={job.seq}", f"--dtype={dtype}"])
+
+
+def print_validation(rows):
+    print(f"{'id':<5} {'model':<24} {'GPUs':>5} {'tp':>2} {'pp':>3} {'dp':>5} {'mbs':>3} {'vp':>2} {'zero':>4} "
+          f"{'TFLOP/s':>7} {'pred.':>6} {'step s':>7} {'pred. s':>7} {'error':>7}")
+    for v in rows:
+        L, tflops = v["result"]["layout"], v["row"].get("tflops_per_gpu") or ""
+        # the published TFLOP/s per GPU, and the same FLOPs over the predicted step time
+        pred = f"{float(tflops) * v['measured_s'] / v['predicted_s']:.0f}" if tflops else ""
+        print(f"{v['id']:<5} {v['model'][:24]:<24} {v['gpus']:>5} {L.tp:>2} {L.pp:>3} {L.dp:>5} {L.mbs:>3} {L.vp:>2} "
+              f"{L.zero:>4} {tflops:>7} {pred:>6} {v['measured_s']:>7.2f} {v['predicted_s']:>7.2f} {v['error'] * 100:>+6.1f}%")
+    errors = [abs(v["error"]) for v in rows]
+    print(f"mean |error| {sum(errors) / len(errors) * 100:.1f}%, max {max(errors) * 100:.1f}% over {len(rows)} runs")
+    groups = {}
+    for v in rows:
+        if v["pair_group"]:
+            groups.setdefault(v["pair_group"], []).append(v)
+    same = [g for g, vs in groups.items() if sorted(vs, key=lambda v: v["measured_s"]) == sorted(vs, key=lambda v: v["predicted_s"])]
+    if groups:
+        print(f"layouts compared on the same model and GPUs: ranked as published in {len(same)} of {len(groups)} groups")
+
+
+def main(argv):
+    a = parse_flags(argv)
+    try:
+        if a["calibrate"]:
+            profile = calibrate(a["out"])
+            print(f"wrote {a['out']}: " + json.dumps(profile["measured"]))
+            return
+        if a["validate"]:
+            print_validation(validate(a["validate"]))
+            return
+        job, fixed = make_job(a)
+        if a["emit"]:
+            clash = {k: v for k, v in fixed.items() if k in TRAIN_PY and v != TRAIN_PY[k]}
+            if clash:
+                raise ValueError(f"train.py cannot run {clash} yet (it runs {TRAIN_PY}); --emit plans within that")
+            fixed.update(TRAIN_PY)
+        t0 = time.perf_counter()
+        if all(k in fixed for k in LAYOUT_KEYS):  # one layout: predict it
+            L = Layout(**fixed)
+            why = broken_rule(job, L)
+            if why:
+                raise ValueError(why)
+            results, counts = [evaluate(job, L)], dict(grid=1, valid=1, checked=1, timed=1)
+        else:
+            results, counts, smallest = search(job, fixed, top=a["top"])
+            if not results:
+                raise ValueError("no layout satisfies the divisibility rules" if smallest is None else
+                                 f"no layout fits in {job.hw['hbm_gb']} GB per GPU: the smallest needs "
+                                 f"{smallest[0]:.1f} GiB ({smallest[1]})")
+        seconds = time.perf_counter() - t0
+        if a["emit"]:
+            print(train_py_command(job, a["model"], results[0]))
+        elif a["json"]:
+            print(json.dumps([as_json(r) for r in results[:a["top"]]], indent=1))
+        else:
+            print(report(job, results, counts, seconds, a["top"]))
+    except (ValueError, OSError) as e:
+        die(str(e))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
