@@ -252,100 +252,109 @@ class Job:
         self.params = {k: layer_params(self.cfg, k) for k in set(self.cfg.pattern + self.cfg.mtp_pattern)}
 
 
-def layer_cost(job, kind, b, tp, cp, ep, sp):
-    """One block of `kind` ('M', '*', '-', 'E', or 'head': final norm, LM head and loss; 'embed')
-    for a micro-batch of b sequences on one GPU: forward and backward seconds, the attention core's
-    forward seconds (what selective recompute repeats), communication seconds per pass (tp, ep; cp
-    exposed), saved activation bytes by recompute level, forward FLOPs."""
-    key = (kind, b, tp, cp, ep if kind == "E" else 1, sp)  # only MoE blocks depend on ep
-    if key in job.cache:
-        return job.cache[key]
-    cfg, hw, s, d, act = job.cfg, job.hw, job.seq, job.cfg.d_model, job.bytes["act"]
+def block_work(job, kind, b, tp, cp, ep, sp):
+    """What one block of `kind` ('M', '*', '-', 'E'; 'embed': the lookup; 'head': final norm, LM
+    head and loss) does for a micro-batch of b sequences on one GPU, counted once for every use:
+    lin / mm: its linear-layer GEMMs (fp8 under --precision=fp8) and other GEMMs, (batch, m, n, k);
+    mem, kernels: bytes its memory-bound kernels move, and how many there are; core: the attention
+    core or the SSD (its GEMMs, FLOPs run at GEMM speed, bytes; what selective recompute repeats);
+    saved / core_saved: activation bytes kept for the backward / of them, the core's; cp, a2a: bytes
+    this GPU sends per context-parallel ring step / per expert all-to-all."""
+    cfg, s, d, act = job.cfg, job.seq, job.cfg.d_model, job.bytes["act"]
     t = b * s // cp         # tokens on this GPU
     ew = tp if sp else 1    # sequence parallelism splits the d-wide elementwise work and its activations
-    lin = []                # linear-layer GEMMs (batch, m, n, k); in fp8 with --precision=fp8
-    mm = []                 # other GEMMs, in the activation precision
-    mem = 5 * t * d / ew * act  # bytes: the pre-norm (read, write) and the residual add (2 reads, 1 write)
-    kernels = 2
-    saved = 2 * t * d / ew * act  # for the backward: the norm's input and output
-    core = core_saved = core_flops = cp_bytes = a2a = 0.0
+    w = dict(lin=[], mm=[], core_mm=[], core_flops=0.0, core_bytes=0.0, core_kernels=0, core_saved=0.0, cp=0.0, a2a=0.0,
+             mem=5 * t * d / ew * act, kernels=2,  # the pre-norm (read, write), the residual add (2 reads, 1 write)
+             saved=2 * t * d / ew * act)  # the norm's input and output
     if kind == "*":
         a, g, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        lin += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
-        saved += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
+        w["lin"] += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
+        w["saved"] += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
         if cfg.rope:
-            mem, kernels = mem + 4 * t * (a + g) * hd / tp * act, kernels + 1
+            w["mem"], w["kernels"] = w["mem"] + 4 * t * (a + g) * hd / tp * act, w["kernels"] + 1
         heads, q = b * a / tp, s / cp  # each GPU: its heads, its queries against all s keys (a ring under cp)
-        if job.attention == "flash":  # one fused kernel over the causal half; backward = 2.5x (recomputes scores)
-            core_flops = 4 * heads * q * s * hd / 2
-            core = core_flops / (job.core_peak * GEMM_EFF) + hw["kernel_s"]
-            saved += t * a / tp * 4  # the softmax statistics (fp32)
+        if job.attention == "flash":  # one fused kernel over the causal half; backward 2.5x (recomputes scores)
+            w["core_flops"], w["core_kernels"] = 4 * heads * q * s * hd / 2, 1
+            w["saved"] += t * a / tp * 4  # the softmax statistics (fp32)
         else:  # Megatron before FlashAttention: full s x s scores written, softmaxed, dropped out, read back
-            core_flops = 4 * heads * q * s * hd
-            scores = heads * q * s
-            core = gemm_time(hw, job.core_peak, heads, q, s, hd, act) + gemm_time(hw, job.core_peak, heads, q, hd, s, act) \
-                + mem_time(hw, 9 * scores * act / 2, 2)  # per score, 9 B at 16 bit: softmax in, out; dropout in, out, mask
-            core_saved = 5 * scores * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
-        cp_bytes = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring, each of cp-1 steps
+            w["core_mm"], w["core_kernels"] = [(heads, q, s, hd), (heads, q, hd, s)], 2
+            w["core_bytes"] = 9 * heads * q * s * act / 2  # per score, 9 B at 16 bit: softmax in, out; dropout in, out, mask
+            w["core_saved"] = 5 * heads * q * s * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
+        w["cp"] = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring
     elif kind == "-":
-        lin += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
-        mem, kernels = mem + 2 * t * cfg.d_ff / tp * act, kernels + 1  # the activation function
-        saved += 2 * t * cfg.d_ff / tp * act  # its input and output
+        w["lin"] += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
+        w["mem"], w["kernels"] = w["mem"] + 2 * t * cfg.d_ff / tp * act, w["kernels"] + 1  # the activation function
+        w["saved"] += 2 * t * cfg.d_ff / tp * act  # its input and output
     elif kind == "M":
         H, P, N, G, Q = cfg.mamba_heads / tp, cfg.headdim, cfg.d_state, cfg.n_groups / tp, cfg.chunk_size
         d_in, conv = H * P, H * P + 2 * G * N
-        lin += [(1, t, 2 * d_in + 2 * G * N + H, d), (1, t, d, d_in)]
-        # the causal conv (read, write), the gated norm (y, z in, out); the chunked SSD: its chunk
-        # products at GEMM speed or its traffic (x, B, C in, y out, fp32 dt and chunk states), whichever is longer
-        ssd_bytes = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
-        core_flops = t * ssd_flops(H, P, N, Q)
-        core = max(core_flops / (job.core_peak * GEMM_EFF), ssd_bytes / (hw["hbm_bw"] * MEM_EFF)) + 5 * hw["kernel_s"]
-        mem, kernels = mem + (2 * conv + 3 * d_in) * t * act, kernels + 2
-        saved += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
-        cp_bytes = b * H * P * N * 4  # under cp each GPU passes its final SSM state on (all-gather)
+        w["lin"] += [(1, t, 2 * d_in + 2 * G * N + H, d), (1, t, d, d_in)]
+        # the chunked SSD: its chunk products (mamba.ssd_flops) or its traffic (x, B, C in, y out,
+        # fp32 dt and chunk states), whichever takes longer; the conv (read, write); the gated norm (y, z, out)
+        w["core_flops"], w["core_kernels"] = t * ssd_flops(H, P, N, Q), 5
+        w["core_bytes"] = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
+        w["mem"], w["kernels"] = w["mem"] + (2 * conv + 3 * d_in) * t * act, w["kernels"] + 2
+        w["saved"] += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
+        w["cp"] = b * H * P * N * 4  # under cp each GPU passes its final SSM state on
     elif kind == "E":
         E, k, F, l = cfg.n_experts, cfg.top_k, cfg.moe_d_ff, cfg.moe_latent_size or d
         routed = t / tp  # each tp rank routes its sequence-parallel share of the tokens
-        mm += [(1, routed, E, d)]  # the router
+        w["mm"] += [(1, routed, E, d)]  # the router
         if cfg.moe_latent_size:
-            lin += [(1, routed, l, d), (1, routed, d, l)]
+            w["lin"] += [(1, routed, l, d), (1, routed, d, l)]
         rows = routed * k * ep / E  # tokens per local expert, balanced (aux-loss-free balancing keeps it near)
-        lin += [(E / ep, rows, F, l), (E / ep, rows, l, F)]  # grouped GEMMs of the E/ep local experts
+        w["lin"] += [(E / ep, rows, F, l), (E / ep, rows, l, F)]  # grouped GEMMs of the E/ep local experts
         if cfg.shared_d_ff:
-            lin += [(1, t, cfg.shared_d_ff / tp, d), (1, t, d, cfg.shared_d_ff / tp)]
-        mem += (4 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp) * act + routed * E * 8
-        kernels += 6  # router top-k, permute, two activations, unpermute, combine
-        saved += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
-                  + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
-        a2a = 2 * comm_time(hw, "all_to_all", routed * k * l * act, ep, ep <= hw["gpus_per_node"])  # dispatch + combine
-    elif kind == "embed":  # the lookup (its TP all-reduce is counted with the layers' below)
-        mem, kernels, saved = t * d / ew * act, 1, 0.0
+            w["lin"] += [(1, t, cfg.shared_d_ff / tp, d), (1, t, d, cfg.shared_d_ff / tp)]
+        w["mem"] += (4 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp) * act + routed * E * 8
+        w["kernels"] += 6  # router top-k, permute, two activations, unpermute, combine
+        w["saved"] += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
+                       + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
+        w["a2a"] = routed * k * l * act  # dispatch (and the same back to combine)
+    elif kind == "embed":  # the lookup
+        w.update(mem=t * d / ew * act, kernels=1, saved=0.0)
     elif kind == "head":  # final norm, LM head, cross-entropy over fp32 logits (vocab split over tp)
         V = cfg.vocab_size
-        mm += [(1, t, V / tp, d)]
-        mem, kernels = 2 * t * d / ew * act + t * V / tp * (act + 8), 4
-        saved = 2 * t * d / ew * act + t * V / tp * (act + 4)
-    fp8 = job.precision == "fp8"
+        w["mm"] += [(1, t, V / tp, d)]
+        w.update(mem=2 * t * d / ew * act + t * V / tp * (act + 8), kernels=4,
+                 saved=2 * t * d / ew * act + t * V / tp * (act + 4))
+    w["act_full"] = t * d / ew * act  # what full recompute keeps: the block's input
+    return w
+
+
+def layer_cost(job, kind, b, tp, cp, ep, sp):
+    """block_work in seconds on job.hw: forward and backward, the core's forward (what selective
+    recompute repeats), communication per pass (tp; ep; cp exposed under the core), saved
+    activation bytes by recompute level, forward FLOPs."""
+    key = (kind, b, tp, cp, ep if kind == "E" else 1, sp)  # only MoE blocks depend on ep
+    if key in job.cache:
+        return job.cache[key]
+    w, hw, act, fp8 = block_work(job, kind, b, tp, cp, ep, sp), job.hw, job.bytes["act"], job.precision == "fp8"
+    t = b * job.seq // cp
     fwd = bwd = 0.0
-    for batch, m, n, kk, linear in [g + (True,) for g in lin] + [g + (False,) for g in mm]:
+    mem = w["mem"]
+    for batch, m, n, k, linear in [g + (True,) for g in w["lin"]] + [g + (False,) for g in w["mm"]]:
         peak, nbytes = (job.peak, 1 if fp8 else act) if linear else (job.core_peak, act)
-        fwd += gemm_time(hw, peak, batch, m, n, kk, nbytes)
-        bwd += gemm_time(hw, peak, batch, m, kk, n, nbytes) + gemm_time(hw, peak, batch, n, kk, m, nbytes)  # dgrad, wgrad
+        fwd += gemm_time(hw, peak, batch, m, n, k, nbytes)
+        bwd += gemm_time(hw, peak, batch, m, k, n, nbytes) + gemm_time(hw, peak, batch, n, k, m, nbytes)  # dgrad, wgrad
         if fp8 and linear:  # casts to fp8: the input before the forward, the output's gradient before the backward
-            mem += batch * m * kk * (act + 1)
+            mem += batch * m * k * (act + 1)
             bwd += mem_time(hw, batch * m * n * (act + 1), 1)
-    fwd += mem_time(hw, mem, kernels) + core
-    bwd += mem_time(hw, 2 * mem, 2 * kernels) + (2.5 if kind == "*" else 2) * core
-    # tensor parallel: per pass one all-reduce of the layer's output (or, with sp, an all-gather and
-    # a reduce-scatter, the same bytes); the vocab-parallel embedding needs one too
-    tp_comm = comm_time(hw, "all_reduce", t * d * act, tp, True)
-    cp_intra = tp * cp <= hw["gpus_per_node"]
-    cp_comm = comm_time(hw, "all_gather" if kind == "M" else "p2p", cp_bytes * (cp if kind == "M" else cp - 1), cp, cp_intra)
-    flops = sum(2 * bt * m * n * kk for bt, m, n, kk in lin + mm) + core_flops
-    selective = core if kind == "*" and job.attention != "flash" else 0.0  # what selective recompute repeats
-    cost = dict(fwd=fwd, bwd=bwd, core=selective, tp=tp_comm, ep=a2a,
+    # the core: its GEMMs, then its fused kernels at GEMM speed or bound by their traffic, whichever is longer
+    core = sum(gemm_time(hw, job.core_peak, *g, act) for g in w["core_mm"]) + w["core_kernels"] * hw["kernel_s"] \
+        + max(w["core_flops"] / (job.core_peak * GEMM_EFF), w["core_bytes"] / (hw["hbm_bw"] * MEM_EFF))
+    fwd += mem_time(hw, mem, w["kernels"]) + core
+    bwd += mem_time(hw, 2 * mem, 2 * w["kernels"]) + (2.5 if kind == "*" else 2) * core
+    # tensor parallel: per pass one all-reduce of the block's output (or, with sp, an all-gather and a
+    # reduce-scatter: the same bytes); the vocab-parallel embedding and head need one too
+    tp_comm = comm_time(hw, "all_reduce", t * job.cfg.d_model * act, tp, True)
+    a2a = 2 * comm_time(hw, "all_to_all", w["a2a"], ep, ep <= hw["gpus_per_node"])
+    cp_comm = comm_time(hw, "all_gather", w["cp"] * cp, cp, tp * cp <= hw["gpus_per_node"]) if kind == "M" else \
+        comm_time(hw, "p2p", w["cp"] * (cp - 1), cp, tp * cp <= hw["gpus_per_node"])
+    flops = sum(2 * bt * m * n * k for bt, m, n, k in w["lin"] + w["mm"] + w["core_mm"]) + w["core_flops"]
+    cost = dict(fwd=fwd, bwd=bwd, core=core if kind == "*" and job.attention != "flash" else 0.0, tp=tp_comm, ep=a2a,
                 cp_fwd=hidden(cp_comm, core) if cp > 1 else 0.0, cp_bwd=hidden(2 * cp_comm, 2.5 * core) if cp > 1 else 0.0,
-                act=saved, act_selective=saved - core_saved, act_full=t * d / ew * act, flops=flops)
+                act=w["saved"], act_selective=w["saved"] - w["core_saved"], act_full=w["act_full"], flops=flops)
     job.cache[key] = cost
     return cost
 
