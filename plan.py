@@ -278,7 +278,8 @@ def block_work(job, kind, b, tp, cp, ep, sp):
             w["saved"] += t * a / tp * 4  # the softmax statistics (fp32)
         else:  # Megatron before FlashAttention: full s x s scores written, softmaxed, dropped out, read back
             w["core_mm"], w["core_kernels"] = [(heads, q, s, hd), (heads, q, hd, s)], 2
-            w["core_bytes"] = 9 * heads * q * s * act / 2  # per score, 9 B at 16 bit: softmax in, out; dropout in, out, mask
+            # per score, 9 B at 16 bit: softmax in and out, dropout in, out and mask
+            w["core_bytes"] = 9 * heads * q * s * act / 2
             w["core_saved"] = 5 * heads * q * s * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
         w["cp"] = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring
     elif kind == "-":
@@ -353,7 +354,7 @@ def layer_cost(job, kind, b, tp, cp, ep, sp):
         comm_time(hw, "p2p", w["cp"] * (cp - 1), cp, tp * cp <= hw["gpus_per_node"])
     flops = sum(2 * bt * m * n * k for bt, m, n, k in w["lin"] + w["mm"] + w["core_mm"]) + w["core_flops"]
     cost = dict(fwd=fwd, bwd=bwd, core=core if kind == "*" and job.attention != "flash" else 0.0, tp=tp_comm, ep=a2a,
-                cp_fwd=hidden(cp_comm, core) if cp > 1 else 0.0, cp_bwd=hidden(2 * cp_comm, 2.5 * core) if cp > 1 else 0.0,
+                cp_fwd=hidden(cp_comm, core), cp_bwd=hidden(2 * cp_comm, 2.5 * core),
                 act=w["saved"], act_selective=w["saved"] - w["core_saved"], act_full=w["act_full"], flops=flops)
     job.cache[key] = cost
     return cost
@@ -449,15 +450,16 @@ def evaluate(job, L):
         p2p = pipeline_p2p(job, L)
         back = bwd + recompute  # the window in which gradients appear
         fsdp = dp_t = 0.0
-        if L.zero == 3:  # every micro-batch gathers the weights (in the forward, again in the backward) and scatters gradients
+        if L.zero == 3:  # every micro-batch gathers the weights (forward, again backward), scatters gradients
             gather = sync("all_gather", dense, experts, nb["w"])
-            fsdp = hidden(gather, fwd) + hidden((1 + full) * gather + sync("reduce_scatter", dense, experts, nb["g"]), back)
+            fsdp = hidden(gather, fwd) + hidden((1 + full) * gather + sync("reduce_scatter", dense, experts, nb["g"]),
+                                                back)
         elif L.zero == 0:  # DDP: all-reduce the gradients under the last micro-batch's backward
             dp_t = hidden(sync("all_reduce", dense, experts, nb["g"]), back)
-        else:  # reduce-scatter the gradients (ZeRO-2: every micro-batch's), gather the new weights under the next forward
+        else:  # reduce-scatter gradients (ZeRO-2: every micro-batch's), gather new weights under the next forward
             dp_t = hidden(sync("reduce_scatter", dense, experts, nb["g"]), back) * (m if L.zero == 2 else 1) \
                 + hidden(sync("all_gather", dense, experts, nb["w"]), fwd)
-        if cfg.tie_embeddings and L.pp > 1 and r in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last rank
+        if cfg.tie_embeddings and L.pp > 1 and r in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last
             dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, False)
         local = dense / (dp_n if L.zero else 1) + experts / (edp_n if L.zero else 1)  # optimizer states held here
         # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
@@ -493,9 +495,10 @@ def memory(job, L):
         shard = lambda stage: dense / (dp_n if L.zero >= stage else 1) + experts / (edp_n if L.zero >= stage else 1)
         in_flight = min(m, L.pp - r) if L.vp == 1 else min(m * L.vp, 2 * (L.pp - r - 1) + (L.vp - 1) * L.pp + 1)
         per_chunk = total["act_full" if full else "act_selective" if sel else "act"] / L.vp
-        # sharded gradients (weights) still exist whole for the block at work, before its reduce-scatter (after its gather)
+        # sharded gradients (weights) exist whole for the block at work, before its reduce-scatter (after its gather)
         working += biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
-        peak = max(peak, nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1) + in_flight * per_chunk + working)
+        states = nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1)
+        peak = max(peak, states + in_flight * per_chunk + working)
     return peak
 
 
@@ -543,7 +546,8 @@ def sync_bound(job, L, stages):
     tables = 1 + (not job.cfg.tie_embeddings or L.pp > 1)  # the embedding and the LM head (MTP weights left out)
     dense, experts = (dense + tables * job.cfg.vocab_size * job.cfg.d_model) / L.pp / L.tp, experts / L.pp / L.ep
     dp_n, edp_n, intra = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep, L.tp * L.cp * L.dp <= hw["gpus_per_node"]
-    sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, intra) + comm_time(hw, op, experts * nbytes, edp_n, intra)
+    sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, intra) \
+        + comm_time(hw, op, experts * nbytes, edp_n, intra)
     least = {0: hidden(sync("all_reduce", nb["g"]), back),
              1: hidden(sync("reduce_scatter", nb["g"]), back) + hidden(sync("all_gather", nb["w"]), fwd),
              3: m * (1 - OVERLAP) * (2 * sync("all_gather", nb["w"]) + sync("reduce_scatter", nb["g"]))}
@@ -663,7 +667,8 @@ def explore(job, L, fixed, counts, results, bar):
     fit in memory are evaluated into results. Returns (whether any fits, (GiB, layout) of the least
     memory-hungry one when none does)."""
     sharded = L.dp * L.cp > 1 or L.tp * L.dp * L.cp // L.ep > 1
-    levels = ["none", "full"] if job.attention == "flash" or "*" not in job.cfg.pattern else ["none", "selective", "full"]
+    selective = job.attention != "flash" and "*" in job.cfg.pattern  # else it has nothing to drop
+    levels = ["none", "selective", "full"] if selective else ["none", "full"]
     levels = [fixed["recompute"]] if "recompute" in fixed else levels
     stages = [fixed["zero"]] if "zero" in fixed else [0, 1, 2, 3] if sharded else [0]
     cap = HBM_USABLE * job.hw["hbm_gb"] * 1e9
@@ -718,15 +723,16 @@ def run_job(row):
                           shared_experts=int(num("moe_shared_experts") or 0), tie="gpt" in name.lower())
     year = min(int(y) for y in re.findall(r"20[0-9]{2}", row["source"] + row.get("framework", "")) or ["2025"])
     # the export parts (H800, A800) are an H100 and an A100 with 400 GB/s NVLink
-    gpu, nvlink = next(((v, bw) for k, v, bw in [("GB200", "gb200", None), ("B200", "b200", None), ("H200", "h200", None),
-                                                 ("H100", "h100", None), ("H800", "h100", 200e9), ("A100", "a100", None),
-                                                 ("A800", "a100", 200e9)] if k in row["gpu"].upper()), (None, None))
+    names = [("GB200", "gb200", None), ("B200", "b200", None), ("H200", "h200", None), ("H100", "h100", None),
+             ("H800", "h100", 200e9), ("A100", "a100", None), ("A800", "a100", 200e9)]
+    gpu, nvlink = next(((v, bw) for k, v, bw in names if k in row["gpu"].upper()), (None, None))
     if gpu is None:
         raise ValueError(f"run {row['id']}: no hardware preset for GPU '{row['gpu']}'")
     precision = "fp8" if "FP8" in row["precision"].upper() else "fp16" if "FP16" in row["precision"].upper() else "bf16"
     gpus, gbs, seq = int(num("gpu_count")), int(num("gbs_seqs")), int(num("seq_len"))
     # runs before 2022 had neither FlashAttention (Dao et al. 2022) nor sequence parallelism (Korthikanti et al. 2022)
-    job = Job(cfg, seq, gbs, gpus, load_hardware(gpu, nvlink_bw=nvlink), precision, "materialized" if year < 2022 else "flash")
+    hw = load_hardware(gpu, nvlink_bw=nvlink)
+    job = Job(cfg, seq, gbs, gpus, hw, precision, "materialized" if year < 2022 else "flash")
     fixed = {k: int(num(k)) for k in ("tp", "pp", "dp", "cp", "ep", "vp", "mbs") if num(k)}
     if all(k in fixed for k in ("tp", "pp", "dp")) and fixed["tp"] * fixed["pp"] * fixed["dp"] == gpus:
         fixed.update(cp=1, ep=1)  # the named sizes use every GPU
@@ -766,9 +772,10 @@ def validate(path):
         results, _, smallest = search(job, fixed, top=1)
         if not results and smallest is None:
             raise ValueError(f"run {row['id']}: no layout satisfies the rules with {fixed}")
-        best = results[0] if results else evaluate(job, smallest[1])  # a published layout the model thinks OOM: still predicted
-        out.append(dict(id=row["id"], model=row["model"], gpus=job.gpus, measured_s=measured, predicted_s=best["step_time_s"],
-                        error=best["step_time_s"] / measured - 1, result=best, row=row, pair_group=row.get("pair_group") or None))
+        best = results[0] if results else evaluate(job, smallest[1])  # a published layout the model thinks OOM
+        out.append(dict(id=row["id"], model=row["model"], gpus=job.gpus, measured_s=measured, result=best, row=row,
+                        predicted_s=best["step_time_s"], error=best["step_time_s"] / measured - 1,
+                        pair_group=row.get("pair_group") or None))
     return out
 
 
@@ -817,7 +824,8 @@ def calibrate(out):
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_calibrate_rank, args=(port, queue), nprocs=2)
     m = queue.get()
-    profile = dict(flops={"fp32": m["matmul"] / GEMM_EFF}, hbm_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 / 1e9,
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    profile = dict(flops={"fp32": m["matmul"] / GEMM_EFF}, hbm_gb=ram_gb / 2,
                    hbm_bw=m["copy"] / MEM_EFF, nvlink_bw=m["bus"] / NET_EFF, net_bw=m["bus"] / NET_EFF, gpus_per_node=2,
                    sms=1, kernel_s=m["kernel"], latency_s=m["latency"], measured=m)
     with open(out, "w") as f:
@@ -844,7 +852,8 @@ FLAGS = dict(
     layers=None, hidden=None, heads=None, kv_heads=None, ffn=None, vocab=None,  # a Transformer without --model
     experts=0, topk=2, expert_ffn=None, shared_experts=0, moe_every=1,  # ... with MoE layers
     gated=False,         # ... with a gated (SwiGLU) MLP of width ffn
-    peak_tflops=None, hbm_gb=None, hbm_tbs=None, nvlink_gbs=None, net_gbs=None, gpus_per_node=None,  # hardware overrides
+    peak_tflops=None, hbm_gb=None, hbm_tbs=None,  # override the --gpu profile: peak at --precision, HBM GB and TB/s,
+    nvlink_gbs=None, net_gbs=None, gpus_per_node=None,  # link GB/s per direction in and out of a node, node size
     top=10,              # rows of the table
     json=False,          # print the ranked layouts as JSON instead
     emit=False,          # print the train.py command of the best layout train.py can run
@@ -958,8 +967,8 @@ def train_py_command(job, spec, r):
         model = [f"--{k}={getattr(cfg, k)}" if type(getattr(cfg, k)) is not str else f"--{k}='{getattr(cfg, k)}'"
                  for k in keys if getattr(cfg, k) is not None]
     L = r["layout"]
-    return " ".join([launch, "train.py", *model, f"--batch_size={L.mbs}", f"--gradient_accumulation_steps={job.gbs // L.mbs}",
-                     f"--block_size={job.seq}", f"--dtype={dtype}"])
+    return " ".join([launch, "train.py", *model, f"--batch_size={L.mbs}", f"--block_size={job.seq}",
+                     f"--gradient_accumulation_steps={job.gbs // L.mbs}", f"--dtype={dtype}"])
 
 
 def print_validation(rows):
@@ -970,16 +979,18 @@ def print_validation(rows):
         # the published TFLOP/s per GPU, and the same FLOPs over the predicted step time
         pred = f"{float(tflops) * v['measured_s'] / v['predicted_s']:.0f}" if tflops else ""
         print(f"{v['id']:<5} {v['model'][:24]:<24} {v['gpus']:>5} {L.tp:>2} {L.pp:>3} {L.dp:>5} {L.mbs:>3} {L.vp:>2} "
-              f"{L.zero:>4} {tflops:>7} {pred:>6} {v['measured_s']:>7.2f} {v['predicted_s']:>7.2f} {v['error'] * 100:>+6.1f}%")
+              f"{L.zero:>4} {tflops:>7} {pred:>6} {v['measured_s']:>7.2f} {v['predicted_s']:>7.2f} "
+              f"{v['error'] * 100:>+6.1f}%")
     errors = [abs(v["error"]) for v in rows]
     print(f"mean |error| {sum(errors) / len(errors) * 100:.1f}%, max {max(errors) * 100:.1f}% over {len(rows)} runs")
     groups = {}
     for v in rows:
         if v["pair_group"]:
             groups.setdefault(v["pair_group"], []).append(v)
-    same = [g for g, vs in groups.items() if sorted(vs, key=lambda v: v["measured_s"]) == sorted(vs, key=lambda v: v["predicted_s"])]
+    same = [g for g, vs in groups.items()
+            if sorted(vs, key=lambda v: v["measured_s"]) == sorted(vs, key=lambda v: v["predicted_s"])]
     if groups:
-        print(f"layouts compared on the same model and GPUs: ranked as published in {len(same)} of {len(groups)} groups")
+        print(f"layouts compared on one model and cluster: ranked as published in {len(same)} of {len(groups)} groups")
 
 
 def main(argv):
