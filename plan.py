@@ -64,7 +64,10 @@ def load_hardware(gpu, **overrides):
         hw = dict(GPU_DEFAULTS, name=gpu, **HARDWARE[gpu])
     elif os.path.isfile(gpu):
         with open(gpu) as f:
-            hw = dict(GPU_DEFAULTS, name=os.path.basename(gpu), **json.load(f))
+            try:
+                hw = dict(GPU_DEFAULTS, name=os.path.basename(gpu), **json.load(f))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{gpu}: not a hardware profile ({e})") from None
     else:
         raise ValueError(f"unknown gpu '{gpu}': one of {', '.join(HARDWARE)}, or a JSON profile")
     hw.update({k: v for k, v in overrides.items() if v is not None})
@@ -915,6 +918,9 @@ def make_job(a):
     fixed = {k: a[k] for k in LAYOUT_KEYS if a[k] is not None}
     if "sp" in fixed and type(fixed["sp"]) is not bool:
         raise ValueError(f"--sp must be True or False, got {fixed['sp']!r}")
+    if fixed.get("recompute", "none") not in ("none", "selective", "full") or fixed.get("zero", 0) not in (0, 1, 2, 3):
+        raise ValueError(f"--recompute is none, selective or full and --zero 0, 1, 2 or 3, got "
+                         f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
     return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"]), fixed
 
 
