@@ -64,7 +64,10 @@ def load_hardware(gpu, **overrides):
         hw = dict(GPU_DEFAULTS, name=gpu, **HARDWARE[gpu])
     elif os.path.isfile(gpu):
         with open(gpu) as f:
-            hw = dict(GPU_DEFAULTS, name=os.path.basename(gpu), **json.load(f))
+            try:
+                hw = dict(GPU_DEFAULTS, name=os.path.basename(gpu), **json.load(f))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{gpu}: not a hardware profile ({e})") from None
     else:
         raise ValueError(f"unknown gpu '{gpu}': one of {', '.join(HARDWARE)}, or a JSON profile")
     hw.update({k: v for k, v in overrides.items() if v is not None})
@@ -254,100 +257,110 @@ class Job:
         self.params = {k: layer_params(self.cfg, k) for k in set(self.cfg.pattern + self.cfg.mtp_pattern)}
 
 
-def layer_cost(job, kind, b, tp, cp, ep, sp):
-    """One block of `kind` ('M', '*', '-', 'E', or 'head': final norm, LM head and loss; 'embed')
-    for a micro-batch of b sequences on one GPU: forward and backward seconds, the attention core's
-    forward seconds (what selective recompute repeats), communication seconds per pass (tp, ep; cp
-    exposed), saved activation bytes by recompute level, forward FLOPs."""
-    key = (kind, b, tp, cp, ep if kind == "E" else 1, sp)  # only MoE blocks depend on ep
-    if key in job.cache:
-        return job.cache[key]
-    cfg, hw, s, d, act = job.cfg, job.hw, job.seq, job.cfg.d_model, job.bytes["act"]
+def block_work(job, kind, b, tp, cp, ep, sp):
+    """What one block of `kind` ('M', '*', '-', 'E'; 'embed': the lookup; 'head': final norm, LM
+    head and loss) does for a micro-batch of b sequences on one GPU, counted once for every use:
+    lin / mm: its linear-layer GEMMs (fp8 under --precision=fp8) and other GEMMs, (batch, m, n, k);
+    mem, kernels: bytes its memory-bound kernels move, and how many there are; core: the attention
+    core or the SSD (its GEMMs, FLOPs run at GEMM speed, bytes; what selective recompute repeats);
+    saved / core_saved: activation bytes kept for the backward / of them, the core's; cp, a2a: bytes
+    this GPU sends per context-parallel ring step / per expert all-to-all."""
+    cfg, s, d, act = job.cfg, job.seq, job.cfg.d_model, job.bytes["act"]
     t = b * s // cp         # tokens on this GPU
     ew = tp if sp else 1    # sequence parallelism splits the d-wide elementwise work and its activations
-    lin = []                # linear-layer GEMMs (batch, m, n, k); in fp8 with --precision=fp8
-    mm = []                 # other GEMMs, in the activation precision
-    mem = 5 * t * d / ew * act  # bytes: the pre-norm (read, write) and the residual add (2 reads, 1 write)
-    kernels = 2
-    saved = 2 * t * d / ew * act  # for the backward: the norm's input and output
-    core = core_saved = core_flops = cp_bytes = a2a = 0.0
+    w = dict(lin=[], mm=[], core_mm=[], core_flops=0.0, core_bytes=0.0, core_kernels=0, core_saved=0.0, cp=0.0, a2a=0.0,
+             mem=5 * t * d / ew * act, kernels=2,  # the pre-norm (read, write), the residual add (2 reads, 1 write)
+             saved=2 * t * d / ew * act)  # the norm's input and output
     if kind == "*":
         a, g, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        lin += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
-        saved += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
+        w["lin"] += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
+        w["saved"] += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
         if cfg.rope:
-            mem, kernels = mem + 4 * t * (a + g) * hd / tp * act, kernels + 1
+            w["mem"], w["kernels"] = w["mem"] + 4 * t * (a + g) * hd / tp * act, w["kernels"] + 1
         heads, q = b * a / tp, s / cp  # each GPU: its heads, its queries against all s keys (a ring under cp)
-        if job.attention == "flash":  # one fused kernel over the causal half; backward = 2.5x (recomputes scores)
-            core_flops = 4 * heads * q * s * hd / 2
-            core = core_flops / (job.core_peak * GEMM_EFF) + hw["kernel_s"]
-            saved += t * a / tp * 4  # the softmax statistics (fp32)
+        if job.attention == "flash":  # one fused kernel over the causal half; backward 2.5x (recomputes scores)
+            w["core_flops"], w["core_kernels"] = 4 * heads * q * s * hd / 2, 1
+            w["saved"] += t * a / tp * 4  # the softmax statistics (fp32)
         else:  # Megatron before FlashAttention: full s x s scores written, softmaxed, dropped out, read back
-            core_flops = 4 * heads * q * s * hd
-            scores = heads * q * s
-            core = gemm_time(hw, job.core_peak, heads, q, s, hd, act) + gemm_time(hw, job.core_peak, heads, q, hd, s, act) \
-                + mem_time(hw, 9 * scores * act / 2, 2)  # per score, 9 B at 16 bit: softmax in, out; dropout in, out, mask
-            core_saved = 5 * scores * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
-        cp_bytes = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring, each of cp-1 steps
+            w["core_mm"], w["core_kernels"] = [(heads, q, s, hd), (heads, q, hd, s)], 2
+            # per score, 9 B at 16 bit: softmax in and out, dropout in, out and mask
+            w["core_bytes"] = 9 * heads * q * s * act / 2
+            w["core_saved"] = 5 * heads * q * s * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
+        w["cp"] = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring
     elif kind == "-":
-        lin += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
-        mem, kernels = mem + 2 * t * cfg.d_ff / tp * act, kernels + 1  # the activation function
-        saved += 2 * t * cfg.d_ff / tp * act  # its input and output
+        w["lin"] += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
+        w["mem"], w["kernels"] = w["mem"] + 2 * t * cfg.d_ff / tp * act, w["kernels"] + 1  # the activation function
+        w["saved"] += 2 * t * cfg.d_ff / tp * act  # its input and output
     elif kind == "M":
         H, P, N, G, Q = cfg.mamba_heads / tp, cfg.headdim, cfg.d_state, cfg.n_groups / tp, cfg.chunk_size
         d_in, conv = H * P, H * P + 2 * G * N
-        lin += [(1, t, 2 * d_in + 2 * G * N + H, d), (1, t, d, d_in)]
-        # the causal conv (read, write), the gated norm (y, z in, out); the chunked SSD: its chunk
-        # products at GEMM speed or its traffic (x, B, C in, y out, fp32 dt and chunk states), whichever is longer
-        ssd_bytes = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
-        core_flops = t * ssd_flops(H, P, N, Q)
-        core = max(core_flops / (job.core_peak * GEMM_EFF), ssd_bytes / (hw["hbm_bw"] * MEM_EFF)) + 5 * hw["kernel_s"]
-        mem, kernels = mem + (2 * conv + 3 * d_in) * t * act, kernels + 2
-        saved += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
-        cp_bytes = b * H * P * N * 4  # under cp each GPU passes its final SSM state on (all-gather)
+        w["lin"] += [(1, t, 2 * d_in + 2 * G * N + H, d), (1, t, d, d_in)]
+        # the chunked SSD: its chunk products (mamba.ssd_flops) or its traffic (x, B, C in, y out,
+        # fp32 dt and chunk states), whichever takes longer; the conv (read, write); the gated norm (y, z, out)
+        w["core_flops"], w["core_kernels"] = t * ssd_flops(H, P, N, Q), 5
+        w["core_bytes"] = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
+        w["mem"], w["kernels"] = w["mem"] + (2 * conv + 3 * d_in) * t * act, w["kernels"] + 2
+        w["saved"] += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
+        w["cp"] = b * H * P * N * 4  # under cp each GPU passes its final SSM state on
     elif kind == "E":
         E, k, F, l = cfg.n_experts, cfg.top_k, cfg.moe_d_ff, cfg.moe_latent_size or d
         routed = t / tp  # each tp rank routes its sequence-parallel share of the tokens
-        mm += [(1, routed, E, d)]  # the router
+        w["mm"] += [(1, routed, E, d)]  # the router
         if cfg.moe_latent_size:
-            lin += [(1, routed, l, d), (1, routed, d, l)]
+            w["lin"] += [(1, routed, l, d), (1, routed, d, l)]
         rows = routed * k * ep / E  # tokens per local expert, balanced (aux-loss-free balancing keeps it near)
-        lin += [(E / ep, rows, F, l), (E / ep, rows, l, F)]  # grouped GEMMs of the E/ep local experts
+        w["lin"] += [(E / ep, rows, F, l), (E / ep, rows, l, F)]  # grouped GEMMs of the E/ep local experts
         if cfg.shared_d_ff:
-            lin += [(1, t, cfg.shared_d_ff / tp, d), (1, t, d, cfg.shared_d_ff / tp)]
-        mem += (4 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp) * act + routed * E * 8
-        kernels += 6  # router top-k, permute, two activations, unpermute, combine
-        saved += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
-                  + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
-        a2a = 2 * comm_time(hw, "all_to_all", routed * k * l * act, ep, ep <= hw["gpus_per_node"])  # dispatch + combine
-    elif kind == "embed":  # the lookup (its TP all-reduce is counted with the layers' below)
-        mem, kernels, saved = t * d / ew * act, 1, 0.0
+            w["lin"] += [(1, t, cfg.shared_d_ff / tp, d), (1, t, d, cfg.shared_d_ff / tp)]
+        w["mem"] += (4 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp) * act + routed * E * 8
+        w["kernels"] += 6  # router top-k, permute, two activations, unpermute, combine
+        w["saved"] += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
+                       + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
+        w["a2a"] = routed * k * l * act  # dispatch (and the same back to combine)
+    elif kind == "embed":  # the lookup
+        w.update(mem=t * d / ew * act, kernels=1, saved=0.0)
     elif kind == "head":  # final norm, LM head, cross-entropy over fp32 logits (vocab split over tp)
         V = cfg.vocab_size
-        mm += [(1, t, V / tp, d)]
-        mem, kernels = 2 * t * d / ew * act + t * V / tp * (act + 8), 4
-        saved = 2 * t * d / ew * act + t * V / tp * (act + 4)
-    fp8 = job.precision == "fp8"
+        w["mm"] += [(1, t, V / tp, d)]
+        w.update(mem=2 * t * d / ew * act + t * V / tp * (act + 8), kernels=4,
+                 saved=2 * t * d / ew * act + t * V / tp * (act + 4))
+    w["act_full"] = t * d / ew * act  # what full recompute keeps: the block's input
+    return w
+
+
+def layer_cost(job, kind, b, tp, cp, ep, sp):
+    """block_work in seconds on job.hw: forward and backward, the core's forward (what selective
+    recompute repeats), communication per pass (tp; ep; cp exposed under the core), saved
+    activation bytes by recompute level, forward FLOPs."""
+    key = (kind, b, tp, cp, ep if kind == "E" else 1, sp)  # only MoE blocks depend on ep
+    if key in job.cache:
+        return job.cache[key]
+    w, hw, act, fp8 = block_work(job, kind, b, tp, cp, ep, sp), job.hw, job.bytes["act"], job.precision == "fp8"
+    t = b * job.seq // cp
     fwd = bwd = 0.0
-    for batch, m, n, kk, linear in [g + (True,) for g in lin] + [g + (False,) for g in mm]:
+    mem = w["mem"]
+    for batch, m, n, k, linear in [g + (True,) for g in w["lin"]] + [g + (False,) for g in w["mm"]]:
         peak, nbytes = (job.peak, 1 if fp8 else act) if linear else (job.core_peak, act)
-        fwd += gemm_time(hw, peak, batch, m, n, kk, nbytes)
-        bwd += gemm_time(hw, peak, batch, m, kk, n, nbytes) + gemm_time(hw, peak, batch, n, kk, m, nbytes)  # dgrad, wgrad
+        fwd += gemm_time(hw, peak, batch, m, n, k, nbytes)
+        bwd += gemm_time(hw, peak, batch, m, k, n, nbytes) + gemm_time(hw, peak, batch, n, k, m, nbytes)  # dgrad, wgrad
         if fp8 and linear:  # casts to fp8: the input before the forward, the output's gradient before the backward
-            mem += batch * m * kk * (act + 1)
+            mem += batch * m * k * (act + 1)
             bwd += mem_time(hw, batch * m * n * (act + 1), 1)
-    fwd += mem_time(hw, mem, kernels) + core
-    bwd += mem_time(hw, 2 * mem, 2 * kernels) + (2.5 if kind == "*" else 2) * core
-    # tensor parallel: per pass one all-reduce of the layer's output (or, with sp, an all-gather and
-    # a reduce-scatter, the same bytes); the vocab-parallel embedding needs one too
-    tp_comm = comm_time(hw, "all_reduce", t * d * act, tp, True)
-    cp_intra = tp * cp <= hw["gpus_per_node"]
-    cp_comm = comm_time(hw, "all_gather" if kind == "M" else "p2p", cp_bytes * (cp if kind == "M" else cp - 1), cp, cp_intra)
-    flops = sum(2 * bt * m * n * kk for bt, m, n, kk in lin + mm) + core_flops
-    selective = core if kind == "*" and job.attention != "flash" else 0.0  # what selective recompute repeats
-    cost = dict(fwd=fwd, bwd=bwd, core=selective, tp=tp_comm, ep=a2a,
-                cp_fwd=hidden(cp_comm, core) if cp > 1 else 0.0, cp_bwd=hidden(2 * cp_comm, 2.5 * core) if cp > 1 else 0.0,
-                act=saved, act_selective=saved - core_saved, act_full=t * d / ew * act, flops=flops)
+    # the core: its GEMMs, then its fused kernels at GEMM speed or bound by their traffic, whichever is longer
+    core = sum(gemm_time(hw, job.core_peak, *g, act) for g in w["core_mm"]) + w["core_kernels"] * hw["kernel_s"] \
+        + max(w["core_flops"] / (job.core_peak * GEMM_EFF), w["core_bytes"] / (hw["hbm_bw"] * MEM_EFF))
+    fwd += mem_time(hw, mem, w["kernels"]) + core
+    bwd += mem_time(hw, 2 * mem, 2 * w["kernels"]) + (2.5 if kind == "*" else 2) * core
+    # tensor parallel: per pass one all-reduce of the block's output (or, with sp, an all-gather and a
+    # reduce-scatter: the same bytes); the vocab-parallel embedding and head need one too
+    tp_comm = comm_time(hw, "all_reduce", t * job.cfg.d_model * act, tp, True)
+    a2a = 2 * comm_time(hw, "all_to_all", w["a2a"], ep, ep <= hw["gpus_per_node"])
+    cp_comm = comm_time(hw, "all_gather", w["cp"] * cp, cp, tp * cp <= hw["gpus_per_node"]) if kind == "M" else \
+        comm_time(hw, "p2p", w["cp"] * (cp - 1), cp, tp * cp <= hw["gpus_per_node"])
+    flops = sum(2 * bt * m * n * k for bt, m, n, k in w["lin"] + w["mm"] + w["core_mm"]) + w["core_flops"]
+    cost = dict(fwd=fwd, bwd=bwd, core=core if kind == "*" and job.attention != "flash" else 0.0, tp=tp_comm, ep=a2a,
+                cp_fwd=hidden(cp_comm, core), cp_bwd=hidden(2 * cp_comm, 2.5 * core),
+                act=w["saved"], act_selective=w["saved"] - w["core_saved"], act_full=w["act_full"], flops=flops)
     job.cache[key] = cost
     return cost
 
@@ -442,15 +455,16 @@ def evaluate(job, L):
         p2p = pipeline_p2p(job, L)
         back = bwd + recompute  # the window in which gradients appear
         fsdp = dp_t = 0.0
-        if L.zero == 3:  # every micro-batch gathers the weights (in the forward, again in the backward) and scatters gradients
+        if L.zero == 3:  # every micro-batch gathers the weights (forward, again backward), scatters gradients
             gather = sync("all_gather", dense, experts, nb["w"])
-            fsdp = hidden(gather, fwd) + hidden((1 + full) * gather + sync("reduce_scatter", dense, experts, nb["g"]), back)
+            fsdp = hidden(gather, fwd) + hidden((1 + full) * gather + sync("reduce_scatter", dense, experts, nb["g"]),
+                                                back)
         elif L.zero == 0:  # DDP: all-reduce the gradients under the last micro-batch's backward
             dp_t = hidden(sync("all_reduce", dense, experts, nb["g"]), back)
-        else:  # reduce-scatter the gradients (ZeRO-2: every micro-batch's), gather the new weights under the next forward
+        else:  # reduce-scatter gradients (ZeRO-2: every micro-batch's), gather new weights under the next forward
             dp_t = hidden(sync("reduce_scatter", dense, experts, nb["g"]), back) * (m if L.zero == 2 else 1) \
                 + hidden(sync("all_gather", dense, experts, nb["w"]), fwd)
-        if cfg.tie_embeddings and L.pp > 1 and r in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last rank
+        if cfg.tie_embeddings and L.pp > 1 and r in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last
             dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, False)
         local = dense / (dp_n if L.zero else 1) + experts / (edp_n if L.zero else 1)  # optimizer states held here
         # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
@@ -486,9 +500,10 @@ def memory(job, L):
         shard = lambda stage: dense / (dp_n if L.zero >= stage else 1) + experts / (edp_n if L.zero >= stage else 1)
         in_flight = min(m, L.pp - r) if L.vp == 1 else min(m * L.vp, 2 * (L.pp - r - 1) + (L.vp - 1) * L.pp + 1)
         per_chunk = total["act_full" if full else "act_selective" if sel else "act"] / L.vp
-        # sharded gradients (weights) still exist whole for the block at work, before its reduce-scatter (after its gather)
+        # sharded gradients (weights) exist whole for the block at work, before its reduce-scatter (after its gather)
         working += biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
-        peak = max(peak, nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1) + in_flight * per_chunk + working)
+        states = nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1)
+        peak = max(peak, states + in_flight * per_chunk + working)
     return peak
 
 
@@ -536,7 +551,8 @@ def sync_bound(job, L, stages):
     tables = 1 + (not job.cfg.tie_embeddings or L.pp > 1)  # the embedding and the LM head (MTP weights left out)
     dense, experts = (dense + tables * job.cfg.vocab_size * job.cfg.d_model) / L.pp / L.tp, experts / L.pp / L.ep
     dp_n, edp_n, intra = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep, L.tp * L.cp * L.dp <= hw["gpus_per_node"]
-    sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, intra) + comm_time(hw, op, experts * nbytes, edp_n, intra)
+    sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, intra) \
+        + comm_time(hw, op, experts * nbytes, edp_n, intra)
     least = {0: hidden(sync("all_reduce", nb["g"]), back),
              1: hidden(sync("reduce_scatter", nb["g"]), back) + hidden(sync("all_gather", nb["w"]), fwd),
              3: m * (1 - OVERLAP) * (2 * sync("all_gather", nb["w"]) + sync("reduce_scatter", nb["g"]))}
@@ -656,7 +672,8 @@ def explore(job, L, fixed, counts, results, bar):
     fit in memory are evaluated into results. Returns (whether any fits, (GiB, layout) of the least
     memory-hungry one when none does)."""
     sharded = L.dp * L.cp > 1 or L.tp * L.dp * L.cp // L.ep > 1
-    levels = ["none", "full"] if job.attention == "flash" or "*" not in job.cfg.pattern else ["none", "selective", "full"]
+    selective = job.attention != "flash" and "*" in job.cfg.pattern  # else it has nothing to drop
+    levels = ["none", "selective", "full"] if selective else ["none", "full"]
     levels = [fixed["recompute"]] if "recompute" in fixed else levels
     stages = [fixed["zero"]] if "zero" in fixed else [0, 1, 2, 3] if sharded else [0]
     cap = HBM_USABLE * job.hw["hbm_gb"] * 1e9
@@ -711,15 +728,16 @@ def run_job(row):
                           shared_experts=int(num("moe_shared_experts") or 0), tie="gpt" in name.lower())
     year = min(int(y) for y in re.findall(r"20[0-9]{2}", row["source"] + row.get("framework", "")) or ["2025"])
     # the export parts (H800, A800) are an H100 and an A100 with 400 GB/s NVLink
-    gpu, nvlink = next(((v, bw) for k, v, bw in [("GB200", "gb200", None), ("B200", "b200", None), ("H200", "h200", None),
-                                                 ("H100", "h100", None), ("H800", "h100", 200e9), ("A100", "a100", None),
-                                                 ("A800", "a100", 200e9)] if k in row["gpu"].upper()), (None, None))
+    names = [("GB200", "gb200", None), ("B200", "b200", None), ("H200", "h200", None), ("H100", "h100", None),
+             ("H800", "h100", 200e9), ("A100", "a100", None), ("A800", "a100", 200e9)]
+    gpu, nvlink = next(((v, bw) for k, v, bw in names if k in row["gpu"].upper()), (None, None))
     if gpu is None:
         raise ValueError(f"run {row['id']}: no hardware preset for GPU '{row['gpu']}'")
     precision = "fp8" if "FP8" in row["precision"].upper() else "fp16" if "FP16" in row["precision"].upper() else "bf16"
     gpus, gbs, seq = int(num("gpu_count")), int(num("gbs_seqs")), int(num("seq_len"))
     # runs before 2022 had neither FlashAttention (Dao et al. 2022) nor sequence parallelism (Korthikanti et al. 2022)
-    job = Job(cfg, seq, gbs, gpus, load_hardware(gpu, nvlink_bw=nvlink), precision, "materialized" if year < 2022 else "flash")
+    hw = load_hardware(gpu, nvlink_bw=nvlink)
+    job = Job(cfg, seq, gbs, gpus, hw, precision, "materialized" if year < 2022 else "flash")
     fixed = {k: int(num(k)) for k in ("tp", "pp", "dp", "cp", "ep", "vp", "mbs") if num(k)}
     if all(k in fixed for k in ("tp", "pp", "dp")) and fixed["tp"] * fixed["pp"] * fixed["dp"] == gpus:
         fixed.update(cp=1, ep=1)  # the named sizes use every GPU
@@ -759,9 +777,10 @@ def validate(path):
         results, _, smallest = search(job, fixed, top=1)
         if not results and smallest is None:
             raise ValueError(f"run {row['id']}: no layout satisfies the rules with {fixed}")
-        best = results[0] if results else evaluate(job, smallest[1])  # a published layout the model thinks OOM: still predicted
-        out.append(dict(id=row["id"], model=row["model"], gpus=job.gpus, measured_s=measured, predicted_s=best["step_time_s"],
-                        error=best["step_time_s"] / measured - 1, result=best, row=row, pair_group=row.get("pair_group") or None))
+        best = results[0] if results else evaluate(job, smallest[1])  # a published layout the model thinks OOM
+        out.append(dict(id=row["id"], model=row["model"], gpus=job.gpus, measured_s=measured, result=best, row=row,
+                        predicted_s=best["step_time_s"], error=best["step_time_s"] / measured - 1,
+                        pair_group=row.get("pair_group") or None))
     return out
 
 
@@ -810,7 +829,8 @@ def calibrate(out):
     queue = mp.get_context("spawn").SimpleQueue()
     mp.spawn(_calibrate_rank, args=(port, queue), nprocs=2)
     m = queue.get()
-    profile = dict(flops={"fp32": m["matmul"] / GEMM_EFF}, hbm_gb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 / 1e9,
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    profile = dict(flops={"fp32": m["matmul"] / GEMM_EFF}, hbm_gb=ram_gb / 2,
                    hbm_bw=m["copy"] / MEM_EFF, nvlink_bw=m["bus"] / NET_EFF, net_bw=m["bus"] / NET_EFF, gpus_per_node=2,
                    sms=1, kernel_s=m["kernel"], latency_s=m["latency"], measured=m)
     with open(out, "w") as f:
@@ -837,7 +857,8 @@ FLAGS = dict(
     layers=None, hidden=None, heads=None, kv_heads=None, ffn=None, vocab=None,  # a Transformer without --model
     experts=0, topk=2, expert_ffn=None, shared_experts=0, moe_every=1,  # ... with MoE layers
     gated=False,         # ... with a gated (SwiGLU) MLP of width ffn
-    peak_tflops=None, hbm_gb=None, hbm_tbs=None, nvlink_gbs=None, net_gbs=None, gpus_per_node=None,  # hardware overrides
+    peak_tflops=None, hbm_gb=None, hbm_tbs=None,  # override the --gpu profile: peak at --precision, HBM GB and TB/s,
+    nvlink_gbs=None, net_gbs=None, gpus_per_node=None,  # link GB/s per direction in and out of a node, node size
     top=10,              # rows of the table
     json=False,          # print the ranked layouts as JSON instead
     emit=False,          # print the train.py command of the best layout train.py can run
@@ -899,6 +920,9 @@ def make_job(a):
     fixed = {k: a[k] for k in LAYOUT_KEYS if a[k] is not None}
     if "sp" in fixed and type(fixed["sp"]) is not bool:
         raise ValueError(f"--sp must be True or False, got {fixed['sp']!r}")
+    if fixed.get("recompute", "none") not in ("none", "selective", "full") or fixed.get("zero", 0) not in (0, 1, 2, 3):
+        raise ValueError(f"--recompute is none, selective or full and --zero 0, 1, 2 or 3, got "
+                         f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
     return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"]), fixed
 
 
@@ -951,8 +975,8 @@ def train_py_command(job, spec, r):
         model = [f"--{k}={getattr(cfg, k)}" if type(getattr(cfg, k)) is not str else f"--{k}='{getattr(cfg, k)}'"
                  for k in keys if getattr(cfg, k) is not None]
     L = r["layout"]
-    return " ".join([launch, "train.py", *model, f"--batch_size={L.mbs}", f"--gradient_accumulation_steps={job.gbs // L.mbs}",
-                     f"--block_size={job.seq}", f"--dtype={dtype}"])
+    return " ".join([launch, "train.py", *model, f"--batch_size={L.mbs}", f"--block_size={job.seq}",
+                     f"--gradient_accumulation_steps={job.gbs // L.mbs}", f"--dtype={dtype}"])
 
 
 def print_validation(rows):
@@ -963,16 +987,18 @@ def print_validation(rows):
         # the published TFLOP/s per GPU, and the same FLOPs over the predicted step time
         pred = f"{float(tflops) * v['measured_s'] / v['predicted_s']:.0f}" if tflops else ""
         print(f"{v['id']:<5} {v['model'][:24]:<24} {v['gpus']:>5} {L.tp:>2} {L.pp:>3} {L.dp:>5} {L.mbs:>3} {L.vp:>2} "
-              f"{L.zero:>4} {tflops:>7} {pred:>6} {v['measured_s']:>7.2f} {v['predicted_s']:>7.2f} {v['error'] * 100:>+6.1f}%")
+              f"{L.zero:>4} {tflops:>7} {pred:>6} {v['measured_s']:>7.2f} {v['predicted_s']:>7.2f} "
+              f"{v['error'] * 100:>+6.1f}%")
     errors = [abs(v["error"]) for v in rows]
     print(f"mean |error| {sum(errors) / len(errors) * 100:.1f}%, max {max(errors) * 100:.1f}% over {len(rows)} runs")
     groups = {}
     for v in rows:
         if v["pair_group"]:
             groups.setdefault(v["pair_group"], []).append(v)
-    same = [g for g, vs in groups.items() if sorted(vs, key=lambda v: v["measured_s"]) == sorted(vs, key=lambda v: v["predicted_s"])]
+    same = [g for g, vs in groups.items()
+            if sorted(vs, key=lambda v: v["measured_s"]) == sorted(vs, key=lambda v: v["predicted_s"])]
     if groups:
-        print(f"layouts compared on the same model and GPUs: ranked as published in {len(same)} of {len(groups)} groups")
+        print(f"layouts compared on one model and cluster: ranked as published in {len(same)} of {len(groups)} groups")
 
 
 def main(argv):
