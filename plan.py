@@ -271,13 +271,16 @@ def block_work(job, kind, b, tp, cp, ep, sp):
     w = dict(lin=[], mm=[], core_mm=[], core_flops=0.0, core_bytes=0.0, core_kernels=0, core_saved=0.0, cp=0.0, a2a=0.0,
              mem=5 * t * d / ew * act, kernels=2,  # the pre-norm (read, write), the residual add (2 reads, 1 write)
              saved=2 * t * d / ew * act)  # the norm's input and output
-    if kind == "*":
+    if kind in "*W":  # W: sliding-window attention, RoPE always, each query against at most a window of keys
         a, g, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         w["lin"] += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
         w["saved"] += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
-        if cfg.rope:
+        if cfg.rope or kind == "W":
             w["mem"], w["kernels"] = w["mem"] + 4 * t * (a + g) * hd / tp * act, w["kernels"] + 1
         heads, q = b * a / tp, s / cp  # each GPU: its heads, its queries against all s keys (a ring under cp)
+        if kind == "W":  # the same causal-half count over an effective length 2W(1 - W/2s) instead of s
+            window = min(s, cfg.sliding_window)
+            s = 2 * window * (1 - window / (2 * s))
         if job.attention == "flash":  # one fused kernel over the causal half; backward 2.5x (recomputes scores)
             w["core_flops"], w["core_kernels"] = 4 * heads * q * s * hd / 2, 1
             w["saved"] += t * a / tp * 4  # the softmax statistics (fp32)
@@ -350,7 +353,7 @@ def layer_cost(job, kind, b, tp, cp, ep, sp):
     core = sum(gemm_time(hw, job.core_peak, *g, act) for g in w["core_mm"]) + w["core_kernels"] * hw["kernel_s"] \
         + max(w["core_flops"] / (job.core_peak * GEMM_EFF), w["core_bytes"] / (hw["hbm_bw"] * MEM_EFF))
     fwd += mem_time(hw, mem, w["kernels"]) + core
-    bwd += mem_time(hw, 2 * mem, 2 * w["kernels"]) + (2.5 if kind == "*" else 2) * core
+    bwd += mem_time(hw, 2 * mem, 2 * w["kernels"]) + (2.5 if kind in "*W" else 2) * core
     # tensor parallel: per pass one all-reduce of the block's output (or, with sp, an all-gather and a
     # reduce-scatter: the same bytes); the vocab-parallel embedding and head need one too
     tp_comm = comm_time(hw, "all_reduce", t * job.cfg.d_model * act, tp, True)
@@ -358,7 +361,7 @@ def layer_cost(job, kind, b, tp, cp, ep, sp):
     cp_comm = comm_time(hw, "all_gather", w["cp"] * cp, cp, tp * cp <= hw["gpus_per_node"]) if kind == "M" else \
         comm_time(hw, "p2p", w["cp"] * (cp - 1), cp, tp * cp <= hw["gpus_per_node"])
     flops = sum(2 * bt * m * n * k for bt, m, n, k in w["lin"] + w["mm"] + w["core_mm"]) + w["core_flops"]
-    cost = dict(fwd=fwd, bwd=bwd, core=core if kind == "*" and job.attention != "flash" else 0.0, tp=tp_comm, ep=a2a,
+    cost = dict(fwd=fwd, bwd=bwd, core=core if kind in "*W" and job.attention != "flash" else 0.0, tp=tp_comm, ep=a2a,
                 cp_fwd=hidden(cp_comm, core), cp_bwd=hidden(2 * cp_comm, 2.5 * core),
                 act=w["saved"], act_selective=w["saved"] - w["core_saved"], act_full=w["act_full"], flops=flops)
     job.cache[key] = cost
