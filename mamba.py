@@ -261,7 +261,8 @@ class Mamba2Mixer(nn.Module):
 
     def step(self, u, cache):
         """k <= 8 tokens (B, k, d_model) from the cache in O(k): extend the conv window, run the
-        recurrence token by token. With cache["keep"] set (speculative decoding), the conv window
+        recurrence (ssd_step for one token, ssd_steps in closed form for more, or the k-token
+        kernel). With cache["keep"] set (speculative decoding), the conv window
         and the state after every token are kept in cache["history"], so that rollback() can
         return to any of them."""
         Bsz, k, _ = u.shape

@@ -130,6 +130,11 @@ class Block(nn.Module):
         return x + h
 
 
+def idle_expert_params(cfg):
+    """Parameters of one MoE layer that a token does not use: its n_experts - top_k unchosen experts."""
+    return (cfg.n_experts - cfg.top_k) * 2 * (cfg.moe_latent_size or cfg.d_model) * cfg.moe_d_ff
+
+
 class MTPDepth(nn.Module):
     """One multi-token-prediction depth (DeepSeek-V3, arXiv:2412.19437 Sec. 2.2; Nemotron 3):
         h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h_i)])    (2d -> d; the embedding comes first,
@@ -212,9 +217,8 @@ class Nemotron(nn.Module):
         if cfg.tie_embeddings:
             n += self.lm_head.weight.numel()  # the head still computes
         if active:
-            per_expert = 2 * (cfg.moe_latent_size or cfg.d_model) * cfg.moe_d_ff
             n_moe = cfg.pattern.count("E") + (len(self.mtp) * cfg.mtp_pattern.count("E") if cfg.mtp_depth else 0)
-            n -= n_moe * (cfg.n_experts - cfg.top_k) * per_expert
+            n -= n_moe * idle_expert_params(cfg)
         return n
 
     def flops_per_token(self, T):
@@ -232,9 +236,7 @@ class Nemotron(nn.Module):
         n_attn = cfg.pattern.count("*")
         if cfg.mtp_depth:  # every depth runs its blocks and the LM head once more per token
             per_depth = sum(p.numel() for p in self.mtp[0].parameters())
-            if cfg.mtp_pattern.count("E"):
-                per_depth -= cfg.mtp_pattern.count("E") * (cfg.n_experts - cfg.top_k) * \
-                    2 * (cfg.moe_latent_size or cfg.d_model) * cfg.moe_d_ff
+            per_depth -= cfg.mtp_pattern.count("E") * idle_expert_params(cfg)
             flops += 6 * (cfg.mtp_depth * (per_depth + self.lm_head.weight.numel())
                           - len(self.mtp) * per_depth)  # num_params counted each weight set once
             n_attn += cfg.mtp_depth * cfg.mtp_pattern.count("*")
