@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from data.tokenizer import ByteTokenizer, DataError, load_tokenizer
+from data.tokenizer import DataError, find_tokenizer
 from model import CheckpointError, Nemotron
 
 # -----------------------------------------------------------------------------
@@ -40,8 +40,6 @@ dtype = 'auto'            # 'auto' (bfloat16 on a GPU that has it, else float32)
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
-
-REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def die(message):
@@ -71,35 +69,6 @@ def resolve_dtype(name, device):
     if name not in ('float32', 'bfloat16', 'float16'):
         die(f"dtype={name!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'")
     return getattr(torch, name)
-
-
-def saved_dataset(path):
-    """The dataset named in an out_dir's / ckpt.pt's saved train config, or None."""
-    ckpt_path = os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
-    try:  # mmap: reads only the small config entries, not the weights (again)
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
-        return (ckpt.get('config') or {}).get('dataset')
-    except Exception:  # a checkpoint that from_pretrained read but mmap cannot (an old format)
-        return None
-
-
-def find_tokenizer(path, vocab_size):
-    """The tokenizer for the model at path: a tokenizer.json or meta.json beside the checkpoint,
-    then data/<dataset>/meta.json of the run's data set; bytes for a 256-token model with neither."""
-    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
-    candidates = [folder]
-    is_hf = os.path.isfile(os.path.join(folder, 'config.json'))
-    dataset = None if is_hf else saved_dataset(path)
-    if dataset:
-        candidates.append(os.path.join(REPO, 'data', dataset))
-    for d in candidates:
-        if os.path.isfile(os.path.join(d, 'tokenizer.json')) or os.path.isfile(os.path.join(d, 'meta.json')):
-            return load_tokenizer(d)
-    looked = ', '.join(os.path.join(d, 'tokenizer.json or meta.json') for d in candidates)
-    if vocab_size == 256:
-        note(f"no tokenizer found ({looked}): the model has 256 tokens, using UTF-8 bytes")
-        return ByteTokenizer()
-    die(f"no tokenizer found for a {vocab_size}-token model (looked for {looked})")
 
 
 def read_prompt(text):

@@ -15,7 +15,7 @@ A data set is a folder data/<name>/ holding
                       doc_masking needs it).
 write_dataset() writes meta.json last, so a folder whose meta.json exists is complete.
 """
-import json, os
+import json, os, sys
 import numpy as np
 import tiktoken
 
@@ -148,3 +148,35 @@ def load_tokenizer(meta_or_path):
         return TiktokenTokenizer(tiktoken_encoding(meta["encoding"]))
     else:  # "hf"
         return HFTokenizer(meta["tokenizer_file"])
+
+# ----------------------------------------------------------------------------
+# the tokenizer of a trained model (sample.py, eval.py)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def saved_dataset(path):
+    """The data set named in a train.py out_dir's / ckpt.pt's saved config, or None."""
+    import torch  # here, so that the prepare.py scripts do not pay for importing torch
+    ckpt_path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
+    try:  # mmap: reads only the small config entries, not the weights
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        return (ckpt.get("config") or {}).get("dataset")
+    except Exception:  # no ckpt.pt, or one that mmap cannot read (an old format)
+        return None
+
+def find_tokenizer(path, vocab_size):
+    """The tokenizer for the model at path: a tokenizer.json or meta.json beside the checkpoint, then
+    data/<dataset>/meta.json of the run's data set; bytes for a 256-token model with neither."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    candidates = [folder]
+    dataset = None if os.path.isfile(os.path.join(folder, "config.json")) else saved_dataset(path)
+    if dataset:
+        candidates.append(os.path.join(REPO, "data", dataset))
+    for d in candidates:
+        if os.path.isfile(os.path.join(d, "tokenizer.json")) or os.path.isfile(os.path.join(d, "meta.json")):
+            return load_tokenizer(d)
+    looked = ", ".join(os.path.join(d, "tokenizer.json or meta.json") for d in candidates)
+    if vocab_size == 256:
+        print(f"no tokenizer found ({looked}): the model has 256 tokens, using UTF-8 bytes", file=sys.stderr)
+        return ByteTokenizer()
+    raise DataError(f"no tokenizer found for a {vocab_size}-token model (looked for {looked})")

@@ -1,0 +1,180 @@
+"""
+eval.py: long-context evaluation of a checkpoint. Read after sample.py and data/ruler.py.
+
+    python eval.py --init_from=out-swan --lengths=256,1024,4096,8192               # val loss per length
+    python eval.py --init_from=out-swan --swan=off                                 # without SWAN scaling
+    python eval.py --init_from=out-star-niah --tasks=niah_single_1 --lengths=2048,4096 --star_blocks=0,512
+
+1. Val loss at each context length: the mean next-token cross-entropy over whole sequences of that
+   length from the run's val split (the same sequences for every model on the same data set), about
+   loss_tokens tokens per length.
+2. RULER scores (data/ruler.py) per task, length and Star Attention block size (0: full attention):
+   n prompts per cell, greedy decoding, the prediction cut at its first newline (our models end an
+   answer with one, as RULER's end theirs with EOS), scored by string-match recall (0-100).
+Printed as tables; --json=PATH also writes every figure as JSON.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from attention import Attention
+from data import ruler
+from data.tokenizer import DataError, find_tokenizer, saved_dataset
+from model import CheckpointError, Nemotron
+
+# -----------------------------------------------------------------------------
+init_from = 'out'                  # a train.py out_dir, a ckpt.pt, or a Hugging Face NemotronH folder
+lengths = '256,1024,4096,8192'     # context lengths in tokens, comma-separated
+dataset = ''                       # val data for the loss: data/<dataset> ('': the run's own; 'none': skip the loss)
+loss_tokens = 32768                # tokens of val data per length for the loss
+tasks = ''                         # RULER tasks, comma-separated ('': none; 'all': every task)
+n = 10                             # prompts per task and length
+star_blocks = '0'                  # Star Attention block sizes, comma-separated (0: full attention)
+essay = ''                         # a text file for the essay haystacks ('': ../shared/data/tinyshakespeare.txt)
+swan = 'ckpt'                      # NoPE dynamic scaling: 'ckpt' as trained, 'off', or a training length N
+seed = 0                           # RULER sample seed
+device = 'auto'                    # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', ...
+json_out = ''                      # also write the results here as JSON ('': don't)
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+config = {k: globals()[k] for k in config_keys}
+# -----------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def die(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def int_list(name, text, low):
+    try:
+        values = [int(v) for v in str(text).split(',') if v.strip()]
+    except ValueError:
+        die(f"--{name}={text!r}: expected comma-separated integers")
+    if not values or min(values) < low:
+        die(f"--{name}={text!r}: expected integers >= {low}")
+    return values
+
+
+def set_swan(model, train_len):
+    """Dynamic attention scaling of every NoPE attention layer: on beyond train_len, or off (None)."""
+    model.config.swan_train_len = train_len
+    for m in model.modules():
+        if isinstance(m, Attention) and m.rope_theta is None:
+            m.swan_len = train_len
+
+
+@torch.no_grad()
+def val_loss(model, data, T, n_tokens, device):
+    """Mean next-token loss over about n_tokens tokens of data (uint32 memmap) in sequences of T
+    tokens, evenly spaced through the split, each forward at most ~16K tokens."""
+    n_seq = max(1, n_tokens // T)
+    if len(data) < T + 1:
+        return None
+    starts = np.linspace(0, len(data) - T - 1, n_seq).astype(np.int64)
+    per_batch = max(1, 16384 // T)
+    total = 0.0
+    for i in range(0, n_seq, per_batch):
+        rows = [torch.from_numpy(data[s:s + T + 1].astype(np.int64)) for s in starts[i:i + per_batch]]
+        xy = torch.stack(rows).to(device)  # (b, T + 1)
+        _, loss = model(xy[:, :-1], xy[:, 1:])
+        total += loss.item() * len(rows)
+    return total / n_seq
+
+
+@torch.no_grad()
+def ruler_score(model, tokenizer, task, T, block, device):
+    """RULER score (0-100) of `task` at length T, full attention (block 0) or Star Attention."""
+    samples = ruler.generate(task, T, tokenizer, n=n, seed=seed, essay=essay or None)
+    predictions = []
+    for s in samples:
+        idx = torch.tensor([tokenizer.encode(s['input'])], device=device)
+        budget = len(tokenizer.encode(s['answer'])) + 8  # the answer's length and a margin
+        kwargs = {'star_block': block} if block else {}
+        out = model.generate(idx, budget, temperature=0, **kwargs)
+        predictions.append(tokenizer.decode(out[0, idx.size(1):].tolist()).split('\n')[0])
+    return ruler.score(predictions, [s['outputs'] for s in samples]), predictions
+
+
+def fmt(x, digits=4):
+    return 'n/a' if x is None else f"{x:.{digits}f}"
+
+
+def table(title, rows, cols, cell, name=str):
+    print(f"\n{title}")
+    print(" | ".join([f"{'':>26}"] + [f"{c:>8}" for c in cols]))
+    for r in rows:
+        print(" | ".join([f"{name(r):>26}"] + [f"{cell(r, c):>8}" for c in cols]))
+
+
+def main():
+    T_list = int_list('lengths', lengths, 1)
+    blocks = int_list('star_blocks', star_blocks, 0)
+    task_list = ruler.TASKS if tasks == 'all' else [t for t in tasks.split(',') if t]
+    unknown = [t for t in task_list if t not in ruler.TASKS]
+    if unknown:
+        die(f"unknown RULER task(s) {unknown}; choose from {', '.join(ruler.TASKS)} or 'all'")
+    dev = device if device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        model = Nemotron.from_pretrained(init_from, dtype=torch.float32, device=dev).eval()
+        tokenizer = find_tokenizer(init_from, model.config.vocab_size)
+    except (CheckpointError, DataError) as e:
+        die(str(e))
+    if swan != 'ckpt':
+        if swan != 'off' and not swan.isdigit():
+            die(f"--swan={swan!r}: expected 'ckpt', 'off' or a training length such as 256")
+        set_swan(model, None if swan == 'off' else int(swan))
+    print(f"{init_from}: pattern {model.config.pattern}, swan_train_len {model.config.swan_train_len}")
+    results = {'config': config, 'pattern': model.config.pattern,
+               'swan_train_len': model.config.swan_train_len, 'loss': {}, 'ruler': {}, 'time_s': {}}
+
+    # 1. val loss per context length
+    name = dataset or (saved_dataset(init_from) if dataset != 'none' else None)
+    if dataset != 'none' and not name:
+        die(f"{init_from} names no data set: pass --dataset=NAME (data/NAME/val.bin) or --dataset=none")
+    if name and dataset != 'none':
+        path = os.path.join(REPO, 'data', name, 'val.bin')
+        if not os.path.isfile(path):
+            die(f"{path} not found: run `python data/{name}/prepare.py` first")
+        data = np.memmap(path, dtype=np.uint32, mode='r')
+        for T in T_list:
+            t0 = time.time()
+            results['loss'][T] = val_loss(model, data, T, loss_tokens, dev)
+            results['time_s'][f'loss@{T}'] = time.time() - t0
+        table(f"val loss on data/{name} ({loss_tokens:,} tokens per length)", ['loss'], T_list,
+              lambda r, T: fmt(results['loss'][T]))
+
+    # 2. RULER, per task x length x block size
+    label = lambda b: 'full' if b == 0 else f'star{b}'
+    for task in task_list:
+        for block in blocks:
+            for T in T_list:
+                t0 = time.time()
+                try:
+                    s, preds = ruler_score(model, tokenizer, task, T, block, dev)
+                except ruler.TooShort:  # the task's prompt needs more than T tokens: n/a
+                    s, preds = None, []
+                except DataError as e:
+                    die(str(e))
+                key = f"{task}|{label(block)}|{T}"
+                results['ruler'][key] = {'score': s, 'predictions': preds}
+                results['time_s'][key] = time.time() - t0
+    if task_list:
+        rows = [(t, b) for t in task_list for b in blocks]
+        table(f"RULER string-match score (0-100), {n} prompts per cell", rows, T_list,
+              lambda r, T: fmt(results['ruler'][f'{r[0]}|{label(r[1])}|{T}']['score'], 1),
+              name=lambda r: f"{r[0]} {label(r[1])}")
+    if json_out:
+        with open(json_out, 'w') as f:
+            json.dump(results, f, indent=1)
+        print(f"\nwrote {json_out}")
+
+
+if __name__ == '__main__':
+    main()
