@@ -26,6 +26,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 # -----------------------------------------------------------------------------
 # rotary position embedding (optional)
@@ -160,10 +161,14 @@ class Attention(nn.Module):
         cache["new"] = (k, v)
         ak = cache["k"].expand(R // B, *cache["k"].shape).reshape(R, *cache["k"].shape[1:])  # (R, g, A, d)
         av = cache["v"].expand(R // B, *cache["v"].shape).reshape(R, *cache["v"].shape[1:])  # (R, g, A, d)
-        kpos = torch.cat([cache["kpos"].expand(R, -1), cache["qpos"]], dim=1)  # (R, A + T)
-        mask = visible(cache["qpos"], kpos, self.window)  # (R, T, A + T)
+        T, A = q.size(2), ak.size(2)
         k, v = torch.cat([ak, k], dim=2), torch.cat([av, v], dim=2)  # (R, g, A + T, d)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)
+        if not self.window:  # the whole anchor, then causal: a lower-right causal mask, which the
+            mask = causal_lower_right(T, A + T)  # kernel uses to skip the masked tiles
+        else:  # the window cuts by global positions, different in each row
+            kpos = torch.cat([cache["kpos"].expand(R, -1), cache["qpos"]], dim=1)  # (R, A + T)
+            mask = visible(cache["qpos"], kpos, self.window)[:, None]  # (R, 1, T, A + T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def star_query(self, q, k, v, qpos, cache):
         """Phase 2: every host its local (out, lse) over the keys it holds, then the exact combine.
@@ -188,7 +193,8 @@ class Attention(nn.Module):
         if outs:
             out, lse = star_combine(torch.cat(outs, dim=1), torch.cat(lses, dim=1))
         else:  # a host with no keys (more hosts than blocks): weighs nothing
-            out, lse = q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:-1], -math.inf, dtype=torch.float32)
+            out = q.new_zeros(q.shape, dtype=torch.float32)  # (B, h, T, d)
+            lse = q.new_full(q.shape[:-1], -math.inf, dtype=torch.float32)  # (B, h, T)
         if cache["group"] is not None:
             out = star_exchange(out, lse, cache["group"])
         return out.to(q.dtype)  # (B, h, T, d)

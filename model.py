@@ -547,6 +547,13 @@ def accept(drafts, q, p, temperature):
 # first tokens lose the keys of the block before (the anchor is usually out of the window).
 
 
+def cached_positions(c):
+    """The positions (S,) of an attention cache's S slots after c["pos"] tokens: slot s of a W
+    layer's ring of R slots holds the latest position = s mod R, a plain cache position s."""
+    A, R = c["pos"], c["k"].size(2)
+    return A - 1 - (A - 1 - torch.arange(R, device=c["k"].device)) % R
+
+
 def star_blocks(model, idx, starts, length, anchor):
     """Phase 1 for the blocks of `length` tokens at positions starts, one batch over the anchor's
     cache. Returns the hidden states (m, B, length, d) and the batch's cache (each attention
@@ -559,9 +566,7 @@ def star_blocks(model, idx, starts, length, anchor):
         if block.kind == "M":  # every block starts from the state after the anchor
             cache.append({key: t.repeat(m, *[1] * (t.dim() - 1)) for key, t in c.items()})  # (m*B, ...)
         elif block.kind in "*W":
-            A, R = c["pos"], c["k"].size(2)  # a W layer's ring holds the anchor's last R positions
-            kpos = A - 1 - (A - 1 - torch.arange(R, device=idx.device)) % R  # (R,): slot -> position
-            cache.append({"star": 1, "k": c["k"], "v": c["v"], "kpos": kpos,
+            cache.append({"star": 1, "k": c["k"], "v": c["v"], "kpos": cached_positions(c),
                           "qpos": qpos.repeat_interleave(B, dim=0)})  # (m*B, length)
         else:
             cache.append(None)
@@ -600,8 +605,7 @@ def star_prefill(model, idx, block, query_len=1, max_new_tokens=0, group=None):
         if mine[0] == 0:  # host 0 keeps the anchor's keys as its block's
             for i, (b, c) in enumerate(zip(layers, anchor)):
                 if b.kind in "*W":
-                    R = c["k"].size(2)
-                    held[i].append((c["k"], c["v"], A - 1 - (A - 1 - torch.arange(R, device=idx.device)) % R))
+                    held[i].append((c["k"], c["v"], cached_positions(c)))
             last = anchor
         rest = [i for i in mine if i > 0]
         full = [i * block for i in rest if (i + 1) * block <= Tc]  # starts of the full blocks
@@ -618,31 +622,41 @@ def star_prefill(model, idx, block, query_len=1, max_new_tokens=0, group=None):
                 last = [{key: t.view(len(starts), B, *t.shape[1:])[-1] for key, t in c.items()}
                         if b.kind == "M" else None for b, c in zip(layers, cb)]
     # 2) query encoding: the caches of phase 2, then the query through them
+    cache = star_cache(model, held, last, B, Tc, query_len + max_new_tokens, query_host, group)
+    h[:, Tc:] = model.hidden(idx[:, Tc:], cache)
+    return cache, h
+
+
+def star_cache(model, held, last, B, Tc, room, query_host, group):
+    """Phase 2's cache: per attention layer the blocks held here, padded to one length (position
+    -1: no key), one host each, and on the query host a buffer of `room` new tokens; per Mamba
+    layer the states after the last block (the query host's, broadcast to all hosts)."""
+    rank, _ = star_rank(group)
     cache = []
-    for i, b in enumerate(layers):
+    for i, b in enumerate(model.backbone.layers):
         if b.kind == "M":
             c = {"conv": last[i]["conv"].contiguous(), "ssm": last[i]["ssm"].contiguous()}
-            if group is not None:  # every host carries on from the query host's states
+            if group is not None:
                 c = {key: star_broadcast(t, query_host, group) for key, t in c.items()}
             cache.append(c)
         elif b.kind in "*W":
             c = {"star": 2, "k": None, "v": None, "kpos": None, "qk": None, "qv": None, "fill": 0,
                  "pos": Tc, "group": group}
-            if held[i]:  # pad the blocks to one length (positions -1: no key), one host each
+            if held[i]:
                 L = max(k.size(2) for k, _, _ in held[i])
-                pad = lambda t, value=0: F.pad(t, (0, 0, 0, L - t.size(2)), value=value)
+                pad = lambda t: F.pad(t, (0, 0, 0, L - t.size(2)))  # (B, g, L, d)
                 c["k"] = torch.stack([pad(k) for k, _, _ in held[i]], dim=1)  # (B, n, g, L, d)
                 c["v"] = torch.stack([pad(v) for _, v, _ in held[i]], dim=1)  # (B, n, g, L, d)
                 c["kpos"] = torch.stack([F.pad(p, (0, L - p.numel()), value=-1) for _, _, p in held[i]])  # (n, L)
             if rank == query_host:
                 p = model.lm_head.weight
-                shape = (B, b.mixer.n_kv_head, query_len + max_new_tokens, b.mixer.head_dim)
-                c["qk"], c["qv"] = torch.zeros(shape, device=p.device, dtype=p.dtype), torch.zeros(shape, device=p.device, dtype=p.dtype)
+                shape = (B, b.mixer.n_kv_head, room, b.mixer.head_dim)
+                c["qk"] = torch.zeros(shape, device=p.device, dtype=p.dtype)  # (B, g, room, d)
+                c["qv"] = torch.zeros_like(c["qk"])
             cache.append(c)
         else:
             cache.append(None)
-    h[:, Tc:] = model.hidden(idx[:, Tc:], cache)
-    return cache, h
+    return cache
 
 
 # -----------------------------------------------------------------------------
