@@ -575,19 +575,24 @@ def star_blocks(model, idx, starts, length, anchor):
 
 
 @torch.no_grad()
-def star_prefill(model, idx, block, query_len=1, max_new_tokens=0, group=None):
+def star_prefill(model, idx, block, query_len=1, max_new_tokens=0, group=None, mamba="anchor"):
     """Star Attention's prefill of idx (B, T): phase 1 over the context idx[:, :T - query_len] in
     blocks of `block` tokens, phase 2 over the query idx[:, T - query_len:]. group: a
     torch.distributed process group whose ranks are the hosts (every rank passes the same idx),
     None: this process simulates all of them. Returns (cache, h): the decoding cache, with which
     model.hidden(tokens, cache) runs phase 2 for up to max_new_tokens more tokens, and the final
     hidden states h (B, T, d) of the query (phase 2) and of the context blocks this process holds
-    (phase 1; zero where another rank's blocks are)."""
+    (phase 1; zero where another rank's blocks are). mamba="anchor": each block's Mamba layers
+    start from the state after the anchor (the default, see above); "chain": from the state the
+    block before ended in, which is exact for the Mamba recurrence but runs the blocks one after
+    the other (one process only: an experiment to measure what "anchor" costs)."""
     B, T = idx.shape
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"star_block={block!r}: a block size in tokens >= 1")
     if isinstance(query_len, bool) or not isinstance(query_len, int) or not 1 <= query_len <= T:
         raise ValueError(f"star_query={query_len!r}: the query is 1 .. {T} tokens (the prompt's last ones)")
+    if mamba not in ("anchor", "chain") or (mamba == "chain" and group is not None):
+        raise ValueError(f"mamba={mamba!r}: 'anchor', or 'chain' in one process (no group)")
     Tc = T - query_len
     n = -(-Tc // block)
     rank, K = star_rank(group)
@@ -610,8 +615,14 @@ def star_prefill(model, idx, block, query_len=1, max_new_tokens=0, group=None):
         rest = [i for i in mine if i > 0]
         full = [i * block for i in rest if (i + 1) * block <= Tc]  # starts of the full blocks
         short = [(i * block, Tc - i * block) for i in rest if (i + 1) * block > Tc]  # the shorter last one
-        for starts, length in ([(full, block)] if full else []) + [([s], L) for s, L in short]:
-            hb, cb = star_blocks(model, idx, starts, length, anchor)
+        groups = ([(full, block)] if full else []) + [([s], L) for s, L in short]
+        if mamba == "chain":  # one block at a time, each from the states the one before ended in
+            groups = [([s], length) for starts, length in groups for s in starts]
+        start_from = anchor
+        for starts, length in groups:
+            hb, cb = star_blocks(model, idx, starts, length, start_from)
+            if mamba == "chain":
+                start_from = [cb[i] if b.kind == "M" else anchor[i] for i, b in enumerate(layers)]
             for j, s in enumerate(starts):
                 h[:, s:s + length] = hb[j]
             for i, (b, c) in enumerate(zip(layers, cb)):

@@ -94,6 +94,17 @@ def test_phase1_blocks_see_the_anchor_and_themselves():
         assert_close(h[:, a:b], ref, f"block {a}..{b - 1}", atol=1e-5)
 
 
+@torch.no_grad()
+def test_chain_is_exact_for_mamba_layers():
+    """mamba="chain" hands each block the states the block before ended in: a model without
+    attention then computes exactly its full forward; mamba="anchor" (the default) does not."""
+    model = tiny("M-ME")
+    idx = torch.randint(0, 64, (1, 30), generator=torch.Generator().manual_seed(1))
+    full = model.hidden(idx)
+    assert_close(star_prefill(model, idx, 8, query_len=3, mamba="chain")[1], full, "chain", atol=1e-5)
+    assert (star_prefill(model, idx, 8, query_len=3)[1][:, 8:] - full[:, 8:]).abs().amax() > 1e-2
+
+
 @pytest.mark.parametrize("pattern", ["M*-EM*", "**-W"], ids=["hybrid", "attention-only"])
 @pytest.mark.parametrize("temperature", [0, 0.8])
 def test_one_block_is_ordinary_decoding(pattern, temperature):
