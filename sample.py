@@ -266,8 +266,8 @@ def main():
     global star_group
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    for name, value, low in (('star_block', star_block, 0), ('star_query', star_query, 1)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+    for name, value, low in (('star_block', star_block or 0, 0), ('star_query', star_query, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
             die(f"--{name}={value!r}: expected a number of tokens >= {low}")
     if star_block and speculative:
         die("--star_block and --speculative do not combine: use one of them")
