@@ -7,6 +7,11 @@ them already carry order (Nemotron-H, arXiv:2504.03624, Sec. 2.1). RoPE (Su et a
 arXiv:2104.09864) is an option for models that want it; Hugging Face NemotronH has none, so a RoPE
 model cannot be exported.
 
+Star Attention (Acharya et al. 2024, arXiv:2411.17116) splits a long context into blocks that hosts
+encode independently, then lets the query and generated tokens attend to every host's keys through
+an exact log-sum-exp combine; the model-level flow is star_prefill in model.py, the attention side
+(and the only torch.distributed code of this file, in a marked section) is at the end of this file.
+
 SWAN-GPT (Puvvada et al. 2025, arXiv:2504.08719) interleaves global NoPE layers with sliding-window
 RoPE layers (pattern letter W; one global per three local in the paper, window 512) and scales the
 NoPE layers' queries up with the log of the position beyond the training length (swan_scale).
@@ -21,17 +26,20 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 # -----------------------------------------------------------------------------
 # rotary position embedding (optional)
 
 
 def apply_rope(x, pos0, theta):
-    """Rotate pairs (i, i + d/2) of x (B, h, T, d) by angle (pos0 + t) * theta^(-2i/d)."""
+    """Rotate pairs (i, i + d/2) of x (B, h, T, d) by angle p_t * theta^(-2i/d), where p_t = pos0 + t
+    for an int pos0, or pos0 itself: a tensor of positions (T,), or (B, 1, T) for one row each."""
     T, d = x.shape[-2], x.shape[-1]
     inv_freq = theta ** -(torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    angles = torch.outer(torch.arange(pos0, pos0 + T, device=x.device, dtype=torch.float32), inv_freq)
-    cos, sin = angles.cos(), angles.sin()  # (T, d/2)
+    pos = torch.arange(pos0, pos0 + T, device=x.device) if isinstance(pos0, int) else pos0
+    angles = pos.float()[..., None] * inv_freq  # (..., T, d/2)
+    cos, sin = angles.cos(), angles.sin()
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
@@ -79,6 +87,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, g, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, g, T, d)
+        if cache is not None and "star" in cache:  # Star Attention: keys held by hosts (see below)
+            return self.o_proj(self.star(q, k, v, cache))
         pos0 = 0 if cache is None else cache["pos"]
         if self.rope_theta is not None:
             q, k = apply_rope(q, pos0, self.rope_theta), apply_rope(k, pos0, self.rope_theta)
@@ -128,3 +138,142 @@ class Attention(nn.Module):
             mask = mask[:, None]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
+
+    def star(self, q, k, v, cache):
+        """Star Attention, either phase (cache layouts below): rotate and scale at the tokens'
+        global positions, then attend as phase 1 or phase 2 does."""
+        if cache["star"] == 1:
+            qpos = cache["qpos"][:, None]  # (R, 1, T): each row (block) has its own positions
+        else:
+            qpos = torch.arange(cache["pos"], cache["pos"] + q.size(2), device=q.device)  # (T,)
+        if self.rope_theta is not None:
+            q, k = apply_rope(q, qpos, self.rope_theta), apply_rope(k, qpos, self.rope_theta)
+        if self.swan_len:
+            q = q * swan_scale(qpos, self.swan_len)[..., None].to(q.dtype)
+        y = self.star_context(q, k, v, cache) if cache["star"] == 1 else self.star_query(q, k, v, qpos, cache)
+        B, _, T, _ = y.shape
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
+
+    def star_context(self, q, k, v, cache):
+        """Phase 1 for m blocks at once (R = m*B rows, block-major): each block's queries see the
+        anchor's keys and, causally, their own block's; the block's keys/values go to cache["new"]."""
+        R, B = q.size(0), cache["k"].size(0)
+        cache["new"] = (k, v)
+        ak = cache["k"].expand(R // B, *cache["k"].shape).reshape(R, *cache["k"].shape[1:])  # (R, g, A, d)
+        av = cache["v"].expand(R // B, *cache["v"].shape).reshape(R, *cache["v"].shape[1:])  # (R, g, A, d)
+        T, A = q.size(2), ak.size(2)
+        k, v = torch.cat([ak, k], dim=2), torch.cat([av, v], dim=2)  # (R, g, A + T, d)
+        if not self.window:  # the whole anchor, then causal: a lower-right causal mask, which the
+            mask = causal_lower_right(T, A + T)  # kernel uses to skip the masked tiles
+        else:  # the window cuts by global positions, different in each row
+            kpos = torch.cat([cache["kpos"].expand(R, -1), cache["qpos"]], dim=1)  # (R, A + T)
+            mask = visible(cache["qpos"], kpos, self.window)[:, None]  # (R, 1, T, A + T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+    def star_query(self, q, k, v, qpos, cache):
+        """Phase 2: every host its local (out, lse) over the keys it holds, then the exact combine.
+        The query host appends the new tokens' keys/values to its buffer first."""
+        outs, lses = [], []
+        if cache["k"] is not None:  # context blocks held here, one host each: (B, n, g, L, d)
+            mask = visible(qpos, cache["kpos"], self.window)  # (n, T, L)
+            o, l = attend(q[:, None], cache["k"], cache["v"], mask[:, None])  # (B, n, h, T, d), (B, n, h, T)
+            outs.append(o)
+            lses.append(l)
+        T, f = q.size(2), cache["fill"]
+        if cache["qk"] is not None:  # the query host
+            if f + T > cache["qk"].size(2):
+                raise ValueError(f"Star Attention's query buffer holds {cache['qk'].size(2)} tokens, asked for {f + T}")
+            cache["qk"][:, :, f:f + T], cache["qv"][:, :, f:f + T] = k, v
+            cache["fill"] = f + T
+            kpos = torch.arange(cache["pos"] - f, cache["pos"] + T, device=q.device)  # (f + T,)
+            o, l = attend(q, cache["qk"][:, :, :f + T], cache["qv"][:, :, :f + T], visible(qpos, kpos, self.window))
+            outs.append(o[:, None])  # (B, 1, h, T, d)
+            lses.append(l[:, None])  # (B, 1, h, T)
+        cache["pos"] += T
+        if outs:
+            out, lse = star_combine(torch.cat(outs, dim=1), torch.cat(lses, dim=1))
+        else:  # a host with no keys (more hosts than blocks): weighs nothing
+            out = q.new_zeros(q.shape, dtype=torch.float32)  # (B, h, T, d)
+            lse = q.new_full(q.shape[:-1], -math.inf, dtype=torch.float32)  # (B, h, T)
+        if cache["group"] is not None:
+            out = star_exchange(out, lse, cache["group"])
+        return out.to(q.dtype)  # (B, h, T, d)
+
+
+# -----------------------------------------------------------------------------
+# Star Attention (Acharya et al. 2024, arXiv:2411.17116), the attention side. model.star_prefill
+# splits the prompt and runs the two phases; an attention layer's cache then says which one:
+#   phase 1, context encoding: {"star": 1, "k", "v": the anchor's keys/values (B, g, A, d) at global
+#     positions "kpos" (A,), "qpos": (R, T) the global positions of each row's tokens}, R = m*B rows
+#     for m blocks (block-major). Each block sees the anchor and itself; its keys/values are left in
+#     "new" for its host to keep, and the anchor's are dropped with this dict.
+#   phase 2, query encoding and generation: {"star": 2, "k", "v": the blocks this process holds
+#     (B, n, g, L, d) at positions "kpos" (n, L), -1 for padding (or None: no block here), "qk", "qv":
+#     the query host's buffer (B, g, S, d) for the query and generated tokens (None on other hosts),
+#     "fill": entries in it, "pos": global position of the next token, "group": the process group of
+#     the hosts (None: this process simulates them all)}.
+# Phase 2's exact softmax over all hosts' keys from the hosts' local softmaxes: host h returns
+#     out_h = softmax(s_h) V_h   and   lse_h = log sum_j exp(s_hj)   (s_h: its scores, scaled),
+#     lse = log sum_h exp(lse_h),   out = sum_h exp(lse_h - lse) out_h,
+# since exp(lse_h - lse) is the share of the total softmax mass that host h's keys carry.
+
+
+def visible(qpos, kpos, window):
+    """Whether the key at kpos is in view of the query at qpos: (..., T, S) bool from qpos (..., T)
+    and kpos (..., S): causal, within the window (W layers), and not padding (kpos < 0)."""
+    qp, kp = qpos[..., :, None], kpos[..., None, :]
+    seen = (kp <= qp) & (kp >= 0)
+    return seen & (qp - kp < window) if window else seen
+
+
+def attend(q, k, v, mask):
+    """Softmax attention that also returns the log-sum-exp of each query's scores, in fp32.
+    q (..., h, T, d), k and v (..., g, S, d), mask broadcastable to (..., h, T, S), True = in view.
+    Returns out (..., h, T, d) and lse (..., h, T); a query with no key in view gets out 0 and
+    lse -inf, so that it weighs nothing in star_combine."""
+    h, g = q.size(-3), k.size(-3)
+    k = k.float().repeat_interleave(h // g, dim=-3)  # (..., h, S, d)
+    v = v.float().repeat_interleave(h // g, dim=-3)  # (..., h, S, d)
+    s = (q.float() @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))  # (..., h, T, S)
+    s = s.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)  # (..., h, T)
+    p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0)[..., None])  # softmax; 0 where nothing is in view
+    return p @ v, lse
+
+
+def star_combine(out, lse, dim=1):
+    """The exact softmax over several hosts' keys from their local results: out (..., n, ..., d)
+    and lse (..., n, ...) with the n hosts along dim. Returns the combined out and lse (dim gone)."""
+    total = torch.logsumexp(lse, dim=dim)
+    w = torch.exp(lse - total.masked_fill(total == -math.inf, 0).unsqueeze(dim))  # host shares, sum to 1
+    return (w[..., None] * out).sum(dim), total
+
+
+# ---- Star Attention's host exchange: the only torch.distributed code in this file. group is the
+# process group whose ranks are the hosts; gloo (CPU) and NCCL (GPU) both do these collectives.
+
+
+def star_rank(group):
+    """(this host's rank, number of hosts) in group; (0, 1) for None (one process)."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def star_exchange(out, lse, group):
+    """Phase 2's one message per attention layer: every host's (out, lse) for the new tokens go to
+    every host (one all_gather), which all combine them in the same order, to the same result."""
+    import torch.distributed as dist
+    piece = torch.cat([out, lse[..., None]], dim=-1).contiguous()  # (B, h, T, d + 1)
+    pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(pieces, piece, group=group)
+    pieces = torch.stack(pieces, dim=1)  # (B, K, h, T, d + 1)
+    return star_combine(pieces[..., :-1], pieces[..., -1])[0]
+
+
+def star_broadcast(t, src, group):
+    """t from host src (a rank of group) to every host, in place; returns t."""
+    import torch.distributed as dist
+    dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
+    return t

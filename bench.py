@@ -7,6 +7,7 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
     python bench.py decode --init_from=out-mtp1 --speculative=2   # plain vs MTP-speculative greedy tok/s
     python bench.py kernels    # the Triton SSD vs the PyTorch reference, eager and compiled (a GPU's job)
     python bench.py moe        # one MoE layer, forward + backward tokens/s, 64 and 128 experts, top-6
+    python bench.py star       # Star Attention's phase-1 prefill vs full prefill at 2K, 4K, 8K, 4 blocks
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
 The candidates take turns, one step each (a, b, c, a, b, c, ...), so that a noisy machine slows
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from mamba import ssd_flops
 import kernels
-from model import Nemotron, NemotronConfig
+from model import Nemotron, NemotronConfig, star_blocks, star_prefill
 from moe import experts_loop
 
 TRAIN_TARGET = 1.5    # ours / transformers training tokens/s
@@ -37,7 +38,11 @@ DECODE_TARGET = 4.0   # transformers / ours decoding ms per token, at every cont
 FLAT_TARGET = 1.3     # hybrid ms/token at the longest context / at the shortest
 SSD_TARGET = 5.0      # compiled reference / Triton SSD forward+backward ms at length 8K
 MOE_TARGET = 2.0      # ours / transformers tokens/s of one MoE layer, forward + backward
+STAR_TARGET = 2.0     # full prefill / Star Attention phase-1 seconds, 8K context, 4 blocks, attention-only
 MOE = dict(vocab_size=256, d_model=256, pattern="E", top_k=6, moe_d_ff=256, shared_d_ff=512)
+# config/pycode_attention_only.py over train.py's defaults: RoPE attention, MLP and MoE, no Mamba
+STAR = dict(vocab_size=256, d_model=128, pattern="***-*E", rope=True, n_head=8, n_kv_head=4, head_dim=32,
+            d_ff=512, moe_d_ff=128, shared_d_ff=256)
 QUICK = dict(d_model=64, pattern="M-M*M-ME", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
              headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
 
@@ -425,6 +430,54 @@ def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, ste
 # reports
 
 
+# -----------------------------------------------------------------------------
+# Star Attention: phase 1 (context encoding in blocks) against full prefill
+
+
+def bench_star(contexts=(2048, 4096, 8192), n_blocks=4, steps=3, warmup=1, cfg_kw=STAR):
+    """context -> median seconds of three prefills of one prompt (the context, then 1 query token):
+    "full" attention; "star", Star Attention's phase 1 with n_blocks blocks and the query, every
+    host in this process (the anchor once, the other blocks as one batch); "one host", the phase 1
+    of one host holding one block (the anchor, then its block), which is the phase's wall time
+    when each block has a host of its own (phase 1 exchanges nothing)."""
+    torch.manual_seed(0)
+    model = Nemotron(NemotronConfig(**cfg_kw)).eval()
+    res = {}
+    for T in contexts:
+        idx = torch.randint(0, model.config.vocab_size, (1, T + 1))
+        b = T // n_blocks
+
+        @torch.no_grad()
+        def full():
+            model.hidden(idx, model.new_cache(1, T + 1))
+
+        @torch.no_grad()
+        def one_host():
+            anchor = model.new_cache(1, b)
+            model.hidden(idx[:, :b], anchor)
+            star_blocks(model, idx, [T - b], b, anchor)
+
+        res[T] = interleaved({"full": full, "star": lambda: star_prefill(model, idx, b), "one host": one_host},
+                             steps, warmup)
+    return res
+
+
+def report_star(res, n_blocks, steps, warmup, cfg_kw=STAR):
+    print(f"\n== Star Attention phase 1: prefill seconds of a context + 1 query token, {n_blocks} blocks, "
+          f"attention-only pattern {cfg_kw['pattern']!r} d_model={cfg_kw['d_model']}, median of {steps} "
+          f"interleaved rounds after {warmup} warm-up, {torch.get_num_threads()} threads")
+    print(f"{'context':>8} {'full':>8} {'star':>8} {'full/star':>10} {'one host':>9} {'full/host':>10}")
+    for T, r in res.items():
+        print(f"{T:>8} {r['full']:>8.3f} {r['star']:>8.3f} {r['full'] / r['star']:>10.2f} "
+              f"{r['one host']:>9.3f} {r['full'] / r['one host']:>10.2f}")
+    T = max(res)
+    r = res[T]
+    print(f"target: full / Star phase 1 >= {STAR_TARGET} at {T} tokens with {n_blocks} blocks: "
+          f"all hosts in one process {r['full'] / r['star']:.2f} {verdict(r['full'] / r['star'] >= STAR_TARGET)}; "
+          f"hosts in parallel (one host's share) {r['full'] / r['one host']:.2f} "
+          f"{verdict(r['full'] / r['one host'] >= STAR_TARGET)}")
+
+
 def verdict(ok):
     return "PASS" if ok else "FAIL"
 
@@ -570,8 +623,8 @@ def report_grouped_gemm(res, shape):
 
 def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
-    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode", "moe", "kernels"],
-                        help="all = train + decode + moe; kernels (the Triton SSD; meant for a GPU) runs only when named")
+    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode", "moe", "kernels", "star"],
+                        help="all = train + decode + moe; kernels (the Triton SSD; meant for a GPU) and star run only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -591,7 +644,7 @@ def main():
         if args.quick else dict(n_experts=(64, 128), tokens=4096, steps=5, warmup=2, cfg_kw=MOE)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"bench: torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}"
-          + ("" if args.what == "kernels" or args.init_from else
+          + ("" if args.what in ("kernels", "star") or args.init_from else
              f", config d_model={cfg.d_model} pattern={cfg.pattern!r} vocab={cfg.vocab_size}"))
     if load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
         print("note: the machine is busy (load > CPUs): threads that wait on each other make timings noisy; "
@@ -611,6 +664,10 @@ def main():
         report_decode(res, decode_kw["steps"], decode_kw["warmup"])
     if args.what == "kernels":
         run_kernels(args.quick)
+    if args.what == "star":
+        star_kw = dict(contexts=(128, 256), steps=1, warmup=0, cfg_kw={**STAR, **QUICK, "pattern": "**-*E"}) \
+            if args.quick else dict(contexts=(2048, 4096, 8192), steps=3, warmup=1)
+        report_star(bench_star(**star_kw), 4, star_kw["steps"], star_kw["warmup"], star_kw.get("cfg_kw", STAR))
     if args.what in ("all", "moe"):
         res = bench_moe(hf=not args.no_hf, **moe_kw)
         report_moe(res, moe_kw["tokens"], moe_kw["steps"], moe_kw["warmup"], moe_kw["cfg_kw"])

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import Attention
+from attention import Attention, star_broadcast, star_rank
 from mamba import GatedRMSNorm, Mamba2Mixer, ssd_flops
 from moe import MLP, MoE
 
@@ -299,16 +299,26 @@ class Nemotron(nn.Module):
         return cache
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, steer=None):
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, steer=None,
+                        star_block=None, star_query=1, star_group=None):
         """Yields max_new_tokens tokens of shape (B, 1): one prefill forward over the prompt
         (the chunked SSD hands its final state to the cache), then one token at a time.
         steer(token (B, 1)) -> tokens (B, m >= 1) may replace each sampled token by others, which
-        are emitted and read as if sampled (a thinking budget closes its section this way)."""
-        cache = self.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
-        logits = self.lm_head(self.hidden(idx, cache)[:, -1]).float()  # (B, vocab)
+        are emitted and read as if sampled (a thinking budget closes its section this way).
+        star_block=b: Star Attention (star_prefill below) in blocks of b tokens, the last
+        star_query prompt tokens as the query; star_group: the process group of the hosts (every
+        rank then emits the tokens its rank 0 sampled). None / 0: ordinary full attention."""
+        if star_block:
+            cache, h = star_prefill(self, idx, star_block, star_query, max_new_tokens, star_group)
+            logits = self.lm_head(h[:, -1]).float()  # (B, vocab)
+        else:
+            cache = self.new_cache(idx.size(0), idx.size(1) + max_new_tokens)
+            logits = self.lm_head(self.hidden(idx, cache)[:, -1]).float()  # (B, vocab)
         emitted = 0
         while emitted < max_new_tokens:
             nxt = sample_next(logits, temperature, top_k, top_p)  # (B, 1)
+            if star_block and star_group is not None:  # one token for all hosts, whatever their RNGs
+                nxt = star_broadcast(nxt, 0, star_group)
             if steer is not None:
                 nxt = steer(nxt)[:, :max_new_tokens - emitted]  # (B, m)
             for i in range(nxt.size(1)):
@@ -318,14 +328,19 @@ class Nemotron(nn.Module):
                 logits = self.lm_head(self.hidden(nxt, cache)[:, -1]).float()
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, speculative=0):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, speculative=0,
+                 star_block=None, star_query=1, star_group=None):
         """idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy. speculative=k drafts k
         tokens per step with the MTP depths and verifies them in one forward (batch 1): greedy
-        output is the same token for token, sampled output has the same distribution."""
+        output is the same token for token, sampled output has the same distribution.
+        star_block, star_query, star_group: Star Attention, as in generate_stream."""
+        if speculative and star_block:
+            raise ValueError("speculative decoding and Star Attention do not combine: use one of them")
         if speculative:
             new = list(self.speculative_stream(idx, max_new_tokens, speculative, temperature, top_k, top_p))
         else:
-            new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p))
+            new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, None,
+                                            star_block, star_query, star_group))
         return torch.cat([idx, *new], dim=1)
 
     # -------------------------------------------------------------------------
@@ -500,6 +515,159 @@ def accept(drafts, q, p, temperature):
         residual = (p[i] - q[i]).clamp_min(0)
         return i, torch.multinomial(residual / residual.sum(), 1)[0]
     return k, torch.multinomial(p[k], 1)[0]
+
+
+# -----------------------------------------------------------------------------
+# Star Attention (Acharya et al. 2024, arXiv:2411.17116): a long prompt prefilled in blocks.
+#
+# The prompt idx (B, T) is a context, its first Tc = T - query_len tokens, then a query, the last
+# query_len (our choice of split: the caller says where the question starts; sample.py's default is
+# the last token). The context is cut into n = ceil(Tc / b) blocks c_0 .. c_{n-1} of b tokens (the
+# last one may be shorter), block i on host i. One process simulates all hosts; under a process
+# group of K ranks, rank r holds the blocks i with i * K // n == r (contiguous), so the rank with the
+# last block, the query host, is the last one that has any.
+#   1) context encoding: the anchor c_0 alone; every later block c_i with the anchor prepended,
+#      [c_0, c_i], at the global positions of both (RoPE and W windows, swan_scale); then the
+#      anchor's keys/values are dropped, and each host keeps only those of its own block. The
+#      anchor's hidden states are the same in front of every block (causal), so a process runs the
+#      anchor once, and its other blocks as one batch of rows over the anchor's cache.
+#   2) query encoding and generation: the query tokens, then each generated token, attend to all
+#      cached keys: each host computes its local (out, lse), the exact global softmax combines them
+#      (attention.py), and the query host appends their keys/values.
+# Mamba layers (ours: the paper's models have none). In phase 1 a block's Mamba layers start from
+# the state after the anchor, which the anchor-prepended sequence gives, so each block sees the
+# anchor and itself through Mamba as through attention, and the blocks stay independent. Phase 2
+# carries on from the last block's final states (the anchor, then the last block): the query host
+# has them and broadcasts them once (constant size), so every host computes the same hidden states.
+# What the middle blocks say reaches the query through the attention layers' keys only, never
+# through a Mamba state: that is the hybrid's extra approximation (LOG.md measures it).
+# MLP and MoE layers act per token, as always. W (sliding-window) layers keep their blocks' keys and
+# go through the same combine with the window mask: in phase 2 only the last `window` positions are
+# in view (of the last block, and of the one before when the last is shorter); in phase 1 a block's
+# first tokens lose the keys of the block before (the anchor is usually out of the window).
+
+
+def cached_positions(c):
+    """The positions (S,) of an attention cache's S slots after c["pos"] tokens: slot s of a W
+    layer's ring of R slots holds the latest position = s mod R, a plain cache position s."""
+    A, R = c["pos"], c["k"].size(2)
+    return A - 1 - (A - 1 - torch.arange(R, device=c["k"].device)) % R
+
+
+def star_blocks(model, idx, starts, length, anchor):
+    """Phase 1 for the blocks of `length` tokens at positions starts, one batch over the anchor's
+    cache. Returns the hidden states (m, B, length, d) and the batch's cache (each attention
+    layer's block keys in "new", each Mamba layer's final states per row)."""
+    B, m = idx.size(0), len(starts)
+    x = torch.cat([idx[:, s:s + length] for s in starts])  # (m*B, length), block-major
+    qpos = torch.tensor(starts, device=idx.device)[:, None] + torch.arange(length, device=idx.device)  # (m, length)
+    cache = []
+    for block, c in zip(model.backbone.layers, anchor):
+        if block.kind == "M":  # every block starts from the state after the anchor
+            cache.append({key: t.repeat(m, *[1] * (t.dim() - 1)) for key, t in c.items()})  # (m*B, ...)
+        elif block.kind in "*W":
+            cache.append({"star": 1, "k": c["k"], "v": c["v"], "kpos": cached_positions(c),
+                          "qpos": qpos.repeat_interleave(B, dim=0)})  # (m*B, length)
+        else:
+            cache.append(None)
+    h = model.hidden(x, cache)  # (m*B, length, d)
+    return h.view(m, B, length, -1), cache
+
+
+@torch.no_grad()
+def star_prefill(model, idx, block, query_len=1, max_new_tokens=0, group=None, mamba="anchor"):
+    """Star Attention's prefill of idx (B, T): phase 1 over the context idx[:, :T - query_len] in
+    blocks of `block` tokens, phase 2 over the query idx[:, T - query_len:]. group: a
+    torch.distributed process group whose ranks are the hosts (every rank passes the same idx),
+    None: this process simulates all of them. Returns (cache, h): the decoding cache, with which
+    model.hidden(tokens, cache) runs phase 2 for up to max_new_tokens more tokens, and the final
+    hidden states h (B, T, d) of the query (phase 2) and of the context blocks this process holds
+    (phase 1; zero where another rank's blocks are). mamba="anchor": each block's Mamba layers
+    start from the state after the anchor (the default, see above); "chain": from the state the
+    block before ended in, which is exact for the Mamba recurrence but runs the blocks one after
+    the other (one process only: an experiment to measure what "anchor" costs)."""
+    B, T = idx.shape
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"star_block={block!r}: a block size in tokens >= 1")
+    if isinstance(query_len, bool) or not isinstance(query_len, int) or not 1 <= query_len <= T:
+        raise ValueError(f"star_query={query_len!r}: the query is 1 .. {T} tokens (the prompt's last ones)")
+    if mamba not in ("anchor", "chain") or (mamba == "chain" and group is not None):
+        raise ValueError(f"mamba={mamba!r}: 'anchor', or 'chain' in one process (no group)")
+    Tc = T - query_len
+    n = -(-Tc // block)
+    rank, K = star_rank(group)
+    mine = [i for i in range(n) if i * K // n == rank]
+    query_host = (n - 1) * K // n if n else K - 1
+    layers = model.backbone.layers
+    h = torch.zeros(B, T, model.config.d_model, device=idx.device, dtype=model.lm_head.weight.dtype)
+    held = [[] for _ in layers]  # per attention layer: (k, v, kpos) of each block held here
+    last = model.new_cache(B, 1)  # Mamba states after the last block (zero with no context)
+    # 1) context encoding
+    if mine:
+        A = min(block, Tc)
+        anchor = model.new_cache(B, A)
+        h[:, :A] = model.hidden(idx[:, :A], anchor)
+        if mine[0] == 0:  # host 0 keeps the anchor's keys as its block's
+            for i, (b, c) in enumerate(zip(layers, anchor)):
+                if b.kind in "*W":
+                    held[i].append((c["k"], c["v"], cached_positions(c)))
+            last = anchor
+        rest = [i for i in mine if i > 0]
+        full = [i * block for i in rest if (i + 1) * block <= Tc]  # starts of the full blocks
+        short = [(i * block, Tc - i * block) for i in rest if (i + 1) * block > Tc]  # the shorter last one
+        groups = ([(full, block)] if full else []) + [([s], L) for s, L in short]
+        if mamba == "chain":  # one block at a time, each from the states the one before ended in
+            groups = [([s], length) for starts, length in groups for s in starts]
+        start_from = anchor
+        for starts, length in groups:
+            hb, cb = star_blocks(model, idx, starts, length, start_from)
+            if mamba == "chain":
+                start_from = [cb[i] if b.kind == "M" else anchor[i] for i, b in enumerate(layers)]
+            for j, s in enumerate(starts):
+                h[:, s:s + length] = hb[j]
+            for i, (b, c) in enumerate(zip(layers, cb)):
+                if b.kind in "*W":
+                    k, v = (t.view(len(starts), B, *t.shape[1:]) for t in c["new"])  # (m, B, g, length, d)
+                    held[i] += [(k[j], v[j], c["qpos"][j * B]) for j in range(len(starts))]
+            if starts[-1] + length == Tc:  # the last block: its final Mamba states carry on
+                last = [{key: t.view(len(starts), B, *t.shape[1:])[-1] for key, t in c.items()}
+                        if b.kind == "M" else None for b, c in zip(layers, cb)]
+    # 2) query encoding: the caches of phase 2, then the query through them
+    cache = star_cache(model, held, last, B, Tc, query_len + max_new_tokens, query_host, group)
+    h[:, Tc:] = model.hidden(idx[:, Tc:], cache)
+    return cache, h
+
+
+def star_cache(model, held, last, B, Tc, room, query_host, group):
+    """Phase 2's cache: per attention layer the blocks held here, padded to one length (position
+    -1: no key), one host each, and on the query host a buffer of `room` new tokens; per Mamba
+    layer the states after the last block (the query host's, broadcast to all hosts)."""
+    rank, _ = star_rank(group)
+    cache = []
+    for i, b in enumerate(model.backbone.layers):
+        if b.kind == "M":
+            c = {"conv": last[i]["conv"].contiguous(), "ssm": last[i]["ssm"].contiguous()}
+            if group is not None:
+                c = {key: star_broadcast(t, query_host, group) for key, t in c.items()}
+            cache.append(c)
+        elif b.kind in "*W":
+            c = {"star": 2, "k": None, "v": None, "kpos": None, "qk": None, "qv": None, "fill": 0,
+                 "pos": Tc, "group": group}
+            if held[i]:
+                L = max(k.size(2) for k, _, _ in held[i])
+                pad = lambda t: F.pad(t, (0, 0, 0, L - t.size(2)))  # (B, g, L, d)
+                c["k"] = torch.stack([pad(k) for k, _, _ in held[i]], dim=1)  # (B, n, g, L, d)
+                c["v"] = torch.stack([pad(v) for _, v, _ in held[i]], dim=1)  # (B, n, g, L, d)
+                c["kpos"] = torch.stack([F.pad(p, (0, L - p.numel()), value=-1) for _, _, p in held[i]])  # (n, L)
+            if rank == query_host:
+                p = model.lm_head.weight
+                shape = (B, b.mixer.n_kv_head, room, b.mixer.head_dim)
+                c["qk"] = torch.zeros(shape, device=p.device, dtype=p.dtype)  # (B, g, room, d)
+                c["qv"] = torch.zeros_like(c["qk"])
+            cache.append(c)
+        else:
+            cache.append(None)
+    return cache
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,12 @@ sample.py: load a model and stream a continuation of a prompt. Read after model.
     python sample.py --init_from=out/ckpt.pt --num_samples=3 --top_k=50 --top_p=0.95
     python sample.py --init_from=out-mtp --speculative=2   # MTP drafts 2 tokens, one verification each
     python sample.py --init_from=hf_folder --reasoning=on --reasoning_budget=512 --start="Why?"
+    python sample.py --init_from=out --start=FILE:long.txt --star_block=1024 --star_query=32
+    torchrun --nproc_per_node=2 sample.py --init_from=out --start=FILE:long.txt --star_block=1024
+
+--star_block=b prefills with Star Attention (model.star_prefill): the prompt's last star_query
+tokens are the query, the rest the context, encoded in blocks of b tokens. Under torchrun each rank
+is a host holding its blocks (gloo on a CPU, NCCL on GPUs); rank 0 prints.
 
 --init_from is a train.py out_dir, a ckpt.pt of ours, or a Hugging Face NemotronH folder
 (Model.from_pretrained reads all three). The tokenizer comes from the run's data set
@@ -34,12 +40,16 @@ top_p = None              # keep the smallest set of tokens whose probability re
 speculative = 0           # self-speculative decoding: the MTP depths draft this many tokens per step (0: off)
 reasoning = None          # 'on' / 'off': wrap the prompt as a chat turn with thinking on or off (None: raw prompt)
 reasoning_budget = None   # close the thinking section after this many tokens of it (None: no limit)
+star_block = 0            # Star Attention: encode the prompt's context in blocks of this many tokens (0: off)
+star_query = 1            # Star Attention: the prompt's last this many tokens are the query (attend to everything)
 seed = 1337               # torch seed, so that sampling is reproducible
 device = 'auto'           # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'            # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16', 'float16'
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
+
+star_group = None  # the process group of Star Attention's hosts under torchrun
 
 
 def die(message):
@@ -179,7 +189,8 @@ def stream_sample(model, tokenizer, ids, dev):
     stats = {}
     steer = ThinkingBudget(tokenizer, ids, reasoning_budget) if reasoning_budget is not None else None
     gen = model.speculative_stream(x, max_new_tokens, speculative, temperature, top_k, top_p, stats) \
-        if speculative else model.generate_stream(x, max_new_tokens, temperature, top_k, top_p, steer)
+        if speculative else model.generate_stream(x, max_new_tokens, temperature, top_k, top_p, steer,
+                                                  star_block, star_query, star_group)
     for nxt in gen:
         tok = nxt.item()  # the .item() syncs, so the timings below are honest on a GPU too
         t_first = t_first or time.time()
@@ -203,9 +214,34 @@ def stream_sample(model, tokenizer, ids, dev):
              f"verification over {stats['rounds']} rounds; acceptance by draft position {per_pos}]")
 
 
+def star_hosts(dev):
+    """Under torchrun (WORLD_SIZE > 1): join the process group of Star Attention's hosts, silence
+    ranks other than 0, and return (group, device); else (None, dev)."""
+    if int(os.environ.get('WORLD_SIZE', '1')) == 1:
+        return None, dev
+    if not star_block:
+        die("under torchrun the ranks are Star Attention's hosts: give --star_block")
+    import torch.distributed as dist
+    cuda = dev.startswith('cuda')
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    if cuda:
+        dev = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+        torch.cuda.set_device(dev)
+    if dist.get_rank() != 0:  # every rank decodes (the hosts exchange per token); rank 0 prints
+        sys.stdout = sys.stderr = open(os.devnull, 'w')
+    return dist.group.WORLD, dev
+
+
 def main():
+    global star_group
     torch.manual_seed(seed)
     dev = resolve_device(device)
+    for name, value, low in (('star_block', star_block or 0, 0), ('star_query', star_query, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            die(f"--{name}={value!r}: expected a number of tokens >= {low}")
+    if star_block and speculative:
+        die("--star_block and --speculative do not combine: use one of them")
+    star_group, dev = star_hosts(dev)
     dt = resolve_dtype(dtype, dev)
     if not os.path.exists(init_from):
         die(f"--init_from={init_from}: no such file or folder (a train.py out_dir, a ckpt.pt or an HF folder)")
@@ -235,11 +271,20 @@ def main():
     if speculative and not 1 <= speculative <= (7 if model.config.mtp_share else min(7, model.config.mtp_depth)):
         die(f"--speculative={speculative}: this model drafts 1 .. "
             f"{7 if model.config.mtp_share else min(7, model.config.mtp_depth)} tokens (one per MTP depth unless mtp_share)")
+    if star_block and star_query > len(ids):
+        die(f"--star_query={star_query}: the prompt has only {len(ids)} tokens")
+    if star_block:
+        n = -(-(len(ids) - star_query) // star_block)
+        note(f"[Star Attention: a context of {len(ids) - star_query} tokens in {n} block(s) of {star_block}, "
+             f"a query of {star_query}, {1 if star_group is None else star_group.size()} host process(es)]")
     if max(ids) >= model.config.vocab_size:
         die(f"the tokenizer produced id {max(ids)}, beyond the model's vocab_size {model.config.vocab_size}")
     for _ in range(num_samples):
         stream_sample(model, tokenizer, ids, dev)
         print('---------------', flush=True)
+    if star_group is not None:
+        import torch.distributed as dist
+        dist.destroy_process_group()
 
 
 if __name__ == '__main__':

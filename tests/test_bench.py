@@ -111,3 +111,11 @@ def test_main_moe_quick(monkeypatch, capsys):
     bench.main()
     out = capsys.readouterr().out
     assert "== moe" in out and "E=16: ours grouped / ours loop" in out
+
+
+def test_bench_star_and_report(capsys):
+    cfg_kw = {**bench.STAR, **bench.QUICK, "pattern": "**-*E"}
+    res = bench.bench_star(contexts=(32, 64), n_blocks=4, steps=1, warmup=0, cfg_kw=cfg_kw)
+    assert list(res) == [32, 64] and all(t > 0 for r in res.values() for t in r.values())
+    bench.report_star(res, 4, steps=1, warmup=0, cfg_kw=cfg_kw)
+    assert "one host" in capsys.readouterr().out
