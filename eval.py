@@ -96,7 +96,10 @@ def ruler_score(model, tokenizer, task, T, block, device):
     for s in samples:
         idx = torch.tensor([tokenizer.encode(s['input'])], device=device)
         budget = len(tokenizer.encode(s['answer'])) + 8  # the answer's length and a margin
-        kwargs = {'star_block': block} if block else {}
+        # Star Attention: the context goes through phase 1 in blocks; the query (question and answer
+        # prefix) is phase 2's, attending to every block
+        query_len = idx.size(1) - len(tokenizer.encode(s['input'][:-len(s['query'])]))
+        kwargs = {'star_block': block, 'star_query': query_len} if block else {}
         out = model.generate(idx, budget, temperature=0, **kwargs)
         predictions.append(tokenizer.decode(out[0, idx.size(1):].tolist()).split('\n')[0])
     return ruler.score(predictions, [s['outputs'] for s in samples]), predictions

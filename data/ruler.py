@@ -22,10 +22,11 @@ sample sit at depths spread over its context (single needle: sample i of n at de
 length's samples sweep the whole context). Haystacks: noise (RULER's repeated five sentences), essay
 (consecutive words of any local text file, e.g. ../shared/data/tinyshakespeare.txt) or needles.
 
-A sample is {"task", "input", "outputs", "answer", "length", "max_new_tokens"}: "input" is the prompt,
-ending with the answer prefix, and fills `length` tokens of the tokenizer as closely as whole haystack
-units allow (never more); "outputs" are the strings to find; "answer" is the ideal continuation (what a
-training mix appends). Scoring is RULER's string_match_all: the fraction of a sample's outputs found in
+A sample is {"task", "input", "query", "outputs", "answer", "length", "max_new_tokens"}: "input" is the
+prompt, ending with the answer prefix, and fills `length` tokens of the tokenizer as closely as whole
+haystack units allow (never more); "query" is its last line, the question and answer prefix after the
+context (Star Attention's query); "outputs" are the strings to find; "answer" is the ideal continuation
+(what a training mix appends). Scoring is RULER's string_match_all: the fraction of a sample's outputs found in
 the prediction (case-insensitive), averaged over samples, times 100.
 
 Deviations from RULER: keys and the words of cwe are made-up pronounceable words drawn from a fixed
@@ -217,7 +218,7 @@ def generate(task, length, tokenizer=None, n=10, seed=0, essay=None):
             text, outputs = niah(task, length, tokenizer, rng, depth, essay)
         else:
             text, outputs = {"vt": vt, "cwe": cwe, "fwe": fwe}[task](length, tokenizer, rng, depth, essay)
-        samples.append({"task": task, "input": text, "outputs": outputs, "answer": " " + ", ".join(outputs) + ".",
+        samples.append({"task": task, "input": text, "query": text[text.rindex("\n"):], "outputs": outputs, "answer": " " + ", ".join(outputs) + ".",
                         "length": len(tokenizer.encode(text)), "max_new_tokens": MAX_NEW_TOKENS.get(task, 128)})
     return samples
 

@@ -68,6 +68,7 @@ def test_prompts_fill_the_length_and_hold_their_answers(task, tokenizer, essay):
             counts = collections.Counter(words)
             assert [w for w, _ in counts.most_common(3)] == s["outputs"]
         assert s["answer"].strip().rstrip(".").split(", ") == s["outputs"]
+        assert s["input"].endswith(s["query"]) and s["query"].startswith(("\nWhat are all", "\nQuestion:"))
 
 
 def test_deterministic_and_depths_spread():
@@ -136,7 +137,8 @@ def test_eval_loss_and_ruler(out_dir, tmp_path):
         pytest.skip("data/pycode is not prepared")
     out = tmp_path / "r.json"
     rc, stdout, stderr = run_eval(f"--init_from={root}", "--lengths=64,512", "--loss_tokens=1024",
-                                  "--tasks=niah_single_1", "--n=2", "--swan=off", f"--json_out={out}")
+                                  "--tasks=niah_single_1", "--n=2", "--swan=off", "--star_blocks=0,128",
+                                  f"--json_out={out}")
     assert rc == 0, stderr
     r = json.loads(out.read_text())
     assert r["swan_train_len"] is None  # --swan=off reached the model
@@ -144,6 +146,8 @@ def test_eval_loss_and_ruler(out_dir, tmp_path):
     assert r["ruler"]["niah_single_1|full|64"]["score"] is None  # the prompt needs more than 64 tokens
     cell = r["ruler"]["niah_single_1|full|512"]
     assert len(cell["predictions"]) == 2 and 0 <= cell["score"] <= 100
+    star = r["ruler"]["niah_single_1|star128|512"]  # Star Attention over 128-token blocks ran too
+    assert len(star["predictions"]) == 2 and 0 <= star["score"] <= 100
     assert "niah_single_1 full" in stdout and "n/a" in stdout
     # the loss at 64 is the mean loss of the evenly spaced val sequences, as computed here
     import numpy as np
