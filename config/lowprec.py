@@ -1,0 +1,17 @@
+# Nano experiment: low-precision training (issue 8). The default model ('M*M-ME', 0.87M params) on
+# pycode for 300 steps, the same data, init and schedule in every run; only --precision changes:
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=bf16  --out_dir=out-lowprec-bf16
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=fp8   --out_dir=out-lowprec-fp8
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=mxfp8 --out_dir=out-lowprec-mxfp8
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --out_dir=out-lowprec-nvfp4
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_rht=False --out_dir=out-lowprec-nvfp4-no_rht
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_sr=False --out_dir=out-lowprec-nvfp4-no_sr
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_2d=False --out_dir=out-lowprec-nvfp4-no_2d
+#   python plot.py out-lowprec-* --png=lowprec.png      # val loss relative to the first (bf16), curves
+# On a CPU every low-precision GEMM is emulated (kernels.py) and "bf16" is train.py's fp32.
+# README: "Nano experiment: FP8 and NVFP4 training".
+out_dir = 'out-lowprec-bf16'
+max_iters = 300
+lr_decay_iters = 300
+eval_interval = 100
+sample_new_tokens = 0
