@@ -837,14 +837,25 @@ def e2m1_index(a):
     return idx
 
 
+def to_fp8(v, fmt):
+    """v (fp32) -> torch float8 codes of fmt: torch's cast (ties to even) after a clamp that saturates."""
+    fmax = FP8[fmt][2]
+    return v.clamp(-fmax, fmax).to(TORCH_FP8[fmt])
+
+
+def fp8_values(q):
+    """float8 codes -> fp32 values, by a table of the 256 codes (on a CPU much faster than .float())."""
+    table = torch.arange(256, dtype=torch.uint8, device=q.device).view(q.dtype).float()
+    return table[q.view(torch.uint8).int()]
+
+
 def round_ref(v, fmt):
     """v (fp32) to the nearest value of fmt ("e4m3", "e5m2" or "e2m1"), ties to even, saturating;
     returned as fp32. FP8 through torch's own casts; E2M1 (torch has none) by e2m1_index."""
     if fmt in FP8:
-        fmax = FP8[fmt][2]
-        return v.clamp(-fmax, fmax).to(TORCH_FP8[fmt]).float()
+        return fp8_values(to_fp8(v, fmt))
     values = torch.tensor(E2M1_VALUES, device=v.device)
-    return values[e2m1_index(v.abs().clamp(max=6.0))].copysign(v)
+    return values[e2m1_index(v.abs().clamp(max=6.0)).long()].copysign(v)
 
 
 def round_sr_ref(v, rand):
@@ -911,7 +922,7 @@ class QTensor:
             values = unpack_e2m1(self.data)
             scale = self.scale.float()
         else:
-            values = self.data.float()
+            values = fp8_values(self.data)
             scale = pow2(self.scale.int() - 127) if self.fmt == "mxfp8" else self.scale
         (Rp, Cp), (br, bc) = values.shape, self.block
         out = (values.view(Rp // br, br, Cp // bc, bc) * scale[:, None, :, None]).view(Rp, Cp)  # from (R'/br, br, C'/bc, bc)
@@ -939,7 +950,7 @@ def fp8_scale(amax, fmax):
 
 def quantize_tensor_ref(x, scale, fmt):
     """x (R, C) * scale (fp32, 0-d: the encode scale) -> fp8 codes (R, C)."""
-    return round_ref(x.float() * scale, fmt).to(TORCH_FP8[fmt])
+    return to_fp8(x.float() * scale, fmt)
 
 
 def quantize_blocks_ref(x, fmt, block, g=None, rand=None):
@@ -967,7 +978,7 @@ def quantize_blocks_ref(x, fmt, block, g=None, rand=None):
         idx = e2m1_index((round_sr_ref(v, rand) if rand is not None else v).abs())  # SR: an exact E2M1 value
         codes = idx.to(torch.uint8) | ((v < 0).to(torch.uint8) << 3)  # the sign in bit 3
         return pack_nibbles(codes), scale.to(torch.float8_e4m3fn)
-    return round_ref(v, "e4m3" if fmt == "mxfp8" else fmt).to(TORCH_FP8.get(fmt, torch.float8_e4m3fn)), scale
+    return to_fp8(v, "e4m3" if fmt == "mxfp8" else fmt), scale
 
 
 # -----------------------------------------------------------------------------
@@ -982,12 +993,17 @@ if triton is not None:
         return ((e - M_BITS + 127) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _copysign(r, v):
+        # r >= 0 with the sign bit of v (so -0.0 stays -0.0, as torch's casts keep it)
+        sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+        return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _round_rne(v, M_BITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
         # as round_ref(): saturate, then the fp32 add of 1.5 * 2^23 * spacing rounds to even
         a = tl.minimum(tl.abs(v), FMAX)
         c = _spacing(a, M_BITS, EMIN) * 12582912.0
-        r = (a + c) - c
-        return tl.where(v < 0, -r, r)
+        return _copysign((a + c) - c, v)
 
     @triton.jit
     def _round_sr(v, rand):
@@ -997,8 +1013,7 @@ if triton is not None:
         inv_q = (254 << 23) - q.to(tl.int32, bitcast=True)  # the bits of 1/q (q a power of two)
         t = a * inv_q.to(tl.float32, bitcast=True)
         n = tl.floor(t)
-        r = (n + tl.where(rand < t - n, 1.0, 0.0)) * q
-        return tl.where(v < 0, -r, r)
+        return _copysign((n + tl.where(rand < t - n, 1.0, 0.0)) * q, v)
 
     @triton.jit
     def _quantize_tensor_kernel(x_ptr, scale_ptr, q_ptr, n, M_BITS: tl.constexpr, EMIN: tl.constexpr,
