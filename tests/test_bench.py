@@ -111,3 +111,13 @@ def test_main_moe_quick(monkeypatch, capsys):
     bench.main()
     out = capsys.readouterr().out
     assert "== moe" in out and "E=16: ours grouped / ours loop" in out
+
+
+def test_bench_lowprec_and_report(capsys):
+    lin = bench.bench_lowprec_linear(32, 32, 48, steps=1, warmup=0)
+    assert set(lin) == {"bf16", "fp8", "mxfp8", "nvfp4"} and all(t > 0 for t in lin.values())
+    quant = bench.bench_quantizers(16, 64, reps=1)
+    assert all(t > 0 and nbytes > 0 for t, nbytes in quant.values())
+    bench.report_lowprec(lin, (32, 32, 48), quant, (16, 64))
+    out = capsys.readouterr().out
+    assert "bf16 / recipe" in out and "nvfp4 16x16" in out
