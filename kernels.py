@@ -15,11 +15,17 @@ are on a GPU, or on the CPU under TRITON_INTERPRET=1 (the tests); elsewhere it r
 Without triton installed (macOS, Windows) the module still imports, with USE_TRITON off.
 At the end of the file, the MoE experts' grouped GEMM is the exception that trains: it has an autograd
 Function, and moe.py calls it under the same switch (moe.grouped_mm_ref is its reference).
+The last section, low precision (issue 8), holds the FP8 / MXFP8 / NVFP4 quantizers (kernels and
+references, here in this file), the low-precision Linear that train.py --precision swaps in, and
+the recipes that say which layers it goes to.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 try:
     import triton
@@ -803,11 +809,6 @@ def grouped_mm(x, w, offs):
 # footgun: the Triton interpreter casts fp32 to fp8 without rounding or saturating, so the kernels
 # round in fp32 first (_round_rne), after which the cast to fp8 is exact everywhere.
 
-from dataclasses import dataclass
-
-import torch.nn as nn
-import torch.nn.functional as F
-
 FP8 = {"e4m3": (3, -6, 448.0), "e5m2": (2, -14, 57344.0)}  # mantissa bits, smallest normal exponent, max
 E2M1 = (1, 0, 6.0)
 E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7 -> magnitude; code & 8 is the sign
@@ -843,17 +844,11 @@ def to_fp8(v, fmt):
     return v.clamp(-fmax, fmax).to(TORCH_FP8[fmt])
 
 
-def fp8_values(q):
-    """float8 codes -> fp32 values, by a table of the 256 codes (on a CPU much faster than .float())."""
-    table = torch.arange(256, dtype=torch.uint8, device=q.device).view(q.dtype).float()
-    return table[q.view(torch.uint8).int()]
-
-
 def round_ref(v, fmt):
     """v (fp32) to the nearest value of fmt ("e4m3", "e5m2" or "e2m1"), ties to even, saturating;
     returned as fp32. FP8 through torch's own casts; E2M1 (torch has none) by e2m1_index."""
     if fmt in FP8:
-        return fp8_values(to_fp8(v, fmt))
+        return to_fp8(v, fmt).float()
     values = torch.tensor(E2M1_VALUES, device=v.device)
     return values[e2m1_index(v.abs().clamp(max=6.0)).long()].copysign(v)
 
@@ -922,7 +917,7 @@ class QTensor:
             values = unpack_e2m1(self.data)
             scale = self.scale.float()
         else:
-            values = fp8_values(self.data)
+            values = self.data.float()
             scale = pow2(self.scale.int() - 127) if self.fmt == "mxfp8" else self.scale
         (Rp, Cp), (br, bc) = values.shape, self.block
         out = (values.view(Rp // br, br, Cp // bc, bc) * scale[:, None, :, None]).view(Rp, Cp)  # from (R'/br, br, C'/bc, bc)

@@ -1,5 +1,6 @@
 # Nano experiment: low-precision training (issue 8). The default model ('M*M-ME', 0.87M params) on
-# pycode for 200 steps, the same data, init and schedule in every run; only --precision changes:
+# pycode for 150 steps of 8 x 128 tokens (sized for a shared 2-core CPU, where every low-precision
+# GEMM is emulated), the same data, init and schedule in every run; only --precision changes:
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=bf16  --out_dir=out-lowprec-bf16
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=fp8   --out_dir=out-lowprec-fp8
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=mxfp8 --out_dir=out-lowprec-mxfp8
@@ -11,7 +12,9 @@
 # On a CPU every low-precision GEMM is emulated (kernels.py) and "bf16" is train.py's fp32.
 # README: "Nano experiment: FP8 and NVFP4 training".
 out_dir = 'out-lowprec-bf16'
-max_iters = 200
-lr_decay_iters = 200
-eval_interval = 100
+batch_size = 8
+max_iters = 150
+lr_decay_iters = 150
+warmup_iters = 20
+eval_interval = 75
 sample_new_tokens = 0
