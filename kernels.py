@@ -1228,7 +1228,8 @@ def lowprec_mm(a, b, kinds, recipe, out_dtype=torch.float32):
     qa, qb = quantize_operand(a, kinds[0], recipe), quantize_operand(b, kinds[1], recipe)
     if recipe.fmt == "fp8" and scaled_mm_runs(a) and a.size(1) % 16 == 0 and a.size(0) % 16 == 0 and b.size(0) % 16 == 0:
         # codes row-major (m, k) times column-major (k, n), times the two decode scales
-        return torch._scaled_mm(qa.data, qb.data.t(), qa.scale.view(()), qb.scale.view(()), out_dtype=out_dtype)
+        return torch._scaled_mm(qa.data.contiguous(), qb.data.contiguous().t(), qa.scale.view(()), qb.scale.view(()),
+                                out_dtype=out_dtype)
     return (qa.dequantize() @ qb.dequantize().t()).to(out_dtype)
 
 
