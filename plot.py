@@ -50,11 +50,13 @@ def plot(runs, png):
         print("no plot: matplotlib is not installed (pip install matplotlib); the table above has the numbers")
         return
     fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    base = dict(next(iter(runs.values()))["val"])
     for name, r in runs.items():
         ax_train.plot(*zip(*r["train"]), label=name, lw=1)
-        ax_val.plot(*zip(*r["val"]), label=name, marker="o", lw=1)
+        rel = [(s, (v - base[s]) / base[s] * 100) for s, v in r["val"] if s > 0 and s in base]  # step 0: untrained
+        ax_val.plot(*zip(*rel), label=name, marker="o", lw=1)
     ax_train.set(xlabel="step", ylabel="train loss (logged steps)", ylim=(None, 3.0))
-    ax_val.set(xlabel="step", ylabel="val loss")
+    ax_val.set(xlabel="step", ylabel=f"val loss vs {next(iter(runs))} (%)")
     ax_val.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
