@@ -649,7 +649,7 @@ def report_lowprec(lin, shape, quant, qshape):
     print(f"\n== quantizers on a bf16 {qshape[0]} x {qshape[1]} tensor ({where}); bytes = input read + codes and scales written")
     print(f"{'quantizer':<22}{'ms':>9}{'GB/s':>9}" + (f"{'of HBM peak':>13}" if hbm else ""))
     for name, (t, nbytes) in quant.items():
-        line = f"{name:<22}{1000 * t:>9.3f}{nbytes / t / 1e9:>9.1f}"
+        line = f"{name:<22}{1000 * t:>9.3f}{nbytes / t / 1e9:>9.2f}"
         if hbm:
             frac = nbytes / t / hbm
             line += f"{frac:>12.0%} (target >= {QUANT_TARGET:.0%}: {verdict(frac >= QUANT_TARGET)})"

@@ -4,7 +4,7 @@ independent references, the Triton quantize kernels against the PyTorch referenc
 the low-precision Linear against a plain fp32 Linear, the recipes' layer plans, and
 train.py --precision=... end to end.
 
-Run: python -m pytest -q tests/test_lowprec.py          (about a minute on a 2-core CPU)
+Run: python -m pytest -q tests/test_lowprec.py     (2-3 minutes on the loaded 2-core CPU it was written on)
 The kernel tests (test_kernel_*) need the Triton interpreter, which must be on before triton
 compiles anything: test_kernels_in_interpreter re-runs them in a subprocess with TRITON_INTERPRET=1,
 as tests/test_kernels.py does.
