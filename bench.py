@@ -8,6 +8,7 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
     python bench.py kernels    # the Triton SSD vs the PyTorch reference, eager and compiled (a GPU's job)
     python bench.py moe        # one MoE layer, forward + backward tokens/s, 64 and 128 experts, top-6
     python bench.py star       # Star Attention's phase-1 prefill vs full prefill at 2K, 4K, 8K, 4 blocks
+    python bench.py lowprec    # FP8 / MXFP8 / NVFP4 Linear vs bf16, forward + backward; quantizer bandwidth (a GPU's job)
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
 The candidates take turns, one step each (a, b, c, a, b, c, ...), so that a noisy machine slows
@@ -39,6 +40,8 @@ FLAT_TARGET = 1.3     # hybrid ms/token at the longest context / at the shortest
 SSD_TARGET = 5.0      # compiled reference / Triton SSD forward+backward ms at length 8K
 MOE_TARGET = 2.0      # ours / transformers tokens/s of one MoE layer, forward + backward
 STAR_TARGET = 2.0     # full prefill / Star Attention phase-1 seconds, 8K context, 4 blocks, attention-only
+FP8_TARGET = 1.3      # bf16 / FP8 Linear ms, forward + backward, on a GPU with FP8 tensor cores
+QUANT_TARGET = 0.6    # quantizer bytes moved per second / HBM peak
 MOE = dict(vocab_size=256, d_model=256, pattern="E", top_k=6, moe_d_ff=256, shared_d_ff=512)
 # config/pycode_attention_only.py over train.py's defaults: RoPE attention, MLP and MoE, no Mamba
 STAR = dict(vocab_size=256, d_model=128, pattern="***-*E", rope=True, n_head=8, n_kv_head=4, head_dim=32,
@@ -427,6 +430,61 @@ def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, ste
 
 
 # -----------------------------------------------------------------------------
+# low precision (issue 8): the low-precision Linear against bf16, and the quantizers' bandwidth
+
+
+def bench_lowprec_linear(M, K, N, steps=10, warmup=3, device="cpu"):
+    """name -> median seconds of one Linear forward + backward (y, dx, dw) on x (M, K), an fp32
+    master weight (N, K) and dy (M, N): "bf16" (F.linear on the weight cast to bf16 on a GPU, as
+    autocast does; fp32 on a CPU) and kernels.LowPrecLinearFn for each recipe (FP8 through
+    torch._scaled_mm where it runs, everything else emulated)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
+    w = (torch.randn(N, K, device=device) * 0.02).requires_grad_()
+    dy = torch.randn(M, N, device=device, dtype=dtype)
+    H = kernels.hadamard16(torch.ones(16)).to(device)
+    steppers = {"bf16": lambda: torch.autograd.grad(F.linear(x, w.to(dtype)), (x, w), dy)}
+    for fmt in ("fp8", "mxfp8", "nvfp4"):
+        recipe = kernels.Recipe(fmt, H=H)
+        steppers[fmt] = lambda r=recipe: torch.autograd.grad(kernels.LowPrecLinearFn.apply(x, w, r), (x, w), dy)
+    return interleaved(steppers, steps, warmup)
+
+
+def bench_quantizers(R, C, reps=20, device="cpu"):
+    """name -> (median seconds, bytes moved) of each quantizer on a bf16 (R, C) tensor. Bytes are
+    the least any implementation must move: the input read once, the codes and scales written
+    (the per-tensor recipes read the input a second time for the amax; not counted)."""
+    x = torch.randn(R, C, device=device, dtype=torch.bfloat16)
+    n = R * C
+    cands = {"fp8 tensorwise": (lambda: kernels.quantize_fp8(x), 2 * n + n),
+             "fp8 blockwise 1x128": (lambda: kernels.quantize_fp8(x, "blockwise"), 2 * n + n + 4 * n // 128),
+             "mxfp8 1x32": (lambda: kernels.quantize_mxfp8(x), 2 * n + n + n // 32),
+             "nvfp4 1x16": (lambda: kernels.quantize_nvfp4(x), 2 * n + n // 2 + n // 16),
+             "nvfp4 16x16": (lambda: kernels.quantize_nvfp4(x, (16, 16)), 2 * n + n // 2 + n // 256),
+             "nvfp4 1x16 SR": (lambda: kernels.quantize_nvfp4(x, stochastic=True), 2 * n + n // 2 + n // 16)}
+    res = {}
+    for name, (fn, nbytes) in cands.items():
+        fn()
+        res[name] = (statistics.median(timed(fn, reps)), nbytes)
+    return res
+
+
+def run_lowprec(quick):
+    """bench.py lowprec: the issue's shapes on a GPU; on a CPU a small emulated comparison."""
+    gpu = torch.cuda.is_available()
+    if quick:
+        (M, K, N), (R, C), steps = (64, 64, 128), (64, 256), 1
+    elif gpu:
+        (M, K, N), (R, C), steps = (4096, 4096, 16384), (16384, 8192), 10
+    else:
+        (M, K, N), (R, C), steps = (1024, 512, 2048), (1024, 1024), 3
+    device = "cuda" if gpu else "cpu"
+    lin = bench_lowprec_linear(M, K, N, steps=steps, warmup=1 if quick else 3, device=device)
+    quant = bench_quantizers(R, C, reps=2 if quick else 20, device=device)
+    report_lowprec(lin, (M, K, N), quant, (R, C))
+
+
+# -----------------------------------------------------------------------------
 # reports
 
 
@@ -621,10 +679,40 @@ def report_grouped_gemm(res, shape):
           f"{res['dense mm']:.0f} TFLOP/s; ratio {res['grouped_mm'] / res['dense mm']:.2f}")
 
 
+def report_lowprec(lin, shape, quant, qshape):
+    gpu = torch.cuda.is_available()
+    M, K, N = shape
+    fp8_hw = gpu and kernels.scaled_mm_runs(torch.empty(0, device="cuda"))
+    print(f"\n== low-precision Linear, forward + backward (y, dx, dw), M x K x N = {M} x {K} x {N}, "
+          f"{torch.cuda.get_device_name() if gpu else 'CPU'}; median of interleaved steps")
+    print("fp8: per-tensor E4M3 on " + ("torch._scaled_mm (FP8 tensor cores)" if fp8_hw else "the emulation")
+          + "; mxfp8, nvfp4: emulated (quantize, dequantize, matmul) everywhere")
+    base = lin["bf16"]
+    print(f"{'recipe':<10}{'ms':>10}{'bf16 / recipe':>16}")
+    for name, t in lin.items():
+        print(f"{name:<10}{1000 * t:>10.2f}{base / t:>15.3f}x")
+    if fp8_hw:
+        r = base / lin["fp8"]
+        print(f"bf16 / FP8 Linear: {r:.2f}x (target >= {FP8_TARGET}x: {verdict(r >= FP8_TARGET)})")
+    else:
+        print(f"FP8 speed-up (target >= {FP8_TARGET}x) and HBM bandwidth (target >= {QUANT_TARGET:.0%}) "
+              "need a GPU with FP8 tensor cores: the figures above are the emulation's overhead on this machine")
+    hbm = gpu_peaks()[1]
+    where = "Triton kernels" if kernels.use_triton(torch.empty(0, device="cuda" if gpu else "cpu")) and gpu else "PyTorch references"
+    print(f"\n== quantizers on a bf16 {qshape[0]} x {qshape[1]} tensor ({where}); bytes = input read + codes and scales written")
+    print(f"{'quantizer':<22}{'ms':>9}{'GB/s':>9}" + (f"{'of HBM peak':>13}" if hbm else ""))
+    for name, (t, nbytes) in quant.items():
+        line = f"{name:<22}{1000 * t:>9.3f}{nbytes / t / 1e9:>9.2f}"
+        if hbm:
+            frac = nbytes / t / hbm
+            line += f"{frac:>12.0%} (target >= {QUANT_TARGET:.0%}: {verdict(frac >= QUANT_TARGET)})"
+        print(line)
+
+
 def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
-    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode", "moe", "kernels", "star"],
-                        help="all = train + decode + moe; kernels (the Triton SSD; meant for a GPU) and star run only when named")
+    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode", "moe", "kernels", "star", "lowprec"],
+                        help="all = train + decode + moe; kernels (the Triton SSD), star and lowprec (FP8/NVFP4 Linear) run only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -644,7 +732,7 @@ def main():
         if args.quick else dict(n_experts=(64, 128), tokens=4096, steps=5, warmup=2, cfg_kw=MOE)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"bench: torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}"
-          + ("" if args.what in ("kernels", "star") or args.init_from else
+          + ("" if args.what in ("kernels", "star", "lowprec") or args.init_from else
              f", config d_model={cfg.d_model} pattern={cfg.pattern!r} vocab={cfg.vocab_size}"))
     if load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
         print("note: the machine is busy (load > CPUs): threads that wait on each other make timings noisy; "
@@ -668,6 +756,8 @@ def main():
         star_kw = dict(contexts=(128, 256), steps=1, warmup=0, cfg_kw={**STAR, **QUICK, "pattern": "**-*E"}) \
             if args.quick else dict(contexts=(2048, 4096, 8192), steps=3, warmup=1)
         report_star(bench_star(**star_kw), 4, star_kw["steps"], star_kw["warmup"], star_kw.get("cfg_kw", STAR))
+    if args.what == "lowprec":
+        run_lowprec(args.quick)
     if args.what in ("all", "moe"):
         res = bench_moe(hf=not args.no_hf, **moe_kw)
         report_moe(res, moe_kw["tokens"], moe_kw["steps"], moe_kw["warmup"], moe_kw["cfg_kw"])

@@ -15,11 +15,17 @@ are on a GPU, or on the CPU under TRITON_INTERPRET=1 (the tests); elsewhere it r
 Without triton installed (macOS, Windows) the module still imports, with USE_TRITON off.
 At the end of the file, the MoE experts' grouped GEMM is the exception that trains: it has an autograd
 Function, and moe.py calls it under the same switch (moe.grouped_mm_ref is its reference).
+The last section, low precision (issue 8), holds the FP8 / MXFP8 / NVFP4 quantizers (kernels and
+references, here in this file), the low-precision Linear that train.py --precision swaps in, and
+the recipes that say which layers it goes to.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 try:
     import triton
@@ -775,3 +781,532 @@ def grouped_mm(x, w, offs):
     Returns y (N, n) in x's dtype, accumulated in fp32: y[offs[g-1]:offs[g]] = x[offs[g-1]:offs[g]] @ w[g].
     Differentiable in x and w. moe.grouped_mm_ref is the PyTorch reference."""
     return GroupedMMFn.apply(x, w, offs)
+
+
+# =============================================================================
+# low precision: FP8, MXFP8 and NVFP4 quantizers, and the low-precision Linear (issue 8)
+#
+# Papers: Nemotron-H (arXiv:2504.03624) trains in FP8 with per-tensor current scaling; "Pretraining
+# LLMs with NVFP4" (NVIDIA 2025) and Nemotron 3 Super in NVFP4; MXFP8 is the OCP microscaling format
+# (arXiv:2506.08027 for its scale rounding). The numerics follow TransformerEngine's.
+#
+# A quantized tensor is codes times scales. Every quantizer here takes a 2-D x (R, C) and cuts it
+# into blocks of (br, bc) elements, blocks along the last dim, which must be the GEMM's reduction
+# dim (the Linear below passes a transposed view where the backward reduces over another dim: the
+# kernels read it through its strides, so quantize-and-transpose is one pass). A shape that is not
+# a multiple of the block is padded with zeros, which change neither an amax nor a GEMM.
+#   format            codes              scale per block                   per tensor
+#   fp8 tensorwise    E4M3 / E5M2        -                                 fp32 448/amax
+#   fp8 delayed       E4M3 / E5M2        -                                 fp32 from an amax history
+#   fp8 blockwise     E4M3 / E5M2        fp32 per 1x128 (x, dy), 128x128 (W)   -
+#   mxfp8             E4M3               E8M0 (a power of two) per 1x32    -
+#   nvfp4             E2M1, 2 per byte   E4M3 per 1x16 (x, dy), 16x16 (W)   fp32 S_dec
+# Every cast rounds to nearest, ties to even, and saturates at the format's largest value (the
+# NVFP4 gradients round stochastically instead). Each quantizer has a PyTorch reference (`_ref`)
+# that the tests hold the kernel to bit for bit; the FP8 references use torch's own float8 casts,
+# and E2M1's is checked against ml_dtypes.
+#
+# footgun: the Triton interpreter casts fp32 to fp8 without rounding or saturating, so the kernels
+# round in fp32 first (_round_rne), after which the cast to fp8 is exact everywhere.
+
+FP8 = {"e4m3": (3, -6, 448.0), "e5m2": (2, -14, 57344.0)}  # mantissa bits, smallest normal exponent, max
+E2M1 = (1, 0, 6.0)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # code & 7 -> magnitude; code & 8 is the sign
+FLT_MAX = torch.finfo(torch.float32).max
+TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fl32(v):
+    """A Python float rounded to fp32, as a 0-d tensor (the constants of the recipes, e.g. fl32(1/6))."""
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def spacing(a, m_bits, emin):
+    """The gap between neighbouring values of a float format (m_bits mantissa bits, smallest normal
+    exponent emin) at a >= 0 (fp32): 2^(max(exponent of a, emin) - m_bits), built from the bits."""
+    e = ((a.view(torch.int32) >> 23) & 0xFF) - 127
+    return ((e.clamp(min=emin) - m_bits + 127) << 23).view(torch.float32)
+
+
+def e2m1_index(a):
+    """|v| (fp32, <= 6) -> the index (0..7) in E2M1_VALUES of its nearest E2M1 value, ties to the
+    even code: a count of the midpoints between neighbouring values that a is past, where a tie
+    goes down at 0.25, 1.25, 2.5, 5 (> ) and up at 0.75, 1.75, 3.5 (>=)."""
+    idx = (a > 0.25).to(torch.uint8)
+    for mid, up in ((0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False)):
+        idx += a >= mid if up else a > mid
+    return idx
+
+
+def to_fp8(v, fmt):
+    """v (fp32) -> torch float8 codes of fmt: torch's cast (ties to even) after a clamp that saturates."""
+    fmax = FP8[fmt][2]
+    return v.clamp(-fmax, fmax).to(TORCH_FP8[fmt])
+
+
+def round_ref(v, fmt):
+    """v (fp32) to the nearest value of fmt ("e4m3", "e5m2" or "e2m1"), ties to even, saturating;
+    returned as fp32. FP8 through torch's own casts; E2M1 (torch has none) by e2m1_index."""
+    if fmt in FP8:
+        return to_fp8(v, fmt).float()
+    values = torch.tensor(E2M1_VALUES, device=v.device)
+    return values[e2m1_index(v.abs().clamp(max=6.0)).long()].copysign(v)
+
+
+def round_sr_ref(v, rand):
+    """v (fp32, |v| <= 6) to one of its two neighbouring E2M1 values, the upper one with probability
+    (distance to the lower) / spacing: unbiased. rand: uniform [0, 1) numbers, v's shape."""
+    m_bits, emin, _ = E2M1
+    a = v.abs()
+    q = spacing(a, m_bits, emin)
+    n = torch.floor(a * (1.0 / q))  # (1/q is a power of two: exact)
+    up = (rand < a * (1.0 / q) - n).float()
+    return ((n + up) * q).copysign(v)
+
+
+def pack_nibbles(codes):
+    """(R, C) 4-bit codes -> (R, C/2) bytes, element 2i in the low nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_e2m1(data):
+    """(R, C/2) bytes -> (R, C) fp32 E2M1 values, through a table of the 256 bytes' two values."""
+    codes = torch.arange(16, device=data.device)
+    values = torch.tensor(E2M1_VALUES, device=data.device)[codes & 7] * (1 - 2 * (codes >> 3))  # (16,)
+    table = torch.stack([values.repeat(16), values.repeat_interleave(16)], dim=1)  # (256, 2): low, high nibble
+    return table[data.long()].reshape(data.size(0), -1)  # (R, C) from (R, C/2, 2)
+
+
+def e8m0_from_amax(amax):
+    """MXFP8's block scale as TransformerEngine computes it: the biased E8M0 exponent (uint8) of
+    amax * fl32(1/448), rounded up, so that amax / scale <= 448 (a subnormal at or below 2^-127
+    keeps exponent 0, which stands for 2^-127)."""
+    bits = (amax * fl32(1 / 448).to(amax.device)).view(torch.int32)
+    e, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    up = (mant > 0) & (e != 254) & ~((e == 0) & (mant <= 0x400000))
+    return (e + up.int()).to(torch.uint8)
+
+
+def pow2(k):
+    """2^k as fp32 for integer k in [-127, 127], exactly (2^-127 is a subnormal)."""
+    return torch.where(k >= -126, (k + 127) << 23, 1 << 22).view(torch.float32)
+
+
+def nvfp4_global(amax):
+    """NVFP4's per-tensor scales from the tensor's amax: S_enc = 2688 / amax (448 * 6: the largest
+    block scale times the largest element), 1 if amax or S_enc is 0, and S_dec = 1 / S_enc.
+    Returns (S_enc * fl32(1/6), S_dec), the two numbers the block scales need, fp32 (2,)."""
+    s_enc = (fl32(2688.0).to(amax.device) / amax).clamp(max=FLT_MAX)  # a true division (see TRITON_ON_CPU.md)
+    s_enc = torch.where((amax == 0) | (s_enc == 0), torch.ones_like(s_enc), s_enc)
+    return torch.stack([s_enc * fl32(1 / 6).to(amax.device), 1.0 / s_enc])
+
+
+@dataclass
+class QTensor:
+    """A quantized 2-D tensor: codes, one scale per block of `block` elements, and for NVFP4 a
+    per-tensor scale. dequantize() gives back the (R, C) values as codes times scales."""
+    data: torch.Tensor        # codes: float8 (R', C'), or uint8 (R', C'/2) with two E2M1 codes per byte
+    scale: torch.Tensor       # per block (R'/br, C'/bc): fp32 decode scale, E8M0 exponent (uint8), or E4M3 s_b
+    fmt: str                  # "e4m3", "e5m2", "mxfp8" or "nvfp4"
+    block: tuple              # (br, bc) elements per scale
+    shape: tuple              # (R, C) before padding to (R', C')
+    tensor_scale: torch.Tensor = None  # nvfp4: S_dec, fp32 (1,)
+
+    def dequantize(self):
+        if self.fmt == "nvfp4":
+            values = unpack_e2m1(self.data)
+            scale = self.scale.float()
+        else:
+            values = self.data.float()
+            scale = pow2(self.scale.int() - 127) if self.fmt == "mxfp8" else self.scale
+        (Rp, Cp), (br, bc) = values.shape, self.block
+        out = (values.view(Rp // br, br, Cp // bc, bc) * scale[:, None, :, None]).view(Rp, Cp)  # from (R'/br, br, C'/bc, bc)
+        if self.tensor_scale is not None:
+            out = out * self.tensor_scale
+        return out[:self.shape[0], :self.shape[1]]
+
+
+def pad_to_blocks(x, block):
+    """Zeros appended to the rows and columns of x (R, C) up to multiples of block (br, bc)."""
+    R, C = x.shape
+    pr, pc = -R % block[0], -C % block[1]
+    return F.pad(x, (0, pc, 0, pr)) if pr or pc else x
+
+
+# -----------------------------------------------------------------------------
+# the PyTorch references
+
+
+def fp8_scale(amax, fmax):
+    """Current scaling: the encode scale fmax / amax (fp32), 1 where amax is 0, at most FLT_MAX."""
+    s = (torch.full_like(amax, fmax) / amax).clamp(max=FLT_MAX)
+    return torch.where(amax == 0, torch.ones_like(s), s)
+
+
+def quantize_tensor_ref(x, scale, fmt):
+    """x (R, C) * scale (fp32, 0-d: the encode scale) -> fp8 codes (R, C)."""
+    return to_fp8(x.float() * scale, fmt)
+
+
+def quantize_blocks_ref(x, fmt, block, g=None, rand=None):
+    """The reference of _quantize_blocks_kernel: x (R, C), R and C multiples of block (br, bc).
+    fmt "e4m3"/"e5m2" (fp8 blockwise), "mxfp8" or "nvfp4" (g: nvfp4_global's (2,), rand: uniform
+    numbers (R, C) for stochastic rounding or None). Returns codes and per-block scales."""
+    (R, C), (br, bc) = x.shape, block
+    xb = x.float().contiguous().view(R // br, br, C // bc, bc)  # (R/br, br, C/bc, bc)
+    # 1) the amax of each block
+    amax = xb.abs().amax(dim=(1, 3))  # (R/br, C/bc)
+    # 2) each block's scales: enc multiplies x into the format's range, scale is what is stored
+    if fmt == "nvfp4":
+        scale = round_ref(amax * g[0], "e4m3")  # s_b = e4m3(block_amax * (S_enc * 1/6))
+        enc = (1.0 / (scale * g[1])).clamp(max=FLT_MAX)  # 1 / (s_b * S_dec); an all-zero block: 0 * FLT_MAX
+    elif fmt == "mxfp8":
+        scale = e8m0_from_amax(amax)
+        enc = pow2(127 - scale.int())
+    else:
+        enc = fp8_scale(amax, FP8[fmt][2])
+        scale = 1.0 / enc
+    # 3) the codes
+    v = (xb * enc[:, None, :, None]).view(R, C)  # from (R/br, br, C/bc, bc)
+    if fmt == "nvfp4":
+        v = v.clamp(-6.0, 6.0)
+        idx = e2m1_index((round_sr_ref(v, rand) if rand is not None else v).abs())  # SR: an exact E2M1 value
+        codes = idx.to(torch.uint8) | ((v < 0).to(torch.uint8) << 3)  # the sign in bit 3
+        return pack_nibbles(codes), scale.to(torch.float8_e4m3fn)
+    return to_fp8(v, "e4m3" if fmt == "mxfp8" else fmt), scale
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernels
+
+if triton is not None:
+
+    @triton.jit
+    def _spacing(a, M_BITS: tl.constexpr, EMIN: tl.constexpr):
+        # as spacing(): 2^(max(exponent of a, EMIN) - M_BITS) from the bits of a >= 0
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, EMIN)
+        return ((e - M_BITS + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _copysign(r, v):
+        # r >= 0 with the sign bit of v (so -0.0 stays -0.0, as torch's casts keep it)
+        sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+        return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _round_rne(v, M_BITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
+        # as round_ref(): saturate, then the fp32 add of 1.5 * 2^23 * spacing rounds to even
+        a = tl.minimum(tl.abs(v), FMAX)
+        c = _spacing(a, M_BITS, EMIN) * 12582912.0
+        return _copysign((a + c) - c, v)
+
+    @triton.jit
+    def _round_sr(v, rand):
+        # as round_sr_ref(), E2M1 (|v| <= 6)
+        a = tl.abs(v)
+        q = _spacing(a, 1, 0)
+        inv_q = (254 << 23) - q.to(tl.int32, bitcast=True)  # the bits of 1/q (q a power of two)
+        t = a * inv_q.to(tl.float32, bitcast=True)
+        n = tl.floor(t)
+        return _copysign((n + tl.where(rand < t - n, 1.0, 0.0)) * q, v)
+
+    @triton.jit
+    def _quantize_tensor_kernel(x_ptr, scale_ptr, q_ptr, n, M_BITS: tl.constexpr, EMIN: tl.constexpr,
+                                FMAX: tl.constexpr, BLOCK: tl.constexpr):
+        # fp8 with one scale for the whole (contiguous) tensor: q = rne(x * scale)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
+        q = _round_rne(x * tl.load(scale_ptr), M_BITS, EMIN, FMAX)
+        tl.store(q_ptr + i, q.to(q_ptr.dtype.element_ty), mask=i < n)
+
+    @triton.jit
+    def _quantize_blocks_kernel(x_ptr, g_ptr, rand_ptr, q_ptr, s_ptr, R, C, s_xr, s_xc,
+                                FMT: tl.constexpr, M_BITS: tl.constexpr, EMIN: tl.constexpr,
+                                FMAX: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+                                TR: tl.constexpr, TC: tl.constexpr, SR: tl.constexpr):
+        # program (i, j): the (TR, TC) tile at rows i*TR, columns j*TC of x (R, C), which holds
+        # (TR/BR, TC/BC) whole blocks (R, C are multiples of the block); x is read through its
+        # strides, so a transposed view is quantized without a copy. Steps as quantize_blocks_ref.
+        i, j = tl.program_id(0), tl.program_id(1)
+        rows = (i * TR + tl.arange(0, TR)).to(tl.int64)
+        cols = j * TC + tl.arange(0, TC)
+        inside = (rows[:, None] < R) & (cols[None, :] < C)
+        x = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc, mask=inside, other=0.0).to(tl.float32)
+        # 1) the amax of each block
+        amax = tl.max(tl.max(tl.reshape(tl.abs(x), (TR // BR, BR, TC // BC, BC)), axis=3), axis=1)  # (TR/BR, TC/BC)
+        # 2) each block's scales
+        if FMT == "nvfp4":
+            scale = _round_rne(amax * tl.load(g_ptr), 3, -6, 448.0)  # s_b, an E4M3 value
+            enc = tl.minimum(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * tl.load(g_ptr + 1)), 3.4028234663852886e38)
+        elif FMT == "mxfp8":
+            bits = (amax * 0.002232142857142857).to(tl.int32, bitcast=True)  # amax * fl32(1/448)
+            e, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+            e += ((mant > 0) & (e != 254) & ~((e == 0) & (mant <= 0x400000))).to(tl.int32)  # round up
+            scale = e
+            enc = tl.where(e < 254, (254 - e) << 23, 1 << 22).to(tl.float32, bitcast=True)  # 2^(127 - e)
+        else:
+            enc = tl.math.div_rn(tl.full(amax.shape, FMAX, tl.float32), amax)
+            enc = tl.where(amax == 0, 1.0, tl.minimum(enc, 3.4028234663852886e38))
+            scale = tl.math.div_rn(tl.full(enc.shape, 1.0, tl.float32), enc)
+        brow = i * (TR // BR) + tl.arange(0, TR // BR)
+        bcol = j * (TC // BC) + tl.arange(0, TC // BC)
+        tl.store(s_ptr + brow[:, None] * (C // BC) + bcol[None, :], scale.to(s_ptr.dtype.element_ty),
+                 mask=(brow[:, None] < R // BR) & (bcol[None, :] < C // BC))
+        # 3) the codes
+        v = x * tl.reshape(tl.broadcast_to(enc[:, None, :, None], (TR // BR, BR, TC // BC, BC)), (TR, TC))
+        if FMT == "nvfp4":
+            v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+            if SR:
+                r = _round_sr(v, tl.load(rand_ptr + rows[:, None] * C + cols[None, :], mask=inside, other=0.0))
+            else:
+                r = _round_rne(v, 1, 0, 6.0)
+            a = tl.abs(r)  # the index of |r| in E2M1_VALUES, and the sign bit
+            code = ((a >= 0.5).to(tl.int32) + (a >= 1.0).to(tl.int32) + (a >= 1.5).to(tl.int32)
+                    + (a >= 2.0).to(tl.int32) + (a >= 3.0).to(tl.int32) + (a >= 4.0).to(tl.int32)
+                    + (a >= 6.0).to(tl.int32) + tl.where(v < 0, 8, 0))
+            lo, hi = tl.split(tl.reshape(code, (TR, TC // 2, 2)))  # elements 2i and 2i+1
+            pcols = j * (TC // 2) + tl.arange(0, TC // 2)
+            tl.store(q_ptr + rows[:, None] * (C // 2) + pcols[None, :], (lo | (hi << 4)).to(tl.uint8),
+                     mask=(rows[:, None] < R) & (pcols[None, :] < C // 2))
+        else:
+            q = _round_rne(v, M_BITS, EMIN, FMAX)
+            tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=inside)
+
+
+def _quantize_tensor(x, scale, fmt):
+    if not use_triton(x):
+        return quantize_tensor_ref(x, scale, fmt)
+    xc = x.contiguous()
+    q = torch.empty(x.shape, device=x.device, dtype=TORCH_FP8[fmt])
+    BLOCK = 4096 if x.is_cuda else 1 << 16
+    _quantize_tensor_kernel[(triton.cdiv(x.numel(), BLOCK),)](xc, scale, q, x.numel(), *FP8[fmt], BLOCK=BLOCK)
+    return q
+
+
+def _quantize_blocks(x, fmt, block, g=None, rand=None):
+    """Codes and block scales of x (R, C), R and C multiples of block: the kernel or the reference."""
+    if not use_triton(x):
+        return quantize_blocks_ref(x, fmt, block, g, rand)
+    (R, C), (br, bc) = x.shape, block
+    if fmt == "nvfp4":
+        q = torch.empty(R, C // 2, device=x.device, dtype=torch.uint8)
+        s = torch.empty(R // br, C // bc, device=x.device, dtype=torch.float8_e4m3fn)
+    else:
+        q = torch.empty(R, C, device=x.device, dtype=TORCH_FP8.get(fmt, torch.float8_e4m3fn))
+        s = torch.empty(R // br, C // bc, device=x.device, dtype=torch.uint8 if fmt == "mxfp8" else torch.float32)
+    TR = max(br, 16)
+    TC = max(bc, 4096 // TR)  # a tile of 4096 elements, or one 128 x 128 block
+    m_bits, emin, fmax = FP8.get(fmt, FP8["e4m3"])
+    grid = (triton.cdiv(R, TR), triton.cdiv(C, TC))
+    _quantize_blocks_kernel[grid](x, g if g is not None else x, rand if rand is not None else x, q, s, R, C,
+                                  x.stride(0), x.stride(1), FMT=fmt, M_BITS=m_bits, EMIN=emin, FMAX=fmax,
+                                  BR=br, BC=bc, TR=TR, TC=TC, SR=rand is not None)
+    return q, s
+
+
+# -----------------------------------------------------------------------------
+# the public quantizers
+
+
+class AmaxHistory:
+    """Delayed scaling's state for one tensor: the amaxes of its last `length` quantizations
+    (TransformerEngine keeps 1024). The scale of a quantization comes from the largest of them;
+    the first one, with an empty history, uses its own amax."""
+
+    def __init__(self, length=1024, device=None):
+        self.amax = torch.zeros(length, device=device)
+
+    def update(self, amax):
+        """The amax to scale by now, then record this quantization's amax."""
+        past = self.amax.max()
+        self.amax = torch.roll(self.amax, 1)
+        self.amax[0] = amax
+        return torch.where(past > 0, past, amax)
+
+
+def quantize_fp8(x, recipe="tensorwise", fmt="e4m3", history=None, block=(1, 128)):
+    """FP8 quantization of x (R, C), fp32 or bf16, with blocks along the last dim:
+    recipe "tensorwise" (current scaling: scale = fmax / amax of x), "delayed" (scale from the
+    AmaxHistory `history`, which it updates), or "blockwise" (a scale per `block`: (1, 128) for
+    activations and gradients, (128, 128) for weights). fmt "e4m3" (max 448) or "e5m2" (max 57344).
+    Returns a QTensor: codes (R, C) in torch's float8 dtype, fp32 decode scales (1 / scale)."""
+    assert x.dim() == 2 and fmt in FP8, (x.shape, fmt)
+    fmax = FP8[fmt][2]
+    if recipe == "blockwise":
+        q, s = _quantize_blocks(pad_to_blocks(x, block), fmt, block)
+        return QTensor(q, s, fmt, block, tuple(x.shape))
+    amax = x.abs().amax().float()
+    if recipe == "delayed":
+        amax = history.update(amax)
+    else:
+        assert recipe == "tensorwise", recipe
+    scale = fp8_scale(amax, fmax)
+    return QTensor(_quantize_tensor(x, scale, fmt), (1.0 / scale).view(1, 1), fmt, tuple(x.shape), tuple(x.shape))
+
+
+def quantize_mxfp8(x):
+    """MXFP8 of x (R, C): E4M3 codes, one E8M0 scale (a power of two, stored as its biased
+    exponent, uint8) per 32 elements along the last dim. Returns a QTensor."""
+    assert x.dim() == 2, x.shape
+    q, s = _quantize_blocks(pad_to_blocks(x, (1, 32)), "mxfp8", (1, 32))
+    return QTensor(q, s, "mxfp8", (1, 32), tuple(x.shape))
+
+
+def quantize_nvfp4(x, tile=(1, 16), stochastic=False, generator=None):
+    """NVFP4 of x (R, C): E2M1 codes two per byte (element 2i in the low nibble), an E4M3 scale per
+    tile along the last dim ((1, 16) activations and gradients, (16, 16) weights: W and W^T then
+    quantize alike) and an fp32 tensor scale from the global amax. stochastic: round each element
+    up or down at random, unbiased (gradients), with uniform numbers from torch.rand(generator).
+    Returns a QTensor."""
+    assert x.dim() == 2 and tile in ((1, 16), (16, 16)), (x.shape, tile)
+    xp = pad_to_blocks(x, tile)
+    g = nvfp4_global(x.abs().amax().float())
+    rand = torch.rand(xp.shape, device=x.device, generator=generator) if stochastic else None
+    q, s = _quantize_blocks(xp, "nvfp4", tile, g, rand)
+    return QTensor(q, s, "nvfp4", tile, tuple(x.shape), tensor_scale=g[1:])
+
+
+def hadamard16(signs):
+    """The 16x16 random Hadamard transform H16 diag(signs) / 4 (Sylvester's H16, signs (16,) of
+    +-1): orthogonal, so it cancels out of a product of two transformed operands."""
+    H = torch.ones(1, 1)
+    for _ in range(4):
+        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)  # Sylvester: H_2n = [[H, H], [H, -H]]
+    return H * signs.float()[None, :] / 4
+
+
+def rht(x, H):
+    """x (R, C) with each run of 16 elements along the last dim transformed by H (C padded to 16)."""
+    x = pad_to_blocks(x, (1, 16))
+    R, C = x.shape
+    return (x.float().reshape(R, C // 16, 16) @ H.T).view(R, C)  # from (R, C/16, 16)
+
+
+# -----------------------------------------------------------------------------
+# the low-precision Linear: Y = X W^T with every GEMM on quantized operands
+#
+# The three GEMMs of a Linear, each quantized along its own reduction dim (M = tokens):
+#   fprop  Y  = X W^T     X (M, K) and W (N, K) along K
+#   dgrad  dX = dY W      dY (M, N) and W^T (K, N) along N
+#   wgrad  dW = dY^T X    dY^T (N, M) and X^T (K, M) along M; NVFP4 first applies the random
+#                         Hadamard transform to both along M (it cancels: (H dY)^T (H X) = dY^T X)
+# The weights stay fp32 (master weights; AdamW's state too); Y and dX come out rounded to bf16,
+# dW in fp32. Where torch._scaled_mm runs FP8 on tensor cores (CUDA, compute capability >= 8.9)
+# the per-tensor FP8 GEMMs go through it; everything else is emulated: dequantize to fp32 and
+# matmul, which differs from a tensor core's fp32 accumulation only in the order of the sums.
+
+
+@dataclass
+class Recipe:
+    """How a LowPrecLinear quantizes its GEMMs' operands."""
+    fmt: str                  # "fp8" (per-tensor current scaling), "mxfp8" or "nvfp4"
+    grad_fp8: str = "e4m3"    # fp8: the gradients' format (Nemotron-H: E4M3; "e5m2" as TE's HYBRID)
+    rht: bool = True          # nvfp4: random Hadamard transform of the wgrad GEMM's inputs
+    sr: bool = True           # nvfp4: stochastic rounding of the gradients
+    w2d: bool = True          # nvfp4: 16x16 weight tiles (False: 1x16, as activations)
+    H: torch.Tensor = None    # nvfp4 with rht: the 16x16 transform, fixed for the run
+
+
+def quantize_operand(t, kind, recipe):
+    """One GEMM operand t (rows, reduction) quantized as the recipe says for its kind: "x"
+    (activations), "w" (weights) or "g" (gradients)."""
+    if recipe.fmt == "fp8":
+        return quantize_fp8(t, "tensorwise", recipe.grad_fp8 if kind == "g" else "e4m3")
+    if recipe.fmt == "mxfp8":
+        return quantize_mxfp8(t)
+    tile = (16, 16) if kind == "w" and recipe.w2d else (1, 16)
+    return quantize_nvfp4(t, tile, stochastic=kind == "g" and recipe.sr)
+
+
+def scaled_mm_runs(t):
+    """Whether FP8 GEMMs on t's device run on tensor cores through torch._scaled_mm."""
+    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9)
+
+
+def lowprec_mm(a, b, kinds, recipe, out_dtype=torch.float32):
+    """a (m, k) @ b (n, k)^T -> (m, n) in out_dtype, both operands quantized along k."""
+    qa, qb = quantize_operand(a, kinds[0], recipe), quantize_operand(b, kinds[1], recipe)
+    if recipe.fmt == "fp8" and scaled_mm_runs(a) and a.size(1) % 16 == 0 and a.size(0) % 16 == 0 and b.size(0) % 16 == 0:
+        # codes row-major (m, k) times column-major (k, n), times the two decode scales
+        return torch._scaled_mm(qa.data.contiguous(), qb.data.contiguous().t(), qa.scale.view(()), qb.scale.view(()),
+                                out_dtype=out_dtype)
+    return (qa.dequantize() @ qb.dequantize().t()).to(out_dtype)
+
+
+class LowPrecLinearFn(torch.autograd.Function):
+    # saves x and the fp32 weight, as nn.Linear does; the backward quantizes them again along
+    # the dims its GEMMs reduce over (a GPU implementation would save the quantized copies)
+    @staticmethod
+    def forward(ctx, x, w, recipe):
+        ctx.save_for_backward(x, w)
+        ctx.recipe = recipe
+        x2 = x.reshape(-1, x.size(-1))  # (M, K)
+        y = lowprec_mm(x2, w, "xw", recipe, torch.bfloat16)  # (M, N)
+        return y.to(x.dtype).view(*x.shape[:-1], w.size(0))  # (..., N): bf16 values in x's dtype
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        recipe = ctx.recipe
+        x2, dy2 = x.reshape(-1, x.size(-1)), dy.reshape(-1, dy.size(-1))  # (M, K), (M, N)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:  # dgrad: dX = dY W, over N
+            dx = lowprec_mm(dy2, w.t(), "gw", recipe, torch.bfloat16).to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[1]:  # wgrad: dW = dY^T X, over M (the tokens)
+            a, b = dy2.t(), x2.t()  # (N, M), (K, M)
+            if recipe.fmt == "nvfp4" and recipe.rht:
+                a, b = rht(a, recipe.H), rht(b, recipe.H)
+            dw = lowprec_mm(a, b, "gx", recipe).to(w.dtype)
+        return dx, dw, None
+
+
+class LowPrecLinear(nn.Linear):
+    """An nn.Linear whose GEMMs run in low precision (self.recipe); apply_precision turns chosen
+    nn.Linear modules into it in place, so parameters and state_dict keys do not change."""
+    recipe: Recipe
+
+    def forward(self, x):
+        y = LowPrecLinearFn.apply(x, self.weight, self.recipe)
+        return y if self.bias is None else y + self.bias
+
+
+def precision_plan(model, precision, bf16_ends=True):
+    """{module name: "fp8" | "mxfp8" | "nvfp4"} for the nn.Linear layers of model's blocks that
+    train in low precision under `precision`; every other GEMM stays in high precision:
+    - fp8 (Nemotron-H) and mxfp8: every Linear of the blocks, but the first and last blocks
+      with bf16_ends;
+    - nvfp4 (Nemotron 3 Super, NVFP4 pretraining): the blocks' Linears but the last ~15% of the
+      blocks, attention's q/k/v/o projections and LatentMoE's latent projections; Mamba's
+      out_proj in MXFP8.
+    The embeddings, LM head, MTP layers and router never are; the routed experts (grouped GEMM)
+    neither, a deviation from Nemotron 3 Super (README)."""
+    layers = model.backbone.layers
+    L = len(layers)
+    plan = {}
+    for i, block in enumerate(layers):
+        for name, m in block.named_modules():
+            if not isinstance(m, nn.Linear):
+                continue
+            if precision in ("fp8", "mxfp8"):
+                if not (bf16_ends and i in (0, L - 1)):
+                    plan[f"backbone.layers.{i}.{name}"] = precision
+            elif precision == "nvfp4":
+                if i >= L - max(1, round(0.15 * L)) or block.kind in "*W" or "latent_proj" in name:
+                    continue
+                plan[f"backbone.layers.{i}.{name}"] = "mxfp8" if block.kind == "M" and name == "mixer.out_proj" else "nvfp4"
+    return plan
+
+
+def apply_precision(model, precision, bf16_ends=True, rht=True, sr=True, w2d=True, seed=0):
+    """Turn the Linear layers of precision_plan into LowPrecLinear (in place, after the model is
+    on its device). rht, sr, w2d: the NVFP4 ablations; seed: the RHT's one sign vector for the
+    run. Returns the plan."""
+    plan = precision_plan(model, precision, bf16_ends)
+    signs = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    H = hadamard16(signs).to(model.lm_head.weight.device)
+    recipes = {"fp8": Recipe("fp8"), "mxfp8": Recipe("mxfp8"), "nvfp4": Recipe("nvfp4", rht=rht, sr=sr, w2d=w2d, H=H)}
+    for name, fmt in plan.items():
+        m = model.get_submodule(name)
+        m.__class__ = LowPrecLinear  # same parameters and buffers: only forward changes
+        m.recipe = recipes[fmt]
+    return plan

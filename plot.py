@@ -6,8 +6,9 @@ plot.py: the README's figures, drawn from what the runs wrote. matplotlib is an 
         val loss against context length, one line per eval.py JSON (eval.py --json_out=...)
     python plot.py blocks out-star-niah/eval.json --out=assets/star.png
         RULER score against Star Attention block size, one line per task and context length
-    python plot.py curves out-a out-b ... --out=assets/curves.png
-        val loss against step, one line per train.py out_dir (its log.jsonl)
+    python plot.py runs out-lowprec-bf16 out-lowprec-fp8 ... --out=lowprec.png
+        train.py runs (their log.jsonl): prints each one's final val loss and its difference from the
+        first run's; draws train loss and val loss relative to the first run against step
 """
 import argparse
 import json
@@ -64,32 +65,75 @@ def blocks(ax, paths):
     ax.set_ylabel("RULER score")
 
 
-def curves(ax, out_dirs):
-    for d in out_dirs:
-        rows = []
-        try:
-            with open(os.path.join(d, "log.jsonl")) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-        except (OSError, ValueError) as e:
-            sys.exit(f"error: cannot read {d}/log.jsonl: {e}")
-        points = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-        ax.plot([s for s, _ in points], [v for _, v in points], marker=".", label=os.path.basename(d.rstrip("/")))
-    ax.set_xlabel("step")
-    ax.set_ylabel("val loss")
+def read_run(out_dir):
+    """{"train": [(step, loss)], "val": [(step, val loss)], "config": dict} from out_dir/log.jsonl;
+    a resumed run appends to its log, so the last record of a step wins."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        sys.exit(f"error: {path} does not exist (train with --out_dir={out_dir} first)")
+    train, val, config = {}, {}, {}
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "config" in r:
+                config = r["config"]
+            elif "val_loss" in r:
+                val[r["step"]] = r["val_loss"]
+            elif "loss" in r:
+                train[r["step"]] = r["loss"]
+    return {"train": sorted(train.items()), "val": sorted(val.items()), "config": config}
+
+
+def report(runs):
+    """The table: final val loss of each run and its relative difference from the first run's."""
+    names = list(runs)
+    base = runs[names[0]]["val"][-1][1]
+    print(f"{'run':<28}{'steps':>7}{'final val loss':>16}{'vs ' + names[0]:>24}")
+    for name, r in runs.items():
+        step, loss = r["val"][-1]
+        print(f"{name:<28}{step:>7}{loss:>16.4f}{(loss - base) / base * 100:>+23.2f}%")
+
+
+def runs(fig, out_dirs):
+    """The table, and two panels: train loss, and val loss relative to the first run's (%)."""
+    runs = {os.path.basename(os.path.normpath(d)): read_run(d) for d in out_dirs}
+    if any(not r["val"] for r in runs.values()):
+        sys.exit("error: a run has no val loss yet: " + ", ".join(n for n, r in runs.items() if not r["val"]))
+    report(runs)
+    if fig is None:
+        return
+    ax_train, ax_val = fig.subplots(1, 2)
+    base = dict(next(iter(runs.values()))["val"])
+    for name, r in runs.items():
+        ax_train.plot(*zip(*r["train"]), label=name, lw=1)
+        rel = [(s, (v - base[s]) / base[s] * 100) for s, v in r["val"] if s > 0 and s in base]  # step 0: untrained
+        ax_val.plot(*zip(*rel), label=name, marker="o", lw=1)
+    ax_train.set(xlabel="step", ylabel="train loss (logged steps)", ylim=(None, 3.0))
+    ax_val.set(xlabel="step", ylabel=f"val loss vs {next(iter(runs))} (%)")
+    return ax_val
 
 
 def main():
     ap = argparse.ArgumentParser(description="draw the README's figures")
-    ap.add_argument("kind", choices=["lengths", "blocks", "curves"])
-    ap.add_argument("inputs", nargs="+", help="eval.py JSON files (lengths, blocks) or out_dirs (curves)")
-    ap.add_argument("--out", required=True, help="the PNG to write")
+    ap.add_argument("kind", choices=["lengths", "blocks", "runs"])
+    ap.add_argument("inputs", nargs="+", help="eval.py JSON files (lengths, blocks) or train.py out_dirs (runs)")
+    ap.add_argument("--out", default=None, help="the PNG to write (runs: optional, the table prints anyway)")
     ap.add_argument("--title", default="")
     args = ap.parse_args()
+    if args.kind == "runs" and args.out is None:
+        runs(None, args.inputs)
+        return
+    if args.out is None:
+        sys.exit(f"error: plot.py {args.kind} needs --out=FILE.png")
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    {"lengths": lengths, "blocks": blocks, "curves": curves}[args.kind](ax, args.inputs)
+    if args.kind == "runs":
+        fig = plt.figure(figsize=(11, 4))
+        ax = runs(fig, args.inputs)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        {"lengths": lengths, "blocks": blocks}[args.kind](ax, args.inputs)
+        ax.grid(alpha=0.3)
     ax.set_title(args.title)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.tight_layout()

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from kernels import apply_precision
 from model import CheckpointError, Nemotron, NemotronConfig
 from moe import (MoE, Router, balance_experts, balance_metrics, gather_experts, moe_costs, shard_experts,
                  unshard_experts)
@@ -105,6 +106,11 @@ min_lr = 4e-4                   # floor of the schedule (~learning_rate / 10, as
 device = 'auto'                 # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # bf16 needs no grad scaler; fp32 elsewhere
 compile = False                 # torch.compile the model (worth it on a GPU, slow to start on a CPU)
+precision = 'bf16'              # GEMMs: 'bf16' (dtype above), 'fp8' (Nemotron-H), 'mxfp8' or 'nvfp4' (Nemotron 3 Super); kernels.precision_plan
+bf16_ends = True                # fp8/mxfp8: the first and last blocks stay in high precision (Nemotron-H)
+nvfp4_rht = True                # nvfp4: random Hadamard transform of the weight-gradient GEMM's inputs (False: ablation)
+nvfp4_sr = True                 # nvfp4: stochastic rounding of the gradients (False: ablation)
+nvfp4_2d = True                 # nvfp4: 16x16 weight tiles (False: ablation, 1x16 as activations)
 ep = 1                          # expert parallelism: shard each MoE layer's routed experts over this many ranks (torchrun)
 seed = 1337                     # model init and the batch sequence
 peak_flops = 0.0                # FLOP/s per device that MFU is measured against (0: look the GPU up)
@@ -156,6 +162,8 @@ tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print0(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
+if precision not in ('bf16', 'fp8', 'mxfp8', 'nvfp4'):
+    die(f"precision must be 'bf16', 'fp8', 'mxfp8' or 'nvfp4', not '{precision}'")
 if lr_schedule not in ('wsd', 'cosine'):
     die(f"lr_schedule must be 'wsd' or 'cosine', not '{lr_schedule}'")
 torch.manual_seed(seed)  # the same on every rank: DDP also broadcasts rank 0's weights at wrap time
@@ -246,6 +254,9 @@ else:  # a fine-tune starts at step 0 with a fresh optimizer
 if model.config.vocab_size < meta['vocab_size']:
     die(f"the model's vocab_size {model.config.vocab_size} is smaller than data/{dataset}'s {meta['vocab_size']}")
 model.to(device)
+if precision != 'bf16':  # chosen Linear layers run their GEMMs on quantized operands; parameters and state_dict unchanged
+    lowp = apply_precision(model, precision, bf16_ends, nvfp4_rht, nvfp4_sr, nvfp4_2d, seed)
+    print0(f"precision {precision}: " + ", ".join(f"{n.removeprefix('backbone.')} {f}" for n, f in lowp.items()))
 # of the whole model, before any sharding
 n_params, n_active = model.num_params(), model.num_params(active=True)
 costs = moe_costs(model, block_size) if 'E' in model.config.pattern else {}

@@ -119,3 +119,13 @@ def test_bench_star_and_report(capsys):
     assert list(res) == [32, 64] and all(t > 0 for r in res.values() for t in r.values())
     bench.report_star(res, 4, steps=1, warmup=0, cfg_kw=cfg_kw)
     assert "one host" in capsys.readouterr().out
+
+
+def test_bench_lowprec_and_report(capsys):
+    lin = bench.bench_lowprec_linear(32, 32, 48, steps=1, warmup=0)
+    assert set(lin) == {"bf16", "fp8", "mxfp8", "nvfp4"} and all(t > 0 for t in lin.values())
+    quant = bench.bench_quantizers(16, 64, reps=1)
+    assert all(t > 0 and nbytes > 0 for t, nbytes in quant.values())
+    bench.report_lowprec(lin, (32, 32, 48), quant, (16, 64))
+    out = capsys.readouterr().out
+    assert "bf16 / recipe" in out and "nvfp4 16x16" in out

@@ -1,0 +1,384 @@
+"""
+Low-precision training (issue 8): the FP8 / MXFP8 / NVFP4 quantizers of kernels.py against
+independent references, the Triton quantize kernels against the PyTorch references bit for bit,
+the low-precision Linear against a plain fp32 Linear, the recipes' layer plans, and
+train.py --precision=... end to end.
+
+Run: python -m pytest -q tests/test_lowprec.py     (2-3 minutes on the loaded 2-core CPU it was written on)
+The kernel tests (test_kernel_*) need the Triton interpreter, which must be on before triton
+compiles anything: test_kernels_in_interpreter re-runs them in a subprocess with TRITON_INTERPRET=1,
+as tests/test_kernels.py does.
+
+Tolerances: every quantizer comparison is exact (codes and scales bit for bit, values with
+torch.equal). The Linear's outputs and gradients are compared with an fp32 nn.Linear by the
+relative Frobenius error ||a - b|| / ||b||, measured on this test's data (2026-11-29): FP8 E4M3 and
+MXFP8 0.036-0.038, NVFP4 0.14-0.17; the bounds are 0.06 and 0.25.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import kernels
+from helpers import assert_close
+from model import Nemotron, NemotronConfig
+
+INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+kernel_test = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()) or kernels.triton is None,
+                                 reason="runs in the interpreter subprocess of test_kernels_in_interpreter")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kernels_in_interpreter():
+    if INTERP or kernels.triton is None:
+        pytest.skip("already in the interpreter, or no triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel_",
+                           __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int32)
+
+
+def assert_same_bits(a, b, name):
+    assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
+    diff = (bits(a) != bits(b)).sum().item()
+    assert diff == 0, f"{name}: {diff} of {a.numel()} entries differ"
+
+
+# -----------------------------------------------------------------------------
+# formats against independent references
+
+
+def fp8_probe(fmt):
+    """Every finite value of the format, the midpoints between neighbours (exact ties), points a
+    quarter of the way between them, values past the largest, and fp32 subnormals."""
+    values = torch.arange(256, dtype=torch.uint8).view(kernels.TORCH_FP8[fmt]).float()
+    values = values[values.isfinite()].unique()  # sorted
+    mids = (values[1:] + values[:-1]) / 2
+    quarter = values[:-1] + (values[1:] - values[:-1]) / 4
+    fmax = kernels.FP8[fmt][2]
+    return torch.cat([values, mids, quarter, torch.tensor([fmax * 1.04, fmax * 2, -fmax * 3, 1e30, 1e-40, -1e-42])])
+
+
+def e2m1_probe():
+    g = torch.Generator().manual_seed(0)
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    near = torch.cat([ties.nextafter(torch.zeros(())), ties.nextafter(torch.full((), 9.0))])
+    grid = torch.tensor(kernels.E2M1_VALUES)
+    v = torch.cat([ties, near, grid, torch.tensor([6.5, 7.0, 100.0, 1e-30]), torch.rand(4000, generator=g) * 7])
+    return torch.cat([v, -v])
+
+
+def test_e2m1_rounding_matches_ml_dtypes():
+    """Ties to even (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4), saturation at 6."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    v = e2m1_probe()
+    ref = torch.from_numpy(v.numpy().astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
+    assert torch.equal(kernels.round_ref(v, "e2m1"), ref)
+    assert kernels.round_ref(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]), "e2m1").tolist() == \
+        [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
+
+
+def test_fp8_rounding_matches_ml_dtypes():
+    """round_ref's FP8 (torch's cast after the clamp that saturates) against ml_dtypes' casts."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    for fmt, np_fmt in (("e4m3", ml_dtypes.float8_e4m3fn), ("e5m2", ml_dtypes.float8_e5m2)):
+        v = fp8_probe(fmt)
+        fmax = kernels.FP8[fmt][2]
+        ref = torch.from_numpy(v.clamp(-fmax, fmax).numpy().astype(np_fmt).astype(np.float32))
+        assert torch.equal(kernels.round_ref(v, fmt), ref), fmt
+
+
+def test_stochastic_rounding_is_unbiased():
+    """Each value goes to one of its two E2M1 neighbours; over 20000 draws the mean error is within
+    4 standard errors of 0, for values across every spacing and sign."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.tensor([0.1, 0.3, 0.7, 1.2, 1.9, 2.2, 2.9, 3.3, 4.5, 5.9, -0.4, -2.6, -5.0, 6.0, 0.0])
+    draws = 20000
+    rand = torch.rand(draws, len(v), generator=g)
+    r = kernels.round_sr_ref(v.expand(draws, -1), rand)  # (draws, len(v))
+    values = torch.tensor(kernels.E2M1_VALUES)
+    assert torch.isin(r.abs(), values).all()
+    lo = values[(values[None, :] <= v.abs()[:, None]).sum(1) - 1]  # the neighbour below |v|
+    assert ((r.abs() - lo).abs() <= 2.0 + 1e-6).all() and (r.abs() >= lo - 1e-6).all()
+    err = r - v
+    se = err.std(0) / draws ** 0.5
+    assert (err.mean(0).abs() <= 4 * se + 1e-7).all(), (err.mean(0), se)
+    assert torch.equal(kernels.round_sr_ref(values, torch.rand(8, generator=g)), values)  # exact stays exact
+
+
+def test_rht_is_orthogonal():
+    signs = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(3)) * 2 - 1
+    H = kernels.hadamard16(signs)
+    assert_close(H @ H.T, torch.eye(16), "H H^T", atol=1e-6)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 40, generator=g), torch.randn(7, 40, generator=g)  # 40 tokens: padded to 48
+    assert_close(kernels.rht(a, H) @ kernels.rht(b, H).T, a @ b.T, "wgrad through the RHT", atol=1e-5)
+
+
+def test_nvfp4_numerics_by_hand():
+    """An outlier sets S_enc = 2688 / 2688 = 1; a block of amax 6 gets s_b = 1, so its values are
+    quantized as they are (the ties round to even); a block of amax 3 gets s_b = 0.5; a zero
+    block stays zero; two codes per byte, element 2i in the low nibble."""
+    x = torch.zeros(1, 64)
+    x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -6.0, 0, 0, 0, 0, 0])
+    x[0, 16:20] = torch.tensor([3.0, 1.0, 0.3, -1.5])
+    x[0, 48] = 2688.0
+    q = kernels.quantize_nvfp4(x)
+    assert q.tensor_scale.item() == 1.0
+    assert q.scale.float().tolist() == [[1.0, 0.5, 0.0, 448.0]]
+    d = q.dequantize()
+    assert d[0, :11].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 6.0, -0.0, -1.0, -6.0]
+    assert d[0, 16:20].tolist() == [3.0, 1.0, 0.25, -1.5]
+    assert torch.equal(d[0, 32:48], torch.zeros(16)) and d[0, 48].item() == 2688.0
+    assert q.data[0, 0].item() == 0x20 and q.data[0, 3].item() == 0x76  # (0, 1.0): codes 0, 2; (4.0, 6.0): 6, 7
+    assert torch.equal(kernels.quantize_nvfp4(torch.zeros(3, 16)).dequantize(), torch.zeros(3, 16))
+
+
+def test_mxfp8_scale_is_rounded_up():
+    """The E8M0 scale is the smallest power of two >= block amax * fl32(1/448) (2^-127 at least), and
+    the block's values are its E4M3 codes times it."""
+    g = torch.Generator().manual_seed(0)
+    amax = torch.cat([torch.tensor([448.0, 448.0 * 2, 447.0, 1.0, 1e-38, 3e38]), torch.rand(1000, generator=g) * 1e4])
+    x = torch.zeros(len(amax), 32)
+    x[:, 5] = amax
+    q = kernels.quantize_mxfp8(x)
+    scale = kernels.pow2(q.scale.int() - 127)[:, 0]
+    target = amax * kernels.fl32(1 / 448)
+    assert (scale >= target).all() and ((scale / 2 < target) | (scale == 2.0 ** -127)).all()  # E8M0's smallest
+    assert torch.equal(q.dequantize()[:, 5], kernels.round_ref(amax / scale, "e4m3") * scale)
+
+
+def test_fp8_recipes():
+    """Tensorwise: scale 448 / amax, codes equal to torch's cast of x * scale. Delayed: the first
+    call uses its own amax, later ones the largest in the history. Blockwise: one scale per block."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 300, generator=g)
+    q = kernels.quantize_fp8(x, "tensorwise", "e4m3")
+    scale = torch.tensor(448.0) / x.abs().amax()
+    assert_same_bits(q.data, (x * scale).to(torch.float8_e4m3fn), "tensorwise codes")
+    assert q.scale.item() == (1 / scale).item()
+    hist = kernels.AmaxHistory(length=4)
+    kernels.quantize_fp8(x * 10, "delayed", "e5m2", history=hist)
+    q2 = kernels.quantize_fp8(x, "delayed", "e5m2", history=hist)
+    assert q2.scale.item() == (1 / (torch.tensor(57344.0) / (x * 10).abs().amax())).item()
+    assert hist.amax[:2].tolist() == [x.abs().amax().item(), (x * 10).abs().amax().item()]
+    for block in ((1, 128), (128, 128)):
+        qb = kernels.quantize_fp8(x, "blockwise", "e4m3", block=block)
+        assert qb.scale.shape == (-(-40 // block[0]), 3) and qb.dequantize().shape == x.shape
+        assert_close(qb.dequantize(), x, f"blockwise {block}", atol=1e-4, rtol=2 ** -4)
+
+
+@pytest.mark.parametrize("quantize", [
+    lambda x: kernels.quantize_fp8(x, "tensorwise", "e4m3"),
+    lambda x: kernels.quantize_fp8(x, "blockwise", "e5m2"),
+    lambda x: kernels.quantize_mxfp8(x),
+    lambda x: kernels.quantize_nvfp4(x, (16, 16)),
+], ids=["fp8", "fp8-block", "mxfp8", "nvfp4"])
+def test_bf16_inputs_quantize_like_their_fp32_values(quantize):
+    x = torch.randn(33, 70, generator=torch.Generator().manual_seed(1)).bfloat16()
+    a, b = quantize(x), quantize(x.float())
+    assert_same_bits(a.data, b.data, "codes")
+    assert torch.equal(a.dequantize(), b.dequantize())
+
+
+# -----------------------------------------------------------------------------
+# the Triton kernels (interpreter on CPU): bit for bit against the references
+
+
+def probe_matrix(R, C, dtype, seed=0):
+    """Random rows spanning 12 decades, an outlier, an all-zero corner, a row of tiny (subnormal)
+    values, and a row of exact E2M1 ties in a block of amax 6 under a tensor amax of 2688."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(R, C, generator=g) * torch.logspace(-6, 6, C)[torch.randperm(C, generator=g)]
+    x = x / x.abs().amax() * 1000.0
+    x[:16, :32] = 0.0
+    x[1, 40:] = 1e-39 if dtype == torch.float32 else 1e-37  # footgun: the interpreter misreads bf16 subnormals
+    x[2, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, -6])
+    x[3, 5] = 2688.0  # the tensor's amax: S_enc = 1, and the tie row's s_b = 1
+    return x.to(dtype).to(DEV)
+
+
+FORMATS = [("e4m3", (1, 128)), ("e5m2", (1, 128)), ("e4m3", (128, 128)), ("mxfp8", (1, 32)),
+           ("nvfp4", (1, 16)), ("nvfp4", (16, 16))]
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt,block", FORMATS)
+def test_kernel_blocks_match_reference(fmt, block, dtype):
+    """Rows and columns that are not multiples of the block (padded), the transposed view (read
+    through its strides), and for NVFP4 stochastic rounding with the same random numbers."""
+    # (150, 200): padded to the blocks; the transposed view of a (160, 256) matrix: read through strides
+    for name, t in (("x", probe_matrix(150, 200, dtype)), ("x^T", probe_matrix(160, 256, dtype).t())):
+        tp = kernels.pad_to_blocks(t, block)
+        g = kernels.nvfp4_global(t.abs().amax().float()) if fmt == "nvfp4" else None
+        for rand in ([None, torch.rand(tp.shape, device=DEV)] if fmt == "nvfp4" else [None]):
+            q, s = kernels._quantize_blocks(tp, fmt, block, g, rand)
+            q_ref, s_ref = kernels.quantize_blocks_ref(tp, fmt, block, g, rand)
+            what = f"{fmt} {block} {dtype} {name}{' SR' if rand is not None else ''}"
+            assert_same_bits(q, q_ref, what + " codes")
+            assert_same_bits(s, s_ref, what + " scales")
+
+
+@kernel_test
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_kernel_fp8_cast_equals_torch_cast(fmt):
+    """The kernel's own rounding (_round_rne) at scale 1 against torch's float8 cast of the value
+    clamped to the format's range: every value, every tie, saturation, subnormals."""
+    v = fp8_probe(fmt).to(DEV)
+    fmax = kernels.FP8[fmt][2]
+    q = kernels._quantize_tensor(v, torch.ones((), device=DEV), fmt)
+    assert_same_bits(q, v.clamp(-fmax, fmax).to(kernels.TORCH_FP8[fmt]), fmt)
+
+
+@kernel_test
+def test_kernel_e2m1_rounding_equals_reference():
+    """_round_rne on E2M1 (the spacing trick) against round_ref's count of midpoints, through NVFP4
+    with S_enc = 1 and every block's amax 6 (so s_b = 1: the values are rounded as they are)."""
+    v = e2m1_probe()
+    v = v[v.abs() <= 6.0]
+    v = v[: len(v) // 15 * 15].view(-1, 15)
+    x = torch.cat([v, torch.full((len(v), 1), 6.0)], dim=1)  # (n, 16): amax 6 in every block
+    x[0, 0] = 2688.0  # the tensor amax: S_enc = 1 (that block's own values get another scale)
+    q = kernels.quantize_nvfp4(x.to(DEV))
+    assert torch.equal(q.dequantize()[1:].cpu(), kernels.round_ref(x[1:], "e2m1"))
+
+
+@kernel_test
+def test_kernel_public_quantizers_match_reference_path():
+    x = probe_matrix(70, 90, torch.float32)
+    for fn in (lambda t: kernels.quantize_fp8(t, "tensorwise", "e5m2"), kernels.quantize_mxfp8,
+               lambda t: kernels.quantize_nvfp4(t, (16, 16))):
+        a = fn(x)
+        kernels.USE_TRITON = False
+        b = fn(x)
+        kernels.USE_TRITON = True
+        assert_same_bits(a.data, b.data, "codes")
+        assert torch.equal(a.dequantize(), b.dequantize())
+
+
+# -----------------------------------------------------------------------------
+# the low-precision Linear
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("fmt,bound", [("fp8", 0.06), ("mxfp8", 0.06), ("nvfp4", 0.25)])
+def test_lowprec_linear_close_to_fp32_linear(fmt, bound):
+    """y, dx and dw of a LowPrecLinear (M = 148 tokens, K = 72, N = 580: not multiples of the
+    blocks) against an fp32 nn.Linear with the same weights; relative Frobenius error <= bound."""
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.Linear(72, 580, bias=False)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(580, 72, generator=g) * 0.05)
+    x = torch.randn(4, 37, 72, generator=g)
+    dy = torch.randn(4, 37, 580, generator=g)
+    recipe = kernels.Recipe(fmt, H=kernels.hadamard16(torch.ones(16)))
+    lp = torch.nn.Linear(72, 580, bias=False)
+    lp.load_state_dict(ref.state_dict())
+    lp.__class__, lp.recipe = kernels.LowPrecLinear, recipe
+    outs = []
+    for m in (lp, ref):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.backward(dy)
+        outs.append((y, xi.grad, m.weight.grad))
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = outs
+    assert y.dtype == dx.dtype == dw.dtype == torch.float32  # fp32 master weights, activations in x's dtype
+    assert torch.equal(y, y.bfloat16().float()) and torch.equal(dx, dx.bfloat16().float())  # bf16 outputs
+    for name, a, b in (("y", y, y_ref), ("dx", dx, dx_ref), ("dw", dw, dw_ref)):
+        assert rel_err(a, b) <= bound, (fmt, name, rel_err(a, b))
+
+
+def test_nvfp4_ablations_change_the_backward_only():
+    """No RHT / no SR / 1x16 weights: the forward of no_rht and no_sr equals the recipe's."""
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(48, 64, generator=g) * 0.05).requires_grad_()
+    x = torch.randn(40, 64, generator=g)
+    H = kernels.hadamard16(torch.ones(16))
+    base = kernels.LowPrecLinearFn.apply(x, w, kernels.Recipe("nvfp4", H=H))
+    for kw in (dict(rht=False), dict(sr=False)):
+        assert torch.equal(kernels.LowPrecLinearFn.apply(x, w, kernels.Recipe("nvfp4", H=H, **kw)), base)
+    assert not torch.equal(kernels.LowPrecLinearFn.apply(x, w, kernels.Recipe("nvfp4", H=H, w2d=False)), base)
+
+
+def test_scaled_mm_agrees_with_the_emulation():
+    """torch._scaled_mm (the FP8 tensor-core path, which also runs on a CPU for per-tensor scales)
+    on the codes and decode scales == dequantize + fp32 matmul, to fp32 summation order."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g) * 3
+    qa, qb = kernels.quantize_fp8(a, fmt="e4m3"), kernels.quantize_fp8(b, fmt="e5m2")
+    out = torch._scaled_mm(qa.data, qb.data.t(), qa.scale.view(()), qb.scale.view(()), out_dtype=torch.float32)
+    assert_close(out, qa.dequantize() @ qb.dequantize().t(), "scaled_mm", atol=1e-4, rtol=1e-5)
+
+
+CFG = NemotronConfig(vocab_size=256, d_model=32, pattern="M*M-ME", n_head=2, n_kv_head=1, head_dim=16, d_ff=64,
+                     mamba_heads=2, headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32,
+                     shared_d_ff=32, moe_latent_size=16)
+
+
+def test_precision_plans():
+    model = Nemotron(CFG)
+    fp8 = kernels.precision_plan(model, "fp8")
+    assert {n.split(".")[2] for n in fp8} == {"1", "2", "3", "4"}  # the first and last blocks in BF16
+    assert len(kernels.precision_plan(model, "fp8", bf16_ends=False)) == len(fp8) + 2 + 4  # M: 2, E: shared 2 + latent 2
+    nv = kernels.precision_plan(model, "nvfp4")
+    assert nv == {"backbone.layers.0.mixer.in_proj": "nvfp4", "backbone.layers.0.mixer.out_proj": "mxfp8",
+                  "backbone.layers.2.mixer.in_proj": "nvfp4", "backbone.layers.2.mixer.out_proj": "mxfp8",
+                  "backbone.layers.3.mixer.up_proj": "nvfp4", "backbone.layers.3.mixer.down_proj": "nvfp4",
+                  "backbone.layers.4.mixer.in_proj": "nvfp4", "backbone.layers.4.mixer.out_proj": "mxfp8"}
+
+
+def test_apply_precision_keeps_state_dict_and_trains():
+    torch.manual_seed(0)
+    model = Nemotron(CFG)
+    keys = list(model.state_dict())
+    idx = torch.randint(0, 256, (2, 40))
+    _, loss_ref = model(idx, idx)
+    kernels.apply_precision(model, "nvfp4")
+    assert list(model.state_dict()) == keys
+    assert isinstance(model.backbone.layers[0].mixer.in_proj, kernels.LowPrecLinear)
+    assert type(model.backbone.layers[1].mixer.q_proj) is torch.nn.Linear
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert abs(loss.item() - loss_ref.item()) < 0.05 * loss_ref.item()
+    assert all(p.grad is not None and p.grad.isfinite().all() for n, p in model.named_parameters()
+               if "layers.0" in n and p.requires_grad)
+
+
+# -----------------------------------------------------------------------------
+# train.py end to end
+
+TINY = ['--d_model=32', '--pattern=M*-E', '--n_head=2', '--n_kv_head=1', '--head_dim=16', '--d_ff=64',
+        '--mamba_heads=2', '--headdim=32', '--d_state=16', '--chunk_size=16', '--n_experts=4', '--top_k=2',
+        '--moe_d_ff=32', '--shared_d_ff=32', '--block_size=32', '--batch_size=4', '--eval_iters=1',
+        '--log_interval=1', '--sample_new_tokens=0', '--device=cpu', '--dtype=float32', '--max_iters=2',
+        '--eval_interval=2']
+
+
+@pytest.mark.parametrize("flags", [["--precision=bf16"], ["--precision=fp8"], ["--precision=mxfp8"],
+                                   ["--precision=nvfp4", "--nvfp4_rht=False", "--nvfp4_2d=False"],
+                                   ["--precision=nvfp4", "--bf16_ends=False", "--nvfp4_sr=False"]])
+def test_train_runs_each_precision(tmp_path, flags):
+    proc = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', *TINY, *flags], cwd=ROOT,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "final val loss" in proc.stdout
+    if flags[0] != "--precision=bf16":
+        assert f"precision {flags[0].split('=')[1]}:" in proc.stdout
+
+
+def test_train_rejects_unknown_precision(tmp_path):
+    proc = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', *TINY, '--precision=fp4'], cwd=ROOT,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "precision must be" in proc.stderr and "Traceback" not in proc.stderr
