@@ -2,7 +2,8 @@
 data/pycode_niah/prepare.py: pycode mixed with RULER needle retrieval, for the Star Attention experiment
 (README "Long context"): a model learns retrieval at a few hundred tokens and is tested far beyond.
 Read data/tokenizer.py and data/ruler.py first.
-Run: python data/pycode_niah/prepare.py         (about 10 s; builds data/pycode first if it is missing)
+Run: python data/pycode_niah/prepare.py              (about 10 s; builds data/pycode first if missing)
+     python data/pycode_niah/prepare.py --frac=0.8   (80% retrieval, into data/pycode_niah_80)
 
 The stream alternates a slice of pycode (random length 256-1024 bytes, in order through the split) with
 one RULER sample (niah_single_1 or niah_multikey_2, noise or needle haystack, at a random length of
@@ -45,8 +46,15 @@ def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.5):
     train, val = (np.memmap(os.path.join(pycode, f"{s}.bin"), dtype=np.uint32, mode="r") for s in ("train", "val"))
     meta = {**ByteTokenizer.meta, "source": "pycode + RULER niah", "retrieval_fraction": frac, "tasks": TASKS}
     meta = write_dataset(out_dir, mix(train, train_tokens, frac, 0), mix(val, val_tokens, frac, 1), meta)
-    print(f"pycode_niah: train {meta['train_tokens']:,} tokens | val {meta['val_tokens']:,} tokens -> {out_dir}")
+    print(f"{os.path.basename(out_dir)}: train {meta['train_tokens']:,} tokens | val {meta['val_tokens']:,} tokens -> {out_dir}")
     return meta
 
 if __name__ == "__main__":
-    prepare()
+    import argparse
+    ap = argparse.ArgumentParser(description="pycode mixed with RULER needle retrieval")
+    ap.add_argument("--frac", type=float, default=0.5, help="fraction of the tokens in retrieval samples")
+    args = ap.parse_args()
+    if not 0 <= args.frac <= 1:
+        sys.exit(f"error: --frac={args.frac}: expected a fraction between 0 and 1")
+    name = "pycode_niah" if args.frac == 0.5 else f"pycode_niah_{round(args.frac * 100)}"
+    prepare(os.path.join(os.path.dirname(HERE), name), frac=args.frac)
