@@ -1,14 +1,19 @@
 """
 train.py: train a Nemotron hybrid (Mamba-2 / attention / MLP / MoE) language model. Read after model.py.
 
-One process on a CPU, a Mac or a GPU:
+One process on a CPU, a Mac or a GPU (checkpoints: out_dir/ckpt.pt):
     python train.py                                  # the default: a small hybrid on pycode, CPU, minutes
     python train.py config/tiny_cpu.py --max_iters=100
-Data-parallel (DDP) on one node, with torchrun; --ep=N also shards the routed experts over N ranks:
-    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py
-    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --ep=4
-Resume, or fine-tune from another run or a Hugging Face NemotronH folder:
+Many processes with torchrun (checkpoints: sharded out_dir/ckpt-<step>/ folders, torch.distributed.checkpoint):
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py                 # DDP
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --fsdp=True     # FSDP2
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --tp=2 --fsdp=True  # 4 replicas x TP 2
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --ep=4          # DDP + experts over 4 ranks
+Several nodes: the same command on each, with --nnodes=N --node_rank=i --rdzv_backend=c10d
+--rdzv_endpoint=<node 0>:29500 in place of --standalone (README "Distributed training").
+Resume (any layout reads any other's checkpoint), restart on failure, or fine-tune:
     python train.py --init_from=resume --out_dir=out
+    torchrun --max-restarts=3 --nproc_per_node=8 train.py --init_from=auto   # resume if out_dir holds a checkpoint
     python train.py --init_from=path/to/out_dir_or_hf_folder --learning_rate=1e-4
 
 The training loop follows nanoGPT's train.py; the learning-rate schedule adds warmup-stable-decay
