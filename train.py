@@ -191,8 +191,8 @@ torch.backends.cudnn.allow_tf32 = True
 # autocast on CUDA only (bf16 matmuls on a CPU are slower than fp32); float16 also needs a grad scaler
 amp = device_type == 'cuda' and dtype != 'float32'
 ctx = torch.autocast(device_type='cuda', dtype=getattr(torch, dtype)) if amp else nullcontext()
-if ep > 1 and amp and dtype == 'float16':  # each rank's scaler would judge its own expert grads: steps could differ
-    die("ep > 1 with dtype='float16' is not supported (its grad scaler is per rank): use bfloat16")
+if (ep > 1 or tp > 1 or fsdp) and amp and dtype == 'float16':  # each rank's scaler would judge its own shard's grads: steps could differ
+    die("ep, tp or fsdp with dtype='float16' is not supported (its grad scaler is per rank): use bfloat16")
 if dtype != 'float32' and not amp:
     print0(f"note: dtype={dtype} applies on CUDA only; training in float32 on {device}")
 

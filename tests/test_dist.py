@@ -2,7 +2,7 @@
 tests/test_dist.py: train.py's parallel layouts on the CPU (torchrun, gloo, 2 processes), against one process.
 Run: python -m pytest -q tests/test_dist.py        (a few minutes on a 2-core CPU: every run starts torch twice)
 
-Covers (issue 7): FSDP2, TP=2 and TP=2 + FSDP2 each end 10 steps with the weights, AdamW moments and
+Covers (issue 7): FSDP2 (with --recompute), TP=2 and TP=2 + FSDP2 each end 10 steps with the weights, AdamW moments and
 losses of one process on the same global batches (DDP and EP=2 are test_train.py's); a sharded
 checkpoint saved by FSDP on 2 ranks resumes in one process and with TP=2, and from_pretrained /
 sample.py read it; a rank killed mid-run under torchrun --max-restarts=1 resumes from the newest
@@ -29,7 +29,8 @@ def one(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize('flags', [['--fsdp=True'], ['--tp=2'], ['--tp=2', '--fsdp=True']], ids=['fsdp', 'tp', 'tp+fsdp'])
+@pytest.mark.parametrize('flags', [['--fsdp=True', '--recompute=True'], ['--tp=2'], ['--tp=2', '--fsdp=True']],
+                         ids=['fsdp+recompute', 'tp', 'tp+fsdp'])
 def test_layout_matches_one(one, flags, tmp_path):
     """fp32, only the order of float sums differs: weights to 1e-5 abs + 1e-4 rel, losses to 1e-4,
     AdamW moments to 1e-4 of each tensor's largest value (assert_same_run). tp=2 on 2 ranks leaves
