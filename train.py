@@ -416,7 +416,10 @@ if ckpt is not None:
                     s[k] = v[tp_order[name]]
                 if v.dim() > 0 and ep > 1 and '.experts.' in name:  # this rank's experts
                     s[k] = v.chunk(ep)[ep_mesh.get_local_rank('ep')].clone()
-        set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+        if optim_state['state'] and all(isinstance(k, int) for k in optim_state['state']) and not ddp:
+            optimizer.load_state_dict(optim_state)  # a ckpt.pt of before sharded checkpoints: by index
+        else:
+            set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
         rng = ckpt.get('rng')  # one process only: restored last, after everything that draws from it (model init)
         if rng is not None:
             torch.set_rng_state(rng['torch'])
