@@ -580,7 +580,8 @@ if master_process:
         json.dump(meta, f)
     log({'config': config, 'git': git_hash(), 'torch': torch.__version__, 'device': device,
          'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
-         'params': n_params, 'active_params': n_active, **costs, 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+         'params': n_params, 'active_params': n_active, **costs, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+         'layout': {'dp': dp_size, 'tp': tp, 'ep': ep, 'fsdp': fsdp}, 'param_bytes_per_rank': param_bytes})
 pbar = tqdm(total=max_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True)
 X, Y, S = get_train_batch(iter_num, 0)  # fetch the very first batch
 losses = None
