@@ -440,13 +440,15 @@ class Nemotron(nn.Module):
         touches the network. dtype=None keeps the checkpoint's dtype."""
         if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
             return load_hf(path, dtype, device)
-        ckpt_path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
-        if not os.path.isfile(ckpt_path):
+        is_sharded = lambda p: os.path.isfile(os.path.join(p, "train_state.json"))
+        ckpt_path = path if not os.path.isdir(path) or is_sharded(path) else newest_checkpoint(path)
+        if ckpt_path is None or not os.path.exists(ckpt_path):
             raise CheckpointError(f"{path}: neither a Hugging Face folder (config.json) nor a "
                                   f"ckpt.pt / out_dir with one")
         try:
             # mmap: the optimizer state in the file is never read into memory, only the weights
-            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True, mmap=True)
+            ckpt = read_sharded_checkpoint(ckpt_path, "model") if is_sharded(ckpt_path) else \
+                torch.load(ckpt_path, map_location=device, weights_only=True, mmap=True)
             config = NemotronConfig(**ckpt["model_config"])
             state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
             with torch.device("meta"):
@@ -466,6 +468,29 @@ class Nemotron(nn.Module):
 
 class CheckpointError(Exception):
     """A checkpoint or Hugging Face folder this code cannot read; the message says why."""
+
+
+def newest_checkpoint(out_dir):
+    """The newest complete checkpoint of a train.py out_dir, or None: ckpt.pt (written by one
+    process) or a ckpt-<step> folder (sharded, written under torchrun), whichever was written
+    last. Both appear under their final name only once complete (*.tmp until then)."""
+    paths = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n == "ckpt.pt" or re.fullmatch(r"ckpt-\d+", n)]
+    return max(paths, key=os.path.getmtime, default=None)
+
+
+def read_sharded_checkpoint(folder, key=None):
+    """A ckpt-<step> folder as the plain dict a ckpt.pt holds (only its `key` part's tensors if
+    given), in one process whatever layout wrote it. The one torch.distributed import of this
+    file: torch.distributed.checkpoint (DCP) stitches the shards together, no process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    with open(os.path.join(folder, "train_state.json")) as f:
+        state = json.load(f)  # model_config, config, iter_num, best_val_loss
+    tensors = {}  # the empty planner fills it from the checkpoint's metadata, as dcp_to_torch_save does
+    _load_state_dict(tensors, storage_reader=FileSystemReader(folder),
+                     planner=_EmptyStateDictLoadPlanner(keys=key and {key}), no_dist=True)
+    return {**state, **tensors}
 
 
 def probabilities(logits, temperature=1.0, top_k=None, top_p=None):

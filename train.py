@@ -1,14 +1,19 @@
 """
 train.py: train a Nemotron hybrid (Mamba-2 / attention / MLP / MoE) language model. Read after model.py.
 
-One process on a CPU, a Mac or a GPU:
+One process on a CPU, a Mac or a GPU (checkpoints: out_dir/ckpt.pt):
     python train.py                                  # the default: a small hybrid on pycode, CPU, minutes
     python train.py config/tiny_cpu.py --max_iters=100
-Data-parallel (DDP) on one node, with torchrun; --ep=N also shards the routed experts over N ranks:
-    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py
-    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --ep=4
-Resume, or fine-tune from another run or a Hugging Face NemotronH folder:
+Many processes with torchrun (checkpoints: sharded out_dir/ckpt-<step>/ folders, torch.distributed.checkpoint):
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py                 # DDP
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --fsdp=True     # FSDP2
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --tp=2 --fsdp=True  # 4 replicas x TP 2
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --ep=4          # DDP + experts over 4 ranks
+Several nodes: the same command on each, with --nnodes=N --node_rank=i --rdzv_backend=c10d
+--rdzv_endpoint=<node 0>:29500 in place of --standalone (README "Distributed training").
+Resume (any layout reads any other's checkpoint), restart on failure, or fine-tune:
     python train.py --init_from=resume --out_dir=out
+    torchrun --max-restarts=3 --nproc_per_node=8 train.py --init_from=auto   # resume if out_dir holds a checkpoint
     python train.py --init_from=path/to/out_dir_or_hf_folder --learning_rate=1e-4
 
 The training loop follows nanoGPT's train.py; the learning-rate schedule adds warmup-stable-decay
@@ -16,19 +21,27 @@ The training loop follows nanoGPT's train.py; the learning-rate schedule adds wa
 (seed, step): a resumed run sees exactly the batches a straight run would, and N ranks split the
 same global batch that one process would see, so both give the same weights.
 """
-import dataclasses, json, math, os, random, subprocess, sys, time
+import dataclasses, functools, json, math, os, random, shutil, subprocess, sys, time
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_optimizer_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from kernels import apply_precision
-from model import CheckpointError, Nemotron, NemotronConfig
-from moe import (MoE, Router, balance_experts, balance_metrics, gather_experts, moe_costs, shard_experts,
-                 unshard_experts)
+from attention import Attention
+from mamba import Mamba2Mixer
+from model import Block, CheckpointError, Nemotron, NemotronConfig, newest_checkpoint, read_sharded_checkpoint
+from moe import MLP, MoE, Router, balance_experts, balance_metrics, moe_costs, shard_experts, unshard_experts
 from plan import flops_per_token
 from data.tokenizer import DataError, load_tokenizer, read_meta
 
@@ -41,7 +54,7 @@ eval_interval = 250             # estimate train/val loss (and maybe checkpoint)
 eval_iters = 10                 # batches per loss estimate
 log_interval = 10               # steps between log lines (each costs a device sync)
 always_save_checkpoint = True   # save at every eval, not only when val loss improves
-init_from = 'scratch'           # 'scratch', 'resume' (out_dir/ckpt.pt), or a run's out_dir / ckpt.pt / HF folder to fine-tune
+init_from = 'scratch'           # 'scratch', 'resume' (out_dir's newest checkpoint), 'auto' (resume if there is one, else scratch), or a run's out_dir / ckpt.pt / HF folder to fine-tune
 sample_new_tokens = 300         # tokens of sample printed at the end (0: none)
 # data
 dataset = 'pycode'              # data/<dataset>/{train,val}.bin (uint32) and meta.json
@@ -67,7 +80,7 @@ d_ff = 512                      # MLP hidden width
 mamba_heads = 4                 # Mamba-2 heads H (H * P = 2 * d_model, Mamba-2's expansion)
 headdim = 64                    # Mamba-2 head dim P
 d_state = 32                    # Mamba-2 state size N
-n_groups = 1                    # Mamba-2 groups G sharing B and C
+n_groups = 2                    # Mamba-2 groups G sharing B and C (2: every size that --tp=2 splits divides by 2)
 d_conv = 4                      # Mamba-2 causal conv width K
 chunk_size = 32                 # SSD chunk length Q
 dt_min = 0.001                  # Mamba-2 dt init range, low end
@@ -111,7 +124,10 @@ bf16_ends = True                # fp8/mxfp8: the first and last blocks stay in h
 nvfp4_rht = True                # nvfp4: random Hadamard transform of the weight-gradient GEMM's inputs (False: ablation)
 nvfp4_sr = True                 # nvfp4: stochastic rounding of the gradients (False: ablation)
 nvfp4_2d = True                 # nvfp4: 16x16 weight tiles (False: ablation, 1x16 as activations)
+tp = 1                          # tensor parallelism: split attention heads, Mamba heads and MLP widths over this many ranks (torchrun)
 ep = 1                          # expert parallelism: shard each MoE layer's routed experts over this many ranks (torchrun)
+fsdp = False                    # FSDP2: shard parameters, gradients and AdamW moments over the data-parallel ranks (else DDP)
+recompute = False               # activation checkpointing: keep only each block's input, recompute the rest in the backward
 seed = 1337                     # model init and the batch sequence
 peak_flops = 0.0                # FLOP/s per device that MFU is measured against (0: look the GPU up)
 # -----------------------------------------------------------------------------
@@ -153,17 +169,30 @@ device_type = device.split(':')[0]
 for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
     if globals()[k] < 1:
         die(f"{k} must be at least 1, got {globals()[k]}")
-if ep < 1 or ddp_world_size % ep != 0:
-    die(f"ep={ep} must divide the number of ranks, {ddp_world_size} (launch with torchrun --nproc_per_node=<a multiple of {max(ep, 1)}>)")
-if gradient_accumulation_steps % ddp_world_size != 0:
-    die(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {ddp_world_size} ranks")
-accum_steps = gradient_accumulation_steps // ddp_world_size  # micro-steps of this rank
+# the layout: W ranks = dp data-parallel replicas x tp tensor-parallel ranks, the tp ranks of a replica
+# consecutive (one node's fast links); EP groups are ep consecutive ranks inside data parallelism
+for k, n in (('tp', tp), ('ep', ep)):
+    if n < 1 or ddp_world_size % n != 0:
+        die(f"{k}={n} must divide the number of ranks, {ddp_world_size} (launch with torchrun --nproc_per_node=<a multiple of {max(n, 1)}>)")
+if fsdp and not ddp:
+    die("fsdp=True shards over ranks: launch with torchrun (--nproc_per_node=1 is fine)")
+if ep > 1 and (tp > 1 or fsdp):  # the expert shards would need FSDP / TP placements of their own
+    die(f"ep={ep} runs with DDP only, not with tp={tp} or fsdp={fsdp}: use --ep alone, or --tp/--fsdp without --ep")
+dp_size, dp_rank = ddp_world_size // tp, ddp_rank // tp
+if tp > 1 and dp_size > 1 and not fsdp:
+    die(f"tp={tp} on {ddp_world_size} ranks leaves {dp_size} data-parallel replicas: add --fsdp=True (DDP does not take DTensors)")
+if gradient_accumulation_steps % dp_size != 0:
+    die(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by the {dp_size} data-parallel ranks")
+accum_steps = gradient_accumulation_steps // dp_size  # micro-steps of this rank
+mesh = init_device_mesh(device_type, (dp_size, tp), mesh_dim_names=('dp', 'tp')) if ddp else None
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print0(f"tokens per iteration: {tokens_per_iter:,} ({gradient_accumulation_steps} x {batch_size} x {block_size})")
 if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
 if precision not in ('bf16', 'fp8', 'mxfp8', 'nvfp4'):
     die(f"precision must be 'bf16', 'fp8', 'mxfp8' or 'nvfp4', not '{precision}'")
+if precision != 'bf16' and tp > 1:  # the low-precision GEMMs take whole weights, not DTensor shards
+    die(f"precision={precision} runs without tensor parallelism: drop --tp (DDP, --fsdp and --ep work)")
 if lr_schedule not in ('wsd', 'cosine'):
     die(f"lr_schedule must be 'wsd' or 'cosine', not '{lr_schedule}'")
 torch.manual_seed(seed)  # the same on every rank: DDP also broadcasts rank 0's weights at wrap time
@@ -172,8 +201,8 @@ torch.backends.cudnn.allow_tf32 = True
 # autocast on CUDA only (bf16 matmuls on a CPU are slower than fp32); float16 also needs a grad scaler
 amp = device_type == 'cuda' and dtype != 'float32'
 ctx = torch.autocast(device_type='cuda', dtype=getattr(torch, dtype)) if amp else nullcontext()
-if ep > 1 and amp and dtype == 'float16':  # each rank's scaler would judge its own expert grads: steps could differ
-    die("ep > 1 with dtype='float16' is not supported (its grad scaler is per rank): use bfloat16")
+if (ep > 1 or tp > 1 or fsdp) and amp and dtype == 'float16':  # each rank's scaler would judge its own shard's grads: steps could differ
+    die("ep, tp or fsdp with dtype='float16' is not supported (its grad scaler is per rank): use bfloat16")
 if dtype != 'float32' and not amp:
     print0(f"note: dtype={dtype} applies on CUDA only; training in float32 on {device}")
 
@@ -219,14 +248,20 @@ def get_batch(split, key, part, n_parts):
     return move(x), move(y), move(seq_idx)
 
 def get_train_batch(it, micro_step):
-    # step `it` has gradient_accumulation_steps micro-batches; this rank owns a contiguous run of them
-    return get_batch('train', (0, it), ddp_rank * accum_steps + micro_step, gradient_accumulation_steps)
+    # step `it` has gradient_accumulation_steps micro-batches; each data-parallel replica owns a
+    # contiguous run of them, which its tp ranks all read
+    return get_batch('train', (0, it), dp_rank * accum_steps + micro_step, gradient_accumulation_steps)
 
 # -----------------------------------------------------------------------------
-# model: from scratch, resumed from out_dir/ckpt.pt, or loaded to fine-tune
-iter_num, best_val_loss, ckpt = 0, float('inf'), None
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-if init_from == 'scratch':
+# model: from scratch, resumed from out_dir's newest checkpoint, or loaded to fine-tune
+iter_num, best_val_loss, ckpt, resumed = 0, float('inf'), None, False
+if init_from not in ('scratch', 'resume', 'auto') and not os.path.exists(init_from):
+    die(f"init_from={init_from!r}: not 'scratch', 'resume', 'auto', nor an existing path")
+# ckpt.pt from one process, ckpt-<step>/ (sharded, DCP) from torchrun: the one written last
+ckpt_path = newest_checkpoint(out_dir) if init_from in ('resume', 'auto') and os.path.isdir(out_dir) else None
+if init_from == 'resume' and ckpt_path is None:
+    die(f"--init_from=resume but {out_dir} holds no checkpoint (ckpt.pt or ckpt-<step>/; train with --init_from=scratch first)")
+if init_from == 'scratch' or (init_from == 'auto' and ckpt_path is None):
     if vocab_size is None:
         vocab_size = meta['vocab_size']
     model_args = {f.name: globals()[f.name] for f in dataclasses.fields(NemotronConfig)}
@@ -235,12 +270,13 @@ if init_from == 'scratch':
     except AssertionError as e:  # __post_init__ checks the pattern and the divisibility rules
         die(f"bad model config: {e}")
     model = Nemotron(model_config)
-elif init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        die(f"--init_from=resume but {ckpt_path} does not exist (train with --init_from=scratch first)")
+elif ckpt_path is not None:  # resume: the weights now, the optimizer state once it exists
+    print0(f"resuming from {ckpt_path}")
+    resumed = True
     try:  # any failure to read means a corrupt or foreign file: report it, leave it as it is
-        model = Nemotron.from_pretrained(ckpt_path)  # the weights, as model.py reads any ckpt.pt
-        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)  # the rest
+        model = Nemotron.from_pretrained(ckpt_path)  # the weights, as model.py reads any checkpoint
+        ckpt = read_sharded_checkpoint(ckpt_path, 'optimizer') if os.path.isdir(ckpt_path) else \
+            torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)  # the rest
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
     except CheckpointError as e:
         die(f"cannot resume: {e}")
@@ -264,85 +300,172 @@ print0(f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active),
        + (f"; MoE layers: {costs['moe_flops_share']:.0%} of training FLOPs/token, {costs['moe_param_share']:.0%} of parameter memory" if costs else ""))
 
 # -----------------------------------------------------------------------------
-# expert parallelism inside data parallelism. Every rank trains on its own batch as in DDP. The W
-# ranks form W/ep EP groups of ep consecutive ranks; in each, group rank r holds shard r of every
-# MoE layer's routed experts, and token copies reach their experts by all-to-all (moe.py). The W/ep
-# ranks that hold the same shard are its replicas: they average its gradient (sync_expert_grads);
-# DDP averages every other parameter, which all ranks hold whole.
-moes = [m for m in model.modules() if isinstance(m, MoE)]
-ep_group = replica_group = None
-if ep > 1:
-    if not moes:
-        die(f"ep={ep} shards MoE layers, and the pattern {model.config.pattern} has none ('E')")
-    if model.config.n_experts % ep != 0:
-        die(f"ep={ep} must divide n_experts={model.config.n_experts}")
-    for g in range(ddp_world_size // ep):  # new_group is collective: every rank makes every group
-        group = dist.new_group(list(range(g * ep, (g + 1) * ep)))
-        ep_group = group if ddp_rank // ep == g else ep_group
-    for r in range(ep):
-        group = dist.new_group(list(range(r, ddp_world_size, ep)))
-        replica_group = group if ddp_rank % ep == r else replica_group
-    for m in moes:
-        shard_experts(m, ep_group)
+# parallelize: torchtitan's order, made small. 1) tensor parallelism splits heads and MLP widths over
+# the tp ranks of a replica; 2) expert parallelism splits the routed experts over ep ranks; 3)
+# activation checkpointing; 4) torch.compile, one block at a time (names unchanged); 5) FSDP2 shards
+# what is left over the dp ranks, or DDP replicates it. Data parallelism is whatever tp leaves.
+#
+# TP plans: {module path inside a mixer: style}. ColwiseParallel splits a Linear's output features
+# (whole heads per rank), RowwiseParallel its input features, and all-reduces the output. With
+# use_local_output (the default) the mixers get plain tensors of their own heads, and their maths
+# runs unchanged on H/tp heads (the head counts are divided below). Embedding, LM head and loss are
+# replicated on the tp ranks (each computes the whole logits), and so are the norms and MoE layers.
+ATTENTION_PLAN = {'q_proj': ColwiseParallel(), 'k_proj': ColwiseParallel(), 'v_proj': ColwiseParallel(),
+                  'o_proj': RowwiseParallel()}
+MLP_PLAN = {'up_proj': ColwiseParallel(), 'down_proj': RowwiseParallel()}
+MAMBA_PLAN = {'in_proj': ColwiseParallel(), 'out_proj': RowwiseParallel()}  # in_proj's rows reordered first
+
+def mamba_tp_order(m):
+    """The row order of in_proj and the channel order of conv1d that make the packed [z, x, B, C, dt]
+    splittable: rank r's 1/tp block holds its heads' z, x and dt and its groups' B and C (heads
+    r*H/tp.. use groups r*G/tp..), which ColwiseParallel's even split then hands it."""
+    HP, GN, H = m.d_inner, m.G * m.N, m.H
+    z, x, B, C, dt = torch.arange(2 * HP + 2 * GN + H).split([HP, HP, GN, GN, H])
+    rows = torch.cat([torch.cat([s.chunk(tp)[r] for s in (z, x, B, C, dt)]) for r in range(tp)])
+    conv = torch.cat([torch.cat([s.chunk(tp)[r] - HP for s in (x, B, C)]) for r in range(tp)])  # xBC channels
+    return rows, conv
+
+def mamba_heads(m):  # the per-channel and per-head parameters of a Mamba mixer
+    return [(m.conv1d, 'weight'), (m.conv1d, 'bias'), (m, 'A_log'), (m, 'D'), (m, 'dt_bias'), (m.norm, 'weight')]
+
+def local_heads(m, args):
+    """Forward pre-hook of a TP Mamba mixer: its per-head parameters are DTensors (so that
+    FSDP, clipping and checkpoints see the whole tensor), its maths wants this rank's plain
+    shard. to_local() is differentiable: the grads land on the DTensors. restore_heads undoes it."""
+    m.dtensors = [(mod, name, mod._parameters[name]) for mod, name in mamba_heads(m)]
+    for mod, name, p in m.dtensors:
+        mod._parameters[name] = p.to_local()
+
+def restore_heads(m, args, out):
+    for mod, name, p in m.dtensors:
+        mod._parameters[name] = p
+
+tp_order = {}  # state-dict name -> row order of a TP-reordered Mamba tensor (checkpoints undo it)
+ep_mesh = ep_group = replica_group = None
+
+def parallelize(model):
+    global ep_mesh, ep_group, replica_group
+    blocks = [b for b in model.modules() if isinstance(b, Block)]  # the backbone's layers and the MTP depths' blocks
+    names = {m: n for n, m in model.named_modules()}
+    if tp > 1:  # 1) tensor parallelism over mesh['tp']
+        for block in blocks:
+            m = block.mixer
+            if isinstance(m, Attention):
+                if m.n_kv_head % tp:
+                    die(f"tp={tp} must divide n_head={m.n_head} and n_kv_head={m.n_kv_head}")
+                parallelize_module(m, mesh['tp'], ATTENTION_PLAN)
+                m.n_head, m.n_kv_head = m.n_head // tp, m.n_kv_head // tp
+            elif isinstance(m, MLP):
+                if m.up_proj.out_features % tp:
+                    die(f"tp={tp} must divide d_ff={m.up_proj.out_features}")
+                parallelize_module(m, mesh['tp'], MLP_PLAN)
+            elif isinstance(m, Mamba2Mixer):
+                if m.G % tp:
+                    die(f"tp={tp} must divide n_groups={m.G} (and so mamba_heads={m.H})")
+                rows, conv = mamba_tp_order(m)
+                with torch.no_grad():
+                    m.in_proj.weight.copy_(m.in_proj.weight[rows])  # (2*H*P + 2*G*N + H, d_model), reordered
+                    m.conv1d.weight.copy_(m.conv1d.weight[conv])  # (H*P + 2*G*N, 1, K), reordered
+                    m.conv1d.bias.copy_(m.conv1d.bias[conv])
+                for key, order in (('in_proj.weight', rows), ('conv1d.weight', conv), ('conv1d.bias', conv)):
+                    tp_order[f'{names[m]}.{key}'] = order
+                parallelize_module(m, mesh['tp'], MAMBA_PLAN)
+                for mod, name in mamba_heads(m):  # split by heads (channels): rank r gets block r
+                    p = getattr(mod, name)
+                    setattr(mod, name, torch.nn.Parameter(distribute_tensor(p.detach(), mesh['tp'], [Shard(0)])))
+                m.register_forward_pre_hook(local_heads)
+                m.register_forward_hook(restore_heads)
+                m.H, m.G, m.d_inner, m.conv_dim = m.H // tp, m.G // tp, m.d_inner // tp, m.conv_dim // tp
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if ep > 1:  # 2) expert parallelism: (replica, ep) mesh, ep consecutive ranks per group
+        if not moes:
+            die(f"ep={ep} shards MoE layers, and the pattern {model.config.pattern} has none ('E')")
+        if model.config.n_experts % ep != 0:
+            die(f"ep={ep} must divide n_experts={model.config.n_experts}")
+        ep_mesh = init_device_mesh(device_type, (ddp_world_size // ep, ep), mesh_dim_names=('replica', 'ep'))
+        ep_group, replica_group = ep_mesh.get_group('ep'), ep_mesh.get_group('replica')
+        for m in moes:
+            shard_experts(m, ep_group)
+    if recompute:  # 3) keep each block's input only; its forward runs again in the backward
+        for block in blocks:
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if compile:  # 4) in place, per block: the parameter names stay those of the plain model
+        print0("compiling the model... (takes a minute)")
+        for block in blocks:
+            block.compile()
+    if fsdp:  # 5) FSDP2 per block, then the rest (embedding, final norm, LM head)
+        for block in blocks:
+            fully_shard(block, mesh=mesh['dp'])
+        fully_shard(model, mesh=mesh['dp'])
+    elif ddp and dp_size > 1:  # 5) DDP; the expert shards differ from rank to rank: sync_expert_grads averages them
+        is_expert = {id(p) for m in moes for p in m.experts.parameters()} if ep > 1 else set()
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if id(p) in is_expert])
+        model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, process_group=mesh['dp'].get_group())
+    return model
+
+raw_model = model  # the plain module (FSDP and TP change it in place; DDP wraps it)
+model = parallelize(model)
+moes = [m for m in raw_model.modules() if isinstance(m, MoE)]
 expert_params = [p for m in moes for p in m.experts.parameters()] if ep > 1 else []
 is_expert = {id(p) for p in expert_params}
+routers = [m for m in raw_model.modules() if isinstance(m, Router)]  # the MoE layers' routers
+local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # this rank's shard
+param_bytes = sum(local(p).numel() * local(p).element_size() for p in raw_model.parameters())
+print0(f"params+optimizer per rank: {3 * param_bytes / 2**20:.3f} MB (parameters {param_bytes / 2**20:.3f} MB "
+       f"and AdamW's two moments, local shards of rank 0; dp={dp_size} tp={tp} ep={ep} fsdp={fsdp})")
 
 # AdamW: decay matrices and embeddings, not norms, biases, A_log, D or dt_bias (all 1-D)
-params = [p for p in model.parameters() if p.requires_grad]
+params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
                                {'params': [p for p in params if p.dim() < 2], 'weight_decay': 0.0}],
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == 'cuda')
-opt_index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g['params'])}  # state_dict's keys
 scaler = torch.amp.GradScaler(device_type, enabled=amp and dtype == 'float16')
 if ckpt is not None:
-    try:
-        optim_state = ckpt['optimizer']  # of the whole model, whatever ep saved it
-        for p in expert_params:  # keep this rank's shard of the experts' AdamW moments
-            s = optim_state['state'][opt_index[id(p)]]
-            optim_state['state'][opt_index[id(p)]] = {k: v.chunk(ep)[ddp_rank % ep].clone() if v.dim() > 0 else v
-                                                      for k, v in s.items()}
-        optimizer.load_state_dict(optim_state)
-        rng = ckpt['rng']  # restored last, after everything that draws from it (model init)
-        torch.set_rng_state(rng['torch'])
-        if rng['cuda'] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng['cuda'])
-        np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
-        random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
+    try:  # the whole model's AdamW moments by parameter name, whatever layout saved them: take this rank's part
+        optim_state = ckpt['optimizer']
+        for name, s in optim_state['state'].items():
+            for k, v in s.items():
+                if v.dim() > 0 and name in tp_order:  # TP's reordered Mamba rows, as parallelize did to the weights
+                    s[k] = v[tp_order[name]]
+                if v.dim() > 0 and ep > 1 and '.experts.' in name:  # this rank's experts
+                    s[k] = v.chunk(ep)[ep_mesh.get_local_rank('ep')].clone()
+        if optim_state['state'] and all(isinstance(k, int) for k in optim_state['state']) and not ddp:
+            optimizer.load_state_dict(optim_state)  # a ckpt.pt of before sharded checkpoints: by index
+        else:
+            set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+        rng = ckpt.get('rng')  # one process only: restored last, after everything that draws from it (model init)
+        if rng is not None:
+            torch.set_rng_state(rng['torch'])
+            if rng['cuda'] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng['cuda'])
+            np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+            random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
     except Exception as e:
         die(f"cannot resume from {ckpt_path}: not a valid checkpoint ({type(e).__name__}: {str(e)[:100]})")
     ckpt = None  # free the memory
-
-raw_model = model  # the plain module: its state_dict has no _orig_mod./module. prefixes
-routers = [m for m in raw_model.modules() if isinstance(m, Router)]  # the MoE layers' routers
-if compile:
-    print0("compiling the model... (takes a minute)")
-    model = torch.compile(model)
-if ddp:
-    # the expert shards differ from rank to rank: DDP leaves them to sync_expert_grads
-    DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if id(p) in is_expert])
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 # -----------------------------------------------------------------------------
 # helpers of the loop
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over the same eval_iters batches of each split every time, shared among the ranks."""
+    """Mean loss over the same eval_iters batches of each split every time, shared among the replicas."""
     out = {}
-    eval_model = model.module if ddp else model  # not through DDP: ranks may run unequal counts of batches
+    eval_model = model.module if isinstance(model, DDP) else model  # not through DDP: ranks may run unequal counts of batches
     eval_model.eval()
-    # under EP all ranks must run as many forwards (all-to-alls): round up, count the first eval_iters
-    n = math.ceil(eval_iters / ddp_world_size) * ddp_world_size if ep > 1 else eval_iters
+    # with collectives in the forward (EP's all-to-alls, TP, FSDP) all ranks must run as many
+    # forwards: round up, count the first eval_iters. The tp ranks of a replica read the same batches
+    n = math.ceil(eval_iters / dp_size) * dp_size if ep > 1 or tp > 1 or fsdp else eval_iters
     for i, split in enumerate(('train', 'val')):
         total = torch.zeros((), device=device)
-        for k in range(ddp_rank, n, ddp_world_size):
+        for k in range(dp_rank, n, dp_size):
             X, Y, S = get_batch(split, (1 + i, k), 0, 1)
             with ctx:
                 _, loss = eval_model(X, Y, seq_idx=S)
             total += loss.float() * (k < eval_iters)
         if ddp:
-            dist.all_reduce(total)
-        out[split] = total.item() / eval_iters
+            dist.all_reduce(total)  # the tp ranks of a replica hold the same sum: count it once
+        out[split] = total.item() / tp / eval_iters
     eval_model.train()
     return out
 
@@ -370,54 +493,80 @@ def sync_expert_grads():
         p.grad /= ddp_world_size
 
 def clip_grad_norm(max_norm):
-    """clip_grad_norm_ of the whole model: under EP each rank holds 1/ep of the experts' grads, so
-    their squares are summed over the EP group; every rank then scales by the same factor."""
-    if ep == 1:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    dense = [p.grad for p in raw_model.parameters() if p.grad is not None and id(p) not in is_expert]
-    experts = [p.grad for p in expert_params]
-    sq_dense, sq_experts = (torch.stack([g.float().square().sum() for g in gs]).sum() for gs in (dense, experts))
-    dist.all_reduce(sq_experts, group=ep_group)
-    coef = (max_norm / ((sq_dense + sq_experts).sqrt() + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_
-    for g in dense + experts:
+    """clip_grad_norm_ of the whole model, whatever holds which part of it: a DTensor gradient's
+    (FSDP, TP) squares are summed over its mesh by full_tensor(); under EP each rank holds 1/ep of
+    the experts' grads, so their squares are summed over the EP group; the others are whole here.
+    Every rank then scales by the same factor."""
+    grads = [p.grad for p in raw_model.parameters() if p.grad is not None]
+    if ep == 1 and not any(isinstance(g, DTensor) for g in grads):
+        return torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    sq, sq_experts, by_mesh = torch.zeros((), device=device), torch.zeros((), device=device), {}
+    for p in raw_model.parameters():
+        if p.grad is None:
+            continue
+        s = p.grad.float().square().sum()
+        if isinstance(s, DTensor):  # a partial sum: added up per mesh, reduced once per mesh
+            by_mesh[s.device_mesh] = by_mesh[s.device_mesh] + s if s.device_mesh in by_mesh else s
+        elif id(p) in is_expert:
+            sq_experts += s
+        else:
+            sq += s
+    if ep > 1:
+        dist.all_reduce(sq_experts, group=ep_group)
+    sq = sq + sq_experts + sum(s.full_tensor() for s in by_mesh.values())
+    coef = min(1.0, max_norm / (sq.sqrt().item() + 1e-6))  # as clip_grad_norm_
+    for g in grads:
         g.mul_(coef)
 
-def full_state():
-    """The model's and optimizer's state dicts for the whole model. Under EP every rank must call
-    it: the expert shards (weights and AdamW moments) are gathered over the EP group."""
-    model_state, optim_state = raw_model.state_dict(), optimizer.state_dict()
-    names = {id(p): n for n, p in raw_model.named_parameters()}
-    for p in expert_params:
-        model_state[names[id(p)]] = gather_experts(p.detach(), ep_group)
-        s = optim_state['state'][opt_index[id(p)]]  # replaced, not edited: the optimizer shares this dict
-        optim_state['state'][opt_index[id(p)]] = {k: gather_experts(v, ep_group) if v.dim() > 0 else v
-                                                  for k, v in s.items()}
+def checkpoint_state():
+    """This rank's part of the model's and optimizer's state dicts, in the layout-free form a
+    checkpoint holds: names of the plain model, DTensors for what is sharded (DCP stitches any
+    of them into any other layout), and TP's reordered Mamba rows back in their own order."""
+    model_state, optim_state = get_state_dict(raw_model, optimizer)  # by parameter name
+    def canonical(name, t):
+        if name in tp_order and t.dim() > 0:  # the whole tensor, replicated: small next to the rest
+            return t.full_tensor()[torch.argsort(tp_order[name])]
+        if ep > 1 and '.experts.' in name and t.dim() > 0:  # rank r of each EP group holds block r
+            return DTensor.from_local(t, ep_mesh, [Replicate(), Shard(0)])
+        return t
+    model_state = {k: canonical(k, v) for k, v in model_state.items()}
+    optim_state['state'] = {k: {n: canonical(k, v) for n, v in s.items()} for k, s in optim_state['state'].items()}
     return model_state, optim_state
 
 def save_checkpoint():
-    """Write out_dir/ckpt.pt atomically: a crash mid-write leaves the previous checkpoint intact.
-    Every rank calls it (under EP they gather the experts); rank 0 writes."""
-    model_state, optim_state = full_state()
-    if not master_process:
+    """Atomic: a crash mid-write leaves the previous checkpoint intact. One process writes
+    out_dir/ckpt.pt (temp file, then os.replace); under torchrun every rank writes its shards
+    with DCP into out_dir/ckpt-<step>.tmp/, which rank 0 then renames to ckpt-<step>/ and the
+    older ckpt-*/ are removed. newest_checkpoint() (model.py) finds the newest complete one."""
+    model_state, optim_state = checkpoint_state()
+    state = {'model_config': raw_model.config.to_dict(), 'config': config, 'iter_num': iter_num,
+             'best_val_loss': best_val_loss, 'data_position': iter_num}  # batches are a function of (seed, step)
+    if ddp:
+        final = os.path.join(out_dir, f'ckpt-{iter_num}')
+        tmp = final + '.tmp'
+        if master_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
+        dist.barrier()
+        dcp.save({'model': model_state, 'optimizer': optim_state}, checkpoint_id=tmp)
+        if master_process:  # dcp.save returns on rank 0 once every rank's shards and the metadata are written
+            with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
+                json.dump(state, f)
+            old = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith('ckpt-') and not n.endswith('.tmp')]
+            for path in old:  # a directory cannot be replaced in one step: move the old one aside first
+                os.replace(path, path + '.old.tmp')
+            os.replace(tmp, final)
+            for path in old:
+                shutil.rmtree(path + '.old.tmp')
+        dist.barrier()
         return
     np_state = np.random.get_state()
-    ckpt = {
-        'model': model_state,
-        'optimizer': optim_state,
-        'model_config': raw_model.config.to_dict(),
-        'config': config,
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'data_position': iter_num,  # batches are a function of (seed, step): the step is the position
-        # plain lists and tensors only, so that torch.load(weights_only=True) reads it back
-        'rng': {'torch': torch.get_rng_state(),
-                'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]},
-    }
-    tmp = ckpt_path + '.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)
+    # plain lists and tensors only, so that torch.load(weights_only=True) reads it back
+    rng = {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+           'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]],
+           'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    path = os.path.join(out_dir, 'ckpt.pt')
+    torch.save({'model': model_state, 'optimizer': optim_state, **state, 'rng': rng}, path + '.tmp')
+    os.replace(path + '.tmp', path)
 
 def log(record):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
@@ -444,7 +593,8 @@ if master_process:
         json.dump(meta, f)
     log({'config': config, 'git': git_hash(), 'torch': torch.__version__, 'device': device,
          'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
-         'params': n_params, 'active_params': n_active, **costs, 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+         'params': n_params, 'active_params': n_active, **costs, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
+         'layout': {'dp': dp_size, 'tp': tp, 'ep': ep, 'fsdp': fsdp}, 'param_bytes_per_rank': param_bytes})
 pbar = tqdm(total=max_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True)
 X, Y, S = get_train_batch(iter_num, 0)  # fetch the very first batch
 losses = None
@@ -454,7 +604,7 @@ for iter_num in range(start_iter, max_iters + 1):
         group['lr'] = lr
 
     # evaluate and checkpoint; a resumed run skips its first step's eval, done before that checkpoint was saved
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (init_from == 'resume' and iter_num == start_iter):
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (resumed and iter_num == start_iter):
         losses = estimate_loss()
         if master_process:
             pbar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -462,7 +612,7 @@ for iter_num in range(start_iter, max_iters + 1):
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             pbar.close()
             die(f"loss is not finite at step {iter_num} (train {losses['train']}, val {losses['val']}): "
-                f"the run diverged; {ckpt_path} was not overwritten")
+                f"the run diverged; the checkpoints in {out_dir} were not overwritten")
         if iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint):
             best_val_loss = min(best_val_loss, losses['val'])
             save_checkpoint()
@@ -470,11 +620,17 @@ for iter_num in range(start_iter, max_iters + 1):
         break
 
     # one optimizer step over accum_steps micro-steps
+    if os.environ.get('TEST_CRASH_AT_STEP') == str(iter_num) and ddp_rank == 1 \
+            and os.environ.get('TORCHELASTIC_RESTART_COUNT') == '0':  # tests only: a rank dies, torchrun restarts all
+        os._exit(1)
     t0 = time.time()
     loss_sum, aux_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     for micro_step in range(accum_steps):
-        if ddp:  # sync gradients on the last micro-step only (what model.no_sync() does, without nesting)
+        # reduce gradients over the replicas on the last micro-step only (model.no_sync() without nesting)
+        if isinstance(model, DDP):
             model.require_backward_grad_sync = micro_step == accum_steps - 1
+        elif fsdp:
+            model.set_requires_gradient_sync(micro_step == accum_steps - 1)
         with ctx:
             _, loss = model(X, Y, seq_idx=S)
             loss = loss / accum_steps  # the mean over micro-steps; DDP then averages over ranks
@@ -509,7 +665,7 @@ for iter_num in range(start_iter, max_iters + 1):
         if not math.isfinite(lossf):
             pbar.close()
             die(f"loss is {lossf} at step {iter_num}: the run diverged (try a lower learning_rate); "
-                f"{ckpt_path} was not overwritten")
+                f"the checkpoints in {out_dir} were not overwritten")
         dt = time.time() - t0
         tok_s = tokens_per_iter / dt
         mfu = flops_per_iter / dt / (peak_flops * ddp_world_size) if peak_flops > 0 else None
@@ -532,7 +688,9 @@ pbar.close()
 if ep > 1 and sample_new_tokens > 0:  # rank 0 samples alone: every rank gathers the experts back first
     for m in moes:
         unshard_experts(m)
-if master_process and sample_new_tokens > 0:
+if (tp > 1 or fsdp) and sample_new_tokens > 0:  # the weights are sharded: sample from the checkpoint instead
+    print0(f"no sample with tp/fsdp: run python sample.py --init_from={out_dir}")
+elif master_process and sample_new_tokens > 0:
     try:
         tokenizer = load_tokenizer(data_dir)
     except DataError as e:  # e.g. tiktoken offline without its cached vocabulary: skip the sample only

@@ -3,7 +3,7 @@ tests/test_train.py: train.py end to end, as a user runs it: subprocesses on the
 Run: python -m pytest -q tests/test_train.py        (about 1.5 minutes on an idle 2-core CPU)
 
 Covers: the loss falls; resume is bit-identical to a straight run; 2 DDP processes (torchrun, gloo)
-match 1 process, and so do expert-parallel runs (--ep=2 on 2 and on 4 ranks), with the sequence-wise
+match 1 process after 10 steps, and so do expert-parallel runs (--ep=2 on 2 and on 4 ranks), with the sequence-wise
 balance loss on; bad input exits non-zero with one clear message and loses nothing; fine-tuning
 from another run's out_dir.
 """
@@ -26,9 +26,9 @@ TINY = ['--d_model=32', '--pattern=M*-E', '--n_head=2', '--n_kv_head=1', '--head
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
-def train(out_dir, *flags, launcher=(sys.executable,)):
+def train(out_dir, *flags, launcher=(sys.executable,), env=ENV):
     cmd = [*launcher, 'train.py', f'--out_dir={out_dir}', *TINY, *flags]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def ok(proc):
@@ -54,31 +54,40 @@ def step_losses(out_dir):
     return {r['step']: r['loss'] for r in read_log(out_dir) if 'loss' in r}
 
 
+def load_checkpoint(out_dir):
+    """The run's newest checkpoint as a plain dict, whichever layout wrote it (ckpt.pt or ckpt-<step>/)."""
+    from model import newest_checkpoint, read_sharded_checkpoint
+    path = newest_checkpoint(out_dir)
+    return read_sharded_checkpoint(path) if os.path.isdir(path) else torch.load(path, map_location='cpu', weights_only=True)
+
+
 def load_model_state(out_dir):
-    return torch.load(os.path.join(out_dir, 'ckpt.pt'), map_location='cpu', weights_only=True)['model']
+    return load_checkpoint(out_dir)['model']
 
 
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone')
-# 6 steps of 4 micro-batches, with the balance loss on: one process, or split among 2 or 4 ranks
-PARALLEL = ['--max_iters=6', '--eval_interval=6', '--gradient_accumulation_steps=4', '--moe_seq_aux_coef=0.01']
+# 10 steps of 4 micro-batches, with the balance loss on: one process, or split among 2 or 4 ranks
+STEPS = 10
+PARALLEL = [f'--max_iters={STEPS}', f'--eval_interval={STEPS}', '--gradient_accumulation_steps=4', '--moe_seq_aux_coef=0.01']
 
 
 def assert_same_run(one, other):
     """Same weights, AdamW moments and logged losses: the same global batches, only the order of
-    float sums differs (all-reduce vs accumulate, all-to-all vs one matmul), fp32."""
-    c1, c2 = (torch.load(os.path.join(d, 'ckpt.pt'), map_location='cpu', weights_only=True) for d in (one, other))
+    float sums differs (all-reduce vs accumulate, all-to-all vs one matmul), fp32. The AdamW moments
+    drift most (measured up to 4e-5 of a tensor's largest value after 10 steps), the weights least."""
+    c1, c2 = load_checkpoint(one), load_checkpoint(other)
     assert c1['model'].keys() == c2['model'].keys()
     for k in c1['model']:  # the whole model, however many ranks held its experts
         torch.testing.assert_close(c2['model'][k], c1['model'][k], atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
     for i, s in c1['optimizer']['state'].items():  # AdamW's moments show the gradients' scale (clipping), which its
-        for k, v in s.items():                       # updates mostly hide: to 1e-5 of each tensor's largest value
-            torch.testing.assert_close(c2['optimizer']['state'][i][k], v, atol=1e-5 * v.abs().max().item(), rtol=0,
+        for k, v in s.items():                       # updates mostly hide: to 1e-4 of each tensor's largest value
+            torch.testing.assert_close(c2['optimizer']['state'][i][k], v, atol=1e-4 * v.abs().max().item(), rtol=0,
                                        msg=lambda m: f"{i}.{k}: {m}")
     l1, l2 = step_losses(one), step_losses(other)
-    assert sorted(l1) == sorted(l2) == list(range(6))
+    assert sorted(l1) == sorted(l2) == list(range(STEPS))
     assert all(abs(l1[s] - l2[s]) < 1e-4 for s in l1), (l1, l2)
-    a1, a2 = ([r['aux_loss'] for r in read_log(d) if 'loss' in r] for d in (one, other))
-    assert len(a1) == 6 and all(abs(x - y) < 1e-6 for x, y in zip(a1, a2)), (a1, a2)
+    a1, a2 = ({r['step']: r['aux_loss'] for r in read_log(d) if 'loss' in r} for d in (one, other))  # a restart logs some twice
+    assert sorted(a1) == sorted(a2) == list(range(STEPS)) and all(abs(a1[s] - a2[s]) < 1e-6 for s in a1), (a1, a2)
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -212,7 +221,7 @@ def test_expert_parallel_bad_flags(tmp_path):
 
 
 def test_resume_without_checkpoint(tmp_path):
-    failed_cleanly(train(str(tmp_path), '--init_from=resume'), 'ckpt.pt')
+    failed_cleanly(train(str(tmp_path), '--init_from=resume'), 'no checkpoint')
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):

@@ -1,0 +1,113 @@
+"""
+tests/test_dist.py: train.py's parallel layouts on the CPU (torchrun, gloo, 2 processes), against one process.
+Run: python -m pytest -q tests/test_dist.py        (a few minutes on a 2-core CPU: every run starts torch twice)
+
+Covers (issue 7): FSDP2 (with --recompute), TP=2 and TP=2 + FSDP2 each end 10 steps with the weights, AdamW moments and
+losses of one process on the same global batches (DDP and EP=2 are test_train.py's); a sharded
+checkpoint saved by FSDP on 2 ranks resumes in one process and with TP=2, and from_pretrained /
+sample.py read it; a rank killed mid-run under torchrun --max-restarts=1 resumes from the newest
+checkpoint and ends like the straight run; two "nodes" of one process each (c10d rendezvous on
+localhost); layouts that cannot work exit with one clear message.
+"""
+import os, shutil, socket, subprocess, sys
+
+import pytest
+
+from test_train import (ENV, PARALLEL, ROOT, STEPS, TINY, TORCHRUN, assert_same_run, failed_cleanly, load_checkpoint, ok,
+                        read_log, step_losses, train)
+
+# every size TP splits divides by 2: heads, KV heads, Mamba heads and groups, MLP width
+DIST = [*PARALLEL, '--n_kv_head=2', '--n_groups=2']
+TWO = (*TORCHRUN, '--nproc_per_node=2')
+
+
+@pytest.fixture(scope='module')
+def one(tmp_path_factory):
+    """The single-process run that every layout must reproduce. Treat it as read-only."""
+    out = str(tmp_path_factory.mktemp('one'))
+    ok(train(out, *DIST))
+    return out
+
+
+@pytest.mark.parametrize('flags', [['--fsdp=True', '--recompute=True'], ['--tp=2'], ['--tp=2', '--fsdp=True']],
+                         ids=['fsdp+recompute', 'tp', 'tp+fsdp'])
+def test_layout_matches_one(one, flags, tmp_path):
+    """fp32, only the order of float sums differs: weights to 1e-5 abs + 1e-4 rel, losses to 1e-4,
+    AdamW moments to 1e-4 of each tensor's largest value (assert_same_run). tp=2 on 2 ranks leaves
+    one data-parallel replica: TP+FSDP runs FSDP2 over a dp dimension of size 1 (the 2-D mesh and
+    DTensor placements are exercised; the memory saving is not)."""
+    out = str(tmp_path / 'run')
+    proc = ok(train(out, *DIST, *flags, launcher=TWO))
+    assert_same_run(one, out)
+    assert os.path.isdir(os.path.join(out, f'ckpt-{STEPS}')) and not os.path.exists(os.path.join(out, 'ckpt.pt'))
+    assert 'params+optimizer per rank' in proc.stdout
+
+
+def test_checkpoint_resumes_in_another_layout(one, tmp_path):
+    """Saved by FSDP2 on 2 ranks at step 5 (sharded, DCP), resumed to step 10 by one process and by
+    TP=2: both end as the straight run. from_pretrained and sample.py read the sharded checkpoint."""
+    fsdp = str(tmp_path / 'fsdp')
+    ok(train(fsdp, *DIST, '--fsdp=True', '--max_iters=5', launcher=TWO))
+    assert sorted(os.listdir(fsdp)) == ['ckpt-5', 'log.jsonl', 'meta.json']  # no *.tmp left behind
+    from model import Nemotron
+    model = Nemotron.from_pretrained(fsdp)
+    assert set(model.state_dict()) == set(load_checkpoint(fsdp)['model'])
+    sample = subprocess.run([sys.executable, 'sample.py', f'--init_from={fsdp}', '--max_new_tokens=5', '--device=cpu'],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    ok(sample)
+    for name, launcher in (('single', (sys.executable,)), ('tp', TWO)):
+        out = str(tmp_path / name)
+        shutil.copytree(fsdp, out)
+        extra = ['--tp=2'] if name == 'tp' else []
+        ok(train(out, *DIST, *extra, '--init_from=resume', launcher=launcher))
+        assert_same_run(one, out)
+
+
+def test_restart_after_killed_rank(one, tmp_path):
+    """Rank 1 dies (os._exit) before step 7 on the first attempt; torchrun --max-restarts=1 starts
+    both ranks again, --init_from=auto resumes from the newest complete checkpoint (step 5), and the
+    run ends with the weights and losses of the straight run. Known flake (LOG.md, issue 7): on
+    this loaded CPU the restarted attempt's gloo init sometimes fails (connectFullMesh: Connection
+    refused, most likely a stale address from the first attempt in torchrun's store), so the whole
+    run is tried up to three times, each in a fresh out_dir; the last try must pass."""
+    for attempt in range(3):
+        out = str(tmp_path / f'restart{attempt}')
+        proc = train(out, *DIST, '--eval_interval=5', '--init_from=auto', launcher=(*TWO, '--max-restarts=1'),
+                     env={**ENV, 'TEST_CRASH_AT_STEP': '7'})
+        if proc.returncode == 0 or 'connectFullMesh' not in proc.stderr:
+            break
+    ok(proc)
+    heads = [r for r in read_log(out) if 'config' in r]
+    assert [h['start_iter'] for h in heads] == [0, 5]  # the second attempt resumed at step 5
+    assert_same_run(one, out)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes(one, tmp_path):
+    """Two torchrun invocations, --nnodes=2 of one process each, meet at a c10d rendezvous on
+    localhost (what two machines do with --rdzv_endpoint=<node 0's address>): DDP over both."""
+    out, port = str(tmp_path / 'nodes'), free_port()
+    cmd = lambda rank: [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+                        f'--node_rank={rank}', '--rdzv_backend=c10d', f'--rdzv_endpoint=127.0.0.1:{port}',
+                        '--rdzv_id=test', 'train.py', f'--out_dir={out}', *TINY, *DIST]
+    nodes = [subprocess.Popen(cmd(r), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        assert node.returncode == 0, stderr[-3000:]
+    assert read_log(out)[0]['world_size'] == 2
+    assert_same_run(one, out)
+
+
+def test_bad_layouts(tmp_path):
+    """Layouts that cannot work: one message, non-zero exit, no traceback from train.py."""
+    failed_cleanly(train(str(tmp_path), '--tp=2'), 'tp=2', 'torchrun')
+    failed_cleanly(train(str(tmp_path), '--fsdp=True'), 'fsdp', 'torchrun')
+    proc = train(str(tmp_path), *DIST, '--tp=2', '--n_kv_head=1', launcher=TWO)  # one KV head cannot be split
+    assert proc.returncode != 0 and 'tp=2 must divide n_head=2 and n_kv_head=1' in proc.stderr, proc.stderr[-2000:]
+    assert 'train.py", line' not in proc.stderr, proc.stderr[-2000:]
