@@ -10,8 +10,9 @@ eval.py: long-context evaluation of a checkpoint. Read after sample.py and data/
    loss_tokens tokens per length.
 2. RULER scores (data/ruler.py) per task, length and Star Attention block size (0: full attention):
    n prompts per cell, greedy decoding, the prediction cut at its first newline (our models end an
-   answer with one, as RULER's end theirs with EOS), scored by string-match recall (0-100).
-Printed as tables; --json=PATH also writes every figure as JSON.
+   answer with one, as RULER's end theirs with EOS), scored by string-match recall (0-100); and
+   how often Star Attention's prediction is exactly full attention's (when block 0 is evaluated too).
+Printed as tables; --json_out=PATH also writes every figure as JSON.
 """
 import json
 import os
@@ -135,7 +136,7 @@ def main():
         set_swan(model, None if swan == 'off' else int(swan))
     print(f"{init_from}: pattern {model.config.pattern}, swan_train_len {model.config.swan_train_len}")
     results = {'config': config, 'pattern': model.config.pattern,
-               'swan_train_len': model.config.swan_train_len, 'loss': {}, 'ruler': {}, 'time_s': {}}
+               'swan_train_len': model.config.swan_train_len, 'loss': {}, 'ruler': {}, 'agreement': {}, 'time_s': {}}
 
     # 1. val loss per context length
     name = dataset or (saved_dataset(init_from) if dataset != 'none' else None)
@@ -172,6 +173,18 @@ def main():
         rows = [(t, b) for t in task_list for b in blocks]
         table(f"RULER string-match score (0-100), {n} prompts per cell", rows, T_list,
               lambda r, T: fmt(results['ruler'][f'{r[0]}|{label(r[1])}|{T}']['score'], 1),
+              name=lambda r: f"{r[0]} {label(r[1])}")
+    star = [b for b in blocks if b] if 0 in blocks else []
+    for task in task_list:  # how often Star Attention's answer is exactly full attention's
+        for b in star:
+            for T in T_list:
+                full, ours = (results['ruler'][f"{task}|{x}|{T}"]['predictions'] for x in ('full', label(b)))
+                same = sum(p == q for p, q in zip(full, ours))
+                results['agreement'][f"{task}|{label(b)}|{T}"] = 100.0 * same / len(full) if full else None
+    if star:
+        table("Star Attention's predictions equal to full attention's (% of prompts)",
+              [(t, b) for t in task_list for b in star], T_list,
+              lambda r, T: fmt(results['agreement'][f'{r[0]}|{label(r[1])}|{T}'], 1),
               name=lambda r: f"{r[0]} {label(r[1])}")
     if json_out:
         with open(json_out, 'w') as f:

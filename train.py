@@ -163,7 +163,16 @@ if ddp:
     if device.startswith('cuda'):
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    backend = 'nccl' if device.startswith('cuda') else 'gloo'
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+    if attempt is not None and os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True':
+        # torchrun --max-restarts: its store still holds the dead attempt's gloo/NCCL addresses, which
+        # a restarted rank would read and dial ("Connection refused"): each attempt gets its own keys
+        store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), ddp_world_size, is_master=False)
+        dist.init_process_group(backend, store=dist.PrefixStore(f'attempt{attempt}', store),
+                                rank=ddp_rank, world_size=ddp_world_size)
+    else:
+        dist.init_process_group(backend)
 master_process = ddp_rank == 0
 device_type = device.split(':')[0]
 for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):

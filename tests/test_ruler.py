@@ -148,6 +148,7 @@ def test_eval_loss_and_ruler(out_dir, tmp_path):
     assert len(cell["predictions"]) == 2 and 0 <= cell["score"] <= 100
     star = r["ruler"]["niah_single_1|star128|512"]  # Star Attention over 128-token blocks ran too
     assert len(star["predictions"]) == 2 and 0 <= star["score"] <= 100
+    assert r["agreement"]["niah_single_1|star128|512"] in (0.0, 50.0, 100.0)  # of 2 prompts
     assert "niah_single_1 full" in stdout and "n/a" in stdout
     # the loss at 64 is the mean loss of the evenly spaced val sequences, as computed here
     import numpy as np
