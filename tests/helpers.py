@@ -1,7 +1,26 @@
 """Shared test helpers. Not a test file: imported by tests/test_*.py (the repo root and tests/ are on
 sys.path through tests/conftest.py and pytest's rootdir insertion)."""
 
+import os
+import runpy
+import sys
+
 import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_inline(capsys, monkeypatch, *args, script="sample.py"):
+    """A script of the repo run in this process (runpy: no second torch import), as if from the
+    command line with args: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    rc = 0
+    try:
+        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
 
 
 def assert_close(a, b, name, atol, rtol=0.0):

@@ -10,7 +10,6 @@ import collections
 import json
 import os
 import re
-import runpy
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import torch
 
 from data import ruler
 from data.tokenizer import ByteTokenizer, DataError
+from helpers import run_inline
 from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,8 +171,5 @@ def test_eval_loss_and_ruler(out_dir, tmp_path):
     (["--dataset=no_such_set"], "not found"),
 ])
 def test_eval_bad_flags(out_dir, args, message, monkeypatch, capsys):
-    root, _ = out_dir  # eval.py in this process (runpy): saves a torch import per case
-    monkeypatch.setattr(sys, "argv", ["eval.py", f"--init_from={root}", "--lengths=64", *args])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(REPO, "eval.py"), run_name="__main__")
-    assert e.value.code == 1 and message in capsys.readouterr().err
+    rc, _, err = run_inline(capsys, monkeypatch, f"--init_from={out_dir[0]}", "--lengths=64", *args, script="eval.py")
+    assert rc == 1 and message in err

@@ -7,13 +7,13 @@ the others run the script in this process (runpy), which saves a torch import ea
 """
 import json
 import os
-import runpy
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import run_inline
 from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,18 +26,6 @@ def run_sample(*args):
     p = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], capture_output=True,
                        cwd=REPO, env=env, timeout=120)
     return p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
-
-
-def run_inline(capsys, monkeypatch, *args):
-    """sample.py in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
-    rc = 0
-    try:
-        runpy.run_path(os.path.join(REPO, "sample.py"), run_name="__main__")
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def greedy(path, ids, n=8):

@@ -11,7 +11,6 @@ full attention to ~1e-7 relative; the tests use atol 1e-5 on O(1) values (1e-4 o
 tests/test_model.py), far below what a wrong mask, position or weight gives (O(0.1)).
 """
 import os
-import runpy
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attention import Attention, attend, star_combine
-from helpers import assert_close
+from helpers import assert_close, run_inline
 from model import Nemotron, NemotronConfig, star_prefill
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,18 +147,6 @@ def out_dir(tmp_path_factory):
                                   f"the lazy dog; the end.'\nstar_block = 8\nstar_query = 4\nmax_new_tokens = 24\n"
                                   f"device = 'cpu'\nnum_samples = 2\n")
     return root
-
-
-def run_inline(capsys, monkeypatch, *args):
-    """sample.py in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["sample.py", *args])
-    rc = 0
-    try:
-        runpy.run_path(os.path.join(REPO, "sample.py"), run_name="__main__")
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_two_processes_sample_what_one_process_simulates(out_dir, capsys, monkeypatch):
