@@ -18,6 +18,7 @@ loaded from our save_pretrained, so its weights are ours; on a CPU it runs its p
 benchmarks are measurements, not tests.
 """
 import argparse
+import ast
 import copy
 import os
 import statistics
@@ -278,9 +279,19 @@ def bench_decode_kernel(batch=64, heads=64, headdim=64, d_state=128, reps=50):
 
 
 def config_from_file(path):
-    """The NemotronConfig fields set by a config/ file (plain assignments)."""
+    """The model `python train.py path` trains: train.py's defaults of the NemotronConfig fields (its
+    literal assignments), overridden by the config/ file's (plain assignments)."""
     fields = set(NemotronConfig.__dataclass_fields__)
     scope = {}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")) as f:
+        for node in ast.parse(f.read()).body:
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in fields:
+                try:  # None ("the data set's vocab") and non-literals keep NemotronConfig's default
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+                if value is not None:
+                    scope[node.targets[0].id] = value
     with open(path) as f:
         exec(f.read(), {}, scope)
     return NemotronConfig(**{k: v for k, v in scope.items() if k in fields})
@@ -720,6 +731,7 @@ def main():
                         help="decode: a trained out_dir with MTP depths, to time --speculative on real text")
     parser.add_argument("--speculative", type=int, default=2, help="drafts per verification with --init_from")
     parser.add_argument("--dataset", default="pycode", help="where --init_from's prompts come from (val.bin)")
+    parser.add_argument("--config", default=None, help="star: time this config/ file's model instead of the attention-only default")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -755,6 +767,8 @@ def main():
     if args.what == "star":
         star_kw = dict(contexts=(128, 256), steps=1, warmup=0, cfg_kw={**STAR, **QUICK, "pattern": "**-*E"}) \
             if args.quick else dict(contexts=(2048, 4096, 8192), steps=3, warmup=1)
+        if args.config:  # a config/ file's model, e.g. config/star_niah.py (SWAN-style W and * layers)
+            star_kw["cfg_kw"] = {**config_from_file(args.config).to_dict(), "vocab_size": 256}
         report_star(bench_star(**star_kw), 4, star_kw["steps"], star_kw["warmup"], star_kw.get("cfg_kw", STAR))
     if args.what == "lowprec":
         run_lowprec(args.quick)

@@ -52,17 +52,21 @@ def lengths(ax, paths):
 def blocks(ax, paths):
     for path in paths:
         r = read_json(path)
-        cells = {}  # (task, length) -> [(block, score)]; full attention plotted as block = length
-        for key, cell in r["ruler"].items():
-            task, how, T = key.split("|")
-            if cell["score"] is not None:
-                block = int(T) if how == "full" else int(how[len("star"):])
-                cells.setdefault((task, int(T)), []).append((block / int(T), cell["score"]))
-        for (task, T), points in sorted(cells.items()):
-            points.sort()
-            ax.plot([b for b, _ in points], [s for _, s in points], marker="o", label=f"{task} @ {T}")
+        for what, style in (("ruler", "-"), ("agreement", "--")):
+            cells = {}  # (task, length) -> [(block / length, %)]; full attention plotted at 1
+            for key, cell in r.get(what, {}).items():
+                task, how, T = key.split("|")
+                value = cell["score"] if what == "ruler" else cell
+                if value is not None:
+                    block = int(T) if how == "full" else int(how[len("star"):])
+                    cells.setdefault((task, int(T)), []).append((block / int(T), value))
+            for (task, T), points in sorted(cells.items()):
+                points.sort()
+                name = f"{task} @ {T}: " + ("RULER score" if what == "ruler" else "same answer as full")
+                ax.plot([b for b, _ in points], [v for _, v in points], style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
     ax.set_xlabel("Star Attention block size / context length (1 = full attention)")
-    ax.set_ylabel("RULER score")
+    ax.set_ylabel("%")
 
 
 def read_run(out_dir):
