@@ -561,11 +561,12 @@ def save_checkpoint():
             with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
                 json.dump(state, f)
             old = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith('ckpt-') and not n.endswith('.tmp')]
-            for path in old:  # a directory cannot be replaced in one step: move the old one aside first
-                os.replace(path, path + '.old.tmp')
-            os.replace(tmp, final)
+            if final in old:  # this step saved before: a directory cannot be replaced in one step
+                os.replace(final, final + '.old.tmp')
+                old[old.index(final)] = final + '.old.tmp'
+            os.replace(tmp, final)  # complete before any older checkpoint goes: a crash here loses none
             for path in old:
-                shutil.rmtree(path + '.old.tmp')
+                shutil.rmtree(path)
         dist.barrier()
         return
     np_state = np.random.get_state()
