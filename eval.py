@@ -139,10 +139,10 @@ def main():
                'swan_train_len': model.config.swan_train_len, 'loss': {}, 'ruler': {}, 'agreement': {}, 'time_s': {}}
 
     # 1. val loss per context length
-    name = dataset or (saved_dataset(init_from) if dataset != 'none' else None)
-    if dataset != 'none' and not name:
-        die(f"{init_from} names no data set: pass --dataset=NAME (data/NAME/val.bin) or --dataset=none")
-    if name and dataset != 'none':
+    if dataset != 'none':
+        name = dataset or saved_dataset(init_from)
+        if not name:
+            die(f"{init_from} names no data set: pass --dataset=NAME (data/NAME/val.bin) or --dataset=none")
         path = os.path.join(REPO, 'data', name, 'val.bin')
         if not os.path.isfile(path):
             die(f"{path} not found: run `python data/{name}/prepare.py` first")
