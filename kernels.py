@@ -17,11 +17,11 @@ At the end of the file, the MoE experts' grouped GEMM is the exception that trai
 Function, and moe.py calls it under the same switch (moe.grouped_mm_ref is its reference).
 The last section, low precision (issue 8), holds the FP8 / MXFP8 / NVFP4 quantizers (kernels and
 references, here in this file), the low-precision Linear that train.py --precision swaps in, and
-the recipes that say which layers it goes to.
+the recipes that say which layers (and which routed experts: moe.LowPrecGroupedMM) it goes to.
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -1194,24 +1194,34 @@ def rht(x, H):
 # dW in fp32. Where torch._scaled_mm runs FP8 on tensor cores (CUDA, compute capability >= 8.9)
 # the per-tensor FP8 GEMMs go through it; everything else is emulated: dequantize to fp32 and
 # matmul, which differs from a tensor core's fp32 accumulation only in the order of the sums.
+# The MoE's routed experts run the same three GEMMs expert by expert: moe.LowPrecGroupedMM.
 
 
 @dataclass
 class Recipe:
-    """How a LowPrecLinear quantizes its GEMMs' operands."""
-    fmt: str                  # "fp8" (per-tensor current scaling), "mxfp8" or "nvfp4"
+    """How a LowPrecLinear (or the experts' LowPrecGroupedMM, moe.py) quantizes its GEMMs' operands."""
+    fmt: str                  # "fp8", "mxfp8" or "nvfp4"
+    fp8_recipe: str = "tensorwise"  # fp8: quantize_fp8's recipe, "tensorwise" (Nemotron-H), "delayed" or "blockwise"
     grad_fp8: str = "e4m3"    # fp8: the gradients' format (Nemotron-H: E4M3; "e5m2" as TE's HYBRID)
+    history: dict = None      # fp8 delayed: {operand key: AmaxHistory}, one dict per layer (apply_precision)
     rht: bool = True          # nvfp4: random Hadamard transform of the wgrad GEMM's inputs
     sr: bool = True           # nvfp4: stochastic rounding of the gradients
     w2d: bool = True          # nvfp4: 16x16 weight tiles (False: 1x16, as activations)
     H: torch.Tensor = None    # nvfp4 with rht: the 16x16 transform, fixed for the run
 
 
-def quantize_operand(t, kind, recipe):
+def quantize_operand(t, kind, recipe, key=None):
     """One GEMM operand t (rows, reduction) quantized as the recipe says for its kind: "x"
-    (activations), "w" (weights) or "g" (gradients)."""
+    (activations), "w" (weights) or "g" (gradients). key names the operand (which GEMM, which
+    side, which expert) for delayed scaling, which keeps one AmaxHistory per key."""
     if recipe.fmt == "fp8":
-        return quantize_fp8(t, "tensorwise", recipe.grad_fp8 if kind == "g" else "e4m3")
+        # TE keeps an amax history per tensor; here each GEMM operand has its own (x for fprop, x^T
+        # for wgrad, ...), which a training step updates with the same amax, so they scale alike.
+        # footgun: an eval forward records into the forward operands' histories only, and a
+        # recomputed forward (--recompute) records twice
+        history = recipe.history.setdefault(key, AmaxHistory(device=t.device)) if recipe.fp8_recipe == "delayed" else None
+        block = (128, 128) if kind == "w" else (1, 128)  # blockwise as DeepSeek-V3
+        return quantize_fp8(t, recipe.fp8_recipe, recipe.grad_fp8 if kind == "g" else "e4m3", history, block)
     if recipe.fmt == "mxfp8":
         return quantize_mxfp8(t)
     tile = (16, 16) if kind == "w" and recipe.w2d else (1, 16)
@@ -1225,8 +1235,9 @@ def scaled_mm_runs(t):
 
 def lowprec_mm(a, b, kinds, recipe, out_dtype=torch.float32):
     """a (m, k) @ b (n, k)^T -> (m, n) in out_dtype, both operands quantized along k."""
-    qa, qb = quantize_operand(a, kinds[0], recipe), quantize_operand(b, kinds[1], recipe)
-    if recipe.fmt == "fp8" and scaled_mm_runs(a) and a.size(1) % 16 == 0 and a.size(0) % 16 == 0 and b.size(0) % 16 == 0:
+    qa, qb = quantize_operand(a, kinds[0], recipe, (kinds, 0)), quantize_operand(b, kinds[1], recipe, (kinds, 1))
+    per_tensor = recipe.fmt == "fp8" and recipe.fp8_recipe != "blockwise"
+    if per_tensor and scaled_mm_runs(a) and a.size(1) % 16 == 0 and a.size(0) % 16 == 0 and b.size(0) % 16 == 0:
         # codes row-major (m, k) times column-major (k, n), times the two decode scales
         return torch._scaled_mm(qa.data.contiguous(), qb.data.contiguous().t(), qa.scale.view(()), qb.scale.view(()),
                                 out_dtype=out_dtype)
@@ -1271,21 +1282,21 @@ class LowPrecLinear(nn.Linear):
 
 
 def precision_plan(model, precision, bf16_ends=True):
-    """{module name: "fp8" | "mxfp8" | "nvfp4"} for the nn.Linear layers of model's blocks that
-    train in low precision under `precision`; every other GEMM stays in high precision:
-    - fp8 (Nemotron-H) and mxfp8: every Linear of the blocks, but the first and last blocks
-      with bf16_ends;
-    - nvfp4 (Nemotron 3 Super, NVFP4 pretraining): the blocks' Linears but the last ~15% of the
-      blocks, attention's q/k/v/o projections and LatentMoE's latent projections; Mamba's
-      out_proj in MXFP8.
-    The embeddings, LM head, MTP layers and router never are; the routed experts (grouped GEMM)
-    neither, a deviation from Nemotron 3 Super (README)."""
+    """{module name: "fp8" | "mxfp8" | "nvfp4"} for the nn.Linear layers and the MoE's routed
+    experts (mixer.experts: their grouped GEMMs) of model's blocks that train in low precision
+    under `precision`; every other GEMM stays in high precision:
+    - fp8 (Nemotron-H) and mxfp8: every Linear and the experts of the blocks, but the first and
+      last blocks with bf16_ends;
+    - nvfp4 (Nemotron 3 Super, NVFP4 pretraining): the blocks' Linears and experts but the last
+      ~15% of the blocks, attention's q/k/v/o projections and LatentMoE's latent projections;
+      Mamba's out_proj in MXFP8.
+    The embeddings, LM head, MTP layers and router never are."""
     layers = model.backbone.layers
     L = len(layers)
     plan = {}
     for i, block in enumerate(layers):
         for name, m in block.named_modules():
-            if not isinstance(m, nn.Linear):
+            if not (isinstance(m, nn.Linear) or name == "mixer.experts"):
                 continue
             if precision in ("fp8", "mxfp8"):
                 if not (bf16_ends and i in (0, L - 1)):
@@ -1297,16 +1308,18 @@ def precision_plan(model, precision, bf16_ends=True):
     return plan
 
 
-def apply_precision(model, precision, bf16_ends=True, rht=True, sr=True, w2d=True, seed=0):
-    """Turn the Linear layers of precision_plan into LowPrecLinear (in place, after the model is
+def apply_precision(model, precision, bf16_ends=True, rht=True, sr=True, w2d=True, seed=0, fp8_recipe="tensorwise"):
+    """Turn the Linear layers of precision_plan into LowPrecLinear and give the planned experts
+    (moe.Experts) their recipe, which makes them run LowPrecGroupedMM (in place, after the model is
     on its device). rht, sr, w2d: the NVFP4 ablations; seed: the RHT's one sign vector for the
-    run. Returns the plan."""
+    run; fp8_recipe: quantize_fp8's recipe for fp8. Returns the plan."""
     plan = precision_plan(model, precision, bf16_ends)
     signs = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
     H = hadamard16(signs).to(model.lm_head.weight.device)
-    recipes = {"fp8": Recipe("fp8"), "mxfp8": Recipe("mxfp8"), "nvfp4": Recipe("nvfp4", rht=rht, sr=sr, w2d=w2d, H=H)}
+    recipes = {"fp8": Recipe("fp8", fp8_recipe), "mxfp8": Recipe("mxfp8"), "nvfp4": Recipe("nvfp4", rht=rht, sr=sr, w2d=w2d, H=H)}
     for name, fmt in plan.items():
         m = model.get_submodule(name)
-        m.__class__ = LowPrecLinear  # same parameters and buffers: only forward changes
-        m.recipe = recipes[fmt]
+        if isinstance(m, nn.Linear):
+            m.__class__ = LowPrecLinear  # same parameters and buffers: only forward changes
+        m.recipe = replace(recipes[fmt], history={})  # delayed scaling's amax histories: this layer's own
     return plan

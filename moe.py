@@ -201,6 +201,62 @@ def mm_by_groups(a, b, offs):
     return torch.bmm(a_pad.transpose(1, 2), pad_groups(b, offs)[0])  # (E, K, n)
 
 
+class LowPrecGroupedMM(torch.autograd.Function):
+    # GroupedMM with every GEMM on quantized operands, the recipe of kernels.LowPrecLinearFn run
+    # expert by expert: each expert is its own quantized GEMM with its own tensor scales (and amax
+    # histories), as TransformerEngine's GroupedLinear. Emulated: the operands are quantized per
+    # expert, dequantized to fp32 and multiplied by one grouped GEMM (mm_by_groups).
+    # x (N, K): the sorted token copies; w (E, n, K): the experts' weights as nn.Linear holds them;
+    # name: which projection, to key the amax histories. Saves x and w, as LowPrecLinearFn.
+    @staticmethod
+    def forward(ctx, x, w, offs, recipe, name):
+        ctx.save_for_backward(x, w, offs)
+        ctx.recipe, ctx.name = recipe, name
+        q = lambda t, kinds, i, g: qdq(t, kinds[i], recipe, (name, g, kinds, i))  # kinds, i: as lowprec_mm's
+        xq = torch.cat([q(xg, "xw", 0, g) for g, xg in enumerate(x.split(group_sizes(offs)))])  # (N, K)
+        wq = torch.stack([q(wg, "xw", 1, g) for g, wg in enumerate(w)])  # (E, n, K)
+        return mm_by_groups(xq, wq.transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, n): bf16 values
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, offs = ctx.saved_tensors
+        recipe, need_dx, need_dw = ctx.recipe, *ctx.needs_input_grad[:2]
+        q = lambda t, kinds, i, g: qdq(t, kinds[i], recipe, (ctx.name, g, kinds, i))
+        dyq, wq, a, b = [], [], [], []
+        # expert by expert, dgrad then wgrad, as LowPrecLinearFn (stochastic rounding draws alike)
+        for g, (xg, dyg) in enumerate(zip(x.split(group_sizes(offs)), dy.split(group_sizes(offs)))):
+            if need_dx:  # dgrad: dX_g = dY_g W_g, over n
+                dyq.append(q(dyg, "gw", 0, g))
+                wq.append(q(w[g].t(), "gw", 1, g))  # (K, n)
+            if need_dw:  # wgrad: dW_g = dY_g^T X_g, over the expert's own tokens
+                ag, bg = dyg.t(), xg.t()  # (n, M_g), (K, M_g)
+                if recipe.fmt == "nvfp4" and recipe.rht:
+                    # rht zero-pads each expert's tokens to a multiple of 16 on its own, so no 16-token
+                    # RHT or quantization block spans two experts; the padded columns are no longer
+                    # zero after the transform, and stay in the GEMM: (H dY_g)^T (H X_g) = dY_g^T X_g
+                    ag, bg = kernels.rht(ag, recipe.H), kernels.rht(bg, recipe.H)
+                a.append(q(ag, "gx", 0, g))
+                b.append(q(bg, "gx", 1, g))
+        dx = dw = None
+        if need_dx:
+            dx = mm_by_groups(torch.cat(dyq), torch.stack(wq).transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, K)
+        if need_dw:  # the k-grouped form over the (padded) token columns of each expert
+            offs_w = torch.tensor([t.size(1) for t in a], device=offs.device).cumsum(0).to(torch.int32)  # (E,)
+            dw = mm_by_groups(torch.cat(a, 1), torch.cat(b, 1).t(), offs_w).to(w.dtype)  # (E, n, K)
+        return dx, dw, None, None, None
+
+
+def qdq(t, kind, recipe, key):
+    """t (rows, reduction) quantized by kernels.quantize_operand and dequantized (fp32): an
+    emulated GEMM's operand. An expert without tokens has nothing to quantize."""
+    return kernels.quantize_operand(t, kind, recipe, key).dequantize() if t.numel() else t.float()
+
+
+def group_sizes(offs):
+    """The rows of each group, from the end rows offs (E,): a list of E ints (a host sync)."""
+    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
+
+
 def grouped_mm_runs(a, b):
     """Whether torch._grouped_mm takes these operands. Measured on torch 2.13's CPU kernel: fp32,
     bf16 or fp16 only, and every stride but the unit one a multiple of 16 bytes. On a GPU the
@@ -230,12 +286,13 @@ class Experts(nn.Module):
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_in))  # (E, F, l)
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_in, d_ff))  # (E, l, F)
+        self.recipe = None  # set by kernels.apply_precision: the GEMMs run LowPrecGroupedMM (not in state_dict)
 
     def forward(self, x, weights, idx):
         """x (M, l), weights and idx (M, k) -> (M, l). Dropless: every token copy is served, by one
         grouped GEMM per projection over all experts (kernels.grouped_mm on a GPU)."""
         M, k = idx.shape
-        if M * k <= self.up_proj.size(0) and not kernels.use_triton(x):
+        if M * k <= self.up_proj.size(0) and not kernels.use_triton(x) and self.recipe is None:
             # decoding a token or a few: running just the chosen experts beats two grouped GEMMs
             # over mostly empty groups (12.6 vs 15.8 ms per token for the default model, LOG.md)
             return experts_loop(x, weights, idx, self.up_proj, self.down_proj)
@@ -243,11 +300,16 @@ class Experts(nn.Module):
         order = idx.flatten().argsort(stable=True)  # (M*k,): copy m*k + j of token m is its j-th choice
         token = order // k  # (M*k,): the token of each sorted copy
         offs = torch.bincount(idx.flatten(), minlength=self.up_proj.size(0)).cumsum(0).to(torch.int32)  # (E,)
-        # 2) the experts' relu^2 MLPs as two grouped GEMMs, in autocast's dtype where it is on
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        mm = kernels.grouped_mm if kernels.use_triton(x) else grouped_mm_ref
-        h = mm(x[token].to(dtype), self.up_proj.to(dtype).transpose(1, 2), offs)  # (M*k, F)
-        y = mm(F.relu(h).square(), self.down_proj.to(dtype).transpose(1, 2), offs)  # (M*k, l)
+        # 2) the experts' relu^2 MLPs as two grouped GEMMs, in autocast's dtype where it is on, or
+        # on quantized operands (train.py --precision)
+        if self.recipe is not None:
+            h = LowPrecGroupedMM.apply(x[token], self.up_proj, offs, self.recipe, "up_proj")  # (M*k, F)
+            y = LowPrecGroupedMM.apply(F.relu(h).square(), self.down_proj, offs, self.recipe, "down_proj")  # (M*k, l)
+        else:
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            mm = kernels.grouped_mm if kernels.use_triton(x) else grouped_mm_ref
+            h = mm(x[token].to(dtype), self.up_proj.to(dtype).transpose(1, 2), offs)  # (M*k, F)
+            y = mm(F.relu(h).square(), self.down_proj.to(dtype).transpose(1, 2), offs)  # (M*k, l)
         # 3) weight each copy's output and add it to its token, in fp32
         y = y.float() * weights.flatten()[order, None]
         return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, y).to(x.dtype)

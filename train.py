@@ -121,6 +121,7 @@ dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 compile = False                 # torch.compile the model (worth it on a GPU, slow to start on a CPU)
 precision = 'bf16'              # GEMMs: 'bf16' (dtype above), 'fp8' (Nemotron-H), 'mxfp8' or 'nvfp4' (Nemotron 3 Super); kernels.precision_plan
 bf16_ends = True                # fp8/mxfp8: the first and last blocks stay in high precision (Nemotron-H)
+fp8_recipe = 'tensorwise'       # fp8 scaling: 'tensorwise' (Nemotron-H), 'delayed' (amax history, 1024 steps, TE) or 'blockwise' (DeepSeek-V3)
 nvfp4_rht = True                # nvfp4: random Hadamard transform of the weight-gradient GEMM's inputs (False: ablation)
 nvfp4_sr = True                 # nvfp4: stochastic rounding of the gradients (False: ablation)
 nvfp4_2d = True                 # nvfp4: 16x16 weight tiles (False: ablation, 1x16 as activations)
@@ -200,6 +201,8 @@ if dtype not in ('float32', 'bfloat16', 'float16'):
     die(f"dtype must be 'float32', 'bfloat16' or 'float16', not '{dtype}'")
 if precision not in ('bf16', 'fp8', 'mxfp8', 'nvfp4'):
     die(f"precision must be 'bf16', 'fp8', 'mxfp8' or 'nvfp4', not '{precision}'")
+if fp8_recipe not in ('tensorwise', 'delayed', 'blockwise'):
+    die(f"fp8_recipe must be 'tensorwise', 'delayed' or 'blockwise', not '{fp8_recipe}'")
 if precision != 'bf16' and tp > 1:  # the low-precision GEMMs take whole weights, not DTensor shards
     die(f"precision={precision} runs without tensor parallelism: drop --tp (DDP, --fsdp and --ep work)")
 if lr_schedule not in ('wsd', 'cosine'):
@@ -299,8 +302,8 @@ else:  # a fine-tune starts at step 0 with a fresh optimizer
 if model.config.vocab_size < meta['vocab_size']:
     die(f"the model's vocab_size {model.config.vocab_size} is smaller than data/{dataset}'s {meta['vocab_size']}")
 model.to(device)
-if precision != 'bf16':  # chosen Linear layers run their GEMMs on quantized operands; parameters and state_dict unchanged
-    lowp = apply_precision(model, precision, bf16_ends, nvfp4_rht, nvfp4_sr, nvfp4_2d, seed)
+if precision != 'bf16':  # chosen Linear layers and experts run their GEMMs on quantized operands; parameters and state_dict unchanged
+    lowp = apply_precision(model, precision, bf16_ends, nvfp4_rht, nvfp4_sr, nvfp4_2d, seed, fp8_recipe)
     print0(f"precision {precision}: " + ", ".join(f"{n.removeprefix('backbone.')} {f}" for n, f in lowp.items()))
 # of the whole model, before any sharding
 n_params, n_active = model.num_params(), model.num_params(active=True)
