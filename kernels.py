@@ -21,7 +21,7 @@ the recipes that say which layers (and which routed experts: moe.LowPrecGroupedM
 """
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -1203,7 +1203,7 @@ class Recipe:
     fmt: str                  # "fp8", "mxfp8" or "nvfp4"
     fp8_recipe: str = "tensorwise"  # fp8: quantize_fp8's recipe, "tensorwise" (Nemotron-H), "delayed" or "blockwise"
     grad_fp8: str = "e4m3"    # fp8: the gradients' format (Nemotron-H: E4M3; "e5m2" as TE's HYBRID)
-    history: dict = None      # fp8 delayed: {operand key: AmaxHistory}, one dict per layer (apply_precision)
+    history: dict = field(default_factory=dict)  # fp8 delayed: {operand key: AmaxHistory}, one dict per layer
     rht: bool = True          # nvfp4: random Hadamard transform of the wgrad GEMM's inputs
     sr: bool = True           # nvfp4: stochastic rounding of the gradients
     w2d: bool = True          # nvfp4: 16x16 weight tiles (False: 1x16, as activations)

@@ -223,18 +223,19 @@ class LowPrecGroupedMM(torch.autograd.Function):
         recipe, need_dx, need_dw = ctx.recipe, *ctx.needs_input_grad[:2]
         q = lambda t, kinds, i, g: qdq(t, kinds[i], recipe, (ctx.name, g, kinds, i))
         dyq, wq, a, b = [], [], [], []
+        sizes = group_sizes(offs)
         # expert by expert, dgrad then wgrad, as LowPrecLinearFn (stochastic rounding draws alike)
-        for g, (xg, dyg) in enumerate(zip(x.split(group_sizes(offs)), dy.split(group_sizes(offs)))):
+        for g, (xg, dyg) in enumerate(zip(x.split(sizes), dy.split(sizes))):
             if need_dx:  # dgrad: dX_g = dY_g W_g, over n
                 dyq.append(q(dyg, "gw", 0, g))
                 wq.append(q(w[g].t(), "gw", 1, g))  # (K, n)
             if need_dw:  # wgrad: dW_g = dY_g^T X_g, over the expert's own tokens
+                # each expert's tokens are quantized on their own (zero-padded to whole blocks), so no
+                # block along the tokens spans two experts; rht zero-pads them to a multiple of 16
+                # first, and the padded columns, no longer zero once transformed, stay in the GEMM
                 ag, bg = dyg.t(), xg.t()  # (n, M_g), (K, M_g)
                 if recipe.fmt == "nvfp4" and recipe.rht:
-                    # rht zero-pads each expert's tokens to a multiple of 16 on its own, so no 16-token
-                    # RHT or quantization block spans two experts; the padded columns are no longer
-                    # zero after the transform, and stay in the GEMM: (H dY_g)^T (H X_g) = dY_g^T X_g
-                    ag, bg = kernels.rht(ag, recipe.H), kernels.rht(bg, recipe.H)
+                    ag, bg = kernels.rht(ag, recipe.H), kernels.rht(bg, recipe.H)  # (n, M_g'), (K, M_g')
                 a.append(q(ag, "gx", 0, g))
                 b.append(q(bg, "gx", 1, g))
         dx = dw = None

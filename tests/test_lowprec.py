@@ -292,7 +292,7 @@ def test_lowprec_linear_close_to_fp32_linear(fmt, fp8_recipe, bound):
         ref.weight.copy_(torch.randn(580, 72, generator=g) * 0.05)
     x = torch.randn(4, 37, 72, generator=g)
     dy = torch.randn(4, 37, 580, generator=g)
-    recipe = kernels.Recipe(fmt, fp8_recipe or "tensorwise", H=kernels.hadamard16(torch.ones(16)), history={})
+    recipe = kernels.Recipe(fmt, fp8_recipe or "tensorwise", H=kernels.hadamard16(torch.ones(16)))
     lp = torch.nn.Linear(72, 580, bias=False)
     lp.load_state_dict(ref.state_dict())
     lp.__class__, lp.recipe = kernels.LowPrecLinear, recipe
@@ -333,7 +333,7 @@ def test_delayed_scaling_scales_by_earlier_amaxes():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 64, generator=g) * 0.1
     x, dy = torch.randn(40, 64, generator=g), torch.randn(40, 24, generator=g)
-    delayed, current = kernels.Recipe("fp8", "delayed", history={}), kernels.Recipe("fp8")
+    delayed, current = kernels.Recipe("fp8", "delayed"), kernels.Recipe("fp8")
 
     def step(recipe, s):
         xi, wi = (x * s).requires_grad_(), w.clone().requires_grad_()
@@ -376,7 +376,7 @@ def grouped_inputs(seed=0):
 
 def make_recipe(fmt, fp8_recipe):
     return kernels.Recipe(fmt.split("-")[0], fp8_recipe or "tensorwise", rht="no-rht" not in fmt,
-                          H=kernels.hadamard16(torch.tensor([1, -1] * 8)), history={})
+                          H=kernels.hadamard16(torch.tensor([1, -1] * 8)))
 
 
 def grads(fn, x, w, dy, seed):
