@@ -1247,7 +1247,10 @@ def lowprec_mm(a, b, kinds, recipe, out_dtype=torch.float32):
 class LowPrecLinearFn(torch.autograd.Function):
     # saves x and the fp32 weight, as nn.Linear does; the backward quantizes them again along
     # the dims its GEMMs reduce over (a GPU implementation would save the quantized copies)
+    # custom_fwd: under CUDA autocast the emulated GEMM must not run in bf16 (it would round the
+    # dequantized operands, codes times fp32 scales): inputs in fp32 and autocast off inside
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, w, recipe):
         ctx.save_for_backward(x, w)
         ctx.recipe = recipe
@@ -1256,6 +1259,7 @@ class LowPrecLinearFn(torch.autograd.Function):
         return y.to(x.dtype).view(*x.shape[:-1], w.size(0))  # (..., N): bf16 values in x's dtype
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         recipe = ctx.recipe

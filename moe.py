@@ -209,6 +209,7 @@ class LowPrecGroupedMM(torch.autograd.Function):
     # x (N, K): the sorted token copies; w (E, n, K): the experts' weights as nn.Linear holds them;
     # name: which projection, to key the amax histories. Saves x and w, as LowPrecLinearFn.
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as kernels.LowPrecLinearFn
     def forward(ctx, x, w, offs, recipe, name):
         ctx.save_for_backward(x, w, offs)
         ctx.recipe, ctx.name = recipe, name
@@ -218,6 +219,7 @@ class LowPrecGroupedMM(torch.autograd.Function):
         return mm_by_groups(xq, wq.transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, n): bf16 values
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
         recipe, need_dx, need_dw = ctx.recipe, *ctx.needs_input_grad[:2]
