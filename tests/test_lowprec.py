@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import kernels
-from helpers import assert_close
+from helpers import assert_close, run_script
 from model import Nemotron, NemotronConfig
 from moe import LowPrecGroupedMM, grouped_mm_ref
 
@@ -529,8 +529,7 @@ TINY = ['--d_model=32', '--pattern=M*-E', '--n_head=2', '--n_kv_head=1', '--head
 def test_train_runs_each_precision(tmp_path, flags):
     """Every precision and fp8 recipe; the routed experts are converted where the plan reaches the
     MoE block (nvfp4 with it early, fp8 without bf16_ends)."""
-    proc = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', *TINY, *flags], cwd=ROOT,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=300)
+    proc = run_script('train.py', f'--out_dir={tmp_path}', *TINY, *flags)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "final val loss" in proc.stdout
     if flags[0] != "--precision=bf16":
@@ -542,6 +541,5 @@ def test_train_runs_each_precision(tmp_path, flags):
 @pytest.mark.parametrize("flag,message", [("--precision=fp4", "precision must be"),
                                           ("--fp8_recipe=hybrid", "fp8_recipe must be 'tensorwise', 'delayed' or 'blockwise'")])
 def test_train_rejects_bad_precision_flags(tmp_path, flag, message):
-    proc = subprocess.run([sys.executable, 'train.py', f'--out_dir={tmp_path}', *TINY, '--precision=fp8', flag], cwd=ROOT,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, capture_output=True, text=True, timeout=300)
+    proc = run_script('train.py', f'--out_dir={tmp_path}', *TINY, '--precision=fp8', flag)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import run_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a hybrid with all four layer kinds, small enough for a few seconds per run
 TINY = ['--d_model=32', '--pattern=M*-E', '--n_head=2', '--n_kv_head=1', '--head_dim=16', '--d_ff=64',
@@ -27,6 +29,10 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
 def train(out_dir, *flags, launcher=(sys.executable,), env=ENV):
+    """train.py with TINY and flags: in this process (helpers.run_script) unless a launcher (torchrun)
+    or an environment of its own asks for a subprocess."""
+    if launcher == (sys.executable,) and env is ENV:
+        return run_script('train.py', f'--out_dir={out_dir}', *TINY, *flags)
     cmd = [*launcher, 'train.py', f'--out_dir={out_dir}', *TINY, *flags]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
@@ -249,9 +255,8 @@ def test_nan_stops_without_overwriting_checkpoint(trained, tmp_path):
 def test_shipped_configs_run(config, tmp_path):
     """The README's `python train.py` (default model) and the shipped CPU configs build and take
     a few steps, ending with a sample: a later change of defaults cannot silently break them."""
-    cmd = [sys.executable, 'train.py', *([config] if config else []), f'--out_dir={tmp_path}',
-           '--max_iters=2', '--eval_interval=2', '--eval_iters=1', '--sample_new_tokens=8']
-    proc = ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+    proc = ok(run_script('train.py', *([config] if config else []), f'--out_dir={tmp_path}', '--max_iters=2',
+                         '--eval_interval=2', '--eval_iters=1', '--sample_new_tokens=8'))
     assert 'final val loss' in proc.stdout and 'sample:' in proc.stdout
 
 
@@ -261,9 +266,8 @@ def test_latent_moe_configs_are_the_same_size(tmp_path):
     heads = []
     for config in ('config/moe_standard.py', 'config/moe_latent.py'):
         out = str(tmp_path / os.path.basename(config))
-        cmd = [sys.executable, 'train.py', config, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
-               '--eval_iters=1', '--sample_new_tokens=8']
-        proc = ok(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300))
+        proc = ok(run_script('train.py', config, f'--out_dir={out}', '--max_iters=2', '--eval_interval=2',
+                             '--eval_iters=1', '--sample_new_tokens=8'))
         assert 'sample:' in proc.stdout and 'MoE layers: 35% of training FLOPs/token' in proc.stdout
         heads.append(read_log(out)[0])
     assert heads[0]['config']['n_experts'] * 4 == heads[1]['config']['n_experts']
