@@ -14,19 +14,6 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_inline(capsys, monkeypatch, *args, script="sample.py"):
-    """A script of the repo run in this process (runpy: no second torch import), as if from the
-    command line with args: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", [script, *args])
-    rc = 0
-    try:
-        runpy.run_path(os.path.join(REPO, script), run_name="__main__")
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def run_script(script, *args):
     """`python script *args` from the repo root, run in this process (runpy): what a subprocess
     would return (exit code, stdout, stderr, a traceback on stderr for an uncaught exception) without

@@ -7,14 +7,12 @@ verifier's distribution, the mtp.* layout of Hugging Face folders, and the train
     python -m pytest -q tests/test_mtp.py
 """
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close
+from helpers import assert_close, run_script
 from model import Nemotron, NemotronConfig, accept
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,11 +158,9 @@ def test_hf_folder_has_nvidia_mtp_layout(tmp_path):
 def test_sample_py_speculative_flag(tmp_path):
     model = tiny(mtp_depth=1, mtp_share=True)
     model.save_pretrained(tmp_path / "hf")
-    cmd = [sys.executable, "sample.py", f"--init_from={tmp_path / 'hf'}", "--max_new_tokens=12",
-           "--temperature=0", "--speculative=2", "--start=ab"]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    p = run_script("sample.py", f"--init_from={tmp_path / 'hf'}", "--max_new_tokens=12", "--temperature=0",
+                   "--speculative=2", "--start=ab")
     assert p.returncode == 0 and "tokens per verification" in p.stderr, p.stderr[-2000:]
     tiny().save_pretrained(tmp_path / "plain")
-    p = subprocess.run(cmd[:2] + [f"--init_from={tmp_path / 'plain'}", "--speculative=2"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    p = run_script("sample.py", f"--init_from={tmp_path / 'plain'}", "--speculative=2")
     assert p.returncode == 1 and "no MTP depths" in p.stderr and "Traceback" not in p.stderr

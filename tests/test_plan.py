@@ -7,12 +7,13 @@ memory model against PyTorch's measured peak of small CPU training steps; prunin
 best layouts of a small exhaustive case; the published runs of tests/published_runs.csv within the
 issue's error bound and ranked as published; the command line, good and bad.
 """
-import itertools, json, math, os, subprocess, sys, tempfile, warnings
+import itertools, json, math, os, tempfile, warnings
 
 import pytest
 import torch
 
 import plan
+from helpers import run_script
 from mamba import ssd_flops
 from model import Nemotron, NemotronConfig
 
@@ -199,7 +200,7 @@ def test_published_runs_within_bound_and_ranked():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "plan.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return run_script("plan.py", *args)
 
 
 def test_cli_table_json_and_fixed_layouts():

@@ -10,15 +10,13 @@ import collections
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from data import ruler
 from data.tokenizer import ByteTokenizer, DataError
-from helpers import run_inline
+from helpers import run_script
 from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,8 +124,7 @@ def out_dir(tmp_path_factory):
 
 
 def run_eval(*args):
-    p = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], capture_output=True,
-                       text=True, cwd=REPO, timeout=300)
+    p = run_script("eval.py", *args)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -170,6 +167,6 @@ def test_eval_loss_and_ruler(out_dir, tmp_path):
     (["--swan=maybe"], "--swan="),
     (["--dataset=no_such_set"], "not found"),
 ])
-def test_eval_bad_flags(out_dir, args, message, monkeypatch, capsys):
-    rc, _, err = run_inline(capsys, monkeypatch, f"--init_from={out_dir[0]}", "--lengths=64", *args, script="eval.py")
+def test_eval_bad_flags(out_dir, args, message):
+    rc, _, err = run_eval(f"--init_from={out_dir[0]}", "--lengths=64", *args)
     assert rc == 1 and message in err

@@ -1,19 +1,18 @@
 """
 sample.py end to end on a tiny untrained model: an out_dir ckpt.pt, an HF folder with and without a
-tokenizer.json, greedy output equal to model.generate, and bad input. Two runs are real subprocesses;
-the others run the script in this process (runpy), which saves a torch import each.
+tokenizer.json, greedy output equal to model.generate, and bad input. sample.py runs in this process
+(helpers.run_script), which saves a torch import each.
 
     python -m pytest -q tests/test_sample.py
 """
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from helpers import run_inline
+from helpers import run_script
 from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,10 +21,8 @@ TINY = dict(d_model=64, pattern="M*-E", n_head=2, n_kv_head=1, head_dim=32, d_ff
 
 
 def run_sample(*args):
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    p = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), *args], capture_output=True,
-                       cwd=REPO, env=env, timeout=120)
-    return p.returncode, p.stdout.decode("utf-8"), p.stderr.decode("utf-8")
+    p = run_script("sample.py", *args)
+    return p.returncode, p.stdout, p.stderr
 
 
 def greedy(path, ids, n=8):
@@ -61,8 +58,8 @@ def test_out_dir_greedy_matches_generate(saved):
     assert "tok/s" in err and "Traceback" not in err
 
 
-def test_hf_folder_without_tokenizer_falls_back_to_bytes(saved, capsys, monkeypatch):
-    rc, out, err = run_inline(capsys, monkeypatch, f"--init_from={saved / 'hf'}", "--start=hello", "--temperature=0",
+def test_hf_folder_without_tokenizer_falls_back_to_bytes(saved):
+    rc, out, err = run_sample(f"--init_from={saved / 'hf'}", "--start=hello", "--temperature=0",
                               "--max_new_tokens=8", "--num_samples=2")
     assert rc == 0, err
     assert "using UTF-8 bytes" in err
@@ -70,7 +67,7 @@ def test_hf_folder_without_tokenizer_falls_back_to_bytes(saved, capsys, monkeypa
     assert out.count(expected) == 2  # greedy: both samples are the same
 
 
-def test_hf_folder_with_tokenizer_json(saved, tmp_path, capsys, monkeypatch):
+def test_hf_folder_with_tokenizer_json(saved, tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     folder = tmp_path / "hf_tok"
     folder.mkdir()
@@ -80,7 +77,7 @@ def test_hf_folder_with_tokenizer_json(saved, tmp_path, capsys, monkeypatch):
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tok.save(str(folder / "tokenizer.json"))
-    rc, out, err = run_inline(capsys, monkeypatch, f"--init_from={folder}", "--start=w1 w2 w3", "--temperature=0",
+    rc, out, err = run_sample(f"--init_from={folder}", "--start=w1 w2 w3", "--temperature=0",
                               "--max_new_tokens=8", "--top_k=5", "--top_p=0.9")
     assert rc == 0, err
     assert "using UTF-8 bytes" not in err
@@ -94,7 +91,7 @@ def test_missing_init_from(saved):
 
 
 @pytest.mark.parametrize("bad", ["corrupt.pt", "no_ckpt_dir", "prompt_file"])
-def test_bad_input_is_one_clear_message(saved, bad, capsys, monkeypatch):
+def test_bad_input_is_one_clear_message(saved, bad):
     path = saved / bad
     args = [f"--init_from={path}"]
     if bad == "corrupt.pt":
@@ -103,7 +100,7 @@ def test_bad_input_is_one_clear_message(saved, bad, capsys, monkeypatch):
         path.mkdir()
     else:
         args = [f"--init_from={saved / 'out'}", f"--start=FILE:{path}"]
-    rc, out, err = run_inline(capsys, monkeypatch, *args, "--max_new_tokens=4")
+    rc, out, err = run_sample(*args, "--max_new_tokens=4")
     assert rc == 1
     assert err.startswith("error:") and str(path) in err
 

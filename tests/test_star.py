@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from attention import Attention, attend, star_combine
-from helpers import assert_close, run_inline
+from helpers import assert_close, run_script
 from model import Nemotron, NemotronConfig, star_prefill
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +132,11 @@ def test_generate_rejects_bad_settings():
 # sample.py: one process against two (torchrun, gloo), and bad flags
 
 
+def run_sample(*args):
+    p = run_script("sample.py", *args)
+    return p.returncode, p.stdout, p.stderr
+
+
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory):
     """A tiny hybrid with every layer kind (W too) as an out_dir, and a config file for sample.py
@@ -149,10 +154,10 @@ def out_dir(tmp_path_factory):
     return root
 
 
-def test_two_processes_sample_what_one_process_simulates(out_dir, capsys, monkeypatch):
+def test_two_processes_sample_what_one_process_simulates(out_dir):
     """7 context blocks over 2 ranks (4 + 3), sampled at temperature 0.8 with the same seed: the
     same text as the one-process simulation."""
-    rc, one, err = run_inline(capsys, monkeypatch, str(out_dir / "star.py"))
+    rc, one, err = run_sample(str(out_dir / "star.py"))
     assert rc == 0, err
     assert "7 block(s) of 8" in err
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
@@ -167,6 +172,6 @@ def test_two_processes_sample_what_one_process_simulates(out_dir, capsys, monkey
 @pytest.mark.parametrize("bad, message", [
     ("--star_block=-1", "star_block=-1"), ("--star_query=0", "star_query=0"),
     ("--star_query=99", "the prompt has only"), ("--speculative=1", "do not combine")])
-def test_bad_star_flags_exit_with_a_message(out_dir, capsys, monkeypatch, bad, message):
-    rc, _, err = run_inline(capsys, monkeypatch, str(out_dir / "star.py"), bad)
+def test_bad_star_flags_exit_with_a_message(out_dir, bad, message):
+    rc, _, err = run_sample(str(out_dir / "star.py"), bad)
     assert rc == 1 and message in err, err
