@@ -610,10 +610,11 @@ def broken_rule(job, L):
     return None
 
 
-def search(job, fixed=None, top=10):
+def search(job, fixed=None, top=10, refuse=None):
     """The `top` fastest layouts of job.gpus GPUs that fit in memory (the dimensions in `fixed`
-    held), best first; the candidate counts; and, when none fits, (GiB, layout) of the one that
-    comes closest. Pruning, each rule never dropping a layout that could rank:
+    held, and none that refuse(job, L) names a reason against), best first; the candidate counts;
+    and, when none fits, (GiB, layout) of the one that comes closest. Pruning, each rule never
+    dropping a layout that could rank:
       1. divisibility and placement (broken_rule): tp*pp*dp*cp = GPUs; tp inside a node and
          dividing heads, groups and widths; ep the experts; the batch dividing into micro-batches
          (a multiple of pp of them when interleaved); the sequence into 2*cp chunks; at least a
@@ -646,7 +647,7 @@ def search(job, fixed=None, top=10):
                         for mbs in opts("mbs", divisors(gbs // dp)):
                             L = Layout(tp, pp, dp, cp, ep, vp, mbs, fixed.get("recompute", "none"),
                                        fixed.get("sp", tp > 1), fixed.get("zero", 0))
-                            if broken_rule(job, L):
+                            if broken_rule(job, L) or (refuse and refuse(job, L)):
                                 continue
                             counts["valid"] += (1 if "recompute" in fixed else 3) * (1 if "zero" in fixed else 4) \
                                 * (1 if "sp" in fixed or tp == 1 else 2)
@@ -842,11 +843,50 @@ def calibrate(out):
 
 
 # -----------------------------------------------------------------------------
+# what train.py runs (--tp, --sp, --ep, --fsdp, --recompute): --emit plans within it
+
+
+def train_py_refuses(job, L):
+    """Why train.py cannot run layout L, or None: it has no pipeline or context parallelism,
+    shards all of the weights, gradients and AdamW moments (--fsdp: ZeRO-3) or none (DDP), and
+    recomputes whole blocks (--recompute: full) or nothing."""
+    if L.pp > 1 or L.vp > 1:
+        return f"pipeline parallelism (pp={L.pp}, vp={L.vp})"
+    if L.cp > 1:
+        return f"context parallelism (cp={L.cp})"
+    if L.zero in (1, 2):
+        return f"ZeRO-{L.zero} (it runs DDP, or --fsdp: ZeRO-3)"
+    if L.recompute == "selective":
+        return "selective recompute (--recompute recomputes whole blocks: full)"
+    if L.ep > 1 and L.tp > 1:
+        return f"ep={L.ep} with tp={L.tp}"
+    if L.tp > 1 and L.dp > 1 and L.zero != 3:
+        return f"tp={L.tp} with {L.dp} DDP replicas (TP replicas take --fsdp: ZeRO-3)"
+    if L.ep > 1 and L.zero == 3 and L.dp > L.ep:  # the planner's ZeRO-3 would count them sharded over dp/ep
+        return f"ZeRO-3 of the routed experts over their {L.dp // L.ep} replicas (--fsdp leaves the EP shards whole)"
+    if L.sp and job.seq % L.tp:
+        return f"sequence parallelism of seq_len={job.seq} over tp={L.tp}"
+    return None
+
+
+def search_train_py(job, fixed, top=10):
+    """search() within what train.py runs: ZeRO 0 or 3 and recompute none or full, each searched
+    apart (search's dominance rules would drop ZeRO-3 where ZeRO-1 fits), best first."""
+    results, counts, smallest = [], {}, None
+    for zero in [fixed["zero"]] if "zero" in fixed else (0, 3):
+        for recompute in [fixed["recompute"]] if "recompute" in fixed else ("none", "full"):
+            only = dict(fixed, pp=1, cp=1, vp=1, zero=zero, recompute=recompute)
+            found, n, least = search(job, only, top, refuse=train_py_refuses)
+            results += found
+            counts = {k: counts.get(k, 0) + v for k, v in n.items()}
+            if least and (smallest is None or least[0] < smallest[0]):
+                smallest = least
+    return sorted(results, key=lambda r: r["step_time_s"])[:top], counts, smallest
+
+
+# -----------------------------------------------------------------------------
 # command line: nanoGPT-style --key=value flags, parsed by configurator.py
 
-# what train.py can run today: data parallel (DDP), without recompute, sharding or model
-# parallelism. --emit plans within this; widen it here when train.py learns TP, EP or FSDP.
-TRAIN_PY = dict(tp=1, pp=1, cp=1, ep=1, vp=1, sp=False, zero=0, recompute="none")
 LAYOUT_KEYS = [f.name for f in fields(Layout)]
 FLAGS = dict(
     model=None,          # a preset (gpt3-175b, llama3-70b, ...), an HF config.json / folder, or a train.py config file
@@ -978,7 +1018,9 @@ def train_py_command(job, spec, r):
         model = [f"--{k}={getattr(cfg, k)}" if type(getattr(cfg, k)) is not str else f"--{k}='{getattr(cfg, k)}'"
                  for k in keys if getattr(cfg, k) is not None]
     L = r["layout"]
-    return " ".join([launch, "train.py", *model, f"--batch_size={L.mbs}", f"--block_size={job.seq}",
+    layout = [f"--tp={L.tp}"] * (L.tp > 1) + ["--sp=True"] * L.sp + [f"--ep={L.ep}"] * (L.ep > 1) + \
+        ["--fsdp=True"] * (L.zero == 3) + ["--recompute=True"] * (L.recompute == "full")
+    return " ".join([launch, "train.py", *model, *layout, f"--batch_size={L.mbs}", f"--block_size={job.seq}",
                      f"--gradient_accumulation_steps={job.gbs // L.mbs}", f"--dtype={dtype}"])
 
 
@@ -1015,11 +1057,9 @@ def main(argv):
             print_validation(validate(a["validate"]))
             return
         job, fixed = make_job(a)
-        if a["emit"]:
-            clash = {k: v for k, v in fixed.items() if k in TRAIN_PY and v != TRAIN_PY[k]}
-            if clash:
-                raise ValueError(f"train.py cannot run {clash} yet (it runs {TRAIN_PY}); --emit plans within that")
-            fixed.update(TRAIN_PY)
+        why = a["emit"] and train_py_refuses(job, Layout(**fixed))
+        if why:
+            raise ValueError(f"train.py cannot run {why}: --emit plans within its --tp, --sp, --ep, --fsdp and --recompute")
         t0 = time.perf_counter()
         if all(k in fixed for k in LAYOUT_KEYS):  # one layout: predict it
             L = Layout(**fixed)
@@ -1028,7 +1068,7 @@ def main(argv):
                 raise ValueError(why)
             results, counts = [evaluate(job, L)], dict(grid=1, valid=1, checked=1, timed=1)
         else:
-            results, counts, smallest = search(job, fixed, top=a["top"])
+            results, counts, smallest = (search_train_py if a["emit"] else search)(job, fixed, top=a["top"])
             if not results:
                 raise ValueError("no layout satisfies the divisibility rules" if smallest is None else
                                  f"no layout fits in {job.hw['hbm_gb']} GB per GPU: the smallest needs "

@@ -7,8 +7,8 @@ One process on a CPU, a Mac or a GPU (checkpoints: out_dir/ckpt.pt):
 Many processes with torchrun (checkpoints: sharded out_dir/ckpt-<step>/ folders, torch.distributed.checkpoint):
     torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py                 # DDP
     torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --fsdp=True     # FSDP2
-    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --tp=2 --fsdp=True  # 4 replicas x TP 2
-    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --ep=4          # DDP + experts over 4 ranks
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --tp=2 --fsdp=True  # 4 replicas x TP 2 (+ --sp=True)
+    torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --ep=4          # experts over 4 ranks (+ --fsdp=True)
 Several nodes: the same command on each, with --nnodes=N --node_rank=i --rdzv_backend=c10d
 --rdzv_endpoint=<node 0>:29500 in place of --standalone (README "Distributed training").
 Resume (any layout reads any other's checkpoint), restart on failure, or fine-tune:
@@ -32,7 +32,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleInputOutput, RowwiseParallel,
+                                               SequenceParallel, parallelize_module)
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -126,6 +127,7 @@ nvfp4_rht = True                # nvfp4: random Hadamard transform of the weight
 nvfp4_sr = True                 # nvfp4: stochastic rounding of the gradients (False: ablation)
 nvfp4_2d = True                 # nvfp4: 16x16 weight tiles (False: ablation, 1x16 as activations)
 tp = 1                          # tensor parallelism: split attention heads, Mamba heads and MLP widths over this many ranks (torchrun)
+sp = False                      # sequence parallelism (with --tp): between blocks, each tp rank holds block_size/tp positions
 ep = 1                          # expert parallelism: shard each MoE layer's routed experts over this many ranks (torchrun)
 fsdp = False                    # FSDP2: shard parameters, gradients and AdamW moments over the data-parallel ranks (else DDP)
 recompute = False               # activation checkpointing: keep only each block's input, recompute the rest in the backward
@@ -186,8 +188,10 @@ for k, n in (('tp', tp), ('ep', ep)):
         die(f"{k}={n} must divide the number of ranks, {ddp_world_size} (launch with torchrun --nproc_per_node=<a multiple of {max(n, 1)}>)")
 if fsdp and not ddp:
     die("fsdp=True shards over ranks: launch with torchrun (--nproc_per_node=1 is fine)")
-if ep > 1 and (tp > 1 or fsdp):  # the expert shards would need FSDP / TP placements of their own
-    die(f"ep={ep} runs with DDP only, not with tp={tp} or fsdp={fsdp}: use --ep alone, or --tp/--fsdp without --ep")
+if ep > 1 and tp > 1:  # EP groups lie inside data parallelism, which tp would split
+    die(f"ep={ep} runs without tensor parallelism: use --ep (with DDP or --fsdp) or --tp, not both")
+if sp and (tp == 1 or block_size % tp):
+    die(f"sp=True splits each sequence over the tp ranks: it needs --tp > 1 dividing block_size={block_size} (tp={tp})")
 dp_size, dp_rank = ddp_world_size // tp, ddp_rank // tp
 if tp > 1 and dp_size > 1 and not fsdp:
     die(f"tp={tp} on {ddp_world_size} ranks leaves {dp_size} data-parallel replicas: add --fsdp=True (DDP does not take DTensors)")
@@ -321,11 +325,34 @@ print0(f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active),
 # (whole heads per rank), RowwiseParallel its input features, and all-reduces the output. With
 # use_local_output (the default) the mixers get plain tensors of their own heads, and their maths
 # runs unchanged on H/tp heads (the head counts are divided below). Embedding, LM head and loss are
-# replicated on the tp ranks (each computes the whole logits), and so are the norms and MoE layers.
+# replicated on the tp ranks (each computes the whole logits), and so are the MoE layers and the
+# norms (unless --sp, below).
 ATTENTION_PLAN = {'q_proj': ColwiseParallel(), 'k_proj': ColwiseParallel(), 'v_proj': ColwiseParallel(),
                   'o_proj': RowwiseParallel()}
 MLP_PLAN = {'up_proj': ColwiseParallel(), 'down_proj': RowwiseParallel()}
 MAMBA_PLAN = {'in_proj': ColwiseParallel(), 'out_proj': RowwiseParallel()}  # in_proj's rows reordered first
+# sequence parallelism (--sp; Korthikanti et al. 2022, as torchtitan applies it): between the
+# backbone's blocks each tp rank holds T/tp positions of the residual stream, (B, T/tp, d). A block's
+# pre-norm runs on them (SequenceParallel), then its mixer's input is all-gathered: every mixer needs
+# the whole sequence (attention its keys; Mamba's conv and scan run along it), and its row-wise output
+# projection reduce-scatters back to the shards in place of the all-reduce. The MoE is replicated
+# under TP: gathered alike, each rank keeps its positions of its output (no communication; the
+# backward all-gathers the gradient). The first block cuts its input (the replicated embedding's
+# output); the final norm, LM head, loss and MTP depths run replicated on the gathered sequence.
+SP_OUT = RowwiseParallel(output_layouts=Shard(1))
+SP_ATTENTION_PLAN, SP_MLP_PLAN = {**ATTENTION_PLAN, 'o_proj': SP_OUT}, {**MLP_PLAN, 'down_proj': SP_OUT}
+SP_MAMBA_PLAN = {**MAMBA_PLAN, 'out_proj': SP_OUT}
+SP_BLOCK_PLANS = {  # {block kind: {module path inside the block: style}}; mixers 'M*W' take (h, cache, seq_idx)
+    **dict.fromkeys('M*W', {'norm': SequenceParallel(), 'mixer': PrepareModuleInput(
+        input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None))}),
+    '-': {'norm': SequenceParallel(), 'mixer': PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())},
+    'E': {'norm': SequenceParallel(), 'mixer': PrepareModuleInputOutput(
+        input_layouts=Shard(1), desired_input_layouts=Replicate(), use_local_input=True,
+        output_layouts=Replicate(), desired_output_layouts=Shard(1))}}
+SP_MODEL_PLAN = {'backbone.layers.0': PrepareModuleInput(input_layouts=(Replicate(), None, None),  # (x, cache, seq_idx)
+                                                         desired_input_layouts=(Shard(1), None, None), use_local_output=True),
+                 'backbone.norm_f': PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate(),
+                                                       use_local_output=True)}
 
 def mamba_tp_order(m):
     """The row order of in_proj and the channel order of conv1d that make the packed [z, x, B, C, dt]
@@ -361,16 +388,16 @@ def parallelize(model):
     names = {m: n for n, m in model.named_modules()}
     if tp > 1:  # 1) tensor parallelism over mesh['tp']
         for block in blocks:
-            m = block.mixer
+            m, seq = block.mixer, sp and any(block is b for b in model.backbone.layers)  # MTP blocks: no sp
             if isinstance(m, Attention):
                 if m.n_kv_head % tp:
                     die(f"tp={tp} must divide n_head={m.n_head} and n_kv_head={m.n_kv_head}")
-                parallelize_module(m, mesh['tp'], ATTENTION_PLAN)
+                parallelize_module(m, mesh['tp'], SP_ATTENTION_PLAN if seq else ATTENTION_PLAN)
                 m.n_head, m.n_kv_head = m.n_head // tp, m.n_kv_head // tp
             elif isinstance(m, MLP):
                 if m.up_proj.out_features % tp:
                     die(f"tp={tp} must divide d_ff={m.up_proj.out_features}")
-                parallelize_module(m, mesh['tp'], MLP_PLAN)
+                parallelize_module(m, mesh['tp'], SP_MLP_PLAN if seq else MLP_PLAN)
             elif isinstance(m, Mamba2Mixer):
                 if m.G % tp:
                     die(f"tp={tp} must divide n_groups={m.G} (and so mamba_heads={m.H})")
@@ -381,13 +408,17 @@ def parallelize(model):
                     m.conv1d.bias.copy_(m.conv1d.bias[conv])
                 for key, order in (('in_proj.weight', rows), ('conv1d.weight', conv), ('conv1d.bias', conv)):
                     tp_order[f'{names[m]}.{key}'] = order
-                parallelize_module(m, mesh['tp'], MAMBA_PLAN)
+                parallelize_module(m, mesh['tp'], SP_MAMBA_PLAN if seq else MAMBA_PLAN)
                 for mod, name in mamba_heads(m):  # split by heads (channels): rank r gets block r
                     p = getattr(mod, name)
                     setattr(mod, name, torch.nn.Parameter(distribute_tensor(p.detach(), mesh['tp'], [Shard(0)])))
                 m.register_forward_pre_hook(local_heads)
                 m.register_forward_hook(restore_heads)
                 m.H, m.G, m.d_inner, m.conv_dim = m.H // tp, m.G // tp, m.d_inner // tp, m.conv_dim // tp
+            if seq:
+                parallelize_module(block, mesh['tp'], SP_BLOCK_PLANS[block.kind])
+        if sp:
+            parallelize_module(model, mesh['tp'], SP_MODEL_PLAN)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     if ep > 1:  # 2) expert parallelism: (replica, ep) mesh, ep consecutive ranks per group
         if not moes:
@@ -398,20 +429,22 @@ def parallelize(model):
         ep_group, replica_group = ep_mesh.get_group('ep'), ep_mesh.get_group('replica')
         for m in moes:
             shard_experts(m, ep_group)
-    if recompute:  # 3) keep each block's input only; its forward runs again in the backward
-        for block in blocks:
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+    if recompute:  # 3) keep each block's input only; its forward runs again in the backward, to the end:
+        for block in blocks:  # stopped early, it would skip restore_heads (TP Mamba), whose DTensors clipping and checkpoints read
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False, early_stop=False)
     if compile:  # 4) in place, per block: the parameter names stay those of the plain model
         print0("compiling the model... (takes a minute)")
         for block in blocks:
             block.compile()
+    # the EP shards of the routed experts differ from rank to rank: FSDP2 and DDP leave them alone, whole
+    # on their ranks (not sharded further over the replicas), and sync_expert_grads averages their grads
+    experts = {p for m in moes for p in m.experts.parameters()} if ep > 1 else set()
     if fsdp:  # 5) FSDP2 per block, then the rest (embedding, final norm, LM head)
         for block in blocks:
-            fully_shard(block, mesh=mesh['dp'])
-        fully_shard(model, mesh=mesh['dp'])
-    elif ddp and dp_size > 1:  # 5) DDP; the expert shards differ from rank to rank: sync_expert_grads averages them
-        is_expert = {id(p) for m in moes for p in m.experts.parameters()} if ep > 1 else set()
-        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if id(p) in is_expert])
+            fully_shard(block, mesh=mesh['dp'], ignored_params=experts)
+        fully_shard(model, mesh=mesh['dp'], ignored_params=experts)
+    elif ddp and dp_size > 1:  # 5) DDP
+        DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if p in experts])
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, process_group=mesh['dp'].get_group())
     return model
 
@@ -496,7 +529,8 @@ def get_lr(it):
 
 def sync_expert_grads():
     """The all-to-all backward has summed into each expert shard the gradient of its EP group's
-    losses; add its replicas' and divide by the world size: the mean over all ranks, as DDP's."""
+    losses; add its replicas' and divide by the world size: the mean over all ranks, as DDP's
+    and FSDP2's averages of the other gradients."""
     for p in expert_params:
         if p.grad is None:  # no token of the EP group reached this shard
             p.grad = torch.zeros_like(p)
@@ -698,7 +732,7 @@ pbar.close()
 
 # -----------------------------------------------------------------------------
 # the end: a sample from the trained model, and the final val loss
-if ep > 1 and sample_new_tokens > 0:  # rank 0 samples alone: every rank gathers the experts back first
+if ep > 1 and not fsdp and sample_new_tokens > 0:  # rank 0 samples alone: every rank gathers the experts back first
     for m in moes:
         unshard_experts(m)
 if (tp > 1 or fsdp) and sample_new_tokens > 0:  # the weights are sharded: sample from the checkpoint instead

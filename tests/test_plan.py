@@ -5,7 +5,8 @@ Run: python -m pytest -q tests/test_plan.py        (about a minute on an idle 2-
 Covers: FLOPs per token and per layer against hand-computed values and against model.py; the
 memory model against PyTorch's measured peak of small CPU training steps; pruning never loses the
 best layouts of a small exhaustive case; the published runs of tests/published_runs.csv within the
-issue's error bound and ranked as published; the command line, good and bad.
+issue's error bound and ranked as published; --emit's layouts (what train.py runs) and their train.py
+flags; the command line, good and bad.
 """
 import itertools, json, math, os, tempfile, warnings
 
@@ -166,13 +167,50 @@ def test_pruning_keeps_the_best(pattern, attention, hbm):
 
 
 def test_emit_plans_what_train_py_runs():
-    """--emit searches only what train.py runs (plan.TRAIN_PY: data parallel); an 8B model does not
-    fit that way on 80 GB GPUs (weights, fp32 gradients and Adam: 18 B per parameter)."""
+    """--emit searches only what train.py runs (plan.train_py_refuses): no pipeline or context
+    parallelism, DDP or FSDP (ZeRO 0 or 3), recompute none or full. An 8B hybrid does not fit on
+    80 GB GPUs with DDP alone (weights, fp32 gradients and Adam: 18 B per parameter); TP + SP +
+    FSDP does."""
     cfg, seq = plan.load_model(os.path.join(ROOT, "config", "nano_h100.py"))
-    results, _, _ = plan.search(plan.Job(cfg, seq, 64, 8, plan.load_hardware("h100")), dict(plan.TRAIN_PY), top=3)
-    assert results and all(r["layout"] == plan.Layout(dp=8, mbs=r["layout"].mbs) for r in results)
+    job = plan.Job(cfg, seq, 64, 8, plan.load_hardware("h100"))
+    results, _, _ = plan.search_train_py(job, {}, top=10)
+    assert results and all(plan.train_py_refuses(job, r["layout"]) is None for r in results)
+    assert {r["layout"].zero for r in results} == {0, 3} and any(r["layout"].ep > 1 for r in results)
     job = plan.Job(plan.PRESETS["nemotron-h-8b"][0], 8192, 256, 64, plan.load_hardware("h100"))
-    assert plan.search(job, dict(plan.TRAIN_PY))[0] == []
+    ddp = dict(tp=1, pp=1, cp=1, ep=1, vp=1, sp=False, zero=0, recompute="none")
+    assert plan.search(job, ddp)[0] == []
+    best = plan.search_train_py(job, {}, top=1)[0][0]["layout"]
+    assert best.tp > 1 and best.sp and best.zero == 3 and best.pp == best.cp == 1
+
+
+@pytest.mark.parametrize("layout, flags", [
+    (dict(dp=8), []),
+    (dict(dp=8, zero=3, recompute="full"), ["--fsdp=True", "--recompute=True"]),
+    (dict(tp=2, dp=4, sp=True, zero=3), ["--tp=2", "--sp=True", "--fsdp=True"]),
+    (dict(tp=4, dp=2, sp=False, zero=3), ["--tp=4", "--fsdp=True"]),
+    (dict(tp=4, dp=2, sp=True, zero=3, recompute="full"), ["--tp=4", "--sp=True", "--fsdp=True", "--recompute=True"]),
+    (dict(dp=8, ep=4), ["--ep=4"]),
+    (dict(dp=8, ep=8, zero=3), ["--ep=8", "--fsdp=True"]),
+])
+def test_emit_layout_flags(layout, flags):
+    """The command --emit prints carries the layout's train.py flags, and only those."""
+    cfg, seq = plan.load_model(os.path.join(ROOT, "config", "nano_h100.py"))
+    job, L = plan.Job(cfg, seq, 64, 8, plan.load_hardware("h100")), plan.Layout(mbs=2, **layout)
+    assert plan.broken_rule(job, L) is None and plan.train_py_refuses(job, L) is None
+    cmd = plan.train_py_command(job, "config/nano_h100.py", {"layout": L}).split()
+    assert cmd[:5] == ["torchrun", "--standalone", "--nproc_per_node=8", "train.py", "config/nano_h100.py"]
+    assert [f for f in cmd if f.split("=")[0] in ("--tp", "--sp", "--ep", "--fsdp", "--recompute", "--pp")] == flags
+    assert "--batch_size=2" in cmd and "--gradient_accumulation_steps=32" in cmd
+
+
+def test_emit_refuses_what_train_py_cannot_run():
+    cfg, seq = plan.load_model(os.path.join(ROOT, "config", "nano_h100.py"))
+    job = plan.Job(cfg, seq, 64, 8, plan.load_hardware("h100"))
+    for layout, words in [(dict(pp=2, dp=4), "pipeline parallelism"), (dict(cp=2, dp=4), "context parallelism"),
+                          (dict(dp=8, zero=1), "ZeRO-1"), (dict(dp=8, recompute="selective"), "selective recompute"),
+                          (dict(tp=2, dp=4), "DDP replicas"), (dict(tp=2, dp=4, ep=2, zero=3), "ep=2 with tp=2"),
+                          (dict(dp=8, ep=2, zero=3), "over their 4 replicas")]:
+        assert words in (plan.train_py_refuses(job, plan.Layout(**layout)) or ""), layout
 
 
 # -----------------------------------------------------------------------------
@@ -244,7 +282,7 @@ def test_cli_plain_flags_and_emit():
     (["--model=gpt3-175b", "--gbs=64", "--gpus=8", "--tp=8", "--pp=1", "--dp=1", "--cp=1", "--ep=1", "--vp=1",
       "--mbs=3", "--recompute=none", "--sp=True", "--zero=0"], ["gbs=64 must be a multiple of dp*mbs"]),
     (["--model=gpt3-175b", "--gbs=64", "--tp=3"], ["no layout"]),
-    (["--model=gpt3-175b", "--gbs=64", "--tp=2", "--emit"], ["train.py cannot run"]),
+    (["--model=gpt3-175b", "--gbs=64", "--pp=2", "--emit"], ["train.py cannot run pipeline parallelism"]),
     (["--layers=4", "--hidden=64", "--gbs=8"], ["--heads --ffn --vocab"]),
 ])
 def test_cli_bad_input_exits_cleanly(args, words):
