@@ -866,6 +866,8 @@ def train_py_refuses(job, L):
         return f"ZeRO-3 of the routed experts over their {L.dp // L.ep} replicas (--fsdp leaves the EP shards whole)"
     if L.sp and job.seq % L.tp:
         return f"sequence parallelism of seq_len={job.seq} over tp={L.tp}"
+    if job.precision == "fp8" and L.tp > 1:  # its low-precision GEMMs take whole weights
+        return f"fp8 with tp={L.tp}"
     return None
 
 
@@ -1003,9 +1005,8 @@ def train_py_command(job, spec, r):
         raise ValueError(f"{job.gpus} GPUs do not split evenly over {nodes} nodes of {gpn}")
     launch = f"torchrun --standalone --nproc_per_node={job.gpus}" if nodes == 1 else \
         f"torchrun --nnodes={nodes} --nproc_per_node={job.gpus // nodes} --rdzv_backend=c10d --rdzv_endpoint=HOST:29500"
-    if job.precision == "fp8":
-        raise ValueError("train.py has no fp8 training: plan with --precision=bf16 to --emit")
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[job.precision]
+    # fp8 as Nemotron-H: the Linear layers' GEMMs in FP8, the rest in bf16 (train.py --precision=fp8)
+    dtype = {"bf16": "bfloat16", "fp8": "bfloat16", "fp16": "float16", "fp32": "float32"}[job.precision]
     cfg, kinds = job.cfg, set(job.cfg.pattern + job.cfg.mtp_pattern * job.cfg.mtp_depth)
     if spec and spec.endswith(".py"):
         model = [spec]  # the config file carries the model; only the batch changes
@@ -1021,7 +1022,8 @@ def train_py_command(job, spec, r):
     layout = [f"--tp={L.tp}"] * (L.tp > 1) + ["--sp=True"] * L.sp + [f"--ep={L.ep}"] * (L.ep > 1) + \
         ["--fsdp=True"] * (L.zero == 3) + ["--recompute=True"] * (L.recompute == "full")
     return " ".join([launch, "train.py", *model, *layout, f"--batch_size={L.mbs}", f"--block_size={job.seq}",
-                     f"--gradient_accumulation_steps={job.gbs // L.mbs}", f"--dtype={dtype}"])
+                     f"--gradient_accumulation_steps={job.gbs // L.mbs}", f"--dtype={dtype}"] +
+                    ["--precision=fp8"] * (job.precision == "fp8"))
 
 
 def print_validation(rows):

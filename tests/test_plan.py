@@ -270,6 +270,8 @@ def test_cli_plain_flags_and_emit():
     assert "--pattern='*-*-" in cmd
     p = cli("--model=config/tiny_cpu.py", "--gpu=a100", "--gpus=2", "--gbs=32", "--emit")
     assert p.returncode == 0 and p.stdout.startswith("torchrun --standalone --nproc_per_node=2 train.py config/tiny_cpu.py")
+    p = cli("--model=config/nano_h100.py", "--gpu=h100", "--gpus=8", "--gbs=64", "--precision=fp8", "--emit")
+    assert p.returncode == 0 and p.stdout.strip().endswith("--dtype=bfloat16 --precision=fp8") and "--tp=" not in p.stdout
 
 
 @pytest.mark.parametrize("args, words", [
