@@ -122,6 +122,7 @@ class Attention(nn.Module):
         B, _, T, _ = q.shape
         kp = torch.arange(pos0, pos0 + T, device=q.device)  # positions of the new keys (and queries)
         qp = kp
+        k_new, v_new = k, v
         if cache is not None:
             R = cache["k"].size(2)
             slot = torch.arange(R, device=q.device)
@@ -132,6 +133,9 @@ class Attention(nn.Module):
             cache["k"][:, :, idx], cache["v"][:, :, idx] = k[:, :, T - keep:], v[:, :, T - keep:]
             cache["pos"] = pos0 + T
             k, v = k_all, v_all
+        if pos0 == 0 and T > 2 * self.window:  # a long sequence from the start (the ring holds nothing yet)
+            y = banded(q, k_new, v_new, self.window, seq_idx)  # (B, h, T, d)
+            return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
         mask = (kp[None] <= qp[:, None]) & (qp[:, None] - kp[None] < self.window) & (kp[None] >= 0)  # (T, S)
         if seq_idx is not None:  # packed documents (training, no cache): within each document only
             mask = mask & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (B, T, T)
@@ -163,6 +167,15 @@ class Attention(nn.Module):
         av = cache["v"].expand(R // B, *cache["v"].shape).reshape(R, *cache["v"].shape[1:])  # (R, g, A, d)
         T, A = q.size(2), ak.size(2)
         k, v = torch.cat([ak, k], dim=2), torch.cat([av, v], dim=2)  # (R, g, A + T, d)
+        gap = cache["qpos"][:, 0] - A  # (R,): where each block starts past the anchor (positions 0 .. A-1)
+        if self.window and T > 2 * self.window and ((gap == 0) | (gap >= self.window - 1)).all():
+            # W layer, long blocks: banded over [anchor, block], positions as one run (RoPE is already
+            # applied at the global ones, and the window only looks at differences). A block right after
+            # the anchor sees its end; a later one is out of its window: there the anchor is a document
+            # of its own. The anchor's rows get zero queries and are dropped.
+            doc = (gap > 0)[:, None] & (torch.arange(A + T, device=q.device) >= A)  # (R, A + T)
+            q = torch.cat([q.new_zeros(R, q.size(1), A, q.size(3)), q], dim=2)  # (R, h, A + T, d)
+            return banded(q, k, v, self.window, doc.long())[:, :, A:]  # (R, h, T, d)
         if not self.window:  # the whole anchor, then causal: a lower-right causal mask, which the
             mask = causal_lower_right(T, A + T)  # kernel uses to skip the masked tiles
         else:  # the window cuts by global positions, different in each row
@@ -216,6 +229,31 @@ class Attention(nn.Module):
 #     out_h = softmax(s_h) V_h   and   lse_h = log sum_j exp(s_hj)   (s_h: its scores, scaled),
 #     lse = log sum_h exp(lse_h),   out = sum_h exp(lse_h - lse) out_h,
 # since exp(lse_h - lse) is the share of the total softmax mass that host h's keys carry.
+
+
+def banded(q, k, v, window, seq_idx=None):
+    """Sliding-window attention of T queries over the T keys at the same positions 0 .. T-1, in
+    blocks of w = window queries: block i attends to key blocks i-1 and i only, 2Tw scores in place
+    of the T x T that a full mask would cost (and sdpa's math path would materialise). q (B, h, T, d),
+    k and v (B, g, T, d), seq_idx (B, T) or None: packed documents -> (B, h, T, d)."""
+    B, h, T, d = q.shape
+    w, n = window, -(-T // window)  # block size, blocks
+    pad = n * w - T
+    qb = F.pad(q, (0, 0, 0, pad)).view(B, h, n, w, d).transpose(1, 2)  # (B, n, h, w, d)
+    # keys: one block of padding in front, then windows of 2w keys with stride w: block i-1 and i
+    kb, vb = (F.pad(t, (0, 0, w, pad)).unfold(2, 2 * w, w).permute(0, 2, 1, 4, 3) for t in (k, v))  # (B, n, g, 2w, d)
+    # query j of block i sits at i*w + j, key m of its window at (i-1)*w + m: in view iff
+    # 0 <= (w + j - m) < w, and the key is no padding (block 0's first w keys are)
+    j, m = torch.arange(w, device=q.device)[:, None], torch.arange(2 * w, device=q.device)[None]
+    kpos = torch.arange(-w, n * w, device=q.device).unfold(0, 2 * w, w)  # (n, 2w): the keys' positions
+    mask = ((m > j) & (m <= j + w))[None] & (kpos >= 0)[:, None, :]  # (n, w, 2w)
+    mask = mask[None, :, None]  # (1, n, 1, w, 2w)
+    if seq_idx is not None:  # packed documents: within each document only
+        sq = F.pad(seq_idx, (0, pad), value=-1).view(B, n, w)  # (B, n, w); padding queries see padding keys
+        sk = F.pad(seq_idx, (w, pad), value=-1).unfold(1, 2 * w, w)  # (B, n, 2w)
+        mask = mask & (sq[..., :, None] == sk[..., None, :])[:, :, None]  # (B, n, 1, w, 2w)
+    y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=True)  # (B, n, h, w, d)
+    return y.transpose(1, 2).reshape(B, h, n * w, d)[:, :, :T]  # (B, h, T, d)
 
 
 def visible(qpos, kpos, window):

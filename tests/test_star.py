@@ -94,6 +94,18 @@ def test_phase1_blocks_see_the_anchor_and_themselves():
 
 
 @torch.no_grad()
+def test_phase1_window_layers_see_the_anchor_only_next_to_it():
+    """Sliding-window layers only (RoPE is relative, window 3 < block 8, so phase 1 takes the banded
+    path): block 1 is the model on [c_0, c_1], each later block the model on itself alone."""
+    model = tiny("W-W", sliding_window=3)
+    idx = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(2))
+    _, h = star_prefill(model, idx, 8, query_len=4)
+    assert_close(h[:, 8:16], model.hidden(idx[:, :16])[:, 8:], "block 1", atol=1e-5)
+    for a, b in [(16, 24), (24, 26)]:
+        assert_close(h[:, a:b], model.hidden(idx[:, a:b]), f"block {a}..{b - 1}", atol=1e-5)
+
+
+@torch.no_grad()
 def test_chain_is_exact_for_mamba_layers():
     """mamba="chain" hands each block the states the block before ended in: a model without
     attention then computes exactly its full forward; mamba="anchor" (the default) does not."""

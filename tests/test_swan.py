@@ -1,6 +1,7 @@
 """
 SWAN-GPT attention (attention.py): sliding-window RoPE layers (pattern letter W) against an explicit
-masked softmax, their constant-size ring cache against the full forward (past the ring's wrap-around)
+masked softmax (and the blockwise path of long sequences against the dense window mask), their
+constant-size ring cache against the full forward (past the ring's wrap-around)
 and under speculative rollback, and the dynamic query scaling of NoPE layers.
 
     python -m pytest -q tests/test_swan.py
@@ -9,8 +10,9 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from attention import Attention, apply_rope, swan_scale
+from attention import Attention, apply_rope, banded, swan_scale
 from helpers import assert_close
 from model import CheckpointError, Nemotron, NemotronConfig
 
@@ -32,6 +34,27 @@ def test_sliding_window_is_a_banded_softmax():
     scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~((j <= i) & (i - j < 5)), float("-inf"))
     ref = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 13, 32)
     assert_close(y, att.o_proj(ref), "sliding-window attention", atol=1e-5)
+
+
+@pytest.mark.parametrize("T, w, docs", [(37, 8, False), (64, 16, False), (50, 7, True), (9, 4, True)])
+def test_banded_equals_the_dense_window_mask(T, w, docs):
+    """The blockwise path of long W-layer sequences (2Tw scores) against sdpa with the whole T x T
+    window mask: outputs and the gradients of q, k, v to 1e-5, with GQA, a last block cut short and
+    packed documents."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, T, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, T, 8, requires_grad=True) for _ in range(2))
+    seq_idx = torch.randint(0, 3, (2, T)).sort(1).values if docs else None
+    p = torch.arange(T)
+    mask = (p[None] <= p[:, None]) & (p[:, None] - p[None] < w)  # (T, T)
+    if docs:
+        mask = (mask & (seq_idx[:, :, None] == seq_idx[:, None, :]))[:, None]  # (B, 1, T, T)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    out = banded(q, k, v, w, seq_idx)
+    assert_close(out, ref, "banded attention", atol=1e-5)
+    g_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for name, a, b in zip("qkv", torch.autograd.grad(out.square().sum(), (q, k, v)), g_ref):
+        assert_close(a, b, f"grad {name}", atol=1e-5)
 
 
 @torch.no_grad()
