@@ -7,7 +7,8 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
     python bench.py decode --init_from=out-mtp1 --speculative=2   # plain vs MTP-speculative greedy tok/s
     python bench.py kernels    # the Triton SSD vs the PyTorch reference, eager and compiled (a GPU's job)
     python bench.py moe        # one MoE layer, forward + backward tokens/s, 64 and 128 experts, top-6
-    python bench.py star       # Star Attention's phase-1 prefill vs full prefill at 2K, 4K, 8K, 4 blocks
+    python bench.py star       # Star Attention's phase-1 prefill vs full prefill at 2K, 4K, 8K, 4 blocks;
+                               # and one W layer: attention.banded vs the dense window mask
     python bench.py lowprec    # FP8 / MXFP8 / NVFP4 Linear vs bf16, forward + backward; quantizer bandwidth (a GPU's job)
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
@@ -547,6 +548,30 @@ def report_star(res, n_blocks, steps, warmup, cfg_kw=STAR):
           f"{verdict(r['full'] / r['one host'] >= STAR_TARGET)}")
 
 
+def bench_window(contexts=(2048, 4096, 8192), window=128, steps=3, warmup=1, heads=4, kv_heads=2, head_dim=32):
+    """context -> median seconds of one sliding-window attention (batch 1, GQA): "dense", sdpa with
+    the whole T x T window mask (what W layers ran before attention.banded), and "banded"."""
+    from attention import banded
+    g = torch.Generator().manual_seed(0)
+    res = {}
+    for T in contexts:
+        q = torch.randn(1, heads, T, head_dim, generator=g)
+        k, v = (torch.randn(1, kv_heads, T, head_dim, generator=g) for _ in range(2))
+        p = torch.arange(T)
+        mask = (p[None] <= p[:, None]) & (p[:, None] - p[None] < window)  # (T, T)
+        dense = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        res[T] = interleaved({"dense": dense, "banded": lambda: banded(q, k, v, window)}, steps, warmup)
+    return res
+
+
+def report_window(res, window):
+    print(f"\n== one sliding-window attention (W layer), window {window}, batch 1, 4 heads: seconds, dense T x T "
+          f"mask vs attention.banded")
+    print(f"{'context':>8} {'dense':>8} {'banded':>8} {'dense/banded':>13}")
+    for T, r in res.items():
+        print(f"{T:>8} {r['dense']:>8.3f} {r['banded']:>8.3f} {r['dense'] / r['banded']:>13.2f}")
+
+
 def verdict(ok):
     return "PASS" if ok else "FAIL"
 
@@ -770,6 +795,8 @@ def main():
         if args.config:  # a config/ file's model, e.g. config/star_niah.py (SWAN-style W and * layers)
             star_kw["cfg_kw"] = {**config_from_file(args.config).to_dict(), "vocab_size": 256}
         report_star(bench_star(**star_kw), 4, star_kw["steps"], star_kw["warmup"], star_kw.get("cfg_kw", STAR))
+        window = 8 if args.quick else star_kw.get("cfg_kw", {}).get("sliding_window", 128)
+        report_window(bench_window(star_kw["contexts"], window, star_kw["steps"], star_kw["warmup"]), window)
     if args.what == "lowprec":
         run_lowprec(args.quick)
     if args.what in ("all", "moe"):

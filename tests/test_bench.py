@@ -120,7 +120,11 @@ def test_bench_star_and_report(capsys):
     res = bench.bench_star(contexts=(32, 64), n_blocks=4, steps=1, warmup=0, cfg_kw=cfg_kw)
     assert list(res) == [32, 64] and all(t > 0 for r in res.values() for t in r.values())
     bench.report_star(res, 4, steps=1, warmup=0, cfg_kw=cfg_kw)
-    assert "one host" in capsys.readouterr().out
+    win = bench.bench_window(contexts=(40, 64), window=8, steps=1, warmup=0)
+    assert list(win) == [40, 64] and all(t > 0 for r in win.values() for t in r.values())
+    bench.report_window(win, 8)
+    out = capsys.readouterr().out
+    assert "one host" in out and "dense/banded" in out
 
 
 def test_bench_lowprec_and_report(capsys):
