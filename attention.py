@@ -120,27 +120,24 @@ class Attention(nn.Module):
         the keys in view are the ring's (slot s holds the latest position = s mod R before pos0;
         negative: empty) and the new ones, each masked by its absolute position."""
         B, _, T, _ = q.shape
-        kp = torch.arange(pos0, pos0 + T, device=q.device)  # positions of the new keys (and queries)
-        qp = kp
-        k_new, v_new = k, v
+        qp = torch.arange(pos0, pos0 + T, device=q.device)  # positions of the new queries (and keys)
+        kp, k_all, v_all = qp, k, v  # the keys in view and their positions
         if cache is not None:
             R = cache["k"].size(2)
-            slot = torch.arange(R, device=q.device)
-            kp = torch.cat([pos0 - 1 - (pos0 - 1 - slot) % R, kp])  # (R + T,)
+            kp = torch.cat([cached_positions(cache), qp])  # (R + T,): the ring's slots, then the new keys
             k_all, v_all = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, g, R+T, d)
             keep = min(T, R)  # the newest entries go to their slots, overwriting the oldest
             idx = torch.arange(pos0 + T - keep, pos0 + T, device=q.device) % R
             cache["k"][:, :, idx], cache["v"][:, :, idx] = k[:, :, T - keep:], v[:, :, T - keep:]
             cache["pos"] = pos0 + T
-            k, v = k_all, v_all
         if pos0 == 0 and T > 2 * self.window:  # a long sequence from the start (the ring holds nothing yet)
-            y = banded(q, k_new, v_new, self.window, seq_idx)  # (B, h, T, d)
-            return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
-        mask = (kp[None] <= qp[:, None]) & (qp[:, None] - kp[None] < self.window) & (kp[None] >= 0)  # (T, S)
-        if seq_idx is not None:  # packed documents (training, no cache): within each document only
-            mask = mask & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (B, T, T)
-            mask = mask[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = banded(q, k, v, self.window, seq_idx)  # (B, h, T, d)
+        else:
+            mask = visible(qp, kp, self.window)  # (T, S)
+            if seq_idx is not None:  # packed documents (training, no cache): within each document only
+                mask = mask & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (B, T, T)
+                mask = mask[:, None]
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
 
     def star(self, q, k, v, cache):
@@ -254,6 +251,14 @@ def banded(q, k, v, window, seq_idx=None):
         mask = mask & (sq[..., :, None] == sk[..., None, :])[:, :, None]  # (B, n, 1, w, 2w)
     y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=True)  # (B, n, h, w, d)
     return y.transpose(1, 2).reshape(B, h, n * w, d)[:, :, :T]  # (B, h, T, d)
+
+
+def cached_positions(c):
+    """The positions (S,) of an attention cache's S slots after c["pos"] tokens: slot s of a W
+    layer's ring of R slots holds the latest position = s mod R, a plain cache position s
+    (negative: an empty slot)."""
+    A, R = c["pos"], c["k"].size(2)
+    return A - 1 - (A - 1 - torch.arange(R, device=c["k"].device)) % R
 
 
 def visible(qpos, kpos, window):

@@ -31,6 +31,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from attention import banded, visible
 from mamba import ssd_flops
 import kernels
 from model import Nemotron, NemotronConfig, star_blocks, star_prefill
@@ -551,14 +552,13 @@ def report_star(res, n_blocks, steps, warmup, cfg_kw=STAR):
 def bench_window(contexts=(2048, 4096, 8192), window=128, steps=3, warmup=1, heads=4, kv_heads=2, head_dim=32):
     """context -> median seconds of one sliding-window attention (batch 1, GQA): "dense", sdpa with
     the whole T x T window mask (what W layers ran before attention.banded), and "banded"."""
-    from attention import banded
     g = torch.Generator().manual_seed(0)
     res = {}
     for T in contexts:
         q = torch.randn(1, heads, T, head_dim, generator=g)
         k, v = (torch.randn(1, kv_heads, T, head_dim, generator=g) for _ in range(2))
         p = torch.arange(T)
-        mask = (p[None] <= p[:, None]) & (p[:, None] - p[None] < window)  # (T, T)
+        mask = visible(p, p, window)  # (T, T)
         dense = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         res[T] = interleaved({"dense": dense, "banded": lambda: banded(q, k, v, window)}, steps, warmup)
     return res

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import Attention, star_broadcast, star_rank
+from attention import Attention, cached_positions, star_broadcast, star_rank
 from mamba import GatedRMSNorm, Mamba2Mixer, ssd_flops
 from moe import MLP, MoE
 
@@ -570,13 +570,6 @@ def accept(drafts, q, p, temperature):
 # go through the same combine with the window mask: in phase 2 only the last `window` positions are
 # in view (of the last block, and of the one before when the last is shorter); in phase 1 a block's
 # first tokens lose the keys of the block before (the anchor is usually out of the window).
-
-
-def cached_positions(c):
-    """The positions (S,) of an attention cache's S slots after c["pos"] tokens: slot s of a W
-    layer's ring of R slots holds the latest position = s mod R, a plain cache position s."""
-    A, R = c["pos"], c["k"].size(2)
-    return A - 1 - (A - 1 - torch.arange(R, device=c["k"].device)) % R
 
 
 def star_blocks(model, idx, starts, length, anchor):
