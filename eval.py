@@ -38,7 +38,7 @@ star_blocks = '0'                  # Star Attention block sizes, comma-separated
 essay = ''                         # a text file for the essay haystacks ('': ../shared/data/tinyshakespeare.txt)
 swan = 'ckpt'                      # NoPE dynamic scaling: 'ckpt' as trained, 'off', or a training length N
 seed = 0                           # RULER sample seed
-device = 'auto'                    # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', ...
+device = 'auto'                    # 'auto' (cuda, else cpu), 'cpu', 'cuda', ...
 json_out = ''                      # also write the results here as JSON ('': don't)
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
