@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from attention import Attention, attend, star_combine
-from helpers import assert_close, run_script
+from helpers import assert_close
 from model import Nemotron, NemotronConfig, star_prefill
+from test_sample import run_sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=64, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_ff=48, mamba_heads=4, headdim=8,
@@ -142,11 +143,6 @@ def test_generate_rejects_bad_settings():
 
 # -----------------------------------------------------------------------------
 # sample.py: one process against two (torchrun, gloo), and bad flags
-
-
-def run_sample(*args):
-    p = run_script("sample.py", *args)
-    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.fixture(scope="module")
