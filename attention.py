@@ -122,15 +122,17 @@ class Attention(nn.Module):
         B, _, T, _ = q.shape
         qp = torch.arange(pos0, pos0 + T, device=q.device)  # positions of the new queries (and keys)
         kp, k_all, v_all = qp, k, v  # the keys in view and their positions
+        band = pos0 == 0 and T > 2 * self.window  # a long sequence from the start: banded(), no ring in view
         if cache is not None:
             R = cache["k"].size(2)
-            kp = torch.cat([cached_positions(cache), qp])  # (R + T,): the ring's slots, then the new keys
-            k_all, v_all = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, g, R+T, d)
+            if not band:
+                kp = torch.cat([cached_positions(cache), qp])  # (R + T,): the ring's slots, then the new keys
+                k_all, v_all = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, g, R+T, d)
             keep = min(T, R)  # the newest entries go to their slots, overwriting the oldest
             idx = torch.arange(pos0 + T - keep, pos0 + T, device=q.device) % R
             cache["k"][:, :, idx], cache["v"][:, :, idx] = k[:, :, T - keep:], v[:, :, T - keep:]
             cache["pos"] = pos0 + T
-        if pos0 == 0 and T > 2 * self.window:  # a long sequence from the start (the ring holds nothing yet)
+        if band:
             y = banded(q, k, v, self.window, seq_idx)  # (B, h, T, d)
         else:
             mask = visible(qp, kp, self.window)  # (T, S)
