@@ -134,15 +134,17 @@ def ssd_steps(h, x, dt, A, B, C, D=None):
     G, N = B.shape[2], B.shape[3]
     R = H // G
     dt = dt.float()
-    c = torch.cumsum(dt * A.float(), dim=1)  # (B, k, H)
-    L = torch.exp(segsum(c.transpose(1, 2))).view(Bsz, G, R, k, k)  # decay from s to t
-    u = (dt[..., None] * x.float()).view(Bsz, k, G, R, P)  # dt_s x_s
-    states = torch.einsum("bgrts,bsgrp,bsgn->btgrpn", L, u, B.float())  # (B, k, G, R, P, N)
-    states = states + torch.exp(c).view(Bsz, k, G, R, 1, 1) * h.view(Bsz, 1, G, R, P, N)
-    y = torch.einsum("btgrpn,btgn->btgrp", states, C.float()).reshape(Bsz, k, H, P)
+    c = torch.cumsum(dt * A.float(), dim=1).transpose(1, 2)  # (B, H, k)
+    L = torch.exp(segsum(c)).view(Bsz, G, R, k, k)  # decay exp(c_t - c_s) from s to t
+    u = (dt[..., None] * x.float()).view(Bsz, k, G, R, P).permute(0, 2, 3, 1, 4)  # (B, G, R, k, P): dt_s x_s
+    V = u[..., None] * B.float().transpose(1, 2).view(Bsz, G, 1, k, 1, N)  # (B, G, R, k, P, N): dt_s x_s B_s^T
+    states = (L @ V.view(Bsz, G, R, k, P * N)).view(Bsz, G, R, k, P, N)  # sum_{s <= t} L[t, s] V_s
+    states = states + torch.exp(c).view(Bsz, G, R, k, 1, 1) * h.view(Bsz, G, R, 1, P, N)
+    y = states @ C.float().transpose(1, 2).view(Bsz, G, 1, k, N, 1)  # (B, G, R, k, P, 1): h_t C_t
+    y = y.view(Bsz, H, k, P).transpose(1, 2)  # (B, k, H, P)
     if D is not None:
         y = y + x.float() * D.float()[:, None]
-    return y, states.reshape(Bsz, k, H, P, N)
+    return y, states.view(Bsz, H, k, P, N).transpose(1, 2)  # states (B, k, H, P, N), a view
 
 
 def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
@@ -198,7 +200,7 @@ class GatedRMSNorm(nn.Module):
         dtype = y.dtype
         y = y.float() * F.silu(z.float())
         yg = y.view(*y.shape[:-1], -1, self.group_size)  # (..., G, d_inner / G)
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.eps)
+        yg = F.rms_norm(yg, (self.group_size,), eps=self.eps)  # y / sqrt(mean(y^2) + eps) per group
         return self.weight * yg.view(y.shape).to(dtype)
 
 
@@ -272,9 +274,9 @@ class Mamba2Mixer(nn.Module):
         window = torch.cat([cache["conv"], xBC.transpose(1, 2)], dim=-1) if keep or not fast else None
         if fast:
             xBC, cache["conv"] = kernels.conv_update(cache["conv"], xBC, self.conv1d.weight, self.conv1d.bias)
-        else:  # (B, conv_dim, k, K) windows, one per new token
-            xBC = torch.einsum("bctk,ck->btc", window.unfold(2, self.K, 1), self.conv1d.weight[:, 0])
-            xBC = F.silu(xBC + self.conv1d.bias)  # (B, k, conv_dim)
+        else:  # (B, conv_dim, k, K) windows, one per new token, times the (conv_dim, 1, K) kernel
+            xBC = (window.unfold(2, self.K, 1) * self.conv1d.weight).sum(-1)  # (B, conv_dim, k)
+            xBC = F.silu(xBC.transpose(1, 2) + self.conv1d.bias)  # (B, k, conv_dim)
             cache["conv"] = window[:, :, k:]
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         dt, A = self.discretize(dt)  # (B, k, H), (H,)
