@@ -257,7 +257,7 @@ class Nemotron(nn.Module):
         logits = self.lm_head(h).float()  # (B, T, vocab)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            loss = cross_entropy(logits, targets)
             if self.config.mtp_depth and self.training:
                 mtp = self.mtp_loss(h, idx, targets, seq_idx)
                 self.mtp_losses = [l.detach() for l in mtp]
@@ -277,8 +277,7 @@ class Nemotron(nn.Module):
             emb = self.backbone.embeddings(idx[:, k:])  # (B, T-k, d)
             h = self.mtp_depth_module(k)(h[:, :T - k], emb, seq_idx=None if seq_idx is None else seq_idx[:, :T - k])
             logits = self.lm_head(h).float()  # (B, T-k, vocab)
-            losses.append(F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, k:].reshape(-1),
-                                          ignore_index=-1))
+            losses.append(cross_entropy(logits, targets[:, k:]))
         return losses
 
     # -------------------------------------------------------------------------
@@ -490,6 +489,14 @@ def read_sharded_checkpoint(folder, key=None):
     _load_state_dict(tensors, storage_reader=FileSystemReader(folder),
                      planner=_EmptyStateDictLoadPlanner(keys=key and {key}), no_dist=True)
     return {**state, **tensors}
+
+
+def cross_entropy(logits, targets):
+    """The mean cross-entropy over the targets that are not -1 (B, T, vocab), (B, T) -> (); 0 when
+    none is (a window of a loss-masked data set may hold only prompt tokens), where F.cross_entropy
+    would give nan."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum")
+    return loss / (targets != -1).sum().clamp(min=1)
 
 
 def probabilities(logits, temperature=1.0, top_k=None, top_p=None):

@@ -245,17 +245,25 @@ for split in ('train', 'val'):
     n = len(np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r'))
     if n <= block_size:
         die(f"block_size={block_size} does not fit data/{dataset}/{split}.bin ({n:,} tokens)")
+    mask_path = os.path.join(data_dir, f'{split}.mask')
+    if meta.get('loss_mask') and (not os.path.exists(mask_path) or os.path.getsize(mask_path) != n):
+        die(f"data/{dataset}/meta.json says loss_mask, but {split}.mask is missing or not one byte per token: "
+            f"prepare the data set again")
 
 def get_batch(split, key, part, n_parts):
     """Part `part` of the n_parts micro-batches that np.random.default_rng([seed, *key]) draws.
     Each rank draws the same offsets and keeps its own parts, so the batch ignores the world size.
-    Returns x, y and, with doc_masking, seq_idx (B, T): each end-of-text token starts a document."""
+    Returns x, y (-1 where the data set's loss mask says 0) and, with doc_masking, seq_idx (B, T):
+    each end-of-text token starts a document."""
     # recreate the memmap each call to avoid a memory leak, as nanoGPT does
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r')
     ix = np.random.default_rng([seed, *key]).integers(0, len(data) - block_size, size=n_parts * batch_size)
     ix = ix[part * batch_size:(part + 1) * batch_size]
     x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    if meta.get('loss_mask'):  # tokens that are only read (e.g. a prompt) are no targets: -1, ignored by the loss
+        mask = np.memmap(os.path.join(data_dir, f'{split}.mask'), dtype=np.uint8, mode='r')
+        y[torch.from_numpy(np.stack([mask[i + 1:i + 1 + block_size] for i in ix])) == 0] = -1
     seq_idx = (x == meta['eot']).cumsum(1) if doc_masking else None
     if device_type == 'cuda':  # pinned memory lets the copy overlap with compute
         move = lambda t: None if t is None else t.pin_memory().to(device, non_blocking=True)

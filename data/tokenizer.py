@@ -12,7 +12,9 @@ A data set is a folder data/<name>/ holding
                         "hf"        + "tokenizer_file": a Hugging Face tokenizer.json (a relative path
                                     is taken from the data-set folder)
                       Optional: "eot", the end-of-text id that starts each document (train.py's
-                      doc_masking needs it).
+                      doc_masking needs it); "loss_mask": true when the two files below exist.
+  train.mask, val.mask  optional, uint8, one per token: 1 where the token is a training target, 0
+                      where it is only read (a prompt whose answer alone is taught, as in SFT).
 write_dataset() writes meta.json last, so a folder whose meta.json exists is complete.
 """
 import json, os, sys
@@ -59,18 +61,23 @@ def _replace_atomically(path, write):
         write(f)
     os.replace(tmp, path)
 
-def write_dataset(out_dir, train, val, meta):
-    """Write train.bin, val.bin (uint32) and then meta.json (with token counts added); returns the meta."""
+def write_dataset(out_dir, train, val, meta, masks=None):
+    """Write train.bin, val.bin (uint32), the loss masks train.mask, val.mask (uint8) if masks =
+    (train's, val's) is given, and then meta.json (with token counts added); returns the meta."""
     train, val = np.asarray(train, dtype=np.uint32), np.asarray(val, dtype=np.uint32)
     assert len(train) and len(val), "both splits need tokens"
     assert max(train.max(), val.max()) < meta["vocab_size"], "token id out of vocabulary"
-    meta = check_meta({**meta, "train_tokens": len(train), "val_tokens": len(val)})
+    meta = check_meta({**meta, "train_tokens": len(train), "val_tokens": len(val), **({"loss_mask": True} if masks else {})})
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # old meta + new train.bin must never pass for a complete data set
     _replace_atomically(os.path.join(out_dir, "train.bin"), train.tofile)
     _replace_atomically(os.path.join(out_dir, "val.bin"), val.tofile)
+    for split, tokens, mask in zip(("train", "val"), (train, val), masks or ()):
+        mask = np.asarray(mask, dtype=np.uint8)
+        assert mask.shape == tokens.shape, f"{split}: one mask entry per token"
+        _replace_atomically(os.path.join(out_dir, f"{split}.mask"), mask.tofile)
     _replace_atomically(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     return meta
 

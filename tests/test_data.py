@@ -199,3 +199,32 @@ def test_fineweb_offline_messages(tmp_path, monkeypatch):
         fineweb.main(["--url=http://127.0.0.1:9/rows?dataset=x", "--num_docs=10", f"--out_dir={tmp_path / 'out'}"])
     assert "could not download" in str(e.value.code) and "--input" in str(e.value.code)
     assert not (tmp_path / "out").exists()
+
+# ----------------------------------------------------------------------------
+# pycode_niah: the Star Attention experiment's mix, with loss masks
+
+def test_pycode_niah_mix_and_masks(tmp_path):
+    """Every piece of the mix carries its loss mask: a copy drill's mask covers exactly its second
+    copy from the second token on (the first copy 64-119 tokens before, beyond a 16-token window),
+    a RULER sample's exactly its answer, pycode's every token; the files agree with meta.json."""
+    import random
+    from data.pycode_niah import prepare as niah
+    rng = random.Random(0)
+    for _ in range(50):
+        tokens, mask = niah.drill(rng)
+        assert len(tokens) == len(mask) == niah.DRILL and tokens[0] == 0
+        n = sum(mask) + 1  # the copied string s
+        first = [i for i, m in enumerate(mask) if m][0] - 1  # where the second copy starts
+        assert tokens[1:1 + n] == tokens[first:first + n] and 64 <= first - 1 <= 119
+    text = np.frombuffer(b"x = 1\n" * 2000, dtype=np.uint8).astype(np.uint32)
+    tokens, mask = niah.mix(text, 20_000, frac=0.4, seed=0, drills=0.2)
+    assert tokens.shape == mask.shape and mask.dtype == np.uint8
+    raw = tokens.astype(np.uint8).tobytes()
+    for m in re.finditer(rb"text are( \d+\.\n\n)", raw):  # each RULER answer, and nothing else of it
+        assert mask[m.start(1):m.end(1)].all() and not mask[m.start():m.start(1)].any()
+    code = [m.start() for m in re.finditer(rb"x = 1\n", raw)]
+    assert code and mask[code].all()
+    meta = niah.prepare(tmp_path, train_tokens=20_000, val_tokens=5_000)
+    assert meta["loss_mask"] and meta["eot"] == 0 and meta == read_meta(tmp_path)
+    for split in ("train", "val"):
+        assert os.path.getsize(tmp_path / f"{split}.mask") == meta[f"{split}_tokens"]

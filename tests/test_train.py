@@ -303,6 +303,42 @@ def test_doc_masking(docs_dataset, tmp_path):
     failed_cleanly(train(str(tmp_path / 'p'), '--doc_masking=True'), 'eot')
 
 
+@pytest.fixture
+def masked_dataset():
+    """A throwaway loss-masked data set: random letters in which each '!' is followed by 'z'; the
+    loss mask (train.mask, val.mask) marks those 'z's alone as targets."""
+    from data.tokenizer import write_dataset
+    name = f'_test_mask_{os.getpid()}'
+    folder = os.path.join(ROOT, 'data', name)
+    g = np.random.default_rng(0)
+    tokens = g.integers(97, 123, size=40_000)
+    bang = np.arange(5, len(tokens) - 1, 7)
+    tokens[bang], tokens[bang + 1] = ord('!'), ord('z')
+    mask = np.zeros(len(tokens), dtype=np.uint8)
+    mask[bang + 1] = 1
+    cut = len(tokens) * 9 // 10
+    write_dataset(folder, tokens[:cut], tokens[cut:], {'tokenizer': 'bytes', 'vocab_size': 256},
+                  masks=(mask[:cut], mask[cut:]))
+    yield name, folder
+    shutil.rmtree(folder)
+
+
+def test_loss_mask(masked_dataset, tmp_path):
+    """A data set with loss masks trains on the marked tokens only: the '!' -> 'z' rule is learnt
+    to a small loss, which the random letters (ln 26 = 3.26 nats) would never allow if they counted.
+    A window without any target gives loss 0, not nan. meta.json's loss_mask without the mask files
+    is refused with a message."""
+    from model import cross_entropy
+    assert cross_entropy(torch.randn(2, 3, 5), torch.full((2, 3), -1)).item() == 0.0
+    name, folder = masked_dataset
+    out = str(tmp_path / 'm')
+    ok(train(out, f'--dataset={name}', '--max_iters=40', '--eval_interval=40'))
+    val = [r['val_loss'] for r in read_log(out) if 'val_loss' in r]
+    assert val[-1] < 1.0, val
+    os.remove(os.path.join(folder, 'val.mask'))
+    failed_cleanly(train(str(tmp_path / 'x'), f'--dataset={name}'), 'loss_mask', 'val.mask')
+
+
 def test_mtp_depths_train_and_log(tmp_path):
     """--mtp_depth: the log carries each depth's loss, the logged loss includes lambda times their mean,
     and the checkpoint holds the MTP weights (sample.py drafts with them)."""

@@ -4,12 +4,24 @@ data/pycode_niah/prepare.py: pycode mixed with RULER needle retrieval, for the S
 Read data/tokenizer.py and data/ruler.py first.
 Run: python data/pycode_niah/prepare.py              (about 10 s; builds data/pycode first if missing)
      python data/pycode_niah/prepare.py --frac=0.8   (80% retrieval, into data/pycode_niah_80)
+     python data/pycode_niah/prepare.py --drills_only (copy drills alone, into data/copy_drills)
 
 The stream alternates a slice of pycode (random length 256-1024 bytes, in order through the split) with
 one RULER sample (niah_single_1 or niah_multikey_2, noise or needle haystack, at a random length of
 400-750 byte tokens) followed by its answer and a blank line, until the retrieval samples make up
-`frac` of the tokens. Byte tokens, like pycode. Train and val draw different seeds, so no val needle
-or key is trained on.
+`frac` of the tokens; a `drills` fraction of the tokens are copy drills (below). Byte tokens, like
+pycode. Train and val draw different seeds, so no val needle or key is trained on.
+
+Loss masks (train.mask, val.mask): pycode is trained on every token, a RULER sample on its answer
+only, a drill on its copy only. What a model must learn here is retrieval, and the haystacks' filler
+sentences would otherwise dominate the loss.
+
+Copy drills: 128 tokens, "\0" + s + ". . ." + s with s 8-24 random bytes; the loss is on the second
+copy (from its second token on), which lies 64-119 tokens after the first, beyond the sliding window
+of config/star_niah.py's W layers (16), so only the global NoPE layers can learn it. It is the
+induction-head task (Olsson et al. 2022) that NIAH retrieval builds on: trained on NIAH alone the
+model stays on the loss plateau (LOG.md, stops 13 and 14). "\0" starts each drill as a document
+(meta "eot"), so with doc_masking a drill sees only itself.
 """
 import os, random, sys
 import numpy as np
@@ -22,39 +34,66 @@ from data.pycode.prepare import prepare as prepare_pycode
 HERE = os.path.dirname(os.path.abspath(__file__))
 TASKS = ["niah_single_1", "niah_multikey_2"]
 
-def mix(text, n_tokens, frac, seed):
-    """About n_tokens byte tokens: slices of text (uint32 array) alternating with RULER samples."""
-    rng, out, pos, size = random.Random(seed), [], 0, 0
+DRILL = 128  # tokens per copy drill
+
+def drill(rng):
+    """One copy drill (tokens, loss mask), DRILL tokens: "\0", s, a gap of " ." pairs, s again."""
+    s = [rng.randrange(1, 256) for _ in range(rng.randrange(8, 25))]
+    gap = DRILL - 1 - 2 * len(s) - rng.randrange(0, 40)  # 40..111 tokens, then 0..39 spaces
+    filler = [32, 46] * gap
+    tokens = [0] + s + filler[:gap] + s + [32] * DRILL
+    mask = [0] * (1 + len(s) + gap + 1) + [1] * (len(s) - 1) + [0] * DRILL
+    return tokens[:DRILL], mask[:DRILL]
+
+def mix(text, n_tokens, frac, seed, drills=0.0):
+    """About n_tokens byte tokens and their loss mask (uint8 arrays): slices of text (uint32 array)
+    alternating with RULER samples, and copy drills."""
+    rng, out, masks, pos, size = random.Random(seed), [], [], 0, 0
     while size < n_tokens:
-        if rng.random() < frac:
+        r = rng.random()
+        if r < drills:
+            piece, mask = drill(rng)
+        elif r < drills + frac:
             task, length = rng.choice(TASKS), rng.randrange(400, 751, 50)
             s = ruler.generate(task, length, n=1, seed=rng.getrandbits(32))[0]
-            piece = np.frombuffer((s["input"] + s["answer"] + "\n\n").encode(), dtype=np.uint8).astype(np.uint32)
+            prompt, answer = s["input"].encode(), (s["answer"] + "\n\n").encode()
+            piece = list(prompt + answer)
+            mask = [0] * len(prompt) + [1] * len(answer)
         else:
             n = rng.randrange(256, 1025)
             piece, pos = text[pos:pos + n], (pos + n) % max(len(text) - 1024, 1)
-        out.append(piece)
+            mask = [1] * len(piece)
+        out.append(np.asarray(piece, dtype=np.uint32))
+        masks.append(np.asarray(mask, dtype=np.uint8))
         size += len(piece)
-    return np.concatenate(out)
+    return np.concatenate(out), np.concatenate(masks)
 
-def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.5):
-    """Build data/pycode_niah: train.bin, val.bin, meta.json. Returns the meta dict."""
+def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.5, drills=0.0):
+    """Build a data set folder (train.bin, val.bin, the loss masks, meta.json). Returns the meta dict."""
     pycode = os.path.join(os.path.dirname(HERE), "pycode")
     if not os.path.exists(os.path.join(pycode, "meta.json")):
         prepare_pycode(pycode)
     read_meta(pycode)
     train, val = (np.memmap(os.path.join(pycode, f"{s}.bin"), dtype=np.uint32, mode="r") for s in ("train", "val"))
-    meta = {**ByteTokenizer.meta, "source": "pycode + RULER niah", "retrieval_fraction": frac, "tasks": TASKS}
-    meta = write_dataset(out_dir, mix(train, train_tokens, frac, 0), mix(val, val_tokens, frac, 1), meta)
+    meta = {**ByteTokenizer.meta, "eot": 0, "source": "pycode + RULER niah + copy drills",
+            "retrieval_fraction": frac, "drill_fraction": drills, "tasks": TASKS}
+    (tx, tm), (vx, vm) = mix(train, train_tokens, frac, 0, drills), mix(val, val_tokens, frac, 1, drills)
+    meta = write_dataset(out_dir, tx, vx, meta, masks=(tm, vm))
     print(f"{os.path.basename(out_dir)}: train {meta['train_tokens']:,} tokens | val {meta['val_tokens']:,} tokens -> {out_dir}")
     return meta
 
 if __name__ == "__main__":
     import argparse
-    ap = argparse.ArgumentParser(description="pycode mixed with RULER needle retrieval")
-    ap.add_argument("--frac", type=float, default=0.5, help="fraction of the tokens in retrieval samples")
+    ap = argparse.ArgumentParser(description="pycode mixed with RULER needle retrieval and copy drills")
+    ap.add_argument("--frac", type=float, default=0.4, help="fraction of the tokens in retrieval samples")
+    ap.add_argument("--drills", type=float, default=0.2, help="fraction of the tokens in copy drills")
+    ap.add_argument("--drills_only", action="store_true", help="copy drills alone, into data/copy_drills")
     args = ap.parse_args()
-    if not 0 <= args.frac <= 1:
-        sys.exit(f"error: --frac={args.frac}: expected a fraction between 0 and 1")
-    name = "pycode_niah" if args.frac == 0.5 else f"pycode_niah_{round(args.frac * 100)}"
-    prepare(os.path.join(os.path.dirname(HERE), name), frac=args.frac)
+    if args.drills_only:
+        args.frac, args.drills = 0.0, 1.0
+    if not (0 <= args.frac <= 1 and 0 <= args.drills <= 1 and args.frac + args.drills <= 1):
+        sys.exit(f"error: --frac={args.frac}, --drills={args.drills}: expected fractions summing to at most 1")
+    name = "copy_drills" if args.drills_only else \
+        "pycode_niah" if (args.frac, args.drills) == (0.4, 0.2) else f"pycode_niah_{round(args.frac * 100)}_{round(args.drills * 100)}"
+    prepare(os.path.join(os.path.dirname(HERE), name), frac=args.frac, drills=args.drills,
+            **({"train_tokens": 4_000_000, "val_tokens": 200_000} if args.drills_only else {}))
