@@ -792,7 +792,7 @@ def main():
     if args.what == "star":
         star_kw = dict(contexts=(128, 256), steps=1, warmup=0, cfg_kw={**STAR, **QUICK, "pattern": "**-*E"}) \
             if args.quick else dict(contexts=(2048, 4096, 8192), steps=3, warmup=1)
-        if args.config:  # a config/ file's model, e.g. config/star_niah.py (SWAN-style W and * layers)
+        if args.config:  # a config/ file's model, e.g. config/star_copy.py (SWAN-style W and * layers)
             star_kw["cfg_kw"] = {**config_from_file(args.config).to_dict(), "vocab_size": 256}
         report_star(bench_star(**star_kw), 4, star_kw["steps"], star_kw["warmup"], star_kw.get("cfg_kw", STAR))
         window = 8 if args.quick else star_kw.get("cfg_kw", {}).get("sliding_window", 128)
