@@ -3,7 +3,7 @@ data/pycode_niah/prepare.py: pycode mixed with RULER needle retrieval, for the S
 (README "Long context"): a model learns retrieval at a few hundred tokens and is tested far beyond.
 Read data/tokenizer.py and data/ruler.py first.
 Run: python data/pycode_niah/prepare.py              (about 10 s; builds data/pycode first if missing)
-     python data/pycode_niah/prepare.py --frac=0.8   (80% retrieval, into data/pycode_niah_80)
+     python data/pycode_niah/prepare.py --frac=0.4 --drills=0.2  (into data/pycode_niah_40_20)
      python data/pycode_niah/prepare.py --drills_only (copy drills alone, into data/copy_drills)
 
 The stream alternates a slice of pycode (random length 256-1024 bytes, in order through the split) with
@@ -14,7 +14,9 @@ pycode. Train and val draw different seeds, so no val needle or key is trained o
 
 Loss masks (train.mask, val.mask): pycode is trained on every token, a RULER sample on its answer
 only, a drill on its copy only. What a model must learn here is retrieval, and the haystacks' filler
-sentences would otherwise dominate the loss.
+sentences would otherwise dominate the loss. The default mix is 70% retrieval, 25% drills and 5%
+pycode by tokens, which is about 70 answer, 200 copy and 300 text targets in a batch of 8 x 768:
+with more text its targets would swamp the answers' (a sample of ~600 tokens has ~10 answer bytes).
 
 Copy drills: 128 tokens, "\0" + s + ". . ." + s with s 8-24 random bytes; the loss is on the second
 copy (from its second token on), which lies 64-119 tokens after the first, beyond the sliding window
@@ -68,7 +70,7 @@ def mix(text, n_tokens, frac, seed, drills=0.0):
         size += len(piece)
     return np.concatenate(out), np.concatenate(masks)
 
-def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.5, drills=0.0):
+def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.7, drills=0.25):
     """Build a data set folder (train.bin, val.bin, the loss masks, meta.json). Returns the meta dict."""
     pycode = os.path.join(os.path.dirname(HERE), "pycode")
     if not os.path.exists(os.path.join(pycode, "meta.json")):
@@ -85,8 +87,8 @@ def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.5, 
 if __name__ == "__main__":
     import argparse
     ap = argparse.ArgumentParser(description="pycode mixed with RULER needle retrieval and copy drills")
-    ap.add_argument("--frac", type=float, default=0.4, help="fraction of the tokens in retrieval samples")
-    ap.add_argument("--drills", type=float, default=0.2, help="fraction of the tokens in copy drills")
+    ap.add_argument("--frac", type=float, default=0.7, help="fraction of the tokens in retrieval samples")
+    ap.add_argument("--drills", type=float, default=0.25, help="fraction of the tokens in copy drills")
     ap.add_argument("--drills_only", action="store_true", help="copy drills alone, into data/copy_drills")
     args = ap.parse_args()
     if args.drills_only:
@@ -94,6 +96,6 @@ if __name__ == "__main__":
     if not (0 <= args.frac <= 1 and 0 <= args.drills <= 1 and args.frac + args.drills <= 1):
         sys.exit(f"error: --frac={args.frac}, --drills={args.drills}: expected fractions summing to at most 1")
     name = "copy_drills" if args.drills_only else \
-        "pycode_niah" if (args.frac, args.drills) == (0.4, 0.2) else f"pycode_niah_{round(args.frac * 100)}_{round(args.drills * 100)}"
+        "pycode_niah" if (args.frac, args.drills) == (0.7, 0.25) else f"pycode_niah_{round(args.frac * 100)}_{round(args.drills * 100)}"
     prepare(os.path.join(os.path.dirname(HERE), name), frac=args.frac, drills=args.drills,
             **({"train_tokens": 4_000_000, "val_tokens": 200_000} if args.drills_only else {}))
