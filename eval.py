@@ -38,6 +38,7 @@ star_blocks = '0'                  # Star Attention block sizes, comma-separated
 essay = ''                         # a text file for the essay haystacks ('': ../shared/data/tinyshakespeare.txt)
 swan = 'ckpt'                      # NoPE dynamic scaling: 'ckpt' as trained, 'off', or a training length N
 seed = 0                           # RULER sample seed
+answer_prefix = 'ruler'            # NIAH answer prefix: 'ruler' (RULER's) or 'needle' (the needle's words; data/ruler.py)
 device = 'auto'                    # 'auto' (cuda, else cpu), 'cpu', 'cuda', ...
 json_out = ''                      # also write the results here as JSON ('': don't)
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -92,7 +93,7 @@ def val_loss(model, data, T, n_tokens, device):
 @torch.no_grad()
 def ruler_score(model, tokenizer, task, T, block, device):
     """RULER score (0-100) of `task` at length T, full attention (block 0) or Star Attention."""
-    samples = ruler.generate(task, T, tokenizer, n=n, seed=seed, essay=essay or None)
+    samples = ruler.generate(task, T, tokenizer, n=n, seed=seed, essay=essay or None, prefix=answer_prefix)
     predictions = []
     for s in samples:
         idx = torch.tensor([tokenizer.encode(s['input'])], device=device)

@@ -43,10 +43,13 @@ from data.tokenizer import ByteTokenizer, DataError
 
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 NEEDLE = "One of the special magic {type} for {key} is: {value}."
+# answer prefixes: RULER's, and (prefix="needle", ours) the needle's own words, which turns retrieval
+# into an induction lookup (copy what followed the same words before) that small models learn
+PREFIX = {"ruler": "The special magic {type} for {query} mentioned in the provided text are",
+          "needle": "One of the special magic {type} for {query} is:"}
 NIAH = ("Some special magic {type} are hidden within the following text. Make sure to memorize it. "
         "I will quiz you about the {type} afterwards.\n{context}\n"
-        "What are all the special magic {type} for {query} mentioned in the provided text? "
-        "The special magic {type} for {query} mentioned in the provided text are")
+        "What are all the special magic {type} for {query} mentioned in the provided text? {prefix}")
 VT = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n{context}\n"
       "Question: Find all variables that are assigned the value {value} in the text above. "
       "Answer: According to the chain(s) of variable assignment in the text above, {n} variables are "
@@ -135,8 +138,10 @@ def essay_words(essay):
 # the tasks
 
 
-def niah(task, length, tokenizer, rng, depth, essay):
+def niah(task, length, tokenizer, rng, depth, essay, prefix="ruler"):
     haystack, key_kind, value_kind, n_needles, n_values, n_queries = NIAH_TASKS[task]
+    if prefix == "needle" and (n_values > 1 or n_queries > 1):
+        raise DataError(f"{task}: the answer prefix 'needle' is for tasks with one key and one value")
     kind = {"number": "numbers", "uuid": "uuids", "word": "words"}[value_kind]
     keys = []
     while len(keys) < n_needles:  # distinct keys: the first n_queries are asked for
@@ -159,7 +164,9 @@ def niah(task, length, tokenizer, rng, depth, essay):
                 for _ in range(length // 8 + 1)]
         units = lambda n: pool[:n]
         n_max = len(pool)
-    build = lambda n: NIAH.format(type=kind, query=query_text, context=" ".join(insert(units(n), needles, depths)))
+    answer_prefix = PREFIX[prefix].format(type=kind, query=query_text)
+    build = lambda n: NIAH.format(type=kind, query=query_text, prefix=answer_prefix,
+                                  context=" ".join(insert(units(n), needles, depths)))
     outputs = [v for vs in values[:n_queries] for v in vs]
     return fit(build, n_max, tokenizer, length), outputs
 
@@ -204,18 +211,21 @@ def fwe(length, tokenizer, rng, depth, essay, alpha=2.0):
     return text, [vocab[r - 1] for r in top]
 
 
-def generate(task, length, tokenizer=None, n=10, seed=0, essay=None):
+def generate(task, length, tokenizer=None, n=10, seed=0, essay=None, prefix="ruler"):
     """n samples of a RULER task whose prompts fill `length` tokens of `tokenizer` (default: bytes).
-    Deterministic in (task, length, n, seed, tokenizer, essay)."""
+    Deterministic in (task, length, n, seed, tokenizer, essay, prefix). prefix: the NIAH answer
+    prefix, "ruler" or "needle" (see PREFIX)."""
     if task not in TASKS:
         raise DataError(f"unknown RULER task {task!r}; choose from {', '.join(TASKS)}")
+    if prefix not in PREFIX:
+        raise DataError(f"unknown answer prefix {prefix!r}; choose from {', '.join(PREFIX)}")
     tokenizer = tokenizer or ByteTokenizer()
     samples = []
     for i in range(n):
         rng = random.Random(f"{task}/{length}/{seed}/{i}")
         depth = (i + 0.5) / n
         if task in NIAH_TASKS:
-            text, outputs = niah(task, length, tokenizer, rng, depth, essay)
+            text, outputs = niah(task, length, tokenizer, rng, depth, essay, prefix)
         else:
             text, outputs = {"vt": vt, "cwe": cwe, "fwe": fwe}[task](length, tokenizer, rng, depth, essay)
         samples.append({"task": task, "input": text, "query": text[text.rindex("\n"):], "outputs": outputs, "answer": " " + ", ".join(outputs) + ".",

@@ -98,6 +98,22 @@ def test_score_is_ruler_string_match_all():
     assert ruler.score(["a", "1234567"], [["1234567"], ["1234567"]]) == 50.0
 
 
+def test_needle_answer_prefix(essay):
+    """prefix="needle" ends the prompt with the needle's own words up to its value, so that the ideal
+    answer continues the prompt exactly as the needle continues; the context is RULER's unchanged.
+    Tasks with several values or queries refuse it."""
+    for task in ("niah_single_1", "niah_multikey_2"):
+        a, b = ruler.generate(task, 800, n=3, seed=4), ruler.generate(task, 800, n=3, seed=4, prefix="needle")
+        for r, s in zip(a, b):
+            assert r["outputs"] == s["outputs"] and r["input"].endswith("mentioned in the provided text are")
+            needle_to_value = s["input"][s["input"].rindex("\n") + 1:].split("? ", 1)[1]  # "One of ... is:"
+            assert needle_to_value + s["answer"][:-1] in s["input"][:s["input"].rindex("\n")]
+    with pytest.raises(DataError, match="one key and one value"):
+        ruler.generate("niah_multivalue", 1000, essay=essay, prefix="needle")
+    with pytest.raises(DataError, match="unknown answer prefix"):
+        ruler.generate("niah_single_1", 1000, prefix="nope")
+
+
 def test_bad_input():
     with pytest.raises(ruler.TooShort, match="too short"):
         ruler.generate("niah_single_1", 100)

@@ -5,6 +5,8 @@ Read data/tokenizer.py and data/ruler.py first.
 Run: python data/pycode_niah/prepare.py              (about 10 s; builds data/pycode first if missing)
      python data/pycode_niah/prepare.py --frac=0.4 --drills=0.2  (into data/pycode_niah_40_20)
      python data/pycode_niah/prepare.py --drills_only (copy drills alone, into data/copy_drills)
+     python data/pycode_niah/prepare.py --prefix=needle (answer prefix = the needle's words, into
+                                                       data/pycode_niah_needle; data/ruler.py PREFIX)
 
 The stream alternates a slice of pycode (random length 256-1024 bytes, in order through the split) with
 one RULER sample (niah_single_1 or niah_multikey_2, noise or needle haystack, at a random length of
@@ -47,7 +49,7 @@ def drill(rng):
     mask = [0] * (1 + len(s) + gap + 1) + [1] * (len(s) - 1) + [0] * DRILL
     return tokens[:DRILL], mask[:DRILL]
 
-def mix(text, n_tokens, frac, seed, drills=0.0):
+def mix(text, n_tokens, frac, seed, drills=0.0, prefix="ruler"):
     """About n_tokens byte tokens and their loss mask (uint8 arrays): slices of text (uint32 array)
     alternating with RULER samples, and copy drills."""
     rng, out, masks, pos, size = random.Random(seed), [], [], 0, 0
@@ -57,7 +59,7 @@ def mix(text, n_tokens, frac, seed, drills=0.0):
             piece, mask = drill(rng)
         elif r < drills + frac:
             task, length = rng.choice(TASKS), rng.randrange(400, 751, 50)
-            s = ruler.generate(task, length, n=1, seed=rng.getrandbits(32))[0]
+            s = ruler.generate(task, length, n=1, seed=rng.getrandbits(32), prefix=prefix)[0]
             prompt, answer = s["input"].encode(), (s["answer"] + "\n\n").encode()
             piece = list(prompt + answer)
             mask = [0] * len(prompt) + [1] * len(answer)
@@ -70,7 +72,7 @@ def mix(text, n_tokens, frac, seed, drills=0.0):
         size += len(piece)
     return np.concatenate(out), np.concatenate(masks)
 
-def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.7, drills=0.25):
+def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.7, drills=0.25, prefix="ruler"):
     """Build a data set folder (train.bin, val.bin, the loss masks, meta.json). Returns the meta dict."""
     pycode = os.path.join(os.path.dirname(HERE), "pycode")
     if not os.path.exists(os.path.join(pycode, "meta.json")):
@@ -78,8 +80,8 @@ def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.7, 
     read_meta(pycode)
     train, val = (np.memmap(os.path.join(pycode, f"{s}.bin"), dtype=np.uint32, mode="r") for s in ("train", "val"))
     meta = {**ByteTokenizer.meta, "eot": 0, "source": "pycode + RULER niah + copy drills",
-            "retrieval_fraction": frac, "drill_fraction": drills, "tasks": TASKS}
-    (tx, tm), (vx, vm) = mix(train, train_tokens, frac, 0, drills), mix(val, val_tokens, frac, 1, drills)
+            "retrieval_fraction": frac, "drill_fraction": drills, "tasks": TASKS, "answer_prefix": prefix}
+    (tx, tm), (vx, vm) = (mix(t, n, frac, seed, drills, prefix) for t, n, seed in ((train, train_tokens, 0), (val, val_tokens, 1)))
     meta = write_dataset(out_dir, tx, vx, meta, masks=(tm, vm))
     print(f"{os.path.basename(out_dir)}: train {meta['train_tokens']:,} tokens | val {meta['val_tokens']:,} tokens -> {out_dir}")
     return meta
@@ -90,6 +92,8 @@ if __name__ == "__main__":
     ap.add_argument("--frac", type=float, default=0.7, help="fraction of the tokens in retrieval samples")
     ap.add_argument("--drills", type=float, default=0.25, help="fraction of the tokens in copy drills")
     ap.add_argument("--drills_only", action="store_true", help="copy drills alone, into data/copy_drills")
+    ap.add_argument("--prefix", default="ruler", choices=["ruler", "needle"],
+                    help="NIAH answer prefix (data/ruler.py PREFIX); 'needle' writes data/pycode_niah_needle")
     args = ap.parse_args()
     if args.drills_only:
         args.frac, args.drills = 0.0, 1.0
@@ -97,5 +101,6 @@ if __name__ == "__main__":
         sys.exit(f"error: --frac={args.frac}, --drills={args.drills}: expected fractions summing to at most 1")
     name = "copy_drills" if args.drills_only else \
         "pycode_niah" if (args.frac, args.drills) == (0.7, 0.25) else f"pycode_niah_{round(args.frac * 100)}_{round(args.drills * 100)}"
-    prepare(os.path.join(os.path.dirname(HERE), name), frac=args.frac, drills=args.drills,
+    name += "_needle" if args.prefix == "needle" and not args.drills_only else ""
+    prepare(os.path.join(os.path.dirname(HERE), name), frac=args.frac, drills=args.drills, prefix=args.prefix,
             **({"train_tokens": 4_000_000, "val_tokens": 200_000} if args.drills_only else {}))
