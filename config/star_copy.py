@@ -4,7 +4,6 @@
 # python data/pycode_niah/prepare.py --drills_only && python train.py config/star_copy.py
 out_dir = 'out-star-copy'
 dataset = 'copy_drills'
-doc_masking = True            # each 128-token drill is a document: attention sees only its own drill
 pattern = 'W-*-W-*-'
 sliding_window = 16           # far below the drills' copy distance (64-119): only '*' layers can copy
 swan_train_len = 768

@@ -20,12 +20,13 @@ sentences would otherwise dominate the loss. The default mix is 70% retrieval, 2
 pycode by tokens, which is about 70 answer, 200 copy and 300 text targets in a batch of 8 x 768:
 with more text its targets would swamp the answers' (a sample of ~600 tokens has ~10 answer bytes).
 
-Copy drills: 128 tokens, "\0" + s + ". . ." + s with s 8-24 random bytes; the loss is on the second
-copy (from its second token on), which lies 64-119 tokens after the first, beyond the sliding window
-of config/star_niah.py's W layers (16), so only the global NoPE layers can learn it. It is the
+Copy drills: 128 tokens, s + " . . ." + s with s 8-24 random bytes; the loss is on the second copy
+(from its second token on), which lies 64-119 tokens after the first, beyond the sliding window of
+config/star_copy.py's W layers (16), so only the global NoPE layers can learn it. It is the
 induction-head task (Olsson et al. 2022) that NIAH retrieval builds on: trained on NIAH alone the
-model stays on the loss plateau (LOG.md, stops 13 and 14). "\0" starts each drill as a document
-(meta "eot"), so with doc_masking a drill sees only itself.
+model stays on the loss plateau (LOG.md, stops 13 and 14). The drills follow each other in one
+stream, with no start token and no document boundary: a model trained on drills that each began
+with "\0" as a document of their own learnt to copy only right after a "\0" (LOG.md, stop 15).
 """
 import os, random, sys
 import numpy as np
@@ -41,12 +42,12 @@ TASKS = ["niah_single_1", "niah_multikey_2"]
 DRILL = 128  # tokens per copy drill
 
 def drill(rng):
-    """One copy drill (tokens, loss mask), DRILL tokens: "\0", s, a gap of " ." pairs, s again."""
+    """One copy drill (tokens, loss mask), DRILL tokens: s, a gap of " ." pairs, s again, spaces."""
     s = [rng.randrange(1, 256) for _ in range(rng.randrange(8, 25))]
-    gap = DRILL - 1 - 2 * len(s) - rng.randrange(0, 40)  # 40..111 tokens, then 0..39 spaces
+    gap = DRILL - 1 - 2 * len(s) - rng.randrange(0, 40)  # 40..111 tokens, then 1..40 spaces
     filler = [32, 46] * gap
-    tokens = [0] + s + filler[:gap] + s + [32] * DRILL
-    mask = [0] * (1 + len(s) + gap + 1) + [1] * (len(s) - 1) + [0] * DRILL
+    tokens = s + filler[:gap] + s + [32] * DRILL
+    mask = [0] * (len(s) + gap + 1) + [1] * (len(s) - 1) + [0] * DRILL
     return tokens[:DRILL], mask[:DRILL]
 
 def mix(text, n_tokens, frac, seed, drills=0.0, prefix="ruler"):
@@ -79,7 +80,7 @@ def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.7, 
         prepare_pycode(pycode)
     read_meta(pycode)
     train, val = (np.memmap(os.path.join(pycode, f"{s}.bin"), dtype=np.uint32, mode="r") for s in ("train", "val"))
-    meta = {**ByteTokenizer.meta, "eot": 0, "source": "pycode + RULER niah + copy drills",
+    meta = {**ByteTokenizer.meta, "source": "pycode + RULER niah + copy drills",
             "retrieval_fraction": frac, "drill_fraction": drills, "tasks": TASKS, "answer_prefix": prefix}
     (tx, tm), (vx, vm) = (mix(t, n, frac, seed, drills, prefix) for t, n, seed in ((train, train_tokens, 0), (val, val_tokens, 1)))
     meta = write_dataset(out_dir, tx, vx, meta, masks=(tm, vm))
