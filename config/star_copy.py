@@ -1,5 +1,5 @@
-# Stage 1 of the Star Attention experiment (README "Long context"): the model of config/star_niah.py
-# learns to copy across more than its W window on copy drills alone (induction heads in the global
+# Stage 1 of the Star Attention experiment (README "Long context"): the model that config/star_niah.py
+# fine-tunes learns to copy across more than its W window on copy drills alone (induction heads in the global
 # NoPE layers), before retrieval. Plain NIAH training never left the loss plateau (LOG.md, stops 13-14).
 # python data/pycode_niah/prepare.py --drills_only && python train.py config/star_copy.py
 out_dir = 'out-star-copy'
