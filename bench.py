@@ -623,28 +623,35 @@ def report_decode(res, steps, warmup):
 
 
 def bench_speculative(model, prompts, max_new_tokens=128, k=2, rounds=2):
-    """Greedy decoding of each prompt, plain and with speculative=k, taking turns (a, b, a, b, ...):
-    {"plain", "speculative"}: tokens/s over all prompts and rounds (prefill included, as a user
-    waits for it), and "stats": drafts kept per verification (one speculative pass per prompt)."""
+    """Greedy decoding of each prompt, plain and with speculative=k, side by side after one untimed
+    warm-up of each: {"plain", "speculative"}: tokens/s over all prompts and rounds (prefill
+    included, as a user waits for it), "ratios": speculative / plain per (round, prompt) pair, timed
+    back to back in alternating order, and "stats": drafts kept per verification (first round)."""
     model.eval()
-    secs = {"plain": 0.0, "speculative": 0.0}
+    run = lambda name, p, n, st=None: list(model.generate_stream(p, n, temperature=0)) if name == "plain" else \
+        list(model.speculative_stream(p, n, k, temperature=0, stats=st))
+    for name in ("plain", "speculative"):
+        run(name, prompts[0], 32)
+    secs, ratios = {"plain": 0.0, "speculative": 0.0}, []
     stats = {"rounds": 0, "accepted": [0] * k}
     for r in range(rounds):
-        for p in prompts:
-            for name in secs:
+        for i, p in enumerate(prompts):
+            pair = {}
+            for name in ("plain", "speculative") if (r + i) % 2 == 0 else ("speculative", "plain"):
+                st = {}
                 t0 = time.perf_counter()
-                if name == "plain":
-                    out = list(model.generate_stream(p, max_new_tokens, temperature=0))
-                else:
-                    st = {}
-                    out = list(model.speculative_stream(p, max_new_tokens, k, temperature=0, stats=st))
-                    if r == 0:
-                        stats["rounds"] += st["rounds"]
-                        stats["accepted"] = [a + b for a, b in zip(stats["accepted"], st["accepted"])]
-                secs[name] += time.perf_counter() - t0
+                out = run(name, p, max_new_tokens, st)
+                pair[name] = time.perf_counter() - t0
                 assert len(out) == max_new_tokens
+                if name == "speculative" and r == 0:
+                    stats["rounds"] += st["rounds"]
+                    stats["accepted"] = [a + b for a, b in zip(stats["accepted"], st["accepted"])]
+            ratios.append(pair["plain"] / pair["speculative"])
+            for name in pair:
+                secs[name] += pair[name]
     tokens = rounds * len(prompts) * max_new_tokens
-    return {"plain": tokens / secs["plain"], "speculative": tokens / secs["speculative"], "stats": stats}
+    return {"plain": tokens / secs["plain"], "speculative": tokens / secs["speculative"],
+            "ratios": sorted(ratios), "stats": stats}
 
 
 def report_speculative(res, k, n_prompts, max_new_tokens):
@@ -654,6 +661,9 @@ def report_speculative(res, k, n_prompts, max_new_tokens):
           f"k = {k} drafts per verification, {torch.get_num_threads()} threads")
     print(f"plain {res['plain']:.1f} tok/s, speculative {res['speculative']:.1f} tok/s: "
           f"{res['speculative'] / res['plain']:.2f}x (target >= 1.4x at k = 2)")
+    r = res["ratios"]
+    print(f"speedup per prompt, timed back to back: median {r[len(r) // 2]:.2f}x, range {r[0]:.2f}-{r[-1]:.2f}x "
+          f"over {len(r)} pairs")
     print(f"tokens per verification {per_round:.2f} (target >= 2.0 at k = 2); kept by draft position: "
           + " ".join(f"{a / max(st['rounds'], 1):.2f}" for a in st["accepted"]))
 
@@ -782,7 +792,7 @@ def main():
         model = Nemotron.from_pretrained(args.init_from)
         n, new_tokens = (2, 16) if args.quick else (4, 256)
         prompts = val_prompts(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)
-        res = bench_speculative(model, prompts, new_tokens, args.speculative, rounds=1 if args.quick else 2)
+        res = bench_speculative(model, prompts, new_tokens, args.speculative, rounds=1 if args.quick else 3)
         report_speculative(res, args.speculative, n, new_tokens)
     elif args.what in ("all", "decode"):
         res = bench_decode(cfg, hf=not args.no_hf, **decode_kw)

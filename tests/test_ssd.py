@@ -237,8 +237,9 @@ def test_mixer_dt_limit():
 
 @pytest.mark.parametrize("k,G", [(1, 1), (3, 2), (8, 1)])
 def test_ssd_steps_keeps_every_state_of_the_recurrence(k, G):
-    """ssd_steps (k tokens in closed form, speculative decoding's verification) == ssd_step run k
-    times: every output and every intermediate state, fp32, atol 1e-5."""
+    """ssd_steps (k tokens at once, decoding and speculative decoding's verification) == ssd_step
+    run k times, every output and every intermediate state, and == the chunked ssd_ref from the
+    same initial state (outputs and final state); fp32, atol 1e-5."""
     g = torch.Generator().manual_seed(k)
     H, P, N = 4, 8, 6
     x, B, C = torch.randn(2, k, H, P, generator=g), torch.randn(2, k, G, N, generator=g), torch.randn(2, k, G, N, generator=g)
@@ -250,3 +251,6 @@ def test_ssd_steps_keeps_every_state_of_the_recurrence(k, G):
         y_t, h = ssd_step(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
         assert_close(y[:, t], y_t, f"y[{t}]", atol=1e-5, rtol=1e-5)
         assert_close(states[:, t], h, f"state after token {t}", atol=1e-5, rtol=1e-5)
+    y_ref, h_ref = ssd_ref(x, dt, A, B, C, 4, D=D, initial_state=h0)
+    assert_close(y, y_ref, "y vs ssd_ref", atol=1e-5, rtol=1e-5)
+    assert_close(states[:, -1], h_ref, "final state vs ssd_ref", atol=1e-5, rtol=1e-5)
