@@ -12,6 +12,8 @@ eval.py: long-context evaluation of a checkpoint. Read after sample.py and data/
    n prompts per cell, greedy decoding, the prediction cut at its first newline (our models end an
    answer with one, as RULER's end theirs with EOS), scored by string-match recall (0-100); and
    how often Star Attention's prediction is exactly full attention's (when block 0 is evaluated too).
+   A run trained with doc_masking gets each prompt started with its data set's end-of-text token
+   (--bos), and NIAH prompts end with the answer prefix its data set was built with (--answer_prefix).
 Printed as tables; --json_out=PATH also writes every figure as JSON.
 """
 import json
@@ -24,7 +26,7 @@ import torch
 
 from attention import Attention
 from data import ruler
-from data.tokenizer import DataError, find_tokenizer, saved_dataset
+from data.tokenizer import DataError, find_tokenizer, read_meta, saved_config, saved_dataset
 from model import CheckpointError, Nemotron
 
 # -----------------------------------------------------------------------------
@@ -38,7 +40,10 @@ star_blocks = '0'                  # Star Attention block sizes, comma-separated
 essay = ''                         # a text file for the essay haystacks ('': ../shared/data/tinyshakespeare.txt)
 swan = 'ckpt'                      # NoPE dynamic scaling: 'ckpt' as trained, 'off', or a training length N
 seed = 0                           # RULER sample seed
-answer_prefix = 'ruler'            # NIAH answer prefix: 'ruler' (RULER's) or 'needle' (the needle's words; data/ruler.py)
+answer_prefix = 'auto'             # NIAH answer prefix: 'ruler' (RULER's), 'needle' (the needle's words; data/ruler.py),
+                                   # or 'auto' = the one the run's data set was built with (meta.json), else 'ruler'
+bos = 'auto'                       # start each RULER prompt with the data set's end-of-text token: 'on', 'off', or
+                                   # 'auto' = on for a run trained with doc_masking (its documents start with one)
 device = 'auto'                    # 'auto' (cuda, else cpu), 'cpu', 'cuda', ...
 json_out = ''                      # also write the results here as JSON ('': don't)
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -91,12 +96,13 @@ def val_loss(model, data, T, n_tokens, device):
 
 
 @torch.no_grad()
-def ruler_score(model, tokenizer, task, T, block, device):
-    """RULER score (0-100) of `task` at length T, full attention (block 0) or Star Attention."""
+def ruler_score(model, tokenizer, task, T, block, device, start=()):
+    """RULER score (0-100) of `task` at length T, full attention (block 0) or Star Attention.
+    start: token ids put before each prompt (an end-of-text token for a doc-masked run)."""
     samples = ruler.generate(task, T, tokenizer, n=n, seed=seed, essay=essay or None, prefix=answer_prefix)
     predictions = []
     for s in samples:
-        idx = torch.tensor([tokenizer.encode(s['input'])], device=device)
+        idx = torch.tensor([list(start) + tokenizer.encode(s['input'])], device=device)
         budget = len(tokenizer.encode(s['answer'])) + 8  # the answer's length and a margin
         # Star Attention: the context goes through phase 1 in blocks; the query (question and answer
         # prefix) is phase 2's, attending to every block
@@ -105,6 +111,31 @@ def ruler_score(model, tokenizer, task, T, block, device):
         out = model.generate(idx, budget, temperature=0, **kwargs)
         predictions.append(tokenizer.decode(out[0, idx.size(1):].tolist()).split('\n')[0])
     return ruler.score(predictions, [s['outputs'] for s in samples]), predictions
+
+
+def run_meta(path):
+    """The saved train.py flags of the run at path, and its data set's meta.json ({} if none)."""
+    cfg = saved_config(path)
+    name = dataset if dataset not in ('', 'none') else cfg.get('dataset')
+    try:
+        return cfg, read_meta(os.path.join(REPO, 'data', name)) if name else {}
+    except DataError:
+        return cfg, {}
+
+
+def bos_tokens(path):
+    """(eot,) when RULER prompts should start with the data set's end-of-text token (--bos), else ().
+    A run trained with doc_masking saw every document start with it, as prompts of Hugging Face models
+    start with their BOS token; it may have learnt to lean on it."""
+    if bos not in ('auto', 'on', 'off'):
+        die(f"--bos={bos!r}: expected 'auto', 'on' or 'off'")
+    cfg, meta = run_meta(path)
+    if bos == 'off' or (bos == 'auto' and not cfg.get('doc_masking')):
+        return ()
+    eot = meta.get('eot')
+    if eot is None:
+        die(f"--bos={bos}: no end-of-text token known for {path} (its data set's meta.json names none)")
+    return (eot,)
 
 
 def fmt(x, digits=4):
@@ -135,7 +166,14 @@ def main():
         if swan != 'off' and not swan.isdigit():
             die(f"--swan={swan!r}: expected 'ckpt', 'off' or a training length such as 256")
         set_swan(model, None if swan == 'off' else int(swan))
-    print(f"{init_from}: pattern {model.config.pattern}, swan_train_len {model.config.swan_train_len}")
+    global answer_prefix
+    start = bos_tokens(init_from)
+    if answer_prefix == 'auto':
+        answer_prefix = run_meta(init_from)[1].get('answer_prefix', 'ruler')
+    if answer_prefix not in ruler.PREFIX:
+        die(f"--answer_prefix={answer_prefix!r}: expected 'auto' or one of {', '.join(ruler.PREFIX)}")
+    print(f"{init_from}: pattern {model.config.pattern}, swan_train_len {model.config.swan_train_len}"
+          + (f", prompts start with token {start[0]}" if start else "") + f", answer prefix '{answer_prefix}'")
     results = {'config': config, 'pattern': model.config.pattern,
                'swan_train_len': model.config.swan_train_len, 'loss': {}, 'ruler': {}, 'agreement': {}, 'time_s': {}}
 
@@ -162,7 +200,7 @@ def main():
             for T in T_list:
                 t0 = time.time()
                 try:
-                    s, preds = ruler_score(model, tokenizer, task, T, block, dev)
+                    s, preds = ruler_score(model, tokenizer, task, T, block, dev, start)
                 except ruler.TooShort:  # the task's prompt needs more than T tokens: n/a
                     s, preds = None, []
                 except DataError as e:

@@ -161,15 +161,19 @@ def load_tokenizer(meta_or_path):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def saved_dataset(path):
-    """The data set named in a train.py out_dir's / ckpt.pt's saved config, or None."""
+def saved_config(path):
+    """The train.py flags saved in an out_dir's / ckpt.pt's checkpoint (a dict; {} when none)."""
     import torch  # here, so that the prepare.py scripts do not pay for importing torch
     ckpt_path = os.path.join(path, "ckpt.pt") if os.path.isdir(path) else path
     try:  # mmap: reads only the small config entries, not the weights
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        return (ckpt.get("config") or {}).get("dataset")
+        return ckpt.get("config") or {}
     except Exception:  # no ckpt.pt, or one that mmap cannot read (an old format)
-        return None
+        return {}
+
+def saved_dataset(path):
+    """The data set named in a train.py out_dir's / ckpt.pt's saved config, or None."""
+    return saved_config(path).get("dataset")
 
 def find_tokenizer(path, vocab_size):
     """The tokenizer for the model at path: a tokenizer.json or meta.json beside the checkpoint, then

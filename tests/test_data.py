@@ -204,27 +204,37 @@ def test_fineweb_offline_messages(tmp_path, monkeypatch):
 # pycode_niah: the Star Attention experiment's mix, with loss masks
 
 def test_pycode_niah_mix_and_masks(tmp_path):
-    """Every piece of the mix carries its loss mask: a copy drill's mask covers exactly its second
-    copy from the second token on (the first copy 64-119 tokens before, beyond a 16-token window),
-    a RULER sample's exactly its answer, pycode's every token; the files agree with meta.json."""
+    """Every piece of the mix is a document that starts with "\0" (and holds no other) and carries its
+    loss mask: a copy drill's mask covers exactly its second copy from the second token on (the first
+    copy 56-143 tokens before, beyond a 16-token window, after 0-31 tokens of noise), a RULER sample's
+    exactly its answer, pycode's every token; the kinds come in the asked fractions of the tokens, and
+    the files agree with meta.json."""
     import random
     from data.pycode_niah import prepare as niah
     rng = random.Random(0)
     for _ in range(50):
         tokens, mask = niah.drill(rng)
-        assert len(tokens) == len(mask) == niah.DRILL and 0 not in tokens
+        assert len(tokens) == len(mask) == niah.DRILL and tokens[0] == 0 and 0 not in tokens[1:]
         n = sum(mask) + 1  # the copied string s
-        first = [i for i, m in enumerate(mask) if m][0] - 1  # where the second copy starts
-        assert tokens[:n] == tokens[first:first + n] and 64 <= first <= 119
+        second = [i for i, m in enumerate(mask) if m][0] - 1  # where the second copy starts
+        first = second - n - next(g for g in range(8, 48) if tokens[second - n - g:second - g] == tokens[second:second + n])
+        assert tokens[first:first + n] == tokens[second:second + n] and 1 <= first <= 32
+        assert 56 <= second - first <= 143 and not any(mask[:second + 1])
     text = np.frombuffer(b"x = 1\n" * 2000, dtype=np.uint8).astype(np.uint32)
-    tokens, mask = niah.mix(text, 20_000, frac=0.4, seed=0, drills=0.2)
+    tokens, mask = niah.mix(text, 30_000, frac=0.4, seed=0, drills=0.3)
     assert tokens.shape == mask.shape and mask.dtype == np.uint8
     raw = tokens.astype(np.uint8).tobytes()
-    for m in re.finditer(rb"text are( \d+\.\n\n)", raw):  # each RULER answer, and nothing else of it
-        assert mask[m.start(1):m.end(1)].all() and not mask[m.start():m.start(1)].any()
+    answers = list(re.finditer(rb"is:( \d{7}\.\n\n)", raw))  # each RULER answer, and nothing else of it
+    assert answers and all(mask[m.start(1):m.end(1)].all() and not mask[m.start():m.start(1)].any() for m in answers)
     code = [m.start() for m in re.finditer(rb"x = 1\n", raw)]
     assert code and mask[code].all()
+    docs = np.split(tokens.astype(np.uint8), np.nonzero(tokens == 0)[0][1:])  # "\0" starts every document
+    assert tokens[0] == 0 and len(docs) > 30
+    is_text = lambda d: set(d[1:].tobytes()) <= set(b"x = 1\n")
+    kinds = {"drill": sum(len(d) for d in docs if len(d) == niah.DRILL and not is_text(d) and b"magic" not in d.tobytes()),
+             "text": sum(len(d) for d in docs if is_text(d))}
+    assert abs(kinds["text"] / len(tokens) - 0.3) < 0.05 and abs(kinds["drill"] / len(tokens) - 0.3) < 0.05
     meta = niah.prepare(tmp_path, train_tokens=20_000, val_tokens=5_000)
-    assert meta["loss_mask"] and meta == read_meta(tmp_path)
+    assert meta["loss_mask"] and meta["eot"] == 0 and meta == read_meta(tmp_path)
     for split in ("train", "val"):
         assert os.path.getsize(tmp_path / f"{split}.mask") == meta[f"{split}_tokens"]

@@ -10,6 +10,7 @@ import collections
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -186,3 +187,29 @@ def test_eval_loss_and_ruler(out_dir, tmp_path):
 def test_eval_bad_flags(out_dir, args, message):
     rc, _, err = run_eval(f"--init_from={out_dir[0]}", "--lengths=64", *args)
     assert rc == 1 and message in err
+
+
+def test_eval_reads_the_runs_document_start_and_answer_prefix(tmp_path):
+    """A run trained with doc_masking gets each RULER prompt started with its data set's end-of-text
+    token (--bos=auto), and the answer prefix its data set was built with (--answer_prefix=auto);
+    --bos=off and an explicit prefix override them."""
+    name = f"_test_eval_{os.getpid()}"
+    data = os.path.join(REPO, "data", name)
+    os.makedirs(data)
+    try:
+        with open(os.path.join(data, "meta.json"), "w") as f:
+            json.dump({"tokenizer": "bytes", "vocab_size": 256, "eot": 0, "answer_prefix": "needle"}, f)
+        cfg = NemotronConfig(d_model=32, pattern="W*", n_head=2, n_kv_head=1, head_dim=16, sliding_window=16)
+        torch.save({"model": Nemotron(cfg).state_dict(), "model_config": cfg.to_dict(),
+                    "config": {"dataset": name, "doc_masking": True}}, tmp_path / "ckpt.pt")
+        common = (f"--init_from={tmp_path}", "--dataset=none", "--tasks=niah_single_1", "--lengths=400", "--n=1")
+        rc, out, err = run_eval(*common)
+        assert rc == 0, err
+        assert "prompts start with token 0" in out and "answer prefix 'needle'" in out
+        rc, out, err = run_eval(*common, "--bos=off", "--answer_prefix=ruler")
+        assert rc == 0, err
+        assert "prompts start with" not in out and "answer prefix 'ruler'" in out
+        rc, _, err = run_eval(*common, "--bos=maybe")
+        assert rc == 1 and "--bos=" in err
+    finally:
+        shutil.rmtree(data)
