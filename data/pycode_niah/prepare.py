@@ -8,7 +8,7 @@ Run: python data/pycode_niah/prepare.py              (about 10 s; builds data/py
      python data/pycode_niah/prepare.py --prefix=ruler (RULER's own answer prefix, into
                                                       data/pycode_niah_ruler; data/ruler.py PREFIX)
 
-Every piece is a document of its own that starts with the end-of-text token "\0" (meta "eot"; train
+Every piece is a document of its own that starts with the end-of-text token "\\0" (meta "eot"; train
 with --doc_masking=True, so that no token sees another document): a RULER niah_single_1 sample (noise
 haystack, number needle at a random depth, 400-750 byte tokens) followed by its answer and a blank
 line, until those make up `frac` of the tokens; a `drills` fraction of copy drills (below); the rest
@@ -21,10 +21,10 @@ bytes of a sample. The answer prefix is by default the needle's own words ("One 
 numbers for {key} is:", data/ruler.py PREFIX "needle"): retrieval is then an induction, a copy of
 what followed the same words before. RULER's prefix asks for a match on the key alone.
 
-Copy drills (Olsson et al. 2022's induction-head task, which NIAH retrieval builds on): "\0", 0-31
+Copy drills (Olsson et al. 2022's induction-head task, which NIAH retrieval builds on): "\\0", 0-31
 tokens of RULER's noise sentences, s = 48-96 random bytes, 8-47 tokens of noise, s again, noise up to
 DRILL tokens; the loss is on the second copy from its second token on. The noise before s matters:
-drills with s right after "\0" taught a head that copies what follows the document start, whatever
+drills with s right after "\\0" taught a head that copies what follows the document start, whatever
 it is, and it did not retrieve (LOG.md, stops 15-16). Trained on NIAH alone a model stays on the
 loss plateau (LOG.md, stops 13-14): config/star_copy.py trains on the drills first.
 """
@@ -48,7 +48,7 @@ def noise(rng, n):
     return [NOISE[(start + i) % len(NOISE)] for i in range(n)]
 
 def drill(rng):
-    """One copy drill document (tokens, loss mask), DRILL tokens: "\0", noise, s, noise, s, noise."""
+    """One copy drill document (tokens, loss mask), DRILL tokens: "\\0", noise, s, noise, s, noise."""
     s = [rng.randrange(1, 256) for _ in range(rng.randrange(48, 97))]
     before, gap = noise(rng, rng.randrange(0, 32)), noise(rng, rng.randrange(8, 48))
     tokens = [0] + before + s + gap + s + noise(rng, DRILL)
@@ -56,14 +56,14 @@ def drill(rng):
     return tokens[:DRILL], mask[:DRILL]
 
 def niah(rng, prefix):
-    """One RULER niah_single_1 document (tokens, loss mask): "\0", the prompt, the answer, a blank line."""
+    """One RULER niah_single_1 document (tokens, loss mask): "\\0", the prompt, the answer, a blank line."""
     length, depth = rng.randrange(400, 751, 10), rng.random()
     text, outputs = ruler.niah(TASK, length, ByteTokenizer(), rng, depth, None, prefix)
     prompt, answer = list(text.encode()), list((" " + ", ".join(outputs) + ".\n\n").encode())
     return [0] + prompt + answer, [0] * (1 + len(prompt)) + [1] * len(answer)
 
 def mix(text, n_tokens, frac, seed, drills=0.0, prefix="needle"):
-    """About n_tokens byte tokens and their loss mask (uint8 arrays): "\0"-started documents, RULER
+    """About n_tokens byte tokens and their loss mask (uint8 arrays): "\\0"-started documents, RULER
     samples, copy drills and slices of text (uint32 array) in the given fractions of the tokens."""
     rng, out, masks, pos = random.Random(seed), [], [], 0
     size = {"niah": 0, "drill": 0, "text": 0}
