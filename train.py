@@ -759,5 +759,6 @@ elif master_process and sample_new_tokens > 0:
         print(f"sample:\n{tokenizer.decode(out[0].tolist())}\n---------------")
 if losses is not None:
     print0(f"final val loss {losses['val']:.4f} (step {iter_num})")
-if ddp:
+if ddp:  # wait for rank 0's sample: a rank that tears gloo down while a peer still works can abort
+    dist.barrier()
     dist.destroy_process_group()
