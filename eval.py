@@ -26,7 +26,7 @@ import torch
 
 from attention import Attention
 from data import ruler
-from data.tokenizer import DataError, find_tokenizer, read_meta, saved_config, saved_dataset
+from data.tokenizer import DataError, find_tokenizer, read_meta, saved_config
 from model import CheckpointError, Nemotron
 
 # -----------------------------------------------------------------------------
@@ -96,10 +96,11 @@ def val_loss(model, data, T, n_tokens, device):
 
 
 @torch.no_grad()
-def ruler_score(model, tokenizer, task, T, block, device, start=()):
+def ruler_score(model, tokenizer, task, T, block, device, start=(), prefix='ruler'):
     """RULER score (0-100) of `task` at length T, full attention (block 0) or Star Attention.
-    start: token ids put before each prompt (an end-of-text token for a doc-masked run)."""
-    samples = ruler.generate(task, T, tokenizer, n=n, seed=seed, essay=essay or None, prefix=answer_prefix)
+    start: token ids put before each prompt (an end-of-text token for a doc-masked run); prefix: the
+    NIAH answer prefix (data/ruler.py PREFIX)."""
+    samples = ruler.generate(task, T, tokenizer, n=n, seed=seed, essay=essay or None, prefix=prefix)
     predictions = []
     for s in samples:
         idx = torch.tensor([list(start) + tokenizer.encode(s['input'])], device=device)
@@ -123,13 +124,12 @@ def run_meta(path):
         return cfg, {}
 
 
-def bos_tokens(path):
+def bos_tokens(path, cfg, meta):
     """(eot,) when RULER prompts should start with the data set's end-of-text token (--bos), else ().
-    A run trained with doc_masking saw every document start with it, as prompts of Hugging Face models
-    start with their BOS token; it may have learnt to lean on it."""
+    cfg, meta: run_meta(path). A run trained with doc_masking saw every document start with it, as
+    prompts of Hugging Face models start with their BOS token; it may have learnt to lean on it."""
     if bos not in ('auto', 'on', 'off'):
         die(f"--bos={bos!r}: expected 'auto', 'on' or 'off'")
-    cfg, meta = run_meta(path)
     if bos == 'off' or (bos == 'auto' and not cfg.get('doc_masking')):
         return ()
     eot = meta.get('eot')
@@ -166,20 +166,19 @@ def main():
         if swan != 'off' and not swan.isdigit():
             die(f"--swan={swan!r}: expected 'ckpt', 'off' or a training length such as 256")
         set_swan(model, None if swan == 'off' else int(swan))
-    global answer_prefix
-    start = bos_tokens(init_from)
-    if answer_prefix == 'auto':
-        answer_prefix = run_meta(init_from)[1].get('answer_prefix', 'ruler')
-    if answer_prefix not in ruler.PREFIX:
+    cfg, meta = run_meta(init_from)
+    start = bos_tokens(init_from, cfg, meta)
+    prefix = meta.get('answer_prefix', 'ruler') if answer_prefix == 'auto' else answer_prefix
+    if prefix not in ruler.PREFIX:
         die(f"--answer_prefix={answer_prefix!r}: expected 'auto' or one of {', '.join(ruler.PREFIX)}")
     print(f"{init_from}: pattern {model.config.pattern}, swan_train_len {model.config.swan_train_len}"
-          + (f", prompts start with token {start[0]}" if start else "") + f", answer prefix '{answer_prefix}'")
+          + (f", prompts start with token {start[0]}" if start else "") + f", answer prefix '{prefix}'")
     results = {'config': config, 'pattern': model.config.pattern,
                'swan_train_len': model.config.swan_train_len, 'loss': {}, 'ruler': {}, 'agreement': {}, 'time_s': {}}
 
     # 1. val loss per context length
     if dataset != 'none':
-        name = dataset or saved_dataset(init_from)
+        name = dataset or cfg.get('dataset')
         if not name:
             die(f"{init_from} names no data set: pass --dataset=NAME (data/NAME/val.bin) or --dataset=none")
         path = os.path.join(REPO, 'data', name, 'val.bin')
@@ -200,7 +199,7 @@ def main():
             for T in T_list:
                 t0 = time.time()
                 try:
-                    s, preds = ruler_score(model, tokenizer, task, T, block, dev, start)
+                    s, preds = ruler_score(model, tokenizer, task, T, block, dev, start, prefix)
                 except ruler.TooShort:  # the task's prompt needs more than T tokens: n/a
                     s, preds = None, []
                 except DataError as e:

@@ -66,10 +66,9 @@ def mix(text, n_tokens, frac, seed, drills=0.0, prefix="needle"):
     """About n_tokens byte tokens and their loss mask (uint8 arrays): "\\0"-started documents, RULER
     samples, copy drills and slices of text (uint32 array) in the given fractions of the tokens."""
     rng, out, masks, pos = random.Random(seed), [], [], 0
-    size = {"niah": 0, "drill": 0, "text": 0}
+    size, want = {"niah": 0, "drill": 0, "text": 0}, {"niah": frac, "drill": drills, "text": 1 - frac - drills}
     while sum(size.values()) < n_tokens:
         total = max(sum(size.values()), 1)  # the kind furthest below its share comes next
-        want = {"niah": frac, "drill": drills, "text": 1 - frac - drills}
         kind = max(want, key=lambda k: want[k] - size[k] / total)
         if kind == "drill":
             piece, mask = drill(rng)
@@ -87,9 +86,9 @@ def mix(text, n_tokens, frac, seed, drills=0.0, prefix="needle"):
 def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.5, drills=0.45, prefix="needle"):
     """Build a data set folder (train.bin, val.bin, the loss masks, meta.json). Returns the meta dict."""
     pycode = os.path.join(os.path.dirname(HERE), "pycode")
-    if frac + drills < 1 and not os.path.exists(os.path.join(pycode, "meta.json")):
-        prepare_pycode(pycode)
     if frac + drills < 1:
+        if not os.path.exists(os.path.join(pycode, "meta.json")):
+            prepare_pycode(pycode)
         read_meta(pycode)
         train, val = (np.memmap(os.path.join(pycode, f"{s}.bin"), dtype=np.uint32, mode="r") for s in ("train", "val"))
     else:  # no text in the mix
