@@ -349,7 +349,8 @@ class Nemotron(nn.Module):
     #   1) draft: depth j = 1..k reads (h^{j-1}_i, t_{i+j}) at each position i of a short window
     #      [s, n-1] and its output at n-1 proposes d_j for t_{n+j} (t_{n+j} itself for i+j > n is a
     #      draft: d_{i+j-n}). Recomputing the window keeps each depth's attention cache exactly
-    #      what training saw: entries before s used committed tokens only, and are kept.
+    #      what training saw: entries before s read committed tokens only (drafts that were since
+    #      accepted included), and are kept; s trails n by at most k-1, by less when drafts were kept.
     #   2) verify: the main model reads [t_n, d_1 .. d_k] in one forward (k+1 positions); its
     #      logits at position n+j-1 judge d_j, and the one after the last accepted draft gives a
     #      token of its own, so a round emits 1 .. k+1 tokens.
@@ -397,7 +398,11 @@ class Nemotron(nn.Module):
                 c["keep"] = True  # from now on, Mamba layers keep every state of a forward
         seq = torch.cat([idx, sample_next(head(H[:, -1]).float(), temperature, top_k, top_p)], dim=1)
         yield seq[:, -1:]
-        emitted, s = 1, 0
+        # depths without attention (mtp_pattern of - and E only) act per position and keep no cache:
+        # the window is then the last position alone
+        per_position = "*" not in cfg.mtp_pattern
+        emitted, s = 1, idx.size(1) - 1 if per_position else 0
+        H = H[:, s:]
         while emitted < max_new_tokens:
             n = seq.size(1) - 1
             # 1) draft d_1 .. d_k, depth by depth over the window [s, n-1]
@@ -426,7 +431,9 @@ class Nemotron(nn.Module):
             emitted += j + 1
             seq = torch.cat([seq, new], dim=1)
             H = torch.cat([H, hv[:, :j + 1]], dim=1)
-            s_next = max(0, n - k + 1)  # depth j's entries before it used committed tokens only
+            # depth i's entry at position p read the tokens through t_{p+i}: drafts past t_n, which
+            # are all committed now if p + i <= n + j. Every depth keeps its entries before s_next
+            s_next = n + j if per_position else max(0, n - max(0, k - 1 - j))
             H, s = H[:, s_next - s:], s_next
 
     # -------------------------------------------------------------------------

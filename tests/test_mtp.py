@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close, run_script
+import model as model_module
 from model import Nemotron, NemotronConfig, accept
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +104,35 @@ def test_greedy_speculative_equals_greedy(share, ks):
             assert model.generate(prompt, 24, temperature=0, speculative=k).equal(plain)
             partial += 0 < stats["accepted"][0] and stats["accepted"][-1] < stats["rounds"]
     assert partial > 0, "no run kept some drafts and dropped others: the rollback went untested"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k,pattern", [(2, "*E"), (3, "*-"), (2, "-")])
+def test_drafts_equal_the_depths_over_the_whole_sequence(k, pattern, monkeypatch):
+    """Each round's drafts, from MTP caches that keep the entries of accepted drafts and recompute
+    the rest (or from the last position alone, for depths without attention), equal the depths run
+    from scratch over everything committed (as in training)."""
+    model = binary_head(tiny(mtp_depth=k, mtp_pattern=pattern)).eval()
+    logits = []  # greedy: pick(q, 0) sees each draft's logits q and takes their argmax
+    monkeypatch.setattr(model_module, "pick", lambda q, t: logits.append(q) or q.argmax(-1, keepdim=True))
+    prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    stats = {}
+    seq = torch.cat([prompt, *model.speculative_stream(prompt, 40, k, temperature=0, stats=stats)], 1)
+    assert 0 < stats["accepted"][0] and stats["accepted"][-1] < stats["rounds"]  # partial rounds
+    logits = logits[1:]  # the first pick is the first token, from the prefill
+    n, emb = prompt.size(1), model.backbone.embeddings
+    for r in range(stats["rounds"]):
+        q = logits[r * k:(r + 1) * k]  # this round's k draft logits, (1, vocab) each
+        d = torch.cat([x.argmax(-1, keepdim=True) for x in q], dim=1)  # (1, k): its drafts
+        ext = torch.cat([seq[:, :n + 1], d], dim=1)  # t_0 .. t_n, d_1 .. d_k
+        h = model.hidden(seq[:, :n])  # (1, n, d): H_0 .. H_{n-1}
+        for j in range(1, k + 1):
+            h = model.mtp_depth_module(j)(h, emb(ext[:, j:n + j]))
+            assert_close(q[j - 1], model.lm_head(h[:, -1]), f"round {r}, depth {j}", atol=1e-4)
+        kept = 0
+        while kept < k and n + 1 + kept < seq.size(1) and d[0, kept] == seq[0, n + 1 + kept]:
+            kept += 1
+        n += kept + 1
 
 
 def test_rejection_sampling_keeps_the_verifier_distribution():
