@@ -163,29 +163,29 @@ def stream(model, idx, max_new_tokens):
 
 def bench_decode(cfg, contexts=(256, 1024, 4096, 8192), steps=32, warmup=2, hf=True, models=None):
     """{context: {name: {"ms": median ms/token, "prefill_s": seconds}}}. Each candidate prefills a
-    random prompt of `context` tokens, then they take turns decoding one token each."""
+    random prompt of each context length, then all (context, candidate) pairs take turns decoding
+    one token each, so that the ratios across contexts are measured side by side too."""
     models = models or candidates(cfg, hf)
     g = torch.Generator().manual_seed(0)
-    results = {}
+    gens, results = {}, {}
     for ctx in contexts:
         prompt = torch.randint(0, cfg.vocab_size, (1, ctx), generator=g)
-        gens, res = {}, {}
+        results[ctx] = {}
         for name, m in models.items():
             m.eval()
-            gens[name] = stream(m, prompt, 1 + warmup + steps)
+            gens[ctx, name] = stream(m, prompt, 1 + warmup + steps)
             t0 = time.perf_counter()
-            next(gens[name])  # the prefill and the first token
-            res[name] = {"prefill_s": time.perf_counter() - t0, "times": []}
-        for i in range(warmup + steps):
-            for name, gen in gens.items():
-                t0 = time.perf_counter()
-                next(gen)
-                if i >= warmup:
-                    res[name]["times"].append(time.perf_counter() - t0)
+            next(gens[ctx, name])  # the prefill and the first token
+            results[ctx][name] = {"prefill_s": time.perf_counter() - t0, "times": []}
+    for i in range(warmup + steps):
+        for (ctx, name), gen in gens.items():
+            t0 = time.perf_counter()
+            next(gen)
+            if i >= warmup:
+                results[ctx][name]["times"].append(time.perf_counter() - t0)
+    for res in results.values():
         for r in res.values():
             r["ms"] = 1000 * statistics.median(r.pop("times"))
-        results[ctx] = res
-        gens.clear()  # frees the KV caches before the next, longer context
     return results
 
 
@@ -596,8 +596,9 @@ def report_train(res, cfg, batch_size, seq_len, steps, warmup):
 
 def report_decode(res, steps, warmup):
     names = list(next(iter(res.values())))
-    print(f"\n== decode: batch 1, greedy, ms/token = median of {steps} interleaved steps after a prefill "
-          f"and {warmup} warm-up steps (prefill seconds in brackets), {torch.get_num_threads()} threads")
+    print(f"\n== decode: batch 1, greedy, ms/token = median of {steps} steps after a prefill and {warmup} "
+          f"warm-up steps, every context and candidate taking turns (prefill seconds in brackets), "
+          f"{torch.get_num_threads()} threads")
     head = "".join(f"{n:>24}" for n in names)
     has_hf = "transformers" in names
     print(f"{'context':>8}{head}" + (f"{'transformers/ours':>19}" if has_hf else ""))
