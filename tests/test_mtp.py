@@ -1,8 +1,9 @@
 """
 Multi-token prediction and self-speculative decoding (model.py): the MTP losses against a direct
 computation, the Mamba/attention rollback against decoding the kept tokens one by one, greedy
-speculative output equal to plain greedy output token for token, rejection sampling that keeps the
-verifier's distribution, the mtp.* layout of Hugging Face folders, and the train.py / sample.py flags.
+speculative output equal to plain greedy output token for token, each round's draft logits equal to
+the depths run over the whole committed sequence, rejection sampling that keeps the verifier's
+distribution, the mtp.* layout of Hugging Face folders, and the train.py / sample.py flags.
 
     python -m pytest -q tests/test_mtp.py
 """
