@@ -115,13 +115,14 @@ def ruler_score(model, tokenizer, task, T, block, device, start=(), prefix='rule
 
 
 def run_meta(path):
-    """The saved train.py flags of the run at path, and its data set's meta.json ({} if none)."""
+    """The saved train.py flags of the run at path, its data set's name (--dataset, else the run's;
+    None if neither names one) and that data set's meta.json ({} if none)."""
     cfg = saved_config(path)
     name = dataset if dataset not in ('', 'none') else cfg.get('dataset')
     try:
-        return cfg, read_meta(os.path.join(REPO, 'data', name)) if name else {}
+        return cfg, name, read_meta(os.path.join(REPO, 'data', name)) if name else {}
     except DataError:
-        return cfg, {}
+        return cfg, name, {}
 
 
 def bos_tokens(path, cfg, meta):
@@ -166,7 +167,7 @@ def main():
         if swan != 'off' and not swan.isdigit():
             die(f"--swan={swan!r}: expected 'ckpt', 'off' or a training length such as 256")
         set_swan(model, None if swan == 'off' else int(swan))
-    cfg, meta = run_meta(init_from)
+    cfg, name, meta = run_meta(init_from)
     start = bos_tokens(init_from, cfg, meta)
     prefix = meta.get('answer_prefix', 'ruler') if answer_prefix == 'auto' else answer_prefix
     if prefix not in ruler.PREFIX:
@@ -178,7 +179,6 @@ def main():
 
     # 1. val loss per context length
     if dataset != 'none':
-        name = dataset or cfg.get('dataset')
         if not name:
             die(f"{init_from} names no data set: pass --dataset=NAME (data/NAME/val.bin) or --dataset=none")
         path = os.path.join(REPO, 'data', name, 'val.bin')
