@@ -21,6 +21,7 @@ benchmarks are measurements, not tests.
 import argparse
 import ast
 import copy
+import importlib.util
 import os
 import statistics
 import sys
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from attention import banded, visible
 from mamba import ssd_flops
-import kernels
+import triton_ops
 from model import Nemotron, NemotronConfig, star_blocks, star_prefill
 from moe import experts_loop
 
@@ -62,12 +63,14 @@ def attention_only(cfg):
 
 
 def hf_copy(model):
-    """transformers' NemotronHForCausalLM with our model's weights, or None without transformers."""
-    try:
-        import transformers
-        from transformers import NemotronHForCausalLM
-    except ImportError:
+    """transformers' NemotronHForCausalLM with our model's weights, or None without transformers.
+    Only a missing package gives None: an installed transformers that fails to import (say, a module
+    of ours shadowing one it imports) raises, instead of dropping the peer from the bench unseen."""
+    if importlib.util.find_spec("transformers") is None:
+        print("transformers is not installed: the bench compares ours only (pip install transformers)")
         return None
+    import transformers
+    from transformers import NemotronHForCausalLM
     transformers.utils.logging.set_verbosity_error()  # its "falling back to PyTorch" notes
     transformers.utils.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,13 +221,13 @@ def timed(fn, reps):
 
 def ssd_candidates(quick):
     """name -> an ssd function with mamba.ssd_ref's signature."""
-    import kernels
+    import triton_ops
     from mamba import ssd_ref
     fns = {"reference": ssd_ref}
     if not quick:  # compiling takes a minute on a CPU: not for a smoke test
         fns["compiled reference"] = torch.compile(ssd_ref, dynamic=False)
-    if kernels.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
-        fns["triton"] = kernels.ssd
+    if triton_ops.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
+        fns["triton"] = triton_ops.ssd
     return fns
 
 
@@ -266,7 +269,7 @@ def bench_ssd(lengths, batch=4, heads=64, headdim=64, groups=1, d_state=128, chu
 def bench_decode_kernel(batch=64, heads=64, headdim=64, d_state=128, reps=50):
     """The SSD state update of one token: achieved bandwidth (bytes/s) of the Triton kernel (the state
     read and written once) and of the reference ssd_step."""
-    import kernels
+    import triton_ops
     from mamba import ssd_step
     dev = "cuda"
     h = torch.randn(batch, heads, headdim, d_state, device=dev)
@@ -275,7 +278,7 @@ def bench_decode_kernel(batch=64, heads=64, headdim=64, d_state=128, reps=50):
     A, D = -torch.rand(heads, device=dev), torch.randn(heads, device=dev)
     B, C = (torch.randn(batch, 1, 1, d_state, device=dev, dtype=torch.bfloat16) for _ in range(2))
     state_bytes = 2 * h.numel() * 4  # read and written
-    kern_s = statistics.median(timed(lambda: kernels.ssd_update(h, x, dt, A, B, C, D), reps))
+    kern_s = statistics.median(timed(lambda: triton_ops.ssd_update(h, x, dt, A, B, C, D), reps))
     ref_s = statistics.median(timed(lambda: ssd_step(h, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D), reps))
     return {"triton": state_bytes / kern_s, "reference": state_bytes / ref_s, "state_mb": h.numel() * 4 / 2 ** 20}
 
@@ -302,7 +305,7 @@ def config_from_file(path):
 def bench_e2e(cfg, batch_size=4, seq_len=2048, steps=5, warmup=2):
     """Training tokens/s (bf16 autocast, AdamW) of cfg on this GPU with the Triton kernels and
     without them (mamba.py's PyTorch references), taking turns step by step."""
-    import kernels
+    import triton_ops
     dev = "cuda"
     torch.manual_seed(0)
     model = Nemotron(cfg).to(dev)
@@ -311,12 +314,12 @@ def bench_e2e(cfg, batch_size=4, seq_len=2048, steps=5, warmup=2):
 
     def with_kernels(use):
         def run():
-            kernels.USE_TRITON = use
+            triton_ops.USE_TRITON = use
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 step()
         return run
     secs = interleaved({"with kernels": with_kernels(True), "without": with_kernels(False)}, steps, warmup)
-    kernels.USE_TRITON = True
+    triton_ops.USE_TRITON = True
     return {name: batch_size * seq_len / t for name, t in secs.items()}
 
 
@@ -413,7 +416,7 @@ def bench_moe(n_experts=(64, 128), tokens=4096, steps=5, warmup=2, hf=True, cfg_
 
 
 def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, steps=20, device="cuda"):
-    """On a GPU: achieved TFLOP/s of kernels.grouped_mm, forward + backward (y, dx, dw: three
+    """On a GPU: achieved TFLOP/s of triton_ops.grouped_mm, forward + backward (y, dx, dw: three
     GEMMs), bf16, random dropless routing, beside one dense bf16 matmul of the same total rows.
     The default sizes are Nemotron 3 Nano's expert up-projection (d 2688, expert d_ff 1856)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -425,7 +428,7 @@ def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, ste
     w0 = w[0].detach().clone().requires_grad_()
     dy = torch.randn(tokens * top_k, N, device=device, dtype=bf16)
     # autograd.grad, not backward: no gradient accumulation inside the timed step
-    candidates = {"grouped_mm": lambda: torch.autograd.grad(kernels.grouped_mm(x, w, offs), (x, w), dy),
+    candidates = {"grouped_mm": lambda: torch.autograd.grad(triton_ops.grouped_mm(x, w, offs), (x, w), dy),
                   "dense mm": lambda: torch.autograd.grad(x @ w0, (x, w0), dy)}
     res = {}
     for name, step in candidates.items():
@@ -443,23 +446,23 @@ def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, ste
 
 
 # -----------------------------------------------------------------------------
-# low precision (issue 8): the low-precision Linear against bf16, and the quantizers' bandwidth
+# low precision: the low-precision Linear against bf16, and the quantizers' bandwidth
 
 
 def bench_lowprec_linear(M, K, N, steps=10, warmup=3, device="cpu"):
     """name -> median seconds of one Linear forward + backward (y, dx, dw) on x (M, K), an fp32
     master weight (N, K) and dy (M, N): "bf16" (F.linear on the weight cast to bf16 on a GPU, as
-    autocast does; fp32 on a CPU) and kernels.LowPrecLinearFn for each recipe (FP8 through
+    autocast does; fp32 on a CPU) and triton_ops.LowPrecLinearFn for each recipe (FP8 through
     torch._scaled_mm where it runs, everything else emulated)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(N, K, device=device) * 0.02).requires_grad_()
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    H = kernels.hadamard16(torch.ones(16)).to(device)
+    H = triton_ops.hadamard16(torch.ones(16)).to(device)
     steppers = {"bf16": lambda: torch.autograd.grad(F.linear(x, w.to(dtype)), (x, w), dy)}
     for fmt in ("fp8", "mxfp8", "nvfp4"):
-        recipe = kernels.Recipe(fmt, H=H)
-        steppers[fmt] = lambda r=recipe: torch.autograd.grad(kernels.LowPrecLinearFn.apply(x, w, r), (x, w), dy)
+        recipe = triton_ops.Recipe(fmt, H=H)
+        steppers[fmt] = lambda r=recipe: torch.autograd.grad(triton_ops.LowPrecLinearFn.apply(x, w, r), (x, w), dy)
     return interleaved(steppers, steps, warmup)
 
 
@@ -469,12 +472,12 @@ def bench_quantizers(R, C, reps=20, device="cpu"):
     (the per-tensor recipes read the input a second time for the amax; not counted)."""
     x = torch.randn(R, C, device=device, dtype=torch.bfloat16)
     n = R * C
-    cands = {"fp8 tensorwise": (lambda: kernels.quantize_fp8(x), 2 * n + n),
-             "fp8 blockwise 1x128": (lambda: kernels.quantize_fp8(x, "blockwise"), 2 * n + n + 4 * n // 128),
-             "mxfp8 1x32": (lambda: kernels.quantize_mxfp8(x), 2 * n + n + n // 32),
-             "nvfp4 1x16": (lambda: kernels.quantize_nvfp4(x), 2 * n + n // 2 + n // 16),
-             "nvfp4 16x16": (lambda: kernels.quantize_nvfp4(x, (16, 16)), 2 * n + n // 2 + n // 256),
-             "nvfp4 1x16 SR": (lambda: kernels.quantize_nvfp4(x, stochastic=True), 2 * n + n // 2 + n // 16)}
+    cands = {"fp8 tensorwise": (lambda: triton_ops.quantize_fp8(x), 2 * n + n),
+             "fp8 blockwise 1x128": (lambda: triton_ops.quantize_fp8(x, "blockwise"), 2 * n + n + 4 * n // 128),
+             "mxfp8 1x32": (lambda: triton_ops.quantize_mxfp8(x), 2 * n + n + n // 32),
+             "nvfp4 1x16": (lambda: triton_ops.quantize_nvfp4(x), 2 * n + n // 2 + n // 16),
+             "nvfp4 16x16": (lambda: triton_ops.quantize_nvfp4(x, (16, 16)), 2 * n + n // 2 + n // 256),
+             "nvfp4 1x16 SR": (lambda: triton_ops.quantize_nvfp4(x, stochastic=True), 2 * n + n // 2 + n // 16)}
     res = {}
     for name, (fn, nbytes) in cands.items():
         fn()
@@ -483,7 +486,7 @@ def bench_quantizers(R, C, reps=20, device="cpu"):
 
 
 def run_lowprec(quick):
-    """bench.py lowprec: the issue's shapes on a GPU; on a CPU a small emulated comparison."""
+    """bench.py lowprec: the shapes of real layers on a GPU; on a CPU a small emulated comparison."""
     gpu = torch.cuda.is_available()
     if quick:
         (M, K, N), (R, C), steps = (64, 64, 128), (64, 256), 1
@@ -719,7 +722,7 @@ def report_moe(res, tokens, steps, warmup, cfg_kw=MOE):
 
 
 def report_grouped_gemm(res, shape):
-    print(f"\n== grouped GEMM on {shape['device']}: kernels.grouped_mm, bf16, forward + backward "
+    print(f"\n== grouped GEMM on {shape['device']}: triton_ops.grouped_mm, bf16, forward + backward "
           f"(y, dx, dw), {shape['n_experts']} experts, {shape['tokens']} tokens x top-{shape['top_k']}, "
           f"K={shape['K']}, N={shape['N']}")
     print(f"grouped GEMM {res['grouped_mm']:.0f} TFLOP/s; one dense bf16 matmul of the same rows "
@@ -729,7 +732,7 @@ def report_grouped_gemm(res, shape):
 def report_lowprec(lin, shape, quant, qshape):
     gpu = torch.cuda.is_available()
     M, K, N = shape
-    fp8_hw = gpu and kernels.scaled_mm_runs(torch.empty(0, device="cuda"))
+    fp8_hw = gpu and triton_ops.scaled_mm_runs(torch.empty(0, device="cuda"))
     print(f"\n== low-precision Linear, forward + backward (y, dx, dw), M x K x N = {M} x {K} x {N}, "
           f"{torch.cuda.get_device_name() if gpu else 'CPU'}; median of interleaved steps")
     print("fp8: per-tensor E4M3 on " + ("torch._scaled_mm (FP8 tensor cores)" if fp8_hw else "the emulation")
@@ -745,7 +748,7 @@ def report_lowprec(lin, shape, quant, qshape):
         print(f"FP8 speed-up (target >= {FP8_TARGET}x) and HBM bandwidth (target >= {QUANT_TARGET:.0%}) "
               "need a GPU with FP8 tensor cores: the figures above are the emulation's overhead on this machine")
     hbm = gpu_peaks()[1]
-    where = "Triton kernels" if kernels.use_triton(torch.empty(0, device="cuda" if gpu else "cpu")) and gpu else "PyTorch references"
+    where = "Triton kernels" if triton_ops.use_triton(torch.empty(0, device="cuda" if gpu else "cpu")) and gpu else "PyTorch references"
     print(f"\n== quantizers on a bf16 {qshape[0]} x {qshape[1]} tensor ({where}); bytes = input read + codes and scales written")
     print(f"{'quantizer':<22}{'ms':>9}{'GB/s':>9}" + (f"{'of HBM peak':>13}" if hbm else ""))
     for name, (t, nbytes) in quant.items():
@@ -813,7 +816,7 @@ def main():
     if args.what in ("all", "moe"):
         res = bench_moe(hf=not args.no_hf, **moe_kw)
         report_moe(res, moe_kw["tokens"], moe_kw["steps"], moe_kw["warmup"], moe_kw["cfg_kw"])
-        if torch.cuda.is_available() and kernels.use_triton(torch.empty(0, device="cuda")):
+        if torch.cuda.is_available() and triton_ops.use_triton(torch.empty(0, device="cuda")):
             report_grouped_gemm(*bench_grouped_gemm(**({} if not args.quick else
                                                        dict(n_experts=8, tokens=256, K=128, N=64, steps=2))))
     print(f"\n(bench took {time.time() - t0:.0f} s)")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import triton_ops
 
 # -----------------------------------------------------------------------------
 # the SSD maths
@@ -164,10 +164,10 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
 
 def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
     """The SSD op the mixer calls: y (B, T, H, P), final_state (B, H, P, N). The Triton kernels
-    (kernels.ssd) where kernels.use_triton(x) says so (a GPU, or the interpreter in tests), the
+    (triton_ops.ssd) where triton_ops.use_triton(x) says so (a GPU, or the interpreter in tests), the
     PyTorch reference ssd_ref elsewhere. y is fp32 from ssd_ref, in x's dtype from the kernels."""
-    if kernels.use_triton(x):
-        return kernels.ssd(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
+    if triton_ops.use_triton(x):
+        return triton_ops.ssd(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
     return ssd_ref(x, dt, A, B, C, chunk_size, D, initial_state, seq_idx)
 
 
@@ -270,10 +270,10 @@ class Mamba2Mixer(nn.Module):
         Bsz, k, _ = u.shape
         zxbcdt = self.in_proj(u)  # (B, k, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        fast, keep = kernels.use_triton(u), cache.get("keep", False)
+        fast, keep = triton_ops.use_triton(u), cache.get("keep", False)
         window = torch.cat([cache["conv"], xBC.transpose(1, 2)], dim=-1) if keep or not fast else None
         if fast:
-            xBC, cache["conv"] = kernels.conv_update(cache["conv"], xBC, self.conv1d.weight, self.conv1d.bias)
+            xBC, cache["conv"] = triton_ops.conv_update(cache["conv"], xBC, self.conv1d.weight, self.conv1d.bias)
         else:  # (B, conv_dim, k, K) windows, one per new token, times the (conv_dim, 1, K) kernel
             xBC = (window.unfold(2, self.K, 1) * self.conv1d.weight).sum(-1)  # (B, conv_dim, k)
             xBC = F.silu(xBC.transpose(1, 2) + self.conv1d.bias)  # (B, k, conv_dim)
@@ -282,7 +282,7 @@ class Mamba2Mixer(nn.Module):
         dt, A = self.discretize(dt)  # (B, k, H), (H,)
         x, B, C = x.view(Bsz, k, self.H, self.P), B.view(Bsz, k, self.G, self.N), C.view(Bsz, k, self.G, self.N)
         if fast:  # updates cache["ssm"] in place
-            y, states = kernels.ssd_update(cache["ssm"], x, dt, A, B, C, self.D, save_states=keep)
+            y, states = triton_ops.ssd_update(cache["ssm"], x, dt, A, B, C, self.D, save_states=keep)
         else:  # the recurrence, token by token (k = 1 in plain decoding)
             y, states = ssd_steps(cache["ssm"], x, dt, A, B, C, self.D)
             cache["ssm"] = states[:, -1]

@@ -75,15 +75,22 @@ class NemotronConfig:
         self.dt_limit = tuple(self.dt_limit)  # a list after JSON / ckpt round trips
         bad = set(self.pattern) - set("M*-EW")
         assert self.pattern and not bad, f"pattern {self.pattern!r}: unknown layer kinds {sorted(bad)}"
-        assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
-        assert self.mamba_heads % self.n_groups == 0, "mamba_heads must be a multiple of n_groups"
-        assert self.n_experts % self.n_group == 0, "n_experts must be a multiple of n_group"
-        assert self.topk_group <= self.n_group and self.top_k <= self.n_experts
-        assert self.top_k <= self.topk_group * self.n_experts // self.n_group, "too few experts in reach"
-        assert not self.rope or self.head_dim % 2 == 0
         bad = set(self.mtp_pattern) - set("*-E")
         assert self.mtp_depth == 0 or (self.mtp_pattern and not bad), \
             f"mtp_pattern {self.mtp_pattern!r}: MTP blocks are attention (*), MLP (-) or MoE (E)"
+        # each rule only where a layer uses the setting: a model of MoE layers alone may carry Mamba
+        # settings no layer reads (transformers' defaults in its config.json), and still load
+        kinds = set(self.pattern) | (set(self.mtp_pattern) if self.mtp_depth else set())
+        if kinds & set("*W"):
+            assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
+            assert not (self.rope or "W" in kinds) or self.head_dim % 2 == 0, "RoPE needs an even head_dim"
+        if "M" in kinds:
+            assert self.mamba_heads % self.n_groups == 0, "mamba_heads must be a multiple of n_groups"
+        if "E" in kinds:
+            assert self.n_experts % self.n_group == 0, "n_experts must be a multiple of n_group"
+            assert self.topk_group <= self.n_group and self.top_k <= self.n_experts, \
+                "top_k must be at most n_experts and topk_group at most n_group"
+            assert self.top_k <= self.topk_group * self.n_experts // self.n_group, "too few experts in reach"
         self.n_layer = len(self.pattern)
 
     def to_dict(self):
@@ -730,16 +737,18 @@ HF_CONFIG_KEYS = {
     "topk_group": ("topk_group", None, 1), "routed_scaling_factor": ("routed_scaling_factor", None, 1.0),
     "norm_topk_prob": ("norm_topk_prob", None, True),
 }
-# HF keys whose value this code does not implement otherwise: key -> the values it supports
-HF_SUPPORTED = {"attention_bias": (False,), "mlp_bias": (False,), "use_bias": (False,),
-                "mamba_proj_bias": (False,), "use_conv_bias": (True,), "mamba_hidden_act": ("silu",),
-                "mlp_hidden_act": ("relu2",), "sliding_window": (None,),
-                "n_shared_experts": (1,)}
+# HF keys whose value this code does not implement otherwise: key -> (the layer kinds that read it,
+# the values it supports); a key no layer of the pattern reads is not checked, as transformers does not
+HF_SUPPORTED = {"attention_bias": ("*", (False,)), "sliding_window": ("*", (None,)),
+                "use_bias": ("M", (False,)), "mamba_proj_bias": ("M", (False,)), "use_conv_bias": ("M", (True,)),
+                "mamba_hidden_act": ("M", ("silu",)), "mlp_bias": ("-E", (False,)),
+                "mlp_hidden_act": ("-E", ("relu2",)), "n_shared_experts": ("E", (1,))}
 
 
 def config_from_hf(hf):
-    """A NemotronConfig from the dict of an HF config.json; unsupported settings raise."""
-    bad = [f"{k}={hf[k]!r} (supported: {v})" for k, v in HF_SUPPORTED.items() if k in hf and hf[k] not in v]
+    """A NemotronConfig from the dict of an HF config.json; unsupported settings raise, where a
+    layer of the pattern (or of the MTP layers) reads them."""
+    bad = []
     if "layers_block_type" in hf:
         kinds = hf["layers_block_type"]
         bad += [f"layers_block_type has {t!r}" for t in kinds if t not in HF_LAYER_KINDS]
@@ -750,6 +759,14 @@ def config_from_hf(hf):
     else:
         bad.append("no layers_block_type or hybrid_override_pattern")
         pattern = ""
+    n_mtp = hf.get("num_nextn_predict_layers") or 0
+    mtp = ""
+    if n_mtp:
+        kinds = hf.get("mtp_layers_block_type")
+        mtp = "".join(HF_LAYER_KINDS.get(t, "?") for t in kinds) if kinds else hf.get("mtp_hybrid_override_pattern", "*E")
+    used = set(pattern + mtp)
+    bad += [f"{k}={hf[k]!r} (supported: {v})" for k, (readers, v) in HF_SUPPORTED.items()
+            if k in hf and hf[k] not in v and used & set(readers)]
     if bad:
         raise CheckpointError("unsupported NemotronH config: " + "; ".join(bad))
     args = {"pattern": pattern}
@@ -761,10 +778,7 @@ def config_from_hf(hf):
     if isinstance(hi, dict):  # transformers 5 writes infinity as {"__float__": "Infinity"}
         hi = hi.get("__float__")
     args["dt_limit"] = (args["dt_min"], float(hi))
-    n_mtp = hf.get("num_nextn_predict_layers") or 0
     if n_mtp:  # one weight set (Nemotron 3 Super) is shared by every draft step
-        kinds = hf.get("mtp_layers_block_type")
-        mtp = "".join(HF_LAYER_KINDS.get(t, "?") for t in kinds) if kinds else hf.get("mtp_hybrid_override_pattern", "*E")
         args.update(mtp_depth=n_mtp, mtp_pattern=mtp, mtp_share=n_mtp == 1)
     try:
         return NemotronConfig(**args)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import triton_ops
 
 # -----------------------------------------------------------------------------
 # routing
@@ -162,7 +162,7 @@ def experts_loop(x, weights, idx, up_proj, down_proj):
 
 
 def grouped_mm_ref(x, w, offs):
-    """Grouped GEMM, the PyTorch reference of kernels.grouped_mm. x (N, K) holds the rows of E
+    """Grouped GEMM, the PyTorch reference of triton_ops.grouped_mm. x (N, K) holds the rows of E
     groups one after another, offs (E,) int32 the end row of each (offs[-1] = N), w (E, K, n):
     rows offs[g-1]:offs[g] of the result (N, n) are those rows of x times w[g]. Differentiable."""
     return GroupedMM.apply(x, w, offs)
@@ -202,14 +202,14 @@ def mm_by_groups(a, b, offs):
 
 
 class LowPrecGroupedMM(torch.autograd.Function):
-    # GroupedMM with every GEMM on quantized operands, the recipe of kernels.LowPrecLinearFn run
+    # GroupedMM with every GEMM on quantized operands, the recipe of triton_ops.LowPrecLinearFn run
     # expert by expert: each expert is its own quantized GEMM with its own tensor scales (and amax
     # histories), as TransformerEngine's GroupedLinear. Emulated: the operands are quantized per
     # expert, dequantized to fp32 and multiplied by one grouped GEMM (mm_by_groups).
     # x (N, K): the sorted token copies; w (E, n, K): the experts' weights as nn.Linear holds them;
     # name: which projection, to key the amax histories. Saves x and w, as LowPrecLinearFn.
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as kernels.LowPrecLinearFn
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as triton_ops.LowPrecLinearFn
     def forward(ctx, x, w, offs, recipe, name):
         ctx.save_for_backward(x, w, offs)
         ctx.recipe, ctx.name = recipe, name
@@ -237,7 +237,7 @@ class LowPrecGroupedMM(torch.autograd.Function):
                 # first, and the padded columns, no longer zero once transformed, stay in the GEMM
                 ag, bg = dyg.t(), xg.t()  # (n, M_g), (K, M_g)
                 if recipe.fmt == "nvfp4" and recipe.rht:
-                    ag, bg = kernels.rht(ag, recipe.H), kernels.rht(bg, recipe.H)  # (n, M_g'), (K, M_g')
+                    ag, bg = triton_ops.rht(ag, recipe.H), triton_ops.rht(bg, recipe.H)  # (n, M_g'), (K, M_g')
                 a.append(q(ag, "gx", 0, g))
                 b.append(q(bg, "gx", 1, g))
         dx = dw = None
@@ -250,9 +250,9 @@ class LowPrecGroupedMM(torch.autograd.Function):
 
 
 def qdq(t, kind, recipe, key):
-    """t (rows, reduction) quantized by kernels.quantize_operand and dequantized (fp32): an
+    """t (rows, reduction) quantized by triton_ops.quantize_operand and dequantized (fp32): an
     emulated GEMM's operand. An expert without tokens has nothing to quantize."""
-    return kernels.quantize_operand(t, kind, recipe, key).dequantize() if t.numel() else t.float()
+    return triton_ops.quantize_operand(t, kind, recipe, key).dequantize() if t.numel() else t.float()
 
 
 def group_sizes(offs):
@@ -289,13 +289,13 @@ class Experts(nn.Module):
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_in))  # (E, F, l)
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_in, d_ff))  # (E, l, F)
-        self.recipe = None  # set by kernels.apply_precision: the GEMMs run LowPrecGroupedMM (not in state_dict)
+        self.recipe = None  # set by triton_ops.apply_precision: the GEMMs run LowPrecGroupedMM (not in state_dict)
 
     def forward(self, x, weights, idx):
         """x (M, l), weights and idx (M, k) -> (M, l). Dropless: every token copy is served, by one
-        grouped GEMM per projection over all experts (kernels.grouped_mm on a GPU)."""
+        grouped GEMM per projection over all experts (triton_ops.grouped_mm on a GPU)."""
         M, k = idx.shape
-        if M * k <= self.up_proj.size(0) and not kernels.use_triton(x) and self.recipe is None:
+        if M * k <= self.up_proj.size(0) and not triton_ops.use_triton(x) and self.recipe is None:
             # decoding a token or a few: running just the chosen experts beats two grouped GEMMs
             # over mostly empty groups (12.6 vs 15.8 ms per token for the default model, LOG.md)
             return experts_loop(x, weights, idx, self.up_proj, self.down_proj)
@@ -310,7 +310,7 @@ class Experts(nn.Module):
             y = LowPrecGroupedMM.apply(F.relu(h).square(), self.down_proj, offs, self.recipe, "down_proj")  # (M*k, l)
         else:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            mm = kernels.grouped_mm if kernels.use_triton(x) else grouped_mm_ref
+            mm = triton_ops.grouped_mm if triton_ops.use_triton(x) else grouped_mm_ref
             h = mm(x[token].to(dtype), self.up_proj.to(dtype).transpose(1, 2), offs)  # (M*k, F)
             y = mm(F.relu(h).square(), self.down_proj.to(dtype).transpose(1, 2), offs)  # (M*k, l)
         # 3) weight each copy's output and add it to its token, in fp32

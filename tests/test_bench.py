@@ -40,8 +40,7 @@ def test_bench_decode_and_report(capsys):
 
 def test_transformers_candidate_has_our_weights():
     models = bench.candidates(CFG)
-    if "transformers" not in models:
-        return  # transformers not installed: the bench compares ours only
+    assert "transformers" in models, "transformers is a test requirement (requirements-dev.txt)"
     ours, theirs = models["ours hybrid"].eval(), models["transformers"].eval()
     x = torch.randint(0, CFG.vocab_size, (1, 24))
     with torch.no_grad():
@@ -104,7 +103,9 @@ def test_moe_candidates_compute_the_same_layer():
     u = torch.randn(1, 20, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ys = {name: layer.eval()(u) for name, layer in layers.items() if layer is not None}
-    assert len(ys) in (2, 4)  # ours twice, then transformers' grouped_mm and eager where it is installed
+    # ours twice, transformers' eager experts, and the implementation its from_pretrained picks
+    # (grouped_mm with torch >= 2.9): a peer missing here would leave the bench's table unchecked
+    assert {"ours: grouped GEMM", "ours: per-expert loop", "transformers: eager"} <= set(ys), set(ys)
     for name, y in ys.items():
         assert_close(y, ys["ours: grouped GEMM"], name, atol=1e-5, rtol=1e-5)
 

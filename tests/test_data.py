@@ -63,7 +63,7 @@ def test_tiktoken_offline_gives_clear_error(monkeypatch):
         load_tokenizer({"vocab_size": 50257, "tokenizer": "tiktoken", "encoding": "gpt2"})
 
 def test_hf_tokenizer_folder(tmp_path):
-    tk = pytest.importorskip("tokenizers")
+    import tokenizers as tk
     alphabet = tk.pre_tokenizers.ByteLevel.alphabet()
     hf = tk.Tokenizer(tk.models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
     hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)

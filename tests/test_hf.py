@@ -4,7 +4,7 @@ the same logits and the same greedy generation; transformers' own folders, NVIDI
 (legacy Nemotron-H config keys, Nemotron 3 layers_block_type, per-expert tensors), sharded and bf16
 folders load in ours; unsupported or broken folders raise CheckpointError naming the culprit.
 
-Run: python -m pytest -q tests/test_hf.py      (skipped without transformers and safetensors)
+Run: python -m pytest -q tests/test_hf.py      (transformers and safetensors: requirements-dev.txt)
 
 Precision: fp32 on both sides; transformers' torch path and ours do the same maths in a slightly
 different order, and the logits here are O(1-10): they agree to ~1e-6, so atol 1e-5 / rtol 1e-5.
@@ -18,9 +18,7 @@ import os
 
 import pytest
 import torch
-
-tf = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
+import transformers as tf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -71,8 +69,9 @@ def our_model(seed=0, **kw):
 
 @torch.no_grad()
 def logits_of(model, idx):
-    out = model(idx)
-    return (out.logits if hasattr(out, "logits") else out[0]).float()
+    if isinstance(model, Nemotron):
+        return model(idx)[0].float()
+    return model(idx, use_cache=False).logits.float()  # a MoE-only model has no layer to cache (see below)
 
 
 def hf_load(folder, **kw):
@@ -87,6 +86,10 @@ CONFIGS = {
     "latent-moe": dict(pattern="ME*E", moe_latent_size=16, n_group=2, topk_group=1, routed_scaling_factor=2.5),
     "mamba-groups": dict(pattern="M*M-", n_groups=2),
     "tied": dict(pattern="M*-", tie_embeddings=True),
+    # settings of layer kinds the pattern lacks are not checked: 4 Mamba heads in 8 groups, 6 experts
+    # in 4 groups would each be refused where a layer used them
+    "moe-only": dict(pattern="EE", mamba_heads=4, n_groups=8),
+    "attention-only": dict(pattern="*-*", mamba_heads=4, n_groups=8, n_experts=6, n_group=4),
 }
 
 
@@ -105,8 +108,11 @@ def test_ours_to_transformers(name, tmp_path):
     assert_close(logits_of(hf, IDX), ref, f"{name}: transformers vs ours", **TOL)
     n = 8
     ours = model.generate(IDX[:, :6], n, temperature=0)
+    # transformers 5.25's cache has nothing to hold without a Mamba or attention layer, and its
+    # generate fails on it ('DummyLayer' object has no attribute 'get_seq_length'): no cache there
+    cached = bool(set(model.config.pattern) & set("M*"))
     theirs = hf.generate(IDX[:, :6], attention_mask=torch.ones_like(IDX[:, :6]), max_new_tokens=n,
-                         do_sample=False, min_new_tokens=n)
+                         do_sample=False, min_new_tokens=n, use_cache=cached)
     assert torch.equal(ours, theirs), f"{name}: greedy generation differs\n{ours}\n{theirs}"
 
 
@@ -157,6 +163,9 @@ HF_CONFIGS = {
     "moe": dict(),
     "dense": dict(layers_block_type=["mamba", "mlp", "attention", "mamba", "mlp"], n_groups=1),
     "latent-moe": dict(moe_latent_size=16, layers_block_type=["mamba", "moe", "attention", "moe"]),
+    "moe-only": dict(layers_block_type=["moe", "moe"], n_groups=8),
+    "attention-only": dict(layers_block_type=["attention", "mlp", "attention"], n_groups=8, n_routed_experts=6,
+                           n_group=4),
 }
 
 
@@ -417,6 +426,23 @@ def test_unsupported_config(edit, key, tmp_path):
     edit_config(folder, edit)
     with pytest.raises(CheckpointError, match=key):
         Nemotron.from_pretrained(str(folder))
+
+
+def test_settings_of_absent_layer_kinds_are_not_checked(tmp_path):
+    """A MoE-only folder whose Mamba settings break our rules (heads not a multiple of groups, an
+    activation we lack) loads, as in transformers; the same settings with a Mamba layer are refused."""
+    from model import config_from_hf
+    hf = hf_config(layers_block_type=["moe", "mlp"], mamba_num_heads=4, n_groups=8).to_dict()
+    hf.update(mamba_hidden_act="gelu", use_conv_bias=False)
+    cfg = config_from_hf(hf)
+    assert cfg.pattern == "E-" and (cfg.mamba_heads, cfg.n_groups) == (4, 8)
+    with pytest.raises(CheckpointError, match="use_conv_bias.*mamba_hidden_act"):
+        config_from_hf({**hf, "layers_block_type": ["mamba", "moe"]})
+    with pytest.raises(CheckpointError, match="multiple of n_groups"):
+        config_from_hf({**hf, "layers_block_type": ["mamba", "moe"], "mamba_hidden_act": "silu",
+                        "use_conv_bias": True})
+    with pytest.raises(AssertionError, match="multiple of n_group"):
+        NemotronConfig(pattern="*E", n_experts=6, n_group=4)
 
 
 def test_missing_weights_file(tmp_path):

@@ -1,5 +1,5 @@
 """
-Low-precision training (issue 8): the FP8 / MXFP8 / NVFP4 quantizers of kernels.py against
+Low-precision training (issue 8): the FP8 / MXFP8 / NVFP4 quantizers of triton_ops.py against
 independent references, the Triton quantize kernels against the PyTorch references bit for bit,
 the low-precision Linear against a plain fp32 Linear (every format and FP8 recipe), delayed
 scaling's history, the routed experts' low-precision grouped GEMM against a per-expert loop of the
@@ -9,7 +9,7 @@ Linear and against the fp32 grouped GEMM, the recipes' layer plans, and train.py
 Run: python -m pytest -q tests/test_lowprec.py     (2-3 minutes on the loaded 2-core CPU it was written on)
 The kernel tests (test_kernel_*) need the Triton interpreter, which must be on before triton
 compiles anything: test_kernels_in_interpreter re-runs them in a subprocess with TRITON_INTERPRET=1,
-as tests/test_kernels.py does.
+as tests/test_triton_ops.py does.
 
 Tolerances: every quantizer comparison is exact (codes and scales bit for bit, values with
 torch.equal). The Linear's outputs and gradients are compared with an fp32 nn.Linear by the
@@ -27,20 +27,20 @@ import numpy as np
 import pytest
 import torch
 
-import kernels
+import triton_ops
 from helpers import assert_close, run_script
 from model import Nemotron, NemotronConfig
 from moe import LowPrecGroupedMM, grouped_mm_ref
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-kernel_test = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()) or kernels.triton is None,
+kernel_test = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()) or triton_ops.triton is None,
                                  reason="runs in the interpreter subprocess of test_kernels_in_interpreter")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_kernels_in_interpreter():
-    if INTERP or kernels.triton is None:
+    if INTERP or triton_ops.triton is None:
         pytest.skip("already in the interpreter, or no triton")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "kernel_",
@@ -65,11 +65,11 @@ def assert_same_bits(a, b, name):
 def fp8_probe(fmt):
     """Every finite value of the format, the midpoints between neighbours (exact ties), points a
     quarter of the way between them, values past the largest, and fp32 subnormals."""
-    values = torch.arange(256, dtype=torch.uint8).view(kernels.TORCH_FP8[fmt]).float()
+    values = torch.arange(256, dtype=torch.uint8).view(triton_ops.TORCH_FP8[fmt]).float()
     values = values[values.isfinite()].unique()  # sorted
     mids = (values[1:] + values[:-1]) / 2
     quarter = values[:-1] + (values[1:] - values[:-1]) / 4
-    fmax = kernels.FP8[fmt][2]
+    fmax = triton_ops.FP8[fmt][2]
     return torch.cat([values, mids, quarter, torch.tensor([fmax * 1.04, fmax * 2, -fmax * 3, 1e30, 1e-40, -1e-42])])
 
 
@@ -77,29 +77,29 @@ def e2m1_probe():
     g = torch.Generator().manual_seed(0)
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
     near = torch.cat([ties.nextafter(torch.zeros(())), ties.nextafter(torch.full((), 9.0))])
-    grid = torch.tensor(kernels.E2M1_VALUES)
+    grid = torch.tensor(triton_ops.E2M1_VALUES)
     v = torch.cat([ties, near, grid, torch.tensor([6.5, 7.0, 100.0, 1e-30]), torch.rand(4000, generator=g) * 7])
     return torch.cat([v, -v])
 
 
 def test_e2m1_rounding_matches_ml_dtypes():
     """Ties to even (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4), saturation at 6."""
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes
     v = e2m1_probe()
     ref = torch.from_numpy(v.numpy().astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
-    assert torch.equal(kernels.round_ref(v, "e2m1"), ref)
-    assert kernels.round_ref(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]), "e2m1").tolist() == \
+    assert torch.equal(triton_ops.round_ref(v, "e2m1"), ref)
+    assert triton_ops.round_ref(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]), "e2m1").tolist() == \
         [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
 
 
 def test_fp8_rounding_matches_ml_dtypes():
     """round_ref's FP8 (torch's cast after the clamp that saturates) against ml_dtypes' casts."""
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes
     for fmt, np_fmt in (("e4m3", ml_dtypes.float8_e4m3fn), ("e5m2", ml_dtypes.float8_e5m2)):
         v = fp8_probe(fmt)
-        fmax = kernels.FP8[fmt][2]
+        fmax = triton_ops.FP8[fmt][2]
         ref = torch.from_numpy(v.clamp(-fmax, fmax).numpy().astype(np_fmt).astype(np.float32))
-        assert torch.equal(kernels.round_ref(v, fmt), ref), fmt
+        assert torch.equal(triton_ops.round_ref(v, fmt), ref), fmt
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -109,24 +109,24 @@ def test_stochastic_rounding_is_unbiased():
     v = torch.tensor([0.1, 0.3, 0.7, 1.2, 1.9, 2.2, 2.9, 3.3, 4.5, 5.9, -0.4, -2.6, -5.0, 6.0, 0.0])
     draws = 20000
     rand = torch.rand(draws, len(v), generator=g)
-    r = kernels.round_sr_ref(v.expand(draws, -1), rand)  # (draws, len(v))
-    values = torch.tensor(kernels.E2M1_VALUES)
+    r = triton_ops.round_sr_ref(v.expand(draws, -1), rand)  # (draws, len(v))
+    values = torch.tensor(triton_ops.E2M1_VALUES)
     assert torch.isin(r.abs(), values).all()
     lo = values[(values[None, :] <= v.abs()[:, None]).sum(1) - 1]  # the neighbour below |v|
     assert ((r.abs() - lo).abs() <= 2.0 + 1e-6).all() and (r.abs() >= lo - 1e-6).all()
     err = r - v
     se = err.std(0) / draws ** 0.5
     assert (err.mean(0).abs() <= 4 * se + 1e-7).all(), (err.mean(0), se)
-    assert torch.equal(kernels.round_sr_ref(values, torch.rand(8, generator=g)), values)  # exact stays exact
+    assert torch.equal(triton_ops.round_sr_ref(values, torch.rand(8, generator=g)), values)  # exact stays exact
 
 
 def test_rht_is_orthogonal():
     signs = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(3)) * 2 - 1
-    H = kernels.hadamard16(signs)
+    H = triton_ops.hadamard16(signs)
     assert_close(H @ H.T, torch.eye(16), "H H^T", atol=1e-6)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 40, generator=g), torch.randn(7, 40, generator=g)  # 40 tokens: padded to 48
-    assert_close(kernels.rht(a, H) @ kernels.rht(b, H).T, a @ b.T, "wgrad through the RHT", atol=1e-5)
+    assert_close(triton_ops.rht(a, H) @ triton_ops.rht(b, H).T, a @ b.T, "wgrad through the RHT", atol=1e-5)
 
 
 def test_nvfp4_numerics_by_hand():
@@ -137,7 +137,7 @@ def test_nvfp4_numerics_by_hand():
     x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -6.0, 0, 0, 0, 0, 0])
     x[0, 16:20] = torch.tensor([3.0, 1.0, 0.3, -1.5])
     x[0, 48] = 2688.0
-    q = kernels.quantize_nvfp4(x)
+    q = triton_ops.quantize_nvfp4(x)
     assert q.tensor_scale.item() == 1.0
     assert q.scale.float().tolist() == [[1.0, 0.5, 0.0, 448.0]]
     d = q.dequantize()
@@ -145,7 +145,7 @@ def test_nvfp4_numerics_by_hand():
     assert d[0, 16:20].tolist() == [3.0, 1.0, 0.25, -1.5]
     assert torch.equal(d[0, 32:48], torch.zeros(16)) and d[0, 48].item() == 2688.0
     assert q.data[0, 0].item() == 0x20 and q.data[0, 3].item() == 0x76  # (0, 1.0): codes 0, 2; (4.0, 6.0): 6, 7
-    assert torch.equal(kernels.quantize_nvfp4(torch.zeros(3, 16)).dequantize(), torch.zeros(3, 16))
+    assert torch.equal(triton_ops.quantize_nvfp4(torch.zeros(3, 16)).dequantize(), torch.zeros(3, 16))
 
 
 def test_mxfp8_scale_is_rounded_up():
@@ -155,11 +155,11 @@ def test_mxfp8_scale_is_rounded_up():
     amax = torch.cat([torch.tensor([448.0, 448.0 * 2, 447.0, 1.0, 1e-38, 3e38]), torch.rand(1000, generator=g) * 1e4])
     x = torch.zeros(len(amax), 32)
     x[:, 5] = amax
-    q = kernels.quantize_mxfp8(x)
-    scale = kernels.pow2(q.scale.int() - 127)[:, 0]
-    target = amax * kernels.fl32(1 / 448)
+    q = triton_ops.quantize_mxfp8(x)
+    scale = triton_ops.pow2(q.scale.int() - 127)[:, 0]
+    target = amax * triton_ops.fl32(1 / 448)
     assert (scale >= target).all() and ((scale / 2 < target) | (scale == 2.0 ** -127)).all()  # E8M0's smallest
-    assert torch.equal(q.dequantize()[:, 5], kernels.round_ref(amax / scale, "e4m3") * scale)
+    assert torch.equal(q.dequantize()[:, 5], triton_ops.round_ref(amax / scale, "e4m3") * scale)
 
 
 def test_fp8_recipes():
@@ -167,26 +167,26 @@ def test_fp8_recipes():
     call uses its own amax, later ones the largest in the history. Blockwise: one scale per block."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 300, generator=g)
-    q = kernels.quantize_fp8(x, "tensorwise", "e4m3")
+    q = triton_ops.quantize_fp8(x, "tensorwise", "e4m3")
     scale = torch.tensor(448.0) / x.abs().amax()
     assert_same_bits(q.data, (x * scale).to(torch.float8_e4m3fn), "tensorwise codes")
     assert q.scale.item() == (1 / scale).item()
-    hist = kernels.AmaxHistory(length=4)
-    kernels.quantize_fp8(x * 10, "delayed", "e5m2", history=hist)
-    q2 = kernels.quantize_fp8(x, "delayed", "e5m2", history=hist)
+    hist = triton_ops.AmaxHistory(length=4)
+    triton_ops.quantize_fp8(x * 10, "delayed", "e5m2", history=hist)
+    q2 = triton_ops.quantize_fp8(x, "delayed", "e5m2", history=hist)
     assert q2.scale.item() == (1 / (torch.tensor(57344.0) / (x * 10).abs().amax())).item()
     assert hist.amax[:2].tolist() == [x.abs().amax().item(), (x * 10).abs().amax().item()]
     for block in ((1, 128), (128, 128)):
-        qb = kernels.quantize_fp8(x, "blockwise", "e4m3", block=block)
+        qb = triton_ops.quantize_fp8(x, "blockwise", "e4m3", block=block)
         assert qb.scale.shape == (-(-40 // block[0]), 3) and qb.dequantize().shape == x.shape
         assert_close(qb.dequantize(), x, f"blockwise {block}", atol=1e-4, rtol=2 ** -4)
 
 
 @pytest.mark.parametrize("quantize", [
-    lambda x: kernels.quantize_fp8(x, "tensorwise", "e4m3"),
-    lambda x: kernels.quantize_fp8(x, "blockwise", "e5m2"),
-    lambda x: kernels.quantize_mxfp8(x),
-    lambda x: kernels.quantize_nvfp4(x, (16, 16)),
+    lambda x: triton_ops.quantize_fp8(x, "tensorwise", "e4m3"),
+    lambda x: triton_ops.quantize_fp8(x, "blockwise", "e5m2"),
+    lambda x: triton_ops.quantize_mxfp8(x),
+    lambda x: triton_ops.quantize_nvfp4(x, (16, 16)),
 ], ids=["fp8", "fp8-block", "mxfp8", "nvfp4"])
 def test_bf16_inputs_quantize_like_their_fp32_values(quantize):
     x = torch.randn(33, 70, generator=torch.Generator().manual_seed(1)).bfloat16()
@@ -224,11 +224,11 @@ def test_kernel_blocks_match_reference(fmt, block, dtype):
     through its strides), and for NVFP4 stochastic rounding with the same random numbers."""
     # (150, 200): padded to the blocks; the transposed view of a (160, 256) matrix: read through strides
     for name, t in (("x", probe_matrix(150, 200, dtype)), ("x^T", probe_matrix(160, 256, dtype).t())):
-        tp = kernels.pad_to_blocks(t, block)
-        g = kernels.nvfp4_global(t.abs().amax().float()) if fmt == "nvfp4" else None
+        tp = triton_ops.pad_to_blocks(t, block)
+        g = triton_ops.nvfp4_global(t.abs().amax().float()) if fmt == "nvfp4" else None
         for rand in ([None, torch.rand(tp.shape, device=DEV)] if fmt == "nvfp4" else [None]):
-            q, s = kernels._quantize_blocks(tp, fmt, block, g, rand)
-            q_ref, s_ref = kernels.quantize_blocks_ref(tp, fmt, block, g, rand)
+            q, s = triton_ops._quantize_blocks(tp, fmt, block, g, rand)
+            q_ref, s_ref = triton_ops.quantize_blocks_ref(tp, fmt, block, g, rand)
             what = f"{fmt} {block} {dtype} {name}{' SR' if rand is not None else ''}"
             assert_same_bits(q, q_ref, what + " codes")
             assert_same_bits(s, s_ref, what + " scales")
@@ -240,9 +240,9 @@ def test_kernel_fp8_cast_equals_torch_cast(fmt):
     """The kernel's own rounding (_round_rne) at scale 1 against torch's float8 cast of the value
     clamped to the format's range: every value, every tie, saturation, subnormals."""
     v = fp8_probe(fmt).to(DEV)
-    fmax = kernels.FP8[fmt][2]
-    q = kernels._quantize_tensor(v, torch.ones((), device=DEV), fmt)
-    assert_same_bits(q, v.clamp(-fmax, fmax).to(kernels.TORCH_FP8[fmt]), fmt)
+    fmax = triton_ops.FP8[fmt][2]
+    q = triton_ops._quantize_tensor(v, torch.ones((), device=DEV), fmt)
+    assert_same_bits(q, v.clamp(-fmax, fmax).to(triton_ops.TORCH_FP8[fmt]), fmt)
 
 
 @kernel_test
@@ -254,19 +254,19 @@ def test_kernel_e2m1_rounding_equals_reference():
     v = v[: len(v) // 15 * 15].view(-1, 15)
     x = torch.cat([v, torch.full((len(v), 1), 6.0)], dim=1)  # (n, 16): amax 6 in every block
     x[0, 0] = 2688.0  # the tensor amax: S_enc = 1 (that block's own values get another scale)
-    q = kernels.quantize_nvfp4(x.to(DEV))
-    assert torch.equal(q.dequantize()[1:].cpu(), kernels.round_ref(x[1:], "e2m1"))
+    q = triton_ops.quantize_nvfp4(x.to(DEV))
+    assert torch.equal(q.dequantize()[1:].cpu(), triton_ops.round_ref(x[1:], "e2m1"))
 
 
 @kernel_test
 def test_kernel_public_quantizers_match_reference_path():
     x = probe_matrix(70, 90, torch.float32)
-    for fn in (lambda t: kernels.quantize_fp8(t, "tensorwise", "e5m2"), kernels.quantize_mxfp8,
-               lambda t: kernels.quantize_nvfp4(t, (16, 16))):
+    for fn in (lambda t: triton_ops.quantize_fp8(t, "tensorwise", "e5m2"), triton_ops.quantize_mxfp8,
+               lambda t: triton_ops.quantize_nvfp4(t, (16, 16))):
         a = fn(x)
-        kernels.USE_TRITON = False
+        triton_ops.USE_TRITON = False
         b = fn(x)
-        kernels.USE_TRITON = True
+        triton_ops.USE_TRITON = True
         assert_same_bits(a.data, b.data, "codes")
         assert torch.equal(a.dequantize(), b.dequantize())
 
@@ -292,10 +292,10 @@ def test_lowprec_linear_close_to_fp32_linear(fmt, fp8_recipe, bound):
         ref.weight.copy_(torch.randn(580, 72, generator=g) * 0.05)
     x = torch.randn(4, 37, 72, generator=g)
     dy = torch.randn(4, 37, 580, generator=g)
-    recipe = kernels.Recipe(fmt, fp8_recipe or "tensorwise", H=kernels.hadamard16(torch.ones(16)))
+    recipe = triton_ops.Recipe(fmt, fp8_recipe or "tensorwise", H=triton_ops.hadamard16(torch.ones(16)))
     lp = torch.nn.Linear(72, 580, bias=False)
     lp.load_state_dict(ref.state_dict())
-    lp.__class__, lp.recipe = kernels.LowPrecLinear, recipe
+    lp.__class__, lp.recipe = triton_ops.LowPrecLinear, recipe
     if fp8_recipe == "delayed":
         lp((x * 3).requires_grad_()).backward(dy * 3)
         assert len(recipe.history) == 6  # x, W for fprop; dY, W^T for dgrad; dY^T, X^T for wgrad
@@ -318,11 +318,11 @@ def test_nvfp4_ablations_change_the_backward_only():
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(48, 64, generator=g) * 0.05).requires_grad_()
     x = torch.randn(40, 64, generator=g)
-    H = kernels.hadamard16(torch.ones(16))
-    base = kernels.LowPrecLinearFn.apply(x, w, kernels.Recipe("nvfp4", H=H))
+    H = triton_ops.hadamard16(torch.ones(16))
+    base = triton_ops.LowPrecLinearFn.apply(x, w, triton_ops.Recipe("nvfp4", H=H))
     for kw in (dict(rht=False), dict(sr=False)):
-        assert torch.equal(kernels.LowPrecLinearFn.apply(x, w, kernels.Recipe("nvfp4", H=H, **kw)), base)
-    assert not torch.equal(kernels.LowPrecLinearFn.apply(x, w, kernels.Recipe("nvfp4", H=H, w2d=False)), base)
+        assert torch.equal(triton_ops.LowPrecLinearFn.apply(x, w, triton_ops.Recipe("nvfp4", H=H, **kw)), base)
+    assert not torch.equal(triton_ops.LowPrecLinearFn.apply(x, w, triton_ops.Recipe("nvfp4", H=H, w2d=False)), base)
 
 
 def test_delayed_scaling_scales_by_earlier_amaxes():
@@ -333,17 +333,17 @@ def test_delayed_scaling_scales_by_earlier_amaxes():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 64, generator=g) * 0.1
     x, dy = torch.randn(40, 64, generator=g), torch.randn(40, 24, generator=g)
-    delayed, current = kernels.Recipe("fp8", "delayed"), kernels.Recipe("fp8")
+    delayed, current = triton_ops.Recipe("fp8", "delayed"), triton_ops.Recipe("fp8")
 
     def step(recipe, s):
         xi, wi = (x * s).requires_grad_(), w.clone().requires_grad_()
-        y = kernels.LowPrecLinearFn.apply(xi, wi, recipe)
+        y = triton_ops.LowPrecLinearFn.apply(xi, wi, recipe)
         y.backward(dy * s)
         return y, xi.grad
 
     assert all(torch.equal(a, b) for a, b in zip(step(delayed, 5.0), step(current, 5.0)))
     y, dx = step(delayed, 1.0)
-    assert kernels.AmaxHistory().amax.numel() == 1024  # the history length, as TransformerEngine
+    assert triton_ops.AmaxHistory().amax.numel() == 1024  # the history length, as TransformerEngine
     assert delayed.history[("xw", 0)].amax[:3].tolist() == [x.abs().amax().item(), (5 * x).abs().amax().item(), 0.0]
 
     def by_hand(t, amax):  # fp8 E4M3 at the encode scale 448 / amax, decoded
@@ -375,8 +375,8 @@ def grouped_inputs(seed=0):
 
 
 def make_recipe(fmt, fp8_recipe):
-    return kernels.Recipe(fmt.split("-")[0], fp8_recipe or "tensorwise", rht="no-rht" not in fmt,
-                          H=kernels.hadamard16(torch.tensor([1, -1] * 8)))
+    return triton_ops.Recipe(fmt.split("-")[0], fp8_recipe or "tensorwise", rht="no-rht" not in fmt,
+                          H=triton_ops.hadamard16(torch.tensor([1, -1] * 8)))
 
 
 def grads(fn, x, w, dy, seed):
@@ -416,7 +416,7 @@ def per_expert_grads(recipes, counts, x, w, dy, seed):
     """y, dx, dw of a loop over experts of LowPrecLinearFn, each expert's forward and backward in
     turn (the order in which the grouped backward quantizes, so SR draws the same numbers)."""
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    ys = [kernels.LowPrecLinearFn.apply(xg, w[e], recipes[e]) if len(xg) else None
+    ys = [triton_ops.LowPrecLinearFn.apply(xg, w[e], recipes[e]) if len(xg) else None
           for e, xg in enumerate(x.split(counts))]
     torch.manual_seed(seed)
     for y, dyg in zip(ys, dy.split(counts)):
@@ -443,7 +443,7 @@ def test_scaled_mm_agrees_with_the_emulation():
     on the codes and decode scales == dequantize + fp32 matmul, to fp32 summation order."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g) * 3
-    qa, qb = kernels.quantize_fp8(a, fmt="e4m3"), kernels.quantize_fp8(b, fmt="e5m2")
+    qa, qb = triton_ops.quantize_fp8(a, fmt="e4m3"), triton_ops.quantize_fp8(b, fmt="e5m2")
     out = torch._scaled_mm(qa.data, qb.data.t(), qa.scale.view(()), qb.scale.view(()), out_dtype=torch.float32)
     assert_close(out, qa.dequantize() @ qb.dequantize().t(), "scaled_mm", atol=1e-4, rtol=1e-5)
 
@@ -455,16 +455,16 @@ CFG = NemotronConfig(vocab_size=256, d_model=32, pattern="M*M-ME", n_head=2, n_k
 
 def test_precision_plans():
     model = Nemotron(CFG)
-    fp8 = kernels.precision_plan(model, "fp8")
+    fp8 = triton_ops.precision_plan(model, "fp8")
     assert {n.split(".")[2] for n in fp8} == {"1", "2", "3", "4"}  # the first and last blocks in BF16
-    assert len(kernels.precision_plan(model, "fp8", bf16_ends=False)) == len(fp8) + 2 + 5  # M: 2, E: shared 2 + latent 2 + experts
-    nv = kernels.precision_plan(model, "nvfp4")
+    assert len(triton_ops.precision_plan(model, "fp8", bf16_ends=False)) == len(fp8) + 2 + 5  # M: 2, E: shared 2 + latent 2 + experts
+    nv = triton_ops.precision_plan(model, "nvfp4")
     assert nv == {"backbone.layers.0.mixer.in_proj": "nvfp4", "backbone.layers.0.mixer.out_proj": "mxfp8",
                   "backbone.layers.2.mixer.in_proj": "nvfp4", "backbone.layers.2.mixer.out_proj": "mxfp8",
                   "backbone.layers.3.mixer.up_proj": "nvfp4", "backbone.layers.3.mixer.down_proj": "nvfp4",
                   "backbone.layers.4.mixer.in_proj": "nvfp4", "backbone.layers.4.mixer.out_proj": "mxfp8"}
     moe = Nemotron(dataclasses.replace(CFG, pattern="MEM*MM"))  # the MoE block early: in NVFP4
-    assert {n: f for n, f in kernels.precision_plan(moe, "nvfp4").items() if ".1." in n} == {
+    assert {n: f for n, f in triton_ops.precision_plan(moe, "nvfp4").items() if ".1." in n} == {
         "backbone.layers.1.mixer.experts": "nvfp4", "backbone.layers.1.mixer.shared_experts.up_proj": "nvfp4",
         "backbone.layers.1.mixer.shared_experts.down_proj": "nvfp4"}  # not the latent projections, nor the router
 
@@ -475,9 +475,9 @@ def test_apply_precision_keeps_state_dict_and_trains():
     keys = list(model.state_dict())
     idx = torch.randint(0, 256, (2, 40))
     _, loss_ref = model(idx, idx)
-    kernels.apply_precision(model, "nvfp4")
+    triton_ops.apply_precision(model, "nvfp4")
     assert list(model.state_dict()) == keys
-    assert isinstance(model.backbone.layers[0].mixer.in_proj, kernels.LowPrecLinear)
+    assert isinstance(model.backbone.layers[0].mixer.in_proj, triton_ops.LowPrecLinear)
     assert type(model.backbone.layers[1].mixer.q_proj) is torch.nn.Linear
     _, loss = model(idx, idx)
     loss.backward()
@@ -493,7 +493,7 @@ def test_moe_model_trains_in_nvfp4():
     torch.manual_seed(0)
     model = Nemotron(dataclasses.replace(CFG, pattern="ME*-", moe_latent_size=None))
     keys = list(model.state_dict())
-    plan = kernels.apply_precision(model, "nvfp4")
+    plan = triton_ops.apply_precision(model, "nvfp4")
     experts = model.backbone.layers[1].mixer.experts
     assert plan["backbone.layers.1.mixer.experts"] == "nvfp4" and experts.recipe.fmt == "nvfp4"
     assert list(model.state_dict()) == keys

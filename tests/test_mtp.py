@@ -165,7 +165,7 @@ def test_hf_folder_has_nvidia_mtp_layout(tmp_path):
     """mtp.layers.{s*L+j}: fusion (enorm, hnorm, eh_proj) on the set's first block, final_layernorm on
     its last, experts one by one; the folder loads back identically, and transformers still reads
     the main model from it (it ignores mtp.*)."""
-    safetensors = pytest.importorskip("safetensors")
+    import safetensors
     model = tiny(mtp_depth=2).eval()
     model.save_pretrained(tmp_path)
     with safetensors.safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
@@ -178,7 +178,7 @@ def test_hf_folder_has_nvidia_mtp_layout(tmp_path):
     assert (back.config.mtp_depth, back.config.mtp_pattern, back.config.mtp_share) == (2, "*E", False)
     for (n, a), (m, b) in zip(model.state_dict().items(), back.state_dict().items()):
         assert n == m and torch.equal(a, b), n
-    transformers = pytest.importorskip("transformers")
+    import transformers
     transformers.utils.logging.set_verbosity_error()
     theirs = transformers.NemotronHForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
     x = torch.randint(0, 256, (1, 12))

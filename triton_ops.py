@@ -1,23 +1,25 @@
 """
-kernels.py: Triton kernels for the hot paths, each beside the PyTorch reference it must match.
-Read after mamba.py.
+triton_ops.py: Triton kernels for the hot paths, each beside the PyTorch reference it must match.
+Read after mamba.py and moe.py. (Not `kernels.py`: that import name belongs to the Hugging Face Hub's
+`kernels` package, which transformers imports, and `triton_kernels` to the `triton-kernels` package;
+a top-level file of ours under either name would shadow it. tests/test_imports.py guards this.)
 
-So far: decoding a few tokens (k <= 8) of a Mamba-2 layer. Paper: Dao & Gu 2024 (arXiv:2405.21060),
-the recurrence of Sec. 3 that mamba.ssd_step runs one token at a time:
+Paper: Dao & Gu 2024 (arXiv:2405.21060). The recurrence of Sec. 3, which mamba.ssd_step runs one
+token at a time,
     h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T,    y_t = h_t C_t + D x_t
-and the depthwise causal conv's update of its last K-1 inputs. One program per (batch, head,
-block of head dims) keeps its slice of h in registers across the k tokens, so h is read and
-written once per call, whatever k is: the kernel is bound by memory, as decoding is.
+runs here as the chunked SSD of Sec. 6 (forward and backward: the autograd Function _SSD, public op
+ssd), and for decoding a few tokens (k <= 8) as ssd_update and conv_update (no autograd): one
+program per (batch, head, block of head dims) keeps its slice of h in registers across the k tokens,
+so h is read and written once per call, whatever k is.
 
-Layering per op: @triton.jit _x_kernel -> _x_fwd (checks, allocates, launches) -> public x().
-These are inference-only (no autograd). mamba.py calls them when USE_TRITON is on and the tensors
-are on a GPU, or on the CPU under TRITON_INTERPRET=1 (the tests); elsewhere it runs the references.
-Without triton installed (macOS, Windows) the module still imports, with USE_TRITON off.
-At the end of the file, the MoE experts' grouped GEMM is the exception that trains: it has an autograd
-Function, and moe.py calls it under the same switch (moe.grouped_mm_ref is its reference).
-The last section, low precision (issue 8), holds the FP8 / MXFP8 / NVFP4 quantizers (kernels and
-references, here in this file), the low-precision Linear that train.py --precision swaps in, and
-the recipes that say which layers (and which routed experts: moe.LowPrecGroupedMM) it goes to.
+Layering per op: @triton.jit _x_kernel -> _x_fwd (checks, allocates, launches) -> autograd Function
+where the op trains -> public x(). mamba.py and moe.py call them when USE_TRITON is on and the
+tensors are on a GPU, or on the CPU under TRITON_INTERPRET=1 (the tests); elsewhere they run the
+references. Without triton installed (macOS, Windows) the module still imports, with USE_TRITON off.
+Then the MoE experts' grouped GEMM (forward and backward; moe.grouped_mm_ref is its reference), and
+last, low precision: the FP8 / MXFP8 / NVFP4 quantizers (kernels and references), the low-precision
+Linear that train.py --precision swaps in, and the recipes that say which layers (and which routed
+experts: moe.LowPrecGroupedMM) it goes to.
 """
 
 import os
@@ -633,7 +635,7 @@ def conv_update(state, x, weight, bias):
 
 
 # -----------------------------------------------------------------------------
-# grouped GEMM: all MoE experts in one launch (issue 4, "MoE at scale")
+# grouped GEMM: all MoE experts in one launch
 #
 # The token copies arrive sorted by expert: rows offs[g-1]:offs[g] of x belong to expert g
 # (offs[-1] = number of rows). y = x @ w[g] on each expert's rows, with a dropless row count per
@@ -784,7 +786,7 @@ def grouped_mm(x, w, offs):
 
 
 # =============================================================================
-# low precision: FP8, MXFP8 and NVFP4 quantizers, and the low-precision Linear (issue 8)
+# low precision: FP8, MXFP8 and NVFP4 quantizers, and the low-precision Linear
 #
 # Papers: Nemotron-H (arXiv:2504.03624) trains in FP8 with per-tensor current scaling; "Pretraining
 # LLMs with NVFP4" (NVIDIA 2025) and Nemotron 3 Super in NVFP4; MXFP8 is the OCP microscaling format

@@ -1,12 +1,12 @@
 """
-Triton kernels (kernels.py) against the PyTorch references: the chunked SSD (outputs, final state
+Triton kernels (triton_ops.py) against the PyTorch references: the chunked SSD (outputs, final state
 and the gradients of every input) against mamba.ssd_ref, the SSD state update over k tokens
 against ssd_step run k times, the conv update against a full causal conv, a Mamba-2 mixer training
 and decoding with the kernels against the same mixer without them, speculative decoding through
 the k-token kernels; and the MoE grouped GEMM, forward and backward, against moe.grouped_mm_ref,
 with the experts running on it against the per-expert loop.
 
-Run: python -m pytest -q tests/test_kernels.py
+Run: python -m pytest -q tests/test_triton_ops.py
 Without a GPU the kernels run in the Triton interpreter, which must be switched on before triton
 compiles anything: the outer test re-runs this file in a subprocess with TRITON_INTERPRET=1 (the
 variable would otherwise send every other test file's CPU decoding through the interpreter too).
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
-import kernels
+import triton_ops
 from helpers import assert_close
 from mamba import Mamba2Mixer, ssd_ref, ssd_step
 from model import Nemotron, NemotronConfig
@@ -83,7 +83,7 @@ def ssd_grads(fn, case, seq_idx, chunk_size, with_D, with_init):
 
 
 def compare_ssd(case, seq_idx, chunk_size, with_D=True, with_init=True, rel=SSD_TOL):
-    out = ssd_grads(kernels.ssd, case, seq_idx, chunk_size, with_D, with_init)
+    out = ssd_grads(triton_ops.ssd, case, seq_idx, chunk_size, with_D, with_init)
     ref = ssd_grads(ssd_ref, case, seq_idx, chunk_size, with_D, with_init)
     for name, a, b in [("y", out[0], ref[0]), ("final state", out[1], ref[1]),
                        *[(f"d{k}", out[2][k], ref[2][k]) for k in ref[2]]]:
@@ -124,12 +124,12 @@ def test_mixer_trains_the_same_with_kernels():
     seq_idx = (torch.arange(37, device=DEV) >= 20).long().expand(2, 37)
     outs = {}
     for use in (False, True):
-        kernels.USE_TRITON = use
+        triton_ops.USE_TRITON = use
         mixer.zero_grad()
         y = mixer(u, seq_idx=seq_idx)
         y.square().sum().backward()
         outs[use] = [y.detach()] + [p.grad.clone() for p in mixer.parameters()]
-    kernels.USE_TRITON = True
+    triton_ops.USE_TRITON = True
     names = ["y"] + [n for n, _ in mixer.named_parameters()]
     for name, a, b in zip(names, outs[True], outs[False]):
         assert_close(a, b, name, atol=SSD_TOL * b.abs().max().item(), rtol=SSD_TOL)
@@ -152,7 +152,7 @@ def test_ssd_update_matches_steps(K, H, P, G, N, with_D):
     x, dt, A, B, C, D, h0 = inputs(2, K, H, P, G, N)
     D = D if with_D else None
     h = h0.clone()
-    y, hs = kernels.ssd_update(h, x, dt, A, B, C, D, save_states=True)
+    y, hs = triton_ops.ssd_update(h, x, dt, A, B, C, D, save_states=True)
     ref_h = h0.clone()
     for t in range(K):
         ref_y, ref_h = ssd_step(ref_h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
@@ -166,7 +166,7 @@ def test_ssd_update_bf16_inputs():
     """bf16 x, B, C (the model's dtype on a GPU), fp32 state and output, as ssd_step computes them."""
     x, dt, A, B, C, D, h0 = inputs(2, 2, 4, 16, 2, 16, dtype=torch.bfloat16)
     h = h0.clone()
-    y, _ = kernels.ssd_update(h, x, dt, A, B, C, D)
+    y, _ = triton_ops.ssd_update(h, x, dt, A, B, C, D)
     ref_h = h0.clone()
     for t in range(2):
         ref_y, ref_h = ssd_step(ref_h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
@@ -181,7 +181,7 @@ def test_conv_update_matches_full_conv(T, Cn, KW):
     state, x = torch.randn(2, Cn, KW - 1, generator=g), torch.randn(2, T, Cn, generator=g)
     w, b = torch.randn(Cn, 1, KW, generator=g), torch.randn(Cn, generator=g)
     state, x, w, b = (t.to(DEV) for t in (state, x, w, b))
-    out, new_state = kernels.conv_update(state, x, w, b)
+    out, new_state = triton_ops.conv_update(state, x, w, b)
     seq = torch.cat([state, x.transpose(1, 2)], dim=-1)  # (B, C, K-1+T)
     ref = F.silu(F.conv1d(seq, w, b, groups=Cn)).transpose(1, 2)  # (B, T, C)
     assert_close(out, ref, "conv out", atol=1e-5, rtol=1e-5)
@@ -198,13 +198,13 @@ def test_mixer_decodes_the_same_with_kernels():
     u = torch.randn(2, 12, 32, device=DEV)
     outs = {}
     for use in (False, True):
-        kernels.USE_TRITON = use
+        triton_ops.USE_TRITON = use
         cache = mixer.new_cache(2, DEV, torch.float32)
         with torch.no_grad():
             first = mixer(u[:, :5], cache)  # prefill: the chunked SSD hands over its state
             steps = [mixer(u[:, t:t + 1], cache) for t in range(5, 12)]
         outs[use] = (torch.cat([first, *steps], dim=1), cache["ssm"].clone(), cache["conv"].clone())
-    kernels.USE_TRITON = True
+    triton_ops.USE_TRITON = True
     for i, name in enumerate(("outputs", "ssm state", "conv state")):
         assert_close(outs[True][i], outs[False][i], name, atol=1e-5, rtol=1e-5)
 
@@ -223,12 +223,12 @@ def test_speculative_decoding_with_kernels_matches_plain_greedy():
         model.lm_head.weight.mul_(0.01)
         model.lm_head.weight[1], model.lm_head.weight[2] = v, -v
     prompt = torch.randint(0, 256, (1, 7), device=DEV)
-    kernels.USE_TRITON = True
+    triton_ops.USE_TRITON = True
     plain = model.generate(prompt, 12, temperature=0)
     assert torch.equal(model.generate(prompt, 12, temperature=0, speculative=3), plain)
-    kernels.USE_TRITON = False
+    triton_ops.USE_TRITON = False
     assert torch.equal(model.generate(prompt, 12, temperature=0, speculative=3), plain)
-    kernels.USE_TRITON = True
+    triton_ops.USE_TRITON = True
 # -----------------------------------------------------------------------------
 # MoE grouped GEMM
 
@@ -246,7 +246,7 @@ def test_grouped_mm_matches_ref(dtype):
     x = torch.randn(sum(counts), 48, generator=g).to(DEV, dtype).requires_grad_()
     w = torch.randn(6, 40, 48, generator=g).to(DEV, dtype).transpose(1, 2).detach().requires_grad_()  # (E, K, n)
     dy = torch.randn(sum(counts), 40, generator=g).to(DEV, dtype)
-    y = kernels.grouped_mm(x, w, offs)
+    y = triton_ops.grouped_mm(x, w, offs)
     y.backward(dy)
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = grouped_mm_ref(x32, w32, offs)
@@ -261,7 +261,7 @@ def test_grouped_mm_matches_ref(dtype):
 
 @inside
 def test_experts_on_the_kernel_match_the_loop():
-    """moe.Experts through kernels.grouped_mm (the switch on) == experts_loop, fp32, with two
+    """moe.Experts through triton_ops.grouped_mm (the switch on) == experts_loop, fp32, with two
     experts idle: outputs and gradients of x, weights, up_proj, down_proj (atol 1e-4)."""
     g = torch.Generator().manual_seed(0)
     M, E, k, l, F_ = 24, 6, 2, 32, 16
@@ -271,7 +271,7 @@ def test_experts_on_the_kernel_match_the_loop():
         experts.down_proj.normal_(0, 0.3, generator=g)
     idx = torch.rand(M, 4, generator=g).argsort(-1)[:, :k].to(DEV)  # experts 4 and 5 idle
     x, weights = torch.randn(M, l, generator=g).to(DEV), torch.rand(M, k, generator=g).to(DEV)
-    assert kernels.use_triton(x)
+    assert triton_ops.use_triton(x)
     loop = lambda x, w, i: experts_loop(x, w, i, experts.up_proj, experts.down_proj)
     res = []
     for fn in (experts, loop):
