@@ -1,5 +1,5 @@
 """
-plot.py: the README's figures, drawn from what the runs wrote. matplotlib is an optional extra
+plot.py: the figures of docs/, drawn from what the runs wrote. matplotlib is an optional extra
 (pip install matplotlib); nothing else in the repo needs it.
 
     python plot.py lengths out-swan-rope/eval.json out-swan/eval.json ... --out=assets/swan.png
@@ -118,7 +118,7 @@ def runs(fig, out_dirs):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="draw the README's figures")
+    ap = argparse.ArgumentParser(description="draw the docs figures")
     ap.add_argument("kind", choices=["lengths", "blocks", "runs"])
     ap.add_argument("inputs", nargs="+", help="eval.py JSON files (lengths, blocks) or train.py out_dirs (runs)")
     ap.add_argument("--out", default=None, help="the PNG to write (runs: optional, the table prints anyway)")

@@ -10,7 +10,7 @@ Many processes with torchrun (checkpoints: sharded out_dir/ckpt-<step>/ folders,
     torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --tp=2 --fsdp=True  # 4 replicas x TP 2 (+ --sp=True)
     torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --ep=4          # experts over 4 ranks (+ --fsdp=True)
 Several nodes: the same command on each, with --nnodes=N --node_rank=i --rdzv_backend=c10d
---rdzv_endpoint=<node 0>:29500 in place of --standalone (README "Distributed training").
+--rdzv_endpoint=<node 0>:29500 in place of --standalone (docs/distributed.md).
 Resume (any layout reads any other's checkpoint), restart on failure, or fine-tune:
     python train.py --init_from=resume --out_dir=out
     torchrun --max-restarts=3 --nproc_per_node=8 train.py --init_from=auto   # resume if out_dir holds a checkpoint

@@ -1,6 +1,6 @@
 # one GPU (an H100 or H200), bf16: a ~125M-parameter dense hybrid in Nemotron-H's layout (Mamba-2
 # mixers with an attention layer every fourth one, each followed by a squared-ReLU MLP) on
-# FineWeb-Edu with GPT-2's BPE. The Mamba-2 layers train through the Triton SSD kernels of kernels.py.
+# FineWeb-Edu with GPT-2's BPE. The Mamba-2 layers train through the Triton SSD kernels of triton_ops.py.
 # bench.py kernels measures this config's training tokens/s with and without the kernels.
 # UNTESTED on a GPU: written on a CPU-only machine. Lower batch_size if it runs out of memory.
 # python data/fineweb_edu/prepare.py && python train.py config/gpu_125m.py

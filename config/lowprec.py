@@ -1,4 +1,4 @@
-# Nano experiment: low-precision training (issue 8). The default model ('M*M-ME', 0.87M params) on
+# Nano experiment: low-precision training (docs/lowprec.md). The default model ('M*M-ME', 0.87M params) on
 # pycode for 150 steps of 8 x 128 tokens (sized for a shared 2-core CPU, where every low-precision
 # GEMM is emulated), the same data, init and schedule in every run; only --precision changes:
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=bf16  --out_dir=out-lowprec-bf16
@@ -9,8 +9,8 @@
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_sr=False --out_dir=out-lowprec-nvfp4-no_sr
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_2d=False --out_dir=out-lowprec-nvfp4-no_2d
 #   python plot.py runs out-lowprec-* --out=lowprec.png     # val loss relative to the first (bf16), curves
-# On a CPU every low-precision GEMM is emulated (kernels.py) and "bf16" is train.py's fp32.
-# README: "Nano experiment: FP8 and NVFP4 training".
+# On a CPU every low-precision GEMM is emulated (triton_ops.py) and "bf16" is train.py's fp32.
+# docs/lowprec.md: "Nano experiment: FP8 and NVFP4 training".
 out_dir = 'out-lowprec-bf16'
 batch_size = 8
 max_iters = 150

@@ -4,7 +4,7 @@
 # (E * 2 l F), equal config/moe_standard.py's, and so does the per-token all-to-all payload (k * l).
 # The shared expert gives up the width that pays for the latent projections (2 d l) and the 4x
 # router (48 d more): 2 d (256 - 200) = 2 d l + 48 d. Same active and total parameters, steps, data.
-# OMP_NUM_THREADS=1 python train.py config/moe_latent.py       (README: "Nano experiment: LatentMoE")
+# OMP_NUM_THREADS=1 python train.py config/moe_latent.py       (docs/moe.md)
 out_dir = 'out-moe-latent'
 pattern = 'M*MEME'
 n_experts = 64
@@ -15,4 +15,4 @@ shared_d_ff = 200
 max_iters = 400
 lr_decay_iters = 400
 eval_interval = 100
-n_groups = 1                  # as the README's table was measured (train.py's default became 2 for --tp=2)
+n_groups = 1                  # as docs/moe.md's table was measured (train.py's default became 2 for --tp=2)

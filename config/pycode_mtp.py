@@ -1,4 +1,4 @@
-# The MTP nano experiment (issue 5): the default model and data (pycode, 1000 steps) with D
+# The MTP nano experiment (docs/mtp.md): the default model and data (pycode, 1000 steps) with D
 # multi-token-prediction depths, each one attention + MoE block ('*E', as Nemotron 3 Super), shared
 # lambda = 0.3 (DeepSeek-V3's early value). Depth 1 shares its weights, so it can draft any number
 # of tokens; run D = 2 with its own weights per depth:
@@ -10,4 +10,4 @@ mtp_depth = 1
 mtp_pattern = '*E'
 mtp_share = True
 mtp_loss_weight = 0.3
-n_groups = 1                  # as the README's table was measured (train.py's default became 2 for --tp=2)
+n_groups = 1                  # as docs/mtp.md's table was measured (train.py's default became 2 for --tp=2)

@@ -1,4 +1,4 @@
-# Stage 1 of the Star Attention experiment (README "Long context"): an attention-only SWAN-style model
+# Stage 1 of the Star Attention experiment (docs/star.md): an attention-only SWAN-style model
 # (sliding-window RoPE layers W with a 16-token window, global NoPE layers *) learns to copy on copy
 # drills alone: an induction head in the global layers, which NIAH retrieval builds on; trained on NIAH
 # alone it never left the loss plateau (LOG.md, stops 13-14). config/star_niah.py fine-tunes it.

@@ -1,4 +1,4 @@
-# Star Attention experiment (README "Long context"), stage 2: the copy-trained model of
+# Star Attention experiment (docs/star.md), stage 2: the copy-trained model of
 # config/star_copy.py fine-tuned on RULER needle retrieval at 400-750 tokens (niah_single_1, the loss
 # on the answers), copy drills and pycode, one "\0"-started document each (data/pycode_niah/prepare.py),
 # then tested at 2K-8K with full attention and with Star Attention:

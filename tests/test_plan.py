@@ -111,7 +111,7 @@ def measured_peak(cfg, B, T):
 def test_memory_model_against_measured_peak(pattern):
     """Within 30% of the measured peak for dense, MoE and hybrid stacks. (A pure Mamba stack on
     this CPU runs mamba.ssd_ref, which keeps (Q x Q) decay matrices the fused kernels recompute:
-    the model, which follows the kernels, reads 0.62x its peak; see the README.)"""
+    the model, which follows the kernels, reads 0.62x its peak; see docs/planner.md.)"""
     cfg = NemotronConfig(vocab_size=256, d_model=128, pattern=pattern, n_head=4, n_kv_head=2, head_dim=32, d_ff=512,
                          mamba_heads=8, headdim=32, d_state=32, chunk_size=32, n_experts=8, top_k=2, moe_d_ff=256,
                          shared_d_ff=256)

@@ -262,7 +262,7 @@ def test_shipped_configs_run(config, tmp_path):
 
 
 def test_latent_moe_configs_are_the_same_size(tmp_path):
-    """The README's LatentMoE experiment: config/moe_latent.py has exactly the total and active
+    """The LatentMoE experiment (docs/moe.md): config/moe_latent.py has exactly the total and active
     parameters of config/moe_standard.py, and both train and sample."""
     heads = []
     for config in ('config/moe_standard.py', 'config/moe_latent.py'):

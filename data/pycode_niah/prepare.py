@@ -1,6 +1,6 @@
 """
 data/pycode_niah/prepare.py: RULER needle retrieval mixed with copy drills and pycode, for the Star
-Attention experiment (README "Long context"): a model learns retrieval at a few hundred tokens and is
+Attention experiment (docs/star.md): a model learns retrieval at a few hundred tokens and is
 tested far beyond. Read data/tokenizer.py and data/ruler.py first.
 Run: python data/pycode_niah/prepare.py              (about 10 s; builds data/pycode first if missing)
      python data/pycode_niah/prepare.py --frac=0.4 --drills=0.5  (into data/pycode_niah_40_50)
