@@ -680,16 +680,18 @@ def val_prompts(model, data_dir, n=4, length=64):
     return [torch.from_numpy(data[s:s + length].astype(np.int64))[None] for s in starts]
 
 
-def run_kernels(quick):
+def run_kernels(quick, lengths=None):
     """bench.py kernels: realistic shapes on a GPU; on a CPU only the reference (eager and compiled)
-    at a smaller size, and with --quick a smoke test (the Triton path too under TRITON_INTERPRET=1)."""
+    at a smaller size, and with --quick a smoke test (the Triton path too under TRITON_INTERPRET=1).
+    lengths: the sequence lengths to time instead of the defaults (each compiles the reference anew)."""
     gpu = torch.cuda.is_available()
     if quick:
-        shape, lengths, reps = (1, 4, 16, 1, 16, 16, torch.float32), (40,), 1
+        shape, default, reps = (1, 4, 16, 1, 16, 16, torch.float32), (40,), 1
     elif gpu:
-        shape, lengths, reps = (4, 64, 64, 1, 128, 128, torch.bfloat16), (2048, 4096, 8192, 16384), 10
+        shape, default, reps = (4, 64, 64, 1, 128, 128, torch.bfloat16), (2048, 4096, 8192, 16384), 10
     else:
-        shape, lengths, reps = (1, 8, 64, 1, 64, 64, torch.float32), (1024, 4096), 3
+        shape, default, reps = (1, 8, 64, 1, 64, 64, torch.float32), (1024, 4096), 3
+    lengths = lengths or default
     b, H, P, G, N, Q, dtype = shape
     res = bench_ssd(lengths, batch=b, heads=H, headdim=P, groups=G, d_state=N, chunk=Q, dtype=dtype,
                     reps=reps, quick=quick)
@@ -770,6 +772,8 @@ def main():
                         help="decode: a trained out_dir with MTP depths, to time --speculative on real text")
     parser.add_argument("--speculative", type=int, default=2, help="drafts per verification with --init_from")
     parser.add_argument("--dataset", default="pycode", help="where --init_from's prompts come from (val.bin)")
+    parser.add_argument("--lengths", default=None, type=lambda v: tuple(int(n) for n in v.split(",")),
+                        help="kernels: sequence lengths, comma-separated (default 2048,4096,8192,16384 on a GPU)")
     parser.add_argument("--config", default=None, help="star: time this config/ file's model instead of the attention-only default")
     args = parser.parse_args()
     if args.threads:
@@ -802,7 +806,7 @@ def main():
         res = bench_decode(cfg, hf=not args.no_hf, **decode_kw)
         report_decode(res, decode_kw["steps"], decode_kw["warmup"])
     if args.what == "kernels":
-        run_kernels(args.quick)
+        run_kernels(args.quick, args.lengths)
     if args.what == "star":
         star_kw = dict(contexts=(128, 256), steps=1, warmup=0, cfg_kw={**STAR, **QUICK, "pattern": "**-*E"}) \
             if args.quick else dict(contexts=(2048, 4096, 8192), steps=3, warmup=1)

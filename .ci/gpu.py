@@ -1,0 +1,173 @@
+"""
+.ci/gpu.py: the whole GPU story in one short run, `bash .ci/gpu` (which calls this file), on one
+CUDA GPU in under 8 minutes. Each step runs as a subprocess with a time limit, so a step that fails
+or hangs is reported and the others still run:
+
+1. the Triton kernel and low-precision tests, on CUDA (tests/test_triton_ops.py, tests/test_lowprec.py);
+2. bench.py kernels: the chunked SSD forward and forward + backward against the PyTorch reference
+   (eager and compiled), TFLOP/s and % of the bf16 peak; the decode update's bandwidth; the
+   end-to-end training tokens/s of config/gpu_125m.py with and without the kernels;
+3. the MoE grouped GEMM (TFLOP/s beside a dense matmul) and bench.py lowprec (FP8 / MXFP8 / NVFP4
+   Linear against bf16, quantizer bandwidth);
+4. 200 steps of config/gpu_125m.py on random GPT-2-vocabulary tokens with end-of-text tokens every
+   ~1000 tokens (so packed-document masking runs), one micro-step per step: tokens/s and MFU.
+
+It writes one report, gpu_report.md (the headline figures, each step's output, the nvidia-smi line,
+the versions), and exits non-zero if any step failed. No network is needed: nothing is installed
+or downloaded (a GPU machine brings its own torch and triton).
+
+    bash .ci/gpu [--report=gpu_report.md]
+"""
+import json, os, re, shutil, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_STEPS = 200
+
+
+def steps(py, data_name, out_dir):
+    """(name, command, seconds allowed): the limits add up to 7.5 minutes."""
+    return [
+        ("tests on CUDA", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_ops.py",
+                           "tests/test_lowprec.py"], 120),
+        ("bench.py kernels", [py, "bench.py", "kernels", "--lengths=4096,8192"], 150),
+        ("grouped GEMM", [py, "-c", "import bench; bench.report_grouped_gemm(*bench.bench_grouped_gemm())"], 40),
+        ("bench.py lowprec", [py, "bench.py", "lowprec"], 50),
+        ("train config/gpu_125m.py", [py, "train.py", "config/gpu_125m.py", f"--dataset={data_name}",
+                                      f"--out_dir={out_dir}", f"--max_iters={TRAIN_STEPS}",
+                                      f"--lr_decay_iters={TRAIN_STEPS}", "--warmup_iters=20",
+                                      "--gradient_accumulation_steps=1", f"--eval_interval={TRAIN_STEPS}",
+                                      "--eval_iters=2", "--log_interval=10", "--sample_new_tokens=0"], 90),
+    ]
+
+
+def write_random_tokens(data_dir, seed=0):
+    """A data set of uniform random GPT-2 token ids with an end-of-text token ending each document
+    (lengths 200-2000): what the GPU run trains on, without the network FineWeb-Edu would need."""
+    import numpy as np
+    sys.path.insert(0, ROOT)
+    from data.tokenizer import write_dataset
+    rng = np.random.default_rng(seed)
+    eot = 50256
+
+    def tokens(n):
+        t = rng.integers(0, eot, n, dtype=np.uint32)
+        ends = np.cumsum(rng.integers(200, 2000, n // 200))  # more document ends than n needs
+        t[ends[ends < n]] = eot
+        return t
+    write_dataset(data_dir, tokens(4_000_000), tokens(200_000),
+                  {"tokenizer": "tiktoken", "encoding": "gpt2", "vocab_size": 50257, "eot": eot})
+
+
+def run_step(name, cmd, limit):
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=limit,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        rc, out, timed_out = p.returncode, p.stdout + p.stderr, False
+    except subprocess.TimeoutExpired as e:
+        out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr))
+        rc, timed_out = None, True
+    return dict(name=name, cmd=" ".join(cmd), rc=rc, timed_out=timed_out, seconds=time.time() - t0,
+                output=out.replace("\r", "\n"))
+
+
+# -----------------------------------------------------------------------------
+# figures out of each step's output
+
+
+def headline(step):
+    """The lines of a step's output that carry its figures: pytest's summary, the benches' target
+    verdicts and TFLOP/s lines."""
+    pattern = {"tests on CUDA": r"\d+ (passed|failed)|error",
+               "grouped GEMM": r"TFLOP/s",
+               "bench.py kernels": r"target|end-to-end|faster"}.get(step["name"], r"target")
+    return [line.strip() for line in step["output"].splitlines() if re.search(pattern, line)]
+
+
+def train_figures(log_path, skip=0.25):
+    """Median tokens/s and MFU of a train.py log.jsonl, leaving out the first `skip` of the logged
+    steps (kernel compilation, warm-up); None where the log is missing or empty."""
+    if not os.path.exists(log_path):
+        return None
+    with open(log_path) as f:
+        rows = [r for r in map(json.loads, f) if "tok/s" in r]
+    if not rows:
+        return None
+    rows = rows[int(len(rows) * skip):] or rows[-1:]
+    mfu = [r["mfu"] for r in rows if r.get("mfu") is not None]
+    return {"steps": rows[-1]["step"] + 1, "tok/s": statistics.median(r["tok/s"] for r in rows),
+            "mfu": statistics.median(mfu) if mfu else None, "loss": rows[-1]["loss"]}
+
+
+def status(step):
+    if step["timed_out"]:
+        return f"timed out after {step['seconds']:.0f} s"
+    return "ok" if step["rc"] == 0 else f"failed (exit {step['rc']})"
+
+
+def write_report(path, machine, results, train):
+    """gpu_report.md: the machine, a summary table, the training figures, then each step's output."""
+    lines = ["# GPU check (.ci/gpu)", "", f"- date: {machine['date']}", f"- nvidia-smi: {machine['nvidia_smi']}",
+             f"- versions: {machine['versions']}", "", "| step | status | seconds | figures |", "| --- | --- | --- | --- |"]
+    for step in results:
+        figures = "<br>".join(headline(step)[-6:]).replace("|", "/")
+        lines.append(f"| {step['name']} | {status(step)} | {step['seconds']:.0f} | {figures} |")
+    lines.append("")
+    if train:
+        mfu = "n/a (GPU not in train.py's peak table)" if train["mfu"] is None else f"{100 * train['mfu']:.1f}%"
+        lines += [f"Training config/gpu_125m.py, {train['steps']} steps: median {train['tok/s']:,.0f} tok/s, "
+                  f"MFU {mfu}, last loss {train['loss']:.3f} (random tokens: the loss means nothing).", ""]
+    else:
+        lines += ["Training config/gpu_125m.py wrote no log: see its output below.", ""]
+    for step in results:
+        tail = "\n".join(step["output"].strip().splitlines()[-60:])
+        lines += [f"## {step['name']}: {status(step)}", "", f"`{step['cmd']}`", "", "```", tail, "```", ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def machine_facts():
+    import importlib.metadata
+    import torch
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+    smi = shutil.which("nvidia-smi")
+    line = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
+                           "--format=csv,noheader"], capture_output=True, text=True).stdout.strip() if smi else ""
+    versions = (f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+                + ", ".join(f"{n} {version(n)}" for n in ("triton", "transformers", "numpy")))
+    return {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "nvidia_smi": line or "n/a", "versions": versions}
+
+
+def main():
+    report = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--report=")), "gpu_report.md")
+    try:
+        import torch
+    except ImportError:
+        sys.exit("error: .ci/gpu needs torch with CUDA, and this Python has no torch")
+    if not torch.cuda.is_available():
+        sys.exit("error: .ci/gpu checks a CUDA GPU, and torch sees none on this machine "
+                 "(torch.cuda.is_available() is False). The CPU test suite is: bash .ci/run")
+    py, data_name = sys.executable, "gpu_check"
+    data_dir = os.path.join(ROOT, "data", data_name)
+    write_random_tokens(data_dir)
+    out_dir = tempfile.mkdtemp(prefix="gpu-check-")
+    results = []
+    for name, cmd, limit in steps(py, data_name, out_dir):
+        print(f"[.ci/gpu] {name} (at most {limit} s) ...", flush=True)
+        results.append(run_step(name, cmd, limit))
+        print(f"[.ci/gpu] {name}: {status(results[-1])}", flush=True)
+    train = train_figures(os.path.join(out_dir, "log.jsonl"))
+    write_report(report, machine_facts(), results, train)
+    for folder in (out_dir, data_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    print(open(report).read())
+    sys.exit(0 if all(s["rc"] == 0 for s in results) else 1)
+
+
+if __name__ == "__main__":
+    main()
