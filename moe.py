@@ -209,7 +209,8 @@ class LowPrecGroupedMM(torch.autograd.Function):
     # x (N, K): the sorted token copies; w (E, n, K): the experts' weights as nn.Linear holds them;
     # name: which projection, to key the amax histories. Saves x and w, as LowPrecLinearFn.
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)  # as triton_ops.LowPrecLinearFn
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # as triton_ops.LowPrecLinearFn
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, w, offs, recipe, name):
         ctx.save_for_backward(x, w, offs)
         ctx.recipe, ctx.name = recipe, name
@@ -219,6 +220,7 @@ class LowPrecGroupedMM(torch.autograd.Function):
         return mm_by_groups(xq, wq.transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, n): bf16 values
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from triton_ops import apply_precision
+from triton_ops import amax_state, apply_precision, load_amax_state
 from attention import Attention
 from mamba import Mamba2Mixer
 from model import Block, CheckpointError, Nemotron, NemotronConfig, newest_checkpoint, read_sharded_checkpoint
@@ -214,13 +214,14 @@ if lr_schedule not in ('wsd', 'cosine'):
 torch.manual_seed(seed)  # the same on every rank: DDP also broadcasts rank 0's weights at wrap time
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-# autocast on CUDA only (bf16 matmuls on a CPU are slower than fp32); float16 also needs a grad scaler
-amp = device_type == 'cuda' and dtype != 'float32'
-ctx = torch.autocast(device_type='cuda', dtype=getattr(torch, dtype)) if amp else nullcontext()
+# autocast in the dtype asked for: bf16 is the GPU default; on a CPU fp32 is (its bf16 matmuls are slower),
+# but --dtype=bfloat16 runs the GPU's mixed precision there too (the tests do). float16 also needs a grad scaler
+amp = device_type in ('cuda', 'cpu') and dtype != 'float32'
+ctx = torch.autocast(device_type=device_type, dtype=getattr(torch, dtype)) if amp else nullcontext()
 if (ep > 1 or tp > 1 or fsdp) and amp and dtype == 'float16':  # each rank's scaler would judge its own shard's grads: steps could differ
     die("ep, tp or fsdp with dtype='float16' is not supported (its grad scaler is per rank): use bfloat16")
 if dtype != 'float32' and not amp:
-    print0(f"note: dtype={dtype} applies on CUDA only; training in float32 on {device}")
+    print0(f"note: dtype={dtype} applies on CUDA and CPUs only; training in float32 on {device}")
 
 # -----------------------------------------------------------------------------
 # data: token ids as raw uint32 (np.memmap), sampled at random offsets
@@ -467,6 +468,16 @@ param_bytes = sum(local(p).numel() * local(p).element_size() for p in raw_model.
 print0(f"params+optimizer per rank: {3 * param_bytes / 2**20:.3f} MB (parameters {param_bytes / 2**20:.3f} MB "
        f"and AdamW's two moments, local shards of rank 0; dp={dp_size} tp={tp} ep={ep} fsdp={fsdp})")
 
+def load_amax(ckpt_path, ckpt):
+    """This rank's fp8 delayed-scaling amax histories saved in the checkpoint (save_checkpoint), or None
+    if there are none or another layout saved them (each rank keeps its own; EP numbers experts per rank)."""
+    if ckpt.get('world_size', 1) != ddp_world_size or ckpt['config'].get('ep', 1) != ep:
+        return None
+    if not os.path.isdir(ckpt_path):
+        return ckpt.get('amax')
+    path = os.path.join(ckpt_path, f'amax-rank{ddp_rank}.pt')
+    return torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else None
+
 # AdamW: decay matrices and embeddings, not norms, biases, A_log, D or dt_bias (all 1-D)
 params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW([{'params': [p for p in params if p.dim() >= 2], 'weight_decay': weight_decay},
@@ -486,6 +497,12 @@ if ckpt is not None:
             optimizer.load_state_dict(optim_state)  # a ckpt.pt of before sharded checkpoints: by index
         else:
             set_optimizer_state_dict(raw_model, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
+        if precision == 'fp8' and fp8_recipe == 'delayed':  # this rank's amax histories, if the layout is the same
+            amax = load_amax(ckpt_path, ckpt)
+            if amax is None:
+                print0("note: the checkpoint holds no amax histories for this layout: delayed scaling starts afresh")
+            else:
+                load_amax_state(raw_model, {k: v.to(device) for k, v in amax.items()})
         rng = ckpt.get('rng')  # one process only: restored last, after everything that draws from it (model init)
         if rng is not None:
             torch.set_rng_state(rng['torch'])
@@ -594,13 +611,18 @@ def save_checkpoint():
     older ckpt-*/ are removed. newest_checkpoint() (model.py) finds the newest complete one."""
     model_state, optim_state = checkpoint_state()
     state = {'model_config': raw_model.config.to_dict(), 'config': config, 'iter_num': iter_num,
-             'best_val_loss': best_val_loss, 'data_position': iter_num}  # batches are a function of (seed, step)
+             'best_val_loss': best_val_loss, 'data_position': iter_num,  # batches are a function of (seed, step)
+             'world_size': ddp_world_size}
+    amax = amax_state(raw_model)  # fp8 delayed scaling's histories: each rank's own
     if ddp:
         final = os.path.join(out_dir, f'ckpt-{iter_num}')
         tmp = final + '.tmp'
         if master_process:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
         dist.barrier()
+        if amax:  # before dcp.save, which returns on rank 0 only once every rank is through
+            os.makedirs(tmp, exist_ok=True)
+            torch.save(amax, os.path.join(tmp, f'amax-rank{ddp_rank}.pt'))
         dcp.save({'model': model_state, 'optimizer': optim_state}, checkpoint_id=tmp)
         if master_process:  # dcp.save returns on rank 0 once every rank's shards and the metadata are written
             with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
@@ -620,7 +642,7 @@ def save_checkpoint():
            'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]],
            'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
     path = os.path.join(out_dir, 'ckpt.pt')
-    torch.save({'model': model_state, 'optimizer': optim_state, **state, 'rng': rng}, path + '.tmp')
+    torch.save({'model': model_state, 'optimizer': optim_state, **state, 'rng': rng, 'amax': amax}, path + '.tmp')
     os.replace(path + '.tmp', path)
 
 def log(record):

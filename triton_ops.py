@@ -1249,9 +1249,11 @@ def lowprec_mm(a, b, kinds, recipe, out_dtype=torch.float32):
 class LowPrecLinearFn(torch.autograd.Function):
     # saves x and the fp32 weight, as nn.Linear does; the backward quantizes them again along
     # the dims its GEMMs reduce over (a GPU implementation would save the quantized copies)
-    # custom_fwd: under CUDA autocast the emulated GEMM must not run in bf16 (it would round the
-    # dequantized operands, codes times fp32 scales): inputs in fp32 and autocast off inside
+    # custom_fwd: under autocast (CUDA's, or the CPU's with train.py --dtype=bfloat16) the emulated
+    # GEMM must not run in bf16 (it would round the dequantized operands, codes times fp32 scales):
+    # inputs in fp32 and autocast off inside
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x, w, recipe):
         ctx.save_for_backward(x, w)
@@ -1261,6 +1263,7 @@ class LowPrecLinearFn(torch.autograd.Function):
         return y.to(x.dtype).view(*x.shape[:-1], w.size(0))  # (..., N): bf16 values in x's dtype
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
@@ -1329,3 +1332,26 @@ def apply_precision(model, precision, bf16_ends=True, rht=True, sr=True, w2d=Tru
             m.__class__ = LowPrecLinear  # same parameters and buffers: only forward changes
         m.recipe = replace(recipes[fmt], history={})  # delayed scaling's amax histories: this layer's own
     return plan
+
+
+def amax_state(model):
+    """Delayed scaling's amax histories of every low-precision layer of model, as plain tensors
+    {"<module>|<operand key>": amax (length,)}: what a checkpoint keeps, so that a resumed run
+    scales its FP8 operands as the run it continues would have (the histories are not parameters
+    or buffers: the state_dict does not hold them)."""
+    state = {}
+    for name, m in model.named_modules():
+        recipe = getattr(m, "recipe", None)  # LowPrecLinear, and moe.Experts (None unless planned)
+        if recipe is not None:
+            state.update({f"{name}|{'/'.join(map(str, key))}": h.amax for key, h in recipe.history.items()})
+    return state
+
+
+def load_amax_state(model, state):
+    """Put the histories of amax_state(...) back into model's recipes (after apply_precision)."""
+    for full, amax in state.items():
+        name, key = full.split("|")
+        key = tuple(int(k) if k.isdigit() else k for k in key.split("/"))  # ("xw", 0), ("up_proj", 3, "gx", 1)
+        history = AmaxHistory(len(amax), amax.device)
+        history.amax = amax.clone()
+        model.get_submodule(name).recipe.history[key] = history

@@ -3,10 +3,12 @@ tests/test_plan.py: the parallelism planner (plan.py): its counts, memory model,
 Run: python -m pytest -q tests/test_plan.py        (about a minute on an idle 2-core CPU)
 
 Covers: FLOPs per token and per layer against hand-computed values and against model.py; the
-memory model against PyTorch's measured peak of small CPU training steps; pruning never loses the
-best layouts of a small exhaustive case; the published runs of tests/published_runs.csv within the
-issue's error bound and ranked as published; --emit's layouts (what train.py runs) and their train.py
-flags; the command line, good and bad.
+memory model against PyTorch's measured peak of small CPU training steps; collective times, a step's
+tensor- and data-parallel communication and the memory by ZeRO stage against hand calculations
+from the ring and ZeRO formulas; pruning never loses the best layouts of a small exhaustive case;
+the published runs of tests/published_runs.csv within the issue's error bound and ranked as
+published; --emit's layouts (what train.py runs) and their train.py flags; the command line, good
+and bad.
 """
 import itertools, json, math, os, tempfile, warnings
 
@@ -120,6 +122,143 @@ def test_memory_model_against_measured_peak(pattern):
     predicted = plan.evaluate(job, plan.Layout(mbs=8))["memory_gib_per_gpu"] * 2**30
     measured = measured_peak(cfg, 8, 256)
     assert abs(predicted / measured - 1) < 0.3, (predicted / 2**20, measured / 2**20)
+
+
+# -----------------------------------------------------------------------------
+# communication and ZeRO memory: hand calculations from the ring and ZeRO formulas
+
+# a dense Transformer layer small enough to count by hand: d=16, 4 heads of 4 (4 KV heads), MLP 64
+# wide, vocab 100, untied. Parameters: attention 16 + 4 * 16 * 16 = 1040 (norm; q, k, v, o), MLP
+# 16 + 2 * 16 * 64 = 2064 (norm; up, down), final norm 16, embedding and LM head 2 * 100 * 16 = 3200
+DENSE = NemotronConfig(vocab_size=100, d_model=16, pattern="*-", n_head=4, n_kv_head=4, head_dim=4, d_ff=64)
+DENSE_PARAMS, DENSE_MLP = 1040 + 2064 + 16 + 3200, 2064  # 6320; the largest block's
+
+
+def ideal_gpu(bus_intra, bus_inter, latency):
+    """A GPU whose compute takes no time (1e30 FLOP/s and B/s, no kernel cost), so nothing hides a
+    collective and a step's communication terms are the collectives' times alone; its collectives
+    run at bus bandwidths bus_intra inside a node of 8 and bus_inter across nodes (B/s, after
+    plan.NET_EFF, which the fit owns), with this latency (s)."""
+    return dict(name="ideal", flops={p: 1e30 for p in plan.PRECISION}, hbm_gb=80, hbm_bw=1e30, sms=1,
+                nvlink_bw=bus_intra / plan.NET_EFF, net_bw=bus_inter / plan.NET_EFF, gpus_per_node=8,
+                kernel_s=0.0, latency_s=latency)
+
+
+def test_collective_times_by_hand():
+    """plan.comm_time against the ring algorithms' volumes (Patarasuk & Yuan 2009; NCCL's bus
+    bandwidth convention): of an n-byte buffer over p ranks, each rank sends 2(p-1)/p n in an
+    all-reduce, (p-1)/p n in an all-gather, a reduce-scatter or an all-to-all (n: what it sends),
+    n in a point-to-point; time = latency + bytes / bus bandwidth. 1 GB at 100 GB/s inside a node,
+    25 GB/s across, 10 us latency. Exact up to float rounding of the written results (rel 1e-9)."""
+    hw, GB = ideal_gpu(100e9, 25e9, 10e-6), 1e9
+    for op, p, intra, seconds in [
+            ("all_reduce", 2, True, 0.01001),       # 10 us + 2 * 1/2 * 1 GB / 100 GB/s = 10 us + 10 ms
+            ("all_reduce", 8, True, 0.01751),       # 10 us + 2 * 7/8 * 1 GB / 100 GB/s = 10 us + 17.5 ms
+            ("all_reduce", 16, False, 0.07501),     # 10 us + 2 * 15/16 * 1 GB / 25 GB/s = 10 us + 75 ms
+            ("all_gather", 8, True, 0.00876),       # 10 us + 7/8 * 1 GB / 100 GB/s = 10 us + 8.75 ms
+            ("reduce_scatter", 8, True, 0.00876),
+            ("reduce_scatter", 16, False, 0.03751),  # 10 us + 15/16 * 1 GB / 25 GB/s = 10 us + 37.5 ms
+            ("all_to_all", 8, True, 0.00876),
+            ("p2p", 2, False, 0.04001)]:            # 10 us + 1 GB / 25 GB/s = 10 us + 40 ms
+        assert plan.comm_time(hw, op, GB, p, intra) == pytest.approx(seconds, rel=1e-9), (op, p, intra)
+    # a ring all-reduce is a reduce-scatter then an all-gather, one latency fewer; one rank or no bytes: free
+    for p, intra in ((2, True), (8, True), (16, False)):
+        both = plan.comm_time(hw, "reduce_scatter", GB, p, intra) + plan.comm_time(hw, "all_gather", GB, p, intra)
+        assert plan.comm_time(hw, "all_reduce", GB, p, intra) == pytest.approx(both - 10e-6, rel=1e-12)
+    assert plan.comm_time(hw, "all_reduce", GB, 1, True) == plan.comm_time(hw, "all_reduce", 0, 8, True) == 0
+
+
+@pytest.mark.parametrize("tp, recompute, sp, seconds", [
+    (2, "none", False, 0.048768),  # (1 ms + 2 * 1/2 * 2048 B / 1 MB/s) x 2 micro-batches x 2 passes x 4 = 3.048 ms x 16
+    (4, "none", True, 0.065152),   # (1 ms + 2 * 3/4 * 2048 B / 1 MB/s) x 16 = 4.072 ms x 16
+    (2, "full", False, 0.073152),  # 3.048 ms x 2 micro-batches x 3 passes x 4
+])
+def test_tensor_parallel_all_reduce_by_hand(tp, recompute, sp, seconds):
+    """The step's tp_comm against Megatron's count (Shoeybi et al. 2019; Korthikanti et al. 2022 for
+    sp): per micro-batch and pass (forward, backward, and under full recompute the forward again),
+    one all-reduce of the b x s x d activations, 1 x 64 x 16 x 2 B = 2048 B in bf16, after each
+    block (attention, MLP) and for the vocab-parallel embedding and LM head (plan.layer_cost's
+    convention): 4 per pass; with sp an all-gather and a reduce-scatter of the same bytes, the same
+    time. Ideal GPU, 1 MB/s bus bandwidth, 1 ms latency, 2 micro-batches: exact (rel 1e-9)."""
+    job = plan.Job(DENSE, 64, 2, tp, ideal_gpu(1e6, 0.25e6, 1e-3))
+    breakdown = plan.evaluate(job, plan.Layout(tp=tp, mbs=1, recompute=recompute, sp=sp))["breakdown"]
+    assert breakdown["tp_comm"] == pytest.approx(seconds, rel=1e-9)
+
+
+@pytest.mark.parametrize("dp, zero, dp_comm, fsdp_comm", [
+    # DDP: an all-reduce of the fp32 gradients, 6320 x 4 B = 25280 B, after the last micro-batch
+    (2, 0, 0.02628, 0),   # 1 ms + 2 * 1/2 * 25280 B / 1 MB/s = 1 ms + 25.28 ms
+    (8, 0, 0.04524, 0),   # 1 ms + 2 * 7/8 * 25280 B / 1 MB/s = 1 ms + 44.24 ms
+    (16, 0, 0.1906, 0),   # across nodes: 1 ms + 2 * 15/16 * 25280 B / 0.25 MB/s = 1 ms + 189.6 ms
+    # ZeRO-1: a reduce-scatter of the gradients, an all-gather of the bf16 weights (6320 x 2 B = 12640 B)
+    (8, 1, 0.03518, 0),   # (1 ms + 7/8 * 25280 B / 1 MB/s) + (1 ms + 7/8 * 12640 B / 1 MB/s) = 23.12 + 12.06 ms
+    (16, 1, 0.1442, 0),   # (1 ms + 15/16 * 25280 / 0.25e6) + (1 ms + 15/16 * 12640 / 0.25e6) = 95.8 + 48.4 ms
+    # ZeRO-2: the reduce-scatter after every micro-batch (16 / dp of them), one all-gather
+    (2, 2, 0.11644, 0),   # 8 x (1 ms + 1/2 * 25280 / 1e6) + (1 ms + 1/2 * 12640 / 1e6) = 8 x 13.64 + 7.32 ms
+    (8, 2, 0.0583, 0),    # 2 x 23.12 ms + 12.06 ms
+    # ZeRO-3: per micro-batch the weights gathered for the forward and the backward, the gradients reduce-scattered
+    (8, 3, 0, 0.09448),   # 2 micro-batches x (2 x 12.06 ms + 23.12 ms)
+    (16, 3, 0, 0.1926),   # 1 x (2 x 48.4 ms + 95.8 ms)
+])
+def test_data_parallel_sync_by_hand(dp, zero, dp_comm, fsdp_comm):
+    """The step's dp_comm and fsdp_comm against ZeRO's communication (Rajbhandari et al. 2020,
+    Sec. 7: DDP and stages 1-2 move 2 buffers' worth, stage 3 three) with the ring volumes of
+    test_collective_times_by_hand, for DENSE (6320 parameters) in bf16 (gradients reduced in fp32,
+    4 B; weights gathered in bf16, 2 B), a global batch of 16 sequences of 1 token. Ideal GPU (no
+    compute window hides anything), 1 MB/s bus bandwidth in a node of 8, 0.25 MB/s across, 1 ms
+    latency: exact (rel 1e-9)."""
+    job = plan.Job(DENSE, 1, 16, dp, ideal_gpu(1e6, 0.25e6, 1e-3))
+    breakdown = plan.evaluate(job, plan.Layout(dp=dp, mbs=1, zero=zero))["breakdown"]
+    assert breakdown["dp_comm"] == pytest.approx(dp_comm, rel=1e-9, abs=1e-20)
+    assert breakdown["fsdp_comm"] == pytest.approx(fsdp_comm, rel=1e-9, abs=1e-20)
+
+
+def test_zero_memory_by_hand():
+    """plan.memory's weights, gradients and optimizer states against ZeRO (Rajbhandari et al. 2020,
+    Sec. 5, Fig. 1) for DENSE's 6320 parameters in bf16, with plan.py's bytes per parameter: 2 B
+    weights, 4 B gradients (reduced in fp32), 12 B Adam states (fp32 master, m, v); 18 B in all.
+    Stage 1 divides the optimizer states by N_d, stage 2 also the gradients, stage 3 also the
+    weights. plan.py adds, from stage 2 (3), the whole gradient (weight) of the block at work, before
+    its reduce-scatter (after its gather): the largest block's, the MLP's 2064 parameters x 4 B
+    (+ x 2 B). Sequences of one token, pp = 1 (one micro-batch in flight whatever dp): the
+    activations are the same in every layout, read once at dp = 1 ZeRO-0 and bounded by 2% of the
+    states (one token's: 1856 B, 1.6%); the rest is exact (rel 1e-12: float rounding)."""
+    job = plan.Job(DENSE, 1, 16, 8, ideal_gpu(1e6, 1e6, 1e-3))
+    acts = plan.memory(job, plan.Layout()) - 18 * DENSE_PARAMS
+    assert 0 < acts < 0.02 * 18 * DENSE_PARAMS, acts
+    expected = {  # (dp, ZeRO stage): bytes of weights + gradients + optimizer states (+ the block at work)
+        (1, 0): 113760, (1, 1): 113760,   # 18 x 6320; nothing to shard over one rank
+        (1, 2): 122016, (1, 3): 126144,   # 113760 + 4 x 2064; + 6 x 2064
+        (2, 0): 113760,
+        (2, 1): 75840,                    # 6 x 6320 + 12 x 6320 / 2 = 37920 + 37920
+        (2, 2): 71456,                    # 2 x 6320 + 16 x 6320 / 2 + 4 x 2064 = 12640 + 50560 + 8256
+        (2, 3): 69264,                    # 18 x 6320 / 2 + 6 x 2064 = 56880 + 12384
+        (8, 0): 113760,
+        (8, 1): 47400,                    # 37920 + 12 x 6320 / 8 = 37920 + 9480
+        (8, 2): 33536,                    # 12640 + 16 x 6320 / 8 + 8256 = 12640 + 12640 + 8256
+        (8, 3): 26604,                    # 18 x 6320 / 8 + 12384 = 14220 + 12384
+    }
+    for (dp, zero), states in expected.items():
+        assert plan.memory(job, plan.Layout(dp=dp, zero=zero)) == pytest.approx(states + acts, rel=1e-12), (dp, zero)
+
+
+@pytest.mark.parametrize("precision, w, g, opt", [
+    ("fp16", 2, 2, 12),  # ZeRO's own mixed precision: 2 + 2 + K = 12 (the paper's 16 B per parameter)
+    ("fp32", 4, 4, 8),   # no master copy: Adam's m and v
+    ("fp8", 3, 4, 12),   # a bf16 weight and its fp8 copy; gradients and states as bf16's
+])
+def test_zero_memory_other_precisions(precision, w, g, opt):
+    """test_zero_memory_by_hand at dp = 8 in plan.py's other precisions (its PRECISION table's bytes
+    per parameter, written out here): (w + g + opt) P whole, then opt, g and w divided by 8 stage by
+    stage, plus the block at work. Activations as there, bounded by 5% (fp32's 4 B ones: 3.7%);
+    the rest exact."""
+    P, mlp = DENSE_PARAMS, DENSE_MLP
+    job = plan.Job(DENSE, 1, 16, 8, ideal_gpu(1e6, 1e6, 1e-3), precision)
+    acts = plan.memory(job, plan.Layout()) - (w + g + opt) * P
+    assert 0 < acts < 0.05 * (w + g + opt) * P, acts
+    for zero, states in ((0, (w + g + opt) * P), (1, (w + g) * P + opt * P / 8),
+                         (2, w * P + (g + opt) * P / 8 + g * mlp), (3, (w + g + opt) * P / 8 + (g + w) * mlp)):
+        assert plan.memory(job, plan.Layout(dp=8, zero=zero)) == pytest.approx(states + acts, rel=1e-12), zero
 
 
 # -----------------------------------------------------------------------------

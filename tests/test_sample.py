@@ -1,7 +1,9 @@
 """
 sample.py end to end on a tiny untrained model: an out_dir ckpt.pt, an HF folder with and without a
 tokenizer.json, greedy output equal to model.generate, and bad input. sample.py runs in this process
-(helpers.run_script), which saves a torch import each.
+(helpers.run_script), which saves a torch import each. Then the reasoning controls, and the sampling
+distribution: model.probabilities against a float64 reference of temperature / top-k / top-p, and
+model.generate's draws against that distribution within 4 standard errors.
 
     python -m pytest -q tests/test_sample.py
 """
@@ -12,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from helpers import run_script
+from helpers import assert_close, run_script
 from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,3 +190,109 @@ def test_sample_py_reasoning_flags(tmp_path):
     assert rc == 0 and "<|assistant|>\n<think>\n" in out and "</think>" in out.split("<think>\n", 1)[1], err[-2000:]
     rc, _, err = run_sample(f"--init_from={tmp_path / 'hf'}", "--reasoning=maybe")
     assert rc == 1 and "'on' or 'off'" in err and "Traceback" not in err
+
+
+# -----------------------------------------------------------------------------
+# the sampling distribution: temperature, top-k and top-p against a hand-computed reference
+
+def expected_probs(logits, temperature, top_k=None, top_p=None):
+    """The distribution model.probabilities documents, computed by hand in float64 for one row of
+    logits (vocab,): p = softmax(logits / T); keep the tokens whose scaled logit is >= the k-th
+    largest (ties at the k-th value all stay); renormalise; walk the kept tokens from the most
+    likely down and keep each one while the mass of those before it is <= top_p (the smallest set
+    whose mass reaches top_p, plus any token that starts exactly at top_p); renormalise.
+    Returns the probabilities and the smallest |mass before a token - top_p|, the margin by which
+    fp32 rounding could flip a top-p decision (inf without top_p)."""
+    z = logits.double() / temperature
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if top_k is not None:
+        kth = z.sort(descending=True).values[min(top_k, z.numel()) - 1]
+        keep = z >= kth
+    p = torch.where(keep, (z - z.max()).exp(), torch.zeros_like(z))
+    p = p / p.sum()
+    margin = float("inf")
+    if top_p is not None:
+        before = 0.0
+        for i in p.argsort(descending=True).tolist():
+            if not keep[i]:
+                continue
+            margin = min(margin, abs(before - top_p))
+            keep[i] = before <= top_p
+            before += p[i].item()
+        p = torch.where(keep, p, torch.zeros_like(p))
+        p = p / p.sum()
+    return p, margin
+
+
+LOGITS = torch.tensor([[2.3115, -0.4401, -3.2682, 0.8526, -1.6268, -2.0979, 0.6050, 1.2570],
+                       [0.1, 1.9, -0.7, 0.4, 2.6, -1.3, 1.1, 0.0]])  # two rows: per-row top-k / top-p
+FILTERS = [(None, None), (1, None), (3, None), (8, None), (20, None), (None, 0.3), (None, 0.6),
+           (None, 0.95), (3, 0.5), (5, 0.8), (2, 0.99)]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("top_k,top_p", FILTERS)
+def test_probabilities_match_the_hand_reference(temperature, top_k, top_p):
+    """probabilities(logits, T, top_k, top_p) == expected_probs, row by row (two rows with different
+    top-k thresholds and top-p cut points, top_k beyond the vocabulary too). fp32 softmax against a
+    float64 one of O(1) values: 1e-6. The logits keep every cumulative mass >= 1e-3 from top_p
+    (asserted), so rounding cannot move a top-p cut and the filtered-out tokens are exactly 0."""
+    from model import probabilities
+    got = probabilities(LOGITS, temperature, top_k, top_p)
+    for r in range(LOGITS.size(0)):
+        ref, margin = expected_probs(LOGITS[r], temperature, top_k, top_p)
+        assert margin > 1e-3, f"row {r}: a cumulative mass within {margin:.1e} of top_p: pick other logits"
+        assert_close(got[r], ref, f"row {r}, T={temperature}, top_k={top_k}, top_p={top_p}", atol=1e-6)
+        assert torch.equal(got[r] == 0, ref == 0), f"row {r}: a different set of tokens kept"
+
+
+def test_probabilities_keeps_top_k_ties_and_greedy_is_untouched():
+    """Top-k keeps every token tied with the k-th logit (three tokens at 1.5 for k = 1 and 2), as
+    expected_probs does; temperature 0 returns the logits themselves (greedy takes their argmax)."""
+    from model import probabilities
+    logits = torch.tensor([[0.5, 1.5, 1.5, -0.5, 1.5, -2.0, 0.1, -1.0]])
+    for k in (1, 2, 3, 4):
+        got = probabilities(logits, 0.7, top_k=k)[0]
+        assert_close(got, expected_probs(logits[0], 0.7, k)[0], f"top_k={k} with ties", atol=1e-6)
+        assert int((got > 0).sum()) == (3 if k <= 3 else 4)
+    assert probabilities(logits, 0, top_k=2, top_p=0.5) is logits
+
+
+@pytest.fixture(scope="module")
+def sharp_model():
+    """A tiny hybrid model with an 8-token vocabulary whose LM head is scaled up, so its next-token
+    logits spread over ~3 and T = 0.5, 1, 2 give clearly different distributions."""
+    torch.manual_seed(0)
+    model = Nemotron(NemotronConfig(**TINY, vocab_size=8)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(15)
+    return model
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, None, None), (2.0, None, None), (2.0, 4, None),
+                                                     (0.5, None, 0.95), (2.0, 5, 0.9)])
+def test_generate_samples_the_expected_distribution(sharp_model, temperature, top_k, top_p):
+    """The public path: model.generate(prompt, 1, temperature, top_k, top_p) over N = 4000 copies of
+    one prompt (one draw each, in one batched forward, seeded) against expected_probs of the
+    logits model(prompt) gives for the next token. Tolerance: 4 standard errors of a frequency,
+    4 sqrt(p (1 - p) / N) <= 0.032, per token (a fixed seed, so the test is deterministic); tokens
+    the filters remove must never be drawn. The same bound is asserted to fail by a wide margin for
+    the distribution at T = 1, so a generate that loses the temperature cannot pass."""
+    model, N = sharp_model, 4000
+    prompt = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        logits = model(prompt)[0][0, -1]
+    p, margin = expected_probs(logits, temperature, top_k, top_p)
+    assert margin > 1e-3, "a cumulative mass too close to top_p for a sampling test"
+    tol = 4 * (p * (1 - p) / N).sqrt()
+    at_t1 = expected_probs(logits, 1.0, top_k, top_p)[0]
+    assert ((at_t1 - p).abs() - tol).max() > 0.05, "T and T=1 too close for this test to see a difference"
+    torch.manual_seed(1234)
+    out = model.generate(prompt.expand(N, -1), 1, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert out.shape == (N, 6) and torch.equal(out[:, :5], prompt.expand(N, -1))
+    freq = torch.bincount(out[:, -1], minlength=8).double() / N
+    assert (freq[p == 0] == 0).all(), f"filtered-out tokens drawn: {freq.tolist()} vs {p.tolist()}"
+    worst = int(((freq - p).abs() - tol).argmax())
+    assert ((freq - p).abs() <= tol).all(), \
+        f"token {worst}: frequency {freq[worst]:.4f} vs p {p[worst]:.4f} (4 SE = {tol[worst]:.4f}); " \
+        f"freq {[round(f, 4) for f in freq.tolist()]}, p {[round(f, 4) for f in p.tolist()]}"

@@ -1,7 +1,7 @@
 """
 Tests for the SSD maths of mamba.py: the chunked algorithm against the sequential recurrence
-(outputs, final state and gradients), state hand-off across calls, segsum, and the mixer's O(1)
-step() against its forward().
+(outputs, final state and gradients), state hand-off across calls, segsum, the mixer's O(1)
+step() against its forward(), and its clamp of dt to dt_limit (every path) against a hand-written mixer.
 
 Run: python -m pytest -q tests/test_ssd.py
 
@@ -168,9 +168,9 @@ def test_segsum():
 # the mixer: O(1) step() == forward()
 
 
-def make_mixer(G=2, K=4, chunk_size=8, seed=0):
+def make_mixer(G=2, K=4, chunk_size=8, seed=0, **cfg_kw):
     cfg = NemotronConfig(vocab_size=16, d_model=16, pattern="M", mamba_heads=4, headdim=6, d_state=5,
-                         n_groups=G, d_conv=K, chunk_size=chunk_size, init_std=0.2)
+                         n_groups=G, d_conv=K, chunk_size=chunk_size, init_std=0.2, **cfg_kw)
     torch.manual_seed(seed)
     mixer = Nemotron(cfg).backbone.layers[0].mixer
     assert isinstance(mixer, Mamba2Mixer)
@@ -233,6 +233,59 @@ def test_mixer_dt_limit():
         y_step = torch.cat([mixer.step(u[:, t:t + 1], cache) for t in range(6)], dim=1)
     assert_close(y_step, y_full, "step vs forward at clamped dt", atol=1e-5, rtol=1e-4)
     assert math.isclose(mixer.dt_limit[0], 0.5)
+
+
+def mixer_ref(mixer, u, dt_limit):
+    """The mixer's output written out from its weights, the clamp of dt to dt_limit done by hand:
+    in_proj, the causal depthwise conv from zeros, silu, dt = min(max(softplus(dt + dt_bias), lo), hi),
+    then the sequential recurrence ssd_scan_ref, the gated norm and out_proj."""
+    Bsz, T, _ = u.shape
+    H, P, G, N = mixer.H, mixer.P, mixer.G, mixer.N
+    z, xBC, dt = mixer.in_proj(u).split([mixer.d_inner, mixer.conv_dim, H], dim=-1)
+    xBC = F.conv1d(F.pad(xBC.transpose(1, 2), (mixer.K - 1, 0)), mixer.conv1d.weight, mixer.conv1d.bias,
+                   groups=mixer.conv_dim)
+    x, B, C = F.silu(xBC).transpose(1, 2).split([mixer.d_inner, G * N, G * N], dim=-1)
+    lo, hi = dt_limit
+    dt = torch.minimum(torch.maximum(F.softplus(dt + mixer.dt_bias), torch.tensor(lo)), torch.tensor(hi))
+    y, _ = ssd_scan_ref(x.reshape(Bsz, T, H, P), dt, -torch.exp(mixer.A_log), B.reshape(Bsz, T, G, N),
+                        C.reshape(Bsz, T, G, N), D=mixer.D)
+    return mixer.out_proj(mixer.norm(y.reshape(Bsz, T, mixer.d_inner), z))
+
+
+def test_mixer_clamps_dt_at_both_ends():
+    """dt_limit = (0.05, 1.5) with dt_bias -30 / +30 / 0 / 0.5 per head, so softplus gives dt ~1e-13
+    (far below the limit), ~30 (far above) and values on both sides of it: forward() (no cache,
+    and a prefill with a cache), step() one token at a time (ssd_steps, k = 1) and step() on 4-token
+    chunks (cache["keep"]: speculative decoding's ssd_steps, k = 4) each equal mixer_ref, whose clamp
+    is written out. fp32 throughout, chunked or stepped against the sequential recurrence, outputs
+    O(0.1-1): atol 1e-5 / rtol 1e-4, as test_mixer_step_matches_forward; an unclamped dt moves the
+    outputs by > 1e-2 at either end (asserted, so the test can tell)."""
+    limit = (0.05, 1.5)
+    mixer = make_mixer(dt_limit=limit)
+    assert mixer.dt_limit == limit
+    with torch.no_grad():
+        mixer.dt_bias.copy_(torch.tensor([-30.0, 30.0, 0.0, 0.5]))
+    torch.manual_seed(4)
+    u = torch.randn(2, 19, 16)  # 19: not a multiple of chunk_size 8
+    with torch.no_grad():
+        raw = F.softplus(mixer.in_proj(u)[..., -4:] + mixer.dt_bias)  # (B, T, H): dt before the clamp
+        assert raw.min() < limit[0] / 100 and raw.max() > 10 * limit[1]
+        assert ((raw[..., 2:] < limit[0]) | (raw[..., 2:] > limit[1])).any()  # heads 2, 3 clamped at times
+        ref = mixer_ref(mixer, u, limit)
+        for lo_hi in [(0.0, limit[1]), (limit[0], float("inf"))]:  # one end unclamped: the test can see it
+            assert (mixer_ref(mixer, u, lo_hi) - ref).abs().amax() > 1e-2, f"dt_limit {lo_hi} changes nothing"
+        outs = {"forward": mixer(u)}
+        cache = mixer.new_cache(2, u.device, u.dtype)
+        outs["forward with a cache"] = mixer(u, cache)
+        cache = mixer.new_cache(2, u.device, u.dtype)
+        outs["step"] = torch.cat([mixer.step(u[:, t:t + 1], cache) for t in range(19)], dim=1)
+        cache = mixer.new_cache(2, u.device, u.dtype)
+        pieces = [mixer(u[:, :3], cache)]  # a 3-token prefill, then step() on 4 tokens at a time
+        cache["keep"] = True
+        pieces += [mixer(u[:, t:t + 4], cache) for t in range(3, 19, 4)]
+        outs["4-token steps"] = torch.cat(pieces, dim=1)
+    for name, y in outs.items():
+        assert_close(y, ref, f"{name} vs mixer_ref at dt_limit {limit}", atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("k,G", [(1, 1), (3, 2), (8, 1)])

@@ -2,7 +2,8 @@
 SWAN-GPT attention (attention.py): sliding-window RoPE layers (pattern letter W) against an explicit
 masked softmax (and the blockwise path of long sequences against the dense window mask), their
 constant-size ring cache against the full forward (past the ring's wrap-around)
-and under speculative rollback, and the dynamic query scaling of NoPE layers.
+and under speculative rollback, and the dynamic query scaling of NoPE layers (of them alone, on every
+attention path: W and RoPE layers are left as they are).
 
     python -m pytest -q tests/test_swan.py
 """
@@ -116,3 +117,48 @@ def test_swan_scale_formula_and_nope_layers():
 def test_w_layers_cannot_go_to_hugging_face(tmp_path):
     with pytest.raises(CheckpointError, match="sliding-window"):
         Nemotron(NemotronConfig(**TINY, pattern="MW")).save_pretrained(tmp_path)
+
+
+def attention_paths(att, x, seq_idx):
+    """One attention layer's outputs (B, T, d_model) for x (B, T, d_model), T = 40, along each path the
+    query scale is applied on: "forward" (no cache; for a W layer with window 6 the banded path),
+    "short" (the first 10 tokens: a W layer's masked path, T <= 2W), "documents" (packed, seq_idx),
+    "decode" (a cache: prefill 9, single tokens to 30, a 5-token chunk after the cached prefix, single
+    tokens to 40; a W layer's ring wraps)."""
+    with torch.no_grad():
+        out = {"forward": att(x), "short": att(x[:, :10]), "documents": att(x, seq_idx=seq_idx)}
+        cache = att.new_cache(x.size(0), x.size(1), x.device, x.dtype)
+        cuts = [0, 9, *range(10, 31), 35, *range(36, 41)]
+        out["decode"] = torch.cat([att(x[:, a:b], cache) for a, b in zip(cuts, cuts[1:])], dim=1)
+    return out
+
+
+def test_swan_scale_reaches_only_nope_global_layers():
+    """swan_train_len = 4 against None, the same weights, positions 0 .. 39 (s(39) = 2.7): a W layer and
+    a RoPE * layer give the same outputs along every path (forward, banded and masked, packed
+    documents, cached decoding), to 1e-6 (the same arithmetic: no scale should be applied at all);
+    the NoPE * layer the same up to position 3 (s = 1) and outputs differing by > 1e-2 beyond (the
+    scale is there), and its cached decoding equals its own forward to 1e-5 (fp32, a different
+    summation order), so decoding scales by the absolute position. init_std 0.3: attention sharp
+    enough for the scale to show."""
+    big = dict(TINY, init_std=0.3, sliding_window=6)
+    layers = {}
+    for swan in (None, 4):
+        torch.manual_seed(0)  # the same weights with and without the scale
+        local_nope = Nemotron(NemotronConfig(**big, pattern="W*", swan_train_len=swan)).backbone.layers
+        torch.manual_seed(1)
+        rope = Nemotron(NemotronConfig(**big, pattern="*", rope=True, swan_train_len=swan)).backbone.layers
+        layers[swan] = {"W": local_nope[0].mixer, "RoPE *": rope[0].mixer, "NoPE *": local_nope[1].mixer}
+    torch.manual_seed(2)
+    x = torch.randn(2, 40, 32)
+    seq_idx = torch.tensor([[0] * 40, [0] * 13 + [1] * 27])
+    for kind in ("W", "RoPE *", "NoPE *"):
+        plain, scaled = (attention_paths(layers[s][kind], x, seq_idx) for s in (None, 4))
+        for path in plain:
+            name = f"{kind} layer, {path}, swan_train_len=4 vs None"
+            if kind != "NoPE *":
+                assert_close(scaled[path], plain[path], name, atol=1e-6)
+            else:
+                assert_close(scaled[path][:, :4], plain[path][:, :4], name + " within the training length", atol=1e-6)
+                assert (scaled[path][:, 4:] - plain[path][:, 4:]).abs().amax() > 1e-2, name + ": no scale"
+        assert_close(scaled["decode"], scaled["forward"], f"{kind} layer, decode vs forward", atol=1e-5)

@@ -291,15 +291,45 @@ def docs_dataset():
     shutil.rmtree(folder)
 
 
+# the weights never move (learning rate 0, no MoE bias steps): the checkpoint at the end holds the
+# weights every logged loss was computed with, so the test can compute them again by hand
+FROZEN = ['--learning_rate=0', '--min_lr=0', '--moe_bias_rate=0']
+
+
+def drawn_batch(dataset, split, key, seed=1337, batch_size=4, block_size=32):
+    """The batch train.py's get_batch(split, key, 0, 1) draws: np.random.default_rng([seed, *key])
+    offsets into data/<dataset>/<split>.bin (train.py's defaults and TINY's sizes)."""
+    data = np.memmap(os.path.join(ROOT, 'data', dataset, f'{split}.bin'), dtype=np.uint32, mode='r')
+    ix = np.random.default_rng([seed, *key]).integers(0, len(data) - block_size, size=batch_size)
+    x = torch.from_numpy(np.stack([data[i:i + block_size] for i in ix]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size] for i in ix]).astype(np.int64))
+    return x, y
+
+
 def test_doc_masking(docs_dataset, tmp_path):
-    """--doc_masking restarts Mamba state, conv and attention at each end-of-text token: it trains,
-    and it changes the losses (documents no longer see each other); data without 'eot' is refused."""
-    losses = {}
+    """--doc_masking: the val loss train.py logs is the model's loss with each end-of-text token
+    starting a document (seq_idx = cumsum of eot, so Mamba state, conv and attention restart there;
+    test_model.py checks that the model then matches separate forwards), to 1e-5 (fp32, the same
+    batches); without the flag, the loss of the unmasked forward. The two differ by far more than
+    that, so the check has teeth. Data without 'eot' is refused."""
+    from model import Nemotron
+    vals = {}
     for flag in (True, False):
         out = str(tmp_path / str(flag))
-        ok(train(out, f'--dataset={docs_dataset}', f'--doc_masking={flag}', '--max_iters=4', '--eval_interval=4'))
-        losses[flag] = [r['loss'] for r in read_log(out) if 'loss' in r]
-    assert all(math.isfinite(x) for x in losses[True]) and losses[True] != losses[False]
+        ok(train(out, f'--dataset={docs_dataset}', f'--doc_masking={flag}', '--max_iters=2', '--eval_interval=2',
+                 '--init_std=0.3', *FROZEN))  # large weights: what a token sees moves the loss
+        vals[flag] = [r['val_loss'] for r in read_log(out) if 'val_loss' in r][-1]
+        model = Nemotron.from_pretrained(out).eval()
+        by_hand = {}
+        with torch.no_grad():
+            for masked in (True, False):
+                total = 0.0
+                for k in range(2):  # eval_iters=2 val batches, keys (2, k)
+                    x, y = drawn_batch(docs_dataset, 'val', (2, k))
+                    total += model(x, y, seq_idx=(x == 256).cumsum(1) if masked else None)[1].item()
+                by_hand[masked] = total / 2
+        assert abs(vals[flag] - by_hand[flag]) < 1e-5, (flag, vals[flag], by_hand)
+        assert abs(by_hand[True] - by_hand[False]) > 5e-3, by_hand  # measured 0.019
     failed_cleanly(train(str(tmp_path / 'p'), '--doc_masking=True'), 'eot')
 
 
@@ -340,10 +370,60 @@ def test_loss_mask(masked_dataset, tmp_path):
 
 
 def test_mtp_depths_train_and_log(tmp_path):
-    """--mtp_depth: the log carries each depth's loss, the logged loss includes lambda times their mean,
-    and the checkpoint holds the MTP weights (sample.py drafts with them)."""
+    """--mtp_depth: the log carries each depth's loss and the logged training loss is the main loss
+    plus lambda times their mean, each equal (1e-5, fp32, the same batch) to what the checkpoint's
+    weights give on the step's batch by hand; the checkpoint holds the MTP weights of both depths
+    (sample.py drafts with them). A second run shows that the MTP weights do train."""
+    from model import Nemotron
     out = str(tmp_path / 'mtp')
-    ok(train(out, '--mtp_depth=2', '--mtp_loss_weight=0.5', '--max_iters=3', '--eval_interval=3'))
-    rows = [r for r in read_log(out) if 'mtp_losses' in r]
-    assert rows and all(len(r['mtp_losses']) == 2 and r['loss'] > min(r['mtp_losses']) for r in rows)
-    assert any(k.startswith('mtp.1.') for k in load_model_state(out))
+    ok(train(out, '--mtp_depth=2', '--mtp_loss_weight=0.5', '--max_iters=3', '--eval_interval=3', *FROZEN))
+    rows = {r['step']: r for r in read_log(out) if 'mtp_losses' in r}
+    assert sorted(rows) == [0, 1, 2] and all(len(r['mtp_losses']) == 2 for r in rows.values())
+    model = Nemotron.from_pretrained(out).eval()
+    x, y = drawn_batch('pycode', 'train', (0, 0))  # step 0's one micro-batch
+    with torch.no_grad():
+        main = model(x, y)[1].item()  # eval mode: the main model's loss alone
+        mtp = [l.item() for l in model.mtp_loss(model.hidden(x), x, y)]
+    assert all(abs(a - b) < 1e-5 for a, b in zip(rows[0]['mtp_losses'], mtp)), (rows[0], mtp)
+    assert abs(rows[0]['loss'] - (main + 0.5 * sum(mtp) / 2)) < 1e-5, (rows[0]['loss'], main, mtp)
+    assert {k.split('.')[1] for k in load_model_state(out) if k.startswith('mtp.')} == {'0', '1'}
+    trained = str(tmp_path / 'trained')
+    ok(train(trained, '--mtp_depth=2', '--max_iters=3', '--eval_interval=3'))
+    before, after = load_model_state(out), load_model_state(trained)
+    fusions = [k for k in before if k.startswith('mtp.') and k.endswith('eh_proj.weight')]
+    assert len(fusions) == 2 and all(not torch.equal(before[k], after[k]) for k in fusions)
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    """--dtype=bfloat16, the GPU default, runs the same autocast on a CPU: the losses are bf16's
+    (not bit-equal to an fp32 run's, so autocast is on) and close to them (within 0.01 nats over
+    4 steps; measured 2e-4 to 9e-4), the master weights and the checkpoint stay fp32, and no
+    "applies on CUDA only" note appears."""
+    losses = {}
+    for dtype in ('float32', 'bfloat16'):
+        out = str(tmp_path / dtype)
+        proc = ok(train(out, f'--dtype={dtype}', '--max_iters=4', '--eval_interval=4'))
+        assert 'note: dtype' not in proc.stdout
+        losses[dtype] = step_losses(out)
+    assert sorted(losses['bfloat16']) == list(range(4))
+    assert losses['bfloat16'] != losses['float32']
+    assert all(abs(losses['bfloat16'][s] - losses['float32'][s]) < 0.01 for s in range(4)), losses
+    assert all(v.dtype == torch.float32 for v in load_model_state(str(tmp_path / 'bfloat16')).values()
+               if v.is_floating_point())
+
+
+def test_resume_keeps_the_best_val_loss(tmp_path):
+    """always_save_checkpoint=False saves only when val loss improves, and a resumed run must know the
+    best val loss so far: resumed with frozen weights, its next eval gives exactly the saved val loss,
+    which is no improvement, so the step-4 checkpoint stays (a run that forgot its best would
+    overwrite it at step 6)."""
+    out = str(tmp_path / 'best')
+    flags = ['--eval_interval=2', '--always_save_checkpoint=False']
+    ok(train(out, *flags, '--max_iters=4'))
+    saved = load_checkpoint(out)
+    assert saved['iter_num'] == 4 and saved['best_val_loss'] == [r['val_loss'] for r in read_log(out)
+                                                                  if 'val_loss' in r][-1]
+    ok(train(out, *flags, '--max_iters=6', '--init_from=resume', *FROZEN))
+    evals = [r for r in read_log(out) if 'val_loss' in r]
+    assert evals[-1]['step'] == 6 and evals[-1]['val_loss'] == saved['best_val_loss']
+    assert load_checkpoint(out)['iter_num'] == 4
