@@ -108,7 +108,8 @@ def status(step):
 def write_report(path, machine, results, train):
     """gpu_report.md: the machine, a summary table, the training figures, then each step's output."""
     lines = ["# GPU check (.ci/gpu)", "", f"- date: {machine['date']}", f"- nvidia-smi: {machine['nvidia_smi']}",
-             f"- versions: {machine['versions']}", "", "| step | status | seconds | figures |", "| --- | --- | --- | --- |"]
+             f"- versions: {machine['versions']}", "",
+             "| step | status | seconds | figures |", "| --- | --- | --- | --- |"]
     for step in results:
         figures = "<br>".join(headline(step)[-6:]).replace("|", "/")
         lines.append(f"| {step['name']} | {status(step)} | {step['seconds']:.0f} | {figures} |")
