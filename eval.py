@@ -27,7 +27,8 @@ import torch
 from attention import Attention
 from data import ruler
 from data.tokenizer import DataError, find_tokenizer, read_meta, saved_config
-from model import CheckpointError, Nemotron
+from checkpoint import CheckpointError
+from model import Nemotron
 
 # -----------------------------------------------------------------------------
 init_from = 'out'                  # a train.py out_dir, a ckpt.pt, or a Hugging Face NemotronH folder

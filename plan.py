@@ -22,7 +22,8 @@ import ast, contextlib, csv, functools, json, math, os, re, sys, time
 from dataclasses import asdict, dataclass, fields, replace
 
 from mamba import ssd_flops
-from model import NemotronConfig, config_from_hf
+from checkpoint import config_from_hf
+from model import NemotronConfig
 
 # -----------------------------------------------------------------------------
 # hardware: per GPU, dense peaks by precision (FLOP/s), HBM size (GB) and bandwidth (B/s), link

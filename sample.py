@@ -27,7 +27,8 @@ import time
 import torch
 
 from data.tokenizer import DataError, find_tokenizer
-from model import CheckpointError, Nemotron
+from checkpoint import CheckpointError
+from model import Nemotron
 
 # -----------------------------------------------------------------------------
 init_from = 'out'         # a train.py out_dir, a ckpt.pt, or a Hugging Face NemotronH folder

@@ -41,7 +41,8 @@ from tqdm import tqdm
 from triton_ops import amax_state, apply_precision, load_amax_state
 from attention import Attention
 from mamba import Mamba2Mixer
-from model import Block, CheckpointError, Nemotron, NemotronConfig, newest_checkpoint, read_sharded_checkpoint
+from checkpoint import CheckpointError, newest_checkpoint, read_sharded_checkpoint
+from model import Block, Nemotron, NemotronConfig
 from moe import MLP, MoE, Router, balance_experts, balance_metrics, moe_costs, shard_experts, unshard_experts
 from plan import flops_per_token
 from data.tokenizer import DataError, load_tokenizer, read_meta

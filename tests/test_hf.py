@@ -23,7 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import assert_close
-from model import CheckpointError, Nemotron, NemotronConfig, save_hf
+from checkpoint import CheckpointError, save_hf
+from model import Nemotron, NemotronConfig
 
 tf.logging.set_verbosity_error()
 tf.utils.logging.disable_progress_bar()
@@ -185,7 +186,7 @@ def test_reads_transformers_encoded_infinity():
     time_step_limit: [0.0, {"__float__": "Infinity"}]); the loader must read it as inf.
     Regression (issue #2): float() of that dict raised TypeError, so no folder that transformers
     saved could be loaded."""
-    from model import config_from_hf
+    from checkpoint import config_from_hf
     hf = hf_config().to_dict()
     hf = json.loads(json.dumps(hf, default=str))  # as a file would hold it
     hf["time_step_limit"] = [0.0, {"__float__": "Infinity"}]
@@ -431,7 +432,7 @@ def test_unsupported_config(edit, key, tmp_path):
 def test_settings_of_absent_layer_kinds_are_not_checked(tmp_path):
     """A MoE-only folder whose Mamba settings break our rules (heads not a multiple of groups, an
     activation we lack) loads, as in transformers; the same settings with a Mamba layer are refused."""
-    from model import config_from_hf
+    from checkpoint import config_from_hf
     hf = hf_config(layers_block_type=["moe", "mlp"], mamba_num_heads=4, n_groups=8).to_dict()
     hf.update(mamba_hidden_act="gelu", use_conv_bias=False)
     cfg = config_from_hf(hf)
@@ -499,7 +500,7 @@ def test_expert_index_out_of_range(tmp_path):
 def test_missing_keys_take_transformers_defaults():
     """A config.json that leaves a key out gets what transformers' NemotronHConfig defaults it to
     (e.g. ssm_state_size 128, chunk_size 128, head_dim 128), not our NemotronConfig defaults."""
-    from model import HF_CONFIG_KEYS, config_from_hf
+    from checkpoint import HF_CONFIG_KEYS, config_from_hf
     hf = {"hybrid_override_pattern": "M*-", "hidden_size": 256, "num_attention_heads": 4,
           "num_key_value_heads": 2, "mamba_num_heads": 8, "n_groups": 2}
     ours = config_from_hf(hf)

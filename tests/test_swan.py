@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from attention import Attention, apply_rope, banded, swan_scale
 from helpers import assert_close
-from model import CheckpointError, Nemotron, NemotronConfig
+from checkpoint import CheckpointError
+from model import Nemotron, NemotronConfig
 
 TINY = dict(d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_ff=64, mamba_heads=2, headdim=16, d_state=8,
             chunk_size=16, n_experts=4, moe_d_ff=16, shared_d_ff=16)

@@ -62,7 +62,7 @@ def step_losses(out_dir):
 
 def load_checkpoint(out_dir):
     """The run's newest checkpoint as a plain dict, whichever layout wrote it (ckpt.pt or ckpt-<step>/)."""
-    from model import newest_checkpoint, read_sharded_checkpoint
+    from checkpoint import newest_checkpoint, read_sharded_checkpoint
     path = newest_checkpoint(out_dir)
     return read_sharded_checkpoint(path) if os.path.isdir(path) else torch.load(path, map_location='cpu', weights_only=True)
 

@@ -1,0 +1,328 @@
+"""
+checkpoint.py: reading and writing models. Read after model.py.
+
+Two formats: our own checkpoints, as train.py writes them (out_dir/ckpt.pt from one process, or a
+sharded ckpt-<step>/ folder of torch.distributed.checkpoint (DCP) under torchrun, either holding
+the model, the optimizer and the training state), and Hugging Face NemotronH folders (config.json
+and safetensors), which transformers' NemotronHForCausalLM loads. Nemotron.from_pretrained and
+save_pretrained (model.py) are the public entry points and call load_model and save_hf here.
+"""
+
+import json
+import os
+import re
+
+import torch
+import torch.nn as nn
+
+from model import Nemotron, NemotronConfig
+
+# -----------------------------------------------------------------------------
+# our checkpoints
+
+
+class CheckpointError(Exception):
+    """A checkpoint or Hugging Face folder this code cannot read; the message says why."""
+
+
+def newest_checkpoint(out_dir):
+    """The newest complete checkpoint of a train.py out_dir, or None: ckpt.pt (written by one
+    process) or a ckpt-<step> folder (sharded, written under torchrun), whichever was written
+    last. Both appear under their final name only once complete (*.tmp until then)."""
+    paths = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n == "ckpt.pt" or re.fullmatch(r"ckpt-\d+", n)]
+    return max(paths, key=os.path.getmtime, default=None)
+
+
+def read_sharded_checkpoint(folder, key=None):
+    """A ckpt-<step> folder as the plain dict a ckpt.pt holds (only its `key` part's tensors if
+    given), in one process whatever layout wrote it. The one torch.distributed import of this
+    file: torch.distributed.checkpoint (DCP) stitches the shards together, no process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    with open(os.path.join(folder, "train_state.json")) as f:
+        state = json.load(f)  # model_config, config, iter_num, best_val_loss
+    tensors = {}  # the empty planner fills it from the checkpoint's metadata, as dcp_to_torch_save does
+    _load_state_dict(tensors, storage_reader=FileSystemReader(folder),
+                     planner=_EmptyStateDictLoadPlanner(keys=key and {key}), no_dist=True)
+    return {**state, **tensors}
+
+
+def load_model(path, dtype=None, device="cpu"):
+    """A Hugging Face NemotronH folder, a train.py out_dir, or a ckpt.pt of ours. Never
+    touches the network. dtype=None keeps the checkpoint's dtype."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        return load_hf(path, dtype, device)
+    is_sharded = lambda p: os.path.isfile(os.path.join(p, "train_state.json"))
+    ckpt_path = path if not os.path.isdir(path) or is_sharded(path) else newest_checkpoint(path)
+    if ckpt_path is None or not os.path.exists(ckpt_path):
+        raise CheckpointError(f"{path}: neither a Hugging Face folder (config.json) nor a "
+                              f"ckpt.pt / out_dir with one")
+    try:
+        # mmap: the optimizer state in the file is never read into memory, only the weights
+        ckpt = read_sharded_checkpoint(ckpt_path, "model") if is_sharded(ckpt_path) else \
+            torch.load(ckpt_path, map_location=device, weights_only=True, mmap=True)
+        config = NemotronConfig(**ckpt["model_config"])
+        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
+        with torch.device("meta"):
+            model = Nemotron(config)
+        model.load_state_dict(state, assign=True)
+    except Exception as e:  # a truncated file, a foreign pickle, a config or weights that don't fit
+        why = (str(e).strip().splitlines() or [""])[0][:200]  # torch's own messages run for lines
+        raise CheckpointError(f"{ckpt_path}: not a readable nanoNemotron checkpoint "
+                              f"({type(e).__name__}: {why})") from None
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+    return model.to(device=device, dtype=dtype)
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face NemotronH interop
+#
+# NVIDIA's checkpoints name parameters as our modules do (backbone.layers.{i}.mixer.in_proj.weight,
+# ...), except that each routed expert is its own module there (mixer.experts.{e}.up_proj.weight)
+# while we stack them (mixer.experts.up_proj, (E, F, l)), and that transformers' own
+# save_pretrained may write model.* instead of backbone.*.
+
+HF_LAYER_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
+                  "mlp": "-", "moe": "E"}
+# our config field: (HF key, legacy HF key, transformers' default when config.json has neither)
+HF_CONFIG_KEYS = {
+    "vocab_size": ("vocab_size", None, 131072), "d_model": ("hidden_size", None, 4096),
+    "norm_eps": ("layer_norm_epsilon", "rms_norm_eps", 1e-5),
+    "tie_embeddings": ("tie_word_embeddings", None, False), "init_std": ("initializer_range", None, 0.02),
+    "n_head": ("num_attention_heads", None, 32), "n_kv_head": ("num_key_value_heads", None, 8),
+    "head_dim": ("head_dim", "attention_head_dim", 128), "d_ff": ("intermediate_size", None, 21504),
+    "mamba_heads": ("mamba_num_heads", None, 128), "headdim": ("mamba_head_dim", None, 64),
+    "d_state": ("ssm_state_size", None, 128), "n_groups": ("n_groups", "mamba_n_groups", 8),
+    "d_conv": ("conv_kernel", "mamba_d_conv", 4), "chunk_size": ("chunk_size", "mamba_chunk_size", 128),
+    "dt_min": ("time_step_min", "mamba_dt_min", 0.001), "dt_max": ("time_step_max", "mamba_dt_max", 0.1),
+    "dt_init_floor": ("time_step_floor", "mamba_dt_init_floor", 1e-4),
+    "n_experts": ("n_routed_experts", None, 8), "top_k": ("num_experts_per_tok", None, 2),
+    "moe_d_ff": ("moe_intermediate_size", None, 7688),
+    "shared_d_ff": ("moe_shared_expert_intermediate_size", None, 7688),
+    "moe_latent_size": ("moe_latent_size", None, None), "n_group": ("n_group", None, 1),
+    "topk_group": ("topk_group", None, 1), "routed_scaling_factor": ("routed_scaling_factor", None, 1.0),
+    "norm_topk_prob": ("norm_topk_prob", None, True),
+}
+# HF keys whose value this code does not implement otherwise: key -> (the layer kinds that read it,
+# the values it supports); a key no layer of the pattern reads is not checked, as transformers does not
+HF_SUPPORTED = {"attention_bias": ("*", (False,)), "sliding_window": ("*", (None,)),
+                "use_bias": ("M", (False,)), "mamba_proj_bias": ("M", (False,)), "use_conv_bias": ("M", (True,)),
+                "mamba_hidden_act": ("M", ("silu",)), "mlp_bias": ("-E", (False,)),
+                "mlp_hidden_act": ("-E", ("relu2",)), "n_shared_experts": ("E", (1,))}
+
+
+def config_from_hf(hf):
+    """A NemotronConfig from the dict of an HF config.json; unsupported settings raise, where a
+    layer of the pattern (or of the MTP layers) reads them."""
+    bad = []
+    if "layers_block_type" in hf:
+        kinds = hf["layers_block_type"]
+        bad += [f"layers_block_type has {t!r}" for t in kinds if t not in HF_LAYER_KINDS]
+        pattern = "".join(HF_LAYER_KINDS.get(t, "?") for t in kinds)
+    elif "hybrid_override_pattern" in hf:
+        pattern = hf["hybrid_override_pattern"]
+        bad += [f"hybrid_override_pattern has {c!r}" for c in set(pattern) - set("M*-E")]
+    else:
+        bad.append("no layers_block_type or hybrid_override_pattern")
+        pattern = ""
+    n_mtp = hf.get("num_nextn_predict_layers") or 0
+    mtp = ""
+    if n_mtp:
+        kinds = hf.get("mtp_layers_block_type")
+        mtp = "".join(HF_LAYER_KINDS.get(t, "?") for t in kinds) if kinds else hf.get("mtp_hybrid_override_pattern", "*E")
+    used = set(pattern + mtp)
+    bad += [f"{k}={hf[k]!r} (supported: {v})" for k, (readers, v) in HF_SUPPORTED.items()
+            if k in hf and hf[k] not in v and used & set(readers)]
+    if bad:
+        raise CheckpointError("unsupported NemotronH config: " + "; ".join(bad))
+    args = {"pattern": pattern}
+    for ours, (key, legacy, default) in HF_CONFIG_KEYS.items():
+        args[ours] = hf[key] if hf.get(key) is not None else hf.get(legacy, default)
+    # transformers' NemotronH clamps dt to [time_step_min, time_step_limit[1]] (its
+    # time_step_limit's lower end is not used); we match it so logits agree
+    hi = (hf.get("time_step_limit") or hf.get("mamba_dt_limit") or (0.0, float("inf")))[1]
+    if isinstance(hi, dict):  # transformers 5 writes infinity as {"__float__": "Infinity"}
+        hi = hi.get("__float__")
+    args["dt_limit"] = (args["dt_min"], float(hi))
+    if n_mtp:  # one weight set (Nemotron 3 Super) is shared by every draft step
+        args.update(mtp_depth=n_mtp, mtp_pattern=mtp, mtp_share=n_mtp == 1)
+    try:
+        return NemotronConfig(**args)
+    except (AssertionError, TypeError) as e:
+        raise CheckpointError(f"unsupported NemotronH config: {e}") from None
+
+
+def config_to_hf(cfg):
+    if cfg.rope or "W" in cfg.pattern:
+        raise CheckpointError("Hugging Face NemotronH has no RoPE or sliding-window layers: a rope=True "
+                              "or W-layer model cannot be exported")
+    hf = {"architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h",
+          "layers_block_type": [{"M": "linear_attention", "*": "full_attention", "-": "mlp",
+                                 "E": "moe"}[c] for c in cfg.pattern],
+          "hybrid_override_pattern": cfg.pattern,  # what loaders older than transformers 5 read
+          "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2",
+          "use_conv_bias": True, "use_bias": False, "mlp_bias": False, "attention_bias": False,
+          "n_shared_experts": 1, "num_nextn_predict_layers": 0, "bos_token_id": None,
+          "eos_token_id": None, "pad_token_id": None}
+    hf.update({key: getattr(cfg, ours) for ours, (key, _, _) in HF_CONFIG_KEYS.items()})
+    hf["time_step_min"] = cfg.dt_limit[0]  # transformers clamps dt at time_step_min
+    hf["time_step_limit"] = [cfg.dt_limit[0], cfg.dt_limit[1]]
+    if cfg.mtp_depth:
+        hf["num_nextn_predict_layers"] = 1 if cfg.mtp_share else cfg.mtp_depth
+        hf["mtp_layers_block_type"] = [{"*": "full_attention", "-": "mlp", "E": "moe"}[c] for c in cfg.mtp_pattern]
+        hf["mtp_hybrid_override_pattern"] = cfg.mtp_pattern  # the older key
+    return hf
+
+
+# MTP weights. NVIDIA's checkpoints (as vLLM's and SGLang's NemotronH-MTP loaders read them) number
+# the blocks of all MTP weight sets in one flat list, L = len(mtp_pattern) per set:
+#     mtp.layers.{s*L}.enorm / hnorm / eh_proj        the fusion at the start of set s
+#     mtp.layers.{s*L+j}.norm / mixer.*                block j of set s (experts one by one)
+#     mtp.layers.{s*L+L-1}.final_layernorm            its final norm
+# eh_proj reads [enorm(embedding); hnorm(hidden)], embedding first. Ours: mtp.{s}.enorm, ...,
+# mtp.{s}.layers.{j}.*, mtp.{s}.final_layernorm.
+
+def mtp_to_hf(name, L):
+    m = re.match(r"mtp\.(\d+)\.(layers\.(\d+)\.)?(.*)", name)
+    s, j, rest = int(m[1]), m[3], m[4]
+    if j is not None:
+        return f"mtp.layers.{s * L + int(j)}.{rest}"
+    return f"mtp.layers.{s * L + (L - 1 if rest.startswith('final_layernorm') else 0)}.{rest}"
+
+
+def mtp_from_hf(key, L):
+    m = re.match(r"mtp\.layers\.(\d+)\.(.*)", key)
+    s, j = divmod(int(m[1]), L)
+    rest = m[2]
+    if rest.split(".")[0] in ("enorm", "hnorm", "eh_proj", "final_layernorm"):
+        return f"mtp.{s}.{rest}"
+    return f"mtp.{s}.layers.{j}.{rest}"
+
+
+def hf_to_ours(key, L=1):
+    """HF parameter name -> (our name, expert index or None); L: blocks per MTP weight set."""
+    key = re.sub(r"^model\.", "backbone.", key)
+    if key.startswith("mtp.layers."):
+        key = mtp_from_hf(key, L)
+    m = re.match(r"(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$", key)
+    if m:
+        return f"{m[1]}.{m[3]}", int(m[2])
+    return key, None
+
+
+def load_hf(folder, dtype=None, device="cpu"):
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise CheckpointError("reading Hugging Face checkpoints needs safetensors: pip install safetensors") from None
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from None
+    config = config_from_hf(hf)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    # build on the meta device (no memory), then give each parameter the tensor read from disk,
+    # so the weights exist once: an 8B bf16 checkpoint loads in about 16 GB
+    with torch.device("meta"):
+        model = Nemotron(config)
+    params = dict(model.named_parameters())
+    params.update(model.named_buffers())
+    filled = set()
+    for fname in files:
+        with safe_open(os.path.join(folder, fname), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                name, expert = hf_to_ours(key, len(config.mtp_pattern))
+                if name == "lm_head.weight" and config.tie_embeddings:
+                    continue  # the head is the embedding table
+                if name not in params:
+                    raise CheckpointError(f"{folder}/{fname}: unexpected tensor {key}")
+                t = f.get_tensor(key)
+                t = t if dtype is None else t.to(dtype)
+                target = params[name]
+                if expert is not None:  # copy expert e into its slot of the stacked weight
+                    if expert >= target.size(0) or tuple(t.shape) != tuple(target.shape[1:]):
+                        raise CheckpointError(f"{key}: shape {tuple(t.shape)}, config implies "
+                                              f"{target.size(0)} experts of {tuple(target.shape[1:])}")
+                    if target.is_meta:
+                        target = torch.empty(target.shape, dtype=t.dtype, device=device)
+                        _set_tensor(model, name, target)
+                        params[name] = target
+                    target[expert].copy_(t)
+                    filled.add(f"{name}.{expert}")
+                else:
+                    if tuple(t.shape) != tuple(target.shape):
+                        raise CheckpointError(f"{key}: shape {tuple(t.shape)}, config implies {tuple(target.shape)}")
+                    _set_tensor(model, name, t)
+                    filled.add(name)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.backbone.embeddings.weight
+        filled.add("lm_head.weight")
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    missing += [n for n, t in params.items() if t.dim() == 3 and "experts" in n
+                and any(f"{n}.{e}" not in filled for e in range(t.size(0)))]
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint lacks {sorted(set(missing))[:8]}")
+    return model
+
+
+def _set_tensor(model, name, t):
+    mod_name, leaf = name.rsplit(".", 1)
+    mod = model.get_submodule(mod_name)
+    if leaf in mod._buffers:
+        mod._buffers[leaf] = t
+    else:
+        mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+
+
+def save_hf(model, folder, max_shard_bytes=5 * 2**30):
+    """Writes config.json and model.safetensors (sharded with an index past max_shard_bytes) in
+    NVIDIA's layout, which transformers' NemotronHForCausalLM loads."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise CheckpointError("writing Hugging Face checkpoints needs safetensors: pip install safetensors") from None
+    cfg = model.config
+    hf = config_to_hf(cfg)
+    hf["torch_dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            t = t.clone()  # transformers' NemotronH never ties: it reads lm_head.weight itself
+        if name.startswith("mtp."):
+            name = mtp_to_hf(name, len(cfg.mtp_pattern))
+        if re.search(r"\.experts\.(up_proj|down_proj)$", name):
+            base, leaf = name.rsplit(".", 1)
+            tensors.update({f"{base}.{e}.{leaf}.weight": t[e].contiguous() for e in range(t.size(0))})
+        else:
+            tensors[name] = t.contiguous()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    if len(shards) == 1:
+        save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, os.path.join(folder, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in names})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
