@@ -10,10 +10,19 @@ save_pretrained (model.py) are the public entry points and call load_model and s
 
 import json
 import os
+import pickle
 import re
+import zipfile
+import zlib
 
 import torch
 import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.checkpoint._traverse import set_element
 
 from model import Nemotron, NemotronConfig
 
@@ -25,55 +34,215 @@ class CheckpointError(Exception):
     """A checkpoint or Hugging Face folder this code cannot read; the message says why."""
 
 
+# A train.py out_dir holds its latest checkpoint and, kept beside it, its best by val loss:
+#   one process:  ckpt.pt (latest) and best.pt, each a torch.save zip (temp file, then os.replace)
+#   torchrun:     ckpt-<step>/ folders (DCP shards, .metadata, train_state.json): the latest and
+#                 the best (train_state.json's best_step), older ones removed
+# Each appears under its final name only once complete (*.tmp until then). Reading one never runs
+# code from it (torch.load with weights_only; DCP's pickles through a restricted unpickler) and
+# first checks it against the CRC32s written with it (the zip's own, or train_state.json's).
+
+
+def checkpoint_step(path):
+    """The training step a checkpoint was saved at; None if it cannot be read."""
+    try:
+        if os.path.isdir(path):
+            with open(os.path.join(path, "train_state.json")) as f:
+                return int(json.load(f)["iter_num"])
+        # mmap: only the pickle is read, not the tensors
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["iter_num"])
+    except Exception:
+        return None
+
+
+def list_checkpoints(out_dir):
+    """The complete checkpoints of a train.py out_dir as [(step, path)], newest first: by the step
+    each was saved at, not by file time (a copied out_dir keeps no order of times); the latest
+    before the best at the same step; one whose step cannot be read first (it is checked, and its
+    damage reported, before anything older is used)."""
+    names = [n for n in os.listdir(out_dir) if n in ("ckpt.pt", "best.pt") or re.fullmatch(r"ckpt-\d+", n)]
+    found = [(checkpoint_step(os.path.join(out_dir, n)), n != "best.pt", os.path.join(out_dir, n)) for n in names]
+    found.sort(key=lambda f: (f[0] is None, f[0] or 0, f[1]), reverse=True)
+    return [(step, path) for step, _, path in found]
+
+
 def newest_checkpoint(out_dir):
-    """The newest complete checkpoint of a train.py out_dir, or None: ckpt.pt (written by one
-    process) or a ckpt-<step> folder (sharded, written under torchrun), whichever was written
-    last. Both appear under their final name only once complete (*.tmp until then)."""
-    paths = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n == "ckpt.pt" or re.fullmatch(r"ckpt-\d+", n)]
-    return max(paths, key=os.path.getmtime, default=None)
+    """The path of the newest complete checkpoint of a train.py out_dir (list_checkpoints), or None."""
+    return next((path for _, path in list_checkpoints(out_dir)), None)
+
+
+def crc32_file(path):
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify(path):
+    """Raise CheckpointError if the checkpoint at path is damaged: a ckpt.pt whose zip entries do
+    not match their CRC32s (torch.save writes them), a ckpt-<step>/ folder with a missing file or a
+    file whose CRC32 differs from the one recorded in train_state.json."""
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "train_state.json")) as f:
+                checksums = json.load(f).get("checksums", {})  # none in checkpoints of older versions
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}/train_state.json: unreadable ({e})") from None
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointError(f"{path}: .metadata is missing")
+        for name, crc in checksums.items():
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                raise CheckpointError(f"{path}: {name} is missing")
+            if crc32_file(file) != crc:
+                raise CheckpointError(f"{path}: {name} is damaged (its CRC32 differs from the one saved with it)")
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path}: not a complete checkpoint file ({e})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: damaged ({bad} does not match its CRC32)")
+
+
+def check_readable(path):
+    """verify(path), and where it fails, name the newest other checkpoint of the same out_dir that
+    verifies, and how to resume from it: nothing is removed or renamed without the user."""
+    try:
+        verify(path)
+    except CheckpointError as e:
+        folder = os.path.dirname(os.path.abspath(path))
+        for step, other in list_checkpoints(folder):
+            if os.path.abspath(other) == os.path.abspath(path):
+                continue
+            try:
+                verify(other)
+            except CheckpointError:
+                continue
+            raise CheckpointError(f"{e}. The newest good checkpoint is {other} (step {step}): move the damaged "
+                                  f"one aside (mv {path} {path}.damaged) and run again to continue from it") from None
+        raise
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata is a pickle, which pickle.load would let call anything it names: this one
+    knows only the classes DCP writes there, and refuses the rest."""
+    ALLOWED = {("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+        "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+        ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+        ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not something a checkpoint's metadata holds")
+
+
+class _SafeReader(FileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        with open(os.path.join(self.path, ".metadata"), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(_EmptyStateDictLoadPlanner):
+    def load_bytes(self, read_item, value):
+        # the non-tensor values (the optimizer's hyperparameters and parameter names): DCP's planner
+        # reads them with torch.load(weights_only=False), which runs code; plain values need no more
+        # than weights_only=True. Stored as DCP's planner does, into the nested dict it rebuilds
+        value = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], value)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = value
 
 
 def read_sharded_checkpoint(folder, key=None):
     """A ckpt-<step> folder as the plain dict a ckpt.pt holds (only its `key` part's tensors if
-    given), in one process whatever layout wrote it. The one torch.distributed import of this
-    file: torch.distributed.checkpoint (DCP) stitches the shards together, no process group."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    given), in one process whatever layout wrote it: DCP stitches the shards together, no process
+    group. Raises CheckpointError, not DCP's CheckpointException (a BaseException)."""
     with open(os.path.join(folder, "train_state.json")) as f:
-        state = json.load(f)  # model_config, config, iter_num, best_val_loss
+        state = json.load(f)  # model_config, config, iter_num, best_val_loss, checksums, ...
     tensors = {}  # the empty planner fills it from the checkpoint's metadata, as dcp_to_torch_save does
-    _load_state_dict(tensors, storage_reader=FileSystemReader(folder),
-                     planner=_EmptyStateDictLoadPlanner(keys=key and {key}), no_dist=True)
+    try:
+        _load_state_dict(tensors, storage_reader=_SafeReader(folder), planner=_SafePlanner(keys=key and {key}),
+                         no_dist=True)
+    except CheckpointException as e:  # DCP wraps what failed, per rank: report the first cause
+        cause = next(iter(e.failures.values()))[0]
+        raise CheckpointError(f"{folder}: {type(cause).__name__}: {first_line(cause)}") from None
     return {**state, **tensors}
 
 
+def first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:300]
+
+
+def read_checkpoint(path, key=None, device="cpu"):
+    """A checkpoint of ours (ckpt.pt, best.pt or ckpt-<step>/) as a plain dict (only its `key` part's
+    tensors from a sharded one, if given), verified first; CheckpointError names what is wrong."""
+    check_readable(path)
+    try:
+        if os.path.isdir(path):
+            return read_sharded_checkpoint(path, key)
+        # mmap: what is not used (the optimizer state, when sampling) is never read into memory
+        return torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a foreign or crafted pickle (weights_only refuses to run it), a truncated file
+        raise CheckpointError(f"{path}: not a readable nanoNemotron checkpoint "
+                              f"({type(e).__name__}: {first_line(e)})") from None
+
+
+def load_state(model, state, where):
+    """model.load_state_dict(state) with a message that lists what does not fit (torch's own runs
+    over many lines, and its first line says nothing)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{what}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}" for what, items in
+                (("missing", missing), ("unexpected", unexpected), ("shape (checkpoint vs config)", shapes)) if items]
+    if problems:
+        raise CheckpointError(f"{where}: the weights do not fit the model its config describes; " + "; ".join(problems))
+    model.load_state_dict(state, assign=True)
+
+
 def load_model(path, dtype=None, device="cpu"):
-    """A Hugging Face NemotronH folder, a train.py out_dir, or a ckpt.pt of ours. Never
-    touches the network. dtype=None keeps the checkpoint's dtype."""
+    """A Hugging Face NemotronH folder, a train.py out_dir (its newest checkpoint), or a checkpoint
+    of ours (ckpt.pt, best.pt, ckpt-<step>/). Never touches the network. dtype=None keeps the
+    checkpoint's dtype."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         return load_hf(path, dtype, device)
-    is_sharded = lambda p: os.path.isfile(os.path.join(p, "train_state.json"))
-    ckpt_path = path if not os.path.isdir(path) or is_sharded(path) else newest_checkpoint(path)
+    is_sharded = os.path.isfile(os.path.join(path, "train_state.json"))
+    ckpt_path = path if not os.path.isdir(path) or is_sharded else newest_checkpoint(path)
     if ckpt_path is None or not os.path.exists(ckpt_path):
         raise CheckpointError(f"{path}: neither a Hugging Face folder (config.json) nor a "
                               f"ckpt.pt / out_dir with one")
+    return build_model(read_checkpoint(ckpt_path, "model", device), ckpt_path).to(device=device, dtype=dtype)
+
+
+def build_model(ckpt, where):
+    """The Nemotron a checkpoint dict of ours describes, holding its weights (no second copy)."""
     try:
-        # mmap: the optimizer state in the file is never read into memory, only the weights
-        ckpt = read_sharded_checkpoint(ckpt_path, "model") if is_sharded(ckpt_path) else \
-            torch.load(ckpt_path, map_location=device, weights_only=True, mmap=True)
         config = NemotronConfig(**ckpt["model_config"])
-        state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
-        with torch.device("meta"):
-            model = Nemotron(config)
-        model.load_state_dict(state, assign=True)
-    except Exception as e:  # a truncated file, a foreign pickle, a config or weights that don't fit
-        why = (str(e).strip().splitlines() or [""])[0][:200]  # torch's own messages run for lines
-        raise CheckpointError(f"{ckpt_path}: not a readable nanoNemotron checkpoint "
-                              f"({type(e).__name__}: {why})") from None
+    except (KeyError, TypeError, AssertionError) as e:
+        raise CheckpointError(f"{where}: its model_config does not describe a model ({type(e).__name__}: "
+                              f"{first_line(e)})") from None
+    state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in ckpt["model"].items()}
+    with torch.device("meta"):
+        model = Nemotron(config)
+    load_state(model, state, where)
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
-    return model.to(device=device, dtype=dtype)
+    return model
 
 
 # -----------------------------------------------------------------------------

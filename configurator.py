@@ -19,10 +19,18 @@ Arguments, applied left to right (later ones win):
     --flag               sets a bool key to True
     --help, -h           lists the config keys with their current values, exits 0
 A value must have its default's type, except that an int is promoted to float and a default of None
-takes anything. An unknown key, a wrong type or a missing config file prints one line on stderr and
-exits with code 2. Overrides print only on the master process (env RANK unset or "0").
+takes anything. A script may also define, before exec'ing this file,
+
+    config_ranges = {'beta1': '[0, 1)', 'top_k': 'int [1, inf)', ...}
+
+the valid interval of a numeric key ("[" and "]" closed, "(" and ")" open; "int" where a default of
+None must take a whole number); a key whose value is None (unset, off) is not checked. An unknown
+key, a wrong type, a value out of its range or a missing config file prints one line on stderr and
+exits with code 2, before the script does any work. Afterwards `config_given` lists the keys that a
+config file or a flag set (the script may treat them differently from defaults, e.g. refuse model
+flags on resume). Overrides print only on the master process (env RANK unset or "0").
 """
-import ast, builtins as _builtins, difflib, os, sys
+import ast, builtins as _builtins, difflib, os, re, sys
 
 # names start with "_" so that nothing here clobbers or adds to the script's own globals
 _master = os.environ.get("RANK", "0") == "0"
@@ -46,12 +54,26 @@ def _checked(key, value):
         return float(value)
     _fail(f"config key '{key}' expects {type(default).__name__} (default {default!r}), got {value!r}")
 
+def _in_range(key, value, spec):
+    # spec "[low, high)" (optionally led by "int"): value must be a number inside it
+    _m = re.fullmatch(r"(int )?([\[(])\s*(\S+),\s*(\S+)\s*([\])])", spec)
+    if _m is None:
+        raise ValueError(f"configurator.py: bad range {spec!r} for '{key}'")
+    _int, _lo_open, _lo, _hi, _hi_open = _m[1], _m[2] == "(", float(_m[3]), float(_m[4]), _m[5] == ")"
+    _number = (int,) if _int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, _number) or value != value:  # value != value: nan
+        return False
+    return (value > _lo if _lo_open else value >= _lo) and (value < _hi if _hi_open else value <= _hi)
+
+config_given = []
+
 # ----------------------------------------------------------------------------
 for _arg in sys.argv[1:]:
     if _arg in ("--help", "-h"):
         print("config keys (current values):")
         for _key in config_keys:
-            print(f"  --{_key}={globals()[_key]!r}")
+            _spec = globals().get("config_ranges", {}).get(_key)
+            print(f"  --{_key}={globals()[_key]!r}" + (f"    {_spec}" if _spec else ""))
         sys.exit(0)
     elif not _arg.startswith("--"):
         # a config file: run it in a scratch namespace seeded with the current values, then apply
@@ -69,11 +91,15 @@ for _arg in sys.argv[1:]:
             # skip private names, __builtins__ and imported modules (a file may `import math`)
             if not _key.startswith("_") and type(_val) is not type(os):
                 globals()[_key] = _checked(_key, _val)
+        _assigned = [_t.id for _node in ast.walk(ast.parse(_source)) if isinstance(_node, ast.Assign)
+                     for _t in _node.targets if isinstance(_t, ast.Name)]
+        config_given += [_key for _key in _assigned if _key in config_keys and _key not in config_given]
     elif "=" not in _arg:
         _key = _arg[2:]
         if _key in config_keys and type(globals()[_key]) is not bool:
             _fail(f"config key '{_key}' is not a bool: give it a value, --{_key}=...")
         globals()[_key] = _checked(_key, True)
+        config_given += [_key] if _key not in config_given else []
         if _master:
             print(f"Overriding: {_key} = True")
     else:
@@ -85,5 +111,11 @@ for _arg in sys.argv[1:]:
         if type(globals().get(_key)) is str and type(_val) is not str:
             _val = _text  # for a str key, --out_dir=2024 means the text "2024", not the int
         globals()[_key] = _checked(_key, _val)
+        config_given += [_key] if _key not in config_given else []
         if _master:
             print(f"Overriding: {_key} = {globals()[_key]!r}")
+
+for _key, _spec in globals().get("config_ranges", {}).items():
+    if globals()[_key] is not None and not _in_range(_key, globals()[_key], _spec):
+        _what = f"a whole number in {_spec[4:]}" if _spec.startswith("int ") else f"in {_spec}"
+        _fail(f"--{_key}={globals()[_key]!r} is out of range: {_key} must be {_what}")

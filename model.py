@@ -75,15 +75,33 @@ class NemotronConfig:
         bad = set(self.mtp_pattern) - set("*-E")
         assert self.mtp_depth == 0 or (self.mtp_pattern and not bad), \
             f"mtp_pattern {self.mtp_pattern!r}: MTP blocks are attention (*), MLP (-) or MoE (E)"
+        whole(self, 1, "vocab_size", "d_model")
+        whole(self, 0, "mtp_depth")
+        positive(self, "norm_eps", "rope_theta")
+        assert self.init_std >= 0 and self.mtp_loss_weight >= 0, "init_std and mtp_loss_weight must be >= 0"
         # each rule only where a layer uses the setting: a model of MoE layers alone may carry Mamba
         # settings no layer reads (transformers' defaults in its config.json), and still load
         kinds = set(self.pattern) | (set(self.mtp_pattern) if self.mtp_depth else set())
         if kinds & set("*W"):
+            whole(self, 1, "n_head", "n_kv_head", "head_dim", *(("sliding_window",) if "W" in kinds else ()))
+            assert self.swan_train_len is None or whole(self, 1, "swan_train_len")
             assert self.n_head % self.n_kv_head == 0, "n_head must be a multiple of n_kv_head"
             assert not (self.rope or "W" in kinds) or self.head_dim % 2 == 0, "RoPE needs an even head_dim"
+        if "-" in kinds:
+            whole(self, 1, "d_ff")
         if "M" in kinds:
+            whole(self, 1, "mamba_heads", "headdim", "d_state", "n_groups", "d_conv", "chunk_size")
+            positive(self, "dt_min", "dt_max")
+            lo, hi = self.dt_limit
+            assert self.dt_init_floor >= 0 and 0 <= lo < hi and self.dt_min <= self.dt_max, \
+                f"need dt_min <= dt_max, dt_init_floor >= 0 and 0 <= dt_limit[0] < dt_limit[1], got " \
+                f"{self.dt_min}, {self.dt_max}, {self.dt_init_floor}, {self.dt_limit}"
             assert self.mamba_heads % self.n_groups == 0, "mamba_heads must be a multiple of n_groups"
         if "E" in kinds:
+            whole(self, 1, "n_experts", "top_k", "moe_d_ff", "shared_d_ff", "n_group", "topk_group")
+            assert self.moe_latent_size is None or whole(self, 1, "moe_latent_size")
+            positive(self, "routed_scaling_factor")
+            assert self.moe_seq_aux_coef >= 0, f"moe_seq_aux_coef must be >= 0, got {self.moe_seq_aux_coef}"
             assert self.n_experts % self.n_group == 0, "n_experts must be a multiple of n_group"
             assert self.topk_group <= self.n_group and self.top_k <= self.n_experts, \
                 "top_k must be at most n_experts and topk_group at most n_group"
@@ -92,6 +110,20 @@ class NemotronConfig:
 
     def to_dict(self):
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def whole(cfg, low, *names):
+    """Assert that each named field of cfg is a whole number >= low (True, for use in asserts)."""
+    for name in names:
+        v = getattr(cfg, name)
+        assert isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{name} must be a whole number >= {low}, got {v!r}"
+    return True
+
+
+def positive(cfg, *names):
+    for name in names:
+        v = getattr(cfg, name)
+        assert isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, f"{name} must be > 0, got {v!r}"
 
 
 # -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ The training loop follows nanoGPT's train.py; the learning-rate schedule adds wa
 (seed, step): a resumed run sees exactly the batches a straight run would, and N ranks split the
 same global batch that one process would see, so both give the same weights.
 """
-import dataclasses, functools, json, math, os, random, shutil, subprocess, sys, time
+import dataclasses, functools, json, math, os, random, re, shutil, subprocess, sys, tempfile, time
 from contextlib import nullcontext
 
 import numpy as np
@@ -41,11 +41,11 @@ from tqdm import tqdm
 from triton_ops import amax_state, apply_precision, load_amax_state
 from attention import Attention
 from mamba import Mamba2Mixer
-from checkpoint import CheckpointError, newest_checkpoint, read_sharded_checkpoint
+from checkpoint import CheckpointError, build_model, crc32_file, list_checkpoints, newest_checkpoint, read_checkpoint
 from model import Block, Nemotron, NemotronConfig
 from moe import MLP, MoE, Router, balance_experts, balance_metrics, moe_costs, shard_experts, unshard_experts
 from plan import flops_per_token
-from data.tokenizer import DataError, load_tokenizer, read_meta
+from data.tokenizer import DataError, load_tokenizer, open_tokens, read_meta
 
 # -----------------------------------------------------------------------------
 # default config: a 0.9M-parameter hybrid with all four layer kinds on pycode, ~5 minutes on a 2-core CPU
@@ -134,6 +134,13 @@ fsdp = False                    # FSDP2: shard parameters, gradients and AdamW m
 recompute = False               # activation checkpointing: keep only each block's input, recompute the rest in the backward
 seed = 1337                     # model init and the batch sequence
 peak_flops = 0.0                # FLOP/s per device that MFU is measured against (0: look the GPU up)
+overwrite = False               # a fresh run may replace the checkpoints already in out_dir (else it refuses)
+# the valid range of each numeric flag, checked by configurator.py before any work (NemotronConfig checks the model's)
+config_ranges = {k: '[1, inf)' for k in ('eval_interval', 'eval_iters', 'log_interval', 'batch_size', 'block_size',
+                                         'gradient_accumulation_steps', 'max_iters', 'lr_decay_iters', 'tp', 'ep')}
+config_ranges.update({k: '[0, inf)' for k in ('sample_new_tokens', 'moe_bias_rate', 'learning_rate', 'weight_decay',
+                                              'grad_clip', 'warmup_iters', 'min_lr', 'seed', 'peak_flops')})
+config_ranges.update(beta1='[0, 1)', beta2='[0, 1)', decay_frac='[0, 1]')
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
@@ -148,12 +155,12 @@ def print0(*args, **kwargs):
     if master_process:
         print(*args, **kwargs)
 
-def die(message):
-    """Bad input or a diverged run: one line on stderr, exit 1, nothing saved is touched."""
+def die(message, code=1):
+    """Bad input (code 2 for flags) or a diverged run: one line on stderr, nothing saved is touched."""
     print0(f"error: {message}", file=sys.stderr)
     if ddp:
         dist.destroy_process_group()
-    sys.exit(1)
+    sys.exit(code)
 
 # -----------------------------------------------------------------------------
 # processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE, as in nanoGPT
@@ -161,6 +168,8 @@ ddp = int(os.environ.get('RANK', -1)) != -1
 ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+if (device.startswith('cuda') and not torch.cuda.is_available()) or (device == 'mps' and not torch.backends.mps.is_available()):
+    die(f"device={device!r}, but torch finds no such device on this machine (device='auto' takes what there is)", 2)
 if ddp:
     ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])
     ddp_world_size = int(os.environ['WORLD_SIZE'])
@@ -179,9 +188,25 @@ if ddp:
         dist.init_process_group(backend)
 master_process = ddp_rank == 0
 device_type = device.split(':')[0]
-for k in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_interval', 'eval_iters', 'log_interval'):
-    if globals()[k] < 1:
-        die(f"{k} must be at least 1, got {globals()[k]}")
+if min_lr > learning_rate:
+    die(f"min_lr={min_lr} is above learning_rate={learning_rate}: the schedule would raise the rate as it decays", 2)
+if init_from in ('scratch', 'auto'):  # the model the flags describe (on resume and fine-tune it is the checkpoint's)
+    try:
+        NemotronConfig(**{f.name: globals()[f.name] for f in dataclasses.fields(NemotronConfig)}
+                       | {'vocab_size': vocab_size or 1})  # None: the data set's, read below
+    except AssertionError as e:  # __post_init__ checks every field's range and the divisibility rules
+        die(f"bad model config: {e}", 2)
+# out_dir: writable, and a fresh run never replaces checkpoints it did not make
+try:  # every rank: all of them exit together
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out_dir):
+        pass
+except OSError as e:
+    die(f"--out_dir={out_dir}: cannot write there ({e.strerror or e})", 2)
+found = [os.path.basename(p) for _, p in list_checkpoints(out_dir)]
+if found and init_from not in ('resume', 'auto') and not overwrite:
+    die(f"{out_dir} holds checkpoints of an earlier run ({', '.join(found)}): --init_from=resume continues it, "
+        f"--overwrite=True replaces them, or choose another --out_dir", 2)
 # the layout: W ranks = dp data-parallel replicas x tp tensor-parallel ranks, the tp ranks of a replica
 # consecutive (one node's fast links); EP groups are ep consecutive ranks inside data parallelism
 for k, n in (('tp', tp), ('ep', ep)):
@@ -244,7 +269,10 @@ except DataError as e:
 if doc_masking and meta.get('eot') is None:
     die(f"doc_masking needs documents separated by an end-of-text token, and data/{dataset}/meta.json names none ('eot')")
 for split in ('train', 'val'):
-    n = len(np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint32, mode='r'))
+    try:  # exists, a whole number of tokens, as many as meta.json says, ids inside the vocabulary
+        n = len(open_tokens(data_dir, split, meta))
+    except DataError as e:
+        die(str(e))
     if n <= block_size:
         die(f"block_size={block_size} does not fit data/{dataset}/{split}.bin ({n:,} tokens)")
     mask_path = os.path.join(data_dir, f'{split}.mask')
@@ -280,7 +308,7 @@ def get_train_batch(it, micro_step):
 
 # -----------------------------------------------------------------------------
 # model: from scratch, resumed from out_dir's newest checkpoint, or loaded to fine-tune
-iter_num, best_val_loss, ckpt, resumed = 0, float('inf'), None, False
+iter_num, best_val_loss, best_step, ckpt, resumed = 0, float('inf'), None, None, False
 if init_from not in ('scratch', 'resume', 'auto') and not os.path.exists(init_from):
     die(f"init_from={init_from!r}: not 'scratch', 'resume', 'auto', nor an existing path")
 # ckpt.pt from one process, ckpt-<step>/ (sharded, DCP) from torchrun: the one written last
@@ -299,20 +327,32 @@ if init_from == 'scratch' or (init_from == 'auto' and ckpt_path is None):
 elif ckpt_path is not None:  # resume: the weights now, the optimizer state once it exists
     print0(f"resuming from {ckpt_path}")
     resumed = True
-    try:  # any failure to read means a corrupt or foreign file: report it, leave it as it is
-        model = Nemotron.from_pretrained(ckpt_path)  # the weights, as model.py reads any checkpoint
-        ckpt = read_sharded_checkpoint(ckpt_path, 'optimizer') if os.path.isdir(ckpt_path) else \
-            torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)  # the rest
+    try:  # checked against the CRC32s saved with it; a damaged or foreign file is named and left as it is
+        ckpt = read_checkpoint(ckpt_path)
+        model = build_model(ckpt, ckpt_path)
         iter_num, best_val_loss = ckpt['iter_num'], ckpt['best_val_loss']
-    except CheckpointError as e:
+        best_step = ckpt.get('best_step', iter_num)
+    except (CheckpointError, KeyError) as e:
         die(f"cannot resume: {e}")
-    except Exception as e:
-        die(f"cannot resume from {ckpt_path}: not a valid checkpoint ({type(e).__name__}: {str(e)[:100]})")
+    if iter_num >= max_iters:
+        die(f"{ckpt_path} is at step {iter_num}: give --max_iters above it to train further", 2)
 else:  # a fine-tune starts at step 0 with a fresh optimizer
     try:  # master weights in float32 whatever the checkpoint holds: autocast does the low precision
         model = Nemotron.from_pretrained(init_from, dtype=torch.float32)
     except CheckpointError as e:
         die(f"cannot fine-tune from --init_from={init_from}: {e}")
+if resumed or init_from not in ('scratch', 'auto'):
+    # the model is the checkpoint's: a model flag given with another value would be ignored, so refuse it
+    # (the loss weights alone apply: they are how the model trains, not what it is)
+    for k in ('moe_seq_aux_coef', 'mtp_loss_weight'):
+        if k in config_given:
+            setattr(model.config, k, globals()[k])
+    clash = [f"--{f.name}={globals()[f.name]!r} (the checkpoint's: {getattr(model.config, f.name)!r})"
+             for f in dataclasses.fields(NemotronConfig) if f.name in config_given
+             and globals()[f.name] != getattr(model.config, f.name)]
+    if clash:
+        die(f"model flags cannot change when the model comes from a checkpoint: {', '.join(clash)}; drop them", 2)
+    config.update(model.config.to_dict())  # the config saved and logged is the model that trains
 if model.config.vocab_size < meta['vocab_size']:
     die(f"the model's vocab_size {model.config.vocab_size} is smaller than data/{dataset}'s {meta['vocab_size']}")
 model.to(device)
@@ -605,14 +645,17 @@ def checkpoint_state():
     optim_state['state'] = {k: {n: canonical(k, v) for n, v in s.items()} for k, s in optim_state['state'].items()}
     return model_state, optim_state
 
-def save_checkpoint():
+def save_checkpoint(best):
     """Atomic: a crash mid-write leaves the previous checkpoint intact. One process writes
     out_dir/ckpt.pt (temp file, then os.replace); under torchrun every rank writes its shards
-    with DCP into out_dir/ckpt-<step>.tmp/, which rank 0 then renames to ckpt-<step>/ and the
-    older ckpt-*/ are removed. newest_checkpoint() (model.py) finds the newest complete one."""
+    with DCP into out_dir/ckpt-<step>.tmp/, which rank 0 then renames to ckpt-<step>/. best: this
+    step's val loss is the best so far, and the checkpoint is also kept as the best one (best.pt, a
+    second name of ckpt.pt; under torchrun its folder stays when newer ones replace the rest), so
+    a run that diverges never leaves only bad checkpoints. checkpoint.list_checkpoints orders them."""
     model_state, optim_state = checkpoint_state()
     state = {'model_config': raw_model.config.to_dict(), 'config': config, 'iter_num': iter_num,
-             'best_val_loss': best_val_loss, 'data_position': iter_num,  # batches are a function of (seed, step)
+             'best_val_loss': best_val_loss, 'best_step': best_step,
+             'data_position': iter_num,  # batches are a function of (seed, step)
              'world_size': ddp_world_size}
     amax = amax_state(raw_model)  # fp8 delayed scaling's histories: each rank's own
     if ddp:
@@ -625,16 +668,25 @@ def save_checkpoint():
             os.makedirs(tmp, exist_ok=True)
             torch.save(amax, os.path.join(tmp, f'amax-rank{ddp_rank}.pt'))
         dcp.save({'model': model_state, 'optimizer': optim_state}, checkpoint_id=tmp)
+        # the CRC32 of every file, each rank its own: checkpoint.verify checks them before a read
+        mine = {n: crc32_file(os.path.join(tmp, n)) for n in os.listdir(tmp)
+                if n.startswith((f'__{ddp_rank}_', f'amax-rank{ddp_rank}.'))}
+        everyone = [None] * ddp_world_size
+        dist.all_gather_object(everyone, mine)
         if master_process:  # dcp.save returns on rank 0 once every rank's shards and the metadata are written
+            checksums = {n: c for crcs in everyone for n, c in crcs.items()}
+            checksums['.metadata'] = crc32_file(os.path.join(tmp, '.metadata'))
             with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
-                json.dump(state, f)
-            old = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith('ckpt-') and not n.endswith('.tmp')]
+                json.dump({**state, 'checksums': checksums}, f)
+            keep = {final, os.path.join(out_dir, f'ckpt-{best_step}')}
+            old = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if re.fullmatch(r'ckpt-\d+', n)]
             if final in old:  # this step saved before: a directory cannot be replaced in one step
                 os.replace(final, final + '.old.tmp')
                 old[old.index(final)] = final + '.old.tmp'
             os.replace(tmp, final)  # complete before any older checkpoint goes: a crash here loses none
             for path in old:
-                shutil.rmtree(path)
+                if path not in keep:
+                    shutil.rmtree(path)
         dist.barrier()
         return
     np_state = np.random.get_state()
@@ -645,6 +697,21 @@ def save_checkpoint():
     path = os.path.join(out_dir, 'ckpt.pt')
     torch.save({'model': model_state, 'optimizer': optim_state, **state, 'rng': rng, 'amax': amax}, path + '.tmp')
     os.replace(path + '.tmp', path)
+    if best:  # the same file under a second name: a hard link costs nothing (a copy where links fail)
+        tmp = os.path.join(out_dir, 'best.pt.tmp')
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, os.path.join(out_dir, 'best.pt'))
+
+def kept_checkpoints():
+    if best_step is None:
+        return "it saved no checkpoint"
+    best = os.path.join(out_dir, 'best.pt' if not ddp else f'ckpt-{best_step}')
+    return f"the checkpoints in {out_dir} are kept, the best at {best} (step {best_step}, val loss {best_val_loss:.4f})"
 
 def log(record):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
@@ -690,10 +757,13 @@ for iter_num in range(start_iter, max_iters + 1):
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             pbar.close()
             die(f"loss is not finite at step {iter_num} (train {losses['train']}, val {losses['val']}): "
-                f"the run diverged; the checkpoints in {out_dir} were not overwritten")
-        if iter_num > 0 and (losses['val'] < best_val_loss or always_save_checkpoint):
-            best_val_loss = min(best_val_loss, losses['val'])
-            save_checkpoint()
+                f"the run diverged; {kept_checkpoints()}")
+        if iter_num > 0:
+            improved = losses['val'] < best_val_loss
+            if improved:
+                best_val_loss, best_step = losses['val'], iter_num
+            if improved or always_save_checkpoint:
+                save_checkpoint(improved)
     if iter_num == max_iters:
         break
 
@@ -743,7 +813,7 @@ for iter_num in range(start_iter, max_iters + 1):
         if not math.isfinite(lossf):
             pbar.close()
             die(f"loss is {lossf} at step {iter_num}: the run diverged (try a lower learning_rate); "
-                f"the checkpoints in {out_dir} were not overwritten")
+                f"{kept_checkpoints()}")
         dt = time.time() - t0
         tok_s = tokens_per_iter / dt
         mfu = flops_per_iter / dt / (peak_flops * ddp_world_size) if peak_flops > 0 else None

@@ -54,6 +54,29 @@ def read_meta(data_dir):
         meta["tokenizer_file"] = os.path.join(data_dir, meta["tokenizer_file"])
     return meta
 
+def open_tokens(data_dir, split, meta, scan=1 << 24):
+    """data_dir/<split>.bin as a read-only uint32 np.memmap, checked first: it exists, holds a whole
+    number of tokens and at least one, as many as meta.json records (write_dataset records them), and
+    ids below meta's vocab_size (every id of a file up to `scan` tokens, else 64 evenly spread runs
+    of scan/64). DataError names the file and what is wrong with it."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} not found: prepare the data set again")
+    size = os.path.getsize(path)
+    if size == 0 or size % 4:
+        raise DataError(f"{path}: {size} bytes, not a whole (non-zero) number of uint32 tokens: prepare it again")
+    tokens = np.memmap(path, dtype=np.uint32, mode="r")
+    expected = meta.get(f"{split}_tokens")
+    if expected is not None and len(tokens) != expected:
+        raise DataError(f"{path}: {len(tokens):,} tokens, but meta.json records {expected:,} (truncated or replaced?): "
+                        f"prepare the data set again")
+    runs = [tokens] if len(tokens) <= scan else \
+        [tokens[s:s + scan // 64] for s in np.linspace(0, len(tokens) - scan // 64, 64).astype(np.int64)]
+    top = max(int(run.max()) for run in runs)
+    if top >= meta["vocab_size"]:
+        raise DataError(f"{path}: token id {top} is not below meta.json's vocab_size {meta['vocab_size']}")
+    return tokens
+
 def _replace_atomically(path, write):
     # write a temp file beside the target, then rename: an interrupted run never leaves a half file
     tmp = path + ".tmp"

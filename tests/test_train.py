@@ -178,14 +178,21 @@ def test_expert_parallel_matches_one(one_process, nproc, tmp_path):
 
 
 def test_finetune_from_another_run(trained, tmp_path):
+    """A fine-tune starts from the other run's weights and leaves its files as they were; a model
+    flag that differs from the checkpoint's model is refused (it would be ignored), and the model
+    fields the new run records are the checkpoint's, not train.py's defaults."""
     src, _ = trained
     before = open(os.path.join(src, 'ckpt.pt'), 'rb').read()
     out = str(tmp_path / 'ft')
-    ok(train(out, f'--init_from={src}', '--max_iters=4', '--eval_interval=2', '--d_model=64'))
+    failed_cleanly(train(out, f'--init_from={src}', '--max_iters=4', '--d_model=64', '--n_experts=8'),
+                   '--d_model=64', "checkpoint's: 32", '--n_experts=8', code=2)
+    ok(run_script('train.py', f'--out_dir={out}', f'--init_from={src}', '--max_iters=4', '--eval_interval=2',
+                  '--eval_iters=2', '--batch_size=4', '--block_size=32', '--device=cpu', '--sample_new_tokens=0'))
     src_val = [r['val_loss'] for r in read_log(src) if 'val_loss' in r][-1]
     first = [r for r in read_log(out) if 'val_loss' in r][0]
     assert first['step'] == 0 and abs(first['val_loss'] - src_val) < 1e-4  # starts from the trained weights
-    assert torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model_config']['d_model'] == 32  # its config wins
+    saved = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)
+    assert saved['model_config']['d_model'] == saved['config']['d_model'] == read_log(out)[0]['config']['d_model'] == 32
     assert open(os.path.join(src, 'ckpt.pt'), 'rb').read() == before
 
 
