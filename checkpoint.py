@@ -394,8 +394,11 @@ def load_hf(folder, dtype=None, device="cpu"):
     config = config_from_hf(hf)
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({type(e).__name__}: {first_line(e)})") from None
     elif os.path.exists(os.path.join(folder, "model.safetensors")):
         files = ["model.safetensors"]
     else:
@@ -408,31 +411,13 @@ def load_hf(folder, dtype=None, device="cpu"):
     params.update(model.named_buffers())
     filled = set()
     for fname in files:
-        with safe_open(os.path.join(folder, fname), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                name, expert = hf_to_ours(key, len(config.mtp_pattern))
-                if name == "lm_head.weight" and config.tie_embeddings:
-                    continue  # the head is the embedding table
-                if name not in params:
-                    raise CheckpointError(f"{folder}/{fname}: unexpected tensor {key}")
-                t = f.get_tensor(key)
-                t = t if dtype is None else t.to(dtype)
-                target = params[name]
-                if expert is not None:  # copy expert e into its slot of the stacked weight
-                    if expert >= target.size(0) or tuple(t.shape) != tuple(target.shape[1:]):
-                        raise CheckpointError(f"{key}: shape {tuple(t.shape)}, config implies "
-                                              f"{target.size(0)} experts of {tuple(target.shape[1:])}")
-                    if target.is_meta:
-                        target = torch.empty(target.shape, dtype=t.dtype, device=device)
-                        _set_tensor(model, name, target)
-                        params[name] = target
-                    target[expert].copy_(t)
-                    filled.add(f"{name}.{expert}")
-                else:
-                    if tuple(t.shape) != tuple(target.shape):
-                        raise CheckpointError(f"{key}: shape {tuple(t.shape)}, config implies {tuple(target.shape)}")
-                    _set_tensor(model, name, t)
-                    filled.add(name)
+        try:
+            with safe_open(os.path.join(folder, fname), framework="pt", device=str(device)) as f:
+                fill_from(f, model, config, f"{folder}/{fname}", params, filled, dtype, device)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors' own errors: a truncated or foreign file
+            raise CheckpointError(f"{folder}/{fname}: unreadable ({type(e).__name__}: {first_line(e)})") from None
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
         filled.add("lm_head.weight")
@@ -442,6 +427,35 @@ def load_hf(folder, dtype=None, device="cpu"):
     if missing:
         raise CheckpointError(f"{folder}: checkpoint lacks {sorted(set(missing))[:8]}")
     return model
+
+
+def fill_from(f, model, config, where, params, filled, dtype, device):
+    """Give model's parameters (params: name -> tensor, meta until filled) the tensors of the open
+    safetensors file f, recording each name (and expert slot) in filled."""
+    for key in f.keys():
+        name, expert = hf_to_ours(key, len(config.mtp_pattern))
+        if name == "lm_head.weight" and config.tie_embeddings:
+            continue  # the head is the embedding table
+        if name not in params:
+            raise CheckpointError(f"{where}: unexpected tensor {key}")
+        t = f.get_tensor(key)
+        t = t if dtype is None else t.to(dtype)
+        target = params[name]
+        if expert is not None:  # copy expert e into its slot of the stacked weight
+            if expert >= target.size(0) or tuple(t.shape) != tuple(target.shape[1:]):
+                raise CheckpointError(f"{key}: shape {tuple(t.shape)}, config implies "
+                                      f"{target.size(0)} experts of {tuple(target.shape[1:])}")
+            if target.is_meta:
+                target = torch.empty(target.shape, dtype=t.dtype, device=device)
+                _set_tensor(model, name, target)
+                params[name] = target
+            target[expert].copy_(t)
+            filled.add(f"{name}.{expert}")
+        else:
+            if tuple(t.shape) != tuple(target.shape):
+                raise CheckpointError(f"{key}: shape {tuple(t.shape)}, config implies {tuple(target.shape)}")
+            _set_tensor(model, name, t)
+            filled.add(name)
 
 
 def _set_tensor(model, name, t):

@@ -118,4 +118,4 @@ for _arg in sys.argv[1:]:
 for _key, _spec in globals().get("config_ranges", {}).items():
     if globals()[_key] is not None and not _in_range(_key, globals()[_key], _spec):
         _what = f"a whole number in {_spec[4:]}" if _spec.startswith("int ") else f"in {_spec}"
-        _fail(f"--{_key}={globals()[_key]!r} is out of range: {_key} must be {_what}")
+        _fail(f"--{_key}={globals()[_key]!r}: {_key} must be {_what}")

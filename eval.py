@@ -26,7 +26,7 @@ import torch
 
 from attention import Attention
 from data import ruler
-from data.tokenizer import DataError, find_tokenizer, read_meta, saved_config
+from data.tokenizer import DataError, find_tokenizer, open_tokens, read_meta, saved_config
 from checkpoint import CheckpointError
 from model import Nemotron
 
@@ -47,6 +47,7 @@ bos = 'auto'                       # start each RULER prompt with the data set's
                                    # 'auto' = on for a run trained with doc_masking (its documents start with one)
 device = 'auto'                    # 'auto' (cuda, else cpu), 'cpu', 'cuda', ...
 json_out = ''                      # also write the results here as JSON ('': don't)
+config_ranges = dict(loss_tokens='[1, inf)', n='[1, inf)', seed='[0, inf)')  # checked by configurator.py
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
@@ -159,6 +160,17 @@ def main():
     if unknown:
         die(f"unknown RULER task(s) {unknown}; choose from {', '.join(ruler.TASKS)} or 'all'")
     dev = device if device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
+    if dev.startswith('cuda') and not torch.cuda.is_available():
+        die(f"--device={device!r}, but torch sees no CUDA GPU here (device='auto' takes what there is)")
+    if json_out:  # before the work, not after it: an unwritable path would lose the results
+        existed = os.path.exists(json_out)
+        try:
+            with open(json_out, 'a'):
+                pass
+        except OSError as e:
+            die(f"--json_out={json_out}: cannot write there ({e.strerror or e})")
+        if not existed:
+            os.remove(json_out)
     try:
         model = Nemotron.from_pretrained(init_from, dtype=torch.float32, device=dev).eval()
         tokenizer = find_tokenizer(init_from, model.config.vocab_size)
@@ -182,10 +194,13 @@ def main():
     if dataset != 'none':
         if not name:
             die(f"{init_from} names no data set: pass --dataset=NAME (data/NAME/val.bin) or --dataset=none")
-        path = os.path.join(REPO, 'data', name, 'val.bin')
-        if not os.path.isfile(path):
-            die(f"{path} not found: run `python data/{name}/prepare.py` first")
-        data = np.memmap(path, dtype=np.uint32, mode='r')
+        try:  # val.bin checked as train.py checks it: size, count, ids inside the vocabulary
+            data_meta = read_meta(os.path.join(REPO, 'data', name))
+            data = open_tokens(os.path.join(REPO, 'data', name), 'val', data_meta)
+        except DataError as e:
+            die(f"{e} (run `python data/{name}/prepare.py` if the data set is not prepared)")
+        if data_meta['vocab_size'] > model.config.vocab_size:
+            die(f"data/{name} has a vocabulary of {data_meta['vocab_size']}, the model {model.config.vocab_size}")
         for T in T_list:
             t0 = time.time()
             results['loss'][T] = val_loss(model, data, T, loss_tokens, dev)

@@ -98,7 +98,8 @@ class NemotronConfig:
                 f"{self.dt_min}, {self.dt_max}, {self.dt_init_floor}, {self.dt_limit}"
             assert self.mamba_heads % self.n_groups == 0, "mamba_heads must be a multiple of n_groups"
         if "E" in kinds:
-            whole(self, 1, "n_experts", "top_k", "moe_d_ff", "shared_d_ff", "n_group", "topk_group")
+            whole(self, 1, "n_experts", "top_k", "moe_d_ff", "n_group", "topk_group")
+            whole(self, 0, "shared_d_ff")  # 0: no shared expert (Mixtral, Qwen3-MoE)
             assert self.moe_latent_size is None or whole(self, 1, "moe_latent_size")
             positive(self, "routed_scaling_factor")
             assert self.moe_seq_aux_coef >= 0, f"moe_seq_aux_coef must be >= 0, got {self.moe_seq_aux_coef}"

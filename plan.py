@@ -912,6 +912,12 @@ FLAGS = dict(
     out="hardware.json",  # where --calibrate writes
     validate=None,       # a published-runs CSV: predicted vs measured step times
 )
+# the valid range of each numeric flag, checked by configurator.py before any work (exit 2)
+RANGES = {**{k: "int [1, inf)" for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "layers",
+                                          "hidden", "heads", "kv_heads", "ffn", "vocab", "topk", "expert_ffn",
+                                          "moe_every", "gpus_per_node", "top")},
+          "experts": "int [0, inf)", "shared_experts": "int [0, inf)", "zero": "int [0, 3]",
+          **{k: "(0, inf)" for k in ("peak_tflops", "hbm_gb", "hbm_tbs", "nvlink_gbs", "net_gbs")}}
 
 
 def die(message):
@@ -920,7 +926,7 @@ def die(message):
 
 
 def parse_flags(argv):
-    scope = dict(FLAGS, config_keys=list(FLAGS))
+    scope = dict(FLAGS, config_keys=list(FLAGS), config_ranges=RANGES)
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]
     try:
         with contextlib.redirect_stdout(sys.stderr):  # its "Overriding: ..." echo must not mix with --json
@@ -931,10 +937,8 @@ def parse_flags(argv):
 
 
 def make_job(a):
-    """The Job and the layout dimensions the flags fix; ValueError names a bad flag."""
-    for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "top"):
-        if a[k] is not None and (type(a[k]) is not int or a[k] < 1):
-            raise ValueError(f"--{k} must be a positive integer, got {a[k]!r}")
+    """The Job and the layout dimensions the flags fix; ValueError names a bad flag (their ranges are
+    configurator.py's to check)."""
     if a["gbs"] is None:
         raise ValueError("--gbs (global batch, sequences per step) is required")
     if a["precision"] not in PRECISION:
@@ -947,6 +951,10 @@ def make_job(a):
         need = [k for k in ("hidden", "heads", "ffn", "vocab") if a[k] is None]
         if need:
             raise ValueError(f"a Transformer from flags needs --{' --'.join(need)}")
+        if a["hidden"] % a["heads"]:
+            raise ValueError(f"--hidden={a['hidden']} must be a multiple of --heads={a['heads']}")
+        if a["heads"] % (a["kv_heads"] or a["heads"]):
+            raise ValueError(f"--heads={a['heads']} must be a multiple of --kv_heads={a['kv_heads']}")
         cfg, seq = transformer(a["layers"], a["hidden"], a["heads"], a["ffn"], a["vocab"], a["kv_heads"], a["gated"],
                                a["experts"], a["topk"], a["expert_ffn"], a["shared_experts"], a["moe_every"]), None
     else:

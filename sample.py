@@ -46,6 +46,10 @@ star_query = 1            # Star Attention: the prompt's last this many tokens a
 seed = 1337               # torch seed, so that sampling is reproducible
 device = 'auto'           # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'            # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16', 'float16'
+# the valid range of each numeric flag, checked by configurator.py before any work
+config_ranges = dict(num_samples='[1, inf)', max_new_tokens='[1, inf)', temperature='[0, inf)', top_k='int [1, inf)',
+                     top_p='(0, 1]', speculative='[0, 7]', reasoning_budget='int [0, inf)', star_block='[0, inf)',
+                     star_query='[1, inf)', seed='[0, inf)')
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
@@ -237,9 +241,6 @@ def main():
     global star_group
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    for name, value, low in (('star_block', star_block or 0, 0), ('star_query', star_query, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            die(f"--{name}={value!r}: expected a number of tokens >= {low}")
     if star_block and speculative:
         die("--star_block and --speculative do not combine: use one of them")
     star_group, dev = star_hosts(dev)
@@ -254,8 +255,6 @@ def main():
     prompt = read_prompt(start)
     if reasoning not in (None, 'on', 'off'):
         die(f"--reasoning={reasoning!r}: expected 'on' or 'off' (or leave it unset for a raw prompt)")
-    if reasoning_budget is not None and (not isinstance(reasoning_budget, int) or reasoning_budget < 0):
-        die(f"--reasoning_budget={reasoning_budget!r}: expected a number of tokens >= 0")
     if reasoning_budget is not None and speculative:
         die("--reasoning_budget and --speculative do not combine yet: use one of them")
     if reasoning is not None:

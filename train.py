@@ -158,14 +158,15 @@ def print0(*args, **kwargs):
 def die(message, code=1):
     """Bad input (code 2 for flags) or a diverged run: one line on stderr, nothing saved is touched."""
     print0(f"error: {message}", file=sys.stderr)
-    if ddp:
+    if dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(code)
 
 # -----------------------------------------------------------------------------
 # processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE, as in nanoGPT
 ddp = int(os.environ.get('RANK', -1)) != -1
-ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+ddp_rank, ddp_local_rank, ddp_world_size = int(os.environ.get('RANK', 0)), 0, 1
+master_process = ddp_rank == 0
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 if (device.startswith('cuda') and not torch.cuda.is_available()) or (device == 'mps' and not torch.backends.mps.is_available()):
@@ -186,7 +187,6 @@ if ddp:
                                 rank=ddp_rank, world_size=ddp_world_size)
     else:
         dist.init_process_group(backend)
-master_process = ddp_rank == 0
 device_type = device.split(':')[0]
 if min_lr > learning_rate:
     die(f"min_lr={min_lr} is above learning_rate={learning_rate}: the schedule would raise the rate as it decays", 2)
