@@ -1,10 +1,10 @@
 """
 train.py: train a Nemotron hybrid (Mamba-2 / attention / MLP / MoE) language model. Read after model.py.
 
-One process on a CPU, a Mac or a GPU (checkpoints: out_dir/ckpt.pt):
+One process on a CPU, a Mac or a GPU (checkpoints: out_dir/ckpt.pt, the latest, and best.pt):
     python train.py                                  # the default: a small hybrid on pycode, CPU, minutes
     python train.py config/tiny_cpu.py --max_iters=100
-Many processes with torchrun (checkpoints: sharded out_dir/ckpt-<step>/ folders, torch.distributed.checkpoint):
+Many processes with torchrun (checkpoints: sharded out_dir/ckpt-<step>/ folders, the latest and the best):
     torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py                 # DDP
     torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --fsdp=True     # FSDP2
     torchrun --standalone --nproc_per_node=8 train.py config/nano_h100.py --tp=2 --fsdp=True  # 4 replicas x TP 2 (+ --sp=True)
