@@ -138,7 +138,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         ("pathlib", "PureWindowsPath")}
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in self.ALLOWED or dtype:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not something a checkpoint's metadata holds")
 
@@ -300,7 +301,8 @@ def config_from_hf(hf):
     mtp = ""
     if n_mtp:
         kinds = hf.get("mtp_layers_block_type")
-        mtp = "".join(HF_LAYER_KINDS.get(t, "?") for t in kinds) if kinds else hf.get("mtp_hybrid_override_pattern", "*E")
+        mtp = "".join(HF_LAYER_KINDS.get(t, "?") for t in kinds) if kinds else \
+            hf.get("mtp_hybrid_override_pattern", "*E")
     used = set(pattern + mtp)
     bad += [f"{k}={hf[k]!r} (supported: {v})" for k, (readers, v) in HF_SUPPORTED.items()
             if k in hf and hf[k] not in v and used & set(readers)]

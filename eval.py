@@ -160,8 +160,9 @@ def main():
     if unknown:
         die(f"unknown RULER task(s) {unknown}; choose from {', '.join(ruler.TASKS)} or 'all'")
     dev = device if device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    if dev.startswith('cuda') and not torch.cuda.is_available():
-        die(f"--device={device!r}, but torch sees no CUDA GPU here (device='auto' takes what there is)")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if dev.startswith('cuda') and not cuda or dev == 'mps' and not mps:
+        die(f"--device={device!r}, but torch finds no such device on this machine (device='auto' takes what there is)")
     if json_out:  # before the work, not after it: an unwritable path would lose the results
         existed = os.path.exists(json_out)
         try:

@@ -117,7 +117,8 @@ def whole(cfg, low, *names):
     """Assert that each named field of cfg is a whole number >= low (True, for use in asserts)."""
     for name in names:
         v = getattr(cfg, name)
-        assert isinstance(v, int) and not isinstance(v, bool) and v >= low, f"{name} must be a whole number >= {low}, got {v!r}"
+        assert isinstance(v, int) and not isinstance(v, bool) and v >= low, \
+            f"{name} must be a whole number >= {low}, got {v!r}"
     return True
 
 

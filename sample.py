@@ -68,8 +68,9 @@ def note(message):
 
 
 def resolve_device(name):
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        die(f"device={name!r} but torch sees no CUDA GPU (device='auto' picks what there is)")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name.startswith('cuda') and not cuda or name == 'mps' and not mps:
+        die(f"device={name!r}, but torch finds no such device on this machine (device='auto' picks what there is)")
     if name != 'auto':
         return name
     if torch.cuda.is_available():

@@ -169,7 +169,8 @@ ddp_rank, ddp_local_rank, ddp_world_size = int(os.environ.get('RANK', 0)), 0, 1
 master_process = ddp_rank == 0
 if device == 'auto':
     device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-if (device.startswith('cuda') and not torch.cuda.is_available()) or (device == 'mps' and not torch.backends.mps.is_available()):
+has_mps = torch.backends.mps.is_available()
+if device.startswith('cuda') and not torch.cuda.is_available() or device == 'mps' and not has_mps:
     die(f"device={device!r}, but torch finds no such device on this machine (device='auto' takes what there is)", 2)
 if ddp:
     ddp_rank, ddp_local_rank = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])

@@ -68,8 +68,8 @@ def open_tokens(data_dir, split, meta, scan=1 << 24):
     tokens = np.memmap(path, dtype=np.uint32, mode="r")
     expected = meta.get(f"{split}_tokens")
     if expected is not None and len(tokens) != expected:
-        raise DataError(f"{path}: {len(tokens):,} tokens, but meta.json records {expected:,} (truncated or replaced?): "
-                        f"prepare the data set again")
+        raise DataError(f"{path}: {len(tokens):,} tokens, but meta.json records {expected:,} (truncated or "
+                        f"replaced?): prepare the data set again")
     runs = [tokens] if len(tokens) <= scan else \
         [tokens[s:s + scan // 64] for s in np.linspace(0, len(tokens) - scan // 64, 64).astype(np.int64)]
     top = max(int(run.max()) for run in runs)

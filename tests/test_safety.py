@@ -259,6 +259,14 @@ def test_sample_refuses_bad_flags(run, flag, named):
     one_line_error(run_script('sample.py', f'--init_from={run}', flag), named, code=2)
 
 
+@pytest.mark.parametrize('script', ['sample.py', 'eval.py'])
+@pytest.mark.parametrize('device', ['cuda', 'mps'])
+def test_missing_device(run, script, device):
+    if device == 'cuda' and torch.cuda.is_available() or device == 'mps' and torch.backends.mps.is_available():
+        pytest.skip(f"this machine has {device}")
+    one_line_error(run_script(script, f'--init_from={run}', f'--device={device}'), 'no such device')
+
+
 def test_eval_refuses_bad_flags_before_work(run, tmp_path):
     for flag in ('--n=0', '--loss_tokens=0'):
         one_line_error(run_script('eval.py', f'--init_from={run}', flag), flag.split('=')[0][2:], code=2)
