@@ -186,7 +186,9 @@ def packed_conv(x, weight, bias, seq_idx):
     for k in range(K):
         same = (doc[:, k:k + T] == seq_idx)[:, None]  # (B, 1, T)
         y = y + weight[:, 0, k, None] * x[:, :, k:k + T] * same
-    return y  # (B, C, T)
+    # in x's dtype, as F.conv1d gives under autocast: fp32 weights times bf16 x would otherwise
+    # hand fp32 to the SSD kernels, whose bf16 path (and shared-memory budget) is for bf16 inputs
+    return y.to(x.dtype)  # (B, C, T)
 
 
 class GatedRMSNorm(nn.Module):

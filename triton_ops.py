@@ -40,8 +40,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # CPU tensors run in the 
 
 
 def use_triton(t):
-    """Whether tensor t takes the Triton path."""
-    return USE_TRITON and (t.is_cuda or INTERPRET)
+    """Whether tensor t takes the Triton path: on a GPU, in the interpreter on a CPU, or for a meta
+    tensor (tests/test_gpu_compile.py records the launches a GPU would get, without one)."""
+    return USE_TRITON and (gpu_tiles(t) or INTERPRET)
+
+
+def gpu_tiles(t):
+    """Whether the kernels for t take a GPU's tiles and launch options, not the interpreter's."""
+    return t.device.type in ("cuda", "meta") and not INTERPRET
 
 
 if triton is not None:
@@ -58,26 +64,59 @@ if triton is not None:
     # a decay between two positions (or a position and a chunk edge) of different documents is 0.
 
     @triton.jit
-    def _dot(a, b, LOWP: tl.constexpr):
-        # fp32 operands (exact in the interpreter, TF32 on a GPU), or bf16 operands when the inputs
-        # are bf16 (tensor cores at full rate); the accumulator is fp32 either way
-        if LOWP:
-            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-        return tl.dot(a, b)
+    def _tf32(x):
+        # x with the low 13 of its 23 mantissa bits cleared: TF32's 10, as a GPU's tensor cores read
+        # an fp32 operand (truncation: the larger of the errors the hardware may make)
+        return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _rows(ptr, b, t, T, X, x, cols, W):
-        # the (len(t), len(cols)) tile of a contiguous (B, T, X, W) tensor at batch b, positions t,
-        # slot x (a head or a group), columns cols; zeros past T and W, in fp32
-        return tl.load(ptr + ((b * T + t[:, None]) * X + x) * W + cols[None, :],
-                       mask=(t[:, None] < T) & (cols[None, :] < W), other=0.0).to(tl.float32)
+    def _dot(a, b, DOT: tl.constexpr):
+        # the accumulator is fp32; the operands (dot_kind() picks): "bf16" for bf16 inputs on a GPU
+        # (tensor cores at full rate), else fp32 in "tf32" or "ieee" as torch's allow_tf32 says,
+        # or "tf32-emulated": the interpreter, exact otherwise, rounding the operands as TF32 does
+        if DOT == "bf16":
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        elif DOT == "tf32-emulated":
+            out = tl.dot(_tf32(a), _tf32(b), input_precision="ieee")
+        else:
+            out = tl.dot(a, b, input_precision=DOT)
+        return out
 
     @triton.jit
-    def _doc_edges(doc_ptr, b, c, T, Q: tl.constexpr):
-        # the document of the token before chunk c (the first token's for c = 0), whose state the
-        # chunk inherits, and the document of its last token, the only one that reaches its end
-        before = tl.load(doc_ptr + b * T + tl.maximum(c * Q - 1, 0))
-        last = tl.load(doc_ptr + b * T + tl.minimum(c * Q + Q, T) - 1)
+    def _dot_acc(a, b, acc, DOT: tl.constexpr):
+        # acc + a @ b with the operands as _dot takes them (bf16 inputs stay bf16 for "bf16")
+        if DOT == "bf16":
+            out = tl.dot(a, b, acc)
+        elif DOT == "tf32-emulated":
+            out = tl.dot(_tf32(a.to(tl.float32)), _tf32(b.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT)
+        return out
+
+    # Addresses: each program computes the int64 start of its (chunk, head or group) once, a scalar,
+    # and the tiles it reads are int32 offsets from there (r: positions within the chunk, rows of
+    # `stride` elements): int64 offset vectors take twice the registers, and registers are what
+    # these kernels run short of (tests/test_gpu_compile.py).
+
+    @triton.jit
+    def _tile(ptr, r, cols, n_rows, n_cols, stride, DOT: tl.constexpr):
+        # the (len(r), len(cols)) tile at rows r, columns cols of rows of `stride` elements from the
+        # scalar pointer ptr; zeros past n_rows and n_cols. In the inputs' dtype where the dots take
+        # bf16 (half the registers; arithmetic with fp32 promotes it), else fp32 (the interpreter
+        # mistreats bf16)
+        t = tl.load(ptr + r[:, None] * stride + cols[None, :], mask=(r[:, None] < n_rows) & (cols[None, :] < n_cols),
+                    other=0.0)
+        if DOT != "bf16":
+            t = t.to(tl.float32)
+        return t
+
+    @triton.jit
+    def _doc_edges(doc, c, lim, Q: tl.constexpr):
+        # doc: the document ids of chunk c from its start (a scalar pointer), lim: its positions
+        # inside T. The document of the token before the chunk (the first token's for c = 0), whose
+        # state the chunk inherits, and the document of its last token, the only one reaching its end
+        before = tl.load(doc - tl.minimum(c, 1))
+        last = tl.load(doc + tl.minimum(lim, Q) - 1)
         return before, last
 
     @triton.jit
@@ -85,44 +124,57 @@ if triton is not None:
         # step 0: a_t = sum of dt_s A over s <= t in the chunk, the log of the decay from the
         # chunk's start to t (a is nonincreasing: dt > 0, A < 0)
         b, h, c = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
-        t = c * Q + tl.arange(0, Q)
-        dt = tl.load(dt_ptr + (b * T + t) * H + h, mask=t < T, other=0.0)
+        l = tl.arange(0, Q)
+        dt = tl.load(dt_ptr + (b * T + c * Q) * H + h + l * H, mask=l < T - c * Q, other=0.0)
         a = tl.cumsum(dt * tl.load(A_ptr + h), axis=0)
-        tl.store(a_ptr + (b * H + h) * tl.num_programs(2) * Q + t, a)
+        tl.store(a_ptr + ((b * H + h) * tl.num_programs(2) + c) * Q + l, a)
 
     @triton.jit
-    def _chunk_cb_kernel(C_ptr, B_ptr, cb_ptr, T, G, N, Q: tl.constexpr, BLOCK_N: tl.constexpr,
-                         LOWP: tl.constexpr):
-        # CB[l, s] = C_l . B_s within a chunk: the "attention scores" of the diagonal block, once
-        # per group (all its heads share them)
-        bc, g = tl.program_id(0).to(tl.int64), tl.program_id(1)
-        b, c = bc // tl.cdiv(T, Q), bc % tl.cdiv(T, Q)
-        t = c * Q + tl.arange(0, Q)
-        acc = tl.zeros((Q, Q), dtype=tl.float32)
+    def _chunk_cb_kernel(C_ptr, B_ptr, cb_ptr, T, G, N, Q: tl.constexpr, BLOCK: tl.constexpr,
+                         BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+        # CB[l, s] = C_l . B_s within a chunk, the "attention scores" of the diagonal block, one
+        # (BLOCK, BLOCK) tile of them, once per group (all its heads share them). Only tiles on or
+        # below the diagonal: every read of CB is masked to l >= s
+        bc, g, tile = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        lb, sb = tile // (Q // BLOCK), tile % (Q // BLOCK)
+        if sb > lb:
+            return
+        nc = tl.cdiv(T, Q)
+        b, c = bc // nc, bc % nc
+        lim = T - c * Q
+        start = ((b * T + c * Q) * G + g) * N
+        l, s = lb * BLOCK + tl.arange(0, BLOCK), sb * BLOCK + tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            acc += _dot(_rows(C_ptr, b, t, T, G, g, n, N), tl.trans(_rows(B_ptr, b, t, T, G, g, n, N)), LOWP)
-        q = tl.arange(0, Q)
-        tl.store(cb_ptr + ((bc * G + g) * Q + q[:, None]) * Q + q[None, :], acc)
+            acc += _dot(_tile(C_ptr + start, l, n, lim, N, G * N, DOT), tl.trans(_tile(B_ptr + start, s, n, lim, N, G * N, DOT)),
+                        DOT)
+        tl.store(cb_ptr + (bc * G + g) * Q * Q + l[:, None] * Q + s[None, :], acc)
 
     @triton.jit
     def _chunk_state_kernel(X_ptr, dt_ptr, V_ptr, a_ptr, doc_ptr, out_ptr, T, H, G, P, N,
                             Q: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr,
                             BLOCK_N: tl.constexpr, TO_END: tl.constexpr, HAS_DOC: tl.constexpr,
-                            LOWP: tl.constexpr):
-        # out = sum_l w_l X_l V_l^T over one chunk of one head, a (P, N) matrix:
+                            DOT: tl.constexpr):
+        # out = sum_l w_l X_l V_l^T over one chunk of one head, a (P, N) matrix, one (P, BLOCK_N)
+        # tile of it per program:
         #   TO_END (step 2): X = x, V = B, w_l = dt_l exp(a_end - a_l): the state the chunk ends
         #     in when it starts from zero
         #   else (backward of step 4): X = dy, V = C, w_l = exp(a_l): dL/dS, the gradient of the
         #     state the chunk starts from, through the chunk's own outputs
-        bc, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        bc, h, nb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         nc = tl.cdiv(T, Q)
         b, c, g = bc // nc, bc % nc, h // (H // G)
-        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-        a_ptr += (b * H + h) * nc * Q + c * Q
+        lim = T - c * Q
+        p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        a_ptr += ((b * H + h) * nc + c) * Q
+        X_ptr += ((b * T + c * Q) * H + h) * P
+        V_ptr += ((b * T + c * Q) * G + g) * N
+        dt_ptr += (b * T + c * Q) * H + h
+        doc_ptr += b * T + c * Q
         a_end = tl.load(a_ptr + Q - 1)
         if HAS_DOC:
-            before, last = _doc_edges(doc_ptr, b, c, T, Q)
+            before, last = _doc_edges(doc_ptr, c, lim, Q)
             if TO_END:
                 doc_ref = last
             else:
@@ -130,18 +182,17 @@ if triton is not None:
         acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
         for l0 in range(0, Q, BLOCK_Q):
             l = l0 + tl.arange(0, BLOCK_Q)
-            t = c * Q + l
             a_l = tl.load(a_ptr + l)
             if TO_END:
-                w = tl.load(dt_ptr + (b * T + t) * H + h, mask=t < T, other=0.0) * tl.exp(a_end - a_l)
+                w = tl.load(dt_ptr + l * H, mask=l < lim, other=0.0) * tl.exp(a_end - a_l)
             else:
                 w = tl.exp(a_l)
             if HAS_DOC:
-                w = tl.where(tl.load(doc_ptr + b * T + t, mask=t < T, other=-1) == doc_ref, w, 0.0)
-            Xv = _rows(X_ptr, b, t, T, H, h, p, P)
-            Vv = _rows(V_ptr, b, t, T, G, g, n, N)
-            acc += _dot(tl.trans(Xv * w[:, None]), Vv, LOWP)
-        tl.store(out_ptr + ((bc * H + h) * P + p[:, None]) * N + n[None, :], acc,
+                w = tl.where(tl.load(doc_ptr + l, mask=l < lim, other=-1) == doc_ref, w, 0.0)
+            Xv = _tile(X_ptr, l, p, lim, P, H * P, DOT)
+            Vv = _tile(V_ptr, l, n, lim, N, G * N, DOT)
+            acc += _dot(tl.trans(Xv * w[:, None]), Vv, DOT)
+        tl.store(out_ptr + (bc * H + h) * P * N + p[:, None] * N + n[None, :], acc,
                  mask=(p[:, None] < P) & (n[None, :] < N))
 
     @triton.jit
@@ -163,7 +214,7 @@ if triton is not None:
             tl.store(ptrs, s, mask=i < PN)
             keep = tl.exp(tl.load(a_ptr + (b * H + h) * nc * Q + c * Q + Q - 1))
             if HAS_DOC:  # a new document inside chunk c: the carried state stops there
-                before, last = _doc_edges(doc_ptr, b, c, T, Q)
+                before, last = _doc_edges(doc_ptr + b * T + c * Q, c, T - c * Q, Q)
                 keep = tl.where(before == last, keep, 0.0)
             s = keep * s + st
         tl.store(final_ptr + (b * H + h) * PN + i, s, mask=i < PN)
@@ -191,7 +242,7 @@ if triton is not None:
             tl.store(ptrs, gs, mask=i < PN)
             keep = tl.exp(tl.load(a_ptr + (b * H + h) * nc * Q + c * Q + Q - 1))
             if HAS_DOC:
-                before, last = _doc_edges(doc_ptr, b, c, T, Q)
+                before, last = _doc_edges(doc_ptr + b * T + c * Q, c, T - c * Q, Q)
                 keep = tl.where(before == last, keep, 0.0)
             S = tl.load(S_ptr + ((b * nc + c) * H + h) * PN + i, mask=i < PN, other=0.0)
             tl.store(dend_ptr + ((b * H + h) * nc + c) * tl.num_programs(2) + blk, keep * tl.sum(gs * S))
@@ -202,7 +253,7 @@ if triton is not None:
     def _chunk_scan_kernel(x_ptr, dt_ptr, a_ptr, cb_ptr, C_ptr, S_ptr, D_ptr, doc_ptr, y_ptr,
                            T, H, G, P, N, Q: tl.constexpr, BLOCK_L: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
-                           HAS_DOC: tl.constexpr, LOWP: tl.constexpr):
+                           HAS_DOC: tl.constexpr, DOT: tl.constexpr):
         # the outputs of a block of positions l of one chunk and head:
         #   y_l = exp(a_l) S_c C_l                                (step 4: the carried-in state)
         #       + sum_{s <= l} CB[l, s] exp(a_l - a_s) dt_s x_s   (step 1: the diagonal block)
@@ -210,153 +261,220 @@ if triton is not None:
         bc, h, lb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         nc = tl.cdiv(T, Q)
         b, c, g = bc // nc, bc % nc, h // (H // G)
+        lim = T - c * Q
         l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
-        t_l = c * Q + l
-        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-        a_ptr += (b * H + h) * nc * Q + c * Q
+        p = tl.arange(0, BLOCK_P)
+        a_ptr += ((b * H + h) * nc + c) * Q
+        xh = ((b * T + c * Q) * H + h) * P  # this chunk's first x (and y) of head h
+        C_ptr += ((b * T + c * Q) * G + g) * N
+        S_ptr += (bc * H + h) * P * N
+        cb_ptr += (bc * G + g) * Q * Q
+        dt_ptr += (b * T + c * Q) * H + h
+        doc_ptr += b * T + c * Q
         a_l = tl.load(a_ptr + l)
         decay_l = tl.exp(a_l)
         if HAS_DOC:
-            before, last = _doc_edges(doc_ptr, b, c, T, Q)
-            doc_l = tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-1)
+            before, last = _doc_edges(doc_ptr, c, lim, Q)
+            doc_l = tl.load(doc_ptr + l, mask=l < lim, other=-1)
             decay_l = tl.where(doc_l == before, decay_l, 0.0)
-        C_l = _rows(C_ptr, b, t_l, T, G, g, n, N)
-        S_T = tl.load(S_ptr + ((bc * H + h) * P + p[None, :]) * N + n[:, None],
-                      mask=(n[:, None] < N) & (p[None, :] < P), other=0.0)  # (BLOCK_N, BLOCK_P): S_c^T
-        acc = _dot(C_l, S_T, LOWP) * decay_l[:, None]  # (BLOCK_L, BLOCK_P)
+        acc = tl.zeros((BLOCK_L, BLOCK_P), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):  # C_l S_c^T over the state dim, a tile at a time
+            n = n0 + tl.arange(0, BLOCK_N)
+            S_T = tl.load(S_ptr + p[None, :] * N + n[:, None], mask=(n[:, None] < N) & (p[None, :] < P),
+                          other=0.0)  # (BLOCK_N, BLOCK_P): S_c^T
+            acc += _dot(_tile(C_ptr, l, n, lim, N, G * N, DOT), S_T, DOT)
+        acc = acc * decay_l[:, None]  # (BLOCK_L, BLOCK_P)
         for s0 in range(0, (lb + 1) * BLOCK_L, BLOCK_L):  # only blocks on or below the diagonal
             s = s0 + tl.arange(0, BLOCK_L)
-            t_s = c * Q + s
-            cb = tl.load(cb_ptr + ((bc * G + g) * Q + l[:, None]) * Q + s[None, :])
+            cb = tl.load(cb_ptr + l[:, None] * Q + s[None, :])
             a_s = tl.load(a_ptr + s)
-            dt_s = tl.load(dt_ptr + (b * T + t_s) * H + h, mask=t_s < T, other=0.0)
+            dt_s = tl.load(dt_ptr + s * H, mask=s < lim, other=0.0)
             keep = l[:, None] >= s[None, :]
             if HAS_DOC:
-                keep &= doc_l[:, None] == tl.load(doc_ptr + b * T + t_s, mask=t_s < T, other=-2)[None, :]
+                keep &= doc_l[:, None] == tl.load(doc_ptr + s, mask=s < lim, other=-2)[None, :]
             # min(., 0): above the diagonal a_l - a_s > 0 could overflow before the mask drops it
             w = tl.where(keep, cb * tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)) * dt_s[None, :], 0.0)
-            x_s = _rows(x_ptr, b, t_s, T, H, h, p, P)
-            acc += _dot(w, x_s, LOWP)
-        xl_ptrs = ((b * T + t_l[:, None]) * H + h) * P + p[None, :]
-        lm = (t_l[:, None] < T) & (p[None, :] < P)
+            acc += _dot(w, _tile(x_ptr + xh, s, p, lim, P, H * P, DOT), DOT)
+        xl = l[:, None] * (H * P) + p[None, :]
+        lm = (l[:, None] < lim) & (p[None, :] < P)
         if HAS_D:
-            acc += tl.load(D_ptr + h) * tl.load(x_ptr + xl_ptrs, mask=lm, other=0.0).to(tl.float32)
-        tl.store(y_ptr + xl_ptrs, acc.to(y_ptr.dtype.element_ty), mask=lm)
+            acc += tl.load(D_ptr + h) * tl.load(x_ptr + xh + xl, mask=lm, other=0.0).to(tl.float32)
+        tl.store(y_ptr + xh + xl, acc.to(y_ptr.dtype.element_ty), mask=lm)
+
+    # The backward of steps 1 and 2 within each chunk, for a head h of group g, with u_s = dt_s x_s,
+    # dSt = dL/dst (the gradient of the chunk's end state, from step 3's backward), S = S_c,
+    # w_s = exp(a_end - a_s), L[l, s] = exp(a_l - a_s) for l >= s, e_l = exp(a_l), and
+    # dCB[l, s] = L[l, s] dy_l . u_s:
+    #   du_s = w_s dSt B_s + sum_{l >= s} CB[l, s] L[l, s] dy_l,   dx_s = dt_s du_s + D dy_s,
+    #   ddt_s = x_s . du_s,   dB_s = sum_h (w_s dSt^T u_s + sum_{l >= s} dCB[l, s] C_l),
+    #   dC_l = sum_h (e_l S^T dy_l + sum_{s <= l} dCB[l, s] B_s),
+    #   da_t += e_t dy_t . S C_t - m_t - sum_l CB[l, t] dCB[l, t] + sum_s CB[t, s] dCB[t, s],
+    # and a_end += sum_s m_s, m_s = w_s u_s . dSt B_s (on the host). Three kernels, in this order:
+    # dx (per head: dx, ddt, m and da's -m), dB and dC (per group and tile of N, summing the group's
+    # heads in a loop: no per-head copy of B's or C's gradient; their first tiles add da's other
+    # terms: the sums of CB dCB, which need dCB as they do, and e dy . S C, to the dC kernel).
 
     @triton.jit
-    def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, cb_ptr, B_ptr, C_ptr, dy_ptr, dSt_ptr, D_ptr,
-                                  doc_ptr, dx_ptr, ddt_ptr, dB_ptr, da_ptr, m_ptr,
-                                  T, H, G, P, N, Q: tl.constexpr, BLOCK_S: tl.constexpr,
-                                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr,
-                                  HAS_DOC: tl.constexpr, LOWP: tl.constexpr):
-        # the gradients through the input term dt_s x_s B_s^T of a block of positions s, with
-        # u_s = dt_s x_s and dSt = dL/dst, the gradient of the chunk's end state (from step 3):
-        #   into the end state (step 2), w_s = exp(a_end - a_s):
-        #     du_s += w_s dSt B_s,   dB_s += w_s dSt^T u_s,   m_s = w_s u_s . dSt B_s
-        #   into the chunk's later outputs (step 1), over l >= s, L[l, s] = exp(a_l - a_s):
-        #     du_s += sum_l CB[l, s] L[l, s] dy_l,   dCB[l, s] = L[l, s] dy_l . u_s,
-        #     dB_s += sum_l dCB[l, s] C_l,   da_s -= sum_l CB[l, s] dCB[l, s]
-        # then dx_s = dt_s du_s + D dy_s and ddt_s = x_s . du_s. dB is per head (the host sums
-        # the heads of a group); da_s gets -m_s here and a_end gets sum_s m_s on the host.
+    def _chunk_scan_bwd_dx_kernel(x_ptr, dt_ptr, a_ptr, cb_ptr, B_ptr, dy_ptr, dSt_ptr, D_ptr,
+                                  doc_ptr, dx_ptr, ddt_ptr, da_ptr, m_ptr, T, H, G, P, N,
+                                  Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_DOC: tl.constexpr,
+                                  DOT: tl.constexpr):
+        # du_s, dx_s, ddt_s, m_s and da_s's term -m_s, for a block of positions s of one head.
+        # x_s and dy_s are read again where needed rather than held through the loops (registers)
         bc, h, sb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         nc = tl.cdiv(T, Q)
         b, c, g = bc // nc, bc % nc, h // (H // G)
+        lim = T - c * Q
         s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-        t_s = c * Q + s
-        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-        a_ptr += (b * H + h) * nc * Q + c * Q
-        a_s = tl.load(a_ptr + s)
-        dt_s = tl.load(dt_ptr + (b * T + t_s) * H + h, mask=t_s < T, other=0.0)
-        xs_ptrs = ((b * T + t_s[:, None]) * H + h) * P + p[None, :]
-        sm = (t_s[:, None] < T) & (p[None, :] < P)
-        x_s = tl.load(x_ptr + xs_ptrs, mask=sm, other=0.0).to(tl.float32)
-        u_s = x_s * dt_s[:, None]  # (BLOCK_S, BLOCK_P)
-        B_s = _rows(B_ptr, b, t_s, T, G, g, n, N)
-        w = tl.exp(tl.load(a_ptr + Q - 1) - a_s)
+        p = tl.arange(0, BLOCK_P)
+        ah = ((b * H + h) * nc + c) * Q  # this head's a (and da, m) in this chunk
+        xh = ((b * T + c * Q) * H + h) * P  # its first x (and dy, dx)
+        BC_g = ((b * T + c * Q) * G + g) * N  # the group's first B (and C)
+        Sh = (bc * H + h) * P * N  # its dSt
+        dt_ptr += (b * T + c * Q) * H + h
+        doc_ptr += b * T + c * Q
+        a_s = tl.load(a_ptr + ah + s)
+        dt_s = tl.load(dt_ptr + s * H, mask=s < lim, other=0.0)
+        xs = s[:, None] * (H * P) + p[None, :]
+        sm = (s[:, None] < lim) & (p[None, :] < P)
+        w = tl.exp(tl.load(a_ptr + ah + Q - 1) - a_s)
         if HAS_DOC:
-            before, last = _doc_edges(doc_ptr, b, c, T, Q)
-            doc_s = tl.load(doc_ptr + b * T + t_s, mask=t_s < T, other=-1)
+            before, last = _doc_edges(doc_ptr, c, lim, Q)
+            doc_s = tl.load(doc_ptr + s, mask=s < lim, other=-1)
             w = tl.where(doc_s == last, w, 0.0)
-        dSt = tl.load(dSt_ptr + ((bc * H + h) * P + p[:, None]) * N + n[None, :],
-                      mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
-        du = _dot(B_s, tl.trans(dSt), LOWP) * w[:, None]  # (BLOCK_S, BLOCK_P)
-        dB = _dot(u_s, dSt, LOWP) * w[:, None]  # (BLOCK_S, BLOCK_N)
-        m = tl.sum(du * u_s, axis=1)
+        du = tl.zeros((BLOCK_S, BLOCK_P), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):  # dSt B_s over the state dim, a tile at a time
+            n = n0 + tl.arange(0, BLOCK_N)
+            dSt = tl.load(dSt_ptr + Sh + p[:, None] * N + n[None, :], mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+            du += _dot(_tile(B_ptr + BC_g, s, n, lim, N, G * N, DOT), tl.trans(dSt), DOT)
+        du = du * w[:, None]  # (BLOCK_S, BLOCK_P)
+        m = tl.sum(du * tl.load(x_ptr + xh + xs, mask=sm, other=0.0).to(tl.float32), axis=1) * dt_s  # w u . dSt B
         da = -m
         for l0 in range(sb * BLOCK_S, Q, BLOCK_S):  # only blocks on or below the diagonal
             l = l0 + tl.arange(0, BLOCK_S)
-            t_l = c * Q + l
-            a_l = tl.load(a_ptr + l)
-            cb = tl.load(cb_ptr + ((bc * G + g) * Q + l[:, None]) * Q + s[None, :])  # (BLOCK_S l, BLOCK_S s)
             keep = l[:, None] >= s[None, :]
             if HAS_DOC:
-                keep &= tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-2)[:, None] == doc_s[None, :]
-            L = tl.where(keep, tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)), 0.0)
-            dy_l = _rows(dy_ptr, b, t_l, T, H, h, p, P)
-            C_l = _rows(C_ptr, b, t_l, T, G, g, n, N)
-            du += _dot(tl.trans(cb * L), dy_l, LOWP)
-            dcb = L * _dot(dy_l, tl.trans(u_s), LOWP)
-            dB += _dot(tl.trans(dcb), C_l, LOWP)
-            da -= tl.sum(cb * dcb, axis=0)
+                keep &= tl.load(doc_ptr + l, mask=l < lim, other=-2)[:, None] == doc_s[None, :]
+            cb = tl.load(cb_ptr + (bc * G + g) * Q * Q + l[:, None] * Q + s[None, :])  # (l, s)
+            w_ls = tl.where(keep, cb * tl.exp(tl.minimum(tl.load(a_ptr + ah + l)[:, None] - a_s[None, :], 0.0)), 0.0)
+            du += _dot(tl.trans(w_ls), _tile(dy_ptr + xh, l, p, lim, P, H * P, DOT), DOT)
         dx = du * dt_s[:, None]
         if HAS_D:
-            dx += tl.load(D_ptr + h) * tl.load(dy_ptr + xs_ptrs, mask=sm, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + xs_ptrs, dx, mask=sm)
-        tl.store(ddt_ptr + (b * T + t_s) * H + h, tl.sum(du * x_s, axis=1), mask=t_s < T)
-        tl.store(dB_ptr + ((b * T + t_s[:, None]) * H + h) * N + n[None, :], dB,
-                 mask=(t_s[:, None] < T) & (n[None, :] < N))
-        tl.store(da_ptr + (b * H + h) * nc * Q + c * Q + s, da)
-        tl.store(m_ptr + (b * H + h) * nc * Q + c * Q + s, m)
+            dx += tl.load(D_ptr + h) * tl.load(dy_ptr + xh + xs, mask=sm, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + xh + xs, dx, mask=sm)
+        ddt = tl.sum(du * tl.load(x_ptr + xh + xs, mask=sm, other=0.0).to(tl.float32), axis=1)
+        tl.store(ddt_ptr + (b * T + c * Q) * H + h + s * H, ddt, mask=s < lim)
+        tl.store(da_ptr + ah + s, da)
+        tl.store(m_ptr + ah + s, m)
+
+    @triton.jit
+    def _chunk_scan_bwd_db_kernel(x_ptr, dt_ptr, a_ptr, cb_ptr, C_ptr, dy_ptr, dSt_ptr, doc_ptr, dB_ptr, da_ptr,
+                                  T, H, G, P, N, Q: tl.constexpr, BLOCK_S: tl.constexpr,
+                                  BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr,
+                                  DOT: tl.constexpr):
+        # dB_s for a block of positions s and a tile of N of one group, summed over its heads; the
+        # first tile also subtracts sum_l CB[l, s] dCB[l, s] from each head's da
+        bc, g, tile = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        sb, nb = tile // tl.cdiv(N, BLOCK_N), tile % tl.cdiv(N, BLOCK_N)
+        nc = tl.cdiv(T, Q)
+        b, c, hpg = bc // nc, bc % nc, H // G
+        lim = T - c * Q
+        s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+        p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        BC_g = ((b * T + c * Q) * G + g) * N
+        cb_ptr += (bc * G + g) * Q * Q
+        doc_ptr += b * T + c * Q
+        if HAS_DOC:
+            before, last = _doc_edges(doc_ptr, c, lim, Q)
+            doc_s = tl.load(doc_ptr + s, mask=s < lim, other=-1)
+        acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+        for hh in range(hpg):
+            h = g * hpg + hh
+            ah = ((b * H + h) * nc + c) * Q  # this head's a (and da) in this chunk
+            xh = ((b * T + c * Q) * H + h) * P
+            a_s = tl.load(a_ptr + ah + s)
+            dt_s = tl.load(dt_ptr + (b * T + c * Q) * H + h + s * H, mask=s < lim, other=0.0)
+            u_s = _tile(x_ptr + xh, s, p, lim, P, H * P, DOT) * dt_s[:, None]  # (BLOCK_S, BLOCK_P)
+            w = tl.exp(tl.load(a_ptr + ah + Q - 1) - a_s)
+            if HAS_DOC:
+                w = tl.where(doc_s == last, w, 0.0)
+            dSt = tl.load(dSt_ptr + (bc * H + h) * P * N + p[:, None] * N + n[None, :],
+                          mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+            acc += _dot(u_s * w[:, None], dSt, DOT)
+            da = tl.zeros((BLOCK_S,), dtype=tl.float32)
+            for l0 in range(sb * BLOCK_S, Q, BLOCK_S):
+                l = l0 + tl.arange(0, BLOCK_S)
+                keep = l[:, None] >= s[None, :]
+                if HAS_DOC:
+                    keep &= tl.load(doc_ptr + l, mask=l < lim, other=-2)[:, None] == doc_s[None, :]
+                L = tl.where(keep, tl.exp(tl.minimum(tl.load(a_ptr + ah + l)[:, None] - a_s[None, :], 0.0)), 0.0)
+                dcb = L * _dot(_tile(dy_ptr + xh, l, p, lim, P, H * P, DOT), tl.trans(u_s), DOT)  # (l, s)
+                acc += _dot(tl.trans(dcb), _tile(C_ptr + BC_g, l, n, lim, N, G * N, DOT), DOT)
+                if nb == 0:
+                    da -= tl.sum(tl.where(keep, tl.load(cb_ptr + l[:, None] * Q + s[None, :]), 0.0) * dcb, axis=0)
+            if nb == 0:
+                tl.store(da_ptr + ah + s, tl.load(da_ptr + ah + s) + da)
+        tl.store(dB_ptr + BC_g + s[:, None] * (G * N) + n[None, :], acc, mask=(s[:, None] < lim) & (n[None, :] < N))
 
     @triton.jit
     def _chunk_scan_bwd_dc_kernel(x_ptr, dt_ptr, a_ptr, cb_ptr, B_ptr, C_ptr, dy_ptr, S_ptr, doc_ptr,
                                   dC_ptr, da_ptr, T, H, G, P, N, Q: tl.constexpr,
                                   BLOCK_L: tl.constexpr, BLOCK_P: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr, LOWP: tl.constexpr):
-        # the gradients through C_l and a_l of a block of outputs l (run after the dx kernel,
-        # whose da it adds to):
-        #   carried-in state (step 4), e_l = exp(a_l):  dC_l += e_l S_c^T dy_l,
-        #     da_l += e_l dy_l . S_c C_l
-        #   diagonal block (step 1), over s <= l:  dC_l += sum_s dCB[l, s] B_s,
-        #     da_l += sum_s CB[l, s] dCB[l, s]
-        bc, h, lb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+                                  BLOCK_N: tl.constexpr, HAS_DOC: tl.constexpr, DOT: tl.constexpr):
+        # dC_l for a block of outputs l and a tile of N of one group, summed over its heads; the
+        # first tile also adds da's other terms, e_l dy_l . S C_l (over all of N) and
+        # sum_s CB[l, s] dCB[l, s], to each head's da
+        bc, g, tile = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        lb, nb = tile // tl.cdiv(N, BLOCK_N), tile % tl.cdiv(N, BLOCK_N)
         nc = tl.cdiv(T, Q)
-        b, c, g = bc // nc, bc % nc, h // (H // G)
+        b, c, hpg = bc // nc, bc % nc, H // G
+        lim = T - c * Q
         l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
-        t_l = c * Q + l
-        p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-        a_ptr += (b * H + h) * nc * Q + c * Q
-        a_l = tl.load(a_ptr + l)
-        decay_l = tl.exp(a_l)
+        p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        BC_g = ((b * T + c * Q) * G + g) * N
+        cb_ptr += (bc * G + g) * Q * Q
+        doc_ptr += b * T + c * Q
         if HAS_DOC:
-            before, last = _doc_edges(doc_ptr, b, c, T, Q)
-            doc_l = tl.load(doc_ptr + b * T + t_l, mask=t_l < T, other=-1)
-            decay_l = tl.where(doc_l == before, decay_l, 0.0)
-        dy_l = _rows(dy_ptr, b, t_l, T, H, h, p, P)
-        C_l = _rows(C_ptr, b, t_l, T, G, g, n, N)
-        S = tl.load(S_ptr + ((bc * H + h) * P + p[:, None]) * N + n[None, :],
-                    mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
-        dC = _dot(dy_l, S, LOWP) * decay_l[:, None]  # (BLOCK_L, BLOCK_N)
-        da = decay_l * tl.sum(dy_l * _dot(C_l, tl.trans(S), LOWP), axis=1)
-        for s0 in range(0, (lb + 1) * BLOCK_L, BLOCK_L):
-            s = s0 + tl.arange(0, BLOCK_L)
-            t_s = c * Q + s
-            a_s = tl.load(a_ptr + s)
-            dt_s = tl.load(dt_ptr + (b * T + t_s) * H + h, mask=t_s < T, other=0.0)
-            cb = tl.load(cb_ptr + ((bc * G + g) * Q + l[:, None]) * Q + s[None, :])
-            keep = l[:, None] >= s[None, :]
+            before, last = _doc_edges(doc_ptr, c, lim, Q)
+            doc_l = tl.load(doc_ptr + l, mask=l < lim, other=-1)
+        acc = tl.zeros((BLOCK_L, BLOCK_N), dtype=tl.float32)
+        for hh in range(hpg):
+            h = g * hpg + hh
+            ah = ((b * H + h) * nc + c) * Q  # this head's a (and da) in this chunk
+            xh = ((b * T + c * Q) * H + h) * P
+            a_l = tl.load(a_ptr + ah + l)
+            decay_l = tl.exp(a_l)
             if HAS_DOC:
-                keep &= doc_l[:, None] == tl.load(doc_ptr + b * T + t_s, mask=t_s < T, other=-2)[None, :]
-            L = tl.where(keep, tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)), 0.0)
-            u_s = _rows(x_ptr, b, t_s, T, H, h, p, P) * dt_s[:, None]
-            B_s = _rows(B_ptr, b, t_s, T, G, g, n, N)
-            dcb = L * _dot(dy_l, tl.trans(u_s), LOWP)  # (BLOCK_L, BLOCK_L)
-            dC += _dot(dcb, B_s, LOWP)
-            da += tl.sum(cb * dcb, axis=1)
-        tl.store(dC_ptr + ((b * T + t_l[:, None]) * H + h) * N + n[None, :], dC,
-                 mask=(t_l[:, None] < T) & (n[None, :] < N))
-        da_ptrs = da_ptr + (b * H + h) * nc * Q + c * Q + l
-        tl.store(da_ptrs, tl.load(da_ptrs) + da)
+                decay_l = tl.where(doc_l == before, decay_l, 0.0)
+            dy_l = _tile(dy_ptr + xh, l, p, lim, P, H * P, DOT)
+            S = tl.load(S_ptr + (bc * H + h) * P * N + p[:, None] * N + n[None, :],
+                        mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)  # (BLOCK_P, BLOCK_N)
+            acc += _dot(dy_l * decay_l[:, None], S, DOT)
+            da = tl.zeros((BLOCK_L,), dtype=tl.float32)
+            if nb == 0:
+                for n0 in range(0, N, BLOCK_N):  # e_l dy_l . S C_l = e_l sum_n (S^T dy_l)_n C_ln, a tile at a time
+                    n_all = n0 + tl.arange(0, BLOCK_N)
+                    S_n = tl.load(S_ptr + (bc * H + h) * P * N + p[:, None] * N + n_all[None, :],
+                                  mask=(p[:, None] < P) & (n_all[None, :] < N), other=0.0)
+                    da += tl.sum(_dot(dy_l, S_n, DOT) * _tile(C_ptr + BC_g, l, n_all, lim, N, G * N, DOT), axis=1)
+                da = da * decay_l
+            for s0 in range(0, (lb + 1) * BLOCK_L, BLOCK_L):
+                s = s0 + tl.arange(0, BLOCK_L)
+                a_s = tl.load(a_ptr + ah + s)
+                dt_s = tl.load(dt_ptr + (b * T + c * Q) * H + h + s * H, mask=s < lim, other=0.0)
+                keep = l[:, None] >= s[None, :]
+                if HAS_DOC:
+                    keep &= doc_l[:, None] == tl.load(doc_ptr + s, mask=s < lim, other=-2)[None, :]
+                L = tl.where(keep, tl.exp(tl.minimum(a_l[:, None] - a_s[None, :], 0.0)), 0.0)
+                u_s = _tile(x_ptr + xh, s, p, lim, P, H * P, DOT) * dt_s[:, None]
+                dcb = L * _dot(dy_l, tl.trans(u_s), DOT)  # (BLOCK_L, BLOCK_L)
+                acc += _dot(dcb, _tile(B_ptr + BC_g, s, n, lim, N, G * N, DOT), DOT)
+                if nb == 0:
+                    da += tl.sum(tl.where(keep, tl.load(cb_ptr + l[:, None] * Q + s[None, :]), 0.0) * dcb, axis=1)
+            if nb == 0:
+                tl.store(da_ptr + ah + l, tl.load(da_ptr + ah + l) + da)
+        tl.store(dC_ptr + BC_g + l[:, None] * (G * N) + n[None, :], acc, mask=(l[:, None] < lim) & (n[None, :] < N))
 
     # -------------------------------------------------------------------------
     # SSD state update for k tokens
@@ -372,14 +490,17 @@ if triton is not None:
                            s_sb, s_sk, s_sh, s_sp,
                            HAS_D: tl.constexpr, SAVE_STATES: tl.constexpr,
                            BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-        b, hd, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        # int64 starts: b * s_hb and the like pass 2^31 once B*H*P*N does (a large batch of long
+        # states); int32 offsets within the tile (int64 vectors would double their registers)
+        b, hd, pb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         g = hd // (H // G)  # the group whose B and C this head reads
         p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         n = tl.arange(0, BLOCK_N)
         pm, nm = p < P, n < N
         hmask = pm[:, None] & nm[None, :]
-        h_ptrs = h_ptr + b * s_hb + hd * s_hh + p[:, None] * s_hp + n[None, :]
-        h = tl.load(h_ptrs, mask=hmask, other=0.0)  # (BLOCK_P, BLOCK_N) fp32, kept in registers
+        pn, pn_s = p[:, None] * s_hp + n[None, :], p[:, None] * s_sp + n[None, :]
+        h_ptr += b * s_hb + hd * s_hh
+        h = tl.load(h_ptr + pn, mask=hmask, other=0.0)  # (BLOCK_P, BLOCK_N) fp32, kept in registers
         A = tl.load(A_ptr + hd).to(tl.float32)
         if HAS_D:
             D = tl.load(D_ptr + hd).to(tl.float32)
@@ -397,9 +518,8 @@ if triton is not None:
                 y += D * x
             tl.store(y_ptr + b * s_yb + t * s_yk + hd * s_yh + p, y.to(y_ptr.dtype.element_ty), mask=pm)
             if SAVE_STATES:  # every intermediate state, for speculative decoding to roll back to
-                tl.store(hs_ptr + b * s_sb + t * s_sk + hd * s_sh + p[:, None] * s_sp + n[None, :], h,
-                         mask=hmask)
-        tl.store(h_ptrs, h, mask=hmask)
+                tl.store(hs_ptr + (b * s_sb + t * s_sk + hd * s_sh) + pn_s, h, mask=hmask)
+        tl.store(h_ptr + pn, h, mask=hmask)
 
     # -------------------------------------------------------------------------
     # causal depthwise conv update for k tokens
@@ -413,7 +533,7 @@ if triton is not None:
                             KW: tl.constexpr, BLOCK_C: tl.constexpr):
         # the k new inputs extend the K-1 cached ones: s = [state_0 .. state_{K-2}, x_0 .. x_{T-1}],
         # out_t = silu(bias + sum_j w_j s_{t+j}), and the new state is the last K-1 entries of s
-        b, cb = tl.program_id(0), tl.program_id(1)
+        b, cb = tl.program_id(0).to(tl.int64), tl.program_id(1)
         c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cm = c < C
         bias = tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)
@@ -456,13 +576,44 @@ def _ssd_prepare(x, dt, A, B, C, Q, D, initial_state, seq_idx):
     return x, dt, A, B, C, D, initial_state, seq_idx
 
 
+def dot_kind(t):
+    """The one TF32 policy of the kernels' tl.dot, for inputs like t: "bf16" operands for bf16
+    inputs on a GPU; fp32 operands otherwise (the interpreter mistreats bf16), in TF32 where torch's
+    own fp32 matmuls are (torch.backends.cuda.matmul.allow_tf32: train.py turns it on; off by
+    default, so tests compare exact fp32), else "ieee". The interpreter computes TF32 exactly, so
+    there "tf32-emulated" truncates the operands to TF32 first, as a GPU reads them."""
+    if t.dtype != torch.float32 and not INTERPRET:
+        return "bf16"
+    if not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32-emulated" if INTERPRET else "tf32"
+
+
+# (positions per block, state entries per tile of N, warps, pipeline stages) of each SSD kernel on a
+# GPU, chosen with tests/test_gpu_compile.py: each compiles for sm_90 (and sm_100 in bf16) within the
+# shared memory, with no register spills and with tensor-core dots, at headdim 64, d_state 128 and
+# 256, chunk 128 and 256, bf16 and TF32, with and without documents. Not tuned for speed: no GPU yet
+SSD_TILES = {"cb": (64, 64, 8, 2), "state": (64, 64, 8, 2), "scan": (64, 64, 8, 2),
+             "dx": (32, 64, 8, 2), "db": (32, 64, 8, 1), "dc": (32, 32, 8, 1)}
+
+
+def ssd_tiles(x):
+    """SSD_TILES for a GPU's inputs; in the interpreter blocks of 64 and whole N, the fewest
+    programs (each costs ~0.5 ms of Python there). Tests swap in small tiles to run the GPU's
+    tiling (several N tiles, blocks smaller than a chunk) in the interpreter."""
+    return SSD_TILES if gpu_tiles(x) else {k: (64, 1 << 30, None, None) for k in SSD_TILES}
+
+
 def _ssd_meta(x, B, Q):
-    """Launch parameters shared by the SSD kernels."""
+    """Launch parameters of the SSD kernels: for each, its block of positions (at most the chunk),
+    its tile of N and its launch options, from ssd_tiles."""
     P, N = x.shape[3], B.shape[3]
-    # bf16 dot operands on a GPU for bf16 inputs; fp32 in the interpreter, which mistreats bf16
-    lowp = x.dtype != torch.float32 and not INTERPRET
-    return dict(Q=Q, BLOCK_P=max(16, triton.next_power_of_2(P)), BLOCK_N=max(16, triton.next_power_of_2(N)),
-                BLOCK=min(Q, 64), LOWP=lowp)
+    BLOCK_P, BLOCK_N = max(16, triton.next_power_of_2(P)), max(16, triton.next_power_of_2(N))
+    meta = dict(Q=Q, BLOCK_P=BLOCK_P, DOT=dot_kind(x))
+    for k, (block, tile_n, warps, stages) in ssd_tiles(x).items():
+        launch = dict(num_warps=warps, num_stages=stages) if warps else {}
+        meta[k] = (min(block, Q), min(tile_n, BLOCK_N), launch)
+    return meta
 
 
 def _ssd_states(x, dt, A, B, C, initial_state, seq_idx, meta):
@@ -474,12 +625,15 @@ def _ssd_states(x, dt, A, B, C, initial_state, seq_idx, meta):
     doc = seq_idx if seq_idx is not None else dt  # a dummy pointer when there are no documents
     a = torch.empty(Bsz, H, nc * Q, device=x.device, dtype=torch.float32)
     _chunk_cumsum_kernel[(Bsz, H, nc)](dt, A, a, T, H, Q=Q)
-    CB = torch.empty(Bsz, nc, G, Q, Q, device=x.device, dtype=torch.float32)
-    _chunk_cb_kernel[(Bsz * nc, G)](C, B, CB, T, G, N, Q=Q, BLOCK_N=min(meta["BLOCK_N"], 64), LOWP=meta["LOWP"])
+    CB = torch.empty(Bsz, nc, G, Q, Q, device=x.device, dtype=torch.float32)  # tiles above the diagonal unset
+    BLOCK, TILE_N, launch = meta["cb"]
+    _chunk_cb_kernel[(Bsz * nc, G, (Q // BLOCK) ** 2)](C, B, CB, T, G, N, Q=Q, BLOCK=BLOCK, BLOCK_N=TILE_N,
+                                                       DOT=meta["DOT"], **launch)
     S = torch.empty(Bsz, nc, H, P, N, device=x.device, dtype=torch.float32)
-    _chunk_state_kernel[(Bsz * nc, H)](x, dt, B, a, doc, S, T, H, G, P, N, Q=Q, BLOCK_Q=meta["BLOCK"],
-                                       BLOCK_P=meta["BLOCK_P"], BLOCK_N=meta["BLOCK_N"], TO_END=True,
-                                       HAS_DOC=seq_idx is not None, LOWP=meta["LOWP"])
+    BLOCK, TILE_N, launch = meta["state"]
+    _chunk_state_kernel[(Bsz * nc, H, triton.cdiv(N, TILE_N))](
+        x, dt, B, a, doc, S, T, H, G, P, N, Q=Q, BLOCK_Q=BLOCK, BLOCK_P=meta["BLOCK_P"], BLOCK_N=TILE_N,
+        TO_END=True, HAS_DOC=seq_idx is not None, DOT=meta["DOT"], **launch)
     final = torch.empty(Bsz, H, P, N, device=x.device, dtype=torch.float32)
     BLOCK = min(1024, triton.next_power_of_2(P * N))
     _state_passing_kernel[(Bsz, H, triton.cdiv(P * N, BLOCK))](
@@ -502,10 +656,11 @@ class _SSD(torch.autograd.Function):
         meta = _ssd_meta(x, B, Q)
         a, CB, S, final = _ssd_states(x, dt, A, B, C, initial_state, seq_idx, meta)
         y = torch.empty_like(x)  # in x's dtype, as the mixer's next op (the gated norm) reads it
-        _chunk_scan_kernel[(Bsz * triton.cdiv(T, Q), H, Q // meta["BLOCK"])](
+        BLOCK, TILE_N, launch = meta["scan"]
+        _chunk_scan_kernel[(Bsz * triton.cdiv(T, Q), H, Q // BLOCK)](
             x, dt, a, CB, C, S, D if D is not None else A, seq_idx if seq_idx is not None else dt, y,
-            T, H, G, P, N, Q=Q, BLOCK_L=meta["BLOCK"], BLOCK_P=meta["BLOCK_P"], BLOCK_N=meta["BLOCK_N"],
-            HAS_D=D is not None, HAS_DOC=seq_idx is not None, LOWP=meta["LOWP"])
+            T, H, G, P, N, Q=Q, BLOCK_L=BLOCK, BLOCK_P=meta["BLOCK_P"], BLOCK_N=TILE_N,
+            HAS_D=D is not None, HAS_DOC=seq_idx is not None, DOT=meta["DOT"], **launch)
         ctx.save_for_backward(x, dt, A, B, C, D, initial_state, seq_idx)
         ctx.Q = Q
         return y, final
@@ -526,31 +681,36 @@ class _SSD(torch.autograd.Function):
         # 2) dL/dS_c through each chunk's own outputs (backward of step 4), then back through the
         # state passing (step 3): dS becomes dL/dst_c, the gradient of each chunk's end state
         dS = torch.empty(Bsz, nc, H, P, N, **f32)
-        _chunk_state_kernel[(Bsz * nc, H)](dy, dt, C, a, doc, dS, T, H, G, P, N, Q=Q, BLOCK_Q=meta["BLOCK"],
-                                           BLOCK_P=meta["BLOCK_P"], BLOCK_N=meta["BLOCK_N"], TO_END=False,
-                                           HAS_DOC=seq_idx is not None, LOWP=meta["LOWP"])
-        BLOCK = min(1024, triton.next_power_of_2(P * N))
-        nblk = triton.cdiv(P * N, BLOCK)
+        BLOCK, TILE_N, launch = meta["state"]
+        _chunk_state_kernel[(Bsz * nc, H, triton.cdiv(N, TILE_N))](
+            dy, dt, C, a, doc, dS, T, H, G, P, N, Q=Q, BLOCK_Q=BLOCK, BLOCK_P=meta["BLOCK_P"], BLOCK_N=TILE_N,
+            TO_END=False, HAS_DOC=seq_idx is not None, DOT=meta["DOT"], **launch)
+        PN_BLOCK = min(1024, triton.next_power_of_2(P * N))
+        nblk = triton.cdiv(P * N, PN_BLOCK)
         dinit = torch.empty(Bsz, H, P, N, **f32)
         dend = torch.empty(Bsz, H, nc, nblk, **f32)
         _state_passing_bwd_kernel[(Bsz, H, nblk)](
             dS, S, a, dfinal.float().contiguous() if dfinal is not None else dS, dinit, dend, doc, T, H, P * N,
-            Q=Q, BLOCK=BLOCK, HAS_DFINAL=dfinal is not None, HAS_DOC=seq_idx is not None)
-        # 3) through steps 1 and 2, within each chunk: dx, ddt (its x part), dB and dC per head, da
+            Q=Q, BLOCK=PN_BLOCK, HAS_DFINAL=dfinal is not None, HAS_DOC=seq_idx is not None)
+        # 3) through steps 1 and 2, within each chunk: dx, ddt (its x part) and da per head; dB and dC
+        # per group (the kernels sum the group's heads)
         dx = torch.empty(Bsz, T, H, P, **f32)
         ddt = torch.empty(Bsz, T, H, **f32)
-        dB = torch.empty(Bsz, T, H, N, **f32)
-        dC = torch.empty(Bsz, T, H, N, **f32)
+        dB = torch.empty(Bsz, T, G, N, **f32)
+        dC = torch.empty(Bsz, T, G, N, **f32)
         da = torch.empty(Bsz, H, nc * Q, **f32)
         m = torch.empty(Bsz, H, nc * Q, **f32)
-        grid = (Bsz * nc, H, Q // meta["BLOCK"])
-        common = dict(Q=Q, BLOCK_P=meta["BLOCK_P"], BLOCK_N=meta["BLOCK_N"], HAS_DOC=seq_idx is not None,
-                      LOWP=meta["LOWP"])
-        _chunk_scan_bwd_dx_kernel[grid](x, dt, a, CB, B, C, dy, dS, D if D is not None else A, doc,
-                                        dx, ddt, dB, da, m, T, H, G, P, N, BLOCK_S=meta["BLOCK"],
-                                        HAS_D=D is not None, **common)
-        _chunk_scan_bwd_dc_kernel[grid](x, dt, a, CB, B, C, dy, S, doc, dC, da, T, H, G, P, N,
-                                        BLOCK_L=meta["BLOCK"], **common)
+        common = dict(Q=Q, BLOCK_P=meta["BLOCK_P"], HAS_DOC=seq_idx is not None, DOT=meta["DOT"])
+        BLOCK, TILE_N, launch = meta["dx"]
+        _chunk_scan_bwd_dx_kernel[(Bsz * nc, H, Q // BLOCK)](
+            x, dt, a, CB, B, dy, dS, D if D is not None else A, doc, dx, ddt, da, m, T, H, G, P, N,
+            BLOCK_S=BLOCK, BLOCK_N=TILE_N, HAS_D=D is not None, **common, **launch)
+        BLOCK, TILE_N, launch = meta["db"]
+        _chunk_scan_bwd_db_kernel[(Bsz * nc, G, Q // BLOCK * triton.cdiv(N, TILE_N))](
+            x, dt, a, CB, C, dy, dS, doc, dB, da, T, H, G, P, N, BLOCK_S=BLOCK, BLOCK_N=TILE_N, **common, **launch)
+        BLOCK, TILE_N, launch = meta["dc"]
+        _chunk_scan_bwd_dc_kernel[(Bsz * nc, G, Q // BLOCK * triton.cdiv(N, TILE_N))](
+            x, dt, a, CB, B, C, dy, S, doc, dC, da, T, H, G, P, N, BLOCK_L=BLOCK, BLOCK_N=TILE_N, **common, **launch)
         # 4) a_end of each chunk gets the terms that the kernels left to the host, then the
         # backward of step 0: dL/d(dt_t A) is the sum of da over positions >= t in its chunk
         da = da.view(Bsz, H, nc, Q)  # (B, H, c, Q)
@@ -559,8 +719,6 @@ class _SSD(torch.autograd.Function):
         ddt = ddt + ddA * A
         dA = (ddA * dt).sum((0, 1))
         dD = torch.einsum("bthp,bthp->h", dy.float(), x.float()) if D is not None else None
-        dB = dB.view(Bsz, T, G, H // G, N).sum(3)  # (B, T, G, N): the heads of a group share B
-        dC = dC.view(Bsz, T, G, H // G, N).sum(3)
         return (dx.to(x.dtype), ddt, dA, dB.to(B.dtype), dC.to(C.dtype), None, dD,
                 dinit if initial_state is not None else None, None)
 
@@ -591,6 +749,7 @@ def _ssd_update_fwd(h, x, dt, A, B, C, D, save_states):
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_P = min(triton.next_power_of_2(P), max(1, 4096 // BLOCK_N))  # a tile of <= 4096 states
     grid = (Bsz, H, triton.cdiv(P, BLOCK_P))
+    launch = dict(num_warps=8) if gpu_tiles(x) else {}  # 16 states per thread: none spilled (test_gpu_compile.py)
     _ssd_update_kernel[grid](h, x, dt, A, B, C, D if D is not None else A, y, hs,
                              K, H, G, P, N,
                              h.stride(0), h.stride(1), h.stride(2),
@@ -599,7 +758,7 @@ def _ssd_update_fwd(h, x, dt, A, B, C, D, save_states):
                              B.stride(0), B.stride(1), B.stride(2),
                              y.stride(0), y.stride(1), y.stride(2),
                              *s_hs,
-                             HAS_D=D is not None, SAVE_STATES=save_states, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N)
+                             HAS_D=D is not None, SAVE_STATES=save_states, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, **launch)
     return y, (hs if save_states else None)
 
 
@@ -652,7 +811,7 @@ if triton is not None:
                            s_xm, s_xk,
                            s_we, s_wk, s_wn,
                            s_ym, s_yn,
-                           FP32_DOT: tl.constexpr, BLOCK_E: tl.constexpr,
+                           DOT: tl.constexpr, BLOCK_E: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # program (t, j): row tile t of all experts' row tiles, numbered expert after expert,
         # times column tile j: y[rows, cols] = x[rows, :] @ w[g][:, cols]
@@ -668,23 +827,23 @@ if triton is not None:
         first = tl.sum(tl.where(e < g, tiles, 0))  # row tiles of the experts before g
         row0 = tl.sum(tl.where(e == g, start, 0)) + (t - first) * BLOCK_M
         row_end = tl.sum(tl.where(e == g, end, 0))
-        rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-        cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask, cmask = rows < row_end, cols < N
+        # the tile's start in int64 (row0 * s_xm passes 2^31 at a million token copies of width
+        # 2688), offsets within it in int32 (int64 vectors would double their registers)
+        r, cols = tl.arange(0, BLOCK_M), j * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask, cmask = r < row_end - row0, cols < N
+        x_ptr += row0.to(tl.int64) * s_xm
+        w_ptr += g.to(tl.int64) * s_we
         # 2) accumulate over K in fp32
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        w_g = w_ptr + g.to(tl.int64) * s_we
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :] * s_xk,
+            a = tl.load(x_ptr + r[:, None] * s_xm + k[None, :] * s_xk,
                         mask=rmask[:, None] & (k[None, :] < K), other=0.0)  # (BLOCK_M, BLOCK_K)
-            b = tl.load(w_g + k[:, None] * s_wk + cols[None, :] * s_wn,
+            b = tl.load(w_ptr + k[:, None] * s_wk + cols[None, :] * s_wn,
                         mask=(k[:, None] < K) & cmask[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
-            if FP32_DOT:  # the interpreter mistreats bf16 products: exact fp32 operands there
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        tl.store(y_ptr + rows[:, None] * s_ym + cols[None, :] * s_yn, acc.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & cmask[None, :])
+            acc = _dot_acc(a, b, acc, DOT)
+        tl.store(y_ptr + row0.to(tl.int64) * s_ym + r[:, None] * s_ym + cols[None, :] * s_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
     @triton.jit
     def _grouped_mm_dw_kernel(x_ptr, dy_ptr, offs_ptr, dw_ptr,
@@ -692,45 +851,40 @@ if triton is not None:
                               s_xm, s_xk,
                               s_dm, s_dn,
                               s_we, s_wk, s_wn,
-                              FP32_DOT: tl.constexpr,
+                              DOT: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # program (g, i, j): tile (i, j) of expert g's weight gradient,
         # dw[g][ks, cols] = sum over g's rows m of x[m, ks]^T dy[m, cols]; zero for an idle expert
         g, i, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        row_start = tl.load(offs_ptr + g - 1, mask=g > 0, other=0)
-        row_end = tl.load(offs_ptr + g)
+        # int64 rows: m0 * s_xm passes 2^31 at a million token copies of width 2688
+        row_start = tl.load(offs_ptr + g - 1, mask=g > 0, other=0).to(tl.int64)
+        row_end = tl.load(offs_ptr + g).to(tl.int64)
         ks = i * BLOCK_K + tl.arange(0, BLOCK_K)
         cols = j * BLOCK_N + tl.arange(0, BLOCK_N)
         kmask, cmask = ks < K, cols < N
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        r = tl.arange(0, BLOCK_M)
         for m0 in range(row_start, row_end, BLOCK_M):
-            m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            mmask = m < row_end
-            a = tl.load(x_ptr + m[None, :] * s_xm + ks[:, None] * s_xk,
+            mmask = r < row_end - m0
+            a = tl.load(x_ptr + m0 * s_xm + r[None, :] * s_xm + ks[:, None] * s_xk,
                         mask=kmask[:, None] & mmask[None, :], other=0.0)  # (BLOCK_K, BLOCK_M): x^T
-            b = tl.load(dy_ptr + m[:, None] * s_dm + cols[None, :] * s_dn,
+            b = tl.load(dy_ptr + m0 * s_dm + r[:, None] * s_dm + cols[None, :] * s_dn,
                         mask=mmask[:, None] & cmask[None, :], other=0.0)  # (BLOCK_M, BLOCK_N)
-            if FP32_DOT:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+            acc = _dot_acc(a, b, acc, DOT)
         tl.store(dw_ptr + g.to(tl.int64) * s_we + ks[:, None] * s_wk + cols[None, :] * s_wn,
                  acc.to(dw_ptr.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
 
 
-def _gemm_config(t):
-    """Tile sizes and launch options: GPU tiles for tensor cores (untuned: bench.py moe prints the
-    TFLOP/s they reach; fp32 gets half the K tile to fit shared memory), small tiles in the
-    interpreter (tl.dot needs 16 or more)."""
-    if t.is_cuda:
-        BLOCK_K = 64 if t.element_size() == 2 else 32
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=BLOCK_K, num_warps=8, num_stages=3)
+def _gemm_config(t, dw=False):
+    """Tile sizes and launch options: GPU tiles for tensor cores (bench.py moe prints the TFLOP/s
+    they reach; fp32 gets half the K tile to fit shared memory, and the weight gradient, which sums
+    over its rows, half the rows, or its (rows, N) tile of dy spills registers:
+    tests/test_gpu_compile.py), small tiles in the interpreter (tl.dot needs 16 or more)."""
+    if gpu_tiles(t):
+        wide = t.element_size() == 4
+        return dict(BLOCK_M=64 if wide and dw else 128, BLOCK_N=128, BLOCK_K=32 if wide else 64, num_warps=8,
+                    num_stages=3)
     return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
-
-
-def _fp32_dot(t):
-    # fp32 operands: in the interpreter always (bf16 dots are wrong there); on a GPU only for fp32
-    # inputs, which tl.dot then runs in TF32 (torch's fp32 matmuls do so only with allow_tf32)
-    return INTERPRET or t.dtype == torch.float32
 
 
 def _grouped_mm_fwd(x, w, offs):
@@ -743,7 +897,7 @@ def _grouped_mm_fwd(x, w, offs):
     _grouped_mm_kernel[grid](x, w, offs, y, E, K, N,
                              x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
                              y.stride(0), y.stride(1),
-                             FP32_DOT=_fp32_dot(x), BLOCK_E=triton.next_power_of_2(E), **cfg)
+                             DOT=dot_kind(x), BLOCK_E=triton.next_power_of_2(E), **cfg)
     return y
 
 
@@ -751,12 +905,12 @@ def _grouped_mm_dw(x, dy, offs, w):
     (Nr, K), N, E = x.shape, dy.shape[1], offs.shape[0]
     assert dy.shape[0] == Nr and w.shape == (E, K, N) and x.dtype == dy.dtype
     dw = torch.empty_like(w)  # w's strides: a gradient in another layout makes the .grad update a strided copy
-    cfg = _gemm_config(x)
+    cfg = _gemm_config(x, dw=True)
     grid = (E, triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _grouped_mm_dw_kernel[grid](x, dy, offs, dw, K, N,
                                 x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
                                 dw.stride(0), dw.stride(1), dw.stride(2),
-                                FP32_DOT=_fp32_dot(x), **cfg)
+                                DOT=dot_kind(x), **cfg)
     return dw
 
 
@@ -997,10 +1151,24 @@ if triton is not None:
 
     @triton.jit
     def _round_rne(v, M_BITS: tl.constexpr, EMIN: tl.constexpr, FMAX: tl.constexpr):
-        # as round_ref(): saturate, then the fp32 add of 1.5 * 2^23 * spacing rounds to even
+        # as round_ref(): saturate, then the fp32 add of 1.5 * 2^23 * spacing rounds to even. A NaN
+        # stays NaN, as in torch's clamp and cast (a GPU's min drops it: it would saturate to FMAX)
         a = tl.minimum(tl.abs(v), FMAX)
         c = _spacing(a, M_BITS, EMIN) * 12582912.0
-        return _copysign((a + c) - c, v)
+        return tl.where(v != v, v, _copysign((a + c) - c, v))
+
+    @triton.jit
+    def _min_keep_nan(v, hi):
+        # min(v, hi), NaN where v is NaN (as torch's clamp; a GPU's min, and the interpreter's,
+        # return hi)
+        return tl.where(v != v, v, tl.minimum(v, hi))
+
+    @triton.jit
+    def _store_fp8(ptrs, q, mask):
+        # q (fp32, already rounded to the format) stored as the codes of the fp8 type ptrs point to;
+        # a NaN as 0x7F, the code torch's casts give (the interpreter's cast gives a finite one)
+        bits = q.to(ptrs.dtype.element_ty).to(tl.uint8, bitcast=True)
+        tl.store(ptrs.to(tl.pointer_type(tl.uint8)), tl.where(q != q, 0x7F, bits), mask=mask)
 
     @triton.jit
     def _round_sr(v, rand):
@@ -1019,47 +1187,59 @@ if triton is not None:
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + i, mask=i < n, other=0.0).to(tl.float32)
         q = _round_rne(x * tl.load(scale_ptr), M_BITS, EMIN, FMAX)
-        tl.store(q_ptr + i, q.to(q_ptr.dtype.element_ty), mask=i < n)
+        _store_fp8(q_ptr + i, q, i < n)
 
     @triton.jit
-    def _quantize_blocks_kernel(x_ptr, g_ptr, rand_ptr, q_ptr, s_ptr, R, C, s_xr, s_xc,
+    def _quantize_blocks_kernel(x_ptr, g_ptr, q_ptr, s_ptr, R, C, s_xr, s_xc, seed,
                                 FMT: tl.constexpr, M_BITS: tl.constexpr, EMIN: tl.constexpr,
                                 FMAX: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                                 TR: tl.constexpr, TC: tl.constexpr, SR: tl.constexpr):
         # program (i, j): the (TR, TC) tile at rows i*TR, columns j*TC of x (R, C), which holds
         # (TR/BR, TC/BC) whole blocks (R, C are multiples of the block); x is read through its
-        # strides, so a transposed view is quantized without a copy. Steps as quantize_blocks_ref.
+        # strides, so a transposed view is quantized without a copy. Steps as quantize_blocks_ref;
+        # SR: stochastic rounding with tl.rand(seed, r * C + c) for element (r, c) (uniform()).
         i, j = tl.program_id(0), tl.program_id(1)
-        rows = (i * TR + tl.arange(0, TR)).to(tl.int64)
-        cols = j * TC + tl.arange(0, TC)
+        ri, ci = tl.arange(0, TR), tl.arange(0, TC)
+        rows, cols = i * TR + ri, j * TC + ci
         inside = (rows[:, None] < R) & (cols[None, :] < C)
-        x = tl.load(x_ptr + rows[:, None] * s_xr + cols[None, :] * s_xc, mask=inside, other=0.0).to(tl.float32)
-        # 1) the amax of each block
+        # the tile's start in int64 (cols * s_xc passes 2^31 in large transposed views), offsets
+        # within it in int32 (int64 vectors would double their registers)
+        x_ptr += (i * TR).to(tl.int64) * s_xr + (j * TC).to(tl.int64) * s_xc
+        x = tl.load(x_ptr + ri[:, None] * s_xr + ci[None, :] * s_xc, mask=inside, other=0.0).to(tl.float32)
+        # 1) the amax of each block; NaN where the block holds one, as torch's amax (a GPU's max drops it)
         amax = tl.max(tl.max(tl.reshape(tl.abs(x), (TR // BR, BR, TC // BC, BC)), axis=3), axis=1)  # (TR/BR, TC/BC)
-        # 2) each block's scales
+        nan = tl.max(tl.max(tl.reshape((x != x).to(tl.int32), (TR // BR, BR, TC // BC, BC)), axis=3), axis=1)
+        amax = tl.where(nan > 0, float("nan"), amax)
+        # 2) each block's scales (a block's NaN carried through: min drops it, hence _min_keep_nan)
         if FMT == "nvfp4":
             scale = _round_rne(amax * tl.load(g_ptr), 3, -6, 448.0)  # s_b, an E4M3 value
-            enc = tl.minimum(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * tl.load(g_ptr + 1)), 3.4028234663852886e38)
+            enc = _min_keep_nan(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * tl.load(g_ptr + 1)),
+                                3.4028234663852886e38)
         elif FMT == "mxfp8":
             bits = (amax * 0.002232142857142857).to(tl.int32, bitcast=True)  # amax * fl32(1/448)
             e, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
             e += ((mant > 0) & (e != 254) & ~((e == 0) & (mant <= 0x400000))).to(tl.int32)  # round up
+            e = e & 0xFF  # as the uint8 it is stored as (a NaN's 255 + 1 wraps to 0, in the reference too)
             scale = e
             enc = tl.where(e < 254, (254 - e) << 23, 1 << 22).to(tl.float32, bitcast=True)  # 2^(127 - e)
         else:
             enc = tl.math.div_rn(tl.full(amax.shape, FMAX, tl.float32), amax)
-            enc = tl.where(amax == 0, 1.0, tl.minimum(enc, 3.4028234663852886e38))
+            enc = tl.where(amax == 0, 1.0, _min_keep_nan(enc, 3.4028234663852886e38))
             scale = tl.math.div_rn(tl.full(enc.shape, 1.0, tl.float32), enc)
         brow = i * (TR // BR) + tl.arange(0, TR // BR)
         bcol = j * (TC // BC) + tl.arange(0, TC // BC)
-        tl.store(s_ptr + brow[:, None] * (C // BC) + bcol[None, :], scale.to(s_ptr.dtype.element_ty),
-                 mask=(brow[:, None] < R // BR) & (bcol[None, :] < C // BC))
+        s_ptrs = s_ptr + brow[:, None] * (C // BC) + bcol[None, :]
+        s_mask = (brow[:, None] < R // BR) & (bcol[None, :] < C // BC)
+        if FMT == "nvfp4":
+            _store_fp8(s_ptrs, scale, s_mask)
+        else:
+            tl.store(s_ptrs, scale.to(s_ptr.dtype.element_ty), mask=s_mask)
         # 3) the codes
         v = x * tl.reshape(tl.broadcast_to(enc[:, None, :, None], (TR // BR, BR, TC // BC, BC)), (TR, TC))
         if FMT == "nvfp4":
-            v = tl.minimum(tl.maximum(v, -6.0), 6.0)
+            v = tl.where(v != v, v, tl.minimum(tl.maximum(v, -6.0), 6.0))  # NaN stays NaN, as torch's clamp
             if SR:
-                r = _round_sr(v, tl.load(rand_ptr + rows[:, None] * C + cols[None, :], mask=inside, other=0.0))
+                r = _round_sr(v, tl.rand(seed, rows[:, None].to(tl.int64) * C + cols[None, :]))  # as uniform()
             else:
                 r = _round_rne(v, 1, 0, 6.0)
             a = tl.abs(r)  # the index of |r| in E2M1_VALUES, and the sign bit
@@ -1068,11 +1248,11 @@ if triton is not None:
                     + (a >= 6.0).to(tl.int32) + tl.where(v < 0, 8, 0))
             lo, hi = tl.split(tl.reshape(code, (TR, TC // 2, 2)))  # elements 2i and 2i+1
             pcols = j * (TC // 2) + tl.arange(0, TC // 2)
-            tl.store(q_ptr + rows[:, None] * (C // 2) + pcols[None, :], (lo | (hi << 4)).to(tl.uint8),
-                     mask=(rows[:, None] < R) & (pcols[None, :] < C // 2))
+            tl.store(q_ptr + (i * TR).to(tl.int64) * (C // 2) + ri[:, None] * (C // 2) + pcols[None, :],
+                     (lo | (hi << 4)).to(tl.uint8), mask=(rows[:, None] < R) & (pcols[None, :] < C // 2))
         else:
             q = _round_rne(v, M_BITS, EMIN, FMAX)
-            tl.store(q_ptr + rows[:, None] * C + cols[None, :], q.to(q_ptr.dtype.element_ty), mask=inside)
+            _store_fp8(q_ptr + (i * TR).to(tl.int64) * C + ri[:, None] * C + cols[None, :], q, inside)
 
 
 def _quantize_tensor(x, scale, fmt):
@@ -1080,15 +1260,16 @@ def _quantize_tensor(x, scale, fmt):
         return quantize_tensor_ref(x, scale, fmt)
     xc = x.contiguous()
     q = torch.empty(x.shape, device=x.device, dtype=TORCH_FP8[fmt])
-    BLOCK = 4096 if x.is_cuda else 1 << 16
+    BLOCK = 4096 if gpu_tiles(x) else 1 << 16
     _quantize_tensor_kernel[(triton.cdiv(x.numel(), BLOCK),)](xc, scale, q, x.numel(), *FP8[fmt], BLOCK=BLOCK)
     return q
 
 
-def _quantize_blocks(x, fmt, block, g=None, rand=None):
-    """Codes and block scales of x (R, C), R and C multiples of block: the kernel or the reference."""
+def _quantize_blocks(x, fmt, block, g=None, seed=None):
+    """Codes and block scales of x (R, C), R and C multiples of block: the kernel or the reference.
+    seed (nvfp4): round stochastically, with the uniform numbers uniform(seed, R, C)."""
     if not use_triton(x):
-        return quantize_blocks_ref(x, fmt, block, g, rand)
+        return quantize_blocks_ref(x, fmt, block, g, None if seed is None else uniform(seed, *x.shape, x.device))
     (R, C), (br, bc) = x.shape, block
     if fmt == "nvfp4":
         q = torch.empty(R, C // 2, device=x.device, dtype=torch.uint8)
@@ -1100,10 +1281,30 @@ def _quantize_blocks(x, fmt, block, g=None, rand=None):
     TC = max(bc, 4096 // TR)  # a tile of 4096 elements, or one 128 x 128 block
     m_bits, emin, fmax = FP8.get(fmt, FP8["e4m3"])
     grid = (triton.cdiv(R, TR), triton.cdiv(C, TC))
-    _quantize_blocks_kernel[grid](x, g if g is not None else x, rand if rand is not None else x, q, s, R, C,
-                                  x.stride(0), x.stride(1), FMT=fmt, M_BITS=m_bits, EMIN=emin, FMAX=fmax,
-                                  BR=br, BC=bc, TR=TR, TC=TC, SR=rand is not None)
+    _quantize_blocks_kernel[grid](x, g if g is not None else x, q, s, R, C, x.stride(0), x.stride(1),
+                                  seed if seed is not None else 0, FMT=fmt, M_BITS=m_bits, EMIN=emin, FMAX=fmax,
+                                  BR=br, BC=bc, TR=TR, TC=TC, SR=seed is not None,
+                                  **(dict(num_warps=8) if TR * TC > 4096 and gpu_tiles(x) else {}))  # 128 x 128
     return q, s
+
+
+if triton is not None:
+
+    @triton.jit
+    def _uniform_kernel(out_ptr, n, seed, BLOCK: tl.constexpr):
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.rand(seed, i), mask=i < n)
+
+
+def uniform(seed, R, C, device="cpu"):
+    """The uniform [0, 1) numbers (R, C) that stochastic rounding with this seed draws: Triton's
+    Philox, tl.rand(seed, r * C + c), where Triton runs; torch.rand from a generator seeded so
+    elsewhere (the same distribution, other numbers)."""
+    out = torch.empty(R, C, device=device)
+    if not use_triton(out):
+        return torch.rand(R, C, generator=torch.Generator(device).manual_seed(seed), device=device)
+    _uniform_kernel[(triton.cdiv(R * C, 1024),)](out, R * C, seed, BLOCK=1024)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -1158,13 +1359,14 @@ def quantize_nvfp4(x, tile=(1, 16), stochastic=False, generator=None):
     """NVFP4 of x (R, C): E2M1 codes two per byte (element 2i in the low nibble), an E4M3 scale per
     tile along the last dim ((1, 16) activations and gradients, (16, 16) weights: W and W^T then
     quantize alike) and an fp32 tensor scale from the global amax. stochastic: round each element
-    up or down at random, unbiased (gradients), with uniform numbers from torch.rand(generator).
+    up or down at random, unbiased (gradients), with the uniform numbers of a seed drawn from
+    generator (torch's default one if None: a run's RNG state makes it reproducible).
     Returns a QTensor."""
     assert x.dim() == 2 and tile in ((1, 16), (16, 16)), (x.shape, tile)
     xp = pad_to_blocks(x, tile)
     g = nvfp4_global(x.abs().amax().float())
-    rand = torch.rand(xp.shape, device=x.device, generator=generator) if stochastic else None
-    q, s = _quantize_blocks(xp, "nvfp4", tile, g, rand)
+    seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator)) if stochastic else None
+    q, s = _quantize_blocks(xp, "nvfp4", tile, g, seed)
     return QTensor(q, s, "nvfp4", tile, tuple(x.shape), tensor_scale=g[1:])
 
 

@@ -53,8 +53,12 @@ def bits(t):
 
 
 def assert_same_bits(a, b, name):
+    """Bit for bit, but a NaN only as a NaN: its sign bit is whatever the arithmetic that made it left
+    (x86 makes -NaN of inf * 0, a GPU +NaN), and any NaN code decodes to NaN."""
     assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
-    diff = (bits(a) != bits(b)).sum().item()
+    nan_a, nan_b = (t.float().isnan() if t.is_floating_point() else torch.zeros(t.shape, dtype=torch.bool) for t in (a, b))
+    assert torch.equal(nan_a, nan_b), f"{name}: NaN in {int(nan_a.sum())} entries against {int(nan_b.sum())}"
+    diff = ((bits(a) != bits(b)) & ~nan_a).sum().item()
     assert diff == 0, f"{name}: {diff} of {a.numel()} entries differ"
 
 
@@ -221,15 +225,19 @@ FORMATS = [("e4m3", (1, 128)), ("e5m2", (1, 128)), ("e4m3", (128, 128)), ("mxfp8
 @pytest.mark.parametrize("fmt,block", FORMATS)
 def test_kernel_blocks_match_reference(fmt, block, dtype):
     """Rows and columns that are not multiples of the block (padded), the transposed view (read
-    through its strides), and for NVFP4 stochastic rounding with the same random numbers."""
+    through its strides), NaN and inf in some blocks, and for NVFP4 stochastic rounding with the
+    kernel's own random numbers (tl.rand, through triton_ops.uniform)."""
     # (150, 200): padded to the blocks; the transposed view of a (160, 256) matrix: read through strides
     for name, t in (("x", probe_matrix(150, 200, dtype)), ("x^T", probe_matrix(160, 256, dtype).t())):
-        tp = triton_ops.pad_to_blocks(t, block)
         g = triton_ops.nvfp4_global(t.abs().amax().float()) if fmt == "nvfp4" else None
-        for rand in ([None, torch.rand(tp.shape, device=DEV)] if fmt == "nvfp4" else [None]):
-            q, s = triton_ops._quantize_blocks(tp, fmt, block, g, rand)
+        t = t.clone()
+        t[3, 5], t[40, 70], t[41, 150] = float("nan"), float("inf"), -float("inf")  # a block each
+        tp = triton_ops.pad_to_blocks(t, block)
+        for seed in ([None, 1234] if fmt == "nvfp4" else [None]):
+            q, s = triton_ops._quantize_blocks(tp, fmt, block, g, seed)
+            rand = None if seed is None else triton_ops.uniform(seed, *tp.shape, device=DEV)
             q_ref, s_ref = triton_ops.quantize_blocks_ref(tp, fmt, block, g, rand)
-            what = f"{fmt} {block} {dtype} {name}{' SR' if rand is not None else ''}"
+            what = f"{fmt} {block} {dtype} {name}{' SR' if seed is not None else ''}"
             assert_same_bits(q, q_ref, what + " codes")
             assert_same_bits(s, s_ref, what + " scales")
 

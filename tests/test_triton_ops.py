@@ -12,10 +12,13 @@ compiles anything: the outer test re-runs this file in a subprocess with TRITON_
 variable would otherwise send every other test file's CPU decoding through the interpreter too).
 Tolerance: fp32 on both sides. The decode kernels run the same operations in the same order up to
 the sum over the state (atol 1e-5). The chunked SSD sums in a different order (and its gradients
-through longer chains), so it is compared relative to each tensor's largest entry: 1e-4 in the
-interpreter (exact fp32 dots), 1e-2 on a GPU (TF32 dots). bf16 inputs are compared after the same
-rounding, with bf16's 2^-8 relative step where a result is stored in bf16. The grouped GEMM's
-tolerances are stated at its tests.
+through longer chains), so it is compared relative to each tensor's largest entry: 1e-4 with exact
+fp32 dots, which the kernels use wherever torch's fp32 matmuls do (triton_ops.dot_kind: TF32 only
+with torch.backends.cuda.matmul.allow_tf32, off by default, so on a GPU too). The tests marked
+tf32 turn it on, as train.py does, and hold the kernels to TF32_TOL: on a GPU the dots run in TF32,
+in the interpreter their operands are truncated to TF32 first, so a tolerance that a GPU would break
+breaks here. bf16 inputs are compared after the same rounding, with bf16's 2^-8 relative step where
+a result is stored in bf16. The grouped GEMM's tolerances are stated at its tests.
 """
 
 import os
@@ -47,7 +50,20 @@ def test_in_interpreter():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-SSD_TOL = 1e-2 if DEV == "cuda" else 1e-4
+SSD_TOL = 1e-4
+# TF32 keeps 10 mantissa bits (2^-11 relative rounding per operand, 2^-10 truncated); the SSD's
+# outputs and gradients sum many such products along chains of decays: up to 1.5e-3 of each
+# tensor's largest entry in test_ssd_with_tf32_dots (the interpreter's emulation), so 1e-2
+TF32_TOL = 1e-2
+
+
+@pytest.fixture
+def tf32():
+    """torch.backends.cuda.matmul.allow_tf32 on for one test (train.py's setting), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def ssd_case(Bsz, T, H, P, G, N, docs=False, dtype=torch.float32, seed=0):
@@ -103,6 +119,29 @@ def compare_ssd(case, seq_idx, chunk_size, with_D=True, with_init=True, rel=SSD_
 def test_ssd_matches_reference(Bsz, T, H, P, G, N, Q, with_D, with_init, docs):
     case, seq_idx = ssd_case(Bsz, T, H, P, G, N, docs=docs)
     compare_ssd(case, seq_idx, Q, with_D, with_init)
+
+
+@inside
+def test_ssd_with_gpu_tiling(monkeypatch):
+    """The GPU's tiling run in the interpreter: blocks of 16 positions in chunks of 64 (several per
+    chunk, tiles of CB above the diagonal never computed), tiles of 16 of a state of 40 (three, the
+    last partial), for every kernel, with documents."""
+    monkeypatch.setattr(triton_ops, "ssd_tiles", lambda x: {k: (16, 16, None, None) for k in triton_ops.SSD_TILES})
+    case, seq_idx = ssd_case(2, 150, 4, 16, 2, 40, docs=True)
+    compare_ssd(case, seq_idx, 64)
+
+
+@inside
+def test_ssd_with_tf32_dots(tf32):
+    """With TF32 dots (train.py's setting) the SSD stays within TF32_TOL of the exact reference, and
+    the dots are TF32's (the error is above exact fp32's, 1e-5): in the interpreter their operands
+    are truncated to TF32, as a GPU reads them."""
+    case, seq_idx = ssd_case(2, 150, 4, 16, 2, 40, docs=True)
+    assert triton_ops.dot_kind(case["x"]) == ("tf32" if DEV == "cuda" else "tf32-emulated")
+    compare_ssd(case, seq_idx, 64, rel=TF32_TOL)
+    y = ssd_grads(triton_ops.ssd, case, seq_idx, 64, True, True)[0]
+    ref = ssd_grads(ssd_ref, case, seq_idx, 64, True, True)[0]
+    assert (y - ref).abs().max() > 1e-5 * ref.abs().max(), "TF32 made no difference: are the dots TF32?"
 
 
 @inside
@@ -239,7 +278,8 @@ def test_grouped_mm_matches_ref(dtype):
     """Experts with 0, 1, 16 and 37 rows (tiles of 16 rows in the interpreter), K and n not
     multiples of the tiles, w a transposed view as moe.py passes it. The reference runs in fp32 on
     the same (rounded) inputs. fp32: atol 1e-4 (the TF32 of tl.dot on a GPU: 5e-2); bf16: the
-    kernel rounds (the interpreter truncates) its bf16 output once, 2e-2 relative."""
+    kernel rounds (the interpreter truncates) its bf16 output once, 2e-2 relative (exact fp32 dots:
+    the TF32 policy; test_grouped_mm_with_tf32_dots has TF32's)."""
     g = torch.Generator().manual_seed(0)
     counts = [5, 0, 37, 16, 0, 1]
     offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEV)
@@ -252,7 +292,7 @@ def test_grouped_mm_matches_ref(dtype):
     ref = grouped_mm_ref(x32, w32, offs)
     ref.backward(dy.float())
     assert y.dtype == dtype
-    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=5e-2 if DEV == "cuda" else 1e-4)
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4)
     assert_close(y.float(), ref, "y", **tol)
     assert_close(x.grad.float(), x32.grad, "dx", **tol)
     assert_close(w.grad.float(), w32.grad, "dw", **tol)
@@ -281,4 +321,20 @@ def test_experts_on_the_kernel_match_the_loop():
         y.square().sum().backward()
         res.append([y, x_.grad, w_.grad, experts.up_proj.grad, experts.down_proj.grad])
     for name, a, b in zip(["y", "dx", "dweights", "dup_proj", "ddown_proj"], *res):
-        assert_close(a, b, name, atol=5e-2 if DEV == "cuda" else 1e-4, rtol=1e-4)
+        assert_close(a, b, name, atol=1e-4, rtol=1e-4)
+
+
+@inside
+def test_grouped_mm_with_tf32_dots(tf32):
+    """TF32 dots (operands with 10 mantissa bits) in the grouped GEMM of fp32 inputs: each output
+    within the worst case of truncating both operands, 2^-9 of sum_k |x_k w_k|, and not exact."""
+    g = torch.Generator().manual_seed(1)
+    counts = [7, 0, 33]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(DEV)
+    x = torch.randn(sum(counts), 64, generator=g).to(DEV)
+    w = torch.randn(3, 64, 48, generator=g).to(DEV)
+    assert triton_ops.dot_kind(x) == ("tf32" if DEV == "cuda" else "tf32-emulated")
+    y, ref = triton_ops.grouped_mm(x, w, offs), grouped_mm_ref(x, w, offs)
+    bound = grouped_mm_ref(x.abs(), w.abs(), offs) * 2 ** -9 + 1e-6  # each operand off by < 2^-10 of itself
+    assert ((y - ref).abs() <= bound).all(), ((y - ref).abs() / bound).max()
+    assert (y - ref).abs().max() > 1e-6, "TF32 made no difference: are the dots TF32?"
