@@ -242,12 +242,27 @@ def test_kernel_blocks_match_reference(fmt, block, dtype):
             assert_same_bits(s, s_ref, what + " scales")
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.mem_get_info()[0] > 10 * 2 ** 30),
+                    reason="a GPU with 10 GB free")
+def test_quantize_transposed_view_past_2_31_elements():
+    """x^T of a (2^20, 2^11 + 128) bf16 matrix, as the backward quantizes it: column offsets times
+    the row stride pass 2^31, which the kernel computes in int64. The last rows of codes and scales
+    equal the reference's on a copy of those rows."""
+    x = torch.randn(2 ** 20, 2 ** 11 + 128, device="cuda", dtype=torch.bfloat16)
+    q, s = triton_ops._quantize_blocks(x.t(), "e4m3", (1, 128))
+    tail = x.t()[-4:].contiguous()  # the last 4 rows of x^T: 2^20 columns each
+    q_ref, s_ref = triton_ops.quantize_blocks_ref(tail, "e4m3", (1, 128))
+    assert_same_bits(q[-4:], q_ref, "codes of the last rows")
+    assert_same_bits(s[-4:], s_ref, "scales of the last rows")
+
+
 @kernel_test
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 def test_kernel_fp8_cast_equals_torch_cast(fmt):
     """The kernel's own rounding (_round_rne) at scale 1 against torch's float8 cast of the value
-    clamped to the format's range: every value, every tie, saturation, subnormals."""
-    v = fp8_probe(fmt).to(DEV)
+    clamped to the format's range: every value, every tie, saturation, subnormals, and NaN kept as
+    NaN, infinities saturated (a GPU's min would drop the NaN and store the largest value)."""
+    v = torch.cat([fp8_probe(fmt), torch.tensor([float("nan"), float("inf"), -float("inf")])]).to(DEV)
     fmax = triton_ops.FP8[fmt][2]
     q = triton_ops._quantize_tensor(v, torch.ones((), device=DEV), fmt)
     assert_same_bits(q, v.clamp(-fmax, fmax).to(triton_ops.TORCH_FP8[fmt]), fmt)

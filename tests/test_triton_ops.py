@@ -213,6 +213,26 @@ def test_ssd_update_bf16_inputs():
     assert_close(h, ref_h, "state", atol=1e-4, rtol=1e-5)
 
 
+def gpu_with(free_gb):
+    return torch.cuda.is_available() and torch.cuda.mem_get_info()[0] > free_gb * 2 ** 30
+
+
+@pytest.mark.skipif(not gpu_with(12), reason="a GPU with 12 GB free (the state alone is 8 GB)")
+def test_ssd_update_past_2_31_elements():
+    """A state of more than 2^31 elements (B H P N = 2^31 + 2^17): the last batch row's offsets pass
+    int32, which the kernel computes in int64. Its update equals ssd_step's on that row."""
+    H, P, N = 8, 64, 128
+    Bsz = 2 ** 31 // (H * P * N) + 2
+    h = torch.zeros(Bsz, H, P, N, device="cuda")
+    h[-1] = torch.randn(H, P, N, device="cuda")
+    x, B, C = (torch.randn(Bsz, 1, *s, device="cuda") for s in ((H, P), (1, N), (1, N)))
+    dt, A = torch.rand(Bsz, 1, H, device="cuda") * 0.5, -torch.rand(H, device="cuda")
+    ref_y, ref_h = ssd_step(h[-1:].clone(), x[-1:, 0], dt[-1:, 0], A, B[-1:, 0], C[-1:, 0], None)
+    y, _ = triton_ops.ssd_update(h, x, dt, A, B, C)
+    assert_close(y[-1:, 0], ref_y, "y of the last row", atol=1e-5, rtol=1e-5)
+    assert_close(h[-1:], ref_h, "state of the last row", atol=1e-5, rtol=1e-5)
+
+
 @inside
 @pytest.mark.parametrize("T,Cn,KW", [(1, 40, 4), (3, 33, 4), (8, 16, 4), (2, 8, 2)])
 def test_conv_update_matches_full_conv(T, Cn, KW):
