@@ -3,7 +3,13 @@
 CUDA GPU in under 8 minutes. Each step runs as a subprocess with a time limit, so a step that fails
 or hangs is reported and the others still run:
 
-1. the Triton kernel and low-precision tests, on CUDA (tests/test_triton_ops.py, tests/test_lowprec.py);
+0. device checks (python .ci/gpu.py --checks): the chunked SSD at gpu_125m's shapes, forward and
+   backward in fp32 and bf16, against mamba.ssd_ref; one forward + backward of the gpu_125m model
+   under bf16 autocast with packed documents, with the kernels and without;
+1. the Triton kernel and low-precision tests, on CUDA (tests/test_triton_ops.py, tests/test_lowprec.py),
+   which include ssd_update past 2^31 state elements, a quantizer view past 2^31 offsets and the
+   quantizers' NaN/inf probes; exact fp32 dots unless a test asks for TF32 (triton_ops.dot_kind), so a
+   failure that only a tf32 test shows is TF32's;
 2. bench.py kernels: the chunked SSD forward and forward + backward against the PyTorch reference
    (eager and compiled), TFLOP/s and % of the bf16 peak; the decode update's bandwidth; the
    end-to-end training tokens/s of config/gpu_125m.py with and without the kernels;
@@ -27,17 +33,92 @@ TRAIN_STEPS = 200
 def steps(py, data_name, out_dir):
     """(name, command, seconds allowed): the limits add up to 7.5 minutes."""
     return [
+        ("device checks", [py, ".ci/gpu.py", "--checks"], 60),
         ("tests on CUDA", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_ops.py",
-                           "tests/test_lowprec.py"], 120),
-        ("bench.py kernels", [py, "bench.py", "kernels", "--lengths=4096,8192"], 150),
+                           "tests/test_lowprec.py"], 110),
+        ("bench.py kernels", [py, "bench.py", "kernels", "--lengths=4096,8192"], 110),
         ("grouped GEMM", [py, "-c", "import bench; bench.report_grouped_gemm(*bench.bench_grouped_gemm())"], 40),
         ("bench.py lowprec", [py, "bench.py", "lowprec"], 50),
         ("train config/gpu_125m.py", [py, "train.py", "config/gpu_125m.py", f"--dataset={data_name}",
                                       f"--out_dir={out_dir}", f"--max_iters={TRAIN_STEPS}",
                                       f"--lr_decay_iters={TRAIN_STEPS}", "--warmup_iters=20",
                                       "--gradient_accumulation_steps=1", f"--eval_interval={TRAIN_STEPS}",
-                                      "--eval_iters=2", "--log_interval=10", "--sample_new_tokens=0"], 90),
+                                      "--eval_iters=2", "--log_interval=10", "--sample_new_tokens=0"], 80),
     ]
+
+
+# -----------------------------------------------------------------------------
+# device checks: the kernels against the references on the real device, each timed and isolated
+
+
+def check_ssd(dtype, tol, device="cuda", T=2048, H=24, P=64, G=8, N=128, Q=128):
+    """The SSD at gpu_125m's shapes (2 x 2048 tokens, 24 heads of 64, 8 groups, state 128, chunk 128,
+    packed documents), forward and backward: the largest error of each output relative to its
+    largest entry, against ssd_ref in fp32 on the same inputs."""
+    import torch
+    import triton_ops
+    from mamba import ssd_ref
+    g = torch.Generator(device=device).manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device=device)
+    x, B, C = r(2, T, H, P).to(dtype), r(2, T, G, N).to(dtype), r(2, T, G, N).to(dtype)
+    dt = torch.rand(2, T, H, generator=g, device=device) * 0.1 + 0.001
+    A, D = -torch.rand(H, generator=g, device=device) * 8 - 1, r(H)
+    seq_idx = (torch.arange(T, device=device) >= T // 3).long().expand(2, T).contiguous()
+    gy = r(2, T, H, P)
+    out = {}
+    for name, fn in (("triton", triton_ops.ssd), ("reference", ssd_ref)):
+        ins = [t.detach().float().requires_grad_() if name == "reference" else t.detach().requires_grad_()
+               for t in (x, dt, A, B, C, D)]
+        y, h = fn(*ins[:5], Q, D=ins[5], seq_idx=seq_idx)
+        ((y.float() * gy).sum() + h.sum()).backward()
+        out[name] = [y.float(), h] + [t.grad.float() for t in ins]
+    worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(out["triton"], out["reference"]))
+    return worst <= tol, f"largest error / largest entry {worst:.2e} (tolerance {tol:g})"
+
+
+def check_model(config=os.path.join(ROOT, "config", "gpu_125m.py"), device="cuda", batch=4, T=2048, **override):
+    """config/gpu_125m.py's model (4 sequences of 2048 tokens, 3 documents each), one forward and
+    backward under bf16 autocast with and without the kernels: the loss and the gradients' cosine."""
+    import dataclasses
+    import torch
+    import triton_ops
+    from bench import config_from_file
+    from model import Nemotron
+    cfg = dataclasses.replace(config_from_file(config), **override)
+    torch.manual_seed(0)
+    model = Nemotron(cfg).to(device)
+    idx = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=device)
+    seq_idx = (torch.arange(T, device=device)[None] // (T // 3 + 1)).expand(batch, T).contiguous()
+    res = {}
+    for use in (True, False):
+        triton_ops.USE_TRITON = use
+        model.zero_grad()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(idx[:, :-1], idx[:, 1:], seq_idx=seq_idx)[1]
+        loss.backward()
+        res[use] = loss.item(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
+    triton_ops.USE_TRITON = True
+    cos = float(torch.nn.functional.cosine_similarity(res[True][1], res[False][1], dim=0))
+    ok = abs(res[True][0] - res[False][0]) < 1e-2 * res[False][0] and cos > 0.99
+    return ok, f"loss {res[True][0]:.4f} with the kernels, {res[False][0]:.4f} without; gradients' cosine {cos:.4f}"
+
+
+def device_checks():
+    import torch
+    sys.path.insert(0, ROOT)
+    checks = [("SSD fp32 vs ssd_ref", lambda: check_ssd(torch.float32, 1e-3)),
+              ("SSD bf16 vs ssd_ref", lambda: check_ssd(torch.bfloat16, 3e-2)),
+              ("gpu_125m forward + backward, bf16 autocast, documents", check_model)]
+    failed = 0
+    for name, check in checks:
+        t0 = time.time()
+        try:
+            ok, what = check()
+        except Exception as e:  # one failure does not hide the rest
+            ok, what = False, f"{type(e).__name__}: {str(e)[:300]}"
+        failed += not ok
+        print(f"{'ok    ' if ok else 'FAILED'} {name}: {what} ({time.time() - t0:.1f} s)", flush=True)
+    sys.exit(1 if failed else 0)
 
 
 def write_random_tokens(data_dir, seed=0):
@@ -78,7 +159,7 @@ def run_step(name, cmd, limit):
 def headline(step):
     """The lines of a step's output that carry its figures: pytest's summary, the benches' target
     verdicts and TFLOP/s lines."""
-    pattern = {"tests on CUDA": r"\d+ (passed|failed)|error",
+    pattern = {"tests on CUDA": r"\d+ (passed|failed)|error", "device checks": r"^(ok|FAILED) ",
                "grouped GEMM": r"TFLOP/s",
                "bench.py kernels": r"target|end-to-end|faster"}.get(step["name"], r"target")
     return [line.strip() for line in step["output"].splitlines() if re.search(pattern, line)]
@@ -153,6 +234,8 @@ def main():
     if not torch.cuda.is_available():
         sys.exit("error: .ci/gpu checks a CUDA GPU, and torch sees none on this machine "
                  "(torch.cuda.is_available() is False). The CPU test suite is: bash .ci/run")
+    if "--checks" in sys.argv[1:]:
+        return device_checks()
     py, data_name = sys.executable, "gpu_check"
     data_dir = os.path.join(ROOT, "data", data_name)
     write_random_tokens(data_dir)

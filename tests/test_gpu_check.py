@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -94,3 +95,18 @@ def test_training_step_runs_shrunk_on_cpu(tmp_path):
         assert figures["mfu"] is None  # a CPU has no entry in train.py's peak table
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_device_checks_run_in_the_interpreter():
+    """The two device checks of .ci/gpu.py --checks at a CPU's size, in the Triton interpreter (a
+    subprocess: the interpreter must be on before triton compiles anything): they run and pass, so
+    the one GPU run does not find their bugs."""
+    code = ("import sys, torch; sys.path[:0] = ['.ci', '.']; import gpu\n"
+            "for ok, what in (gpu.check_ssd(torch.float32, 1e-3, 'cpu', T=80, H=4, P=16, G=2, N=16, Q=32),\n"
+            "                 gpu.check_model('config/tiny_cpu.py', 'cpu', batch=2, T=48, chunk_size=16)):\n"
+            "    print(ok, what)\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("True ") for line in lines), p.stdout
