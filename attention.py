@@ -9,7 +9,7 @@ model cannot be exported.
 
 Star Attention (Acharya et al. 2024, arXiv:2411.17116) splits a long context into blocks that hosts
 encode independently, then lets the query and generated tokens attend to every host's keys through
-an exact log-sum-exp combine; the model-level flow is star_prefill in model.py, the attention side
+an exact log-sum-exp combine; the model-level flow is star_prefill in generate.py, the attention side
 (and the only torch.distributed code of this file, in a marked section) is at the end of this file.
 
 SWAN-GPT (Puvvada et al. 2025, arXiv:2504.08719) interleaves global NoPE layers with sliding-window
@@ -60,9 +60,9 @@ def swan_scale(pos, train_len):
 
 class Attention(nn.Module):
     """Causal GQA. window=None: global attention, NoPE unless cfg.rope; window=W: sliding-window
-    attention over the last W positions with RoPE (SWAN-GPT's local layers, pattern letter W),
-    whose decoding cache is a ring of W + 8 entries (constant memory; the 8 spare slots let
-    speculative decoding drop up to 8 new entries without losing any key still in the window)."""
+    attention over the last W positions with RoPE (SWAN-GPT's local layers, pattern letter W).
+    forward's cache, when decoding: a generate.KVCache (a ring of W + 8 slots for a W layer), or
+    Star Attention's generate.StarContextCache / StarQueryCache; cache.star_phase tells which."""
 
     def __init__(self, cfg, window=None):
         super().__init__()
@@ -75,21 +75,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
 
-    def new_cache(self, batch_size, max_len, device, dtype):
-        """A preallocated KV cache: appending a token writes in place, no concatenation."""
-        size = min(max_len, self.window + 8) if self.window else max_len
-        shape = (batch_size, self.n_kv_head, size, self.head_dim)
-        return {"k": torch.zeros(shape, device=device, dtype=dtype),
-                "v": torch.zeros(shape, device=device, dtype=dtype), "pos": 0}
-
     def forward(self, x, cache=None, seq_idx=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, g, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, g, T, d)
-        if cache is not None and "star" in cache:  # Star Attention: keys held by hosts (see below)
+        if cache is not None and cache.star_phase:  # Star Attention: keys held by hosts (see below)
             return self.o_proj(self.star(q, k, v, cache))
-        pos0 = 0 if cache is None else cache["pos"]
+        pos0 = 0 if cache is None else cache.pos
         if self.rope_theta is not None:
             q, k = apply_rope(q, pos0, self.rope_theta), apply_rope(k, pos0, self.rope_theta)
         if self.swan_len:  # NoPE layer past the training length: sharpen the queries
@@ -97,12 +90,8 @@ class Attention(nn.Module):
         if self.window:
             return self.o_proj(self.local(q, k, v, pos0, cache, seq_idx))
         if cache is not None:
-            if pos0 + T > cache["k"].size(2):
-                raise ValueError(f"KV cache holds {cache['k'].size(2)} positions, asked for {pos0 + T}")
-            cache["k"][:, :, pos0:pos0 + T] = k
-            cache["v"][:, :, pos0:pos0 + T] = v
-            cache["pos"] = pos0 + T
-            k, v = cache["k"][:, :, :pos0 + T], cache["v"][:, :, :pos0 + T]  # (B, g, S, d)
+            cache.append(k, v)
+            k, v = cache.k[:, :, :pos0 + T], cache.v[:, :, :pos0 + T]  # (B, g, S, d)
         if seq_idx is not None:  # packed documents (training): causal within each document only
             mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = mask & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (B, T, T)
@@ -117,21 +106,17 @@ class Attention(nn.Module):
 
     def local(self, q, k, v, pos0, cache, seq_idx):
         """Sliding-window attention: query at position p sees keys at p - W + 1 .. p. With a cache,
-        the keys in view are the ring's (slot s holds the latest position = s mod R before pos0;
-        negative: empty) and the new ones, each masked by its absolute position."""
+        the keys in view are the ring's (cache.positions(): slot s holds the latest position = s mod
+        R before pos0; negative: empty) and the new ones, each masked by its absolute position."""
         B, _, T, _ = q.shape
         qp = torch.arange(pos0, pos0 + T, device=q.device)  # positions of the new queries (and keys)
         kp, k_all, v_all = qp, k, v  # the keys in view and their positions
         band = pos0 == 0 and T > 2 * self.window  # a long sequence from the start: banded(), no ring in view
         if cache is not None:
-            R = cache["k"].size(2)
-            if not band:
-                kp = torch.cat([cached_positions(cache), qp])  # (R + T,): the ring's slots, then the new keys
-                k_all, v_all = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, g, R+T, d)
-            keep = min(T, R)  # the newest entries go to their slots, overwriting the oldest
-            idx = torch.arange(pos0 + T - keep, pos0 + T, device=q.device) % R
-            cache["k"][:, :, idx], cache["v"][:, :, idx] = k[:, :, T - keep:], v[:, :, T - keep:]
-            cache["pos"] = pos0 + T
+            if not band:  # the ring as it was, then the new keys
+                kp = torch.cat([cache.positions(), qp])  # (R + T,)
+                k_all, v_all = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)  # (B, g, R+T, d)
+            cache.append(k, v)
         if band:
             y = banded(q, k, v, self.window, seq_idx)  # (B, h, T, d)
         else:
@@ -145,28 +130,28 @@ class Attention(nn.Module):
     def star(self, q, k, v, cache):
         """Star Attention, either phase (cache layouts below): rotate and scale at the tokens'
         global positions, then attend as phase 1 or phase 2 does."""
-        if cache["star"] == 1:
-            qpos = cache["qpos"][:, None]  # (R, 1, T): each row (block) has its own positions
+        if cache.star_phase == 1:
+            qpos = cache.qpos[:, None]  # (R, 1, T): each row (block) has its own positions
         else:
-            qpos = torch.arange(cache["pos"], cache["pos"] + q.size(2), device=q.device)  # (T,)
+            qpos = torch.arange(cache.pos, cache.pos + q.size(2), device=q.device)  # (T,)
         if self.rope_theta is not None:
             q, k = apply_rope(q, qpos, self.rope_theta), apply_rope(k, qpos, self.rope_theta)
         if self.swan_len:
             q = q * swan_scale(qpos, self.swan_len)[..., None].to(q.dtype)
-        y = self.star_context(q, k, v, cache) if cache["star"] == 1 else self.star_query(q, k, v, qpos, cache)
+        y = self.star_context(q, k, v, cache) if cache.star_phase == 1 else self.star_query(q, k, v, qpos, cache)
         B, _, T, _ = y.shape
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
 
     def star_context(self, q, k, v, cache):
         """Phase 1 for m blocks at once (R = m*B rows, block-major): each block's queries see the
-        anchor's keys and, causally, their own block's; the block's keys/values go to cache["new"]."""
-        R, B = q.size(0), cache["k"].size(0)
-        cache["new"] = (k, v)
-        ak = cache["k"].expand(R // B, *cache["k"].shape).reshape(R, *cache["k"].shape[1:])  # (R, g, A, d)
-        av = cache["v"].expand(R // B, *cache["v"].shape).reshape(R, *cache["v"].shape[1:])  # (R, g, A, d)
+        anchor's keys and, causally, their own block's; the block's keys/values go to cache.new."""
+        R, B = q.size(0), cache.k.size(0)
+        cache.new = (k, v)
+        ak = cache.k.expand(R // B, *cache.k.shape).reshape(R, *cache.k.shape[1:])  # (R, g, A, d)
+        av = cache.v.expand(R // B, *cache.v.shape).reshape(R, *cache.v.shape[1:])  # (R, g, A, d)
         T, A = q.size(2), ak.size(2)
         k, v = torch.cat([ak, k], dim=2), torch.cat([av, v], dim=2)  # (R, g, A + T, d)
-        gap = cache["qpos"][:, 0] - A  # (R,): where each block starts past the anchor (positions 0 .. A-1)
+        gap = cache.qpos[:, 0] - A  # (R,): where each block starts past the anchor (positions 0 .. A-1)
         if self.window and T > 2 * self.window and ((gap == 0) | (gap >= self.window - 1)).all():
             # W layer, long blocks: banded over [anchor, block], positions as one run (RoPE is already
             # applied at the global ones, and the window only looks at differences). A block right after
@@ -178,52 +163,49 @@ class Attention(nn.Module):
         if not self.window:  # the whole anchor, then causal: a lower-right causal mask, which the
             mask = causal_lower_right(T, A + T)  # kernel uses to skip the masked tiles
         else:  # the window cuts by global positions, different in each row
-            kpos = torch.cat([cache["kpos"].expand(R, -1), cache["qpos"]], dim=1)  # (R, A + T)
-            mask = visible(cache["qpos"], kpos, self.window)[:, None]  # (R, 1, T, A + T)
+            kpos = torch.cat([cache.kpos.expand(R, -1), cache.qpos], dim=1)  # (R, A + T)
+            mask = visible(cache.qpos, kpos, self.window)[:, None]  # (R, 1, T, A + T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
     def star_query(self, q, k, v, qpos, cache):
         """Phase 2: every host its local (out, lse) over the keys it holds, then the exact combine.
         The query host appends the new tokens' keys/values to its buffer first."""
         outs, lses = [], []
-        if cache["k"] is not None:  # context blocks held here, one host each: (B, n, g, L, d)
-            mask = visible(qpos, cache["kpos"], self.window)  # (n, T, L)
-            o, l = attend(q[:, None], cache["k"], cache["v"], mask[:, None])  # (B, n, h, T, d), (B, n, h, T)
+        if cache.k is not None:  # context blocks held here, one host each: (B, n, g, L, d)
+            mask = visible(qpos, cache.kpos, self.window)  # (n, T, L)
+            o, l = attend(q[:, None], cache.k, cache.v, mask[:, None])  # (B, n, h, T, d), (B, n, h, T)
             outs.append(o)
             lses.append(l)
-        T, f = q.size(2), cache["fill"]
-        if cache["qk"] is not None:  # the query host
-            if f + T > cache["qk"].size(2):
-                raise ValueError(f"Star Attention's query buffer holds {cache['qk'].size(2)} tokens, asked for {f + T}")
-            cache["qk"][:, :, f:f + T], cache["qv"][:, :, f:f + T] = k, v
-            cache["fill"] = f + T
-            kpos = torch.arange(cache["pos"] - f, cache["pos"] + T, device=q.device)  # (f + T,)
-            o, l = attend(q, cache["qk"][:, :, :f + T], cache["qv"][:, :, :f + T], visible(qpos, kpos, self.window))
+        T, f = q.size(2), cache.fill
+        if cache.qk is not None:  # the query host
+            if f + T > cache.qk.size(2):
+                raise ValueError(f"Star Attention's query buffer holds {cache.qk.size(2)} tokens, asked for {f + T}")
+            cache.qk[:, :, f:f + T], cache.qv[:, :, f:f + T] = k, v
+            cache.fill = f + T
+            kpos = torch.arange(cache.pos - f, cache.pos + T, device=q.device)  # (f + T,)
+            o, l = attend(q, cache.qk[:, :, :f + T], cache.qv[:, :, :f + T], visible(qpos, kpos, self.window))
             outs.append(o[:, None])  # (B, 1, h, T, d)
             lses.append(l[:, None])  # (B, 1, h, T)
-        cache["pos"] += T
+        cache.pos += T
         if outs:
             out, lse = star_combine(torch.cat(outs, dim=1), torch.cat(lses, dim=1))
         else:  # a host with no keys (more hosts than blocks): weighs nothing
             out = q.new_zeros(q.shape, dtype=torch.float32)  # (B, h, T, d)
             lse = q.new_full(q.shape[:-1], -math.inf, dtype=torch.float32)  # (B, h, T)
-        if cache["group"] is not None:
-            out = star_exchange(out, lse, cache["group"])
+        if cache.group is not None:
+            out = star_exchange(out, lse, cache.group)
         return out.to(q.dtype)  # (B, h, T, d)
 
 
 # -----------------------------------------------------------------------------
-# Star Attention (Acharya et al. 2024, arXiv:2411.17116), the attention side. model.star_prefill
+# Star Attention (Acharya et al. 2024, arXiv:2411.17116), the attention side. generate.star_prefill
 # splits the prompt and runs the two phases; an attention layer's cache then says which one:
-#   phase 1, context encoding: {"star": 1, "k", "v": the anchor's keys/values (B, g, A, d) at global
-#     positions "kpos" (A,), "qpos": (R, T) the global positions of each row's tokens}, R = m*B rows
-#     for m blocks (block-major). Each block sees the anchor and itself; its keys/values are left in
-#     "new" for its host to keep, and the anchor's are dropped with this dict.
-#   phase 2, query encoding and generation: {"star": 2, "k", "v": the blocks this process holds
-#     (B, n, g, L, d) at positions "kpos" (n, L), -1 for padding (or None: no block here), "qk", "qv":
-#     the query host's buffer (B, g, S, d) for the query and generated tokens (None on other hosts),
-#     "fill": entries in it, "pos": global position of the next token, "group": the process group of
-#     the hosts (None: this process simulates them all)}.
+#   phase 1, context encoding (generate.StarContextCache): each of R = m*B rows (m blocks,
+#     block-major) sees the anchor's keys and, causally, its own block's; the block's keys/values
+#     are left in cache.new for its host to keep.
+#   phase 2, query encoding and generation (generate.StarQueryCache): the new tokens attend to the
+#     blocks this process holds and, on the query host, to the query's and generated tokens' keys,
+#     which that host appends to its buffer; then every host's result goes into one exact softmax.
 # Phase 2's exact softmax over all hosts' keys from the hosts' local softmaxes: host h returns
 #     out_h = softmax(s_h) V_h   and   lse_h = log sum_j exp(s_hj)   (s_h: its scores, scaled),
 #     lse = log sum_h exp(lse_h),   out = sum_h exp(lse_h - lse) out_h,
@@ -253,14 +235,6 @@ def banded(q, k, v, window, seq_idx=None):
         mask = mask & (sq[..., :, None] == sk[..., None, :])[:, :, None]  # (B, n, 1, w, 2w)
     y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, enable_gqa=True)  # (B, n, h, w, d)
     return y.transpose(1, 2).reshape(B, h, n * w, d)[:, :, :T]  # (B, h, T, d)
-
-
-def cached_positions(c):
-    """The positions (S,) of an attention cache's S slots after c["pos"] tokens: slot s of a W
-    layer's ring of R slots holds the latest position = s mod R, a plain cache position s
-    (negative: an empty slot)."""
-    A, R = c["pos"], c["k"].size(2)
-    return A - 1 - (A - 1 - torch.arange(R, device=c["k"].device)) % R
 
 
 def visible(qpos, kpos, window):

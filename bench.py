@@ -32,10 +32,13 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from attention import banded, visible
-from mamba import ssd_flops
+import lowprec
 import triton_ops
-from model import Nemotron, NemotronConfig, star_blocks, star_prefill
+from attention import banded, visible
+from generate import generate_stream, new_cache, speculative_stream, star_blocks, star_prefill
+from hardware import peaks
+from mamba import ssd_flops
+from model import Nemotron, NemotronConfig
 from moe import experts_loop
 
 TRAIN_TARGET = 1.5    # ours / transformers training tokens/s
@@ -160,7 +163,7 @@ def hf_stream(model, idx, max_new_tokens):
 
 def stream(model, idx, max_new_tokens):
     if is_ours(model):
-        return model.generate_stream(idx, max_new_tokens, temperature=0)
+        return generate_stream(model, idx, max_new_tokens, temperature=0)
     return hf_stream(model, idx, max_new_tokens)
 
 
@@ -195,15 +198,9 @@ def bench_decode(cfg, contexts=(256, 1024, 4096, 8192), steps=32, warmup=2, hf=T
 # -----------------------------------------------------------------------------
 # kernels: the Triton SSD against the PyTorch reference, eager and under torch.compile
 
-# dense (no sparsity) bf16 peak FLOP/s and HBM bandwidth (bytes/s) by GPU name, from the data sheets
-GPU_PEAKS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "B200": (2250e12, 8e12),
-             "A100": (312e12, 2.0e12)}
-
-
 def gpu_peaks():
-    """(bf16 FLOP/s, HBM bytes/s) of this GPU, or (None, None) when it is not in GPU_PEAKS."""
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in GPU_PEAKS.items() if k in name), (None, None))
+    """(dense bf16 FLOP/s, memory bytes/s) of this GPU (hardware.py), or (None, None)."""
+    return peaks(torch.cuda.get_device_name()) if torch.cuda.is_available() else (None, None)
 
 
 def timed(fn, reps):
@@ -452,7 +449,7 @@ def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, ste
 def bench_lowprec_linear(M, K, N, steps=10, warmup=3, device="cpu"):
     """name -> median seconds of one Linear forward + backward (y, dx, dw) on x (M, K), an fp32
     master weight (N, K) and dy (M, N): "bf16" (F.linear on the weight cast to bf16 on a GPU, as
-    autocast does; fp32 on a CPU) and triton_ops.LowPrecLinearFn for each recipe (FP8 through
+    autocast does; fp32 on a CPU) and lowprec.LowPrecLinearFn for each recipe (FP8 through
     torch._scaled_mm where it runs, everything else emulated)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
@@ -461,8 +458,8 @@ def bench_lowprec_linear(M, K, N, steps=10, warmup=3, device="cpu"):
     H = triton_ops.hadamard16(torch.ones(16)).to(device)
     steppers = {"bf16": lambda: torch.autograd.grad(F.linear(x, w.to(dtype)), (x, w), dy)}
     for fmt in ("fp8", "mxfp8", "nvfp4"):
-        recipe = triton_ops.Recipe(fmt, H=H)
-        steppers[fmt] = lambda r=recipe: torch.autograd.grad(triton_ops.LowPrecLinearFn.apply(x, w, r), (x, w), dy)
+        recipe = lowprec.Recipe(fmt, H=H)
+        steppers[fmt] = lambda r=recipe: torch.autograd.grad(lowprec.LowPrecLinearFn.apply(x, w, r), (x, w), dy)
     return interleaved(steppers, steps, warmup)
 
 
@@ -523,11 +520,11 @@ def bench_star(contexts=(2048, 4096, 8192), n_blocks=4, steps=3, warmup=1, cfg_k
 
         @torch.no_grad()
         def full():
-            model.hidden(idx, model.new_cache(1, T + 1))
+            model.hidden(idx, new_cache(model, 1, T + 1))
 
         @torch.no_grad()
         def one_host():
-            anchor = model.new_cache(1, b)
+            anchor = new_cache(model, 1, b)
             model.hidden(idx[:, :b], anchor)
             star_blocks(model, idx, [T - b], b, anchor)
 
@@ -632,8 +629,8 @@ def bench_speculative(model, prompts, max_new_tokens=128, k=2, rounds=2):
     included, as a user waits for it), "ratios": speculative / plain per (round, prompt) pair, timed
     back to back in alternating order, and "stats": drafts kept per verification (first round)."""
     model.eval()
-    run = lambda name, p, n, st=None: list(model.generate_stream(p, n, temperature=0)) if name == "plain" else \
-        list(model.speculative_stream(p, n, k, temperature=0, stats=st))
+    run = lambda name, p, n, st=None: list(generate_stream(model, p, n, temperature=0)) if name == "plain" else \
+        list(speculative_stream(model, p, n, k, temperature=0, stats=st))
     for name in ("plain", "speculative"):
         run(name, prompts[0], 32)
     secs, ratios = {"plain": 0.0, "speculative": 0.0}, []
@@ -734,7 +731,7 @@ def report_grouped_gemm(res, shape):
 def report_lowprec(lin, shape, quant, qshape):
     gpu = torch.cuda.is_available()
     M, K, N = shape
-    fp8_hw = gpu and triton_ops.scaled_mm_runs(torch.empty(0, device="cuda"))
+    fp8_hw = gpu and lowprec.scaled_mm_runs(torch.empty(0, device="cuda"))
     print(f"\n== low-precision Linear, forward + backward (y, dx, dw), M x K x N = {M} x {K} x {N}, "
           f"{torch.cuda.get_device_name() if gpu else 'CPU'}; median of interleaved steps")
     print("fp8: per-tensor E4M3 on " + ("torch._scaled_mm (FP8 tensor cores)" if fp8_hw else "the emulation")

@@ -162,8 +162,8 @@ def ssd_scan_ref(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None):
     return torch.stack(ys, dim=1), h
 
 
-def ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
-    """The SSD op the mixer calls: y (B, T, H, P), final_state (B, H, P, N). The Triton kernels
+def run_ssd(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None):
+    """The SSD the mixer runs: y (B, T, H, P), final_state (B, H, P, N). The Triton kernels
     (triton_ops.ssd) where triton_ops.use_triton(x) says so (a GPU, or the interpreter in tests), the
     PyTorch reference ssd_ref elsewhere. y is fp32 from ssd_ref, in x's dtype from the kernels."""
     if triton_ops.use_triton(x):
@@ -208,6 +208,9 @@ class GatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
+    """The Mamba-2 block's mixer (in_proj -> conv -> SSD -> gated norm -> out_proj). forward's
+    cache, when decoding: a generate.MambaCache (conv window and SSM state), updated in place."""
+
     def __init__(self, cfg):
         super().__init__()
         self.H, self.P, self.N, self.G = cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.n_groups
@@ -222,11 +225,6 @@ class Mamba2Mixer(nn.Module):
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.G, cfg.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
 
-    def new_cache(self, batch_size, device, dtype):
-        """Constant-size decoding state: the last K-1 conv inputs and the SSM state h (fp32)."""
-        return {"conv": torch.zeros(batch_size, self.conv_dim, self.K - 1, device=device, dtype=dtype),
-                "ssm": torch.zeros(batch_size, self.H, self.P, self.N, device=device, dtype=torch.float32)}
-
     def discretize(self, dt):
         """dt > 0 within the configured limits (fp32, dt's shape), and A = -exp(A_log) < 0 (H,)."""
         dt = F.softplus(dt.float() + self.dt_bias.float()).clamp(*self.dt_limit)
@@ -234,17 +232,17 @@ class Mamba2Mixer(nn.Module):
 
     def forward(self, u, cache=None, seq_idx=None):
         Bsz, T, _ = u.shape
-        if cache is not None and (T == 1 or cache.get("keep")):
+        if cache is not None and (T == 1 or cache.keep_states):
             return self.step(u, cache)
         assert seq_idx is None or cache is None, "packed documents are for training, not decoding"
         zxbcdt = self.in_proj(u)  # (B, T, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
         # 1) depthwise causal conv over time: left-pad with the cached inputs (zeros at the start)
         xBC = xBC.transpose(1, 2)  # (B, conv_dim, T)
-        past = cache["conv"] if cache is not None else xBC.new_zeros(Bsz, self.conv_dim, self.K - 1)
+        past = cache.conv if cache is not None else xBC.new_zeros(Bsz, self.conv_dim, self.K - 1)
         xBC = torch.cat([past, xBC], dim=-1)  # (B, conv_dim, K-1+T)
         if cache is not None:
-            cache["conv"] = xBC[:, :, -(self.K - 1):].clone()
+            cache.conv = xBC[:, :, -(self.K - 1):].clone()
         if seq_idx is None:
             xBC = F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         else:
@@ -254,47 +252,41 @@ class Mamba2Mixer(nn.Module):
         # 2) discretisation parameters: dt > 0 within the configured limits, A < 0
         dt, A = self.discretize(dt)  # (B, T, H), (H,)
         # 3) the SSD over the whole sequence, starting from the cached state when decoding
-        y, h = ssd(x.reshape(Bsz, T, self.H, self.P), dt, A,
+        y, h = run_ssd(x.reshape(Bsz, T, self.H, self.P), dt, A,
                    B.reshape(Bsz, T, self.G, self.N), C.reshape(Bsz, T, self.G, self.N),
-                   self.chunk_size, D=self.D, initial_state=None if cache is None else cache["ssm"],
+                   self.chunk_size, D=self.D, initial_state=None if cache is None else cache.ssm,
                    seq_idx=seq_idx)
         if cache is not None:
-            cache["ssm"] = h.contiguous()  # the decode kernel updates it in place
+            cache.ssm = h.contiguous()  # the decode kernel updates it in place
         # 4) gated norm, then back to the model width
         y = self.norm(y.reshape(Bsz, T, self.d_inner), z)  # (B, T, d_inner)
         return self.out_proj(y.to(u.dtype))
 
     def step(self, u, cache):
         """k <= 8 tokens (B, k, d_model) from the cache in O(k): extend the conv window, run the
-        recurrence (ssd_steps, or the k-token kernel). With cache["keep"] set (speculative
-        decoding), the conv window and the state after every token are kept in cache["history"],
-        so that rollback() can return to any of them."""
+        recurrence (ssd_steps, or the k-token kernel). With cache.keep_states set (speculative
+        decoding), the conv window and the state after every token are kept in cache.history, so
+        that cache.rollback() can return to any of them."""
         Bsz, k, _ = u.shape
         zxbcdt = self.in_proj(u)  # (B, k, d_inner + conv_dim + H)
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
-        fast, keep = triton_ops.use_triton(u), cache.get("keep", False)
-        window = torch.cat([cache["conv"], xBC.transpose(1, 2)], dim=-1) if keep or not fast else None
+        fast, keep = triton_ops.use_triton(u), cache.keep_states
+        window = torch.cat([cache.conv, xBC.transpose(1, 2)], dim=-1) if keep or not fast else None
         if fast:
-            xBC, cache["conv"] = triton_ops.conv_update(cache["conv"], xBC, self.conv1d.weight, self.conv1d.bias)
+            xBC, cache.conv = triton_ops.conv_update(cache.conv, xBC, self.conv1d.weight, self.conv1d.bias)
         else:  # (B, conv_dim, k, K) windows, one per new token, times the (conv_dim, 1, K) kernel
             xBC = (window.unfold(2, self.K, 1) * self.conv1d.weight).sum(-1)  # (B, conv_dim, k)
             xBC = F.silu(xBC.transpose(1, 2) + self.conv1d.bias)  # (B, k, conv_dim)
-            cache["conv"] = window[:, :, k:]
+            cache.conv = window[:, :, k:]
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         dt, A = self.discretize(dt)  # (B, k, H), (H,)
         x, B, C = x.view(Bsz, k, self.H, self.P), B.view(Bsz, k, self.G, self.N), C.view(Bsz, k, self.G, self.N)
-        if fast:  # updates cache["ssm"] in place
-            y, states = triton_ops.ssd_update(cache["ssm"], x, dt, A, B, C, self.D, save_states=keep)
+        if fast:  # updates cache.ssm in place
+            y, states = triton_ops.ssd_update(cache.ssm, x, dt, A, B, C, self.D, save_states=keep)
         else:  # the recurrence, token by token (k = 1 in plain decoding)
-            y, states = ssd_steps(cache["ssm"], x, dt, A, B, C, self.D)
-            cache["ssm"] = states[:, -1]
+            y, states = ssd_steps(cache.ssm, x, dt, A, B, C, self.D)
+            cache.ssm = states[:, -1]
         if keep:
-            cache["history"] = (window, states)
+            cache.history = (window, states)
         y = self.norm(y.reshape(Bsz, k, self.d_inner), z)  # (B, k, d_inner)
         return self.out_proj(y.to(u.dtype))
-
-    def rollback(self, cache, j):
-        """Return the cache to its state after the j-th (0-based) token of the last step()."""
-        window, states = cache.pop("history")
-        cache["conv"] = window[:, :, j + 1:j + self.K].contiguous()  # the last K-1 inputs up to token j
-        cache["ssm"] = states[:, j].contiguous()  # fp32, updated in place by the decode kernel

@@ -17,6 +17,9 @@ smaller latent width l through W_down2 = fc1_latent_proj (d -> l) and W_up2 = fc
 Shape letters: M tokens (B*T flattened), S sequences, T tokens per sequence, E routed experts,
 k experts per token, F expert hidden width, l latent width, n ranks of an expert-parallel group.
 
+The low-precision expert GEMMs (train.py --precision) live in lowprec.py, which imports this file
+and hands Experts the function to call (Experts.lowprec_grouped_mm); nothing here imports lowprec.
+
 The last section, expert parallelism, is the only code here that talks to other processes: it
 takes a process group, and nothing else in the file depends on it.
 """
@@ -201,62 +204,6 @@ def mm_by_groups(a, b, offs):
     return torch.bmm(a_pad.transpose(1, 2), pad_groups(b, offs)[0])  # (E, K, n)
 
 
-class LowPrecGroupedMM(torch.autograd.Function):
-    # GroupedMM with every GEMM on quantized operands, the recipe of triton_ops.LowPrecLinearFn run
-    # expert by expert: each expert is its own quantized GEMM with its own tensor scales (and amax
-    # histories), as TransformerEngine's GroupedLinear. Emulated: the operands are quantized per
-    # expert, dequantized to fp32 and multiplied by one grouped GEMM (mm_by_groups).
-    # x (N, K): the sorted token copies; w (E, n, K): the experts' weights as nn.Linear holds them;
-    # name: which projection, to key the amax histories. Saves x and w, as LowPrecLinearFn.
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # as triton_ops.LowPrecLinearFn
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x, w, offs, recipe, name):
-        ctx.save_for_backward(x, w, offs)
-        ctx.recipe, ctx.name = recipe, name
-        q = lambda t, kinds, i, g: qdq(t, kinds[i], recipe, (name, g, kinds, i))  # kinds, i: as lowprec_mm's
-        xq = torch.cat([q(xg, "xw", 0, g) for g, xg in enumerate(x.split(group_sizes(offs)))])  # (N, K)
-        wq = torch.stack([q(wg, "xw", 1, g) for g, wg in enumerate(w)])  # (E, n, K)
-        return mm_by_groups(xq, wq.transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, n): bf16 values
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x, w, offs = ctx.saved_tensors
-        recipe, need_dx, need_dw = ctx.recipe, *ctx.needs_input_grad[:2]
-        q = lambda t, kinds, i, g: qdq(t, kinds[i], recipe, (ctx.name, g, kinds, i))
-        dyq, wq, a, b = [], [], [], []
-        sizes = group_sizes(offs)
-        # expert by expert, dgrad then wgrad, as LowPrecLinearFn (stochastic rounding draws alike)
-        for g, (xg, dyg) in enumerate(zip(x.split(sizes), dy.split(sizes))):
-            if need_dx:  # dgrad: dX_g = dY_g W_g, over n
-                dyq.append(q(dyg, "gw", 0, g))
-                wq.append(q(w[g].t(), "gw", 1, g))  # (K, n)
-            if need_dw:  # wgrad: dW_g = dY_g^T X_g, over the expert's own tokens
-                # each expert's tokens are quantized on their own (zero-padded to whole blocks), so no
-                # block along the tokens spans two experts; rht zero-pads them to a multiple of 16
-                # first, and the padded columns, no longer zero once transformed, stay in the GEMM
-                ag, bg = dyg.t(), xg.t()  # (n, M_g), (K, M_g)
-                if recipe.fmt == "nvfp4" and recipe.rht:
-                    ag, bg = triton_ops.rht(ag, recipe.H), triton_ops.rht(bg, recipe.H)  # (n, M_g'), (K, M_g')
-                a.append(q(ag, "gx", 0, g))
-                b.append(q(bg, "gx", 1, g))
-        dx = dw = None
-        if need_dx:
-            dx = mm_by_groups(torch.cat(dyq), torch.stack(wq).transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, K)
-        if need_dw:  # the k-grouped form over the (padded) token columns of each expert
-            offs_w = torch.tensor([t.size(1) for t in a], device=offs.device).cumsum(0).to(torch.int32)  # (E,)
-            dw = mm_by_groups(torch.cat(a, 1), torch.cat(b, 1).t(), offs_w).to(w.dtype)  # (E, n, K)
-        return dx, dw, None, None, None
-
-
-def qdq(t, kind, recipe, key):
-    """t (rows, reduction) quantized by triton_ops.quantize_operand and dequantized (fp32): an
-    emulated GEMM's operand. An expert without tokens has nothing to quantize."""
-    return triton_ops.quantize_operand(t, kind, recipe, key).dequantize() if t.numel() else t.float()
-
-
 def group_sizes(offs):
     """The rows of each group, from the end rows offs (E,): a list of E ints (a host sync)."""
     return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
@@ -291,13 +238,17 @@ class Experts(nn.Module):
         super().__init__()
         self.up_proj = nn.Parameter(torch.empty(n_experts, d_ff, d_in))  # (E, F, l)
         self.down_proj = nn.Parameter(torch.empty(n_experts, d_in, d_ff))  # (E, l, F)
-        self.recipe = None  # set by triton_ops.apply_precision: the GEMMs run LowPrecGroupedMM (not in state_dict)
+        # set by lowprec.apply_precision (train.py --precision), which imports this file (never the other
+        # way): the grouped GEMM on quantized operands, lowprec_grouped_mm(x, w, offs, recipe, name), and
+        # its recipe. None: the GEMMs run in high precision. Neither is in the state_dict.
+        self.lowprec_grouped_mm = None
+        self.recipe = None
 
     def forward(self, x, weights, idx):
         """x (M, l), weights and idx (M, k) -> (M, l). Dropless: every token copy is served, by one
         grouped GEMM per projection over all experts (triton_ops.grouped_mm on a GPU)."""
         M, k = idx.shape
-        if M * k <= self.up_proj.size(0) and not triton_ops.use_triton(x) and self.recipe is None:
+        if M * k <= self.up_proj.size(0) and not triton_ops.use_triton(x) and self.lowprec_grouped_mm is None:
             # decoding a token or a few: running just the chosen experts beats two grouped GEMMs
             # over mostly empty groups (12.6 vs 15.8 ms per token for the default model, LOG.md)
             return experts_loop(x, weights, idx, self.up_proj, self.down_proj)
@@ -306,10 +257,11 @@ class Experts(nn.Module):
         token = order // k  # (M*k,): the token of each sorted copy
         offs = torch.bincount(idx.flatten(), minlength=self.up_proj.size(0)).cumsum(0).to(torch.int32)  # (E,)
         # 2) the experts' relu^2 MLPs as two grouped GEMMs, in autocast's dtype where it is on, or
-        # on quantized operands (train.py --precision)
-        if self.recipe is not None:
-            h = LowPrecGroupedMM.apply(x[token], self.up_proj, offs, self.recipe, "up_proj")  # (M*k, F)
-            y = LowPrecGroupedMM.apply(F.relu(h).square(), self.down_proj, offs, self.recipe, "down_proj")  # (M*k, l)
+        # on quantized operands (train.py --precision: what lowprec.apply_precision set, see __init__)
+        if self.lowprec_grouped_mm is not None:
+            mm = self.lowprec_grouped_mm
+            h = mm(x[token], self.up_proj, offs, self.recipe, "up_proj")  # (M*k, F)
+            y = mm(F.relu(h).square(), self.down_proj, offs, self.recipe, "down_proj")  # (M*k, l)
         else:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             mm = triton_ops.grouped_mm if triton_ops.use_triton(x) else grouped_mm_ref

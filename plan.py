@@ -19,32 +19,17 @@ Narayanan et al. 2021 (arXiv:2104.04473, PTD-P: 1F1B and interleaved pipelines),
 (arXiv:1910.02054: memory by stage). Nothing here runs a model: it is arithmetic on a CPU.
 """
 import ast, contextlib, csv, functools, json, math, os, re, sys, time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from mamba import ssd_flops
 from checkpoint import config_from_hf
-from model import NemotronConfig
+from hardware import CLUSTER_GPUS, HARDWARE, find_gpu
+from model import NemotronConfig, flops_per_token, layer_params, mtp_params
 
 # -----------------------------------------------------------------------------
-# hardware: per GPU, dense peaks by precision (FLOP/s), HBM size (GB) and bandwidth (B/s), link
-# bandwidth per direction (B/s) inside the NVLink domain and out of it, GPUs per NVLink domain,
-# SMs (a GEMM's output tiles run in waves of this many), a kernel's fixed cost and a collective's
-# latency (s). From ../shared/planner/conventions_and_hardware.md (data sheets, NVIDIA's dgxc
-# recipes): NVLink 600 / 900 / 1800 GB/s bidirectional; HDR InfiniBand 200 Gb/s per A100, NDR or
-# RoCE 400 Gb/s per H100 / B200 GPU. SM counts from the data sheets (B200: 148, as reported).
+# hardware (hardware.py's table), a kernel's fixed cost and a collective's latency (s), and the
+# fitted efficiencies
 GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6)
-HARDWARE = {
-    "a100": dict(flops={"bf16": 312e12, "fp16": 312e12}, hbm_gb=80, hbm_bw=2.0e12,
-                 nvlink_bw=300e9, net_bw=25e9, gpus_per_node=8, sms=108),
-    "h100": dict(flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12}, hbm_gb=80, hbm_bw=3.35e12,
-                 nvlink_bw=450e9, net_bw=50e9, gpus_per_node=8, sms=132),
-    "h200": dict(flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12}, hbm_gb=141, hbm_bw=4.8e12,
-                 nvlink_bw=450e9, net_bw=50e9, gpus_per_node=8, sms=132),
-    "b200": dict(flops={"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12}, hbm_gb=180, hbm_bw=8e12,
-                 nvlink_bw=900e9, net_bw=50e9, gpus_per_node=8, sms=148),
-    "gb200": dict(flops={"bf16": 2450e12, "fp16": 2450e12, "fp8": 4900e12}, hbm_gb=186, hbm_bw=8e12,
-                  nvlink_bw=900e9, net_bw=50e9, gpus_per_node=72, sms=148),  # NVL72: one NVLink domain
-}
 # the fitted constants, the only ones (LOG.md, 2026-11-29: fit once on all of published_runs.csv):
 GEMM_EFF = 0.70   # a large GEMM's throughput over the dense peak (cuBLAS steady state)
 MEM_EFF = 0.90    # memory-bound kernels' bandwidth over the HBM peak
@@ -61,7 +46,7 @@ PRECISION = {"bf16": dict(act=2, w=2, g=4, opt=12), "fp16": dict(act=2, w=2, g=2
 
 def load_hardware(gpu, **overrides):
     """A preset name or a JSON profile (what --calibrate writes), with overrides applied."""
-    if gpu in HARDWARE:
+    if gpu in CLUSTER_GPUS:
         hw = dict(GPU_DEFAULTS, name=gpu, **HARDWARE[gpu])
     elif os.path.isfile(gpu):
         with open(gpu) as f:
@@ -70,7 +55,7 @@ def load_hardware(gpu, **overrides):
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{gpu}: not a hardware profile ({e})") from None
     else:
-        raise ValueError(f"unknown gpu '{gpu}': one of {', '.join(HARDWARE)}, or a JSON profile")
+        raise ValueError(f"unknown gpu '{gpu}': one of {', '.join(CLUSTER_GPUS)}, or a JSON profile")
     hw.update({k: v for k, v in overrides.items() if v is not None})
     return hw
 
@@ -141,53 +126,9 @@ def load_model(spec):
 
 
 # -----------------------------------------------------------------------------
-# per layer type, counted once: parameters, FLOPs (here and in layer_cost) and, in layer_cost,
-# the bytes that memory-bound kernels move, saved activations and communication volumes
-
-def layer_params(cfg, kind):
-    """(dense, routed-expert total, routed-expert active) parameters of one block of this kind."""
-    d = cfg.d_model
-    if kind == "M":
-        d_in, gn = cfg.mamba_heads * cfg.headdim, cfg.n_groups * cfg.d_state
-        conv = d_in + 2 * gn
-        return d + d * (2 * d_in + 2 * gn + cfg.mamba_heads) + conv * (cfg.d_conv + 1) + 3 * cfg.mamba_heads \
-            + d_in + d_in * d, 0, 0
-    if kind in "*W":  # global or sliding-window attention: the same weights
-        return d + 2 * d * (cfg.n_head + cfg.n_kv_head) * cfg.head_dim, 0, 0
-    if kind == "-":
-        return d + 2 * d * cfg.d_ff, 0, 0
-    latent = cfg.moe_latent_size
-    expert = 2 * (latent or d) * cfg.moe_d_ff
-    dense = d + cfg.n_experts * d + 2 * d * cfg.shared_d_ff + (2 * d * latent if latent else 0)
-    return dense, cfg.n_experts * expert, cfg.top_k * expert
-
-
-def mtp_params(cfg):
-    """(dense, expert total, expert active) of one MTP depth's weights: enorm, hnorm, eh_proj, blocks, final norm."""
-    per_block = [layer_params(cfg, k) for k in cfg.mtp_pattern]
-    return 3 * cfg.d_model + 2 * cfg.d_model ** 2 + sum(p[0] for p in per_block), \
-        sum(p[1] for p in per_block), sum(p[2] for p in per_block)
-
-
-def flops_per_token(cfg, T):
-    """Training FLOPs per token (forward + backward = 3x forward) at sequence length T, the count
-    that train.py's MFU and this planner's model TFLOP/s use: 6 per active weight (the embedding
-    table is a lookup, the LM head a matmul), plus attention's scores and values over the causal
-    half, plus the SSD's chunk products (mamba.ssd_flops). MTP depths run their blocks and the
-    head once more per token. Equals model.Nemotron.flops_per_token (a test checks it)."""
-    head = cfg.vocab_size * cfg.d_model
-    active = sum(layer_params(cfg, k)[0] + layer_params(cfg, k)[2] for k in cfg.pattern) + cfg.d_model + head
-    kinds = cfg.pattern
-    if cfg.mtp_depth:
-        dense, _, experts = mtp_params(cfg)
-        active += cfg.mtp_depth * (dense + experts + head)
-        kinds += cfg.mtp_pattern * cfg.mtp_depth
-    attention = 2 * 2 * cfg.n_head * cfg.head_dim * T / 2
-    window = min(T, getattr(cfg, "sliding_window", T))  # a W layer's query sees this many keys, fewer early on
-    local = 2 * 2 * cfg.n_head * cfg.head_dim * window * (1 - window / (2 * T))
-    ssd = ssd_flops(cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.chunk_size)
-    return 6 * active + 3 * (kinds.count("*") * attention + kinds.count("W") * local + kinds.count("M") * ssd)
-
+# per layer type, counted once: parameters and FLOPs per token come from model.py (layer_params,
+# flops_per_token); layer_cost adds the bytes that memory-bound kernels move, saved activations
+# and communication volumes
 
 # -----------------------------------------------------------------------------
 # time of a kernel and of a collective on one GPU
@@ -240,6 +181,15 @@ class Layout:
 
 
 @dataclass
+class Memo:
+    """A Job's memos, one per function, each keyed by the arguments its result depends on."""
+    layer_cost: dict = field(default_factory=dict)    # (kind, b, tp, cp, ep (1 unless MoE), sp) -> LayerCost
+    stage_groups: dict = field(default_factory=dict)  # (pp, vp) -> [StageGroup]
+    rank_sums: dict = field(default_factory=dict)     # (tp, cp, ep, mbs, sp, pp, vp) -> [RankSums]
+    model_totals: dict = field(default_factory=dict)  # (tp, cp, ep, mbs, sp) -> ModelTotals
+
+
+@dataclass
 class Job:
     cfg: NemotronConfig
     seq: int                # tokens per sequence
@@ -253,97 +203,129 @@ class Job:
         self.bytes = PRECISION[self.precision]
         self.peak = self.hw["flops"][self.precision]  # linear layers (in fp8 with --precision=fp8)
         self.core_peak = self.hw["flops"]["bf16" if self.precision == "fp8" else self.precision]
-        self.cache = {}
+        self.memo = Memo()
         self.flops = flops_per_token(self.cfg, self.seq)
         self.params = {k: layer_params(self.cfg, k) for k in set(self.cfg.pattern + self.cfg.mtp_pattern)}
 
 
+@dataclass
+class BlockWork:
+    mem: float              # bytes its memory-bound kernels move (norms, residual add, activation functions, ...)
+    kernels: int            # how many memory-bound kernels it launches
+    saved: float            # activation bytes kept for the backward
+    lin: list = field(default_factory=list)      # linear-layer GEMMs (fp8 under --precision=fp8): (batch, m, n, k)
+    mm: list = field(default_factory=list)       # other GEMMs (router, LM head), in 16 bit: (batch, m, n, k)
+    core_mm: list = field(default_factory=list)  # the core's GEMMs (materialized attention): (batch, m, n, k)
+    core_flops: float = 0.0  # the core's fused-kernel FLOPs (flash attention, the SSD), run at GEMM speed
+    core_bytes: float = 0.0  # bytes the core's fused kernels move (they are bound by this when it takes longer)
+    core_kernels: int = 0   # the core's kernels
+    core_saved: float = 0.0  # of saved, the core's bytes (what selective recompute drops)
+    cp: float = 0.0         # bytes this GPU sends per context-parallel ring step (K and V; the SSM state)
+    a2a: float = 0.0        # bytes this GPU sends per expert all-to-all (dispatch; combine sends as many)
+    act_full: float = 0.0   # bytes full recompute keeps: the block's input
+
+
 def block_work(job, kind, b, tp, cp, ep, sp):
     """What one block of `kind` ('M', '*', '-', 'E'; 'embed': the lookup; 'head': final norm, LM
-    head and loss) does for a micro-batch of b sequences on one GPU, counted once for every use:
-    lin / mm: its linear-layer GEMMs (fp8 under --precision=fp8) and other GEMMs, (batch, m, n, k);
-    mem, kernels: bytes its memory-bound kernels move, and how many there are; core: the attention
-    core or the SSD (its GEMMs, FLOPs run at GEMM speed, bytes; what selective recompute repeats);
-    saved / core_saved: activation bytes kept for the backward / of them, the core's; cp, a2a: bytes
-    this GPU sends per context-parallel ring step / per expert all-to-all."""
+    head and loss) does for a micro-batch of b sequences on one GPU, counted once for every use, as
+    a BlockWork. The core is the attention core or the SSD: what selective recompute repeats."""
     cfg, s, d, act = job.cfg, job.seq, job.cfg.d_model, job.bytes["act"]
     t = b * s // cp         # tokens on this GPU
     ew = tp if sp else 1    # sequence parallelism splits the d-wide elementwise work and its activations
-    w = dict(lin=[], mm=[], core_mm=[], core_flops=0.0, core_bytes=0.0, core_kernels=0, core_saved=0.0, cp=0.0, a2a=0.0,
-             mem=5 * t * d / ew * act, kernels=2,  # the pre-norm (read, write), the residual add (2 reads, 1 write)
-             saved=2 * t * d / ew * act)  # the norm's input and output
+    # the pre-norm (read, write) and the residual add (2 reads, 1 write); the norm's input and output saved
+    w = BlockWork(mem=5 * t * d / ew * act, kernels=2, saved=2 * t * d / ew * act)
     if kind in "*W":  # W: sliding-window attention, RoPE always, each query against at most a window of keys
         a, g, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        w["lin"] += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
-        w["saved"] += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
+        w.lin += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
+        w.saved += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
         if cfg.rope or kind == "W":
-            w["mem"], w["kernels"] = w["mem"] + 4 * t * (a + g) * hd / tp * act, w["kernels"] + 1
+            w.mem, w.kernels = w.mem + 4 * t * (a + g) * hd / tp * act, w.kernels + 1
         heads, q = b * a / tp, s / cp  # each GPU: its heads, its queries against all s keys (a ring under cp)
         if kind == "W":  # the same causal-half count over an effective length 2W(1 - W/2s) instead of s
             window = min(s, cfg.sliding_window)
             s = 2 * window * (1 - window / (2 * s))
         if job.attention == "flash":  # one fused kernel over the causal half; backward 2.5x (recomputes scores)
-            w["core_flops"], w["core_kernels"] = 4 * heads * q * s * hd / 2, 1
-            w["saved"] += t * a / tp * 4  # the softmax statistics (fp32)
+            w.core_flops, w.core_kernels = 4 * heads * q * s * hd / 2, 1
+            w.saved += t * a / tp * 4  # the softmax statistics (fp32)
         else:  # Megatron before FlashAttention: full s x s scores written, softmaxed, dropped out, read back
-            w["core_mm"], w["core_kernels"] = [(heads, q, s, hd), (heads, q, hd, s)], 2
+            w.core_mm, w.core_kernels = [(heads, q, s, hd), (heads, q, hd, s)], 2
             # per score, 9 B at 16 bit: softmax in and out, dropout in, out and mask
-            w["core_bytes"] = 9 * heads * q * s * act / 2
-            w["core_saved"] = 5 * heads * q * s * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
-        w["cp"] = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring
+            w.core_bytes = 9 * heads * q * s * act / 2
+            w.core_saved = 5 * heads * q * s * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
+        w.cp = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring
     elif kind == "-":
-        w["lin"] += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
-        w["mem"], w["kernels"] = w["mem"] + 2 * t * cfg.d_ff / tp * act, w["kernels"] + 1  # the activation function
-        w["saved"] += 2 * t * cfg.d_ff / tp * act  # its input and output
+        w.lin += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
+        w.mem, w.kernels = w.mem + 2 * t * cfg.d_ff / tp * act, w.kernels + 1  # the activation function
+        w.saved += 2 * t * cfg.d_ff / tp * act  # its input and output
     elif kind == "M":
         H, P, N, G, Q = cfg.mamba_heads / tp, cfg.headdim, cfg.d_state, cfg.n_groups / tp, cfg.chunk_size
         d_in, conv = H * P, H * P + 2 * G * N
-        w["lin"] += [(1, t, 2 * d_in + 2 * G * N + H, d), (1, t, d, d_in)]
+        w.lin += [(1, t, 2 * d_in + 2 * G * N + H, d), (1, t, d, d_in)]
         # the chunked SSD: its chunk products (mamba.ssd_flops) or its traffic (x, B, C in, y out,
         # fp32 dt and chunk states), whichever takes longer; the conv (read, write); the gated norm (y, z, out)
-        w["core_flops"], w["core_kernels"] = t * ssd_flops(H, P, N, Q), 5
-        w["core_bytes"] = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
-        w["mem"], w["kernels"] = w["mem"] + (2 * conv + 3 * d_in) * t * act, w["kernels"] + 2
-        w["saved"] += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
-        w["cp"] = b * H * P * N * 4  # under cp each GPU passes its final SSM state on
+        w.core_flops, w.core_kernels = t * ssd_flops(H, P, N, Q), 5
+        w.core_bytes = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
+        w.mem, w.kernels = w.mem + (2 * conv + 3 * d_in) * t * act, w.kernels + 2
+        w.saved += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
+        w.cp = b * H * P * N * 4  # under cp each GPU passes its final SSM state on
     elif kind == "E":
         E, k, F, l = cfg.n_experts, cfg.top_k, cfg.moe_d_ff, cfg.moe_latent_size or d
         routed = t / tp  # each tp rank routes its sequence-parallel share of the tokens
-        w["mm"] += [(1, routed, E, d)]  # the router
+        w.mm += [(1, routed, E, d)]  # the router
         if cfg.moe_latent_size:
-            w["lin"] += [(1, routed, l, d), (1, routed, d, l)]
+            w.lin += [(1, routed, l, d), (1, routed, d, l)]
         rows = routed * k * ep / E  # tokens per local expert, balanced (aux-loss-free balancing keeps it near)
-        w["lin"] += [(E / ep, rows, F, l), (E / ep, rows, l, F)]  # grouped GEMMs of the E/ep local experts
+        w.lin += [(E / ep, rows, F, l), (E / ep, rows, l, F)]  # grouped GEMMs of the E/ep local experts
         if cfg.shared_d_ff:
-            w["lin"] += [(1, t, cfg.shared_d_ff / tp, d), (1, t, d, cfg.shared_d_ff / tp)]
-        w["mem"] += (4 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp) * act + routed * E * 8
-        w["kernels"] += 6  # router top-k, permute, two activations, unpermute, combine
-        w["saved"] += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
-                       + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
-        w["a2a"] = routed * k * l * act  # dispatch (and the same back to combine)
+            w.lin += [(1, t, cfg.shared_d_ff / tp, d), (1, t, d, cfg.shared_d_ff / tp)]
+        w.mem += (4 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp) * act + routed * E * 8
+        w.kernels += 6  # router top-k, permute, two activations, unpermute, combine
+        w.saved += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
+                    + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
+        w.a2a = routed * k * l * act  # dispatch (and the same back to combine)
     elif kind == "embed":  # the lookup
-        w.update(mem=t * d / ew * act, kernels=1, saved=0.0)
+        w.mem, w.kernels, w.saved = t * d / ew * act, 1, 0.0
     elif kind == "head":  # final norm, LM head, cross-entropy over fp32 logits (vocab split over tp)
         V = cfg.vocab_size
-        w["mm"] += [(1, t, V / tp, d)]
-        w.update(mem=2 * t * d / ew * act + t * V / tp * (act + 8), kernels=4,
-                 saved=2 * t * d / ew * act + t * V / tp * (act + 4))
-    w["act_full"] = t * d / ew * act  # what full recompute keeps: the block's input
+        w.mm += [(1, t, V / tp, d)]
+        w.mem, w.kernels = 2 * t * d / ew * act + t * V / tp * (act + 8), 4
+        w.saved = 2 * t * d / ew * act + t * V / tp * (act + 4)
+    w.act_full = t * d / ew * act  # what full recompute keeps: the block's input
     return w
 
 
+@dataclass
+class LayerCost:
+    fwd: float              # s: forward compute (GEMMs, memory-bound kernels, the core)
+    bwd: float              # s: backward compute (dgrad and wgrad GEMMs, kernels twice, the core 2 or 2.5x)
+    core: float             # s: the core's forward that selective recompute repeats (materialized attention; else 0)
+    tp: float               # s per pass: tensor-parallel all-reduce (with sp: all-gather and reduce-scatter)
+    ep: float               # s per pass: expert all-to-alls, dispatch and combine
+    cp_fwd: float           # s: context-parallel communication exposed under the forward core
+    cp_bwd: float           # s: the same under the backward core
+    act: float              # bytes: activations saved for the backward without recompute
+    act_selective: float    # bytes: the same under selective recompute (the core's dropped)
+    act_full: float         # bytes: the same under full recompute (the block's input)
+    flops: float            # forward FLOPs: every GEMM and the core
+
+
+def cost_sum(costs, counts):
+    """The LayerCost of counts[kind] blocks of each kind, field by field."""
+    return LayerCost(*(sum(n * getattr(costs[k], f.name) for k, n in counts.items()) for f in fields(LayerCost)))
+
+
 def layer_cost(job, kind, b, tp, cp, ep, sp):
-    """block_work in seconds on job.hw: forward and backward, the core's forward (what selective
-    recompute repeats), communication per pass (tp; ep; cp exposed under the core), saved
-    activation bytes by recompute level, forward FLOPs."""
+    """block_work in seconds on job.hw, as a LayerCost: forward and backward, the core's forward
+    (what selective recompute repeats), communication per pass (tp; ep; cp exposed under the core),
+    saved activation bytes by recompute level, forward FLOPs."""
     key = (kind, b, tp, cp, ep if kind == "E" else 1, sp)  # only MoE blocks depend on ep
-    if key in job.cache:
-        return job.cache[key]
+    if key in job.memo.layer_cost:
+        return job.memo.layer_cost[key]
     w, hw, act, fp8 = block_work(job, kind, b, tp, cp, ep, sp), job.hw, job.bytes["act"], job.precision == "fp8"
     t = b * job.seq // cp
     fwd = bwd = 0.0
-    mem = w["mem"]
-    for batch, m, n, k, linear in [g + (True,) for g in w["lin"]] + [g + (False,) for g in w["mm"]]:
+    mem = w.mem
+    for batch, m, n, k, linear in [g + (True,) for g in w.lin] + [g + (False,) for g in w.mm]:
         peak, nbytes = (job.peak, 1 if fp8 else act) if linear else (job.core_peak, act)
         fwd += gemm_time(hw, peak, batch, m, n, k, nbytes)
         bwd += gemm_time(hw, peak, batch, m, k, n, nbytes) + gemm_time(hw, peak, batch, n, k, m, nbytes)  # dgrad, wgrad
@@ -351,35 +333,41 @@ def layer_cost(job, kind, b, tp, cp, ep, sp):
             mem += batch * m * k * (act + 1)
             bwd += mem_time(hw, batch * m * n * (act + 1), 1)
     # the core: its GEMMs, then its fused kernels at GEMM speed or bound by their traffic, whichever is longer
-    core = sum(gemm_time(hw, job.core_peak, *g, act) for g in w["core_mm"]) + w["core_kernels"] * hw["kernel_s"] \
-        + max(w["core_flops"] / (job.core_peak * GEMM_EFF), w["core_bytes"] / (hw["hbm_bw"] * MEM_EFF))
-    fwd += mem_time(hw, mem, w["kernels"]) + core
-    bwd += mem_time(hw, 2 * mem, 2 * w["kernels"]) + (2.5 if kind in "*W" else 2) * core
+    core = sum(gemm_time(hw, job.core_peak, *g, act) for g in w.core_mm) + w.core_kernels * hw["kernel_s"] \
+        + max(w.core_flops / (job.core_peak * GEMM_EFF), w.core_bytes / (hw["hbm_bw"] * MEM_EFF))
+    fwd += mem_time(hw, mem, w.kernels) + core
+    bwd += mem_time(hw, 2 * mem, 2 * w.kernels) + (2.5 if kind in "*W" else 2) * core
     # tensor parallel: per pass one all-reduce of the block's output (or, with sp, an all-gather and a
     # reduce-scatter: the same bytes); the vocab-parallel embedding and head need one too
     tp_comm = comm_time(hw, "all_reduce", t * job.cfg.d_model * act, tp, True)
-    a2a = 2 * comm_time(hw, "all_to_all", w["a2a"], ep, ep <= hw["gpus_per_node"])
-    cp_comm = comm_time(hw, "all_gather", w["cp"] * cp, cp, tp * cp <= hw["gpus_per_node"]) if kind == "M" else \
-        comm_time(hw, "p2p", w["cp"] * (cp - 1), cp, tp * cp <= hw["gpus_per_node"])
-    flops = sum(2 * bt * m * n * k for bt, m, n, k in w["lin"] + w["mm"] + w["core_mm"]) + w["core_flops"]
-    cost = dict(fwd=fwd, bwd=bwd, core=core if kind in "*W" and job.attention != "flash" else 0.0, tp=tp_comm, ep=a2a,
-                cp_fwd=hidden(cp_comm, core), cp_bwd=hidden(2 * cp_comm, 2.5 * core),
-                act=w["saved"], act_selective=w["saved"] - w["core_saved"], act_full=w["act_full"], flops=flops)
-    job.cache[key] = cost
+    a2a = 2 * comm_time(hw, "all_to_all", w.a2a, ep, ep <= hw["gpus_per_node"])
+    cp_comm = comm_time(hw, "all_gather", w.cp * cp, cp, tp * cp <= hw["gpus_per_node"]) if kind == "M" else \
+        comm_time(hw, "p2p", w.cp * (cp - 1), cp, tp * cp <= hw["gpus_per_node"])
+    flops = sum(2 * bt * m * n * k for bt, m, n, k in w.lin + w.mm + w.core_mm) + w.core_flops
+    cost = LayerCost(fwd=fwd, bwd=bwd, core=core if kind in "*W" and job.attention != "flash" else 0.0, tp=tp_comm,
+                     ep=a2a, cp_fwd=hidden(cp_comm, core), cp_bwd=hidden(2 * cp_comm, 2.5 * core), act=w.saved,
+                     act_selective=w.saved - w.core_saved, act_full=w.act_full, flops=flops)
+    job.memo.layer_cost[key] = cost
     return cost
 
 
 # -----------------------------------------------------------------------------
 # one layout: step time, its breakdown, memory per GPU
 
+@dataclass
+class StageGroup:
+    rank: int               # the group's lowest pipeline rank, the one with the most micro-batches in flight
+    counts: dict            # blocks it holds: {kind: count}, with 'embed' and 'head' on the first and last ranks
+    n_ranks: int            # pipeline ranks in the group (they hold the same blocks)
+
+
 def stage_groups(job, pp, vp):
-    """The pipeline ranks, grouped where they hold the same blocks: [(rank, {kind: count}, ranks in
-    the group)]. The pattern is cut into pp*vp chunks as even as they go (the first ranks take one
-    block more where they do not divide), chunk j on rank j % pp (the interleaved schedule of
-    Narayanan et al. 2021); the first rank adds the embedding, the last the head and the MTP
-    depths. A group keeps its lowest rank, the one with the most micro-batches in flight."""
-    key = ("stages", pp, vp)
-    if key not in job.cache:
+    """The pipeline ranks as StageGroups, grouped where they hold the same blocks. The pattern is
+    cut into pp*vp chunks as even as they go (the first ranks take one block more where they do not
+    divide), chunk j on rank j % pp (the interleaved schedule of Narayanan et al. 2021); the first
+    rank adds the embedding, the last the head and the MTP depths."""
+    key = (pp, vp)
+    if key not in job.memo.stage_groups:
         cfg, groups = job.cfg, {}
         cuts = [round(j * len(cfg.pattern) / (pp * vp) + 0.49) for j in range(pp * vp + 1)]
         for r in range(pp):
@@ -393,41 +381,50 @@ def stage_groups(job, pp, vp):
                     counts[k] = counts.get(k, 0) + 1
                 counts["head"] = 1 + cfg.mtp_depth
             sig = (r == 0, r == pp - 1, tuple(sorted(counts.items())))
-            groups.setdefault(sig, [r, counts, 0])[2] += 1
-        job.cache[key] = list(groups.values())
-    return job.cache[key]
+            groups.setdefault(sig, StageGroup(r, counts, 0)).n_ranks += 1
+        job.memo.stage_groups[key] = list(groups.values())
+    return job.memo.stage_groups[key]
 
 
 def stage_params(job, r, counts, pp):
     """(dense, routed-expert) parameters of pipeline rank r, before any splitting."""
     cfg, blocks = job.cfg, [k for k in counts if k not in ("embed", "head")]
-    dense = sum(counts[k] * job.params[k][0] for k in blocks)
-    experts = sum(counts[k] * job.params[k][1] for k in blocks)
+    dense = sum(counts[k] * job.params[k].dense for k in blocks)
+    experts = sum(counts[k] * job.params[k].experts for k in blocks)
     if r == pp - 1 and cfg.mtp_depth:  # the depths' blocks were counted per depth above: count weight sets
-        sets, (d, e, _) = (1 if cfg.mtp_share else cfg.mtp_depth), mtp_params(cfg)
+        sets, mtp = (1 if cfg.mtp_share else cfg.mtp_depth), mtp_params(cfg)
         blocks = [job.params[k] for k in cfg.mtp_pattern * cfg.mtp_depth]
-        dense += sets * d - sum(p[0] for p in blocks)
-        experts += sets * e - sum(p[1] for p in blocks)
+        dense += sets * mtp.dense - sum(p.dense for p in blocks)
+        experts += sets * mtp.experts - sum(p.experts for p in blocks)
     tables = (r == 0) + (r == pp - 1 and (not cfg.tie_embeddings or pp > 1))  # embedding, LM head
     return dense + cfg.d_model * (r == pp - 1) + tables * cfg.vocab_size * cfg.d_model, experts
 
 
+@dataclass
+class RankSums:
+    rank: int               # a StageGroup's lowest pipeline rank
+    n_ranks: int            # pipeline ranks in its group
+    total: LayerCost        # layer_cost summed over the rank's blocks, per micro-batch
+    dense: float            # dense parameters on one GPU (split over tp)
+    experts: float          # routed-expert parameters on one GPU (split over ep)
+    working: float          # bytes: the largest block's saved activations (the block at work)
+    biggest: float          # the largest block's parameters on one GPU
+
+
 def rank_sums(job, L):
-    """Per group of pipeline ranks, what does not depend on recompute or ZeRO: (rank, ranks in the
-    group, the layer_cost fields summed over its blocks, its dense and expert parameters on one
-    GPU, the largest block's activations, the largest block's parameters on one GPU)."""
-    key = ("sums", L.tp, L.cp, L.ep, L.mbs, L.sp, L.pp, L.vp)
-    if key not in job.cache:
+    """Per group of pipeline ranks, what does not depend on recompute or ZeRO, as RankSums."""
+    key = (L.tp, L.cp, L.ep, L.mbs, L.sp, L.pp, L.vp)
+    if key not in job.memo.rank_sums:
         out = []
-        for r, counts, n_ranks in stage_groups(job, L.pp, L.vp):
-            cost = {k: layer_cost(job, k, L.mbs, L.tp, L.cp, L.ep, L.sp) for k in counts}
-            total = {f: sum(n * cost[k][f] for k, n in counts.items()) for f in next(iter(cost.values()))}
-            dense, experts = stage_params(job, r, counts, L.pp)
-            blocks = [k for k in counts if k not in ("embed", "head")]
-            biggest = max(job.params[k][0] / L.tp + job.params[k][1] / L.ep for k in blocks)
-            out.append((r, n_ranks, total, dense / L.tp, experts / L.ep, max(cost[k]["act"] for k in counts), biggest))
-        job.cache[key] = out
-    return job.cache[key]
+        for g in stage_groups(job, L.pp, L.vp):
+            cost = {k: layer_cost(job, k, L.mbs, L.tp, L.cp, L.ep, L.sp) for k in g.counts}
+            dense, experts = stage_params(job, g.rank, g.counts, L.pp)
+            blocks = [k for k in g.counts if k not in ("embed", "head")]
+            biggest = max(job.params[k].dense / L.tp + job.params[k].experts / L.ep for k in blocks)
+            out.append(RankSums(g.rank, g.n_ranks, cost_sum(cost, g.counts), dense / L.tp, experts / L.ep,
+                                max(cost[k].act for k in g.counts), biggest))
+        job.memo.rank_sums[key] = out
+    return job.memo.rank_sums[key]
 
 
 def pipeline_p2p(job, L):
@@ -439,58 +436,75 @@ def pipeline_p2p(job, L):
     return 2 * L.vp * comm_time(job.hw, "p2p", message, 2, job.gpus <= job.hw["gpus_per_node"])
 
 
-def evaluate(job, L):
-    """Predicted step time (s) of layout L, its breakdown (s; the terms sum to the step time), the
-    throughput figures and the peak memory per GPU, as a dict."""
-    cfg, hw, nb = job.cfg, job.hw, job.bytes
+@dataclass
+class RankTime:
+    n_ranks: int            # pipeline ranks like this one
+    compute: float          # s per micro-batch: forward, backward and recompute
+    recompute: float        # s per micro-batch: of compute, the forward work recompute repeats
+    tp: float               # s per micro-batch: tensor-parallel communication, every pass
+    ep: float               # s per micro-batch: expert all-to-alls, every pass
+    cp: float               # s per micro-batch: exposed context-parallel communication
+    p2p: float              # s per micro-batch: pipeline point-to-point
+    fsdp: float             # s per micro-batch: exposed ZeRO-3 weight gathers and gradient reduce-scatters
+    dp: float               # s per step: exposed gradient (and ZeRO-1/2 weight) sync after the last micro-batch
+    optimizer: float        # s per step: the Adam update of the weights held here
+
+    @property
+    def micro_batch(self):  # s: the rank's pace, one micro-batch with its communication
+        return self.compute + self.tp + self.ep + self.cp + self.p2p + self.fsdp
+
+
+def rank_time(job, L, g):
+    """The RankTime of the pipeline ranks of RankSums g under layout L."""
+    cfg, hw, nb, total = job.cfg, job.hw, job.bytes, g.total
     m = job.gbs // (L.dp * L.mbs)  # micro-batches per step on each pipeline
     full, sel = L.recompute == "full", L.recompute == "selective"
     dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep  # replicas of a dense / a routed-expert weight
     dp_intra = L.tp * L.cp * L.dp <= hw["gpus_per_node"]
-    sync = lambda op, dense, experts, nbytes: comm_time(hw, op, dense * nbytes, dp_n, dp_intra) \
-        + comm_time(hw, op, experts * nbytes, edp_n, dp_intra)  # over the dense and the expert replicas
-    ranks = []
-    for r, n_ranks, total, dense, experts, working, biggest in rank_sums(job, L):
-        fwd, bwd = total["fwd"], total["bwd"]
-        recompute = fwd if full else total["core"] if sel else 0.0
-        passes = 3 if full else 2  # forward, backward, and the forward again under full recompute
-        tp_t, ep_t = total["tp"] * passes, total["ep"] * passes
-        cp_t = total["cp_fwd"] * (1 + full) + total["cp_bwd"]
-        p2p = pipeline_p2p(job, L)
-        back = bwd + recompute  # the window in which gradients appear
-        fsdp = dp_t = 0.0
-        if L.zero == 3:  # every micro-batch gathers the weights (forward, again backward), scatters gradients
-            gather = sync("all_gather", dense, experts, nb["w"])
-            fsdp = hidden(gather, fwd) + hidden((1 + full) * gather + sync("reduce_scatter", dense, experts, nb["g"]),
-                                                back)
-        elif L.zero == 0:  # DDP: all-reduce the gradients under the last micro-batch's backward
-            dp_t = hidden(sync("all_reduce", dense, experts, nb["g"]), back)
-        else:  # reduce-scatter gradients (ZeRO-2: every micro-batch's), gather new weights under the next forward
-            dp_t = hidden(sync("reduce_scatter", dense, experts, nb["g"]), back) * (m if L.zero == 2 else 1) \
-                + hidden(sync("all_gather", dense, experts, nb["w"]), fwd)
-        if cfg.tie_embeddings and L.pp > 1 and r in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last
-            dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, False)
-        local = dense / (dp_n if L.zero else 1) + experts / (edp_n if L.zero else 1)  # optimizer states held here
-        # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
-        optimizer = mem_time(hw, (30 if nb["opt"] == 12 else 28) * local, 8)
-        compute = fwd + bwd + recompute
-        ranks.append(dict(n=n_ranks, compute=compute, recompute=recompute, tp=tp_t, ep=ep_t, cp=cp_t, p2p=p2p,
-                          fsdp=fsdp, dp=dp_t, optimizer=optimizer, mb=compute + tp_t + ep_t + cp_t + p2p + fsdp))
+    sync = lambda op, nbytes: comm_time(hw, op, g.dense * nbytes, dp_n, dp_intra) \
+        + comm_time(hw, op, g.experts * nbytes, edp_n, dp_intra)  # over the dense and the expert replicas
+    recompute = total.fwd if full else total.core if sel else 0.0
+    passes = 3 if full else 2  # forward, backward, and the forward again under full recompute
+    back = total.bwd + recompute  # the window in which gradients appear
+    fsdp = dp_t = 0.0
+    if L.zero == 3:  # every micro-batch gathers the weights (forward, again backward), scatters gradients
+        gather = sync("all_gather", nb["w"])
+        fsdp = hidden(gather, total.fwd) + hidden((1 + full) * gather + sync("reduce_scatter", nb["g"]), back)
+    elif L.zero == 0:  # DDP: all-reduce the gradients under the last micro-batch's backward
+        dp_t = hidden(sync("all_reduce", nb["g"]), back)
+    else:  # reduce-scatter gradients (ZeRO-2: every micro-batch's), gather new weights under the next forward
+        dp_t = hidden(sync("reduce_scatter", nb["g"]), back) * (m if L.zero == 2 else 1) \
+            + hidden(sync("all_gather", nb["w"]), total.fwd)
+    if cfg.tie_embeddings and L.pp > 1 and g.rank in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last
+        dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, False)
+    local = g.dense / (dp_n if L.zero else 1) + g.experts / (edp_n if L.zero else 1)  # optimizer states held here
+    # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
+    optimizer = mem_time(hw, (30 if nb["opt"] == 12 else 28) * local, 8)
+    return RankTime(g.n_ranks, compute=total.fwd + total.bwd + recompute, recompute=recompute, tp=total.tp * passes,
+                    ep=total.ep * passes, cp=total.cp_fwd * (1 + full) + total.cp_bwd, p2p=pipeline_p2p(job, L),
+                    fsdp=fsdp, dp=dp_t, optimizer=optimizer)
+
+
+def evaluate(job, L):
+    """Predicted step time (s) of layout L, its breakdown (s; the terms sum to the step time), the
+    throughput figures and the peak memory per GPU, as a dict."""
+    m = job.gbs // (L.dp * L.mbs)  # micro-batches per step on each pipeline
+    ranks = [rank_time(job, L, g) for g in rank_sums(job, L)]
     # the pipeline: m micro-batches at the pace of the slowest rank, plus the fill and drain
     # bubble of (pp - 1) / vp average micro-batch times (Narayanan et al. 2021, Sec. 2.2)
-    slow = max(ranks, key=lambda x: x["mb"])
-    bubble = (L.pp - 1) / L.vp * sum(x["n"] * x["mb"] for x in ranks) / L.pp
-    tail = max(ranks, key=lambda x: x["dp"] + x["optimizer"])
-    breakdown = {"compute": m * (slow["compute"] - slow["recompute"]), "recompute": m * slow["recompute"],
-                 "tp_comm": m * slow["tp"], "ep_comm": m * slow["ep"], "cp_comm": m * slow["cp"],
-                 "pp_p2p": m * slow["p2p"], "pp_bubble": bubble, "fsdp_comm": m * slow["fsdp"],
-                 "dp_comm": tail["dp"], "optimizer": tail["optimizer"]}
+    slow = max(ranks, key=lambda x: x.micro_batch)
+    bubble = (L.pp - 1) / L.vp * sum(x.n_ranks * x.micro_batch for x in ranks) / L.pp
+    tail = max(ranks, key=lambda x: x.dp + x.optimizer)
+    breakdown = {"compute": m * (slow.compute - slow.recompute), "recompute": m * slow.recompute,
+                 "tp_comm": m * slow.tp, "ep_comm": m * slow.ep, "cp_comm": m * slow.cp,
+                 "pp_p2p": m * slow.p2p, "pp_bubble": bubble, "fsdp_comm": m * slow.fsdp,
+                 "dp_comm": tail.dp, "optimizer": tail.optimizer}
     step = sum(breakdown.values())
     tokens, peak = job.gbs * job.seq, memory(job, L)
     model_flops = job.flops * tokens / step / job.gpus
     return dict(layout=L, step_time_s=step, tokens_per_s_per_gpu=tokens / step / job.gpus,
                 model_tflops_per_gpu=model_flops / 1e12, mfu=model_flops / job.peak,
-                memory_gib_per_gpu=peak / 2**30, fits=peak <= HBM_USABLE * hw["hbm_gb"] * 1e9, breakdown=breakdown)
+                memory_gib_per_gpu=peak / 2**30, fits=peak <= HBM_USABLE * job.hw["hbm_gb"] * 1e9, breakdown=breakdown)
 
 
 def memory(job, L):
@@ -500,41 +514,51 @@ def memory(job, L):
     nb, m, full, sel = job.bytes, job.gbs // (L.dp * L.mbs), L.recompute == "full", L.recompute == "selective"
     dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
     peak = 0.0
-    for r, n_ranks, total, dense, experts, working, biggest in rank_sums(job, L):
-        shard = lambda stage: dense / (dp_n if L.zero >= stage else 1) + experts / (edp_n if L.zero >= stage else 1)
-        in_flight = min(m, L.pp - r) if L.vp == 1 else min(m * L.vp, 2 * (L.pp - r - 1) + (L.vp - 1) * L.pp + 1)
-        per_chunk = total["act_full" if full else "act_selective" if sel else "act"] / L.vp
+    for g in rank_sums(job, L):
+        shard = lambda stage: g.dense / (dp_n if L.zero >= stage else 1) + g.experts / (edp_n if L.zero >= stage else 1)
+        in_flight = min(m, L.pp - g.rank) if L.vp == 1 else \
+            min(m * L.vp, 2 * (L.pp - g.rank - 1) + (L.vp - 1) * L.pp + 1)
+        per_chunk = (g.total.act_full if full else g.total.act_selective if sel else g.total.act) / L.vp
         # sharded gradients (weights) exist whole for the block at work, before its reduce-scatter (after its gather)
-        working += biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
+        working = g.working + g.biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
         states = nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1)
         peak = max(peak, states + in_flight * per_chunk + working)
     return peak
 
 
+@dataclass
+class ModelTotals:
+    total: LayerCost        # layer_cost summed over every block of the model, the embedding and heads included
+    ends: LayerCost         # of total, the embedding's and the heads'
+    longest: LayerCost      # field by field, the largest of the pattern's blocks
+    dense: int              # the pattern's dense parameters (no embedding, head or MTP depths)
+    experts: int            # the pattern's routed-expert parameters
+
+
 def model_totals(job, L):
-    """The layer_cost fields summed over every block of the model; the embedding's and heads'
-    forward and backward; the longest block's; the model's dense and routed-expert weights."""
-    key = ("totals", L.tp, L.cp, L.ep, L.mbs, L.sp)
-    if key not in job.cache:
-        counts = {k: (job.cfg.pattern + job.cfg.mtp_pattern * job.cfg.mtp_depth).count(k) for k in job.params}
-        counts.update(embed=1, head=1 + job.cfg.mtp_depth)
+    """The ModelTotals of layout L's sizes."""
+    key = (L.tp, L.cp, L.ep, L.mbs, L.sp)
+    if key not in job.memo.model_totals:
+        cfg = job.cfg
+        counts = {k: (cfg.pattern + cfg.mtp_pattern * cfg.mtp_depth).count(k) for k in job.params}
+        counts.update(embed=1, head=1 + cfg.mtp_depth)
         cost = {k: layer_cost(job, k, L.mbs, L.tp, L.cp, L.ep, L.sp) for k in counts}
-        total = {f: sum(n * cost[k][f] for k, n in counts.items()) for f in cost["head"]}
-        ends = {f: sum(n * cost[k][f] for k, n in counts.items() if k in ("embed", "head")) for f in ("fwd", "bwd")}
-        longest = {f: max(cost[k][f] for k in job.cfg.pattern) for f in ("fwd", "bwd", "core")}
-        weights = (sum(job.params[k][0] for k in job.cfg.pattern), sum(job.params[k][1] for k in job.cfg.pattern))
-        job.cache[key] = total, ends, longest, weights
-    return job.cache[key]
+        kinds = dict.fromkeys(cfg.pattern)  # each kind once, in the pattern's order
+        longest = LayerCost(*(max(getattr(cost[k], f.name) for k in kinds) for f in fields(LayerCost)))
+        job.memo.model_totals[key] = ModelTotals(
+            cost_sum(cost, counts), cost_sum(cost, {"embed": 1, "head": counts["head"]}), longest,
+            sum(job.params[k].dense for k in cfg.pattern), sum(job.params[k].experts for k in cfg.pattern))
+    return job.memo.model_totals[key]
 
 
 def compute_bound(job, L):
     """No layout with L's sizes and recompute level runs a step faster than this: every
     micro-batch's compute and tensor, expert and context communication on a rank with the average
     share of the blocks, its point-to-point, and the bubble of such ranks."""
-    t = model_totals(job, L)[0]
+    t = model_totals(job, L).total
     full, sel = L.recompute == "full", L.recompute == "selective"
-    per_mb = t["fwd"] + t["bwd"] + 2 * t["tp"] + 2 * t["ep"] + t["cp_fwd"] + t["cp_bwd"]
-    per_mb += t["fwd"] + t["tp"] + t["ep"] + t["cp_fwd"] if full else t["core"] if sel else 0.0
+    per_mb = t.fwd + t.bwd + 2 * t.tp + 2 * t.ep + t.cp_fwd + t.cp_bwd
+    per_mb += t.fwd + t.tp + t.ep + t.cp_fwd if full else t.core if sel else 0.0
     m = job.gbs // (L.dp * L.mbs)
     return (m + (L.pp - 1) / L.vp) * per_mb / L.pp + m * pipeline_p2p(job, L)
 
@@ -545,15 +569,17 @@ def sync_bound(job, L, stages):
     per rank plus the embedding and heads. Added to compute_bound, a lower bound of the step."""
     if L.dp * L.cp == 1 and L.tp * L.dp * L.cp // L.ep == 1:
         return 0.0
-    _, ends, longest, (dense, experts) = model_totals(job, L)
+    totals = model_totals(job, L)
+    ends, longest = totals.ends, totals.longest
     full, sel = L.recompute == "full", L.recompute == "selective"
     m, hw, nb = job.gbs // (L.dp * L.mbs), job.hw, job.bytes
     per_rank = len(job.cfg.pattern) / L.pp
-    fwd = per_rank * longest["fwd"] + ends["fwd"]
-    back = per_rank * (longest["bwd"] + (longest["fwd"] if full else longest["core"] if sel else 0)) + ends["bwd"] \
-        + (ends["fwd"] if full else 0)
+    fwd = per_rank * longest.fwd + ends.fwd
+    back = per_rank * (longest.bwd + (longest.fwd if full else longest.core if sel else 0)) + ends.bwd \
+        + (ends.fwd if full else 0)
     tables = 1 + (not job.cfg.tie_embeddings or L.pp > 1)  # the embedding and the LM head (MTP weights left out)
-    dense, experts = (dense + tables * job.cfg.vocab_size * job.cfg.d_model) / L.pp / L.tp, experts / L.pp / L.ep
+    dense, experts = (totals.dense + tables * job.cfg.vocab_size * job.cfg.d_model) / L.pp / L.tp, \
+        totals.experts / L.pp / L.ep
     dp_n, edp_n, intra = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep, L.tp * L.cp * L.dp <= hw["gpus_per_node"]
     sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, intra) \
         + comm_time(hw, op, experts * nbytes, edp_n, intra)
@@ -688,9 +714,9 @@ def explore(job, L, fixed, counts, results, bar):
         return memory(job, replace(L, recompute=recompute, zero=zero))
     # the heaviest recompute takes the least memory at each ZeRO stage (ZeRO-3 need not take less than
     # ZeRO-2: it gathers a whole block at a time); if none of those fits, nothing does
-    floor = min((need(levels[-1], zero), zero) for zero in stages)
-    if floor[0] > cap:
-        return False, (floor[0] / 2**30, replace(L, recompute=levels[-1], zero=floor[1]))
+    floor, floor_zero = min((need(levels[-1], zero), zero) for zero in stages)  # (bytes, ZeRO stage)
+    if floor > cap:
+        return False, (floor / 2**30, replace(L, recompute=levels[-1], zero=floor_zero))
     fitted = set()
     for recompute in levels:
         R = replace(L, recompute=recompute)
@@ -732,16 +758,13 @@ def run_job(row):
                           topk=int(num("moe_topk") or 2), expert_ffn=int(num("moe_expert_ffn") or num("ffn")),
                           shared_experts=int(num("moe_shared_experts") or 0), tie="gpt" in name.lower())
     year = min(int(y) for y in re.findall(r"20[0-9]{2}", row["source"] + row.get("framework", "")) or ["2025"])
-    # the export parts (H800, A800) are an H100 and an A100 with 400 GB/s NVLink
-    names = [("GB200", "gb200", None), ("B200", "b200", None), ("H200", "h200", None), ("H100", "h100", None),
-             ("H800", "h100", 200e9), ("A100", "a100", None), ("A800", "a100", 200e9)]
-    gpu, nvlink = next(((v, bw) for k, v, bw in names if k in row["gpu"].upper()), (None, None))
-    if gpu is None:
+    gpu = find_gpu(row["gpu"])
+    if gpu not in CLUSTER_GPUS:
         raise ValueError(f"run {row['id']}: no hardware preset for GPU '{row['gpu']}'")
     precision = "fp8" if "FP8" in row["precision"].upper() else "fp16" if "FP16" in row["precision"].upper() else "bf16"
     gpus, gbs, seq = int(num("gpu_count")), int(num("gbs_seqs")), int(num("seq_len"))
     # runs before 2022 had neither FlashAttention (Dao et al. 2022) nor sequence parallelism (Korthikanti et al. 2022)
-    hw = load_hardware(gpu, nvlink_bw=nvlink)
+    hw = load_hardware(gpu)
     job = Job(cfg, seq, gbs, gpus, hw, precision, "materialized" if year < 2022 else "flash")
     fixed = {k: int(num(k)) for k in ("tp", "pp", "dp", "cp", "ep", "vp", "mbs") if num(k)}
     if all(k in fixed for k in ("tp", "pp", "dp")) and fixed["tp"] * fixed["pp"] * fixed["dp"] == gpus:
@@ -894,7 +917,7 @@ LAYOUT_KEYS = [f.name for f in fields(Layout)]
 FLAGS = dict(
     model=None,          # a preset (gpt3-175b, llama3-70b, ...), an HF config.json / folder, or a train.py config file
     seq_len=None,        # tokens per sequence (default: the preset's, or the config file's block_size)
-    gpu="h100",          # a100, h100, h200, b200, gb200, or a JSON profile (--calibrate writes one)
+    gpu="h100",          # a100, a800, h100, h800, h200, b200, gb200, or a JSON profile (--calibrate writes one)
     gpus=8,              # GPUs in the job
     gbs=None,            # global batch, sequences per step
     precision="bf16",    # bf16, fp8 (linear layers), fp16, fp32
@@ -1070,7 +1093,8 @@ def main(argv):
         job, fixed = make_job(a)
         why = a["emit"] and train_py_refuses(job, Layout(**fixed))
         if why:
-            raise ValueError(f"train.py cannot run {why}: --emit plans within its --tp, --sp, --ep, --fsdp and --recompute")
+            raise ValueError(f"train.py cannot run {why}: --emit plans within its --tp, --sp, --ep, --fsdp and "
+                             "--recompute")
         t0 = time.perf_counter()
         if all(k in fixed for k in LAYOUT_KEYS):  # one layout: predict it
             L = Layout(**fixed)

@@ -9,7 +9,7 @@ sample.py: load a model and stream a continuation of a prompt. Read after model.
     python sample.py --init_from=out --start=FILE:long.txt --star_block=1024 --star_query=32
     torchrun --nproc_per_node=2 sample.py --init_from=out --start=FILE:long.txt --star_block=1024
 
---star_block=b prefills with Star Attention (model.star_prefill): the prompt's last star_query
+--star_block=b prefills with Star Attention (generate.star_prefill): the prompt's last star_query
 tokens are the query, the rest the context, encoded in blocks of b tokens. Under torchrun each rank
 is a host holding its blocks (gloo on a CPU, NCCL on GPUs); rank 0 prints.
 
@@ -28,6 +28,7 @@ import torch
 
 from data.tokenizer import DataError, find_tokenizer
 from checkpoint import CheckpointError
+from generate import generate_stream, speculative_stream
 from model import Nemotron
 
 # -----------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def chat_prompt(user, reasoning, template=None):
 
 
 class ThinkingBudget:
-    """A steer() for Nemotron.generate_stream: counts the tokens of an open thinking section and,
+    """A steer() for generate.generate_stream: counts the tokens of an open thinking section and,
     once there are more than `budget`, closes it: right after a newline if one comes within
     GRACE more tokens, else at once (the sampled token is then replaced by "\n</think>\n")."""
 
@@ -194,9 +195,9 @@ def stream_sample(model, tokenizer, ids, dev):
     tokens, n, t0, t_first = list(ids), 0, time.time(), None
     stats = {}
     steer = ThinkingBudget(tokenizer, ids, reasoning_budget) if reasoning_budget is not None else None
-    gen = model.speculative_stream(x, max_new_tokens, speculative, temperature, top_k, top_p, stats) \
-        if speculative else model.generate_stream(x, max_new_tokens, temperature, top_k, top_p, steer,
-                                                  star_block, star_query, star_group)
+    gen = speculative_stream(model, x, max_new_tokens, speculative, temperature, top_k, top_p, stats) \
+        if speculative else generate_stream(model, x, max_new_tokens, temperature, top_k, top_p, steer,
+                                            star_block, star_query, star_group)
     for nxt in gen:
         tok = nxt.item()  # the .item() syncs, so the timings below are honest on a GPU too
         t_first = t_first or time.time()

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from triton_ops import amax_state, apply_precision, load_amax_state
+from lowprec import amax_state, apply_precision, load_amax_state
 from attention import Attention
 from mamba import Mamba2Mixer
 from checkpoint import CheckpointError, build_model, crc32_file, list_checkpoints, newest_checkpoint, read_checkpoint
@@ -121,7 +121,7 @@ min_lr = 4e-4                   # floor of the schedule (~learning_rate / 10, as
 device = 'auto'                 # 'auto' (cuda, then mps, then cpu), or 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float32'  # bf16 needs no grad scaler; fp32 elsewhere
 compile = False                 # torch.compile the model (worth it on a GPU, slow to start on a CPU)
-precision = 'bf16'              # GEMMs: 'bf16' (dtype above), 'fp8' (Nemotron-H), 'mxfp8' or 'nvfp4' (Nemotron 3 Super); triton_ops.precision_plan
+precision = 'bf16'              # GEMMs: 'bf16' (dtype above), 'fp8' (Nemotron-H), 'mxfp8' or 'nvfp4' (Nemotron 3 Super); lowprec.precision_plan
 bf16_ends = True                # fp8/mxfp8: the first and last blocks stay in high precision (Nemotron-H)
 fp8_recipe = 'tensorwise'       # fp8 scaling: 'tensorwise' (Nemotron-H), 'delayed' (amax history, 1024 steps, TE) or 'blockwise' (DeepSeek-V3)
 nvfp4_rht = True                # nvfp4: random Hadamard transform of the weight-gradient GEMM's inputs (False: ablation)

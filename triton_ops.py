@@ -17,16 +17,16 @@ where the op trains -> public x(). mamba.py and moe.py call them when USE_TRITON
 tensors are on a GPU, or on the CPU under TRITON_INTERPRET=1 (the tests); elsewhere they run the
 references. Without triton installed (macOS, Windows) the module still imports, with USE_TRITON off.
 Then the MoE experts' grouped GEMM (forward and backward; moe.grouped_mm_ref is its reference), and
-last, low precision: the FP8 / MXFP8 / NVFP4 quantizers (kernels and references), the low-precision
-Linear that train.py --precision swaps in, and the recipes that say which layers (and which routed
-experts: moe.LowPrecGroupedMM) it goes to.
+last, low precision: the FP8 / MXFP8 / NVFP4 quantizers (kernels and references, QTensor, delayed
+scaling's AmaxHistory, the random Hadamard transform). The training recipe that uses them (the
+low-precision Linear and expert GEMMs that train.py --precision swaps in, and which layers get them)
+is lowprec.py, which imports this file; nothing here imports it.
 """
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 try:
@@ -940,7 +940,8 @@ def grouped_mm(x, w, offs):
 
 
 # =============================================================================
-# low precision: FP8, MXFP8 and NVFP4 quantizers, and the low-precision Linear
+# low precision: FP8, MXFP8 and NVFP4 quantizers (lowprec.py has the recipe that calls them: the
+# low-precision Linear and expert GEMMs, and which layers get them)
 #
 # Papers: Nemotron-H (arXiv:2504.03624) trains in FP8 with per-tensor current scaling; "Pretraining
 # LLMs with NVFP4" (NVIDIA 2025) and Nemotron 3 Super in NVFP4; MXFP8 is the OCP microscaling format
@@ -948,7 +949,7 @@ def grouped_mm(x, w, offs):
 #
 # A quantized tensor is codes times scales. Every quantizer here takes a 2-D x (R, C) and cuts it
 # into blocks of (br, bc) elements, blocks along the last dim, which must be the GEMM's reduction
-# dim (the Linear below passes a transposed view where the backward reduces over another dim: the
+# dim (lowprec's Linear passes a transposed view where the backward reduces over another dim: the
 # kernels read it through its strides, so quantize-and-transpose is one pass). A shape that is not
 # a multiple of the block is padded with zeros, which change neither an amax nor a GEMM.
 #   format            codes              scale per block                   per tensor
@@ -1384,176 +1385,3 @@ def rht(x, H):
     x = pad_to_blocks(x, (1, 16))
     R, C = x.shape
     return (x.float().reshape(R, C // 16, 16) @ H.T).view(R, C)  # from (R, C/16, 16)
-
-
-# -----------------------------------------------------------------------------
-# the low-precision Linear: Y = X W^T with every GEMM on quantized operands
-#
-# The three GEMMs of a Linear, each quantized along its own reduction dim (M = tokens):
-#   fprop  Y  = X W^T     X (M, K) and W (N, K) along K
-#   dgrad  dX = dY W      dY (M, N) and W^T (K, N) along N
-#   wgrad  dW = dY^T X    dY^T (N, M) and X^T (K, M) along M; NVFP4 first applies the random
-#                         Hadamard transform to both along M (it cancels: (H dY)^T (H X) = dY^T X)
-# The weights stay fp32 (master weights; AdamW's state too); Y and dX come out rounded to bf16,
-# dW in fp32. Where torch._scaled_mm runs FP8 on tensor cores (CUDA, compute capability >= 8.9)
-# the per-tensor FP8 GEMMs go through it; everything else is emulated: dequantize to fp32 and
-# matmul, which differs from a tensor core's fp32 accumulation only in the order of the sums.
-# The MoE's routed experts run the same three GEMMs expert by expert: moe.LowPrecGroupedMM.
-
-
-@dataclass
-class Recipe:
-    """How a LowPrecLinear (or the experts' LowPrecGroupedMM, moe.py) quantizes its GEMMs' operands."""
-    fmt: str                  # "fp8", "mxfp8" or "nvfp4"
-    fp8_recipe: str = "tensorwise"  # fp8: quantize_fp8's recipe, "tensorwise" (Nemotron-H), "delayed" or "blockwise"
-    grad_fp8: str = "e4m3"    # fp8: the gradients' format (Nemotron-H: E4M3; "e5m2" as TE's HYBRID)
-    history: dict = field(default_factory=dict)  # fp8 delayed: {operand key: AmaxHistory}, one dict per layer
-    rht: bool = True          # nvfp4: random Hadamard transform of the wgrad GEMM's inputs
-    sr: bool = True           # nvfp4: stochastic rounding of the gradients
-    w2d: bool = True          # nvfp4: 16x16 weight tiles (False: 1x16, as activations)
-    H: torch.Tensor = None    # nvfp4 with rht: the 16x16 transform, fixed for the run
-
-
-def quantize_operand(t, kind, recipe, key=None):
-    """One GEMM operand t (rows, reduction) quantized as the recipe says for its kind: "x"
-    (activations), "w" (weights) or "g" (gradients). key names the operand (which GEMM, which
-    side, which expert) for delayed scaling, which keeps one AmaxHistory per key."""
-    if recipe.fmt == "fp8":
-        # TE keeps an amax history per tensor; here each GEMM operand has its own (x for fprop, x^T
-        # for wgrad, ...), which a training step updates with the same amax, so they scale alike.
-        # footgun: an eval forward records into the forward operands' histories only, and a
-        # recomputed forward (--recompute) records twice
-        history = recipe.history.setdefault(key, AmaxHistory(device=t.device)) if recipe.fp8_recipe == "delayed" else None
-        block = (128, 128) if kind == "w" else (1, 128)  # blockwise as DeepSeek-V3
-        return quantize_fp8(t, recipe.fp8_recipe, recipe.grad_fp8 if kind == "g" else "e4m3", history, block)
-    if recipe.fmt == "mxfp8":
-        return quantize_mxfp8(t)
-    tile = (16, 16) if kind == "w" and recipe.w2d else (1, 16)
-    return quantize_nvfp4(t, tile, stochastic=kind == "g" and recipe.sr)
-
-
-def scaled_mm_runs(t):
-    """Whether FP8 GEMMs on t's device run on tensor cores through torch._scaled_mm."""
-    return t.is_cuda and torch.cuda.get_device_capability(t.device) >= (8, 9)
-
-
-def lowprec_mm(a, b, kinds, recipe, out_dtype=torch.float32):
-    """a (m, k) @ b (n, k)^T -> (m, n) in out_dtype, both operands quantized along k."""
-    qa, qb = quantize_operand(a, kinds[0], recipe, (kinds, 0)), quantize_operand(b, kinds[1], recipe, (kinds, 1))
-    per_tensor = recipe.fmt == "fp8" and recipe.fp8_recipe != "blockwise"
-    if per_tensor and scaled_mm_runs(a) and a.size(1) % 16 == 0 and a.size(0) % 16 == 0 and b.size(0) % 16 == 0:
-        # codes row-major (m, k) times column-major (k, n), times the two decode scales
-        return torch._scaled_mm(qa.data.contiguous(), qb.data.contiguous().t(), qa.scale.view(()), qb.scale.view(()),
-                                out_dtype=out_dtype)
-    return (qa.dequantize() @ qb.dequantize().t()).to(out_dtype)
-
-
-class LowPrecLinearFn(torch.autograd.Function):
-    # saves x and the fp32 weight, as nn.Linear does; the backward quantizes them again along
-    # the dims its GEMMs reduce over (a GPU implementation would save the quantized copies)
-    # custom_fwd: under autocast (CUDA's, or the CPU's with train.py --dtype=bfloat16) the emulated
-    # GEMM must not run in bf16 (it would round the dequantized operands, codes times fp32 scales):
-    # inputs in fp32 and autocast off inside
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
-    def forward(ctx, x, w, recipe):
-        ctx.save_for_backward(x, w)
-        ctx.recipe = recipe
-        x2 = x.reshape(-1, x.size(-1))  # (M, K)
-        y = lowprec_mm(x2, w, "xw", recipe, torch.bfloat16)  # (M, N)
-        return y.to(x.dtype).view(*x.shape[:-1], w.size(0))  # (..., N): bf16 values in x's dtype
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        recipe = ctx.recipe
-        x2, dy2 = x.reshape(-1, x.size(-1)), dy.reshape(-1, dy.size(-1))  # (M, K), (M, N)
-        dx = dw = None
-        if ctx.needs_input_grad[0]:  # dgrad: dX = dY W, over N
-            dx = lowprec_mm(dy2, w.t(), "gw", recipe, torch.bfloat16).to(x.dtype).view(x.shape)
-        if ctx.needs_input_grad[1]:  # wgrad: dW = dY^T X, over M (the tokens)
-            a, b = dy2.t(), x2.t()  # (N, M), (K, M)
-            if recipe.fmt == "nvfp4" and recipe.rht:
-                a, b = rht(a, recipe.H), rht(b, recipe.H)
-            dw = lowprec_mm(a, b, "gx", recipe).to(w.dtype)
-        return dx, dw, None
-
-
-class LowPrecLinear(nn.Linear):
-    """An nn.Linear whose GEMMs run in low precision (self.recipe); apply_precision turns chosen
-    nn.Linear modules into it in place, so parameters and state_dict keys do not change."""
-    recipe: Recipe
-
-    def forward(self, x):
-        y = LowPrecLinearFn.apply(x, self.weight, self.recipe)
-        return y if self.bias is None else y + self.bias
-
-
-def precision_plan(model, precision, bf16_ends=True):
-    """{module name: "fp8" | "mxfp8" | "nvfp4"} for the nn.Linear layers and the MoE's routed
-    experts (mixer.experts: their grouped GEMMs) of model's blocks that train in low precision
-    under `precision`; every other GEMM stays in high precision:
-    - fp8 (Nemotron-H) and mxfp8: every Linear and the experts of the blocks, but the first and
-      last blocks with bf16_ends;
-    - nvfp4 (Nemotron 3 Super, NVFP4 pretraining): the blocks' Linears and experts but the last
-      ~15% of the blocks, attention's q/k/v/o projections and LatentMoE's latent projections;
-      Mamba's out_proj in MXFP8.
-    The embeddings, LM head, MTP layers and router never are."""
-    layers = model.backbone.layers
-    L = len(layers)
-    plan = {}
-    for i, block in enumerate(layers):
-        for name, m in block.named_modules():
-            if not (isinstance(m, nn.Linear) or name == "mixer.experts"):
-                continue
-            if precision in ("fp8", "mxfp8"):
-                if not (bf16_ends and i in (0, L - 1)):
-                    plan[f"backbone.layers.{i}.{name}"] = precision
-            elif precision == "nvfp4":
-                if i >= L - max(1, round(0.15 * L)) or block.kind in "*W" or "latent_proj" in name:
-                    continue
-                plan[f"backbone.layers.{i}.{name}"] = "mxfp8" if block.kind == "M" and name == "mixer.out_proj" else "nvfp4"
-    return plan
-
-
-def apply_precision(model, precision, bf16_ends=True, rht=True, sr=True, w2d=True, seed=0, fp8_recipe="tensorwise"):
-    """Turn the Linear layers of precision_plan into LowPrecLinear and give the planned experts
-    (moe.Experts) their recipe, which makes them run LowPrecGroupedMM (in place, after the model is
-    on its device). rht, sr, w2d: the NVFP4 ablations; seed: the RHT's one sign vector for the
-    run; fp8_recipe: quantize_fp8's recipe for fp8. Returns the plan."""
-    plan = precision_plan(model, precision, bf16_ends)
-    signs = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(seed)) * 2 - 1
-    H = hadamard16(signs).to(model.lm_head.weight.device)
-    recipes = {"fp8": Recipe("fp8", fp8_recipe), "mxfp8": Recipe("mxfp8"), "nvfp4": Recipe("nvfp4", rht=rht, sr=sr, w2d=w2d, H=H)}
-    for name, fmt in plan.items():
-        m = model.get_submodule(name)
-        if isinstance(m, nn.Linear):
-            m.__class__ = LowPrecLinear  # same parameters and buffers: only forward changes
-        m.recipe = replace(recipes[fmt], history={})  # delayed scaling's amax histories: this layer's own
-    return plan
-
-
-def amax_state(model):
-    """Delayed scaling's amax histories of every low-precision layer of model, as plain tensors
-    {"<module>|<operand key>": amax (length,)}: what a checkpoint keeps, so that a resumed run
-    scales its FP8 operands as the run it continues would have (the histories are not parameters
-    or buffers: the state_dict does not hold them)."""
-    state = {}
-    for name, m in model.named_modules():
-        recipe = getattr(m, "recipe", None)  # LowPrecLinear, and moe.Experts (None unless planned)
-        if recipe is not None:
-            state.update({f"{name}|{'/'.join(map(str, key))}": h.amax for key, h in recipe.history.items()})
-    return state
-
-
-def load_amax_state(model, state):
-    """Put the histories of amax_state(...) back into model's recipes (after apply_precision)."""
-    for full, amax in state.items():
-        name, key = full.split("|")
-        key = tuple(int(k) if k.isdigit() else k for k in key.split("/"))  # ("xw", 0), ("up_proj", 3, "gx", 1)
-        history = AmaxHistory(len(amax), amax.device)
-        history.amax = amax.clone()
-        model.get_submodule(name).recipe.history[key] = history

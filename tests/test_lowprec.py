@@ -1,10 +1,10 @@
 """
 Low-precision training (issue 8): the FP8 / MXFP8 / NVFP4 quantizers of triton_ops.py against
-independent references, the Triton quantize kernels against the PyTorch references bit for bit,
-the low-precision Linear against a plain fp32 Linear (every format and FP8 recipe), delayed
-scaling's history, the routed experts' low-precision grouped GEMM against a per-expert loop of the
-Linear and against the fp32 grouped GEMM, the recipes' layer plans, and train.py --precision=...
-(and --fp8_recipe=...) end to end.
+independent references, the Triton quantize kernels against the PyTorch references bit for bit;
+the recipe of lowprec.py: the low-precision Linear against a plain fp32 Linear (every format and
+FP8 recipe), delayed scaling's history, the routed experts' low-precision grouped GEMM against a
+per-expert loop of the Linear and against the fp32 grouped GEMM, the recipes' layer plans, and
+train.py --precision=... (and --fp8_recipe=...) end to end.
 
 Run: python -m pytest -q tests/test_lowprec.py     (2-3 minutes on the loaded 2-core CPU it was written on)
 The kernel tests (test_kernel_*) need the Triton interpreter, which must be on before triton
@@ -27,10 +27,12 @@ import numpy as np
 import pytest
 import torch
 
+import lowprec
 import triton_ops
 from helpers import assert_close, run_script
+from lowprec import LowPrecGroupedMM
 from model import Nemotron, NemotronConfig
-from moe import LowPrecGroupedMM, grouped_mm_ref
+from moe import grouped_mm_ref
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 kernel_test = pytest.mark.skipif(not (INTERP or torch.cuda.is_available()) or triton_ops.triton is None,
@@ -322,10 +324,10 @@ def test_lowprec_linear_close_to_fp32_linear(fmt, fp8_recipe):
         ref.weight.copy_(torch.randn(580, 72, generator=g) * 0.05)
     x = torch.randn(4, 37, 72, generator=g)
     dy = torch.randn(4, 37, 580, generator=g)
-    recipe = triton_ops.Recipe(fmt, fp8_recipe or "tensorwise", H=triton_ops.hadamard16(torch.ones(16)))
+    recipe = lowprec.Recipe(fmt, fp8_recipe or "tensorwise", H=triton_ops.hadamard16(torch.ones(16)))
     lp = torch.nn.Linear(72, 580, bias=False)
     lp.load_state_dict(ref.state_dict())
-    lp.__class__, lp.recipe = triton_ops.LowPrecLinear, recipe
+    lp.__class__, lp.recipe = lowprec.LowPrecLinear, recipe
     if fp8_recipe == "delayed":
         lp((x * 3).requires_grad_()).backward(dy * 3)
         assert len(recipe.history) == 6  # x, W for fprop; dY, W^T for dgrad; dY^T, X^T for wgrad
@@ -359,7 +361,7 @@ def test_nvfp4_ablations_change_the_backward_only():
 
     def run(**kw):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
-        y = triton_ops.LowPrecLinearFn.apply(x, w, triton_ops.Recipe("nvfp4", H=H, **kw))
+        y = lowprec.LowPrecLinearFn.apply(x, w, lowprec.Recipe("nvfp4", H=H, **kw))
         torch.manual_seed(7)  # stochastic rounding draws from the global generator
         y.backward(dy)
         return y, x.grad, w.grad
@@ -378,11 +380,11 @@ def test_delayed_scaling_scales_by_earlier_amaxes():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(24, 64, generator=g) * 0.1
     x, dy = torch.randn(40, 64, generator=g), torch.randn(40, 24, generator=g)
-    delayed, current = triton_ops.Recipe("fp8", "delayed"), triton_ops.Recipe("fp8")
+    delayed, current = lowprec.Recipe("fp8", "delayed"), lowprec.Recipe("fp8")
 
     def step(recipe, s):
         xi, wi = (x * s).requires_grad_(), w.clone().requires_grad_()
-        y = triton_ops.LowPrecLinearFn.apply(xi, wi, recipe)
+        y = lowprec.LowPrecLinearFn.apply(xi, wi, recipe)
         y.backward(dy * s)
         return y, xi.grad
 
@@ -403,7 +405,7 @@ def test_delayed_scaling_scales_by_earlier_amaxes():
 
 
 # -----------------------------------------------------------------------------
-# the routed experts' low-precision grouped GEMM (moe.LowPrecGroupedMM)
+# the routed experts' low-precision grouped GEMM (lowprec.LowPrecGroupedMM)
 
 GROUPED_RECIPES = [("fp8", "tensorwise"), ("fp8", "delayed"), ("fp8", "blockwise"), ("mxfp8", None),
                    ("nvfp4", None), ("nvfp4-no-rht", None)]
@@ -420,7 +422,7 @@ def grouped_inputs(seed=0):
 
 
 def make_recipe(fmt, fp8_recipe):
-    return triton_ops.Recipe(fmt.split("-")[0], fp8_recipe or "tensorwise", rht="no-rht" not in fmt,
+    return lowprec.Recipe(fmt.split("-")[0], fp8_recipe or "tensorwise", rht="no-rht" not in fmt,
                           H=triton_ops.hadamard16(torch.tensor([1, -1] * 8)))
 
 
@@ -461,7 +463,7 @@ def per_expert_grads(recipes, counts, x, w, dy, seed):
     """y, dx, dw of a loop over experts of LowPrecLinearFn, each expert's forward and backward in
     turn (the order in which the grouped backward quantizes, so SR draws the same numbers)."""
     x, w = x.clone().requires_grad_(), w.clone().requires_grad_()
-    ys = [triton_ops.LowPrecLinearFn.apply(xg, w[e], recipes[e]) if len(xg) else None
+    ys = [lowprec.LowPrecLinearFn.apply(xg, w[e], recipes[e]) if len(xg) else None
           for e, xg in enumerate(x.split(counts))]
     torch.manual_seed(seed)
     for y, dyg in zip(ys, dy.split(counts)):
@@ -501,16 +503,17 @@ CFG = NemotronConfig(vocab_size=256, d_model=32, pattern="M*M-ME", n_head=2, n_k
 
 def test_precision_plans():
     model = Nemotron(CFG)
-    fp8 = triton_ops.precision_plan(model, "fp8")
+    fp8 = lowprec.precision_plan(model, "fp8")
     assert {n.split(".")[2] for n in fp8} == {"1", "2", "3", "4"}  # the first and last blocks in BF16
-    assert len(triton_ops.precision_plan(model, "fp8", bf16_ends=False)) == len(fp8) + 2 + 5  # M: 2, E: shared 2 + latent 2 + experts
-    nv = triton_ops.precision_plan(model, "nvfp4")
+    all_blocks = lowprec.precision_plan(model, "fp8", bf16_ends=False)
+    assert len(all_blocks) == len(fp8) + 2 + 5  # M: 2, E: shared 2 + latent 2 + experts
+    nv = lowprec.precision_plan(model, "nvfp4")
     assert nv == {"backbone.layers.0.mixer.in_proj": "nvfp4", "backbone.layers.0.mixer.out_proj": "mxfp8",
                   "backbone.layers.2.mixer.in_proj": "nvfp4", "backbone.layers.2.mixer.out_proj": "mxfp8",
                   "backbone.layers.3.mixer.up_proj": "nvfp4", "backbone.layers.3.mixer.down_proj": "nvfp4",
                   "backbone.layers.4.mixer.in_proj": "nvfp4", "backbone.layers.4.mixer.out_proj": "mxfp8"}
     moe = Nemotron(dataclasses.replace(CFG, pattern="MEM*MM"))  # the MoE block early: in NVFP4
-    assert {n: f for n, f in triton_ops.precision_plan(moe, "nvfp4").items() if ".1." in n} == {
+    assert {n: f for n, f in lowprec.precision_plan(moe, "nvfp4").items() if ".1." in n} == {
         "backbone.layers.1.mixer.experts": "nvfp4", "backbone.layers.1.mixer.shared_experts.up_proj": "nvfp4",
         "backbone.layers.1.mixer.shared_experts.down_proj": "nvfp4"}  # not the latent projections, nor the router
 
@@ -521,9 +524,9 @@ def test_apply_precision_keeps_state_dict_and_trains():
     keys = list(model.state_dict())
     idx = torch.randint(0, 256, (2, 40))
     _, loss_ref = model(idx, idx)
-    triton_ops.apply_precision(model, "nvfp4")
+    lowprec.apply_precision(model, "nvfp4")
     assert list(model.state_dict()) == keys
-    assert isinstance(model.backbone.layers[0].mixer.in_proj, triton_ops.LowPrecLinear)
+    assert isinstance(model.backbone.layers[0].mixer.in_proj, lowprec.LowPrecLinear)
     assert type(model.backbone.layers[1].mixer.q_proj) is torch.nn.Linear
     _, loss = model(idx, idx)
     loss.backward()
@@ -539,9 +542,10 @@ def test_moe_model_trains_in_nvfp4():
     torch.manual_seed(0)
     model = Nemotron(dataclasses.replace(CFG, pattern="ME*-", moe_latent_size=None))
     keys = list(model.state_dict())
-    plan = triton_ops.apply_precision(model, "nvfp4")
+    plan = lowprec.apply_precision(model, "nvfp4")
     experts = model.backbone.layers[1].mixer.experts
     assert plan["backbone.layers.1.mixer.experts"] == "nvfp4" and experts.recipe.fmt == "nvfp4"
+    assert experts.lowprec_grouped_mm == LowPrecGroupedMM.apply  # what Experts.forward calls
     assert list(model.state_dict()) == keys
     idx = torch.randint(0, 256, (4, 32))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -554,6 +558,14 @@ def test_moe_model_trains_in_nvfp4():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_model_files_do_not_import_lowprec():
+    """lowprec.py imports moe.py and triton_ops.py, never the reverse (moe.Experts is handed its
+    low-precision grouped GEMM by apply_precision): importing the model leaves lowprec unloaded."""
+    code = "import sys, model, moe, triton_ops; assert 'lowprec' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 # -----------------------------------------------------------------------------

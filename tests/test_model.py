@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close
+from generate import MambaCache, new_cache
 from model import Nemotron, NemotronConfig
 from moe import MoE, route
 
@@ -56,7 +57,7 @@ def full_logits(model, idx):
 def decode_logits(model, idx, prefill_sizes):
     """Logits at every position of idx computed with a cache: the prompt in pieces of the given
     sizes, then the rest one token at a time."""
-    cache = model.new_cache(idx.size(0), idx.size(1))
+    cache = new_cache(model, idx.size(0), idx.size(1))
     out, t = [], 0
     with torch.no_grad():
         for n in prefill_sizes + [1] * (idx.size(1) - sum(prefill_sizes)):
@@ -96,7 +97,7 @@ def test_rope_cached_decode_matches_forward():
 
 def test_kv_cache_overflow_raises():
     model = tiny_model()
-    cache = model.new_cache(1, 4)
+    cache = new_cache(model, 1, 4)
     with torch.no_grad(), pytest.raises(ValueError, match="KV cache"):
         model.hidden(torch.zeros(1, 5, dtype=torch.long), cache)
 
@@ -106,12 +107,12 @@ def test_mamba_cache_is_constant_size():
     whatever max_len is) after a prefill and after many decoded tokens; only attention preallocates
     max_len positions."""
     model = tiny_model(pattern="M*M")
-    small, big = model.new_cache(1, 8), model.new_cache(1, 500)
+    small, big = new_cache(model, 1, 8), new_cache(model, 1, 500)
     for a, b in zip(small, big):
-        if "ssm" in a:
-            assert a["conv"].shape == b["conv"].shape and a["ssm"].shape == b["ssm"].shape
+        if isinstance(a, MambaCache):
+            assert a.conv.shape == b.conv.shape and a.ssm.shape == b.ssm.shape
     cache = big
-    shapes = lambda: [(c["conv"].shape, c["ssm"].shape) for c in cache if "ssm" in c]
+    shapes = lambda: [(c.conv.shape, c.ssm.shape) for c in cache if isinstance(c, MambaCache)]
     with torch.no_grad():
         model.hidden(torch.randint(0, 64, (1, 13)), cache)
         after_prefill = shapes()
@@ -120,7 +121,44 @@ def test_mamba_cache_is_constant_size():
     assert shapes() == after_prefill
     conv, ssm = after_prefill[0]
     assert conv.numel() == model.backbone.layers[0].mixer.conv_dim * 3 and ssm == (1, 4, 8, 8)
-    assert cache[1]["k"].shape == (1, 2, 500, 8) and cache[1]["pos"] == 53
+    assert cache[1].k.shape == (1, 2, 500, 8) and cache[1].pos == 53
+
+
+@torch.no_grad()
+def test_cache_select_rows_continues_each_row():
+    """Prefill 3 rows, keep rows 2 and 0 (select), decode 3 more tokens: each row's logits are those
+    of decoding it alone (a global, a sliding-window ring and Mamba layers)."""
+    model = tiny_model(pattern="M*WM", sliding_window=4)
+    idx = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(3))
+    cache = new_cache(model, 3, 12)
+    model.hidden(idx[:, :6], cache)
+    kept = [c if c is None else c.select([2, 0]) for c in cache]
+    got = torch.cat([model.hidden(idx[[2, 0], t:t + 1], kept) for t in range(6, 9)], dim=1)  # (2, 3, d)
+    for row, r in ((0, 2), (1, 0)):
+        alone = new_cache(model, 1, 12)
+        model.hidden(idx[r:r + 1, :6], alone)
+        want = torch.cat([model.hidden(idx[r:r + 1, t:t + 1], alone) for t in range(6, 9)], dim=1)
+        assert_close(got[row:row + 1], want, f"row {r} after select", atol=1e-5)
+
+
+@torch.no_grad()
+def test_cache_roll_back_refuses_what_it_cannot_undo():
+    """A global cache rolls back to any earlier position, a ring only by its 8 spare slots, and a
+    Mamba state only to a state it kept (keep_states)."""
+    model = tiny_model(pattern="M*W", sliding_window=4)
+    cache = new_cache(model, 1, 40)
+    model.hidden(torch.randint(0, 64, (1, 30)), cache)
+    mamba, glob, ring = cache
+    glob.truncate(3)
+    assert glob.pos == 3
+    with pytest.raises(ValueError, match="roll"):
+        ring.truncate(21)  # position 17, in 21's window, was overwritten by 29
+    ring.truncate(23)
+    ring.truncate(22)  # 30 - 8: still the oldest it can return to, whatever came in between
+    with pytest.raises(ValueError, match="roll"):
+        ring.truncate(21)
+    with pytest.raises(ValueError, match="keep_states"):
+        mamba.rollback(0)
 
 
 # -----------------------------------------------------------------------------
@@ -158,7 +196,7 @@ def test_sampling_limits_equal_greedy():
 
 def test_sample_next_filters():
     """top_k keeps exactly the k largest logits; top_p keeps the smallest prefix reaching p."""
-    from model import sample_next
+    from generate import sample_next
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     torch.manual_seed(0)
     draws = torch.cat([sample_next(logits, 1.0, top_k=2) for _ in range(300)])

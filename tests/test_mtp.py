@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close, run_script
-import model as model_module
-from model import Nemotron, NemotronConfig, accept
+import generate as generate_module
+from generate import MambaCache, accept, new_cache, rollback, speculative_stream
+from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(d_model=64, pattern="M*M-E", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
@@ -67,14 +68,14 @@ def test_rollback_resumes_as_if_only_kept_tokens_were_read(j):
     model = tiny().eval()
     g = torch.Generator().manual_seed(2)
     prompt, new, last = (torch.randint(0, 256, s, generator=g) for s in ((1, 9), (1, 4), (1, 1)))
-    a = model.new_cache(1, 32)
+    a = new_cache(model, 1, 32)
     model.hidden(prompt, a)
     for c in a:
-        if c is not None and "ssm" in c:
-            c["keep"] = True
+        if isinstance(c, MambaCache):
+            c.keep_states = True
     model.hidden(new, a)
-    model.rollback(a, 4, j)
-    b = model.new_cache(1, 32)
+    rollback(a, 4, j)
+    b = new_cache(model, 1, 32)
     model.hidden(prompt, b)
     for t in range(j + 1):
         model.hidden(new[:, t:t + 1], b)
@@ -100,7 +101,7 @@ def test_greedy_speculative_equals_greedy(share, ks):
         plain = model.generate(prompt, 24, temperature=0)
         for k in ks:
             stats = {}
-            spec = torch.cat([prompt, *model.speculative_stream(prompt, 24, k, temperature=0, stats=stats)], 1)
+            spec = torch.cat([prompt, *speculative_stream(model, prompt, 24, k, temperature=0, stats=stats)], 1)
             assert torch.equal(spec, plain), (seed, k)
             assert model.generate(prompt, 24, temperature=0, speculative=k).equal(plain)
             partial += 0 < stats["accepted"][0] and stats["accepted"][-1] < stats["rounds"]
@@ -115,10 +116,10 @@ def test_drafts_equal_the_depths_over_the_whole_sequence(k, pattern, monkeypatch
     from scratch over everything committed (as in training)."""
     model = binary_head(tiny(mtp_depth=k, mtp_pattern=pattern)).eval()
     logits = []  # greedy: pick(q, 0) sees each draft's logits q and takes their argmax
-    monkeypatch.setattr(model_module, "pick", lambda q, t: logits.append(q) or q.argmax(-1, keepdim=True))
+    monkeypatch.setattr(generate_module, "pick", lambda q, t: logits.append(q) or q.argmax(-1, keepdim=True))
     prompt = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(4))
     stats = {}
-    seq = torch.cat([prompt, *model.speculative_stream(prompt, 40, k, temperature=0, stats=stats)], 1)
+    seq = torch.cat([prompt, *speculative_stream(model, prompt, 40, k, temperature=0, stats=stats)], 1)
     assert 0 < stats["accepted"][0] and stats["accepted"][-1] < stats["rounds"]  # partial rounds
     logits = logits[1:]  # the first pick is the first token, from the prefill
     n, emb = prompt.size(1), model.backbone.embeddings
@@ -156,9 +157,9 @@ def test_sampled_speculative_decoding_runs():
     out = model.generate(torch.zeros(1, 3, dtype=torch.long), 20, temperature=0.9, top_k=20, speculative=3)
     assert out.shape == (1, 23) and int(out.max()) < 256
     with pytest.raises(ValueError, match="MTP"):
-        tiny().speculative_stream(torch.zeros(1, 3, dtype=torch.long), 5, 2).__next__()
+        speculative_stream(tiny(), torch.zeros(1, 3, dtype=torch.long), 5, 2).__next__()
     with pytest.raises(ValueError, match="one per MTP depth"):
-        tiny(mtp_depth=2).speculative_stream(torch.zeros(1, 3, dtype=torch.long), 5, 3).__next__()
+        speculative_stream(tiny(mtp_depth=2), torch.zeros(1, 3, dtype=torch.long), 5, 3).__next__()
 
 
 def test_hf_folder_has_nvidia_mtp_layout(tmp_path):

@@ -2,11 +2,12 @@
 tests/test_plan.py: the parallelism planner (plan.py): its counts, memory model, search and CLI.
 Run: python -m pytest -q tests/test_plan.py        (about a minute on an idle 2-core CPU)
 
-Covers: FLOPs per token and per layer against hand-computed values and against model.py; the
-memory model against PyTorch's measured peak of small CPU training steps; collective times, a step's
+Covers: FLOPs per token and per layer against hand-computed values, model.py's parameter counts
+from the config against its modules' weights; the memory model against PyTorch's measured peak
+of small CPU training steps; collective times, a step's
 tensor- and data-parallel communication and the memory by ZeRO stage against hand calculations
 from the ring and ZeRO formulas; pruning never loses the best layouts of a small exhaustive case;
-the published runs of tests/published_runs.csv within the issue's error bound and ranked as
+the published runs of tests/published_runs.csv within the stated error bound and ranked as
 published; --emit's layouts (what train.py runs) and their train.py flags; the command line, good
 and bad.
 """
@@ -16,9 +17,10 @@ import pytest
 import torch
 
 import plan
+from hardware import CLUSTER_GPUS, find_gpu, peaks
 from helpers import run_script
 from mamba import ssd_flops
-from model import Nemotron, NemotronConfig
+from model import Nemotron, NemotronConfig, flops_per_token, layer_params, mtp_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, "tests", "published_runs.csv")
@@ -42,13 +44,13 @@ def test_flops_per_token_by_hand():
     mlp_weights = 8 + 2 * 8 * 16  # norm, up, down
     head = 8 + 10 * 8  # final norm, LM head (the embedding is a lookup)
     scores = 2 * 2 * 2 * 4 * 6 / 2  # QK^T and AV: 2 FLOPs x 2 matmuls x heads x head_dim x T, causal half
-    assert plan.flops_per_token(cfg, 6) == 6 * (attention_weights + mlp_weights + head) + 3 * scores
+    assert flops_per_token(cfg, 6) == 6 * (attention_weights + mlp_weights + head) + 3 * scores
     mamba = NemotronConfig(**dict(TINY, pattern="M"))
     d_in, conv = 2 * 4, 2 * 4 + 2 * 4
     weights = 8 + 8 * (2 * d_in + 2 * 4 + 2) + conv * 5 + 3 * 2 + d_in + d_in * 8  # norm, in_proj, conv, dt/A/D, gated norm, out_proj
     ssd = 2 * 2 * (4 * 4 / 2 + 4 * 4 / 2 + 2 * 4 * 4)  # per head: C B^T and its product with x (causal half), states
     assert ssd == ssd_flops(2, 4, 4, 4)
-    assert plan.flops_per_token(mamba, 6) == 6 * (weights + head) + 3 * ssd
+    assert flops_per_token(mamba, 6) == 6 * (weights + head) + 3 * ssd
 
 
 def test_layer_flops_by_hand():
@@ -57,26 +59,46 @@ def test_layer_flops_by_hand():
     hw = dict(plan.load_hardware("h100"))
     cfg = NemotronConfig(**dict(TINY, pattern="*-E"))
     job = plan.Job(cfg, 6, 4, 8, hw)
-    assert plan.layer_cost(job, "-", 1, 1, 1, 1, False)["flops"] == 2 * 6 * (2 * 8 * 16)
-    assert plan.layer_cost(job, "-", 1, 2, 1, 1, True)["flops"] == 2 * 6 * (2 * 8 * 16) / 2
+    assert plan.layer_cost(job, "-", 1, 1, 1, 1, False).flops == 2 * 6 * (2 * 8 * 16)
+    assert plan.layer_cost(job, "-", 1, 2, 1, 1, True).flops == 2 * 6 * (2 * 8 * 16) / 2
     projections = 2 * 6 * (8 * 8 + 2 * 8 * 4 + 8 * 8)
-    assert plan.layer_cost(job, "*", 1, 1, 1, 1, False)["flops"] == projections + 4 * 2 * 6 * 6 * 4 / 2
+    assert plan.layer_cost(job, "*", 1, 1, 1, 1, False).flops == projections + 4 * 2 * 6 * 6 * 4 / 2
     router, experts, shared = 2 * 6 * 8 * 4, 2 * 6 * 2 * (2 * 8 * 6), 2 * 6 * 2 * 8 * 12
-    assert plan.layer_cost(job, "E", 1, 1, 1, 1, False)["flops"] == router + experts + shared
-    assert plan.layer_cost(job, "E", 1, 1, 1, 4, False)["flops"] == router + experts + shared  # ep moves, not removes
+    assert plan.layer_cost(job, "E", 1, 1, 1, 1, False).flops == router + experts + shared
+    assert plan.layer_cost(job, "E", 1, 1, 1, 4, False).flops == router + experts + shared  # ep moves, not removes
+
+
+def test_find_gpu_reads_device_names():
+    """hardware.find_gpu: CUDA's device names and the published runs' GPU column, each to its own
+    row of the table (GB200 is no B200, A100 no A10, L40S no L4); an unknown GPU has no peaks."""
+    names = {"NVIDIA H100 80GB HBM3": "h100", "NVIDIA A100-SXM4-80GB": "a100", "NVIDIA A10": "a10",
+             "NVIDIA GB200": "gb200", "NVIDIA B200": "b200", "NVIDIA L40S": "l40s", "NVIDIA L4": "l4",
+             "NVIDIA GeForce RTX 4090": "rtx4090", "H800 SXM": "h800", "Tesla T4": None}
+    assert {n: find_gpu(n) for n in names} == names
+    assert peaks("NVIDIA H200") == (989e12, 4.8e12) and peaks("Tesla T4") == (None, None)
+    assert "l4" not in CLUSTER_GPUS and "h800" in CLUSTER_GPUS
 
 
 @pytest.mark.parametrize("kw", [dict(pattern="M*-E"), dict(pattern="M*E-E", moe_latent_size=4),
                                 dict(pattern="*-*E", tie_embeddings=True), dict(pattern="M*-E", mtp_depth=2),
                                 dict(pattern="M*-E", mtp_depth=3, mtp_share=True, mtp_pattern="*-E")])
 def test_counts_agree_with_model(kw):
-    """plan.py counts from the config what model.py counts from the modules: parameters per block
-    and FLOPs per token (train.py's MFU now reads plan.flops_per_token)."""
+    """model.py's counts from the config (layer_params, mtp_params: what flops_per_token and this
+    planner use) against the modules' own weights: per block, per MTP depth, active parameters
+    (num_params(active=True): the top_k experts), and a pipeline stage's parameters in all."""
     model, cfg = meta_model(**dict(TINY, **kw)), NemotronConfig(**dict(TINY, **kw))
-    for T in (6, 100):
-        assert plan.flops_per_token(cfg, T) == model.flops_per_token(T)
+    for block in model.backbone.layers:
+        p = layer_params(cfg, block.kind)
+        assert p.dense + p.experts == sum(w.numel() for w in block.parameters()), block.kind
+    active = sum(layer_params(cfg, k).dense + layer_params(cfg, k).active for k in cfg.pattern)
+    active += cfg.d_model + cfg.vocab_size * cfg.d_model  # final norm, LM head
+    if cfg.mtp_depth:
+        p = mtp_params(cfg)
+        assert p.dense + p.experts == sum(w.numel() for w in model.mtp[0].parameters())
+        active += len(model.mtp) * (p.dense + p.active)  # num_params counts each set of weights once
+    assert active == model.num_params(active=True)
     job = plan.Job(cfg, 8, 1, 1, plan.load_hardware("h100"))
-    dense, experts = plan.stage_params(job, 0, plan.stage_groups(job, 1, 1)[0][1], 1)
+    dense, experts = plan.stage_params(job, 0, plan.stage_groups(job, 1, 1)[0].counts, 1)
     assert dense + experts == sum(p.numel() for p in model.parameters())
 
 

@@ -2,7 +2,7 @@
 sample.py end to end on a tiny untrained model: an out_dir ckpt.pt, an HF folder with and without a
 tokenizer.json, greedy output equal to model.generate, and bad input. sample.py runs in this process
 (helpers.run_script), which saves a torch import each. Then the reasoning controls, and the sampling
-distribution: model.probabilities against a float64 reference of temperature / top-k / top-p, and
+distribution: generate.probabilities against a float64 reference of temperature / top-k / top-p, and
 model.generate's draws against that distribution within 4 standard errors.
 
     python -m pytest -q tests/test_sample.py
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from helpers import assert_close, run_script
+from generate import generate_stream
 from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,7 +148,7 @@ def steered(prompt, script, budget, grace):
     tok = ByteTokenizer()
     ids = tok.encode(prompt)
     steer = sample.ThinkingBudget(tok, ids, budget, grace)
-    out = model.generate_stream(torch.tensor([ids]), len(script) + 12, temperature=0, steer=steer)
+    out = generate_stream(model, torch.tensor([ids]), len(script) + 12, temperature=0, steer=steer)
     return tok.decode([t.item() for t in out])
 
 
@@ -196,7 +197,7 @@ def test_sample_py_reasoning_flags(tmp_path):
 # the sampling distribution: temperature, top-k and top-p against a hand-computed reference
 
 def expected_probs(logits, temperature, top_k=None, top_p=None):
-    """The distribution model.probabilities documents, computed by hand in float64 for one row of
+    """The distribution generate.probabilities documents, computed by hand in float64 for one row of
     logits (vocab,): p = softmax(logits / T); keep the tokens whose scaled logit is >= the k-th
     largest (ties at the k-th value all stay); renormalise; walk the kept tokens from the most
     likely down and keep each one while the mass of those before it is <= top_p (the smallest set
@@ -237,7 +238,7 @@ def test_probabilities_match_the_hand_reference(temperature, top_k, top_p):
     top-k thresholds and top-p cut points, top_k beyond the vocabulary too). fp32 softmax against a
     float64 one of O(1) values: 1e-6. The logits keep every cumulative mass >= 1e-3 from top_p
     (asserted), so rounding cannot move a top-p cut and the filtered-out tokens are exactly 0."""
-    from model import probabilities
+    from generate import probabilities
     got = probabilities(LOGITS, temperature, top_k, top_p)
     for r in range(LOGITS.size(0)):
         ref, margin = expected_probs(LOGITS[r], temperature, top_k, top_p)
@@ -249,7 +250,7 @@ def test_probabilities_match_the_hand_reference(temperature, top_k, top_p):
 def test_probabilities_keeps_top_k_ties_and_greedy_is_untouched():
     """Top-k keeps every token tied with the k-th logit (three tokens at 1.5 for k = 1 and 2), as
     expected_probs does; temperature 0 returns the logits themselves (greedy takes their argmax)."""
-    from model import probabilities
+    from generate import probabilities
     logits = torch.tensor([[0.5, 1.5, 1.5, -0.5, 1.5, -2.0, 0.1, -1.0]])
     for k in (1, 2, 3, 4):
         got = probabilities(logits, 0.7, top_k=k)[0]

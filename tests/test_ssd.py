@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import assert_close
+from generate import MambaCache
 from mamba import Mamba2Mixer, segsum, ssd_ref, ssd_scan_ref, ssd_step, ssd_steps
 from model import Nemotron, NemotronConfig
 
@@ -190,17 +191,17 @@ def test_mixer_step_matches_forward(G, K):
     u = torch.randn(2, 19, 16)  # 19: not a multiple of chunk_size 8
     with torch.no_grad():
         y_full = mixer(u)
-        cache = mixer.new_cache(2, u.device, u.dtype)
+        cache = MambaCache.empty(mixer, 2, u.device, u.dtype)
         y_step = torch.cat([mixer.step(u[:, t:t + 1], cache) for t in range(u.size(1))], dim=1)
-        cache_pf = mixer.new_cache(2, u.device, u.dtype)
+        cache_pf = MambaCache.empty(mixer, 2, u.device, u.dtype)
         y_pf = mixer(u, cache_pf)
     # fp32 throughout, different summation order (recurrence vs chunked matmuls): outputs O(0.1-1)
     assert_close(y_step, y_full, "step vs forward", atol=1e-5, rtol=1e-4)
     assert_close(y_pf, y_full, "forward with cache vs without", atol=1e-6, rtol=1e-5)
-    assert_close(cache["ssm"], cache_pf["ssm"], "ssm state step vs prefill", atol=1e-5, rtol=1e-4)
+    assert_close(cache.ssm, cache_pf.ssm, "ssm state step vs prefill", atol=1e-5, rtol=1e-4)
     # the same in_proj rows, computed as a (B, d) vs a (B, T, d) matmul: a few ulps apart
-    assert_close(cache["conv"], cache_pf["conv"], "conv state step vs prefill", atol=1e-6, rtol=1e-6)
-    assert cache["conv"].numel() == 2 * mixer.conv_dim * (K - 1)  # the last K-1 conv inputs (any layout)
+    assert_close(cache.conv, cache_pf.conv, "conv state step vs prefill", atol=1e-6, rtol=1e-6)
+    assert cache.conv.numel() == 2 * mixer.conv_dim * (K - 1)  # the last K-1 conv inputs (any layout)
 
 
 @pytest.mark.parametrize("pieces", [[2, 1, 1, 5, 1], [1, 1, 9, 3], [11, 1]])
@@ -212,7 +213,7 @@ def test_mixer_prefill_pieces(pieces):
     u = torch.randn(1, sum(pieces), 16)
     with torch.no_grad():
         y_full = mixer(u)
-        cache = mixer.new_cache(1, u.device, u.dtype)
+        cache = MambaCache.empty(mixer, 1, u.device, u.dtype)
         outs, t = [], 0
         for n in pieces:
             outs.append(mixer(u[:, t:t + n], cache))  # T == 1 goes through step()
@@ -229,7 +230,7 @@ def test_mixer_dt_limit():
     u = torch.randn(1, 6, 16)
     with torch.no_grad():
         y_full = mixer(u)
-        cache = mixer.new_cache(1, u.device, u.dtype)
+        cache = MambaCache.empty(mixer, 1, u.device, u.dtype)
         y_step = torch.cat([mixer.step(u[:, t:t + 1], cache) for t in range(6)], dim=1)
     assert_close(y_step, y_full, "step vs forward at clamped dt", atol=1e-5, rtol=1e-4)
     assert math.isclose(mixer.dt_limit[0], 0.5)
@@ -256,7 +257,7 @@ def test_mixer_clamps_dt_at_both_ends():
     """dt_limit = (0.05, 1.5) with dt_bias -30 / +30 / 0 / 0.5 per head, so softplus gives dt ~1e-13
     (far below the limit), ~30 (far above) and values on both sides of it: forward() (no cache,
     and a prefill with a cache), step() one token at a time (ssd_steps, k = 1) and step() on 4-token
-    chunks (cache["keep"]: speculative decoding's ssd_steps, k = 4) each equal mixer_ref, whose clamp
+    chunks (cache.keep_states: speculative decoding's ssd_steps, k = 4) each equal mixer_ref, whose clamp
     is written out. fp32 throughout, chunked or stepped against the sequential recurrence, outputs
     O(0.1-1): atol 1e-5 / rtol 1e-4, as test_mixer_step_matches_forward; an unclamped dt moves the
     outputs by > 1e-2 at either end (asserted, so the test can tell)."""
@@ -275,13 +276,13 @@ def test_mixer_clamps_dt_at_both_ends():
         for lo_hi in [(0.0, limit[1]), (limit[0], float("inf"))]:  # one end unclamped: the test can see it
             assert (mixer_ref(mixer, u, lo_hi) - ref).abs().amax() > 1e-2, f"dt_limit {lo_hi} changes nothing"
         outs = {"forward": mixer(u)}
-        cache = mixer.new_cache(2, u.device, u.dtype)
+        cache = MambaCache.empty(mixer, 2, u.device, u.dtype)
         outs["forward with a cache"] = mixer(u, cache)
-        cache = mixer.new_cache(2, u.device, u.dtype)
+        cache = MambaCache.empty(mixer, 2, u.device, u.dtype)
         outs["step"] = torch.cat([mixer.step(u[:, t:t + 1], cache) for t in range(19)], dim=1)
-        cache = mixer.new_cache(2, u.device, u.dtype)
+        cache = MambaCache.empty(mixer, 2, u.device, u.dtype)
         pieces = [mixer(u[:, :3], cache)]  # a 3-token prefill, then step() on 4 tokens at a time
-        cache["keep"] = True
+        cache.keep_states = True
         pieces += [mixer(u[:, t:t + 4], cache) for t in range(3, 19, 4)]
         outs["4-token steps"] = torch.cat(pieces, dim=1)
     for name, y in outs.items():

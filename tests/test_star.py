@@ -1,5 +1,5 @@
 """
-Star Attention (attention.py, model.star_prefill): phase 2's log-sum-exp combine against full
+Star Attention (attention.py, generate.star_prefill): phase 2's log-sum-exp combine against full
 attention over the same keys, phase 1's blocks against the model run on [anchor, block], one block
 against ordinary decoding token for token, K = 2 processes (torchrun, gloo) against the one-process
 simulation through sample.py, and clear errors for bad settings.
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from attention import Attention, attend, star_combine
 from helpers import assert_close
-from model import Nemotron, NemotronConfig, star_prefill
+from generate import KVCache, StarQueryCache, star_prefill
+from model import Nemotron, NemotronConfig
 from test_sample import run_sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,14 +65,14 @@ def test_phase2_layer_equals_full_attention(kind):
     cfg = NemotronConfig(**TINY, rope=kind == "rope", swan_train_len=4 if kind == "swan" else None)
     att = Attention(cfg, window=6 if kind == "window" else None)
     x = torch.randn(2, 15, 32)
-    full = att.new_cache(2, 15, "cpu", torch.float32)  # 15 <= window + 8: the ring is in position order
+    full = KVCache.empty(att, 2, 15, "cpu", torch.float32)  # 15 <= window + 8: the ring is in position order
     att(x[:, :10], full)
-    k, v = full["k"][:, :, :10].clone(), full["v"][:, :, :10].clone()
+    k, v = full.k[:, :, :10].clone(), full.v[:, :, :10].clone()
     pad = lambda t: F.pad(t, (0, 0, 0, 2))  # the last host's 2 keys padded to 4
-    star = {"star": 2, "k": torch.stack([k[:, :, :4], k[:, :, 4:8], pad(k[:, :, 8:])], 1),
-            "v": torch.stack([v[:, :, :4], v[:, :, 4:8], pad(v[:, :, 8:])], 1),
-            "kpos": torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, -1, -1]]),
-            "qk": torch.zeros(2, 2, 5, 8), "qv": torch.zeros(2, 2, 5, 8), "fill": 0, "pos": 10, "group": None}
+    star = StarQueryCache(k=torch.stack([k[:, :, :4], k[:, :, 4:8], pad(k[:, :, 8:])], 1),
+                          v=torch.stack([v[:, :, :4], v[:, :, 4:8], pad(v[:, :, 8:])], 1),
+                          kpos=torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, -1, -1]]),
+                          qk=torch.zeros(2, 2, 5, 8), qv=torch.zeros(2, 2, 5, 8), pos=10)
     for a, b in [(10, 13), (13, 14), (14, 15)]:
         assert_close(att(x[:, a:b], star), att(x[:, a:b], full), f"tokens {a}..{b - 1}", atol=1e-5)
 

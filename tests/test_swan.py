@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from attention import Attention, apply_rope, banded, swan_scale
 from helpers import assert_close
 from checkpoint import CheckpointError
+from generate import KVCache, new_cache
 from model import Nemotron, NemotronConfig
 
 TINY = dict(d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_ff=64, mamba_heads=2, headdim=16, d_state=8,
@@ -67,8 +68,8 @@ def test_ring_cache_decodes_like_the_full_forward():
     model = Nemotron(NemotronConfig(**TINY, pattern="MW*-W", sliding_window=4)).eval()
     x = torch.randint(0, 256, (2, 39))
     full = model(x)[0]
-    cache = model.new_cache(2, 1000)
-    assert all(c["k"].size(2) == 12 for b, c in zip(model.backbone.layers, cache) if b.kind == "W")
+    cache = new_cache(model, 2, 1000)
+    assert all(c.k.size(2) == 12 for b, c in zip(model.backbone.layers, cache) if b.kind == "W")
     steps = [model.lm_head(model.hidden(x[:, :9], cache))]
     steps += [model.lm_head(model.hidden(x[:, t:t + 1], cache)) for t in range(9, 39)]
     assert_close(torch.cat(steps, dim=1), full, "decoded logits", atol=1e-4)
@@ -128,7 +129,7 @@ def attention_paths(att, x, seq_idx):
     tokens to 40; a W layer's ring wraps)."""
     with torch.no_grad():
         out = {"forward": att(x), "short": att(x[:, :10]), "documents": att(x, seq_idx=seq_idx)}
-        cache = att.new_cache(x.size(0), x.size(1), x.device, x.dtype)
+        cache = KVCache.empty(att, x.size(0), x.size(1), x.device, x.dtype)
         cuts = [0, 9, *range(10, 31), 35, *range(36, 41)]
         out["decode"] = torch.cat([att(x[:, a:b], cache) for a, b in zip(cuts, cuts[1:])], dim=1)
     return out

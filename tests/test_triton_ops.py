@@ -32,6 +32,7 @@ import torch.nn.functional as F
 triton = pytest.importorskip("triton")
 import triton_ops
 from helpers import assert_close
+from generate import MambaCache
 from mamba import Mamba2Mixer, ssd_ref, ssd_step
 from model import Nemotron, NemotronConfig
 from moe import Experts, experts_loop, grouped_mm_ref
@@ -258,11 +259,11 @@ def test_mixer_decodes_the_same_with_kernels():
     outs = {}
     for use in (False, True):
         triton_ops.USE_TRITON = use
-        cache = mixer.new_cache(2, DEV, torch.float32)
+        cache = MambaCache.empty(mixer, 2, DEV, torch.float32)
         with torch.no_grad():
             first = mixer(u[:, :5], cache)  # prefill: the chunked SSD hands over its state
             steps = [mixer(u[:, t:t + 1], cache) for t in range(5, 12)]
-        outs[use] = (torch.cat([first, *steps], dim=1), cache["ssm"].clone(), cache["conv"].clone())
+        outs[use] = (torch.cat([first, *steps], dim=1), cache.ssm.clone(), cache.conv.clone())
     triton_ops.USE_TRITON = True
     for i, name in enumerate(("outputs", "ssm state", "conv state")):
         assert_close(outs[True][i], outs[False][i], name, atol=1e-5, rtol=1e-5)
