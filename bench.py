@@ -9,7 +9,8 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
     python bench.py moe        # one MoE layer, forward + backward tokens/s, 64 and 128 experts, top-6
     python bench.py star       # Star Attention's phase-1 prefill vs full prefill at 2K, 4K, 8K, 4 blocks;
                                # and one W layer: attention.banded vs the dense window mask
-    python bench.py lowprec    # FP8 / MXFP8 / NVFP4 Linear vs bf16, forward + backward; quantizer bandwidth (a GPU's job)
+    python bench.py lowprec    # FP8 / MXFP8 / NVFP4 Linear vs bf16, forward + backward;
+                               # quantizer bandwidth (a GPU's job)
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
 The candidates take turns, one step each (a, b, c, a, b, c, ...), so that a noisy machine slows
@@ -19,7 +20,6 @@ loaded from our save_pretrained, so its weights are ours; on a CPU it runs its p
 benchmarks are measurements, not tests.
 """
 import argparse
-import ast
 import copy
 import importlib.util
 import os
@@ -38,7 +38,7 @@ from attention import banded, visible
 from generate import generate_stream, new_cache, speculative_stream, star_blocks, star_prefill
 from hardware import peaks
 from mamba import ssd_flops
-from model import Nemotron, NemotronConfig
+from model import Nemotron, NemotronConfig, config_file
 from moe import experts_loop
 
 TRAIN_TARGET = 1.5    # ours / transformers training tokens/s
@@ -50,11 +50,14 @@ STAR_TARGET = 2.0     # full prefill / Star Attention phase-1 seconds, 8K contex
 FP8_TARGET = 1.3      # bf16 / FP8 Linear ms, forward + backward, on a GPU with FP8 tensor cores
 QUANT_TARGET = 0.6    # quantizer bytes moved per second / HBM peak
 MOE = dict(vocab_size=256, d_model=256, pattern="E", top_k=6, moe_d_ff=256, shared_d_ff=512)
-# config/pycode_attention_only.py over train.py's defaults: RoPE attention, MLP and MoE, no Mamba
+# config/pycode_attention_only.py's model: RoPE attention, MLP and MoE, no Mamba
 STAR = dict(vocab_size=256, d_model=128, pattern="***-*E", rope=True, n_head=8, n_kv_head=4, head_dim=32,
             d_ff=512, moe_d_ff=128, shared_d_ff=256)
+# the hybrid that `python bench.py` compares (docs/bench.md's tables): twice train.py's CPU default
+DEFAULT = dict(d_model=256, pattern="M-M*M-ME", head_dim=64, d_ff=1024, mamba_heads=8, mamba_head_dim=64,
+               d_state=64, mamba_groups=1, chunk_size=64, moe_d_ff=256, shared_d_ff=512)
 QUICK = dict(d_model=64, pattern="M-M*M-ME", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
-             headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
+             mamba_head_dim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
 
 # -----------------------------------------------------------------------------
 # the candidates
@@ -278,25 +281,6 @@ def bench_decode_kernel(batch=64, heads=64, headdim=64, d_state=128, reps=50):
     kern_s = statistics.median(timed(lambda: triton_ops.ssd_update(h, x, dt, A, B, C, D), reps))
     ref_s = statistics.median(timed(lambda: ssd_step(h, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D), reps))
     return {"triton": state_bytes / kern_s, "reference": state_bytes / ref_s, "state_mb": h.numel() * 4 / 2 ** 20}
-
-
-def config_from_file(path):
-    """The model `python train.py path` trains: train.py's defaults of the NemotronConfig fields (its
-    literal assignments), overridden by the config/ file's (plain assignments)."""
-    fields = set(NemotronConfig.__dataclass_fields__)
-    scope = {}
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")) as f:
-        for node in ast.parse(f.read()).body:
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in fields:
-                try:  # None ("the data set's vocab") and non-literals keep NemotronConfig's default
-                    value = ast.literal_eval(node.value)
-                except ValueError:
-                    continue
-                if value is not None:
-                    scope[node.targets[0].id] = value
-    with open(path) as f:
-        exec(f.read(), {}, scope)
-    return NemotronConfig(**{k: v for k, v in scope.items() if k in fields})
 
 
 def bench_e2e(cfg, batch_size=4, seq_len=2048, steps=5, warmup=2):
@@ -615,7 +599,8 @@ def report_decode(res, steps, warmup):
         print(f"transformers / ours ms/token: {min(ratios):.2f}x at worst "
               f"(target >= {DECODE_TARGET}x at every context: {verdict(min(ratios) >= DECODE_TARGET)})")
     flat = res[hi]["ours hybrid"]["ms"] / res[lo]["ours hybrid"]["ms"]
-    print(f"ours hybrid ms/token at {hi} / at {lo}: {flat:.2f} (target <= {FLAT_TARGET}: {verdict(flat <= FLAT_TARGET)})")
+    print(f"ours hybrid ms/token at {hi} / at {lo}: {flat:.2f} "
+          f"(target <= {FLAT_TARGET}: {verdict(flat <= FLAT_TARGET)})")
     attn = res[hi]["ours attention-only"]["ms"] / res[lo]["ours attention-only"]["ms"]
     print(f"ours attention-only ms/token at {hi} / at {lo}: {attn:.2f} (expected to grow with the KV cache)")
     if has_hf:
@@ -695,7 +680,7 @@ def run_kernels(quick, lengths=None):
     decode = bench_decode_kernel() if gpu and not quick else None
     e2e = None
     if gpu and not quick:
-        e2e = bench_e2e(config_from_file(os.path.join(os.path.dirname(__file__), "config", "gpu_125m.py")))
+        e2e = bench_e2e(config_file(os.path.join(os.path.dirname(__file__), "config", "gpu_125m.py"))[0])
         e2e["config"] = "config/gpu_125m.py, batch 4 x 2048, bf16 autocast"
     report_kernels(res, shape, decode, e2e)
 def report_moe(res, tokens, steps, warmup, cfg_kw=MOE):
@@ -707,7 +692,8 @@ def report_moe(res, tokens, steps, warmup, cfg_kw=MOE):
     for E, r in res.items():
         for i, (name, v) in enumerate(r.items()):
             print(f"{E if i == 0 else '':>8}  {name:<32}{v['ms']:>10.1f}{v['tok/s']:>10,.0f}")
-    print("ceiling: transformers' time / the dense matmuls' time, the most that removing all routing overhead could give")
+    print("ceiling: transformers' time / the dense matmuls' time, "
+          "the most that removing all routing overhead could give")
     for E, r in res.items():
         ours, dense = r["ours: grouped GEMM"]["ms"], r["dense matmuls, same FLOPs"]["ms"]
         print(f"E={E}: ours grouped / ours loop tok/s: {r['ours: per-expert loop']['ms'] / ours:.2f}x; "
@@ -747,8 +733,10 @@ def report_lowprec(lin, shape, quant, qshape):
         print(f"FP8 speed-up (target >= {FP8_TARGET}x) and HBM bandwidth (target >= {QUANT_TARGET:.0%}) "
               "need a GPU with FP8 tensor cores: the figures above are the emulation's overhead on this machine")
     hbm = gpu_peaks()[1]
-    where = "Triton kernels" if triton_ops.use_triton(torch.empty(0, device="cuda" if gpu else "cpu")) and gpu else "PyTorch references"
-    print(f"\n== quantizers on a bf16 {qshape[0]} x {qshape[1]} tensor ({where}); bytes = input read + codes and scales written")
+    where = ("Triton kernels" if triton_ops.use_triton(torch.empty(0, device="cuda" if gpu else "cpu")) and gpu
+             else "PyTorch references")
+    print(f"\n== quantizers on a bf16 {qshape[0]} x {qshape[1]} tensor ({where}); "
+          "bytes = input read + codes and scales written")
     print(f"{'quantizer':<22}{'ms':>9}{'GB/s':>9}" + (f"{'of HBM peak':>13}" if hbm else ""))
     for name, (t, nbytes) in quant.items():
         line = f"{name:<22}{1000 * t:>9.3f}{nbytes / t / 1e9:>9.2f}"
@@ -760,8 +748,10 @@ def report_lowprec(lin, shape, quant, qshape):
 
 def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
-    parser.add_argument("what", nargs="?", default="all", choices=["all", "train", "decode", "moe", "kernels", "star", "lowprec"],
-                        help="all = train + decode + moe; kernels (the Triton SSD), star and lowprec (FP8/NVFP4 Linear) run only when named")
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=["all", "train", "decode", "moe", "kernels", "star", "lowprec"],
+                        help="all = train + decode + moe; kernels (the Triton SSD), "
+                             "star and lowprec (FP8/NVFP4 Linear) run only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -771,11 +761,12 @@ def main():
     parser.add_argument("--dataset", default="pycode", help="where --init_from's prompts come from (val.bin)")
     parser.add_argument("--lengths", default=None, type=lambda v: tuple(int(n) for n in v.split(",")),
                         help="kernels: sequence lengths, comma-separated (default 2048,4096,8192,16384 on a GPU)")
-    parser.add_argument("--config", default=None, help="star: time this config/ file's model instead of the attention-only default")
+    parser.add_argument("--config", default=None,
+                        help="star: time this config/ file's model instead of the attention-only default")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = NemotronConfig(**QUICK) if args.quick else NemotronConfig()
+    cfg = NemotronConfig(**(QUICK if args.quick else DEFAULT))
     train_kw = dict(batch_size=2, seq_len=32, steps=2, warmup=1) if args.quick else \
         dict(batch_size=8, seq_len=256, steps=5, warmup=2)
     decode_kw = dict(contexts=(64, 128), steps=4, warmup=1) if args.quick else \
@@ -808,7 +799,7 @@ def main():
         star_kw = dict(contexts=(128, 256), steps=1, warmup=0, cfg_kw={**STAR, **QUICK, "pattern": "**-*E"}) \
             if args.quick else dict(contexts=(2048, 4096, 8192), steps=3, warmup=1)
         if args.config:  # a config/ file's model, e.g. config/star_copy.py (SWAN-style W and * layers)
-            star_kw["cfg_kw"] = {**config_from_file(args.config).to_dict(), "vocab_size": 256}
+            star_kw["cfg_kw"] = {**config_file(args.config)[0].to_dict(), "vocab_size": 256}
         report_star(bench_star(**star_kw), 4, star_kw["steps"], star_kw["warmup"], star_kw.get("cfg_kw", STAR))
         window = 8 if args.quick else star_kw.get("cfg_kw", {}).get("sliding_window", 128)
         report_window(bench_window(star_kw["contexts"], window, star_kw["steps"], star_kw["warmup"]), window)

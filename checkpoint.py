@@ -11,11 +11,17 @@ save_pretrained (model.py) are the public entry points and call load_model and s
 import json
 import os
 import pickle
+import random
 import re
+import shutil
+import tempfile
 import zipfile
 import zlib
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
@@ -233,7 +239,7 @@ def load_model(path, dtype=None, device="cpu"):
 def build_model(ckpt, where):
     """The Nemotron a checkpoint dict of ours describes, holding its weights (no second copy)."""
     try:
-        config = NemotronConfig(**ckpt["model_config"])
+        config = NemotronConfig.from_dict(ckpt["model_config"])
     except (KeyError, TypeError, AssertionError) as e:
         raise CheckpointError(f"{where}: its model_config does not describe a model ({type(e).__name__}: "
                               f"{first_line(e)})") from None
@@ -244,6 +250,150 @@ def build_model(ckpt, where):
     if config.tie_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
     return model
+
+
+# -----------------------------------------------------------------------------
+# writing our checkpoints (train.py)
+
+
+def start_from(init_from, out_dir):
+    """What train.py's --init_from names, as (ckpt_path, ckpt, model): out_dir's newest checkpoint
+    to resume ('resume', or 'auto' when there is one: the model and the whole checkpoint dict, with
+    the optimizer and training state), a model to fine-tune (any other path: ckpt None; its master
+    weights in float32), or nothing to load ('scratch', 'auto' without a checkpoint: all None).
+    CheckpointError says what is wrong, naming the flag."""
+    if init_from == 'scratch':
+        return None, None, None
+    if init_from not in ('resume', 'auto'):
+        if not os.path.exists(init_from):
+            raise CheckpointError(f"init_from={init_from!r}: not 'scratch', 'resume', 'auto', nor an existing path")
+        try:
+            return None, None, Nemotron.from_pretrained(init_from, dtype=torch.float32)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot fine-tune from --init_from={init_from}: {e}") from None
+    # ckpt.pt from one process, ckpt-<step>/ (sharded, DCP) from torchrun: the newest
+    ckpt_path = newest_checkpoint(out_dir)
+    if ckpt_path is None:
+        if init_from == 'auto':
+            return None, None, None
+        raise CheckpointError(f"--init_from=resume but {out_dir} holds no checkpoint (ckpt.pt or ckpt-<step>/; "
+                              f"train with --init_from=scratch first)")
+    try:  # checked against the CRC32s saved with it; a damaged or foreign file is named and left as it is
+        ckpt = read_checkpoint(ckpt_path)
+        missing = [k for k in ('iter_num', 'best_val_loss', 'optimizer') if k not in ckpt]
+        if missing:
+            raise CheckpointError(f"{ckpt_path}: no {', '.join(missing)} in it (not a train.py checkpoint?)")
+        ckpt.setdefault('best_step', ckpt['iter_num'])
+        return ckpt_path, ckpt, build_model(ckpt, ckpt_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot resume: {e}") from None
+
+
+def check_out_dir(out_dir, may_replace):
+    """Make out_dir if need be; CheckpointError if it is not writable, or if it holds checkpoints
+    and may_replace is false: a fresh run never replaces checkpoints it did not make."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise CheckpointError(f"--out_dir={out_dir}: cannot write there ({e.strerror or e})") from None
+    found = [os.path.basename(p) for _, p in list_checkpoints(out_dir)]
+    if found and not may_replace:
+        raise CheckpointError(f"{out_dir} holds checkpoints of an earlier run ({', '.join(found)}): --init_from=resume "
+                              f"continues it, --overwrite=True replaces them, or choose another --out_dir")
+
+
+def rng_state():
+    """Every RNG's state as plain lists and tensors, which torch.load(weights_only=True) reads back."""
+    np_state, py_state = np.random.get_state(), random.getstate()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return {'torch': torch.get_rng_state(), 'cuda': cuda,
+            'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            'python': [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng['torch'])
+    if rng['cuda'] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng['cuda'])
+    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+    random.setstate((rng['python'][0], tuple(rng['python'][1]), rng['python'][2]))
+
+
+def save_checkpoint(out_dir, state, model_state, optim_state, best, amax=None, sharded=False):
+    """Atomic: a crash mid-write leaves the previous checkpoint intact. One process writes
+    out_dir/ckpt.pt (temp file, then os.replace), with the RNG states; under torchrun (sharded) every
+    rank calls this with its shards, which DCP writes into out_dir/ckpt-<step>.tmp/, and rank 0 then
+    renames the folder to ckpt-<step>/. state: the training state (iter_num, best_step, config, ...).
+    best: this step's val loss is the best so far, and the checkpoint is also kept as the best one
+    (best.pt, a second name of ckpt.pt; under torchrun its folder stays when newer ones replace the
+    rest), so a run that diverges never leaves only bad checkpoints. amax: this rank's fp8
+    delayed-scaling histories (each rank its own)."""
+    if not sharded:
+        path = os.path.join(out_dir, 'ckpt.pt')
+        torch.save({'model': model_state, 'optimizer': optim_state, **state, 'rng': rng_state(), 'amax': amax},
+                   path + '.tmp')
+        os.replace(path + '.tmp', path)
+        if best:  # the same file under a second name: a hard link costs nothing (a copy where links fail)
+            tmp = os.path.join(out_dir, 'best.pt.tmp')
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, os.path.join(out_dir, 'best.pt'))
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = os.path.join(out_dir, f"ckpt-{state['iter_num']}")
+    tmp = final + '.tmp'
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
+    dist.barrier()
+    if amax:  # before dcp.save, which returns on rank 0 only once every rank is through
+        os.makedirs(tmp, exist_ok=True)
+        torch.save(amax, os.path.join(tmp, f'amax-rank{rank}.pt'))
+    dcp.save({'model': model_state, 'optimizer': optim_state}, checkpoint_id=tmp)
+    # the CRC32 of every file, each rank its own: verify checks them before a read
+    mine = {n: crc32_file(os.path.join(tmp, n)) for n in os.listdir(tmp)
+            if n.startswith((f'__{rank}_', f'amax-rank{rank}.'))}
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:  # dcp.save returns on rank 0 once every rank's shards and the metadata are written
+        checksums = {n: c for crcs in everyone for n, c in crcs.items()}
+        checksums['.metadata'] = crc32_file(os.path.join(tmp, '.metadata'))
+        with open(os.path.join(tmp, 'train_state.json'), 'w') as f:
+            json.dump({**state, 'checksums': checksums}, f)
+        keep = {final, os.path.join(out_dir, f"ckpt-{state['best_step']}")}
+        old = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if re.fullmatch(r'ckpt-\d+', n)]
+        if final in old:  # this step saved before: a directory cannot be replaced in one step
+            os.replace(final, final + '.old.tmp')
+            old[old.index(final)] = final + '.old.tmp'
+        os.replace(tmp, final)  # complete before any older checkpoint goes: a crash here loses none
+        for path in old:
+            if path not in keep:
+                shutil.rmtree(path)
+    dist.barrier()
+
+
+def kept_message(out_dir, best_step, best_val_loss, sharded):
+    """What a failing run says of the checkpoints it leaves, the best named."""
+    if best_step is None:
+        return "it saved no checkpoint"
+    best = os.path.join(out_dir, f'ckpt-{best_step}' if sharded else 'best.pt')
+    return f"the checkpoints in {out_dir} are kept, the best at {best} (step {best_step}, val loss {best_val_loss:.4f})"
+
+
+def read_amax(ckpt_path, ckpt, rank, world, ep):
+    """This rank's fp8 delayed-scaling amax histories saved in the checkpoint, or None if there are
+    none or another layout saved them (each rank keeps its own; EP numbers experts per rank)."""
+    if ckpt.get('world_size', 1) != world or ckpt.get('config', {}).get('ep', 1) != ep:
+        return None
+    if not os.path.isdir(ckpt_path):
+        return ckpt.get('amax')
+    path = os.path.join(ckpt_path, f'amax-rank{rank}.pt')
+    return torch.load(path, map_location='cpu', weights_only=True) if os.path.exists(path) else None
 
 
 # -----------------------------------------------------------------------------
@@ -263,8 +413,8 @@ HF_CONFIG_KEYS = {
     "tie_embeddings": ("tie_word_embeddings", None, False), "init_std": ("initializer_range", None, 0.02),
     "n_head": ("num_attention_heads", None, 32), "n_kv_head": ("num_key_value_heads", None, 8),
     "head_dim": ("head_dim", "attention_head_dim", 128), "d_ff": ("intermediate_size", None, 21504),
-    "mamba_heads": ("mamba_num_heads", None, 128), "headdim": ("mamba_head_dim", None, 64),
-    "d_state": ("ssm_state_size", None, 128), "n_groups": ("n_groups", "mamba_n_groups", 8),
+    "mamba_heads": ("mamba_num_heads", None, 128), "mamba_head_dim": ("mamba_head_dim", None, 64),
+    "d_state": ("ssm_state_size", None, 128), "mamba_groups": ("n_groups", "mamba_n_groups", 8),
     "d_conv": ("conv_kernel", "mamba_d_conv", 4), "chunk_size": ("chunk_size", "mamba_chunk_size", 128),
     "dt_min": ("time_step_min", "mamba_dt_min", 0.001), "dt_max": ("time_step_max", "mamba_dt_max", 0.1),
     "dt_init_floor": ("time_step_floor", "mamba_dt_init_floor", 1e-4),

@@ -24,22 +24,42 @@ takes anything. A script may also define, before exec'ing this file,
     config_ranges = {'beta1': '[0, 1)', 'top_k': 'int [1, inf)', ...}
 
 the valid interval of a numeric key ("[" and "]" closed, "(" and ")" open; "int" where a default of
-None must take a whole number); a key whose value is None (unset, off) is not checked. An unknown
+None must take a whole number; a key whose value is None, unset or off, is not checked), or a tuple
+of the values a key may take (dtype=('float32', 'bfloat16')). An unknown
 key, a wrong type, a value out of its range or a missing config file prints one line on stderr and
 exits with code 2, before the script does any work. Afterwards `config_given` lists the keys that a
 config file or a flag set (the script may treat them differently from defaults, e.g. refuse model
-flags on resume). Overrides print only on the master process (env RANK unset or "0").
+flags on resume). Overrides print only on the master process (env RANK unset or "0"). A script
+that renamed keys lists them as config_renamed = {old: new}: the old name is read as the new one.
 """
 import ast, builtins as _builtins, difflib, os, re, sys
 
-# names start with "_" so that nothing here clobbers or adds to the script's own globals
+def die(message, code=1):
+    """Every script's way out on an error: "error: <message>" on stderr (rank 0's alone under
+    torchrun), the process group torn down, exit code `code` (2: a bad flag or input; 1: a failure).
+    Scripts get it by exec'ing this file; plan.py imports it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+    _torch = sys.modules.get("torch")
+    if _torch is not None and _torch.distributed.is_available() and _torch.distributed.is_initialized():
+        _torch.distributed.destroy_process_group()
+    sys.exit(code)
+
+# names start with "_" so that nothing else here clobbers or adds to the script's own globals
 _master = os.environ.get("RANK", "0") == "0"
-if "config_keys" not in globals():
+_imported = globals().get("__name__") == "configurator"  # imported for die() alone: no arguments to parse
+if "config_keys" not in globals() and not _imported:
     raise NameError("configurator.py: the script must define config_keys before exec'ing it")
 
 def _fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    die(message, 2)
+
+def _renamed(key):
+    # a key the script renamed (config_renamed = {old: new}) is read as its new name, with a note
+    _new = globals().get("config_renamed", {}).get(key)
+    if _new is not None and _master:
+        print(f"note: '{key}' is now called '{_new}'", file=sys.stderr)
+    return _new or key
 
 def _checked(key, value):
     # the value to store for key, or exit 2: unknown key, or a type other than the default's
@@ -68,7 +88,7 @@ def _in_range(key, value, spec):
 config_given = []
 
 # ----------------------------------------------------------------------------
-for _arg in sys.argv[1:]:
+for _arg in ([] if _imported else sys.argv[1:]):
     if _arg in ("--help", "-h"):
         print("config keys (current values):")
         for _key in config_keys:
@@ -90,12 +110,12 @@ for _arg in sys.argv[1:]:
         for _key, _val in _scope.items():
             # skip private names, __builtins__ and imported modules (a file may `import math`)
             if not _key.startswith("_") and type(_val) is not type(os):
-                globals()[_key] = _checked(_key, _val)
-        _assigned = [_t.id for _node in ast.walk(ast.parse(_source)) if isinstance(_node, ast.Assign)
+                globals()[_renamed(_key)] = _checked(_renamed(_key), _val)
+        _assigned = [_renamed(_t.id) for _node in ast.walk(ast.parse(_source)) if isinstance(_node, ast.Assign)
                      for _t in _node.targets if isinstance(_t, ast.Name)]
         config_given += [_key for _key in _assigned if _key in config_keys and _key not in config_given]
     elif "=" not in _arg:
-        _key = _arg[2:]
+        _key = _renamed(_arg[2:])
         if _key in config_keys and type(globals()[_key]) is not bool:
             _fail(f"config key '{_key}' is not a bool: give it a value, --{_key}=...")
         globals()[_key] = _checked(_key, True)
@@ -104,6 +124,7 @@ for _arg in sys.argv[1:]:
             print(f"Overriding: {_key} = True")
     else:
         _key, _text = _arg[2:].split("=", 1)
+        _key = _renamed(_key)
         try:
             _val = ast.literal_eval(_text)
         except Exception:  # literal_eval raises ValueError, SyntaxError, TypeError, ... on non-literals
@@ -116,6 +137,9 @@ for _arg in sys.argv[1:]:
             print(f"Overriding: {_key} = {globals()[_key]!r}")
 
 for _key, _spec in globals().get("config_ranges", {}).items():
-    if globals()[_key] is not None and not _in_range(_key, globals()[_key], _spec):
+    if isinstance(_spec, tuple):  # the values allowed
+        if globals()[_key] not in _spec:
+            _fail(f"--{_key}={globals()[_key]!r}: {_key} must be {', '.join(map(repr, _spec[:-1]))} or {_spec[-1]!r}")
+    elif globals()[_key] is not None and not _in_range(_key, globals()[_key], _spec):
         _what = f"a whole number in {_spec[4:]}" if _spec.startswith("int ") else f"in {_spec}"
         _fail(f"--{_key}={globals()[_key]!r}: {_key} must be {_what}")

@@ -28,6 +28,7 @@ from attention import Attention
 from data import ruler
 from data.tokenizer import DataError, find_tokenizer, open_tokens, read_meta, saved_config
 from checkpoint import CheckpointError
+from hardware import pick_device
 from model import Nemotron
 
 # -----------------------------------------------------------------------------
@@ -41,24 +42,21 @@ star_blocks = '0'                  # Star Attention block sizes, comma-separated
 essay = ''                         # a text file for the essay haystacks ('': ../shared/data/tinyshakespeare.txt)
 swan = 'ckpt'                      # NoPE dynamic scaling: 'ckpt' as trained, 'off', or a training length N
 seed = 0                           # RULER sample seed
-answer_prefix = 'auto'             # NIAH answer prefix: 'ruler' (RULER's), 'needle' (the needle's words; data/ruler.py),
-                                   # or 'auto' = the one the run's data set was built with (meta.json), else 'ruler'
+answer_prefix = 'auto'             # NIAH answer prefix: 'ruler' (RULER's), 'needle' (the needle's words;
+                                   # data/ruler.py), or 'auto' = the one the run's data set was built with
+                                   # (meta.json), else 'ruler'
 bos = 'auto'                       # start each RULER prompt with the data set's end-of-text token: 'on', 'off', or
                                    # 'auto' = on for a run trained with doc_masking (its documents start with one)
 device = 'auto'                    # 'auto' (cuda, else cpu), 'cpu', 'cuda', ...
 json_out = ''                      # also write the results here as JSON ('': don't)
 config_ranges = dict(loss_tokens='[1, inf)', n='[1, inf)', seed='[0, inf)')  # checked by configurator.py
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-
-
-def die(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def int_list(name, text, low):
@@ -159,10 +157,10 @@ def main():
     unknown = [t for t in task_list if t not in ruler.TASKS]
     if unknown:
         die(f"unknown RULER task(s) {unknown}; choose from {', '.join(ruler.TASKS)} or 'all'")
-    dev = device if device != 'auto' else ('cuda' if torch.cuda.is_available() else 'cpu')
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if dev.startswith('cuda') and not cuda or dev == 'mps' and not mps:
-        die(f"--device={device!r}, but torch finds no such device on this machine (device='auto' takes what there is)")
+    try:
+        dev = pick_device('cpu' if device == 'auto' and not torch.cuda.is_available() else device)  # auto: no mps
+    except ValueError as e:
+        die(str(e))
     if json_out:  # before the work, not after it: an unwritable path would lose the results
         existed = os.path.exists(json_out)
         try:

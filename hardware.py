@@ -1,6 +1,7 @@
 """
-hardware.py: the GPUs we know, in one table. plan.py prices parallel layouts with it; train.py's
-MFU and bench.py's rooflines divide by its peaks.
+hardware.py: the devices. pick_device() chooses the one a script runs on (train.py, sample.py,
+eval.py); HARDWARE is the GPUs we know, in one table: plan.py prices parallel layouts with it,
+train.py's MFU and bench.py's rooflines divide by its peaks.
 
 Per GPU: dense (no sparsity) tensor-core peaks by precision (FLOP/s), memory size (GB) and
 bandwidth (bytes/s), the link bandwidth per direction (bytes/s) inside the NVLink domain and out of
@@ -11,6 +12,21 @@ H100 / B200 GPU. SM counts from the data sheets (B200: 148, as reported). The ex
 and A800 are an H100 and an A100 with 400 GB/s NVLink. The PCIe cards at the end carry no link
 figures: train.py and bench.py use their peaks, the planner does not offer them.
 """
+
+import torch
+
+
+def pick_device(name):
+    """The device for a script's --device: 'auto' takes cuda, then mps, then cpu; a named device
+    ('cpu', 'cuda', 'cuda:1', 'mps') must exist on this machine, else ValueError says so."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if name == 'auto':
+        return 'cuda' if cuda else 'mps' if mps else 'cpu'
+    if name.startswith('cuda') and not cuda or name == 'mps' and not mps:
+        raise ValueError(f"device={name!r}, but torch finds no such device on this machine "
+                         f"(device='auto' takes what there is)")
+    return name
+
 
 HARDWARE = {
     "a100": dict(flops={"bf16": 312e12, "fp16": 312e12}, hbm_gb=80, hbm_bw=2.0e12,

@@ -13,8 +13,8 @@ runs the recurrence one step at a time and is the ground truth the tests compare
 ssd_step() is one step of it; ssd_steps() runs k steps in place and keeps every state, for
 O(1)-per-token decoding and speculative decoding's verification.
 
-Shape letters: B batch, T length, H heads, P head dim (headdim), N state size (d_state),
-G groups of heads sharing B and C (n_groups), Q chunk length (chunk_size), c number of chunks,
+Shape letters: B batch, T length, H heads, P head dim (mamba_head_dim), N state size (d_state),
+G groups of heads sharing B and C (mamba_groups), Q chunk length (chunk_size), c number of chunks,
 K conv width (d_conv).
 """
 
@@ -192,7 +192,7 @@ def packed_conv(x, weight, bias, seq_idx):
 
 
 class GatedRMSNorm(nn.Module):
-    """norm(y * silu(z)), normalised over groups of group_size channels (one group per n_groups)."""
+    """norm(y * silu(z)), normalised over groups of group_size channels (one group per mamba_groups)."""
 
     def __init__(self, dim, group_size, eps):
         super().__init__()
@@ -213,7 +213,7 @@ class Mamba2Mixer(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.H, self.P, self.N, self.G = cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.n_groups
+        self.H, self.P, self.N, self.G = cfg.mamba_heads, cfg.mamba_head_dim, cfg.d_state, cfg.mamba_groups
         self.K, self.chunk_size, self.dt_limit = cfg.d_conv, cfg.chunk_size, cfg.dt_limit
         self.d_inner = self.H * self.P
         self.conv_dim = self.d_inner + 2 * self.G * self.N  # x, B and C go through the conv together

@@ -25,38 +25,40 @@ from moe import MLP, MoE
 
 @dataclass
 class NemotronConfig:
-    vocab_size: int = 256                 # bytes by default; Nemotron's tokenizer has 131072
-    d_model: int = 256                    # residual width (HF hidden_size)
-    pattern: str = "M-M*M-ME"             # per layer: M mamba2, * attention, - mlp, E moe, W sliding-window attention
+    """The model, one field per setting. The defaults are the 0.9M-parameter hybrid that
+    `python train.py` trains on a laptop CPU in minutes (train.py's model flags are these fields)."""
+    vocab_size: int = 256                 # bytes by default (train.py: the data set's); Nemotron's tokenizer has 131072
+    d_model: int = 128                    # residual width (HF hidden_size)
+    pattern: str = "M*M-ME"               # per layer: M mamba2, * attention, - mlp, E moe, W sliding-window attention
     norm_eps: float = 1e-5                # RMSNorm epsilon, every norm in the model
     tie_embeddings: bool = False          # share the embedding and LM head weights
     init_std: float = 0.02                # std of every linear/embedding weight at init
     # attention (*)
     n_head: int = 4                       # query heads
     n_kv_head: int = 2                    # key/value heads (GQA)
-    head_dim: int = 64                    # per head
+    head_dim: int = 32                    # per head
     rope: bool = False                    # Nemotron-H attention is NoPE; RoPE is opt-in
     rope_theta: float = 10000.0           # RoPE base, when rope is on (and in W layers, always)
     sliding_window: int = 512             # W layers attend to the last this many positions, with RoPE (SWAN-GPT)
     swan_train_len: int = None            # NoPE attention: scale queries by max(1, log(p+1)/log(this)) (None: off)
     # mlp (-)
-    d_ff: int = 1024                      # squared-ReLU MLP width (HF intermediate_size)
+    d_ff: int = 512                       # squared-ReLU MLP width (HF intermediate_size)
     # mamba-2 (M)
-    mamba_heads: int = 8                  # H; d_inner = H * P
-    headdim: int = 64                     # P
-    d_state: int = 64                     # N
-    n_groups: int = 1                     # G: heads share B and C within a group
+    mamba_heads: int = 4                  # H; d_inner = H * P (here 2 * d_model, Mamba-2's expansion)
+    mamba_head_dim: int = 64              # P
+    d_state: int = 32                     # N
+    mamba_groups: int = 2                 # G: heads share B and C within a group (2: every size --tp=2 splits divides)
     d_conv: int = 4                       # K, causal depthwise conv width
-    chunk_size: int = 64                  # Q of the chunked SSD
+    chunk_size: int = 32                  # Q of the chunked SSD
     dt_min: float = 0.001                 # dt is initialised log-uniform in [dt_min, dt_max]
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4           # ... and at least this
-    dt_limit: tuple = (0.001, float("inf"))  # dt is clamped to this range (see HF_CONFIG_KEYS)
+    dt_limit: tuple = (0.001, float("inf"))  # dt is clamped to this range (see checkpoint.HF_CONFIG_KEYS)
     # moe (E)
     n_experts: int = 8                    # routed experts
     top_k: int = 2                        # experts per token
-    moe_d_ff: int = 256                   # routed expert width
-    shared_d_ff: int = 512                # the always-on shared expert's width
+    moe_d_ff: int = 128                   # routed expert width
+    shared_d_ff: int = 256                # the always-on shared expert's width (0: none)
     moe_latent_size: int = None           # LatentMoE width l for routed experts; None = off
     n_group: int = 1                      # expert groups for group-limited routing
     topk_group: int = 1                   # groups a token may route into
@@ -91,13 +93,13 @@ class NemotronConfig:
         if "-" in kinds:
             whole(self, 1, "d_ff")
         if "M" in kinds:
-            whole(self, 1, "mamba_heads", "headdim", "d_state", "n_groups", "d_conv", "chunk_size")
+            whole(self, 1, "mamba_heads", "mamba_head_dim", "d_state", "mamba_groups", "d_conv", "chunk_size")
             positive(self, "dt_min", "dt_max")
             lo, hi = self.dt_limit
             assert self.dt_init_floor >= 0 and 0 <= lo < hi and self.dt_min <= self.dt_max, \
                 f"need dt_min <= dt_max, dt_init_floor >= 0 and 0 <= dt_limit[0] < dt_limit[1], got " \
                 f"{self.dt_min}, {self.dt_max}, {self.dt_init_floor}, {self.dt_limit}"
-            assert self.mamba_heads % self.n_groups == 0, "mamba_heads must be a multiple of n_groups"
+            assert self.mamba_heads % self.mamba_groups == 0, "mamba_heads must be a multiple of mamba_groups"
         if "E" in kinds:
             whole(self, 1, "n_experts", "top_k", "moe_d_ff", "n_group", "topk_group")
             whole(self, 0, "shared_d_ff")  # 0: no shared expert (Mixtral, Qwen3-MoE)
@@ -112,6 +114,28 @@ class NemotronConfig:
 
     def to_dict(self):
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d):
+        """A config from to_dict()'s output, also one saved under the fields' old names (RENAMED)."""
+        return cls(**{RENAMED.get(k, k): v for k, v in d.items()})
+
+
+# fields renamed since checkpoints were first written: {old name: new name}
+RENAMED = {"headdim": "mamba_head_dim", "n_groups": "mamba_groups"}
+
+
+def config_file(path):
+    """A config/ file's model and assignments: (NemotronConfig, {name: value}). The model is what
+    `python train.py path` trains (these defaults, with the file's assignments to the fields; where
+    the file sets no vocab_size, train.py takes the data set's); the dict holds everything the file
+    assigns (block_size and the other training settings too)."""
+    scope = {}
+    with open(path) as f:
+        exec(compile(f.read(), path, "exec"), scope)
+    names = {f.name for f in fields(NemotronConfig)} | set(RENAMED)
+    model = NemotronConfig.from_dict({k: v for k, v in scope.items() if k in names})
+    return model, {k: v for k, v in scope.items() if not k.startswith("_")}
 
 
 def whole(cfg, low, *names):
@@ -345,7 +369,7 @@ def layer_params(cfg, kind):
     builds); tests check them against the modules' own weights."""
     d = cfg.d_model
     if kind == "M":
-        d_in, gn = cfg.mamba_heads * cfg.headdim, cfg.n_groups * cfg.d_state
+        d_in, gn = cfg.mamba_heads * cfg.mamba_head_dim, cfg.mamba_groups * cfg.d_state
         conv = d_in + 2 * gn
         return Params(d + d * (2 * d_in + 2 * gn + cfg.mamba_heads) + conv * (cfg.d_conv + 1) + 3 * cfg.mamba_heads
                       + d_in + d_in * d, 0, 0)
@@ -383,7 +407,7 @@ def flops_per_token(cfg, T):
     attention = 2 * 2 * cfg.n_head * cfg.head_dim * T / 2
     window = min(T, cfg.sliding_window)  # a W layer's query sees this many keys, fewer early on
     local = 2 * 2 * cfg.n_head * cfg.head_dim * window * (1 - window / (2 * T))
-    ssd = ssd_flops(cfg.mamba_heads, cfg.headdim, cfg.d_state, cfg.chunk_size)
+    ssd = ssd_flops(cfg.mamba_heads, cfg.mamba_head_dim, cfg.d_state, cfg.chunk_size)
     return 6 * active + 3 * (kinds.count("*") * attention + kinds.count("W") * local + kinds.count("M") * ssd)
 
 

@@ -122,6 +122,20 @@ def balance_experts(routers, stats, gamma):
         router.e_score_correction_bias += gamma * torch.sign(load.mean() - load)
 
 
+def routing_step(routers, gamma):
+    """After each optimizer step: the step's routing statistics (layers, E+2) of every router
+    (take_stats), summed over the ranks when torch.distributed runs, the correction biases moved by
+    balance_experts when gamma > 0; returns the stats for balance_metrics (None without routers)."""
+    if not routers:
+        return None
+    stats = torch.stack([r.take_stats() for r in routers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+    if gamma > 0:
+        balance_experts(routers, stats, gamma)
+    return stats
+
+
 def balance_metrics(stats):
     """Per MoE layer, from stats (layers, E+2): busiest expert's load over the mean load, its share
     of the token copies, and the mean entropy of the router's score distribution (nats)."""

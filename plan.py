@@ -18,13 +18,14 @@ Narayanan et al. 2021 (arXiv:2104.04473, PTD-P: 1F1B and interleaved pipelines),
 2022 (arXiv:2205.05198: sequence parallelism, selective recompute, activation memory) and ZeRO
 (arXiv:1910.02054: memory by stage). Nothing here runs a model: it is arithmetic on a CPU.
 """
-import ast, contextlib, csv, functools, json, math, os, re, sys, time
+import contextlib, csv, functools, json, math, os, re, sys, time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from mamba import ssd_flops
 from checkpoint import config_from_hf
+from configurator import die
 from hardware import CLUSTER_GPUS, HARDWARE, find_gpu
-from model import NemotronConfig, flops_per_token, layer_params, mtp_params
+from model import NemotronConfig, config_file, flops_per_token, layer_params, mtp_params
 
 # -----------------------------------------------------------------------------
 # hardware (hardware.py's table), a kernel's fixed cost and a collective's latency (s), and the
@@ -77,7 +78,7 @@ def transformer(layers, hidden, heads, ffn, vocab, kv_heads=None, gated=False, e
         shared_d_ff=int(w * (expert_ffn or ffn) * shared_experts), tie_embeddings=tie)
 
 
-NEMOTRON_H = dict(vocab_size=131072, n_kv_head=8, head_dim=128, headdim=64, n_groups=8, chunk_size=128)
+NEMOTRON_H = dict(vocab_size=131072, n_kv_head=8, head_dim=128, mamba_head_dim=64, mamba_groups=8, chunk_size=128)
 PRESETS = {  # name: (config, training sequence length)
     # Brown et al. 2020 (arXiv:2005.14165) Table 2.1: 96 x 12288, 96 heads, GPT-2 vocabulary, tied
     "gpt3-175b": (transformer(96, 12288, 96, 49152, 50257, tie=True), 2048),
@@ -111,18 +112,9 @@ def load_model(spec):
     if path.endswith(".json"):
         with open(path) as f:
             return config_from_hf(json.load(f)), None
-    # a train.py config file: plain assignments over train.py's own defaults, which are read from its
-    # source (the literal model globals; vocab_size None there means the data set's, here 256 bytes)
-    names, scope = {f.name for f in fields(NemotronConfig)} | {"block_size"}, {}
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")) as f:
-        for node in ast.parse(f.read()).body:
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id in names:
-                with contextlib.suppress(ValueError):  # not a literal (dt_limit): NemotronConfig's default
-                    scope[node.targets[0].id] = ast.literal_eval(node.value)
-    with open(path) as f:
-        exec(compile(f.read(), path, "exec"), scope)
-    model = {k: v for k, v in scope.items() if k in names and k != "block_size" and v is not None}
-    return NemotronConfig(**model), scope.get("block_size")
+    # a train.py config file: its assignments over NemotronConfig's defaults (train.py's model flags)
+    model, assigned = config_file(path)
+    return model, assigned.get("block_size")
 
 
 # -----------------------------------------------------------------------------
@@ -258,7 +250,7 @@ def block_work(job, kind, b, tp, cp, ep, sp):
         w.mem, w.kernels = w.mem + 2 * t * cfg.d_ff / tp * act, w.kernels + 1  # the activation function
         w.saved += 2 * t * cfg.d_ff / tp * act  # its input and output
     elif kind == "M":
-        H, P, N, G, Q = cfg.mamba_heads / tp, cfg.headdim, cfg.d_state, cfg.n_groups / tp, cfg.chunk_size
+        H, P, N, G, Q = cfg.mamba_heads / tp, cfg.mamba_head_dim, cfg.d_state, cfg.mamba_groups / tp, cfg.chunk_size
         d_in, conv = H * P, H * P + 2 * G * N
         w.lin += [(1, t, 2 * d_in + 2 * G * N + H, d), (1, t, d, d_in)]
         # the chunked SSD: its chunk products (mamba.ssd_flops) or its traffic (x, B, C in, y out,
@@ -612,8 +604,8 @@ def broken_rule(job, L):
         return f"tp={L.tp}: tensor parallelism stays inside one NVLink domain ({gpn} GPUs)"
     if "*" in kinds and (cfg.n_head % L.tp or cfg.n_kv_head % L.tp):
         return f"tp={L.tp} must divide the attention heads ({cfg.n_head}) and KV heads ({cfg.n_kv_head})"
-    if "M" in kinds and (cfg.mamba_heads % L.tp or cfg.n_groups % L.tp):
-        return f"tp={L.tp} must divide the Mamba heads ({cfg.mamba_heads}) and groups ({cfg.n_groups})"
+    if "M" in kinds and (cfg.mamba_heads % L.tp or cfg.mamba_groups % L.tp):
+        return f"tp={L.tp} must divide the Mamba heads ({cfg.mamba_heads}) and groups ({cfg.mamba_groups})"
     if "-" in kinds and cfg.d_ff % L.tp:
         return f"tp={L.tp} must divide d_ff ({cfg.d_ff})"
     if L.ep > 1 and ("E" not in kinds or cfg.n_experts % L.ep or (L.tp * L.dp * L.cp) % L.ep):
@@ -943,11 +935,6 @@ RANGES = {**{k: "int [1, inf)" for k in ("gpus", "gbs", "seq_len", "tp", "pp", "
           **{k: "(0, inf)" for k in ("peak_tflops", "hbm_gb", "hbm_tbs", "nvlink_gbs", "net_gbs")}}
 
 
-def die(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def parse_flags(argv):
     scope = dict(FLAGS, config_keys=list(FLAGS), config_ranges=RANGES)
     saved, sys.argv = sys.argv, [sys.argv[0], *argv]
@@ -985,7 +972,7 @@ def make_job(a):
                          "--heads --ffn --vocab")
     seq = a["seq_len"] or seq
     if seq is None:
-        raise ValueError("--seq_len is required for this model")
+        raise ValueError("--seq_len is required for this model (a config file may give it as block_size)")
     hw = load_hardware(a["gpu"], hbm_gb=a["hbm_gb"], gpus_per_node=a["gpus_per_node"],
                        hbm_bw=a["hbm_tbs"] and a["hbm_tbs"] * 1e12, nvlink_bw=a["nvlink_gbs"] and a["nvlink_gbs"] * 1e9,
                        net_bw=a["net_gbs"] and a["net_gbs"] * 1e9)
@@ -1045,7 +1032,7 @@ def train_py_command(job, spec, r):
     else:
         keys = ["vocab_size", "d_model", "pattern", "tie_embeddings"] + \
             ["n_head", "n_kv_head", "head_dim", "rope"] * ("*" in kinds) + ["d_ff"] * ("-" in kinds) + \
-            ["mamba_heads", "headdim", "d_state", "n_groups", "d_conv", "chunk_size"] * ("M" in kinds) + \
+            ["mamba_heads", "mamba_head_dim", "d_state", "mamba_groups", "d_conv", "chunk_size"] * ("M" in kinds) + \
             ["n_experts", "top_k", "moe_d_ff", "shared_d_ff", "moe_latent_size", "n_group", "topk_group",
              "routed_scaling_factor"] * ("E" in kinds) + ["mtp_depth", "mtp_pattern", "mtp_share"] * (cfg.mtp_depth > 0)
         model = [f"--{k}={getattr(cfg, k)}" if type(getattr(cfg, k)) is not str else f"--{k}='{getattr(cfg, k)}'"
@@ -1116,7 +1103,7 @@ def main(argv):
         else:
             print(report(job, results, counts, seconds, a["top"]))
     except (ValueError, OSError) as e:
-        die(str(e))
+        die(str(e), 2)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 from data.tokenizer import DataError, find_tokenizer
 from checkpoint import CheckpointError
 from generate import generate_stream, speculative_stream
+from hardware import pick_device
 from model import Nemotron
 
 # -----------------------------------------------------------------------------
@@ -51,17 +52,12 @@ dtype = 'auto'            # 'auto' (bfloat16 on a GPU that has it, else float32)
 config_ranges = dict(num_samples='[1, inf)', max_new_tokens='[1, inf)', temperature='[0, inf)', top_k='int [1, inf)',
                      top_p='(0, 1]', speculative='[0, 7]', reasoning_budget='int [0, inf)', star_block='[0, inf)',
                      star_query='[1, inf)', seed='[0, inf)')
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 
 star_group = None  # the process group of Star Attention's hosts under torchrun
-
-
-def die(message):
-    """Bad input: one line on stderr, exit 1, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def note(message):
@@ -69,14 +65,10 @@ def note(message):
 
 
 def resolve_device(name):
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if name.startswith('cuda') and not cuda or name == 'mps' and not mps:
-        die(f"device={name!r}, but torch finds no such device on this machine (device='auto' picks what there is)")
-    if name != 'auto':
-        return name
-    if torch.cuda.is_available():
-        return 'cuda'
-    return 'mps' if torch.backends.mps.is_available() else 'cpu'
+    try:
+        return pick_device(name)
+    except ValueError as e:
+        die(str(e))
 
 
 def resolve_dtype(name, device):
@@ -272,7 +264,8 @@ def main():
         die(f"--speculative={speculative}: the model has no MTP depths to draft with (train with --mtp_depth=N)")
     if speculative and not 1 <= speculative <= (7 if model.config.mtp_share else min(7, model.config.mtp_depth)):
         die(f"--speculative={speculative}: this model drafts 1 .. "
-            f"{7 if model.config.mtp_share else min(7, model.config.mtp_depth)} tokens (one per MTP depth unless mtp_share)")
+            f"{7 if model.config.mtp_share else min(7, model.config.mtp_depth)} tokens "
+            "(one per MTP depth unless mtp_share)")
     if star_block and star_query > len(ids):
         die(f"--star_query={star_query}: the prompt has only {len(ids)} tokens")
     if star_block:

@@ -147,8 +147,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            acc += _dot(_tile(C_ptr + start, l, n, lim, N, G * N, DOT), tl.trans(_tile(B_ptr + start, s, n, lim, N, G * N, DOT)),
-                        DOT)
+            acc += _dot(_tile(C_ptr + start, l, n, lim, N, G * N, DOT),
+                        tl.trans(_tile(B_ptr + start, s, n, lim, N, G * N, DOT)), DOT)
         tl.store(cb_ptr + (bc * G + g) * Q * Q + l[:, None] * Q + s[None, :], acc)
 
     @triton.jit
@@ -346,7 +346,8 @@ if triton is not None:
         du = tl.zeros((BLOCK_S, BLOCK_P), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):  # dSt B_s over the state dim, a tile at a time
             n = n0 + tl.arange(0, BLOCK_N)
-            dSt = tl.load(dSt_ptr + Sh + p[:, None] * N + n[None, :], mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+            dSt = tl.load(dSt_ptr + Sh + p[:, None] * N + n[None, :], mask=(p[:, None] < P) & (n[None, :] < N),
+                          other=0.0)
             du += _dot(_tile(B_ptr + BC_g, s, n, lim, N, G * N, DOT), tl.trans(dSt), DOT)
         du = du * w[:, None]  # (BLOCK_S, BLOCK_P)
         m = tl.sum(du * tl.load(x_ptr + xh + xs, mask=sm, other=0.0).to(tl.float32), axis=1) * dt_s  # w u . dSt B
@@ -591,7 +592,7 @@ def dot_kind(t):
 
 # (positions per block, state entries per tile of N, warps, pipeline stages) of each SSD kernel on a
 # GPU, chosen with tests/test_gpu_compile.py: each compiles for sm_90 (and sm_100 in bf16) within the
-# shared memory, with no register spills and with tensor-core dots, at headdim 64, d_state 128 and
+# shared memory, with no register spills and with tensor-core dots, at mamba_head_dim 64, d_state 128 and
 # 256, chunk 128 and 256, bf16 and TF32, with and without documents. Not tuned for speed: no GPU yet
 SSD_TILES = {"cb": (64, 64, 8, 2), "state": (64, 64, 8, 2), "scan": (64, 64, 8, 2),
              "dx": (32, 64, 8, 2), "db": (32, 64, 8, 1), "dc": (32, 32, 8, 1)}
@@ -1077,7 +1078,8 @@ class QTensor:
             values = self.data.float()
             scale = pow2(self.scale.int() - 127) if self.fmt == "mxfp8" else self.scale
         (Rp, Cp), (br, bc) = values.shape, self.block
-        out = (values.view(Rp // br, br, Cp // bc, bc) * scale[:, None, :, None]).view(Rp, Cp)  # from (R'/br, br, C'/bc, bc)
+        # from (R'/br, br, C'/bc, bc)
+        out = (values.view(Rp // br, br, Cp // bc, bc) * scale[:, None, :, None]).view(Rp, Cp)
         if self.tensor_scale is not None:
             out = out * self.tensor_scale
         return out[:self.shape[0], :self.shape[1]]

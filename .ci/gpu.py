@@ -82,9 +82,8 @@ def check_model(config=os.path.join(ROOT, "config", "gpu_125m.py"), device="cuda
     import dataclasses
     import torch
     import triton_ops
-    from bench import config_from_file
-    from model import Nemotron
-    cfg = dataclasses.replace(config_from_file(config), **override)
+    from model import Nemotron, config_file
+    cfg = dataclasses.replace(config_file(config)[0], **override)
     torch.manual_seed(0)
     model = Nemotron(cfg).to(device)
     idx = torch.randint(0, cfg.vocab_size, (batch, T + 1), device=device)

@@ -5,9 +5,12 @@
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=fp8   --out_dir=out-lowprec-fp8
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=mxfp8 --out_dir=out-lowprec-mxfp8
 #   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --out_dir=out-lowprec-nvfp4
-#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_rht=False --out_dir=out-lowprec-nvfp4-no_rht
-#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_sr=False --out_dir=out-lowprec-nvfp4-no_sr
-#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_2d=False --out_dir=out-lowprec-nvfp4-no_2d
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_rht=False \
+#       --out_dir=out-lowprec-nvfp4-no_rht
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_sr=False \
+#       --out_dir=out-lowprec-nvfp4-no_sr
+#   OMP_NUM_THREADS=1 python train.py config/lowprec.py --precision=nvfp4 --nvfp4_2d=False \
+#       --out_dir=out-lowprec-nvfp4-no_2d
 #   python plot.py runs out-lowprec-* --out=lowprec.png     # val loss relative to the first (bf16), curves
 # On a CPU every low-precision GEMM is emulated (triton_ops.py) and "bf16" is train.py's fp32.
 # docs/lowprec.md: "Nano experiment: FP8 and NVFP4 training".

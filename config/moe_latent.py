@@ -15,4 +15,4 @@ shared_d_ff = 200
 max_iters = 400
 lr_decay_iters = 400
 eval_interval = 100
-n_groups = 1                  # as docs/moe.md's table was measured (train.py's default became 2 for --tp=2)
+mamba_groups = 1                  # as docs/moe.md's table was measured (train.py's default became 2 for --tp=2)

@@ -10,4 +10,4 @@ mtp_depth = 1
 mtp_pattern = '*E'
 mtp_share = True
 mtp_loss_weight = 0.3
-n_groups = 1                  # as docs/mtp.md's table was measured (train.py's default became 2 for --tp=2)
+mamba_groups = 1                  # as docs/mtp.md's table was measured (train.py's default became 2 for --tp=2)

@@ -228,7 +228,8 @@ def generate(task, length, tokenizer=None, n=10, seed=0, essay=None, prefix="rul
             text, outputs = niah(task, length, tokenizer, rng, depth, essay, prefix)
         else:
             text, outputs = {"vt": vt, "cwe": cwe, "fwe": fwe}[task](length, tokenizer, rng, depth, essay)
-        samples.append({"task": task, "input": text, "query": text[text.rindex("\n"):], "outputs": outputs, "answer": " " + ", ".join(outputs) + ".",
+        samples.append({"task": task, "input": text, "query": text[text.rindex("\n"):], "outputs": outputs,
+                        "answer": " " + ", ".join(outputs) + ".",
                         "length": len(tokenizer.encode(text)), "max_new_tokens": MAX_NEW_TOKENS.get(task, 128)})
     return samples
 

@@ -77,6 +77,24 @@ def open_tokens(data_dir, split, meta, scan=1 << 24):
         raise DataError(f"{path}: token id {top} is not below meta.json's vocab_size {meta['vocab_size']}")
     return tokens
 
+def check_dataset(data_dir, block_size, doc_masking=False):
+    """The meta.json of a data set that train.py can sample windows of block_size + 1 tokens from:
+    both splits pass open_tokens and are longer than block_size, their loss masks (if meta.json
+    says loss_mask) hold one byte per token, and doc_masking has an end-of-text id. DataError otherwise."""
+    meta, name = read_meta(data_dir), os.path.basename(os.path.normpath(data_dir))
+    if doc_masking and meta.get("eot") is None:
+        raise DataError(f"doc_masking needs documents separated by an end-of-text token, and data/{name}/meta.json "
+                        f"names none ('eot')")
+    for split in ("train", "val"):
+        n = len(open_tokens(data_dir, split, meta))
+        if n <= block_size:
+            raise DataError(f"block_size={block_size} does not fit data/{name}/{split}.bin ({n:,} tokens)")
+        mask = os.path.join(data_dir, f"{split}.mask")
+        if meta.get("loss_mask") and (not os.path.exists(mask) or os.path.getsize(mask) != n):
+            raise DataError(f"data/{name}/meta.json says loss_mask, but {split}.mask is missing or not one byte "
+                            f"per token: prepare the data set again")
+    return meta
+
 def _replace_atomically(path, write):
     # write a temp file beside the target, then rename: an interrupted run never leaves a half file
     tmp = path + ".tmp"
@@ -90,7 +108,8 @@ def write_dataset(out_dir, train, val, meta, masks=None):
     train, val = np.asarray(train, dtype=np.uint32), np.asarray(val, dtype=np.uint32)
     assert len(train) and len(val), "both splits need tokens"
     assert max(train.max(), val.max()) < meta["vocab_size"], "token id out of vocabulary"
-    meta = check_meta({**meta, "train_tokens": len(train), "val_tokens": len(val), **({"loss_mask": True} if masks else {})})
+    meta = check_meta({**meta, "train_tokens": len(train), "val_tokens": len(val),
+                       **({"loss_mask": True} if masks else {})})
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):

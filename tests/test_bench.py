@@ -16,7 +16,7 @@ CFG = NemotronConfig(**bench.QUICK)
 
 
 def test_attention_only_keeps_mlp_and_moe():
-    assert bench.attention_only(NemotronConfig()).pattern == "*-***-*E"
+    assert bench.attention_only(NemotronConfig(**bench.DEFAULT)).pattern == "*-***-*E"
     assert bench.attention_only(CFG).d_model == CFG.d_model
 
 
@@ -65,14 +65,6 @@ def test_kernels_quick(monkeypatch, capsys):
     bench.main()
     out = capsys.readouterr().out
     assert "chunked SSD" in out and "reference" in out
-
-
-def test_config_from_file_reads_the_gpu_config():
-    cfg = bench.config_from_file("config/gpu_125m.py")
-    assert cfg.d_model == 768 and cfg.chunk_size == 128 and cfg.pattern.count("M") == 10
-    cfg = bench.config_from_file("config/star_copy.py")  # sets no width: train.py's default, not NemotronConfig's
-    assert cfg.d_model == 128 and cfg.n_head == 4 and cfg.pattern == "W-*-W-*-" and cfg.vocab_size == 256
-    assert cfg.sliding_window == 16
 
 
 def test_bench_speculative_and_report(capsys):

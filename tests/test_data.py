@@ -21,7 +21,8 @@ OFFLINE_ENV = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
 
 def local_encoding():
     # a byte-level tiktoken encoding built in memory: no vocabulary download, so it works offline
-    return tiktoken.Encoding(name="test", pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    return tiktoken.Encoding(name="test",
+                             pat_str=r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
                              mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={"<|endoftext|>": 256})
 
 def read_bins(folder):
@@ -217,7 +218,8 @@ def test_pycode_niah_mix_and_masks(tmp_path):
         assert len(tokens) == len(mask) == niah.DRILL and tokens[0] == 0 and 0 not in tokens[1:]
         n = sum(mask) + 1  # the copied string s
         second = [i for i, m in enumerate(mask) if m][0] - 1  # where the second copy starts
-        first = second - n - next(g for g in range(8, 48) if tokens[second - n - g:second - g] == tokens[second:second + n])
+        first = second - n - next(g for g in range(8, 48)
+                                  if tokens[second - n - g:second - g] == tokens[second:second + n])
         assert tokens[first:first + n] == tokens[second:second + n] and 1 <= first <= 32
         assert 56 <= second - first <= 143 and not any(mask[:second + 1])
     text = np.frombuffer(b"x = 1\n" * 2000, dtype=np.uint8).astype(np.uint32)
@@ -231,7 +233,8 @@ def test_pycode_niah_mix_and_masks(tmp_path):
     docs = np.split(tokens.astype(np.uint8), np.nonzero(tokens == 0)[0][1:])  # "\0" starts every document
     assert tokens[0] == 0 and len(docs) > 30
     is_text = lambda d: set(d[1:].tobytes()) <= set(b"x = 1\n")
-    kinds = {"drill": sum(len(d) for d in docs if len(d) == niah.DRILL and not is_text(d) and b"magic" not in d.tobytes()),
+    kinds = {"drill": sum(len(d) for d in docs
+                          if len(d) == niah.DRILL and not is_text(d) and b"magic" not in d.tobytes()),
              "text": sum(len(d) for d in docs if is_text(d))}
     assert abs(kinds["text"] / len(tokens) - 0.3) < 0.05 and abs(kinds["drill"] / len(tokens) - 0.3) < 0.05
     meta = niah.prepare(tmp_path, train_tokens=20_000, val_tokens=5_000)

@@ -14,11 +14,11 @@ import os, shutil, socket, subprocess, sys
 
 import pytest
 
-from test_train import (ENV, PARALLEL, ROOT, STEPS, TINY, TORCHRUN, assert_same_run, failed_cleanly, load_checkpoint, ok,
-                        read_log, step_losses, train)
+from test_train import (ENV, PARALLEL, ROOT, STEPS, TINY, TORCHRUN, assert_same_run, failed_cleanly, load_checkpoint,
+                        ok, read_log, step_losses, train)
 
 # every size TP splits divides by 2: heads, KV heads, Mamba heads and groups, MLP width
-DIST = [*PARALLEL, '--n_kv_head=2', '--n_groups=2']
+DIST = [*PARALLEL, '--n_kv_head=2', '--mamba_groups=2']
 TWO = (*TORCHRUN, '--nproc_per_node=2')
 
 
@@ -80,8 +80,8 @@ def test_restart_after_killed_rank(one, tmp_path):
     run ends with the weights and losses of the straight run. EP=2 + FSDP2: the resume reads the
     whole state and keeps this rank's experts and FSDP shards."""
     out = str(tmp_path / 'restart')
-    proc = train(out, *DIST, '--fsdp=True', '--ep=2', '--eval_interval=5', '--init_from=auto', launcher=(*TWO, '--max-restarts=1'),
-                 env={**ENV, 'TEST_CRASH_AT_STEP': '7'})
+    proc = train(out, *DIST, '--fsdp=True', '--ep=2', '--eval_interval=5', '--init_from=auto',
+                 launcher=(*TWO, '--max-restarts=1'), env={**ENV, 'TEST_CRASH_AT_STEP': '7'})
     ok(proc)
     heads = [r for r in read_log(out) if 'config' in r]
     assert [h['start_iter'] for h in heads] == [0, 5]  # the second attempt resumed at step 5

@@ -85,8 +85,8 @@ def test_training_step_runs_shrunk_on_cpu(tmp_path):
         cmd = dict((s[0], s[1]) for s in gpu_check.steps("python", name, str(tmp_path)))["train config/gpu_125m.py"]
         assert cmd[1] == "train.py"
         shrink = ["--device=cpu", "--dtype=float32", "--batch_size=2", "--block_size=64", "--d_model=64",
-                  "--n_head=2", "--n_kv_head=1", "--head_dim=32", "--d_ff=64", "--mamba_heads=2", "--headdim=32",
-                  "--d_state=16", "--n_groups=1", "--chunk_size=16", "--max_iters=3", "--log_interval=1",
+                  "--n_head=2", "--n_kv_head=1", "--head_dim=32", "--d_ff=64", "--mamba_heads=2", "--mamba_head_dim=32",
+                  "--d_state=16", "--mamba_groups=1", "--chunk_size=16", "--max_iters=3", "--log_interval=1",
                   "--eval_interval=3"]
         p = run_script("train.py", *cmd[2:], *shrink)
         assert p.returncode == 0, p.stderr[-3000:]

@@ -230,8 +230,8 @@ def table():
             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for j, r in results.items():
         tiles = ", ".join(f"{k}={v}" for k, v in j[2] if k.startswith("BLOCK") or k == "TO_END")
-        rows.append(f"| `{j[0][1:-7]}` | {jobs[j]} | {tiles} | {r['warps']}, {r['stages']} | {r['shared'] / 1024:.1f} | "
-                    f"{r['regs']} | {r['spills']} | {r['tensor_cores'] or '-'} |")
+        rows.append(f"| `{j[0][1:-7]}` | {jobs[j]} | {tiles} | {r['warps']}, {r['stages']} | "
+                    f"{r['shared'] / 1024:.1f} | {r['regs']} | {r['spills']} | {r['tensor_cores'] or '-'} |")
     return "\n".join(rows)
 
 

@@ -34,7 +34,7 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 def tiny_config(**kw):
     args = dict(vocab_size=64, d_model=32, pattern="M*-EM*", n_head=4, n_kv_head=2, head_dim=8,
-                d_ff=48, mamba_heads=4, headdim=8, d_state=8, n_groups=1, d_conv=4, chunk_size=8,
+                d_ff=48, mamba_heads=4, mamba_head_dim=8, d_state=8, mamba_groups=1, d_conv=4, chunk_size=8,
                 n_experts=8, top_k=2, moe_d_ff=16, shared_d_ff=24)
     args.update(kw)
     return NemotronConfig(**args)
@@ -85,12 +85,12 @@ CONFIGS = {
     "dense": dict(pattern="M-M*-"),
     "moe": dict(pattern="M*EME", n_group=2, topk_group=1, routed_scaling_factor=2.5),
     "latent-moe": dict(pattern="ME*E", moe_latent_size=16, n_group=2, topk_group=1, routed_scaling_factor=2.5),
-    "mamba-groups": dict(pattern="M*M-", n_groups=2),
+    "mamba-groups": dict(pattern="M*M-", mamba_groups=2),
     "tied": dict(pattern="M*-", tie_embeddings=True),
     # settings of layer kinds the pattern lacks are not checked: 4 Mamba heads in 8 groups, 6 experts
     # in 4 groups would each be refused where a layer used them
-    "moe-only": dict(pattern="EE", mamba_heads=4, n_groups=8),
-    "attention-only": dict(pattern="*-*", mamba_heads=4, n_groups=8, n_experts=6, n_group=4),
+    "moe-only": dict(pattern="EE", mamba_heads=4, mamba_groups=8),
+    "attention-only": dict(pattern="*-*", mamba_heads=4, mamba_groups=8, n_experts=6, n_group=4),
 }
 
 
@@ -255,7 +255,7 @@ def legacy_config(cfg, aliases=False):
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "expand": 2,
         "hidden_dropout": 0.0, "hidden_size": cfg.d_model, "hybrid_override_pattern": cfg.pattern,
         "initializer_range": 0.02, "intermediate_size": cfg.d_ff, "layer_norm_epsilon": 1e-5,
-        "mamba_head_dim": cfg.headdim, "mamba_hidden_act": "silu", "mamba_num_heads": cfg.mamba_heads,
+        "mamba_head_dim": cfg.mamba_head_dim, "mamba_hidden_act": "silu", "mamba_num_heads": cfg.mamba_heads,
         "mamba_proj_bias": False, "max_position_embeddings": 8192, "mlp_bias": False,
         "mlp_hidden_act": "relu2", "num_attention_heads": cfg.n_head, "num_hidden_layers": cfg.n_layer,
         "num_key_value_heads": cfg.n_kv_head, "num_logits_to_keep": 1, "rescale_prenorm_residual": True,
@@ -265,9 +265,9 @@ def legacy_config(cfg, aliases=False):
         "transformers_version": "4.48.0.dev0", "use_bias": False, "use_cache": True,
         "use_conv_bias": True, "use_mamba_kernels": True, "vocab_size": cfg.vocab_size,
     }
-    mamba = {"n_groups": cfg.n_groups, "conv_kernel": cfg.d_conv, "chunk_size": cfg.chunk_size}
+    mamba = {"n_groups": cfg.mamba_groups, "conv_kernel": cfg.d_conv, "chunk_size": cfg.chunk_size}
     if aliases:
-        mamba = {"mamba_n_groups": cfg.n_groups, "mamba_d_conv": cfg.d_conv, "mamba_chunk_size": cfg.chunk_size}
+        mamba = {"mamba_n_groups": cfg.mamba_groups, "mamba_d_conv": cfg.d_conv, "mamba_chunk_size": cfg.chunk_size}
         hf["rms_norm_eps"] = hf.pop("layer_norm_epsilon")
     hf.update(mamba)
     return hf
@@ -283,7 +283,7 @@ def nano3_config(cfg):
         "hidden_size": cfg.d_model, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
         "head_dim": cfg.head_dim, "attention_bias": False, "intermediate_size": cfg.d_ff,
         "mlp_hidden_act": "relu2", "mlp_bias": False, "mamba_num_heads": cfg.mamba_heads,
-        "mamba_head_dim": cfg.headdim, "ssm_state_size": cfg.d_state, "n_groups": cfg.n_groups,
+        "mamba_head_dim": cfg.mamba_head_dim, "ssm_state_size": cfg.d_state, "n_groups": cfg.mamba_groups,
         "conv_kernel": cfg.d_conv, "chunk_size": cfg.chunk_size, "mamba_hidden_act": "silu",
         "use_conv_bias": True, "use_bias": False, "mamba_proj_bias": False, "time_step_min": 0.001,
         "time_step_max": 0.1, "time_step_floor": 1e-4, "time_step_limit": [0.0, float("inf")],
@@ -303,11 +303,11 @@ def test_legacy_nemotron_h_folder(aliases, tmp_path):
     d_model / n_head, so a fallback would be caught). Not checked against transformers: its
     NemotronHConfig 5.x ignores attention_head_dim and uses head_dim's default, 128 (which is the
     8B's value, so the real checkpoint loads there)."""
-    model = our_model(pattern="M-M*-", head_dim=12, n_groups=2, d_conv=3, chunk_size=4)
+    model = our_model(pattern="M-M*-", head_dim=12, mamba_groups=2, d_conv=3, chunk_size=4)
     ref = logits_of(model, IDX)
     write_folder(tmp_path, legacy_config(model.config, aliases), nvidia_tensors(model))
     loaded = Nemotron.from_pretrained(str(tmp_path))
-    for f in ("pattern", "head_dim", "n_groups", "d_conv", "chunk_size"):
+    for f in ("pattern", "head_dim", "mamba_groups", "d_conv", "chunk_size"):
         assert getattr(loaded.config, f) == getattr(model.config, f), f
     assert_close(logits_of(loaded, IDX), ref, "legacy folder", **TOL)
 
@@ -436,10 +436,10 @@ def test_settings_of_absent_layer_kinds_are_not_checked(tmp_path):
     hf = hf_config(layers_block_type=["moe", "mlp"], mamba_num_heads=4, n_groups=8).to_dict()
     hf.update(mamba_hidden_act="gelu", use_conv_bias=False)
     cfg = config_from_hf(hf)
-    assert cfg.pattern == "E-" and (cfg.mamba_heads, cfg.n_groups) == (4, 8)
+    assert cfg.pattern == "E-" and (cfg.mamba_heads, cfg.mamba_groups) == (4, 8)
     with pytest.raises(CheckpointError, match="use_conv_bias.*mamba_hidden_act"):
         config_from_hf({**hf, "layers_block_type": ["mamba", "moe"]})
-    with pytest.raises(CheckpointError, match="multiple of n_groups"):
+    with pytest.raises(CheckpointError, match="multiple of mamba_groups"):
         config_from_hf({**hf, "layers_block_type": ["mamba", "moe"], "mamba_hidden_act": "silu",
                         "use_conv_bias": True})
     with pytest.raises(AssertionError, match="multiple of n_group"):

@@ -74,3 +74,48 @@ def test_transformers_builds_nemotron_h_from_the_repo_root():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "(1, 5, 64)"
+
+
+# -----------------------------------------------------------------------------
+# our own imports point one way: the Triton file <- mixers <- model <- {generate, checkpoint} <- scripts;
+# parallel and lowprec are imported by the scripts, never by the model files
+
+LEVEL = {"triton_ops": 0, "hardware": 0, "configurator": 0, "data": 0,
+         "mamba": 1, "attention": 1, "moe": 1,
+         "model": 2,
+         "generate": 3, "checkpoint": 3, "lowprec": 3, "parallel": 3,
+         "train": 4, "sample": 4, "eval": 4, "bench": 4, "plan": 4, "plot": 4}
+# imports inside a function, at call time: the public methods that stay on Nemotron and delegate
+DELEGATIONS = {("model", "generate"), ("model", "checkpoint")}
+
+
+def our_imports(name):
+    """{(imported module, at top level?)} of our modules that name.py imports."""
+    import ast
+    tree = ast.parse(open(os.path.join(REPO, f"{name}.py")).read())
+    top = {id(n) for n in tree.body}
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            mods = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            mods = [node.module]
+        else:
+            continue
+        for m in mods:
+            if m.split(".")[0] in LEVEL:
+                found.add((m.split(".")[0], id(node) in top))
+    return found
+
+
+def test_imports_point_one_way():
+    """Every file imports only files of a lower level (model.py's delegations, when called, aside);
+    model.py, mamba.py and attention.py never import torch.distributed at the top level."""
+    files = {f[:-3] for f in os.listdir(REPO) if f.endswith(".py")}
+    assert files <= set(LEVEL), f"a new file needs its level here: {sorted(files - set(LEVEL))}"
+    wrong = [(name, dep) for name in sorted(files) for dep, top in our_imports(name)
+             if dep != name and LEVEL[dep] >= LEVEL[name] and ((name, dep) not in DELEGATIONS or top)]
+    assert not wrong, f"imports against the direction: {wrong}"
+    for name in ("model", "mamba", "attention"):
+        source = open(os.path.join(REPO, f"{name}.py")).read()
+        assert "\nimport torch.distributed" not in source and "\nfrom torch.distributed" not in source, name

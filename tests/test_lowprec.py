@@ -58,7 +58,8 @@ def assert_same_bits(a, b, name):
     """Bit for bit, but a NaN only as a NaN: its sign bit is whatever the arithmetic that made it left
     (x86 makes -NaN of inf * 0, a GPU +NaN), and any NaN code decodes to NaN."""
     assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
-    nan_a, nan_b = (t.float().isnan() if t.is_floating_point() else torch.zeros(t.shape, dtype=torch.bool) for t in (a, b))
+    nan_a, nan_b = (t.float().isnan() if t.is_floating_point() else torch.zeros(t.shape, dtype=torch.bool)
+                    for t in (a, b))
     assert torch.equal(nan_a, nan_b), f"{name}: NaN in {int(nan_a.sum())} entries against {int(nan_b.sum())}"
     diff = ((bits(a) != bits(b)) & ~nan_a).sum().item()
     assert diff == 0, f"{name}: {diff} of {a.numel()} entries differ"
@@ -213,7 +214,8 @@ def probe_matrix(R, C, dtype, seed=0):
     x = x / x.abs().amax() * 1000.0
     x[:16, :32] = 0.0
     x[1, 40:] = 1e-39 if dtype == torch.float32 else 1e-37  # footgun: the interpreter misreads bf16 subnormals
-    x[2, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, -6])
+    x[2, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0,
+                              -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5, -6])
     x[3, 5] = 2688.0  # the tensor's amax: S_enc = 1, and the tie row's s_b = 1
     return x.to(dtype).to(DEV)
 
@@ -497,7 +499,7 @@ def test_scaled_mm_agrees_with_the_emulation():
 
 
 CFG = NemotronConfig(vocab_size=256, d_model=32, pattern="M*M-ME", n_head=2, n_kv_head=1, head_dim=16, d_ff=64,
-                     mamba_heads=2, headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32,
+                     mamba_heads=2, mamba_head_dim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32,
                      shared_d_ff=32, moe_latent_size=16)
 
 
@@ -572,7 +574,7 @@ def test_model_files_do_not_import_lowprec():
 # train.py end to end
 
 TINY = ['--d_model=32', '--pattern=M*-E', '--n_head=2', '--n_kv_head=1', '--head_dim=16', '--d_ff=64',
-        '--mamba_heads=2', '--headdim=32', '--d_state=16', '--chunk_size=16', '--n_experts=4', '--top_k=2',
+        '--mamba_heads=2', '--mamba_head_dim=32', '--d_state=16', '--chunk_size=16', '--n_experts=4', '--top_k=2',
         '--moe_d_ff=32', '--shared_d_ff=32', '--block_size=32', '--batch_size=4', '--eval_iters=1',
         '--log_interval=1', '--sample_new_tokens=0', '--device=cpu', '--dtype=float32', '--max_iters=2',
         '--eval_interval=2']
@@ -614,8 +616,9 @@ def test_delayed_scaling_resumes_exactly(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
 
 
-@pytest.mark.parametrize("flag,message", [("--precision=fp4", "precision must be"),
-                                          ("--fp8_recipe=hybrid", "fp8_recipe must be 'tensorwise', 'delayed' or 'blockwise'")])
+@pytest.mark.parametrize("flag,message",
+                         [("--precision=fp4", "precision must be"),
+                          ("--fp8_recipe=hybrid", "fp8_recipe must be 'tensorwise', 'delayed' or 'blockwise'")])
 def test_train_rejects_bad_precision_flags(tmp_path, flag, message):
     proc = run_script('train.py', f'--out_dir={tmp_path}', *TINY, '--precision=fp8', flag)
-    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

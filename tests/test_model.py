@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from helpers import assert_close
 from generate import MambaCache, new_cache
-from model import Nemotron, NemotronConfig
+from model import Nemotron, NemotronConfig, config_file
 from moe import MoE, route
 
 LOGIT_TOL = dict(atol=1e-4, rtol=1e-5)
@@ -26,7 +26,7 @@ LOGIT_TOL = dict(atol=1e-4, rtol=1e-5)
 
 def tiny_config(**kw):
     args = dict(vocab_size=64, d_model=32, pattern="M*-EM*", n_head=4, n_kv_head=2, head_dim=8,
-                d_ff=48, mamba_heads=4, headdim=8, d_state=8, n_groups=2, d_conv=4, chunk_size=8,
+                d_ff=48, mamba_heads=4, mamba_head_dim=8, d_state=8, mamba_groups=2, d_conv=4, chunk_size=8,
                 n_experts=4, top_k=2, moe_d_ff=16, shared_d_ff=24, init_std=0.1)
     args.update(kw)
     return NemotronConfig(**args)
@@ -212,7 +212,7 @@ def test_sample_next_filters():
 
 
 @pytest.mark.parametrize("kw", [dict(pattern="M*X"), dict(pattern=""), dict(n_head=3, n_kv_head=2),
-                                dict(mamba_heads=4, n_groups=3), dict(n_experts=6, n_group=4)])
+                                dict(mamba_heads=4, mamba_groups=3), dict(n_experts=6, n_group=4)])
 def test_config_validation(kw):
     with pytest.raises((AssertionError, ValueError)):
         tiny_config(**kw)
@@ -261,6 +261,35 @@ def test_tie_embeddings_shares_storage():
     assert model.lm_head.weight.data_ptr() == model.backbone.embeddings.weight.data_ptr()
     untied = tiny_model(tie_embeddings=False)
     assert untied.lm_head.weight.data_ptr() != untied.backbone.embeddings.weight.data_ptr()
+
+
+def test_config_file_is_the_model_train_py_trains(tmp_path):
+    """config_file: NemotronConfig's defaults (train.py's model flags) with a config/ file's
+    assignments, and every assignment of the file; old field names (RENAMED) still read."""
+    cfg, assigned = config_file("config/gpu_125m.py")
+    assert cfg.d_model == 768 and cfg.chunk_size == 128 and cfg.pattern.count("M") == 10
+    assert assigned["block_size"] == 2048
+    cfg, _ = config_file("config/star_copy.py")  # sets no width: the defaults'
+    assert cfg.d_model == 128 and cfg.n_head == 4 and cfg.pattern == "W-*-W-*-" and cfg.sliding_window == 16
+    old = tmp_path / "old.py"
+    old.write_text("headdim = 16\nn_groups = 4\nmamba_heads = 8\n")
+    cfg, _ = config_file(str(old))
+    assert (cfg.mamba_head_dim, cfg.mamba_groups) == (16, 4)
+    saved = dict(NemotronConfig().to_dict(), headdim=16, n_groups=4)  # a checkpoint's model_config of before
+    del saved["mamba_head_dim"], saved["mamba_groups"]
+    assert NemotronConfig.from_dict(saved) == NemotronConfig(mamba_head_dim=16, mamba_groups=4)
+
+
+def test_checkpoint_of_old_field_names_loads(tmp_path):
+    """A ckpt.pt whose model_config spells the Mamba fields headdim / n_groups loads as the same model."""
+    model = tiny_model()
+    config = model.config.to_dict()
+    config["headdim"], config["n_groups"] = config.pop("mamba_head_dim"), config.pop("mamba_groups")
+    torch.save({"model": model.state_dict(), "model_config": config}, tmp_path / "ckpt.pt")
+    loaded = Nemotron.from_pretrained(str(tmp_path / "ckpt.pt"))
+    assert loaded.config == model.config
+    idx = torch.randint(0, 64, (1, 9))
+    assert torch.equal(full_logits(loaded.eval(), idx), full_logits(model, idx))
 
 
 def test_num_params_and_flops():
@@ -403,7 +432,7 @@ def test_packed_documents_match_separate_forwards():
     """forward(idx, seq_idx=...) on packed documents == each document's own forward: Mamba state
     and conv restart, attention masks other documents (issue 3's packed sequences)."""
     torch.manual_seed(0)
-    cfg = NemotronConfig(d_model=32, pattern="M*-EM", mamba_heads=4, headdim=8, d_state=16, n_groups=2,
+    cfg = NemotronConfig(d_model=32, pattern="M*-EM", mamba_heads=4, mamba_head_dim=8, d_state=16, mamba_groups=2,
                          chunk_size=8, n_head=2, n_kv_head=1, head_dim=16, d_ff=64, moe_d_ff=16,
                          shared_d_ff=32, n_experts=4, init_std=0.2)
     model = Nemotron(cfg).eval()

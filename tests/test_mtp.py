@@ -20,7 +20,7 @@ from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(d_model=64, pattern="M*M-E", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
-            headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
+            mamba_head_dim=32, mamba_groups=1, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
 
 
 def tiny(**kw):

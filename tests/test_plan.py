@@ -24,8 +24,8 @@ from model import Nemotron, NemotronConfig, flops_per_token, layer_params, mtp_p
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNS = os.path.join(ROOT, "tests", "published_runs.csv")
-TINY = dict(vocab_size=10, d_model=8, n_head=2, n_kv_head=1, head_dim=4, d_ff=16, mamba_heads=2, headdim=4,
-            d_state=4, n_groups=1, d_conv=4, chunk_size=4, n_experts=4, top_k=2, moe_d_ff=6, shared_d_ff=12)
+TINY = dict(vocab_size=10, d_model=8, n_head=2, n_kv_head=1, head_dim=4, d_ff=16, mamba_heads=2, mamba_head_dim=4,
+            d_state=4, mamba_groups=1, d_conv=4, chunk_size=4, n_experts=4, top_k=2, moe_d_ff=6, shared_d_ff=12)
 
 
 def meta_model(**kw):
@@ -47,7 +47,8 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(cfg, 6) == 6 * (attention_weights + mlp_weights + head) + 3 * scores
     mamba = NemotronConfig(**dict(TINY, pattern="M"))
     d_in, conv = 2 * 4, 2 * 4 + 2 * 4
-    weights = 8 + 8 * (2 * d_in + 2 * 4 + 2) + conv * 5 + 3 * 2 + d_in + d_in * 8  # norm, in_proj, conv, dt/A/D, gated norm, out_proj
+    # norm, in_proj, conv, dt/A/D, gated norm, out_proj
+    weights = 8 + 8 * (2 * d_in + 2 * 4 + 2) + conv * 5 + 3 * 2 + d_in + d_in * 8
     ssd = 2 * 2 * (4 * 4 / 2 + 4 * 4 / 2 + 2 * 4 * 4)  # per head: C B^T and its product with x (causal half), states
     assert ssd == ssd_flops(2, 4, 4, 4)
     assert flops_per_token(mamba, 6) == 6 * (weights + head) + 3 * ssd
@@ -137,8 +138,8 @@ def test_memory_model_against_measured_peak(pattern):
     this CPU runs mamba.ssd_ref, which keeps (Q x Q) decay matrices the fused kernels recompute:
     the model, which follows the kernels, reads 0.62x its peak; see docs/planner.md.)"""
     cfg = NemotronConfig(vocab_size=256, d_model=128, pattern=pattern, n_head=4, n_kv_head=2, head_dim=32, d_ff=512,
-                         mamba_heads=8, headdim=32, d_state=32, chunk_size=32, n_experts=8, top_k=2, moe_d_ff=256,
-                         shared_d_ff=256)
+                         mamba_heads=8, mamba_head_dim=32, d_state=32, chunk_size=32, n_experts=8, top_k=2,
+                         moe_d_ff=256, shared_d_ff=256)
     hw = dict(plan.load_hardware("a100"), flops={"fp32": 1e11})
     job = plan.Job(cfg, 256, 8, 1, hw, "fp32")
     predicted = plan.evaluate(job, plan.Layout(mbs=8))["memory_gib_per_gpu"] * 2**30
@@ -310,7 +311,7 @@ def test_pruning_keeps_the_best(pattern, attention, hbm):
     the fastest of all layouts the rules allow, with and without dimensions fixed; what it ranks
     below is in the exhaustive list too (minus layouts it proves dominated)."""
     cfg = NemotronConfig(vocab_size=32000, d_model=1024, pattern=pattern, n_head=8, n_kv_head=4, head_dim=128,
-                         d_ff=4096, mamba_heads=32, headdim=64, d_state=64, n_groups=4, chunk_size=128,
+                         d_ff=4096, mamba_heads=32, mamba_head_dim=64, d_state=64, mamba_groups=4, chunk_size=128,
                          n_experts=8, top_k=2, moe_d_ff=1024, shared_d_ff=1024)
     hw = dict(plan.load_hardware("a100"), gpus_per_node=4, hbm_gb=hbm)
     job = plan.Job(cfg, 1024, 16, 8, hw, "bf16", attention)
@@ -415,10 +416,12 @@ def test_cli_table_json_and_fixed_layouts():
                 "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "recompute", "sp", "zero", "breakdown"):
         assert key in layouts[0]
     assert math.isclose(sum(layouts[0]["breakdown"].values()), layouts[0]["step_time_s"])
-    one = ["--tp=2", "--pp=2", "--dp=8", "--cp=2", "--ep=8", "--vp=1", "--mbs=1", "--recompute=full", "--sp=True", "--zero=1"]
+    one = ["--tp=2", "--pp=2", "--dp=8", "--cp=2", "--ep=8", "--vp=1", "--mbs=1", "--recompute=full", "--sp=True",
+           "--zero=1"]
     p = cli(*base, "--json", *one)
     (r,) = json.loads(p.stdout)
-    assert (r["tp"], r["pp"], r["dp"], r["cp"], r["ep"], r["mbs"], r["recompute"], r["zero"]) == (2, 2, 8, 2, 8, 1, "full", 1)
+    assert ((r["tp"], r["pp"], r["dp"], r["cp"], r["ep"], r["mbs"], r["recompute"], r["zero"])
+            == (2, 2, 8, 2, 8, 1, "full", 1))
 
 
 def test_cli_plain_flags_and_emit():
@@ -430,9 +433,11 @@ def test_cli_plain_flags_and_emit():
     assert "--batch_size=" in cmd and "--gradient_accumulation_steps=" in cmd and "--block_size=2048" in cmd
     assert "--pattern='*-*-" in cmd
     p = cli("--model=config/tiny_cpu.py", "--gpu=a100", "--gpus=2", "--gbs=32", "--emit")
-    assert p.returncode == 0 and p.stdout.startswith("torchrun --standalone --nproc_per_node=2 train.py config/tiny_cpu.py")
+    assert p.returncode == 0 and p.stdout.startswith(
+        "torchrun --standalone --nproc_per_node=2 train.py config/tiny_cpu.py")
     p = cli("--model=config/nano_h100.py", "--gpu=h100", "--gpus=8", "--gbs=64", "--precision=fp8", "--emit")
-    assert p.returncode == 0 and p.stdout.strip().endswith("--dtype=bfloat16 --precision=fp8") and "--tp=" not in p.stdout
+    assert (p.returncode == 0 and p.stdout.strip().endswith("--dtype=bfloat16 --precision=fp8")
+            and "--tp=" not in p.stdout)
 
 
 @pytest.mark.parametrize("args, words", [

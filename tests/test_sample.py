@@ -20,7 +20,7 @@ from model import Nemotron, NemotronConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(d_model=64, pattern="M*-E", n_head=2, n_kv_head=1, head_dim=32, d_ff=128, mamba_heads=2,
-            headdim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
+            mamba_head_dim=32, d_state=16, chunk_size=16, n_experts=4, moe_d_ff=32, shared_d_ff=64)
 
 
 def run_sample(*args):
@@ -157,7 +157,8 @@ def test_chat_prompt_switches_thinking():
     on, off = sample.chat_prompt("2+2?", "on"), sample.chat_prompt("2+2?", "off")
     assert "/think\n" in on and on.endswith("<|assistant|>\n<think>\n")
     assert "/no_think\n" in off and off.endswith("<think></think>\n")
-    nano = "{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}{% if add_generation_prompt %}<a>{% endif %}"
+    nano = ("{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}"
+            "{% if add_generation_prompt %}<a>{% endif %}")
     assert sample.chat_prompt("hi", "off", nano + "{# /no_think #}") == "[system:/no_think][user:hi]<a>"
     llama = nano + "{# detailed thinking #}"
     assert sample.chat_prompt("hi", "on", llama) == "[system:detailed thinking on][user:hi]<a>"

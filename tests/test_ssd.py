@@ -48,7 +48,7 @@ def leaves(inp):
     return {k: None if v is None else v.clone().requires_grad_(True) for k, v in inp.items()}
 
 
-# every chunk size x length x n_groups; the four (initial_state, D) combinations rotate through them
+# every chunk size x length x mamba_groups; the four (initial_state, D) combinations rotate through them
 # so that each appears with every chunk size and every length (the full product costs 4x the time)
 CASES = [(Q, T, G, *[(False, False), (True, True), (True, False), (False, True)][(i + j + G) % 4])
          for i, Q in enumerate([4, 8, 16, 64]) for j, T in enumerate([1, 7, 37, 64]) for G in (1, 2)]
@@ -170,8 +170,8 @@ def test_segsum():
 
 
 def make_mixer(G=2, K=4, chunk_size=8, seed=0, **cfg_kw):
-    cfg = NemotronConfig(vocab_size=16, d_model=16, pattern="M", mamba_heads=4, headdim=6, d_state=5,
-                         n_groups=G, d_conv=K, chunk_size=chunk_size, init_std=0.2, **cfg_kw)
+    cfg = NemotronConfig(vocab_size=16, d_model=16, pattern="M", mamba_heads=4, mamba_head_dim=6, d_state=5,
+                         mamba_groups=G, d_conv=K, chunk_size=chunk_size, init_std=0.2, **cfg_kw)
     torch.manual_seed(seed)
     mixer = Nemotron(cfg).backbone.layers[0].mixer
     assert isinstance(mixer, Mamba2Mixer)
@@ -296,7 +296,8 @@ def test_ssd_steps_keeps_every_state_of_the_recurrence(k, G):
     same initial state (outputs and final state); fp32, atol 1e-5."""
     g = torch.Generator().manual_seed(k)
     H, P, N = 4, 8, 6
-    x, B, C = torch.randn(2, k, H, P, generator=g), torch.randn(2, k, G, N, generator=g), torch.randn(2, k, G, N, generator=g)
+    x, B, C = (torch.randn(2, k, H, P, generator=g), torch.randn(2, k, G, N, generator=g),
+               torch.randn(2, k, G, N, generator=g))
     dt, A, D = torch.rand(2, k, H, generator=g), -torch.rand(H, generator=g) * 3, torch.randn(H, generator=g)
     h0 = torch.randn(2, H, P, N, generator=g)
     y, states = ssd_steps(h0, x, dt, A, B, C, D)

@@ -25,8 +25,8 @@ from model import Nemotron, NemotronConfig
 from test_sample import run_sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(vocab_size=64, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_ff=48, mamba_heads=4, headdim=8,
-            d_state=8, n_groups=2, chunk_size=8, n_experts=4, top_k=2, moe_d_ff=16, shared_d_ff=24, init_std=0.1)
+TINY = dict(vocab_size=64, d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_ff=48, mamba_heads=4, mamba_head_dim=8,
+            d_state=8, mamba_groups=2, chunk_size=8, n_experts=4, top_k=2, moe_d_ff=16, shared_d_ff=24, init_std=0.1)
 
 
 def tiny(pattern, seed=0, **kw):
@@ -136,7 +136,8 @@ def test_generate_rejects_bad_settings():
     model = tiny("M*")
     idx = torch.zeros(1, 5, dtype=torch.long)
     for kw, match in [(dict(star_block=-2), "star_block"), (dict(star_block=2.5), "star_block"),
-                      (dict(star_block=2, star_query=0), "star_query"), (dict(star_block=2, star_query=6), "star_query"),
+                      (dict(star_block=2, star_query=0), "star_query"),
+                      (dict(star_block=2, star_query=6), "star_query"),
                       (dict(star_block=2, speculative=1), "do not combine")]:
         with pytest.raises(ValueError, match=match):
             model.generate(idx, 2, **kw)

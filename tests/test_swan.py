@@ -19,7 +19,7 @@ from checkpoint import CheckpointError
 from generate import KVCache, new_cache
 from model import Nemotron, NemotronConfig
 
-TINY = dict(d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_ff=64, mamba_heads=2, headdim=16, d_state=8,
+TINY = dict(d_model=32, n_head=4, n_kv_head=2, head_dim=8, d_ff=64, mamba_heads=2, mamba_head_dim=16, d_state=8,
             chunk_size=16, n_experts=4, moe_d_ff=16, shared_d_ff=16)
 
 

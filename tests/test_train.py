@@ -18,7 +18,7 @@ from helpers import run_script
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a hybrid with all four layer kinds, small enough for a few seconds per run
 TINY = ['--d_model=32', '--pattern=M*-E', '--n_head=2', '--n_kv_head=1', '--head_dim=16', '--d_ff=64',
-        '--mamba_heads=2', '--headdim=32', '--d_state=16', '--chunk_size=16', '--n_experts=4', '--top_k=2',
+        '--mamba_heads=2', '--mamba_head_dim=32', '--d_state=16', '--chunk_size=16', '--n_experts=4', '--top_k=2',
         '--moe_d_ff=32', '--shared_d_ff=32', '--block_size=32', '--batch_size=4', '--eval_iters=2',
         '--log_interval=1', '--learning_rate=1e-2', '--min_lr=1e-3', '--warmup_iters=2', '--lr_decay_iters=60',
         '--sample_new_tokens=0', '--device=cpu', '--dtype=float32', '--compile=False']
@@ -64,7 +64,8 @@ def load_checkpoint(out_dir):
     """The run's newest checkpoint as a plain dict, whichever layout wrote it (ckpt.pt or ckpt-<step>/)."""
     from checkpoint import newest_checkpoint, read_sharded_checkpoint
     path = newest_checkpoint(out_dir)
-    return read_sharded_checkpoint(path) if os.path.isdir(path) else torch.load(path, map_location='cpu', weights_only=True)
+    return (read_sharded_checkpoint(path) if os.path.isdir(path)
+            else torch.load(path, map_location='cpu', weights_only=True))
 
 
 def load_model_state(out_dir):
@@ -74,7 +75,8 @@ def load_model_state(out_dir):
 TORCHRUN = (sys.executable, '-m', 'torch.distributed.run', '--standalone')
 # 10 steps of 4 micro-batches, with the balance loss on: one process, or split among 2 or 4 ranks
 STEPS = 10
-PARALLEL = [f'--max_iters={STEPS}', f'--eval_interval={STEPS}', '--gradient_accumulation_steps=4', '--moe_seq_aux_coef=0.01']
+PARALLEL = [f'--max_iters={STEPS}', f'--eval_interval={STEPS}', '--gradient_accumulation_steps=4',
+            '--moe_seq_aux_coef=0.01']
 
 
 def assert_same_run(one, other, moments=1e-4):
@@ -93,7 +95,8 @@ def assert_same_run(one, other, moments=1e-4):
     l1, l2 = step_losses(one), step_losses(other)
     assert sorted(l1) == sorted(l2) == list(range(STEPS))
     assert all(abs(l1[s] - l2[s]) < 1e-4 for s in l1), (l1, l2)
-    a1, a2 = ({r['step']: r['aux_loss'] for r in read_log(d) if 'loss' in r} for d in (one, other))  # a restart logs some twice
+    # a restart logs some twice
+    a1, a2 = ({r['step']: r['aux_loss'] for r in read_log(d) if 'loss' in r} for d in (one, other))
     assert sorted(a1) == sorted(a2) == list(range(STEPS)) and all(abs(a1[s] - a2[s]) < 1e-6 for s in a1), (a1, a2)
 
 
@@ -171,7 +174,8 @@ def test_expert_parallel_matches_one(one_process, nproc, tmp_path):
     Either way: the weights, optimizer state and losses of one process, a checkpoint of the whole
     model, and a sample at the end (rank 0 alone, from the gathered experts)."""
     out = str(tmp_path / 'ep')
-    proc = ok(train(out, *PARALLEL, '--ep=2', '--sample_new_tokens=8', launcher=(*TORCHRUN, f'--nproc_per_node={nproc}')))
+    proc = ok(train(out, *PARALLEL, '--ep=2', '--sample_new_tokens=8',
+                    launcher=(*TORCHRUN, f'--nproc_per_node={nproc}')))
     assert_same_run(one_process, out)
     assert load_model_state(out)['backbone.layers.3.mixer.experts.up_proj'].shape[0] == 4  # n_experts
     assert 'sample:' in proc.stdout

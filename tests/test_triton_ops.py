@@ -155,7 +155,7 @@ def test_ssd_bf16_inputs():
 @inside
 def test_mixer_trains_the_same_with_kernels():
     """Forward and backward of a Mamba-2 mixer on packed documents, through mamba.ssd's switch."""
-    cfg = NemotronConfig(d_model=32, mamba_heads=4, headdim=8, d_state=16, n_groups=2, chunk_size=16)
+    cfg = NemotronConfig(d_model=32, mamba_heads=4, mamba_head_dim=8, d_state=16, mamba_groups=2, chunk_size=16)
     torch.manual_seed(0)
     mixer = Mamba2Mixer(cfg).to(DEV)
     for p in mixer.parameters():
@@ -250,7 +250,7 @@ def test_conv_update_matches_full_conv(T, Cn, KW):
 
 @inside
 def test_mixer_decodes_the_same_with_kernels():
-    cfg = NemotronConfig(d_model=32, mamba_heads=4, headdim=8, d_state=16, n_groups=2, chunk_size=8)
+    cfg = NemotronConfig(d_model=32, mamba_heads=4, mamba_head_dim=8, d_state=16, mamba_groups=2, chunk_size=8)
     torch.manual_seed(0)
     mixer = Mamba2Mixer(cfg).to(DEV)
     for p in mixer.parameters():
@@ -274,7 +274,7 @@ def test_speculative_decoding_with_kernels_matches_plain_greedy():
     """The verification forward through the k-token kernels (conv and SSD states saved per token)
     rolls back as the reference does: speculative greedy output == plain greedy output."""
     cfg = NemotronConfig(d_model=32, pattern="M*E", n_head=2, n_kv_head=1, head_dim=16, mamba_heads=2,
-                         headdim=16, d_state=16, n_experts=4, moe_d_ff=16, shared_d_ff=16, chunk_size=16,
+                         mamba_head_dim=16, d_state=16, n_experts=4, moe_d_ff=16, shared_d_ff=16, chunk_size=16,
                          mtp_depth=1, mtp_share=True)
     torch.manual_seed(0)
     model = Nemotron(cfg).to(DEV).eval()

@@ -95,9 +95,11 @@ def prepare(out_dir=HERE, train_tokens=8_000_000, val_tokens=400_000, frac=0.5, 
         train = val = np.zeros(0, dtype=np.uint32)
     meta = {**ByteTokenizer.meta, "eot": 0, "source": "RULER niah + copy drills + pycode, one document each",
             "retrieval_fraction": frac, "drill_fraction": drills, "tasks": [TASK], "answer_prefix": prefix}
-    (tx, tm), (vx, vm) = (mix(t, n, frac, seed, drills, prefix) for t, n, seed in ((train, train_tokens, 0), (val, val_tokens, 1)))
+    (tx, tm), (vx, vm) = (mix(t, n, frac, seed, drills, prefix)
+                          for t, n, seed in ((train, train_tokens, 0), (val, val_tokens, 1)))
     meta = write_dataset(out_dir, tx, vx, meta, masks=(tm, vm))
-    print(f"{os.path.basename(out_dir)}: train {meta['train_tokens']:,} tokens | val {meta['val_tokens']:,} tokens -> {out_dir}")
+    print(f"{os.path.basename(out_dir)}: train {meta['train_tokens']:,} tokens | "
+          f"val {meta['val_tokens']:,} tokens -> {out_dir}")
     return meta
 
 if __name__ == "__main__":
@@ -114,6 +116,7 @@ if __name__ == "__main__":
     if not (0 <= args.frac <= 1 and 0 <= args.drills <= 1 and args.frac + args.drills <= 1):
         sys.exit(f"error: --frac={args.frac}, --drills={args.drills}: expected fractions summing to at most 1")
     name = "copy_drills" if args.drills_only else \
-        "pycode_niah" if (args.frac, args.drills) == (0.5, 0.45) else f"pycode_niah_{round(args.frac * 100)}_{round(args.drills * 100)}"
+        "pycode_niah" if (args.frac, args.drills) == (0.5, 0.45) else \
+        f"pycode_niah_{round(args.frac * 100)}_{round(args.drills * 100)}"
     name += "_ruler" if args.prefix == "ruler" and not args.drills_only else ""
     prepare(os.path.join(os.path.dirname(HERE), name), frac=args.frac, drills=args.drills, prefix=args.prefix)
