@@ -61,8 +61,9 @@ def swan_scale(pos, train_len):
 class Attention(nn.Module):
     """Causal GQA. window=None: global attention, NoPE unless cfg.rope; window=W: sliding-window
     attention over the last W positions with RoPE (SWAN-GPT's local layers, pattern letter W).
-    forward's cache, when decoding: a generate.KVCache (a ring of W + 8 slots for a W layer), or
-    Star Attention's generate.StarContextCache / StarQueryCache; cache.star_phase tells which."""
+    forward's cache, when decoding: a generate.KVCache (a ring of W + 8 slots for a W layer), a
+    generate.StaticKVCache (batched decoding, cache.per_row), or Star Attention's
+    generate.StarContextCache / StarQueryCache (cache.star_phase)."""
 
     def __init__(self, cfg, window=None):
         super().__init__()
@@ -82,6 +83,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, g, T, d)
         if cache is not None and cache.star_phase:  # Star Attention: keys held by hosts (see below)
             return self.o_proj(self.star(q, k, v, cache))
+        if cache is not None and cache.per_row:  # a static cache: each row at its own position
+            return self.o_proj(self.rows(q, k, v, cache))
         pos0 = 0 if cache is None else cache.pos
         if self.rope_theta is not None:
             q, k = apply_rope(q, pos0, self.rope_theta), apply_rope(k, pos0, self.rope_theta)
@@ -125,6 +128,22 @@ class Attention(nn.Module):
                 mask = mask & (seq_idx[:, :, None] == seq_idx[:, None, :])  # (B, T, T)
                 mask = mask[:, None]
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
+
+    def rows(self, q, k, v, cache):
+        """Attention over a generate.StaticKVCache (batched decoding): row b's new tokens are at
+        positions cache.pos[b] + t; their keys go to slots position mod S (S slots: a ring for a W
+        layer), and each query masks all S slots by the positions they hold. The shapes do not
+        depend on the positions, so a compiled step is compiled once."""
+        B, _, T, _ = q.shape
+        qpos = cache.pos[:, None] + torch.arange(T, device=q.device)  # (B, T)
+        if self.rope_theta is not None:
+            q, k = apply_rope(q, qpos[:, None], self.rope_theta), apply_rope(k, qpos[:, None], self.rope_theta)
+        if self.swan_len:
+            q = q * swan_scale(qpos, self.swan_len)[:, None, :, None].to(q.dtype)
+        cache.write(k, v, qpos)
+        mask = visible(qpos, cache.positions(qpos[:, -1:] + 1), self.window)  # (B, T, S)
+        y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask[:, None], enable_gqa=True)
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
 
     def star(self, q, k, v, cache):

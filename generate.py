@@ -12,7 +12,7 @@ model.Nemotron.generate is the public entry point and calls generate() here. The
 (attention.py, mamba.py) read and write these caches' fields; this file makes them.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
@@ -32,6 +32,7 @@ class KVCache:
     constant memory. The 8 spare slots let speculative decoding take back up to 8 new entries
     without losing a key still in the window."""
     star_phase: ClassVar[int] = 0  # attention.py: not Star Attention (1 and 2: the classes below)
+    per_row: ClassVar[bool] = False  # attention.py: one position for all rows (StaticKVCache: one each)
     k: torch.Tensor                # (B, g, S, d)
     v: torch.Tensor                # (B, g, S, d)
     window: Optional[int] = None   # W of a sliding-window layer (a ring), None: global
@@ -253,16 +254,247 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, speculative=0,
-             star_block=None, star_query=1, star_group=None):
+             star_block=None, star_query=1, star_group=None, compile=False):
     """idx (B, T) -> (B, T + max_new_tokens); Nemotron.generate documents it."""
     if speculative and star_block:
         raise ValueError("speculative decoding and Star Attention do not combine: use one of them")
+    if compile:
+        if speculative or star_block:
+            raise ValueError("compile=True decodes over static caches: not with speculative or star_block")
+        done = generate_batch(model, idx.tolist(), max_new_tokens, temperature, top_k, top_p,
+                              max_batch=idx.size(0), compile=True)
+        return torch.cat([idx, torch.tensor([r.tokens for r in done], device=idx.device)], dim=1)
     if speculative:
         new = list(speculative_stream(model, idx, max_new_tokens, speculative, temperature, top_k, top_p))
     else:
         new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, None,
                                    star_block, star_query, star_group))
     return torch.cat([idx, *new], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# batched decoding over static caches (gpt-fast's recipe): every buffer allocated once for
+# (rows, max_len), a position per row, and a one-token step whose shapes never change, so that
+# torch.compile compiles it once (CUDA graphs on a GPU) and nothing in it waits on the host.
+# A prompt is prefilled on its own (batch 1, the ordinary caches above) and copied into a free
+# row, so no padding ever enters an attention cache or a Mamba state; then all rows step together.
+
+
+@dataclass
+class StaticKVCache:
+    """An attention layer's keys and values for batched decoding: S slots per row (max_len for a
+    global layer, a ring of min(max_len, W + 8) for a W layer); slot s of row b holds the latest
+    position p with p = s mod S among those row b has written. Rows sit at their own positions."""
+    star_phase: ClassVar[int] = 0
+    per_row: ClassVar[bool] = True  # attention.py: Attention.rows
+    k: torch.Tensor                # (B, g, S, d)
+    v: torch.Tensor                # (B, g, S, d)
+    pos: torch.Tensor              # (B,) int64: each row's next position (StaticCache.pos, shared)
+
+    def write(self, k, v, qpos):
+        """The keys and values (B, g, T, d) of positions qpos (B, T), into their slots in place."""
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+        slots = qpos % self.k.size(2)  # (B, T)
+        self.k[rows, :, slots] = k.transpose(1, 2)  # (B, T, g, d) in the indexed layout
+        self.v[rows, :, slots] = v.transpose(1, 2)
+
+    def positions(self, end):
+        """The position each slot holds (B, S), row b having written the positions below end[b]
+        (end: (B, 1)); negative: an empty slot."""
+        S = self.k.size(2)
+        return end - 1 - (end - 1 - torch.arange(S, device=self.k.device)) % S
+
+
+@dataclass
+class StaticCache:
+    """All layers' decoding state for `rows` sequences of up to max_len tokens: a StaticKVCache
+    per attention layer, a MambaCache per Mamba layer (constant in size already, updated in
+    place), None for MLP and MoE layers, and one position per row that the KV caches share."""
+    layers: list
+    pos: torch.Tensor              # (B,) int64
+    max_len: int
+
+    @classmethod
+    def empty(cls, model, rows, max_len):
+        p = model.lm_head.weight
+        pos = torch.zeros(rows, dtype=torch.long, device=p.device)
+        layers = []
+        for block in model.backbone.layers:
+            if block.kind == "M":
+                layers.append(MambaCache.empty(block.mixer, rows, p.device, p.dtype))
+            elif block.kind in "*W":
+                a = block.mixer
+                S = min(max_len, a.window + 8) if a.window else max_len
+                kv = [torch.zeros(rows, a.n_kv_head, S, a.head_dim, device=p.device, dtype=p.dtype) for _ in "kv"]
+                layers.append(StaticKVCache(*kv, pos))
+            else:
+                layers.append(None)
+        return cls(layers, pos, max_len)
+
+    def fill_row(self, b, cache, n):
+        """Row b takes over a one-row cache (new_cache's, after a prefill of n tokens)."""
+        for mine, theirs in zip(self.layers, cache):
+            if isinstance(mine, MambaCache):
+                mine.conv[b], mine.ssm[b] = theirs.conv[0], theirs.ssm[0]
+            elif isinstance(mine, StaticKVCache):
+                # the prefill's R slots (R = n, or a ring of min(n, W + 8) <= S) all hold a position
+                slots = theirs.positions() % mine.k.size(2)  # (R,): where each goes here
+                mine.k[b][:, slots], mine.v[b][:, slots] = theirs.k[0], theirs.v[0]  # (g, R, d)
+        self.pos[b] = n
+
+
+def decode_step(model, cache, tokens, advance):
+    """One token for every row of a StaticCache: tokens (B, 1) at positions cache.pos -> logits
+    (B, vocab); each row's position then moves by advance (B,) (1, or 0 for a row not decoding:
+    it computes, and keeps writing the same slot)."""
+    logits = model.lm_head(model.hidden(tokens, cache.layers)[:, -1]).float()  # (B, vocab)
+    cache.pos.add_(advance)
+    return logits
+
+
+def step_function(model, rows, max_len, compile):
+    """decode_step, or its compiled form for this (rows, max_len) bucket, compiled on first use
+    and kept on the model: torch.compile(fullgraph=True), with CUDA graphs on a GPU."""
+    if not compile:
+        return decode_step
+    steps = model.__dict__.setdefault("_decode_steps", {})
+    if (rows, max_len) not in steps:
+        mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
+        steps[rows, max_len] = torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+    return steps[rows, max_len]
+
+
+@dataclass
+class Request:
+    """One sequence to decode: its prompt, its own limits and sampling settings, and what it got.
+    stop: token ids that end it (not emitted). finish: None while decoding, then "stop" or "length"."""
+    prompt: list
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    stop: tuple = ()
+    tokens: list = field(default_factory=list)
+    finish: Optional[str] = None
+    generator: Optional[torch.Generator] = None
+
+    def take(self, token):
+        """Record a sampled token; True when this request is done."""
+        if token in self.stop:
+            self.finish = "stop"
+        else:
+            self.tokens.append(token)
+            if len(self.tokens) >= self.max_new_tokens:
+                self.finish = "length"
+        return self.finish is not None
+
+
+def sample_row(logits, r):
+    """A token (int) for request r from its logits (vocab,), with r's settings and generator."""
+    probs = probabilities(logits[None], r.temperature, r.top_k, r.top_p)  # (1, vocab)
+    if r.temperature == 0:
+        return int(probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=r.generator))
+
+
+class Engine:
+    """Continuous batching over one StaticCache of `rows` rows: add() prefills a request into a
+    free row (its first token comes from the prefill), step() decodes one token for every busy
+    row; a row whose request ends is free at once for the next. generate_batch and serve.py
+    drive it."""
+
+    def __init__(self, model, rows, max_len, compile=False):
+        self.model, self.max_len = model, max_len
+        self.cache = StaticCache.empty(model, rows, max_len)
+        self.step_fn = step_function(model, rows, max_len, compile)
+        device = model.lm_head.weight.device
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (B, 1): each row's next input
+        self.advance = torch.zeros(rows, dtype=torch.long, device=device)  # (B,): 1 for a busy row
+        self.requests = [None] * rows
+
+    def free_rows(self):
+        return [b for b, r in enumerate(self.requests) if r is None]
+
+    @torch.no_grad()
+    def add(self, r):
+        """Prefill request r into a free row; False if none is free. Its first token is taken."""
+        free = self.free_rows()
+        if not free:
+            return False
+        if not r.prompt or len(r.prompt) + r.max_new_tokens > self.max_len:
+            raise ValueError(f"a prompt of {len(r.prompt)} tokens and {r.max_new_tokens} new ones do not fit "
+                             f"in {self.max_len} positions (and a prompt needs a token)")
+        device = self.tokens.device
+        if r.generator is None and r.temperature > 0:
+            r.generator = torch.Generator(device=device)
+            r.generator.manual_seed(r.seed if r.seed is not None else int(torch.randint(2**62, ())))
+        b, n = free[0], len(r.prompt)
+        cache = new_cache(self.model, 1, n)
+        h = self.model.hidden(torch.tensor([r.prompt], device=device), cache)  # (1, n, d)
+        self.cache.fill_row(b, cache, n)
+        token = sample_row(self.model.lm_head(h[0, -1]).float(), r)
+        if not r.take(token):
+            self.requests[b] = r
+            self.tokens[b, 0], self.advance[b] = token, 1
+        return True
+
+    @torch.no_grad()
+    def step(self):
+        """One token for every busy row. Returns the requests that finished."""
+        busy = [b for b, r in enumerate(self.requests) if r is not None]
+        if not busy:
+            return []
+        logits = self.step_fn(self.model, self.cache, self.tokens, self.advance)  # (B, vocab)
+        done = []
+        for b in busy:
+            r = self.requests[b]
+            token = sample_row(logits[b], r)
+            if r.take(token):
+                self.requests[b] = None
+                self.advance[b] = 0
+                done.append(r)
+            else:
+                self.tokens[b, 0] = token
+        return done
+
+    def release(self, r):
+        """Drop request r from its row (a client gone), unfinished."""
+        for b, mine in enumerate(self.requests):
+            if mine is r:
+                self.requests[b] = None
+                self.advance[b] = 0
+
+
+def length_bucket(n, step=64):
+    """Static caches come in lengths that are multiples of step, so a compiled step is reused."""
+    return -(-n // step) * step
+
+
+@torch.no_grad()
+def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
+                   stop=(), max_batch=16, compile=False):
+    """Decode many prompts of different lengths together. prompts: a list of token lists (or 1-D
+    tensors). Every other setting is one value for all rows or a list with one per row (stop: a
+    tuple of token ids, or a list of tuples). Returns the requests (generate.Request) in order:
+    .tokens the new tokens (a stop token ends a row and is not among them), .finish why it ended.
+    At most max_batch rows decode at once; the others wait for a free row."""
+    n = len(prompts)
+    # a list: one value per row; anything else (stop: a tuple) the same for every row
+    settings = [v if isinstance(v, list) else [v] * n for v in (max_new_tokens, temperature, top_k, top_p, seed, stop)]
+    if any(len(v) != n for v in settings):
+        raise ValueError(f"per-row settings need one value per prompt ({n})")
+    requests = [Request([int(t) for t in p], *vals) for p, *vals in zip(prompts, *settings)]
+    if not requests:
+        return []
+    longest = max(len(r.prompt) + r.max_new_tokens for r in requests)
+    engine = Engine(model, min(max_batch, n), length_bucket(longest), compile)
+    waiting = list(requests)
+    while waiting or any(r is not None for r in engine.requests):
+        while waiting and engine.free_rows():
+            engine.add(waiting.pop(0))
+        engine.step()
+    return requests
 
 
 # -----------------------------------------------------------------------------

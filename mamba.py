@@ -272,12 +272,14 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = zxbcdt.split([self.d_inner, self.conv_dim, self.H], dim=-1)
         fast, keep = triton_ops.use_triton(u), cache.keep_states
         window = torch.cat([cache.conv, xBC.transpose(1, 2)], dim=-1) if keep or not fast else None
+        # the cache's tensors are updated in place: a static cache (generate.StaticCache) keeps its buffers
         if fast:
-            xBC, cache.conv = triton_ops.conv_update(cache.conv, xBC, self.conv1d.weight, self.conv1d.bias)
+            xBC, conv = triton_ops.conv_update(cache.conv, xBC, self.conv1d.weight, self.conv1d.bias)
+            cache.conv.copy_(conv)
         else:  # (B, conv_dim, k, K) windows, one per new token, times the (conv_dim, 1, K) kernel
             xBC = (window.unfold(2, self.K, 1) * self.conv1d.weight).sum(-1)  # (B, conv_dim, k)
             xBC = F.silu(xBC.transpose(1, 2) + self.conv1d.bias)  # (B, k, conv_dim)
-            cache.conv = window[:, :, k:]
+            cache.conv.copy_(window[:, :, k:])
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         dt, A = self.discretize(dt)  # (B, k, H), (H,)
         x, B, C = x.view(Bsz, k, self.H, self.P), B.view(Bsz, k, self.G, self.N), C.view(Bsz, k, self.G, self.N)
@@ -285,7 +287,7 @@ class Mamba2Mixer(nn.Module):
             y, states = triton_ops.ssd_update(cache.ssm, x, dt, A, B, C, self.D, save_states=keep)
         else:  # the recurrence, token by token (k = 1 in plain decoding)
             y, states = ssd_steps(cache.ssm, x, dt, A, B, C, self.D)
-            cache.ssm = states[:, -1]
+            cache.ssm.copy_(states[:, -1])
         if keep:
             cache.history = (window, states)
         y = self.norm(y.reshape(Bsz, k, self.d_inner), z)  # (B, k, d_inner)

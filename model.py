@@ -327,16 +327,18 @@ class Nemotron(nn.Module):
         return losses
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, speculative=0,
-                 star_block=None, star_query=1, star_group=None):
+                 star_block=None, star_query=1, star_group=None, compile=False):
         """idx (B, T) -> (B, T + max_new_tokens). temperature=0 is greedy. Prefill once, then one
         token at a time with caches (generate.py). speculative=k drafts k tokens per step with the
         MTP depths and verifies them in one forward (batch 1): greedy output is the same token for
         token, sampled output has the same distribution. star_block=b prefills with Star Attention
         in blocks of b tokens, the last star_query prompt tokens as the query; star_group: the
-        process group of its hosts (None: this process simulates them all)."""
+        process group of its hosts (None: this process simulates them all). compile=True decodes
+        over static caches with the one-token step compiled (generate.generate_batch, which also
+        takes prompts of different lengths)."""
         from generate import generate  # generate.py imports this file: import it when called
         return generate(self, idx, max_new_tokens, temperature, top_k, top_p, speculative,
-                        star_block, star_query, star_group)
+                        star_block, star_query, star_group, compile)
 
     # -------------------------------------------------------------------------
     # checkpoints: ours and Hugging Face NemotronH

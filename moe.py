@@ -178,6 +178,31 @@ def experts_loop(x, weights, idx, up_proj, down_proj):
     return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, ys).to(x.dtype)
 
 
+DECODE_ROWS = 64  # Experts.forward without autograd on at most this many tokens: experts_static
+
+
+def experts_static(x, weights, idx, up_proj, down_proj):
+    """The experts for a few tokens (decoding) in shapes fixed by M, k and E alone: no sort, no
+    counts read back to the host, so a compiled decode step runs it whole. M*k <= E: each token
+    copy gathers its expert's weights (M*k of the E experts read, as many as a loop would);
+    otherwise every expert runs on every token and the routing weights, zero for the experts not
+    chosen, mix them (the weights read once, E/k times the FLOPs: decoding is bound by memory).
+    Same arguments and result as experts_loop."""
+    M, k = idx.shape
+    E = up_proj.size(0)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    up, down = up_proj.to(dtype), down_proj.to(dtype)
+    if M * k <= E:
+        xs = x.to(dtype).repeat_interleave(k, dim=0)[:, :, None]  # (M*k, l, 1): copy m*k + j of token m
+        h = F.relu(torch.bmm(up[idx.flatten()], xs)).square()  # (M*k, F, 1)
+        y = torch.bmm(down[idx.flatten()], h)[:, :, 0].float()  # (M*k, l)
+        return (y.view(M, k, -1) * weights[:, :, None]).sum(1).to(x.dtype)  # (M, l), summed in fp32
+    mix = torch.zeros(M, E, device=x.device, dtype=torch.float32).scatter_add_(1, idx, weights.float())  # (M, E)
+    h = F.relu(torch.einsum("ml,efl->emf", x.to(dtype), up)).square()  # (E, M, F)
+    y = torch.einsum("emf,elf->eml", h, down).float()  # (E, M, l)
+    return torch.einsum("eml,me->ml", y, mix).to(x.dtype)
+
+
 def grouped_mm_ref(x, w, offs):
     """Grouped GEMM, the PyTorch reference of triton_ops.grouped_mm. x (N, K) holds the rows of E
     groups one after another, offs (E,) int32 the end row of each (offs[-1] = N), w (E, K, n):
@@ -262,10 +287,9 @@ class Experts(nn.Module):
         """x (M, l), weights and idx (M, k) -> (M, l). Dropless: every token copy is served, by one
         grouped GEMM per projection over all experts (triton_ops.grouped_mm on a GPU)."""
         M, k = idx.shape
-        if M * k <= self.up_proj.size(0) and not triton_ops.use_triton(x) and self.lowprec_grouped_mm is None:
-            # decoding a token or a few: running just the chosen experts beats two grouped GEMMs
-            # over mostly empty groups (12.6 vs 15.8 ms per token for the default model, LOG.md)
-            return experts_loop(x, weights, idx, self.up_proj, self.down_proj)
+        if M <= DECODE_ROWS and not torch.is_grad_enabled() and self.lowprec_grouped_mm is None:
+            # decoding: a few tokens, static shapes and no host sync (a compiled decode step runs it)
+            return experts_static(x, weights, idx, self.up_proj, self.down_proj)
         # 1) sort the M*k token copies by expert; expert e serves sorted rows offs[e-1]:offs[e]
         order = idx.flatten().argsort(stable=True)  # (M*k,): copy m*k + j of token m is its j-th choice
         token = order // k  # (M*k,): the token of each sorted copy
