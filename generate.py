@@ -367,7 +367,7 @@ def step_function(model, rows, max_len, compile):
 @dataclass
 class Request:
     """One sequence to decode: its prompt, its own limits and sampling settings, and what it got.
-    stop: token ids that end it (not emitted). finish: None while decoding, then "stop" or "length"."""
+    stop: token ids that end it (not emitted). finish: None while decoding, then why it ended."""
     prompt: list
     max_new_tokens: int
     temperature: float = 1.0
@@ -376,7 +376,8 @@ class Request:
     seed: Optional[int] = None
     stop: tuple = ()
     tokens: list = field(default_factory=list)
-    finish: Optional[str] = None
+    finish: Optional[str] = None   # "stop", "length", or "error" (then error says why)
+    error: Optional[str] = None
     generator: Optional[torch.Generator] = None
 
     def take(self, token):
@@ -449,8 +450,11 @@ class Engine:
         done = []
         for b in busy:
             r = self.requests[b]
-            token = sample_row(logits[b], r)
-            if r.take(token):
+            try:
+                token = sample_row(logits[b], r)
+            except RuntimeError as e:  # this row cannot be sampled (NaN logits): it ends, the others go on
+                r.finish, r.error, token = "error", str(e), None
+            if token is None or r.take(token):
                 self.requests[b] = None
                 self.advance[b] = 0
                 done.append(r)
@@ -464,6 +468,23 @@ class Engine:
             if mine is r:
                 self.requests[b] = None
                 self.advance[b] = 0
+
+
+@torch.no_grad()
+def engine_stream(model, ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None, compile=False):
+    """Yields the new tokens (1, 1) of one prompt (a token list) decoded by a one-row Engine:
+    static caches, the step compiled with compile=True (sample.py --compile)."""
+    r = Request(list(ids), max_new_tokens, temperature, top_k, top_p, seed=int(torch.randint(2**62, ())))
+    engine = Engine(model, 1, length_bucket(len(r.prompt) + max_new_tokens), compile)
+    engine.add(r)
+    sent = 0
+    while True:
+        for t in r.tokens[sent:]:
+            yield torch.tensor([[t]], device=engine.tokens.device)
+        sent = len(r.tokens)
+        if r.finish:
+            return
+        engine.step()
 
 
 def length_bucket(n, step=64):

@@ -5,6 +5,7 @@ sample.py: load a model and stream a continuation of a prompt. Read after model.
     python sample.py --init_from=path/to/hf_folder --start=FILE:prompt.txt --temperature=0
     python sample.py --init_from=out/ckpt.pt --num_samples=3 --top_k=50 --top_p=0.95
     python sample.py --init_from=out-mtp --speculative=2   # MTP drafts 2 tokens, one verification each
+    python sample.py --init_from=out --compile=True         # static caches, the one-token step compiled
     python sample.py --init_from=hf_folder --reasoning=on --reasoning_budget=512 --start="Why?"
     python sample.py --init_from=out --start=FILE:long.txt --star_block=1024 --star_query=32
     torchrun --nproc_per_node=2 sample.py --init_from=out --start=FILE:long.txt --star_block=1024
@@ -26,9 +27,10 @@ import time
 
 import torch
 
+from data.chat import ChatError, ThinkingBudget, chat_prompt, chat_template
 from data.tokenizer import DataError, find_tokenizer
 from checkpoint import CheckpointError
-from generate import generate_stream, speculative_stream
+from generate import engine_stream, generate_stream, speculative_stream
 from hardware import pick_device
 from model import Nemotron
 
@@ -45,6 +47,7 @@ reasoning = None          # 'on' / 'off': wrap the prompt as a chat turn with th
 reasoning_budget = None   # close the thinking section after this many tokens of it (None: no limit)
 star_block = 0            # Star Attention: encode the prompt's context in blocks of this many tokens (0: off)
 star_query = 1            # Star Attention: the prompt's last this many tokens are the query (attend to everything)
+compile = False           # static caches and the one-token step compiled (torch.compile; CUDA graphs on a GPU)
 seed = 1337               # torch seed, so that sampling is reproducible
 device = 'auto'           # 'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'            # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16', 'float16'
@@ -91,89 +94,6 @@ def read_prompt(text):
 
 
 # -----------------------------------------------------------------------------
-# reasoning controls. Llama-Nemotron switches thinking with the system prompt "detailed thinking
-# on/off", Nemotron-H/Nano-2 and Nemotron 3 with "/think" and "/no_think"; the thinking goes between
-# <think> and </think>, and with thinking off the assistant turn starts with an empty <think></think>.
-
-THINK_OPEN, THINK_CLOSE = '<think>', '</think>'
-GRACE = 32  # tokens a closing thinking section may run past its budget while waiting for a newline
-
-
-def chat_template(folder):
-    """The Jinja chat template of an HF checkpoint folder, or None."""
-    path = os.path.join(folder, 'chat_template.jinja')
-    if os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            return f.read()
-    path = os.path.join(folder, 'tokenizer_config.json')
-    if os.path.isfile(path):
-        with open(path, encoding='utf-8') as f:
-            t = json.load(f).get('chat_template')
-        if isinstance(t, list):  # named templates: the default one
-            t = next((x['template'] for x in t if x.get('name') == 'default'), None)
-        return t
-    return None
-
-
-def chat_prompt(user, reasoning, template=None):
-    """The text of one user turn, the assistant to answer with thinking on or off. With a
-    checkpoint's template (Jinja, needs jinja2) the switch goes where the template expects it;
-    without one, our plain format:
-        <|system|>\n/think\n<|user|>\n{user}\n<|assistant|>\n<think>\n         (on)
-        <|system|>\n/no_think\n<|user|>\n{user}\n<|assistant|>\n<think></think>\n  (off)"""
-    on = reasoning == 'on'
-    if template is None:
-        opening = f'{THINK_OPEN}\n' if on else f'{THINK_OPEN}{THINK_CLOSE}\n'
-        return f"<|system|>\n{'/think' if on else '/no_think'}\n<|user|>\n{user}\n<|assistant|>\n{opening}"
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        die("this checkpoint's chat template is Jinja: pip install jinja2 (or leave --reasoning unset)")
-    system = ('detailed thinking ' + ('on' if on else 'off')) if 'detailed thinking' in template else \
-        ('/think' if on else '/no_think')
-
-    def raise_exception(message):
-        raise ValueError(message)
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals['raise_exception'] = raise_exception
-    try:
-        return env.from_string(template).render(
-            messages=[{'role': 'system', 'content': system}, {'role': 'user', 'content': user}],
-            add_generation_prompt=True, enable_thinking=on, bos_token='', eos_token='')
-    except Exception as e:  # a template error is the checkpoint's problem, said in one line
-        die(f"the checkpoint's chat template failed: {type(e).__name__}: {e}")
-
-
-class ThinkingBudget:
-    """A steer() for generate.generate_stream: counts the tokens of an open thinking section and,
-    once there are more than `budget`, closes it: right after a newline if one comes within
-    GRACE more tokens, else at once (the sampled token is then replaced by "\n</think>\n")."""
-
-    def __init__(self, tokenizer, prompt_ids, budget, grace=GRACE):
-        self.tok, self.budget, self.grace = tokenizer, budget, grace
-        self.ids, self.count = list(prompt_ids), 0
-        self.thinking = self.is_open()
-
-    def is_open(self):
-        tail = self.tok.decode(self.ids[-64:])  # the delimiters are a few tokens at most
-        return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
-
-    def __call__(self, nxt):
-        tok = nxt.item()
-        if self.thinking:
-            self.count += 1
-            newline = '\n' in self.tok.decode([tok])
-            if self.count > self.budget and (newline or self.count > self.budget + self.grace):
-                ids = ([tok] if newline else []) + self.tok.encode(('' if newline else '\n') + THINK_CLOSE + '\n')
-                self.ids += ids
-                self.thinking = False
-                return torch.tensor([ids], dtype=nxt.dtype, device=nxt.device)
-        self.ids.append(tok)
-        self.thinking = self.is_open()  # the model may open or close a section itself
-        return nxt
-
-
-# -----------------------------------------------------------------------------
 # streaming: decode the whole token list each time and print only what is new, so that a
 # character split across byte tokens is printed once it is complete (a trailing U+FFFD, the
 # replacement for an incomplete UTF-8 sequence, waits for the next token)
@@ -187,9 +107,13 @@ def stream_sample(model, tokenizer, ids, dev):
     tokens, n, t0, t_first = list(ids), 0, time.time(), None
     stats = {}
     steer = ThinkingBudget(tokenizer, ids, reasoning_budget) if reasoning_budget is not None else None
-    gen = speculative_stream(model, x, max_new_tokens, speculative, temperature, top_k, top_p, stats) \
-        if speculative else generate_stream(model, x, max_new_tokens, temperature, top_k, top_p, steer,
-                                            star_block, star_query, star_group)
+    if compile:
+        gen = engine_stream(model, ids, max_new_tokens, temperature, top_k, top_p, compile=True)
+    elif speculative:
+        gen = speculative_stream(model, x, max_new_tokens, speculative, temperature, top_k, top_p, stats)
+    else:
+        gen = generate_stream(model, x, max_new_tokens, temperature, top_k, top_p, steer, star_block, star_query,
+                              star_group)
     for nxt in gen:
         tok = nxt.item()  # the .item() syncs, so the timings below are honest on a GPU too
         t_first = t_first or time.time()
@@ -237,6 +161,8 @@ def main():
     dev = resolve_device(device)
     if star_block and speculative:
         die("--star_block and --speculative do not combine: use one of them")
+    if compile and (speculative or star_block or reasoning_budget is not None):
+        die("--compile decodes over static caches: not with --speculative, --star_block or --reasoning_budget yet")
     star_group, dev = star_hosts(dev)
     dt = resolve_dtype(dtype, dev)
     if not os.path.exists(init_from):
@@ -253,7 +179,10 @@ def main():
         die("--reasoning_budget and --speculative do not combine yet: use one of them")
     if reasoning is not None:
         folder = init_from if os.path.isdir(init_from) else os.path.dirname(os.path.abspath(init_from))
-        prompt = chat_prompt(prompt, reasoning, chat_template(folder))
+        try:
+            prompt = chat_prompt(prompt, reasoning, chat_template(folder))
+        except ChatError as e:
+            die(str(e))
     try:
         ids = tokenizer.encode(prompt)
     except DataError as e:

@@ -104,6 +104,23 @@ def test_engine_refuses_what_does_not_fit():
         generate_batch(model, [[1], [2]], [3])
 
 
+def test_a_failing_row_ends_alone():
+    """A row whose logits cannot be sampled (temperature NaN: NaN probabilities) ends with an error;
+    the rows beside it decode as if it had never been there."""
+    model = tiny_model(pattern="M*-EM*").eval()
+    ps = prompts([5, 7, 3], seed=8)
+    engine = Engine(model, rows=3, max_len=32)
+    rs = [Request(p, 6, temperature=t) for p, t in zip(ps, [0, 0, 0])]
+    for r in rs:
+        engine.add(r)
+    rs[1].temperature = float("nan")  # after its first token: the failure comes inside a batched step
+    while any(engine.requests):
+        engine.step()
+    assert rs[1].finish == "error" and "probability" in rs[1].error
+    for r, p in zip([rs[0], rs[2]], [ps[0], ps[2]]):
+        assert r.tokens == model.generate(torch.tensor([p]), 6, temperature=0)[0, len(p):].tolist()
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("tokens", [2, 3, 40])
 def test_experts_static_equals_the_loop(tokens):

@@ -84,7 +84,7 @@ LEVEL = {"triton_ops": 0, "hardware": 0, "configurator": 0, "data": 0,
          "mamba": 1, "attention": 1, "moe": 1,
          "model": 2,
          "generate": 3, "checkpoint": 3, "lowprec": 3, "parallel": 3,
-         "train": 4, "sample": 4, "eval": 4, "bench": 4, "plan": 4, "plot": 4}
+         "train": 4, "sample": 4, "serve": 4, "eval": 4, "bench": 4, "plan": 4, "plot": 4}
 # imports inside a function, at call time: the public methods that stay on Nemotron and delegate
 DELEGATIONS = {("model", "generate"), ("model", "checkpoint")}
 

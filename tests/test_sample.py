@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from data.chat import ChatError, ThinkingBudget, chat_prompt
 from helpers import assert_close, run_script
 from generate import generate_stream
 from model import Nemotron, NemotronConfig
@@ -59,6 +60,16 @@ def test_out_dir_greedy_matches_generate(saved):
     expected = bytes(greedy(saved / "out", ids)).decode("utf-8", errors="replace")
     assert expected in out
     assert "tok/s" in err and "Traceback" not in err
+
+
+def test_compiled_greedy_matches_generate(saved):
+    """--compile=True: static caches and the compiled one-token step, the same greedy text."""
+    rc, out, err = run_sample(f"--init_from={saved / 'out'}", "--start=def f(x):", "--temperature=0",
+                              "--max_new_tokens=8", "--compile=True")
+    assert rc == 0, err
+    assert bytes(greedy(saved / "out", list(b"def f(x):"))).decode("utf-8", errors="replace") in out
+    rc, out, err = run_sample(f"--init_from={saved / 'out'}", "--compile=True", "--star_block=4")
+    assert rc == 1 and err.startswith("error:") and "static caches" in err
 
 
 def test_hf_folder_without_tokenizer_falls_back_to_bytes(saved):
@@ -109,19 +120,7 @@ def test_bad_input_is_one_clear_message(saved, bad):
 
 
 # -----------------------------------------------------------------------------
-# reasoning controls: chat format, thinking budget (with forced logits)
-
-def sample_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sample_mod", os.path.join(REPO, "sample.py"))
-    mod = importlib.util.module_from_spec(spec)
-    argv, sys.argv = sys.argv, ["sample.py"]
-    try:
-        spec.loader.exec_module(mod)  # defines the globals and functions; main() only runs as __main__
-    finally:
-        sys.argv = argv
-    return mod
-
+# reasoning controls (data/chat.py): chat format, thinking budget (with forced logits)
 
 class ScriptedHead(torch.nn.Module):
     """An LM head that ignores its input and makes greedy decoding spell out `text`, byte by byte."""
@@ -141,27 +140,41 @@ class ScriptedHead(torch.nn.Module):
 def steered(prompt, script, budget, grace):
     """The text greedy decoding produces after `prompt` with a thinking budget, the head forced to `script`."""
     from data.tokenizer import ByteTokenizer
-    sample = sample_module()
     torch.manual_seed(0)
     model = Nemotron(NemotronConfig(**TINY)).eval()
     model.lm_head = ScriptedHead(script)
     tok = ByteTokenizer()
     ids = tok.encode(prompt)
-    steer = sample.ThinkingBudget(tok, ids, budget, grace)
+    steer = ThinkingBudget(tok, ids, budget, grace)
     out = generate_stream(model, torch.tensor([ids]), len(script) + 12, temperature=0, steer=steer)
     return tok.decode([t.item() for t in out])
 
 
 def test_chat_prompt_switches_thinking():
-    sample = sample_module()
-    on, off = sample.chat_prompt("2+2?", "on"), sample.chat_prompt("2+2?", "off")
+    on, off = chat_prompt("2+2?", "on"), chat_prompt("2+2?", "off")
     assert "/think\n" in on and on.endswith("<|assistant|>\n<think>\n")
     assert "/no_think\n" in off and off.endswith("<think></think>\n")
     nano = ("{% for m in messages %}[{{ m.role }}:{{ m.content }}]{% endfor %}"
             "{% if add_generation_prompt %}<a>{% endif %}")
-    assert sample.chat_prompt("hi", "off", nano + "{# /no_think #}") == "[system:/no_think][user:hi]<a>"
+    assert chat_prompt("hi", "off", nano + "{# /no_think #}") == "[system:/no_think][user:hi]<a>"
     llama = nano + "{# detailed thinking #}"
-    assert sample.chat_prompt("hi", "on", llama) == "[system:detailed thinking on][user:hi]<a>"
+    assert chat_prompt("hi", "on", llama) == "[system:detailed thinking on][user:hi]<a>"
+
+
+def test_chat_prompt_takes_turns_and_reads_the_switch_from_the_system_prompt():
+    turns = [{"role": "system", "content": "Be brief. /no_think"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "2+2?"}]
+    text = chat_prompt(turns)
+    assert text == ("<|system|>\nBe brief. /no_think\n<|user|>\nhi\n<|assistant|>\nhello\n<|user|>\n2+2?\n"
+                    "<|assistant|>\n<think></think>\n")
+    assert chat_prompt(turns, "on").startswith("<|system|>\n/think\nBe brief.")
+    assert chat_prompt([{"role": "user", "content": "x"}]).endswith("<|assistant|>\n")  # no switch: none
+    for bad in ([], [{"role": "user"}], [{"role": "tool", "content": "x"}], [{"role": "system", "content": "x"}],
+                [["user", "x"]]):
+        with pytest.raises(ChatError):
+            chat_prompt(bad)
+    with pytest.raises(ChatError, match="reasoning"):
+        chat_prompt("x", "maybe")
 
 
 def test_thinking_budget_closes_at_the_next_newline():
