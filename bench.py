@@ -3,7 +3,8 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
 
     python bench.py            # train, decode, then moe (about 7 minutes on a 2-core CPU)
     python bench.py train      # training tokens/s: ours hybrid, ours attention-only, transformers
-    python bench.py decode     # cached decoding ms/token at contexts 256 .. 8192
+    python bench.py decode     # ms/token at contexts 256 .. 8192 (eager, compiled engine); batched tok/s
+    python bench.py serve      # serve.py: 32 concurrent streaming clients vs one by one; time to first token
     python bench.py decode --init_from=out-mtp1 --speculative=2   # plain vs MTP-speculative greedy tok/s
     python bench.py kernels    # the Triton SSD vs the PyTorch reference, eager and compiled (a GPU's job)
     python bench.py moe        # one MoE layer, forward + backward tokens/s, 64 and 128 experts, top-6
@@ -13,42 +14,49 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
                                # quantizer bandwidth (a GPU's job)
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
-The candidates take turns, one step each (a, b, c, a, b, c, ...), so that a noisy machine slows
-them all alike, and each reports the median of its steps. "transformers" is NemotronHForCausalLM
+kernels, lowprec and (on a GPU, after moe) the grouped GEMM are bench_kernels.py's benches; they time
+with the helpers here (interleaved, timed, train_step, verdict).
+
+The candidates take turns, one step each (a, b, c, a, b, c, ...; decoding: 8 tokens each, so that
+a turn's steps find their weights in the CPU's caches), so that a noisy machine slows them all
+alike, and each reports the median of its steps. "transformers" is NemotronHForCausalLM
 loaded from our save_pretrained, so its weights are ours; on a CPU it runs its pure-PyTorch paths
 (mamba_ssm and causal_conv1d are CUDA kernels). The project's targets are printed, never asserted:
 benchmarks are measurements, not tests.
 """
 import argparse
 import copy
+import http.client
 import importlib.util
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-import lowprec
 import triton_ops
 from attention import banded, visible
-from generate import generate_stream, new_cache, speculative_stream, star_blocks, star_prefill
-from hardware import peaks
-from mamba import ssd_flops
+from generate import (engine_stream, generate_batch, generate_stream, new_cache, speculative_stream, star_blocks,
+                      star_prefill)
 from model import Nemotron, NemotronConfig, config_file
 from moe import experts_loop
 
 TRAIN_TARGET = 1.5    # ours / transformers training tokens/s
 DECODE_TARGET = 4.0   # transformers / ours decoding ms per token, at every context
+COMPILED_TARGET = 3.0  # transformers / ours compiled (static-cache engine) decoding ms per token, at every context
+FLOOR_TARGET = 2.0    # ours compiled ms per token at the shortest context / the matmul floor (batch 1)
+BATCH_TARGET = 4.0    # ours compiled / transformers generated tokens/s, 16 greedy prompts of mixed lengths
+SERVE_TARGET = 3.0    # serve.py: concurrent clients' tokens/s / the same requests one by one
 FLAT_TARGET = 1.3     # hybrid ms/token at the longest context / at the shortest
-SSD_TARGET = 5.0      # compiled reference / Triton SSD forward+backward ms at length 8K
 MOE_TARGET = 2.0      # ours / transformers tokens/s of one MoE layer, forward + backward
 STAR_TARGET = 2.0     # full prefill / Star Attention phase-1 seconds, 8K context, 4 blocks, attention-only
-FP8_TARGET = 1.3      # bf16 / FP8 Linear ms, forward + backward, on a GPU with FP8 tensor cores
-QUANT_TARGET = 0.6    # quantizer bytes moved per second / HBM peak
 MOE = dict(vocab_size=256, d_model=256, pattern="E", top_k=6, moe_d_ff=256, shared_d_ff=512)
 # config/pycode_attention_only.py's model: RoPE attention, MLP and MoE, no Mamba
 STAR = dict(vocab_size=256, d_model=128, pattern="***-*E", rope=True, n_head=8, n_kv_head=4, head_dim=32,
@@ -102,6 +110,10 @@ def n_params(model):
     return sum(p.numel() for p in model.parameters())
 
 
+# -----------------------------------------------------------------------------
+# timing: the candidates take turns, a GPU synchronised around each call (bench_kernels.py uses these too)
+
+
 def interleaved(steppers, steps, warmup):
     """name -> median seconds of steppers[name](): the candidates take turns, one call each, so
     that a noisy machine slows them all alike; the first `warmup` rounds are not counted."""
@@ -116,6 +128,19 @@ def interleaved(steppers, steps, warmup):
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def timed(fn, reps):
+    """Seconds of each of reps calls of fn(), synchronising the GPU around each."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 # -----------------------------------------------------------------------------
@@ -170,169 +195,157 @@ def stream(model, idx, max_new_tokens):
     return hf_stream(model, idx, max_new_tokens)
 
 
+
 def bench_decode(cfg, contexts=(256, 1024, 4096, 8192), steps=32, warmup=2, hf=True, models=None):
     """{context: {name: {"ms": median ms/token, "prefill_s": seconds}}}. Each candidate prefills a
     random prompt of each context length, then all (context, candidate) pairs take turns decoding
-    one token each, so that the ratios across contexts are measured side by side too."""
+    8 tokens each, so that the ratios across contexts are measured side by side too. Besides
+    models' streams, the hybrid's static-cache engine (generate.engine_stream: eager, and compiled
+    during the warm-up)."""
     models = models or candidates(cfg, hf)
+    streams = {name: (lambda p, n, m=m: stream(m.eval(), p, n)) for name, m in models.items()}
+    for name, compile in (("ours static (eager)", False), ("ours compiled", True)):
+        streams[name] = lambda p, n, c=compile: engine_stream(models["ours hybrid"].eval(), p[0].tolist(), n,
+                                                              temperature=0, compile=c)
     g = torch.Generator().manual_seed(0)
     gens, results = {}, {}
     for ctx in contexts:
         prompt = torch.randint(0, cfg.vocab_size, (1, ctx), generator=g)
         results[ctx] = {}
-        for name, m in models.items():
-            m.eval()
-            gens[ctx, name] = stream(m, prompt, 1 + warmup + steps)
+        for name, make in streams.items():
+            gens[ctx, name] = make(prompt, 1 + warmup + steps)
             t0 = time.perf_counter()
             next(gens[ctx, name])  # the prefill and the first token
             results[ctx][name] = {"prefill_s": time.perf_counter() - t0, "times": []}
-    for i in range(warmup + steps):
+    block = 8  # tokens per turn: the step after another candidate's turn finds the caches cold
+    for i in range(0, warmup + steps, block):
         for (ctx, name), gen in gens.items():
-            t0 = time.perf_counter()
-            next(gen)
-            if i >= warmup:
-                results[ctx][name]["times"].append(time.perf_counter() - t0)
+            for j in range(i, min(i + block, warmup + steps)):
+                t0 = time.perf_counter()
+                next(gen)
+                if j >= warmup:
+                    results[ctx][name]["times"].append(time.perf_counter() - t0)
     for res in results.values():
         for r in res.values():
             r["ms"] = 1000 * statistics.median(r.pop("times"))
     return results
 
 
+def matmul_floor(model, reps=100):
+    """Seconds of the matrix multiplies one decoded token needs at batch 1, as bare torch matmuls back to back
+    (median of reps): (1, in) @ (in, out) for every nn.Linear of the layers (shared experts included) and the LM
+    head; per MoE layer the router (1, d) @ (d, E) and top_k routed experts' up (1, l) @ (l, F), down (1, F) @ (F, l).
+    Left out: the SSD recurrence, attention over the cache, the causal conv, norms, embedding, routing, elementwise."""
+    linears = [m for m in model.backbone.layers.modules() if isinstance(m, torch.nn.Linear)] + [model.lm_head]
+    shapes = [(m.in_features, m.out_features) for m in linears]
+    for block in model.backbone.layers:
+        if block.kind == "E":
+            E, Fe, l = block.mixer.experts.up_proj.shape  # (E, F, l)
+            shapes += [(model.config.d_model, E)] + [(l, Fe), (Fe, l)] * model.config.top_k
+    p = model.lm_head.weight
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randn(1, i, generator=g).to(p), torch.randn(i, o, generator=g).to(p)) for i, o in shapes]
+    run = lambda: [torch.mm(x, w) for x, w in pairs]
+    run()
+    return statistics.median(timed(run, reps))
+
+
+def bench_batch(models, n_prompts=16, lengths=(64, 512), new_tokens=64, rounds=3):
+    """name -> {"tok/s", "same"}: n_prompts greedy prompts of lengths drawn from `lengths` (seeded), new_tokens
+    each; generated tokens/s with the prefills (median of `rounds` taking turns, after one untimed round that
+    compiles ours' bucket) of generate.generate_batch, compiled and eager, and of transformers' generate() on
+    the prompts left-padded with token 0 and a mask. "same": rows whose tokens equal ours compiled's."""
+    hybrid = models["ours hybrid"].eval()
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(lengths[0], lengths[1] + 1, (n_prompts,), generator=g).tolist()
+    prompts = [torch.randint(0, hybrid.config.vocab_size, (n,), generator=g) for n in lens]
+    outs, steppers = {}, {}  # outs: name -> each row's new tokens, from its last round
+    for name, compile in (("ours compiled", True), ("ours static (eager)", False)):
+        steppers[name] = lambda name=name, c=compile: outs.update({name: [r.tokens for r in generate_batch(
+            hybrid, prompts, new_tokens, temperature=0, max_batch=16, compile=c)]})
+    theirs, T = models.get("transformers"), max(lens)
+    if theirs is not None:
+        ids = torch.stack([F.pad(p, (T - len(p), 0)) for p in prompts])  # (n_prompts, T), left-padded with 0
+        mask = (torch.arange(T) >= T - torch.tensor(lens)[:, None]).long()  # (n_prompts, T): 1 on the prompt
+        steppers["transformers"] = lambda: outs.update({"transformers": theirs.eval().generate(
+            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens,
+            pad_token_id=0)[:, T:].tolist()})
+    for name, step in list(steppers.items()):  # the untimed round
+        try:
+            step()
+        except Exception as e:
+            if name != "transformers":
+                raise
+            print(f"transformers' batched generate failed, skipped: {type(e).__name__}: {' '.join(str(e).split())}")
+            del steppers[name]
+    secs = interleaved(steppers, rounds, 0)
+    same = lambda name: sum(a == b for a, b in zip(outs[name], outs["ours compiled"]))
+    return {name: {"tok/s": n_prompts * new_tokens / t, "same": same(name)} for name, t in secs.items()}
+
+
 # -----------------------------------------------------------------------------
-# kernels: the Triton SSD against the PyTorch reference, eager and under torch.compile
-
-def gpu_peaks():
-    """(dense bf16 FLOP/s, memory bytes/s) of this GPU (hardware.py), or (None, None)."""
-    return peaks(torch.cuda.get_device_name()) if torch.cuda.is_available() else (None, None)
+# serving: serve.py under many concurrent streaming clients, against the same requests one by one
 
 
-def timed(fn, reps):
-    """Seconds of each of reps calls of fn(), synchronising the GPU around each."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return times
+def sse_request(port, prompt, max_tokens):
+    """One streaming completion over raw HTTP: (seconds to the first token, seconds in all, finish)."""
+    t0 = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
+    c.request("POST", "/v1/completions", body, {"Content-Length": str(len(body))})
+    first, finish = None, None
+    for line in c.getresponse():
+        if line.startswith(b"data: {"):
+            first = first or time.perf_counter() - t0
+            finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+    return first, time.perf_counter() - t0, finish
 
 
-def ssd_candidates(quick):
-    """name -> an ssd function with mamba.ssd_ref's signature."""
-    import triton_ops
-    from mamba import ssd_ref
-    fns = {"reference": ssd_ref}
-    if not quick:  # compiling takes a minute on a CPU: not for a smoke test
-        fns["compiled reference"] = torch.compile(ssd_ref, dynamic=False)
-    if triton_ops.use_triton(torch.empty(0, device="cuda" if torch.cuda.is_available() else "cpu")):
-        fns["triton"] = triton_ops.ssd
-    return fns
+def bench_serve(cfg, clients=32, max_tokens=64, lengths=(16, 256), compile=False):
+    """serve.py on a checkpoint of cfg's model (a subprocess, this process's thread count): the
+    same `clients` greedy streaming requests, all at once and then one after another. Returns
+    {"concurrent", "sequential"}: {"tok/s", "ttft" (seconds, sorted), "complete"}."""
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.randint(lengths[0], lengths[1] + 1, (clients,), generator=g).tolist()
+    prompts = ["".join(chr(32 + c) for c in torch.randint(0, 95, (n,), generator=g).tolist()) for n in sizes]
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        torch.save({"model": Nemotron(cfg).state_dict(), "model_config": cfg.to_dict(), "config": {}},
+                   os.path.join(folder, "ckpt.pt"))
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump({"tokenizer": "bytes", "vocab_size": 256}, f)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
+        flags = [f"--init_from={folder}", "--port=0", "--device=cpu", f"--max_batch={clients}",
+                 f"--queue_size={clients}", f"--max_len={lengths[1] + max_tokens}", f"--compile={compile}"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+        server = subprocess.Popen([sys.executable, script, *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  text=True, env=env)
+        try:
+            port = next(int(line.split(":")[-1].split()[0]) for line in server.stdout if line.startswith("serving"))
+            sse_request(port, prompts[0], 2)  # warm-up (a compiled step compiles here)
+            res = {}
+            for mode in ("concurrent", "sequential"):
+                got = [None] * clients
+                ask = lambda i: got.__setitem__(i, sse_request(port, prompts[i], max_tokens))
+                t0 = time.perf_counter()
+                threads = [threading.Thread(target=ask, args=(i,)) for i in range(clients)]
+                for t in threads:  # concurrent: all started, then all joined; sequential: one at a time
+                    t.start()
+                    if mode == "sequential":
+                        t.join()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                done = [r for r in got if r is not None and r[2] == "length"]
+                res[mode] = {"tok/s": len(done) * max_tokens / wall, "ttft": sorted(r[0] for r in done),
+                             "complete": len(done)}
+            return res
+        finally:
+            server.kill()
+            server.wait()
 
 
-def bench_ssd(lengths, batch=4, heads=64, headdim=64, groups=1, d_state=128, chunk=128,
-              dtype=torch.bfloat16, reps=10, quick=False):
-    """{length: {name: {"fwd_ms", "fwdbwd_ms", "first_s", "peak_mb"}}} of the chunked SSD."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    fns = ssd_candidates(quick)
-    results = {}
-    for T in lengths:
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(batch, T, heads, headdim, generator=g).to(dev, dtype)
-        dt = (torch.rand(batch, T, heads, generator=g) * 0.1 + 0.001).to(dev)
-        A = (-torch.rand(heads, generator=g) * 8 - 1).to(dev)
-        B, C = (torch.randn(batch, T, groups, d_state, generator=g).to(dev, dtype) for _ in range(2))
-        D = torch.randn(heads, generator=g).to(dev)
-        inputs = [t.requires_grad_() for t in (x, dt, A, B, C, D)]
-        res = {}
-        for name, fn in fns.items():
-            def fwd():
-                with torch.no_grad():
-                    fn(x, dt, A, B, C, chunk, D=D)
-
-            def fwdbwd():
-                y, h = fn(x, dt, A, B, C, chunk, D=D)
-                (y.float().sum() + h.sum()).backward()
-                for t in inputs:
-                    t.grad = None
-            first = timed(fwd, 1)[0] + timed(fwdbwd, 1)[0]  # compiles (or JITs) both directions
-            if dev == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            fwd_s, fwdbwd_s = statistics.median(timed(fwd, reps)), statistics.median(timed(fwdbwd, reps))
-            peak = torch.cuda.max_memory_allocated() / 2 ** 20 if dev == "cuda" else None
-            res[name] = {"fwd_ms": 1000 * fwd_s, "fwdbwd_ms": 1000 * fwdbwd_s, "first_s": first, "peak_mb": peak}
-        results[T] = res
-    return results
-
-
-def bench_decode_kernel(batch=64, heads=64, headdim=64, d_state=128, reps=50):
-    """The SSD state update of one token: achieved bandwidth (bytes/s) of the Triton kernel (the state
-    read and written once) and of the reference ssd_step."""
-    import triton_ops
-    from mamba import ssd_step
-    dev = "cuda"
-    h = torch.randn(batch, heads, headdim, d_state, device=dev)
-    x = torch.randn(batch, 1, heads, headdim, device=dev, dtype=torch.bfloat16)
-    dt = torch.rand(batch, 1, heads, device=dev) * 0.1
-    A, D = -torch.rand(heads, device=dev), torch.randn(heads, device=dev)
-    B, C = (torch.randn(batch, 1, 1, d_state, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    state_bytes = 2 * h.numel() * 4  # read and written
-    kern_s = statistics.median(timed(lambda: triton_ops.ssd_update(h, x, dt, A, B, C, D), reps))
-    ref_s = statistics.median(timed(lambda: ssd_step(h, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D), reps))
-    return {"triton": state_bytes / kern_s, "reference": state_bytes / ref_s, "state_mb": h.numel() * 4 / 2 ** 20}
-
-
-def bench_e2e(cfg, batch_size=4, seq_len=2048, steps=5, warmup=2):
-    """Training tokens/s (bf16 autocast, AdamW) of cfg on this GPU with the Triton kernels and
-    without them (mamba.py's PyTorch references), taking turns step by step."""
-    import triton_ops
-    dev = "cuda"
-    torch.manual_seed(0)
-    model = Nemotron(cfg).to(dev)
-    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
-    step = train_step(model, x[:, :-1], x[:, 1:])
-
-    def with_kernels(use):
-        def run():
-            triton_ops.USE_TRITON = use
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                step()
-        return run
-    secs = interleaved({"with kernels": with_kernels(True), "without": with_kernels(False)}, steps, warmup)
-    triton_ops.USE_TRITON = True
-    return {name: batch_size * seq_len / t for name, t in secs.items()}
-
-
-def report_kernels(res, shape, decode=None, e2e=None):
-    peak, hbm = gpu_peaks()
-    b, H, P, G, N, Q, dtype = shape
-    flops_tok = ssd_flops(H, P, N, Q)
-    print(f"\n== kernels: chunked SSD, batch {b}, heads {H}, head dim {P}, groups {G}, state {N}, "
-          f"chunk {Q}, {dtype}; median ms (first call's s: compile + run, both directions)")
-    print(f"TFLOP/s counts {flops_tok / 1e6:.2f} MFLOP per token forward (mamba.ssd_flops), backward = 2x forward"
-          + (f"; % of the {peak / 1e12:.0f} TFLOP/s dense bf16 peak" if peak else ""))
-    print(f"{'length':>7} {'candidate':<20}{'fwd ms':>9}{'fwd+bwd ms':>12}{'TFLOP/s':>9}{'% peak':>8}"
-          f"{'first s':>9}{'peak MB':>9}")
-    for T, by_name in res.items():
-        for name, r in by_name.items():
-            tflops = 3 * flops_tok * b * T / (r["fwdbwd_ms"] / 1000) / 1e12
-            pct = f"{100 * tflops * 1e12 / peak:>7.1f}%" if peak else f"{'n/a':>8}"
-            mem = f"{r['peak_mb']:>9.0f}" if r["peak_mb"] is not None else f"{'n/a':>9}"
-            print(f"{T:>7} {name:<20}{r['fwd_ms']:>9.2f}{r['fwdbwd_ms']:>12.2f}{tflops:>9.2f}{pct}"
-                  f"{r['first_s']:>9.1f}{mem}")
-        if "triton" in by_name and "compiled reference" in by_name:
-            ratio = by_name["compiled reference"]["fwdbwd_ms"] / by_name["triton"]["fwdbwd_ms"]
-            print(f"{'':>8}triton vs compiled reference, fwd+bwd: {ratio:.2f}x faster (target >= {SSD_TARGET}x at 8K)")
-    if "triton" not in next(iter(res.values())):
-        print("no Triton candidate: its speed needs a GPU (the interpreter's timings measure Python, not the kernel)")
-    if decode is not None:
-        pct = f" = {100 * decode['triton'] / hbm:.0f}% of {hbm / 1e12:.2f} TB/s HBM" if hbm else ""
-        print(f"decode state update ({decode['state_mb']:.0f} MB fp32 state): triton {decode['triton'] / 1e9:.0f} GB/s"
-              f"{pct} (target >= 50%), reference {decode['reference'] / 1e9:.0f} GB/s")
-    if e2e is not None:
-        print(f"end-to-end training, {e2e['config']}: {e2e['with kernels']:,.0f} tok/s with the kernels, "
-              f"{e2e['without']:,.0f} without ({e2e['with kernels'] / e2e['without']:.2f}x)")
+# -----------------------------------------------------------------------------
 # one MoE layer: router, routed experts, shared expert; forward + backward, fp32
 
 
@@ -394,95 +407,6 @@ def bench_moe(n_experts=(64, 128), tokens=4096, steps=5, warmup=2, hf=True, cfg_
         secs = interleaved(steppers, steps, warmup)
         results[E] = {name: {"ms": 1000 * t, "tok/s": tokens / t} for name, t in secs.items()}
     return results
-
-
-def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, steps=20, device="cuda"):
-    """On a GPU: achieved TFLOP/s of triton_ops.grouped_mm, forward + backward (y, dx, dw: three
-    GEMMs), bf16, random dropless routing, beside one dense bf16 matmul of the same total rows.
-    The default sizes are Nemotron 3 Nano's expert up-projection (d 2688, expert d_ff 1856)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    bf16 = torch.bfloat16
-    idx = torch.randint(0, n_experts, (tokens * top_k,), device=device)
-    offs = torch.bincount(idx, minlength=n_experts).cumsum(0).to(torch.int32)
-    x = torch.randn(tokens * top_k, K, device=device, dtype=bf16, requires_grad=True)
-    w = torch.randn(n_experts, K, N, device=device, dtype=bf16).mul_(0.02).requires_grad_()
-    w0 = w[0].detach().clone().requires_grad_()
-    dy = torch.randn(tokens * top_k, N, device=device, dtype=bf16)
-    # autograd.grad, not backward: no gradient accumulation inside the timed step
-    candidates = {"grouped_mm": lambda: torch.autograd.grad(triton_ops.grouped_mm(x, w, offs), (x, w), dy),
-                  "dense mm": lambda: torch.autograd.grad(x @ w0, (x, w0), dy)}
-    res = {}
-    for name, step in candidates.items():
-        times = []
-        for i in range(3 + steps):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            if i >= 3:
-                times.append(time.perf_counter() - t0)
-        res[name] = 3 * 2 * tokens * top_k * K * N / statistics.median(times) / 1e12
-    name = torch.cuda.get_device_name() if device == "cuda" else device
-    return res, dict(device=name, n_experts=n_experts, tokens=tokens, top_k=top_k, K=K, N=N)
-
-
-# -----------------------------------------------------------------------------
-# low precision: the low-precision Linear against bf16, and the quantizers' bandwidth
-
-
-def bench_lowprec_linear(M, K, N, steps=10, warmup=3, device="cpu"):
-    """name -> median seconds of one Linear forward + backward (y, dx, dw) on x (M, K), an fp32
-    master weight (N, K) and dy (M, N): "bf16" (F.linear on the weight cast to bf16 on a GPU, as
-    autocast does; fp32 on a CPU) and lowprec.LowPrecLinearFn for each recipe (FP8 through
-    torch._scaled_mm where it runs, everything else emulated)."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
-    w = (torch.randn(N, K, device=device) * 0.02).requires_grad_()
-    dy = torch.randn(M, N, device=device, dtype=dtype)
-    H = triton_ops.hadamard16(torch.ones(16)).to(device)
-    steppers = {"bf16": lambda: torch.autograd.grad(F.linear(x, w.to(dtype)), (x, w), dy)}
-    for fmt in ("fp8", "mxfp8", "nvfp4"):
-        recipe = lowprec.Recipe(fmt, H=H)
-        steppers[fmt] = lambda r=recipe: torch.autograd.grad(lowprec.LowPrecLinearFn.apply(x, w, r), (x, w), dy)
-    return interleaved(steppers, steps, warmup)
-
-
-def bench_quantizers(R, C, reps=20, device="cpu"):
-    """name -> (median seconds, bytes moved) of each quantizer on a bf16 (R, C) tensor. Bytes are
-    the least any implementation must move: the input read once, the codes and scales written
-    (the per-tensor recipes read the input a second time for the amax; not counted)."""
-    x = torch.randn(R, C, device=device, dtype=torch.bfloat16)
-    n = R * C
-    cands = {"fp8 tensorwise": (lambda: triton_ops.quantize_fp8(x), 2 * n + n),
-             "fp8 blockwise 1x128": (lambda: triton_ops.quantize_fp8(x, "blockwise"), 2 * n + n + 4 * n // 128),
-             "mxfp8 1x32": (lambda: triton_ops.quantize_mxfp8(x), 2 * n + n + n // 32),
-             "nvfp4 1x16": (lambda: triton_ops.quantize_nvfp4(x), 2 * n + n // 2 + n // 16),
-             "nvfp4 16x16": (lambda: triton_ops.quantize_nvfp4(x, (16, 16)), 2 * n + n // 2 + n // 256),
-             "nvfp4 1x16 SR": (lambda: triton_ops.quantize_nvfp4(x, stochastic=True), 2 * n + n // 2 + n // 16)}
-    res = {}
-    for name, (fn, nbytes) in cands.items():
-        fn()
-        res[name] = (statistics.median(timed(fn, reps)), nbytes)
-    return res
-
-
-def run_lowprec(quick):
-    """bench.py lowprec: the shapes of real layers on a GPU; on a CPU a small emulated comparison."""
-    gpu = torch.cuda.is_available()
-    if quick:
-        (M, K, N), (R, C), steps = (64, 64, 128), (64, 256), 1
-    elif gpu:
-        (M, K, N), (R, C), steps = (4096, 4096, 16384), (16384, 8192), 10
-    else:
-        (M, K, N), (R, C), steps = (1024, 512, 2048), (1024, 1024), 3
-    device = "cuda" if gpu else "cpu"
-    lin = bench_lowprec_linear(M, K, N, steps=steps, warmup=1 if quick else 3, device=device)
-    quant = bench_quantizers(R, C, reps=2 if quick else 20, device=device)
-    report_lowprec(lin, (M, K, N), quant, (R, C))
-
-
-# -----------------------------------------------------------------------------
-# reports
 
 
 # -----------------------------------------------------------------------------
@@ -556,6 +480,10 @@ def report_window(res, window):
         print(f"{T:>8} {r['dense']:>8.3f} {r['banded']:>8.3f} {r['dense'] / r['banded']:>13.2f}")
 
 
+# -----------------------------------------------------------------------------
+# reports
+
+
 def verdict(ok):
     return "PASS" if ok else "FAIL"
 
@@ -578,26 +506,33 @@ def report_train(res, cfg, batch_size, seq_len, steps, warmup):
         print("transformers is not installed: no peer to compare with")
 
 
-def report_decode(res, steps, warmup):
+def report_decode(res, steps, warmup, floor=None):
     names = list(next(iter(res.values())))
     print(f"\n== decode: batch 1, greedy, ms/token = median of {steps} steps after a prefill and {warmup} "
           f"warm-up steps, every context and candidate taking turns (prefill seconds in brackets), "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; ours static: generate.Engine, one row (compiled in the warm-up)")
     head = "".join(f"{n:>24}" for n in names)
     has_hf = "transformers" in names
-    print(f"{'context':>8}{head}" + (f"{'transformers/ours':>19}" if has_hf else ""))
-    ratios = []
+    print(f"{'context':>8}{head}" + (f"{'transformers/ours':>19}{'transformers/compiled':>23}" if has_hf else ""))
+    ratios, compiled = [], []
     for ctx, r in res.items():
         cells = "".join(f"{r[n]['ms']:>12.2f} ({r[n]['prefill_s']:>7.2f}s)" for n in names)
         line = f"{ctx:>8}{cells}"
         if has_hf:
             ratios.append(r["transformers"]["ms"] / r["ours hybrid"]["ms"])
-            line += f"{ratios[-1]:>18.2f}x"
+            compiled.append(r["transformers"]["ms"] / r["ours compiled"]["ms"])
+            line += f"{ratios[-1]:>18.2f}x{compiled[-1]:>22.2f}x"
         print(line)
     lo, hi = min(res), max(res)
     if has_hf:
         print(f"transformers / ours ms/token: {min(ratios):.2f}x at worst "
               f"(target >= {DECODE_TARGET}x at every context: {verdict(min(ratios) >= DECODE_TARGET)})")
+        print(f"transformers / ours compiled ms/token: {min(compiled):.2f}x at worst "
+              f"(target >= {COMPILED_TARGET}x at every context: {verdict(min(compiled) >= COMPILED_TARGET)})")
+    if floor is not None:  # matmul_floor(): one token's bare matmuls
+        ms, ratio = 1000 * floor, res[lo]["ours compiled"]["ms"] / (1000 * floor)
+        print(f"matmul floor ms/token: {ms:.3f}; ours compiled / floor: {ratio:.2f}x at {lo} (target <= "
+              f"{FLOOR_TARGET}x: {verdict(ratio <= FLOOR_TARGET)}), {res[hi]['ours compiled']['ms'] / ms:.2f}x at {hi}")
     flat = res[hi]["ours hybrid"]["ms"] / res[lo]["ours hybrid"]["ms"]
     print(f"ours hybrid ms/token at {hi} / at {lo}: {flat:.2f} "
           f"(target <= {FLAT_TARGET}: {verdict(flat <= FLAT_TARGET)})")
@@ -606,6 +541,55 @@ def report_decode(res, steps, warmup):
     if has_hf:
         hf_flat = res[hi]["transformers"]["ms"] / res[lo]["transformers"]["ms"]
         print(f"transformers ms/token at {hi} / at {lo}: {hf_flat:.2f}")
+
+
+def report_batch(res, n_prompts, lengths, new_tokens, rounds):
+    print(f"\n== batched decoding: {n_prompts} greedy prompts of {lengths[0]}..{lengths[1]} tokens, {new_tokens} "
+          f"new tokens each; generated tok/s, prefills included, median of {rounds} rounds taking turns after "
+          f"an untimed one, {torch.get_num_threads()} threads")
+    for name, r in res.items():
+        print(f"{name:<22}{r['tok/s']:>10,.1f} tok/s  ({r['same']}/{n_prompts} rows give ours compiled's tokens)")
+    ratio = res["ours compiled"]["tok/s"] / res["transformers"]["tok/s"] if "transformers" in res else None
+    print(f"ours compiled / transformers tok/s: {ratio:.2f}x (target >= {BATCH_TARGET}x: "
+          f"{verdict(ratio >= BATCH_TARGET)})" if ratio else "transformers skipped or failed: no peer to compare with")
+
+
+def report_serve(res, clients, max_tokens, lengths, compile):
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]
+    print(f"\n== serving: serve.py, {clients} greedy streaming clients, prompts of {lengths[0]}..{lengths[1]} "
+          f"bytes, {max_tokens} tokens each, compile={compile}, {torch.get_num_threads()} threads")
+    for mode, r in res.items():
+        print(f"{mode:<11} {r['tok/s']:>9,.1f} tok/s  {r['complete']}/{clients} complete  time to first token "
+              f"p50 {pct(r['ttft'], 0.5):.3f} s, p99 {pct(r['ttft'], 0.99):.3f} s")
+    ratio = res["concurrent"]["tok/s"] / res["sequential"]["tok/s"]
+    print(f"concurrent / one by one tok/s: {ratio:.2f}x (target >= {SERVE_TARGET}x: {verdict(ratio >= SERVE_TARGET)})")
+
+
+def report_moe(res, tokens, steps, warmup, cfg_kw=MOE):
+    c = NemotronConfig(**{**cfg_kw, "n_experts": max(res)})
+    print(f"\n== moe: one MoE layer (router, top-{c.top_k} routed experts, shared expert), fp32, {tokens} tokens, "
+          f"d_model {c.d_model}, expert d_ff {c.moe_d_ff}, shared d_ff {c.shared_d_ff}; forward + backward, "
+          f"median of {steps} interleaved steps after {warmup} warm-up, {torch.get_num_threads()} threads")
+    print(f"{'experts':>8}  {'candidate':<32}{'ms/step':>10}{'tok/s':>10}")
+    for E, r in res.items():
+        for i, (name, v) in enumerate(r.items()):
+            print(f"{E if i == 0 else '':>8}  {name:<32}{v['ms']:>10.1f}{v['tok/s']:>10,.0f}")
+    print("ceiling: transformers' time / the dense matmuls' time, "
+          "the most that removing all routing overhead could give")
+    for E, r in res.items():
+        ours, dense = r["ours: grouped GEMM"]["ms"], r["dense matmuls, same FLOPs"]["ms"]
+        print(f"E={E}: ours grouped / ours loop tok/s: {r['ours: per-expert loop']['ms'] / ours:.2f}x; "
+              f"dense matmuls take {dense / ours:.2f} of ours' time")
+        for name in (n for n in r if n.startswith("transformers")):
+            ratio, ceiling = r[name]["ms"] / ours, r[name]["ms"] / dense
+            print(f"E={E}: ours / {name} tok/s: {ratio:.2f}x (ceiling {ceiling:.2f}x; target >= {MOE_TARGET}x: "
+                  f"{verdict(ratio >= MOE_TARGET)})")
+    if not any(n.startswith("transformers") for r in res.values() for n in r):
+        print("transformers is skipped or not installed: no peer to compare with")
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding (decode --init_from): plain vs MTP-speculative greedy on real text
 
 
 def bench_speculative(model, prompts, max_new_tokens=128, k=2, rounds=2):
@@ -662,99 +646,16 @@ def val_prompts(model, data_dir, n=4, length=64):
     return [torch.from_numpy(data[s:s + length].astype(np.int64))[None] for s in starts]
 
 
-def run_kernels(quick, lengths=None):
-    """bench.py kernels: realistic shapes on a GPU; on a CPU only the reference (eager and compiled)
-    at a smaller size, and with --quick a smoke test (the Triton path too under TRITON_INTERPRET=1).
-    lengths: the sequence lengths to time instead of the defaults (each compiles the reference anew)."""
-    gpu = torch.cuda.is_available()
-    if quick:
-        shape, default, reps = (1, 4, 16, 1, 16, 16, torch.float32), (40,), 1
-    elif gpu:
-        shape, default, reps = (4, 64, 64, 1, 128, 128, torch.bfloat16), (2048, 4096, 8192, 16384), 10
-    else:
-        shape, default, reps = (1, 8, 64, 1, 64, 64, torch.float32), (1024, 4096), 3
-    lengths = lengths or default
-    b, H, P, G, N, Q, dtype = shape
-    res = bench_ssd(lengths, batch=b, heads=H, headdim=P, groups=G, d_state=N, chunk=Q, dtype=dtype,
-                    reps=reps, quick=quick)
-    decode = bench_decode_kernel() if gpu and not quick else None
-    e2e = None
-    if gpu and not quick:
-        e2e = bench_e2e(config_file(os.path.join(os.path.dirname(__file__), "config", "gpu_125m.py"))[0])
-        e2e["config"] = "config/gpu_125m.py, batch 4 x 2048, bf16 autocast"
-    report_kernels(res, shape, decode, e2e)
-def report_moe(res, tokens, steps, warmup, cfg_kw=MOE):
-    c = NemotronConfig(**{**cfg_kw, "n_experts": max(res)})
-    print(f"\n== moe: one MoE layer (router, top-{c.top_k} routed experts, shared expert), fp32, {tokens} tokens, "
-          f"d_model {c.d_model}, expert d_ff {c.moe_d_ff}, shared d_ff {c.shared_d_ff}; forward + backward, "
-          f"median of {steps} interleaved steps after {warmup} warm-up, {torch.get_num_threads()} threads")
-    print(f"{'experts':>8}  {'candidate':<32}{'ms/step':>10}{'tok/s':>10}")
-    for E, r in res.items():
-        for i, (name, v) in enumerate(r.items()):
-            print(f"{E if i == 0 else '':>8}  {name:<32}{v['ms']:>10.1f}{v['tok/s']:>10,.0f}")
-    print("ceiling: transformers' time / the dense matmuls' time, "
-          "the most that removing all routing overhead could give")
-    for E, r in res.items():
-        ours, dense = r["ours: grouped GEMM"]["ms"], r["dense matmuls, same FLOPs"]["ms"]
-        print(f"E={E}: ours grouped / ours loop tok/s: {r['ours: per-expert loop']['ms'] / ours:.2f}x; "
-              f"dense matmuls take {dense / ours:.2f} of ours' time")
-        for name in (n for n in r if n.startswith("transformers")):
-            ratio, ceiling = r[name]["ms"] / ours, r[name]["ms"] / dense
-            print(f"E={E}: ours / {name} tok/s: {ratio:.2f}x (ceiling {ceiling:.2f}x; target >= {MOE_TARGET}x: "
-                  f"{verdict(ratio >= MOE_TARGET)})")
-    if not any(n.startswith("transformers") for r in res.values() for n in r):
-        print("transformers is skipped or not installed: no peer to compare with")
-
-
-def report_grouped_gemm(res, shape):
-    print(f"\n== grouped GEMM on {shape['device']}: triton_ops.grouped_mm, bf16, forward + backward "
-          f"(y, dx, dw), {shape['n_experts']} experts, {shape['tokens']} tokens x top-{shape['top_k']}, "
-          f"K={shape['K']}, N={shape['N']}")
-    print(f"grouped GEMM {res['grouped_mm']:.0f} TFLOP/s; one dense bf16 matmul of the same rows "
-          f"{res['dense mm']:.0f} TFLOP/s; ratio {res['grouped_mm'] / res['dense mm']:.2f}")
-
-
-def report_lowprec(lin, shape, quant, qshape):
-    gpu = torch.cuda.is_available()
-    M, K, N = shape
-    fp8_hw = gpu and lowprec.scaled_mm_runs(torch.empty(0, device="cuda"))
-    print(f"\n== low-precision Linear, forward + backward (y, dx, dw), M x K x N = {M} x {K} x {N}, "
-          f"{torch.cuda.get_device_name() if gpu else 'CPU'}; median of interleaved steps")
-    print("fp8: per-tensor E4M3 on " + ("torch._scaled_mm (FP8 tensor cores)" if fp8_hw else "the emulation")
-          + "; mxfp8, nvfp4: emulated (quantize, dequantize, matmul) everywhere")
-    base = lin["bf16"]
-    print(f"{'recipe':<10}{'ms':>10}{'bf16 / recipe':>16}")
-    for name, t in lin.items():
-        print(f"{name:<10}{1000 * t:>10.2f}{base / t:>15.3f}x")
-    if fp8_hw:
-        r = base / lin["fp8"]
-        print(f"bf16 / FP8 Linear: {r:.2f}x (target >= {FP8_TARGET}x: {verdict(r >= FP8_TARGET)})")
-    else:
-        print(f"FP8 speed-up (target >= {FP8_TARGET}x) and HBM bandwidth (target >= {QUANT_TARGET:.0%}) "
-              "need a GPU with FP8 tensor cores: the figures above are the emulation's overhead on this machine")
-    hbm = gpu_peaks()[1]
-    where = ("Triton kernels" if triton_ops.use_triton(torch.empty(0, device="cuda" if gpu else "cpu")) and gpu
-             else "PyTorch references")
-    print(f"\n== quantizers on a bf16 {qshape[0]} x {qshape[1]} tensor ({where}); "
-          "bytes = input read + codes and scales written")
-    print(f"{'quantizer':<22}{'ms':>9}{'GB/s':>9}" + (f"{'of HBM peak':>13}" if hbm else ""))
-    for name, (t, nbytes) in quant.items():
-        line = f"{name:<22}{1000 * t:>9.3f}{nbytes / t / 1e9:>9.2f}"
-        if hbm:
-            frac = nbytes / t / hbm
-            line += f"{frac:>12.0%} (target >= {QUANT_TARGET:.0%}: {verdict(frac >= QUANT_TARGET)})"
-        print(line)
-
-
 def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["all", "train", "decode", "moe", "kernels", "star", "lowprec"],
-                        help="all = train + decode + moe; kernels (the Triton SSD), "
+                        choices=["all", "train", "decode", "serve", "moe", "kernels", "star", "lowprec"],
+                        help="all = train + decode + moe; serve, kernels (the Triton SSD), "
                              "star and lowprec (FP8/NVFP4 Linear) run only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
+    parser.add_argument("--compile", action="store_true", help="serve: the server's decode step compiled")
     parser.add_argument("--init_from", default=None,
                         help="decode: a trained out_dir with MTP depths, to time --speculative on real text")
     parser.add_argument("--speculative", type=int, default=2, help="drafts per verification with --init_from")
@@ -764,6 +665,7 @@ def main():
     parser.add_argument("--config", default=None,
                         help="star: time this config/ file's model instead of the attention-only default")
     args = parser.parse_args()
+    import bench_kernels  # here, not at the top: it imports this file (run as a script, a second copy: `bench`)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = NemotronConfig(**(QUICK if args.quick else DEFAULT))
@@ -791,10 +693,18 @@ def main():
         res = bench_speculative(model, prompts, new_tokens, args.speculative, rounds=1 if args.quick else 3)
         report_speculative(res, args.speculative, n, new_tokens)
     elif args.what in ("all", "decode"):
-        res = bench_decode(cfg, hf=not args.no_hf, **decode_kw)
-        report_decode(res, decode_kw["steps"], decode_kw["warmup"])
+        models = candidates(cfg, hf=not args.no_hf)
+        res = bench_decode(cfg, models=models, **decode_kw)
+        report_decode(res, decode_kw["steps"], decode_kw["warmup"], matmul_floor(models["ours hybrid"]))
+        batch_kw = dict(n_prompts=4, lengths=(8, 32), new_tokens=8, rounds=1) if args.quick else \
+            dict(n_prompts=16, lengths=(64, 512), new_tokens=64, rounds=3)
+        report_batch(bench_batch(models, **batch_kw), **batch_kw)
+    if args.what == "serve":
+        serve_kw = dict(clients=4, max_tokens=8, lengths=(8, 32)) if args.quick else \
+            dict(clients=32, max_tokens=64, lengths=(16, 256))
+        report_serve(bench_serve(cfg, compile=args.compile, **serve_kw), compile=args.compile, **serve_kw)
     if args.what == "kernels":
-        run_kernels(args.quick, args.lengths)
+        bench_kernels.run_kernels(args.quick, args.lengths)
     if args.what == "star":
         star_kw = dict(contexts=(128, 256), steps=1, warmup=0, cfg_kw={**STAR, **QUICK, "pattern": "**-*E"}) \
             if args.quick else dict(contexts=(2048, 4096, 8192), steps=3, warmup=1)
@@ -804,13 +714,13 @@ def main():
         window = 8 if args.quick else star_kw.get("cfg_kw", {}).get("sliding_window", 128)
         report_window(bench_window(star_kw["contexts"], window, star_kw["steps"], star_kw["warmup"]), window)
     if args.what == "lowprec":
-        run_lowprec(args.quick)
+        bench_kernels.run_lowprec(args.quick)
     if args.what in ("all", "moe"):
         res = bench_moe(hf=not args.no_hf, **moe_kw)
         report_moe(res, moe_kw["tokens"], moe_kw["steps"], moe_kw["warmup"], moe_kw["cfg_kw"])
         if torch.cuda.is_available() and triton_ops.use_triton(torch.empty(0, device="cuda")):
-            report_grouped_gemm(*bench_grouped_gemm(**({} if not args.quick else
-                                                       dict(n_experts=8, tokens=256, K=128, N=64, steps=2))))
+            gemm_kw = dict(n_experts=8, tokens=256, K=128, N=64, steps=2) if args.quick else {}
+            bench_kernels.report_grouped_gemm(*bench_kernels.bench_grouped_gemm(**gemm_kw))
     print(f"\n(bench took {time.time() - t0:.0f} s)")
 
 

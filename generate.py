@@ -331,6 +331,13 @@ class StaticCache:
                 layers.append(None)
         return cls(layers, pos, max_len)
 
+    def first(self, n):
+        """The same state for rows 0 .. n-1 only: views, so that a step over them writes here."""
+        pos = self.pos[:n]  # one view for all layers: a compiled step must not see aliases of what it mutates
+        layers = [StaticKVCache(c.k[:n], c.v[:n], pos) if isinstance(c, StaticKVCache) else
+                  MambaCache(c.conv[:n], c.ssm[:n]) if isinstance(c, MambaCache) else None for c in self.layers]
+        return StaticCache(layers, pos, self.max_len)
+
     def fill_row(self, b, cache, n):
         """Row b takes over a one-row cache (new_cache's, after a prefill of n tokens)."""
         for mine, theirs in zip(self.layers, cache):
@@ -400,22 +407,41 @@ def sample_row(logits, r):
 
 
 class Engine:
-    """Continuous batching over one StaticCache of `rows` rows: add() prefills a request into a
-    free row (its first token comes from the prefill), step() decodes one token for every busy
-    row; a row whose request ends is free at once for the next. generate_batch and serve.py
-    drive it."""
+    """Continuous batching over one StaticCache of `rows` rows: add() prefills a request into the
+    lowest free row (its first token comes from the prefill), step() decodes one token for the
+    busy rows; a row whose request ends is free at once for the next. A step runs the first n rows,
+    n the power of two (or `rows`) that covers the highest busy one: one request alone does not pay
+    for a full batch, and the compiled step has one graph per n. generate_batch and serve.py drive it."""
 
     def __init__(self, model, rows, max_len, compile=False):
-        self.model, self.max_len = model, max_len
+        self.model, self.max_len, self.compile = model, max_len, compile
         self.cache = StaticCache.empty(model, rows, max_len)
-        self.step_fn = step_function(model, rows, max_len, compile)
         device = model.lm_head.weight.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (B, 1): each row's next input
         self.advance = torch.zeros(rows, dtype=torch.long, device=device)  # (B,): 1 for a busy row
         self.requests = [None] * rows
+        self.views = {}  # n -> first(n)
 
     def free_rows(self):
         return [b for b, r in enumerate(self.requests) if r is None]
+
+    @torch.no_grad()
+    def warm_up(self):
+        """Run (and so compile) the step of every row count it may use, before any request: free rows
+        only, their positions unchanged (a prefill overwrites what they wrote)."""
+        n, rows = 1, len(self.requests)
+        while True:
+            n = min(n, rows)
+            step_function(self.model, n, self.max_len, self.compile)(self.model, *self.first(n))
+            if n == rows:
+                return
+            n *= 2
+
+    def first(self, n):
+        """(the first n rows' cache, tokens, advance), made once: a compiled step meets the same inputs again."""
+        if n not in self.views:
+            self.views[n] = self.cache.first(n), self.tokens[:n], self.advance[:n]
+        return self.views[n]
 
     @torch.no_grad()
     def add(self, r):
@@ -446,7 +472,8 @@ class Engine:
         busy = [b for b, r in enumerate(self.requests) if r is not None]
         if not busy:
             return []
-        logits = self.step_fn(self.model, self.cache, self.tokens, self.advance)  # (B, vocab)
+        n = min(len(self.requests), 1 << busy[-1].bit_length())  # a power of two > the highest busy row
+        logits = step_function(self.model, n, self.max_len, self.compile)(self.model, *self.first(n))  # (n, vocab)
         done = []
         for b in busy:
             r = self.requests[b]
@@ -494,12 +521,15 @@ def length_bucket(n, step=64):
 
 @torch.no_grad()
 def generate_batch(model, prompts, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-                   stop=(), max_batch=16, compile=False):
+                   stop=(), max_batch=16, compile=False, lengths=None):
     """Decode many prompts of different lengths together. prompts: a list of token lists (or 1-D
-    tensors). Every other setting is one value for all rows or a list with one per row (stop: a
-    tuple of token ids, or a list of tuples). Returns the requests (generate.Request) in order:
-    .tokens the new tokens (a stop token ends a row and is not among them), .finish why it ended.
-    At most max_batch rows decode at once; the others wait for a free row."""
+    tensors), or a padded tensor (B, T) with lengths (B,), row b's prompt being its first lengths[b]
+    tokens (the padding is never read). Every other setting is one value for all rows or a list
+    with one per row (stop: a tuple of token ids, or a list of tuples). Returns the requests
+    (generate.Request) in order: .tokens the new tokens (a stop token ends a row and is not among
+    them), .finish why it ended. At most max_batch rows decode at once; the others wait for a row."""
+    if lengths is not None:
+        prompts = [row[:int(n)] for row, n in zip(prompts.tolist(), lengths)]
     n = len(prompts)
     # a list: one value per row; anything else (stop: a tuple) the same for every row
     settings = [v if isinstance(v, list) else [v] * n for v in (max_new_tokens, temperature, top_k, top_p, seed, stop)]

@@ -83,6 +83,17 @@ def engine_loop(engine, waiting):
     """Forever: take waiting jobs into free rows, then one decode step for every busy row, and
     pass each job its new tokens. Runs in one thread, the only one that touches the model."""
     jobs = {}  # id(request) -> (job, tokens sent)
+
+    def report(key):  # the job's new tokens, and its end
+        job, sent = jobs[key]
+        r = job.request
+        if len(r.tokens) > sent:
+            job.events.put(('tokens', r.tokens[sent:]))
+            jobs[key] = (job, len(r.tokens))
+        if r.finish is not None:
+            job.events.put(('error', r.error) if r.finish == 'error' else ('done', r.finish))
+            del jobs[key]
+
     while True:
         for job, _ in list(jobs.values()):
             if job.cancelled:
@@ -101,20 +112,15 @@ def engine_loop(engine, waiting):
                 job.events.put(('error', f"{type(e).__name__}: {e}"))
                 continue
             jobs[id(job.request)] = (job, 0)
+            report(id(job.request))  # its first token, from the prefill, goes out now
         try:
             engine.step()
         except Exception as e:  # the step itself failed: every busy request gets the error, rows are freed
             for job, _ in jobs.values():
                 engine.release(job.request)
                 job.request.finish, job.request.error = 'error', f"{type(e).__name__}: {e}"
-        for key, (job, sent) in list(jobs.items()):
-            r = job.request
-            if len(r.tokens) > sent:
-                job.events.put(('tokens', r.tokens[sent:]))
-                jobs[key] = (job, len(r.tokens))
-            if r.finish is not None:
-                job.events.put(('error', r.error) if r.finish == 'error' else ('done', r.finish))
-                del jobs[key]
+        for key in list(jobs):
+            report(key)
 
 
 # -----------------------------------------------------------------------------
@@ -368,11 +374,17 @@ def main():
         die(str(e))
     folder = init_from if os.path.isdir(init_from) else os.path.dirname(os.path.abspath(init_from))
     engine = Engine(model, max_batch, max_len, compile)
+    if compile:
+        print(f"compiling the decode step for up to {max_batch} rows ...", flush=True)
+        engine.warm_up()
     app = App(os.path.basename(os.path.normpath(init_from)), tokenizer, chat_template(folder),
               queue.Queue(maxsize=queue_size), engine, max_len, int(time.time()))
     Handler.app = app
+    server = ThreadingHTTPServer((host, port), Handler, bind_and_activate=False)
+    server.request_queue_size = 1024  # connections the OS holds before accept: a burst of clients is not reset
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server.server_bind()
+        server.server_activate()
     except OSError as e:
         die(f"cannot listen on {host}:{port}: {e.strerror or e}")
     server.daemon_threads = True

@@ -37,7 +37,7 @@ def steps(py, data_name, out_dir):
         ("tests on CUDA", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_ops.py",
                            "tests/test_lowprec.py"], 110),
         ("bench.py kernels", [py, "bench.py", "kernels", "--lengths=4096,8192"], 110),
-        ("grouped GEMM", [py, "-c", "import bench; bench.report_grouped_gemm(*bench.bench_grouped_gemm())"], 40),
+        ("grouped GEMM", [py, "-c", "import bench_kernels as k; k.report_grouped_gemm(*k.bench_grouped_gemm())"], 40),
         ("bench.py lowprec", [py, "bench.py", "lowprec"], 50),
         ("train config/gpu_125m.py", [py, "train.py", "config/gpu_125m.py", f"--dataset={data_name}",
                                       f"--out_dir={out_dir}", f"--max_iters={TRAIN_STEPS}",

@@ -61,6 +61,11 @@ def test_ragged_batch_greedy_equals_each_row_alone(kw, max_batch):
     for p, n, r in zip(ps, limits, done):
         alone = model.generate(torch.tensor([p]), n, temperature=0)[0, len(p):].tolist()
         assert r.tokens == alone and r.finish == "length"
+    padded = torch.full((len(ps), 17), 63)  # the same prompts as a padded tensor and their lengths
+    for b, p in enumerate(ps):
+        padded[b, :len(p)] = torch.tensor(p)
+    again = generate_batch(model, padded, limits, temperature=0, max_batch=max_batch, lengths=[len(p) for p in ps])
+    assert [r.tokens for r in again] == [r.tokens for r in done]
 
 
 def test_rows_keep_their_own_sampling_settings():

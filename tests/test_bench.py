@@ -1,14 +1,18 @@
 """
-Smoke test of bench.py's functions at tiny sizes: they run, return what the reports print, and the
-transformers candidate really has our weights. No timing is asserted (benchmarks are not tests).
+Smoke test of bench.py's and bench_kernels.py's functions at tiny sizes: they run, return what the
+reports print, and the transformers candidate really has our weights. No timing is asserted (benchmarks
+are not tests). The decode tests compile the static-cache engine's step for a few tiny buckets (up to
+~40 s on 2 CPU cores).
 
     python -m pytest -q tests/test_bench.py
 """
+import re
 import sys
 
 import torch
 
 import bench
+import bench_kernels
 from helpers import assert_close
 from model import NemotronConfig
 
@@ -29,13 +33,50 @@ def test_bench_train_and_report(capsys):
     assert "ours hybrid" in out and "*-***-*E" in out
 
 
+NUM = r"[\d,]+\.\d+"  # a printed number
+
+
 def test_bench_decode_and_report(capsys):
-    res = bench.bench_decode(CFG, contexts=(16, 40), steps=2, warmup=1)
+    """Every candidate decodes, the static-cache engine eager and compiled (one bucket: contexts
+    16 and 40 both fit 64 positions); the report prints their columns, ratios and the matmul floor."""
+    models = bench.candidates(CFG)
+    res = bench.bench_decode(CFG, contexts=(16, 40), steps=2, warmup=1, models=models)
     assert list(res) == [16, 40]
+    assert set(res[16]) == {"ours hybrid", "ours attention-only", "transformers", "ours static (eager)",
+                            "ours compiled"}
     assert all(r["ms"] > 0 and r["prefill_s"] > 0 for by_name in res.values() for r in by_name.values())
-    bench.report_decode(res, steps=2, warmup=1)
+    floor = bench.matmul_floor(models["ours hybrid"], reps=3)
+    assert floor > 0
+    bench.report_decode(res, steps=2, warmup=1, floor=floor)
     out = capsys.readouterr().out
     assert "ms/token at 40 / at 16" in out
+    assert re.search(rf"transformers / ours compiled ms/token: {NUM}x at worst \(target >= 3.0x", out), out
+    assert re.search(rf"matmul floor ms/token: {NUM}; ours compiled / floor: {NUM}x at 16 \(target <= 2.0x", out), out
+
+
+def test_bench_batch_and_report(capsys):
+    """Batched greedy decoding of prompts of mixed lengths: ours compiled and eager, transformers'
+    generate() on the left-padded batch; each reports tokens/s and how many rows agree with ours."""
+    models = bench.candidates(CFG)
+    res = bench.bench_batch(models, n_prompts=3, lengths=(4, 12), new_tokens=4, rounds=1)
+    assert set(res) == {"ours compiled", "ours static (eager)", "transformers"}
+    assert all(r["tok/s"] > 0 and 0 <= r["same"] <= 3 for r in res.values())
+    bench.report_batch(res, n_prompts=3, lengths=(4, 12), new_tokens=4, rounds=1)
+    out = capsys.readouterr().out
+    for name in res:
+        assert re.search(rf"{re.escape(name)} +{NUM} tok/s", out), out
+    assert re.search(rf"ours compiled / transformers tok/s: {NUM}x \(target >= 4.0x", out), out
+
+
+def test_bench_serve_and_report(capsys):
+    """A real serve.py process: every client completes, concurrent and one by one; the report's lines."""
+    kw = dict(clients=3, max_tokens=4, lengths=(4, 8))
+    res = bench.bench_serve(CFG, **kw)
+    assert [res[m]["complete"] for m in ("concurrent", "sequential")] == [3, 3]
+    bench.report_serve(res, compile=False, **kw)
+    out = capsys.readouterr().out
+    assert re.search(r"concurrent +[\d,.]+ tok/s  3/3 complete  time to first token p50 [\d.]+ s", out)
+    assert re.search(r"concurrent / one by one tok/s: [\d.]+x \(target >= 3.0x: (PASS|FAIL)\)", out)
 
 
 def test_transformers_candidate_has_our_weights():
@@ -52,10 +93,18 @@ def test_transformers_candidate_has_our_weights():
 
 
 def test_main_quick(monkeypatch, capsys):
+    """Smoke test of bench.py decode --quick --no_hf: the decode table with the engine's columns,
+    the matmul floor and the batched section print numbers (no transformers columns)."""
     monkeypatch.setattr(sys, "argv", ["bench.py", "decode", "--quick", "--no_hf"])
     bench.main()
     out = capsys.readouterr().out
     assert "decode" in out and "target <= 1.3" in out
+    assert re.search(r"ours static \(eager\) +ours compiled\n", out), out
+    assert re.search(rf"\n +128( +{NUM} \( +{NUM}s\)){{4}}\n", out), out  # 4 candidates at context 128
+    assert re.search(rf"matmul floor ms/token: {NUM}; ours compiled / floor: {NUM}x at 64 \(target <= 2.0x", out), out
+    assert "== batched decoding: 4 greedy prompts" in out
+    assert re.search(rf"ours compiled +{NUM} tok/s", out) and re.search(rf"ours static \(eager\) +{NUM} tok/s", out)
+    assert "transformers/compiled" not in out and "transformers skipped or failed: no peer" in out
 
 
 def test_kernels_quick(monkeypatch, capsys):
@@ -122,10 +171,10 @@ def test_bench_star_and_report(capsys):
 
 
 def test_bench_lowprec_and_report(capsys):
-    lin = bench.bench_lowprec_linear(32, 32, 48, steps=1, warmup=0)
+    lin = bench_kernels.bench_lowprec_linear(32, 32, 48, steps=1, warmup=0)
     assert set(lin) == {"bf16", "fp8", "mxfp8", "nvfp4"} and all(t > 0 for t in lin.values())
-    quant = bench.bench_quantizers(16, 64, reps=1)
+    quant = bench_kernels.bench_quantizers(16, 64, reps=1)
     assert all(t > 0 and nbytes > 0 for t, nbytes in quant.values())
-    bench.report_lowprec(lin, (32, 32, 48), quant, (16, 64))
+    bench_kernels.report_lowprec(lin, (32, 32, 48), quant, (16, 64))
     out = capsys.readouterr().out
     assert "bf16 / recipe" in out and "nvfp4 16x16" in out

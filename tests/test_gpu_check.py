@@ -110,3 +110,18 @@ def test_device_checks_run_in_the_interpreter():
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert len(lines) == 2 and all(line.startswith("True ") for line in lines), p.stdout
+
+
+def test_grouped_gemm_step_runs_in_the_interpreter():
+    """The grouped GEMM step's own `python -c` code, its bench shrunk to a CPU's size and run in the
+    Triton interpreter: the functions it names exist (they moved from bench.py to bench_kernels.py)
+    and print the line the report reads."""
+    cmd = dict((s[0], s[1]) for s in gpu_check.steps("python", "data", "out"))["grouped GEMM"]
+    shrink = ("import functools, bench_kernels\n"
+              "bench_kernels.bench_grouped_gemm = functools.partial(bench_kernels.bench_grouped_gemm, n_experts=4,\n"
+              "    tokens=16, top_k=2, K=32, N=16, steps=1, device='cpu')\n")
+    assert cmd[1] == "-c"
+    p = subprocess.run([sys.executable, "-c", shrink + cmd[2]], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "grouped GEMM on cpu" in p.stdout and "TFLOP/s" in p.stdout, p.stdout

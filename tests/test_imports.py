@@ -78,15 +78,17 @@ def test_transformers_builds_nemotron_h_from_the_repo_root():
 
 # -----------------------------------------------------------------------------
 # our own imports point one way: the Triton file <- mixers <- model <- {generate, checkpoint} <- scripts;
-# parallel and lowprec are imported by the scripts, never by the model files
+# parallel and lowprec are imported by the scripts, never by the model files; bench_kernels uses bench's helpers
 
 LEVEL = {"triton_ops": 0, "hardware": 0, "configurator": 0, "data": 0,
          "mamba": 1, "attention": 1, "moe": 1,
          "model": 2,
          "generate": 3, "checkpoint": 3, "lowprec": 3, "parallel": 3,
-         "train": 4, "sample": 4, "serve": 4, "eval": 4, "bench": 4, "plan": 4, "plot": 4}
-# imports inside a function, at call time: the public methods that stay on Nemotron and delegate
-DELEGATIONS = {("model", "generate"), ("model", "checkpoint")}
+         "train": 4, "sample": 4, "serve": 4, "eval": 4, "bench": 4, "plan": 4, "plot": 4,
+         "bench_kernels": 5}
+# imports inside a function, at call time: the public methods that stay on Nemotron and delegate, and
+# bench.py's main() running bench_kernels.py's benches (bench.py kernels, lowprec)
+DELEGATIONS = {("model", "generate"), ("model", "checkpoint"), ("bench", "bench_kernels")}
 
 
 def our_imports(name):
