@@ -4,6 +4,7 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
     python bench.py            # train, decode, then moe (about 7 minutes on a 2-core CPU)
     python bench.py train      # training tokens/s: ours hybrid, ours attention-only, transformers
     python bench.py decode     # ms/token at contexts 256 .. 8192 (eager, compiled engine); batched tok/s
+    python bench.py rows       # the engine's decode step: tokens/s by busy rows, eager and compiled
     python bench.py serve      # serve.py: 32 concurrent streaming clients vs one by one; time to first token
     python bench.py decode --init_from=out-mtp1 --speculative=2   # plain vs MTP-speculative greedy tok/s
     python bench.py kernels    # the Triton SSD vs the PyTorch reference, eager and compiled (a GPU's job)
@@ -43,8 +44,8 @@ import torch.nn.functional as F
 
 import triton_ops
 from attention import banded, visible
-from generate import (engine_stream, generate_batch, generate_stream, new_cache, speculative_stream, star_blocks,
-                      star_prefill)
+from generate import (Engine, Request, engine_stream, generate_batch, generate_stream, new_cache, speculative_stream,
+                      star_blocks, star_prefill, step_function)
 from model import Nemotron, NemotronConfig, config_file
 from moe import experts_loop
 
@@ -283,6 +284,32 @@ def bench_batch(models, n_prompts=16, lengths=(64, 512), new_tokens=64, rounds=3
     return {name: {"tok/s": n_prompts * new_tokens / t, "same": same(name)} for name, t in secs.items()}
 
 
+@torch.no_grad()
+def bench_rows(model, rows=(1, 2, 4, 8, 16, 32), max_len=320, steps=16, warmup=2):
+    """{"eager"|"compiled": {n: generated tokens/s}}: the engine's decode step alone (no prefill,
+    no sampling) with n busy rows at position ~100, the two forms taking turns per row count."""
+    res = {"eager": {}, "compiled": {}}
+    for n in rows:
+        engines = {}
+        for form in res:
+            e = engines[form] = Engine(model, n, max_len, compile=form == "compiled")
+            for _ in range(n):
+                e.add(Request(list(range(100)), max_len - 100, temperature=0))
+        step = lambda e: step_function(model, n, max_len, e.compile)(model, *e.first(n))
+        secs = interleaved({form: (lambda e=e: step(e)) for form, e in engines.items()}, steps, warmup)
+        for form, t in secs.items():
+            res[form][n] = n / t
+    return res
+
+
+def report_rows(res, steps):
+    print(f"\n== the engine's decode step alone: generated tok/s by busy rows (median of {steps} steps, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"{'rows':>6}" + "".join(f"{form:>12}" for form in res))
+    for n in res["eager"]:
+        print(f"{n:>6}" + "".join(f"{res[form][n]:>12,.0f}" for form in res))
+
+
 # -----------------------------------------------------------------------------
 # serving: serve.py under many concurrent streaming clients, against the same requests one by one
 
@@ -315,7 +342,8 @@ def bench_serve(cfg, clients=32, max_tokens=64, lengths=(16, 256), compile=False
         with open(os.path.join(folder, "meta.json"), "w") as f:
             json.dump({"tokenizer": "bytes", "vocab_size": 256}, f)
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.py")
-        flags = [f"--init_from={folder}", "--port=0", "--device=cpu", f"--max_batch={clients}",
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        flags = [f"--init_from={folder}", "--port=0", f"--device={device}", f"--max_batch={clients}",
                  f"--queue_size={clients}", f"--max_len={lengths[1] + max_tokens}", f"--compile={compile}"]
         env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
         server = subprocess.Popen([sys.executable, script, *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
@@ -649,13 +677,14 @@ def val_prompts(model, data_dir, n=4, length=64):
 def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["all", "train", "decode", "serve", "moe", "kernels", "star", "lowprec"],
-                        help="all = train + decode + moe; serve, kernels (the Triton SSD), "
+                        choices=["all", "train", "decode", "rows", "serve", "moe", "kernels", "star", "lowprec"],
+                        help="all = train + decode + moe; rows, serve, kernels (the Triton SSD), "
                              "star and lowprec (FP8/NVFP4 Linear) run only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
     parser.add_argument("--compile", action="store_true", help="serve: the server's decode step compiled")
+    parser.add_argument("--json", default=None, help="rows: also write the table to this JSON file (plot.py rows)")
     parser.add_argument("--init_from", default=None,
                         help="decode: a trained out_dir with MTP depths, to time --speculative on real text")
     parser.add_argument("--speculative", type=int, default=2, help="drafts per verification with --init_from")
@@ -699,6 +728,13 @@ def main():
         batch_kw = dict(n_prompts=4, lengths=(8, 32), new_tokens=8, rounds=1) if args.quick else \
             dict(n_prompts=16, lengths=(64, 512), new_tokens=64, rounds=3)
         report_batch(bench_batch(models, **batch_kw), **batch_kw)
+    if args.what == "rows":
+        rows_kw = dict(rows=(1, 2), max_len=128, steps=2) if args.quick else {}
+        res = bench_rows(Nemotron(cfg).eval(), **rows_kw)
+        report_rows(res, rows_kw.get("steps", 16))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"threads": torch.get_num_threads(), **res}, f)
     if args.what == "serve":
         serve_kw = dict(clients=4, max_tokens=8, lengths=(8, 32)) if args.quick else \
             dict(clients=32, max_tokens=64, lengths=(16, 256))

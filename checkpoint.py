@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 
+from data.tokenizer import find_tokenizer
 from model import Nemotron, NemotronConfig
 
 # -----------------------------------------------------------------------------
@@ -234,6 +235,16 @@ def load_model(path, dtype=None, device="cpu"):
         raise CheckpointError(f"{path}: neither a Hugging Face folder (config.json) nor a "
                               f"ckpt.pt / out_dir with one")
     return build_model(read_checkpoint(ckpt_path, "model", device), ckpt_path).to(device=device, dtype=dtype)
+
+
+def load_for_inference(path, dtype, device):
+    """(the model in eval mode, its tokenizer) for sample.py and serve.py: load_model, then the
+    tokenizer the run's data set or the folder names. CheckpointError or DataError says what is wrong."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"--init_from={path}: no such file or folder "
+                              f"(a train.py out_dir, a ckpt.pt or an HF folder)")
+    model = load_model(path, dtype, device).eval()
+    return model, find_tokenizer(path, model.config.vocab_size)
 
 
 def build_model(ckpt, where):

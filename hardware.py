@@ -28,6 +28,16 @@ def pick_device(name):
     return name
 
 
+def pick_dtype(name, device):
+    """The weights' dtype for a script's --dtype: 'auto' takes bfloat16 on a GPU that has it (half
+    the memory, tensor cores) and float32 elsewhere (what CPUs run fastest); else ValueError."""
+    if name == 'auto':
+        return torch.bfloat16 if device.startswith('cuda') and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype={name!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'")
+    return getattr(torch, name)
+
+
 HARDWARE = {
     "a100": dict(flops={"bf16": 312e12, "fp16": 312e12}, hbm_gb=80, hbm_bw=2.0e12,
                  nvlink_bw=300e9, net_bw=25e9, gpus_per_node=8, sms=108),

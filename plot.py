@@ -6,6 +6,8 @@ plot.py: the figures of docs/, drawn from what the runs wrote. matplotlib is an 
         val loss against context length, one line per eval.py JSON (eval.py --json_out=...)
     python plot.py blocks out-star-niah/eval.json --out=assets/star.png
         RULER score against Star Attention block size, one line per task and context length
+    python plot.py rows rows.json --out=assets/rows.png
+        decoding tokens/s against busy rows, eager and compiled (bench.py rows --json=rows.json)
     python plot.py runs out-lowprec-bf16 out-lowprec-fp8 ... --out=lowprec.png
         train.py runs (their log.jsonl): prints each one's final val loss and its difference from the
         first run's; draws train loss and val loss relative to the first run against step
@@ -69,6 +71,17 @@ def blocks(ax, paths):
     ax.set_ylabel("%")
 
 
+def rows(ax, paths):
+    for path in paths:
+        r = read_json(path)
+        for form in ("eager", "compiled"):
+            points = sorted((int(n), v) for n, v in r[form].items())
+            ax.plot([n for n, _ in points], [v for _, v in points], marker="o",
+                    label=f"{form} ({r['threads']} threads)")
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="rows decoding together", ylabel="generated tokens/s")
+
+
 def read_run(out_dir):
     """{"train": [(step, loss)], "val": [(step, val loss)], "config": dict} from out_dir/log.jsonl;
     a resumed run appends to its log, so the last record of a step wins."""
@@ -119,8 +132,9 @@ def runs(fig, out_dirs):
 
 def main():
     ap = argparse.ArgumentParser(description="draw the docs figures")
-    ap.add_argument("kind", choices=["lengths", "blocks", "runs"])
-    ap.add_argument("inputs", nargs="+", help="eval.py JSON files (lengths, blocks) or train.py out_dirs (runs)")
+    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "runs"])
+    ap.add_argument("inputs", nargs="+",
+                    help="eval.py JSON files (lengths, blocks), bench.py rows JSON (rows), train.py out_dirs (runs)")
     ap.add_argument("--out", default=None, help="the PNG to write (runs: optional, the table prints anyway)")
     ap.add_argument("--title", default="")
     args = ap.parse_args()
@@ -135,7 +149,7 @@ def main():
         ax = runs(fig, args.inputs)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        {"lengths": lengths, "blocks": blocks}[args.kind](ax, args.inputs)
+        {"lengths": lengths, "blocks": blocks, "rows": rows}[args.kind](ax, args.inputs)
         ax.grid(alpha=0.3)
     ax.set_title(args.title)
     ax.legend(fontsize=8)

@@ -28,11 +28,10 @@ import time
 import torch
 
 from data.chat import ChatError, ThinkingBudget, chat_prompt, chat_template
-from data.tokenizer import DataError, find_tokenizer
-from checkpoint import CheckpointError
+from data.tokenizer import DataError
+from checkpoint import CheckpointError, load_for_inference
 from generate import engine_stream, generate_stream, speculative_stream
-from hardware import pick_device
-from model import Nemotron
+from hardware import pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 init_from = 'out'         # a train.py out_dir, a ckpt.pt, or a Hugging Face NemotronH folder
@@ -65,22 +64,6 @@ star_group = None  # the process group of Star Attention's hosts under torchrun
 
 def note(message):
     print(message, file=sys.stderr, flush=True)
-
-
-def resolve_device(name):
-    try:
-        return pick_device(name)
-    except ValueError as e:
-        die(str(e))
-
-
-def resolve_dtype(name, device):
-    if name == 'auto':  # bf16 halves memory and runs on tensor cores; fp32 is what CPUs do fastest
-        cuda_bf16 = device.startswith('cuda') and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if name not in ('float32', 'bfloat16', 'float16'):
-        die(f"dtype={name!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'")
-    return getattr(torch, name)
 
 
 def read_prompt(text):
@@ -158,18 +141,18 @@ def star_hosts(dev):
 def main():
     global star_group
     torch.manual_seed(seed)
-    dev = resolve_device(device)
+    try:
+        dev = pick_device(device)
+        dt = pick_dtype(dtype, dev)
+    except ValueError as e:
+        die(str(e))
     if star_block and speculative:
         die("--star_block and --speculative do not combine: use one of them")
     if compile and (speculative or star_block or reasoning_budget is not None):
         die("--compile decodes over static caches: not with --speculative, --star_block or --reasoning_budget yet")
     star_group, dev = star_hosts(dev)
-    dt = resolve_dtype(dtype, dev)
-    if not os.path.exists(init_from):
-        die(f"--init_from={init_from}: no such file or folder (a train.py out_dir, a ckpt.pt or an HF folder)")
     try:
-        model = Nemotron.from_pretrained(init_from, dtype=dt, device=dev).eval()
-        tokenizer = find_tokenizer(init_from, model.config.vocab_size)
+        model, tokenizer = load_for_inference(init_from, dt, dev)
     except (CheckpointError, DataError) as e:
         die(str(e))
     prompt = read_prompt(start)

@@ -28,12 +28,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, load_for_inference
 from data.chat import ChatError, chat_prompt, chat_template
-from data.tokenizer import DataError, find_tokenizer
+from data.tokenizer import DataError
 from generate import Engine, Request
-from hardware import pick_device
-from model import Nemotron
+from hardware import pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 init_from = 'out'         # a train.py out_dir, a ckpt.pt, or a Hugging Face NemotronH folder
@@ -359,18 +358,8 @@ def main():
     torch.manual_seed(seed)
     try:
         dev = pick_device(device)
-    except ValueError as e:
-        die(str(e))
-    if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-        die(f"dtype={dtype!r}: expected 'auto', 'float32', 'bfloat16' or 'float16'")
-    dt = getattr(torch, dtype) if dtype != 'auto' else \
-        torch.bfloat16 if dev.startswith('cuda') and torch.cuda.is_bf16_supported() else torch.float32
-    if not os.path.exists(init_from):
-        die(f"--init_from={init_from}: no such file or folder (a train.py out_dir, a ckpt.pt or an HF folder)")
-    try:
-        model = Nemotron.from_pretrained(init_from, dtype=dt, device=dev).eval()
-        tokenizer = find_tokenizer(init_from, model.config.vocab_size)
-    except (CheckpointError, DataError) as e:
+        model, tokenizer = load_for_inference(init_from, pick_dtype(dtype, dev), dev)
+    except (ValueError, CheckpointError, DataError) as e:
         die(str(e))
     folder = init_from if os.path.isdir(init_from) else os.path.dirname(os.path.abspath(init_from))
     engine = Engine(model, max_batch, max_len, compile)

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from data.chat import chat_prompt
+from helpers import run_script
 from model import Nemotron, NemotronConfig
 
 openai = pytest.importorskip("openai")
@@ -200,3 +201,13 @@ def test_a_full_queue_answers_503_and_a_gone_client_frees_its_row(ckpt):
     finally:
         p.kill()
         p.wait(10)
+
+
+def test_bad_flags_exit_cleanly(ckpt, tmp_path):
+    for args, code, words in [(["--init_from=/no/such/dir"], 1, "no such file or folder"),
+                              ([f"--init_from={ckpt}", "--port=70000"], 2, "port"),
+                              ([f"--init_from={ckpt}", "--max_batch=0"], 2, "max_batch"),
+                              ([f"--init_from={ckpt}", "--device=cuda:7"], 1, "no such device"),
+                              ([f"--init_from={tmp_path}"], 1, str(tmp_path))]:
+        p = run_script("serve.py", *args)
+        assert p.returncode == code and words in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
