@@ -21,6 +21,7 @@ GShard / DeepSeek-V3 for EP, Zhao et al. 2023 (PyTorch FSDP) for FSDP.
 
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -346,16 +347,20 @@ def clip_grad_norm(model, max_norm, experts=None):
 
 
 def shutdown(mesh, experts=None):
-    """The end of a torchrun job: a barrier on every process group, then all of them destroyed.
-    A gloo worker thread drops a finished collective's tensors just after the caller's wait returns;
-    if the interpreter is finalizing by then, the thread cannot take the GIL and the process aborts
-    ("terminate called without an active exception", LOG.md). A barrier's work holds no tensor, so
-    it is made the last work of each group."""
+    """The end of a torchrun job: a barrier on every process group (the last work of each holds no
+    tensor), all of them destroyed, then the process ends at once, skipping the interpreter's
+    finalization. A gloo worker thread may still be dropping a finished collective's tensors; a
+    thread that needs the GIL while the interpreter finalizes is killed, and the process aborts
+    ("terminate called without an active exception", LOG.md): seen after the barriers too, once
+    in a CI run under load. Everything is written by then (checkpoints, log.jsonl are closed)."""
     groups = [mesh.get_group(d) for d in mesh.mesh_dim_names] if mesh is not None else []
     groups += [experts.group, experts.replica_group] if experts else []
     for group in [*groups, None]:  # None: the default group, last (it also waits for rank 0's sample)
         dist.barrier(group=group)
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # -----------------------------------------------------------------------------
