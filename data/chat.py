@@ -7,6 +7,7 @@ Nano-2 and Nemotron 3 with "/think" and "/no_think"; the thinking goes between <
 Without a checkpoint's own (Jinja) template, our plain format:
     <|system|>\n/think\n<|user|>\n{user}\n<|assistant|>\n<think>\n              (on)
     <|system|>\n/no_think\n<|user|>\n{user}\n<|assistant|>\n<think></think>\n   (off)
+and every earlier turn, a tool's result included, as <|{role}|>\n{content}\n.
 """
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 
 THINK_OPEN, THINK_CLOSE = '<think>', '</think>'
 GRACE = 32  # tokens a closing thinking section may run past its budget while waiting for a newline
-ROLES = ('system', 'user', 'assistant')
+ROLES = ('system', 'user', 'assistant', 'tool')  # tool: a tool's result (data/envs.py)
 
 
 class ChatError(ValueError):
@@ -39,7 +40,7 @@ def chat_template(folder):
 
 
 def check_messages(messages):
-    """A list of {"role": system | user | assistant, "content": str}, at least one user turn."""
+    """A list of {"role": system | user | assistant | tool, "content": str}, at least one user turn."""
     if isinstance(messages, str):
         return [{'role': 'user', 'content': messages}]
     if not isinstance(messages, list) or not messages:
