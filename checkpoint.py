@@ -277,7 +277,8 @@ def start_from(init_from, out_dir):
         return None, None, None
     if init_from not in ('resume', 'auto'):
         if not os.path.exists(init_from):
-            raise CheckpointError(f"init_from={init_from!r}: not 'scratch', 'resume', 'auto', nor an existing path")
+            raise CheckpointError(f"init_from={init_from!r}: not 'scratch', 'resume', 'auto', nor an existing path "
+                                  f"(a checkpoint to fine-tune: train one first, e.g. `python train.py` writes out/)")
         try:
             return None, None, Nemotron.from_pretrained(init_from, dtype=torch.float32)
         except CheckpointError as e:

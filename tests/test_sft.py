@@ -1,0 +1,75 @@
+"""
+Tests for the SFT data set (data/sft/prepare.py): the loss masks cover the assistant's tokens only,
+the reasoning switch is on for half the examples, the format is data/chat.py's, and a fine-tune
+from a missing checkpoint says what to run first.
+
+Run: python -m pytest -q tests/test_sft.py
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from data.chat import chat_prompt
+from data.envs import demonstration, make
+from helpers import run_script
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    p = run_script("data/sft/prepare.py", "--n_train=6", "--n_val=2", "--envs=math,tools,instruct", f"--out_dir={out}")
+    assert p.returncode == 0, p.stderr
+    return out
+
+
+def stream(folder, split):
+    ids = np.fromfile(folder / f"{split}.bin", dtype=np.uint32)
+    mask = np.fromfile(folder / f"{split}.mask", dtype=np.uint8)
+    return bytes(ids.tolist()).decode(), mask.tolist()
+
+
+def test_masks_cover_the_assistant_turns_only(sft):
+    text, mask = stream(sft, "train")
+    assert json.loads((sft / "meta.json").read_text())["eot"] == 0 and text[0] == "\0" and mask[0] == 0
+    examples = text[1:].split("\0")[:-1]  # every example ends with the end-of-text byte
+    assert len(examples) == 18
+    pos = 1
+    for i, ex in enumerate(examples):
+        env, think = ("math", "tools", "instruct")[i % 3], (i // 3) % 2 == 0
+        task = make(env, i // 3)
+        turns = demonstration(task, think)
+        read = chat_prompt(task.prompt, "on" if think else "off")
+        assert ex.startswith(read)
+        said = ex[len(read):] + "\0"
+        # what the mask marks, span by span: the assistant's turns, the tool turns left out
+        marked = "".join(c for c, m in zip(text[pos:pos + len(ex) + 1], mask[pos:pos + len(ex) + 1]) if m)
+        assert set(mask[pos:pos + len(read)]) == {0}
+        answers = [t["content"] for t in turns if t["role"] == "assistant"]
+        answers[0] = answers[0].split("\n", 1)[1] if think else answers[0][len("<think></think>\n"):]
+        assert marked == "\n".join(answers) + "\0" or marked == "".join(a + "\n" for a in answers)[:-1] + "\0"
+        for t in turns:
+            if t["role"] == "tool":
+                assert f"<|tool|>\n{t['content']}\n<|assistant|>\n" in said
+        assert not re.search(r"<\|(user|system|tool)\|>", marked)
+        pos += len(ex) + 1
+
+
+def test_half_the_examples_think(sft):
+    text, _ = stream(sft, "val")
+    examples = text[1:].split("\0")[:-1]
+    assert len(examples) == 6 and sum("/think\n" in ex for ex in examples) == 3
+    assert sum("<think></think>" in ex for ex in examples) == 3
+
+
+def test_bad_flags(tmp_path):
+    p = run_script("data/sft/prepare.py", "--envs=math,chess", f"--out_dir={tmp_path}")
+    assert p.returncode == 1 and "chess" in p.stderr and "math" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_fine_tuning_without_a_pretrained_model_says_what_to_run(sft, tmp_path):
+    p = run_script("train.py", "config/sft.py", f"--dataset={sft}", f"--init_from={tmp_path / 'out'}",
+                   f"--out_dir={tmp_path / 'sft'}")
+    assert p.returncode != 0 and "python train.py" in p.stderr and "Traceback" not in p.stderr
