@@ -86,10 +86,7 @@ class Attention(nn.Module):
         if cache is not None and cache.per_row:  # a static cache: each row at its own position
             return self.o_proj(self.rows(q, k, v, cache))
         pos0 = 0 if cache is None else cache.pos
-        if self.rope_theta is not None:
-            q, k = apply_rope(q, pos0, self.rope_theta), apply_rope(k, pos0, self.rope_theta)
-        if self.swan_len:  # NoPE layer past the training length: sharpen the queries
-            q = q * swan_scale(torch.arange(pos0, pos0 + T, device=x.device), self.swan_len)[:, None].to(q.dtype)
+        q, k = self.at(q, k, torch.arange(pos0, pos0 + T, device=x.device))
         if self.window:
             return self.o_proj(self.local(q, k, v, pos0, cache, seq_idx))
         if cache is not None:
@@ -106,6 +103,16 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)
         return self.o_proj(y)
+
+    def at(self, q, k, pos):
+        """q (B, h, T, d) and k (B, g, T, d) placed at positions pos: (T,), or one row each (B, 1, T).
+        RoPE rotates both where the layer has it; on a NoPE layer SWAN's scale sharpens the queries
+        past the training length."""
+        if self.rope_theta is not None:
+            q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
+        if self.swan_len:
+            q = q * swan_scale(pos, self.swan_len)[..., None].to(q.dtype)
+        return q, k
 
     def local(self, q, k, v, pos0, cache, seq_idx):
         """Sliding-window attention: query at position p sees keys at p - W + 1 .. p. With a cache,
@@ -137,10 +144,7 @@ class Attention(nn.Module):
         depend on the positions, so a compiled step is compiled once."""
         B, _, T, _ = q.shape
         qpos = cache.pos[:, None] + torch.arange(T, device=q.device)  # (B, T)
-        if self.rope_theta is not None:
-            q, k = apply_rope(q, qpos[:, None], self.rope_theta), apply_rope(k, qpos[:, None], self.rope_theta)
-        if self.swan_len:
-            q = q * swan_scale(qpos, self.swan_len)[:, None, :, None].to(q.dtype)
+        q, k = self.at(q, k, qpos[:, None])
         cache.write(k, v, qpos)
         mask = visible(qpos, cache.positions(qpos[:, -1:] + 1), self.window)  # (B, T, S)
         y = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask[:, None], enable_gqa=True)
@@ -153,10 +157,7 @@ class Attention(nn.Module):
             qpos = cache.qpos[:, None]  # (R, 1, T): each row (block) has its own positions
         else:
             qpos = torch.arange(cache.pos, cache.pos + q.size(2), device=q.device)  # (T,)
-        if self.rope_theta is not None:
-            q, k = apply_rope(q, qpos, self.rope_theta), apply_rope(k, qpos, self.rope_theta)
-        if self.swan_len:
-            q = q * swan_scale(qpos, self.swan_len)[..., None].to(q.dtype)
+        q, k = self.at(q, k, qpos)
         y = self.star_context(q, k, v, cache) if cache.star_phase == 1 else self.star_query(q, k, v, qpos, cache)
         B, _, T, _ = y.shape
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, h*d)

@@ -24,6 +24,12 @@ from attention import star_broadcast, star_rank
 # caches
 
 
+def held_positions(end, S, device):
+    """The position slot s of S holds once positions 0 .. end-1 were written to slot position mod S:
+    the latest p < end with p = s mod S, negative for a slot not written yet. end: an int or (B, 1)."""
+    return end - 1 - (end - 1 - torch.arange(S, device=device)) % S
+
+
 @dataclass
 class KVCache:
     """One attention layer's keys and values, preallocated: appending writes in place. A global
@@ -49,8 +55,7 @@ class KVCache:
 
     def positions(self):
         """The position held in each of the S slots (S,); negative: an empty slot."""
-        A, R = self.pos, self.k.size(2)
-        return A - 1 - (A - 1 - torch.arange(R, device=self.k.device)) % R
+        return held_positions(self.pos, self.k.size(2), self.k.device)
 
     def append(self, k, v):
         """Write the keys and values (B, g, T, d) of the next T positions. A ring keeps the newest
@@ -301,8 +306,7 @@ class StaticKVCache:
     def positions(self, end):
         """The position each slot holds (B, S), row b having written the positions below end[b]
         (end: (B, 1)); negative: an empty slot."""
-        S = self.k.size(2)
-        return end - 1 - (end - 1 - torch.arange(S, device=self.k.device)) % S
+        return held_positions(end, self.k.size(2), self.k.device)
 
 
 @dataclass
@@ -482,8 +486,7 @@ class Engine:
             except RuntimeError as e:  # this row cannot be sampled (NaN logits): it ends, the others go on
                 r.finish, r.error, token = "error", str(e), None
             if token is None or r.take(token):
-                self.requests[b] = None
-                self.advance[b] = 0
+                self.free(b)
                 done.append(r)
             else:
                 self.tokens[b, 0] = token
@@ -493,8 +496,12 @@ class Engine:
         """Drop request r from its row (a client gone), unfinished."""
         for b, mine in enumerate(self.requests):
             if mine is r:
-                self.requests[b] = None
-                self.advance[b] = 0
+                self.free(b)
+
+    def free(self, b):
+        """Row b takes no more steps (its position stays) and waits for the next request."""
+        self.requests[b] = None
+        self.advance[b] = 0
 
 
 @torch.no_grad()
