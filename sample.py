@@ -28,7 +28,7 @@ import time
 import torch
 
 from data.chat import ChatError, ThinkingBudget, chat_prompt, chat_template
-from data.tokenizer import DataError
+from data.tokenizer import DataError, TextStream
 from checkpoint import CheckpointError, load_for_inference
 from generate import engine_stream, generate_stream, speculative_stream
 from hardware import pick_device, pick_dtype
@@ -77,17 +77,15 @@ def read_prompt(text):
 
 
 # -----------------------------------------------------------------------------
-# streaming: decode the whole token list each time and print only what is new, so that a
-# character split across byte tokens is printed once it is complete (a trailing U+FFFD, the
-# replacement for an incomplete UTF-8 sequence, waits for the next token)
+# streaming: data/tokenizer.py's TextStream decodes the whole token list each time and gives only
+# what is new, so that a character split across byte tokens is printed once it is complete
 
 
 def stream_sample(model, tokenizer, ids, dev):
     x = torch.tensor([ids], dtype=torch.long, device=dev)  # (1, T)
-    known = lambda toks: [t for t in toks if t < tokenizer.vocab_size]  # a padded vocab's extra ids
-    printed = tokenizer.decode(known(ids))
-    print(printed, end='', flush=True)
-    tokens, n, t0, t_first = list(ids), 0, time.time(), None
+    text = TextStream(tokenizer, prompt=ids)
+    print(text.text, end='', flush=True)
+    n, t0, t_first = 0, time.time(), None
     stats = {}
     steer = ThinkingBudget(tokenizer, ids, reasoning_budget) if reasoning_budget is not None else None
     if compile:
@@ -103,13 +101,8 @@ def stream_sample(model, tokenizer, ids, dev):
         n += 1
         if tokenizer.eot is not None and tok == tokenizer.eot:
             break
-        tokens.append(tok)
-        text = tokenizer.decode(known(tokens)).rstrip('\ufffd')
-        if text.startswith(printed) and len(text) > len(printed):
-            print(text[len(printed):], end='', flush=True)
-            printed = text
-    text = tokenizer.decode(known(tokens))  # whatever was held back at the end
-    print(text[len(printed):] if text.startswith(printed) else '', flush=True)
+        print(text.add([tok]), end='', flush=True)
+    print(text.add([], final=True), flush=True)  # whatever was held back at the end
     dt, dt_decode = time.time() - t0, time.time() - (t_first or t0)
     rate = (n - 1) / dt_decode if n > 1 and dt_decode > 0 else float('nan')
     note(f"[{n} tokens in {dt:.2f} s: prefill of {len(ids)} tokens {(t_first or t0) - t0:.2f} s, "

@@ -30,7 +30,7 @@ import torch
 
 from checkpoint import CheckpointError, load_for_inference
 from data.chat import ChatError, chat_prompt, chat_template
-from data.tokenizer import DataError
+from data.tokenizer import DataError, TextStream
 from generate import Engine, Request
 from hardware import pick_device, pick_dtype
 
@@ -199,28 +199,6 @@ def parse(path, body, tokenizer, template, context):
     return Job(r, stops), stream
 
 
-class Text:
-    """The completion's text as tokens arrive: what is new since the last call, holding back an
-    incomplete UTF-8 character (a trailing U+FFFD) and any tail that may begin a stop string."""
-
-    def __init__(self, tokenizer, stops):
-        self.tok, self.stops, self.ids, self.sent, self.stopped = tokenizer, stops, [], 0, False
-
-    def add(self, ids, final=False):
-        self.ids += [t for t in ids if t < self.tok.vocab_size]  # a padded vocab's extra ids have no text
-        text = self.tok.decode(self.ids)
-        for s in self.stops:  # a stop string ends the text before it
-            at = text.find(s)
-            if at >= 0:
-                text, final, self.stopped = text[:at], True, True
-        if not final:
-            text = text.rstrip('\ufffd')
-            hold = max([n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
-            text = text[:len(text) - hold]
-        new, self.sent = text[self.sent:], max(self.sent, len(text))
-        return new
-
-
 # -----------------------------------------------------------------------------
 # HTTP
 
@@ -296,7 +274,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
 
     def reply(self, job, chat):
-        text = Text(self.app.tokenizer, job.stops)
+        text = TextStream(self.app.tokenizer, job.stops)
         try:
             parts = list(self.events(job, text))
         except RuntimeError as e:
@@ -319,7 +297,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         head = {'id': ('chatcmpl-' if chat else 'cmpl-') + uuid.uuid4().hex, 'created': int(time.time()),
                 'object': 'chat.completion.chunk' if chat else 'text_completion', 'model': self.app.name}
-        text, first = Text(self.app.tokenizer, job.stops), True
+        text, first = TextStream(self.app.tokenizer, job.stops), True
         try:
             for new, finish in self.events(job, text):
                 if not new and finish is None:

@@ -198,6 +198,32 @@ def load_tokenizer(meta_or_path):
     else:  # "hf"
         return HFTokenizer(meta["tokenizer_file"])
 
+class TextStream:
+    """Generated text as tokens arrive, for streaming it (sample.py, serve.py): add(ids) returns
+    what is new since the last call. It holds back an incomplete UTF-8 character (a trailing U+FFFD)
+    and any tail that may begin a stop string; a stop string ends the text before it (.stopped).
+    prompt: the ids already there, whose text (.text at the start) is not returned and never
+    searched for stops. Ids past the tokenizer's vocabulary (a padded vocab's) have no text."""
+    def __init__(self, tokenizer, stops=(), prompt=()):
+        self.tok, self.stops, self.stopped = tokenizer, list(stops), False
+        self.ids = [t for t in prompt if t < tokenizer.vocab_size]
+        self.text = tokenizer.decode(self.ids)
+        self.start = self.sent = len(self.text)
+
+    def add(self, ids, final=False):
+        self.ids += [t for t in ids if t < self.tok.vocab_size]
+        text = self.tok.decode(self.ids)
+        for s in self.stops:
+            at = text.find(s, self.start)
+            if at >= 0:
+                text, final, self.stopped = text[:at], True, True
+        if not final:
+            text = text.rstrip("\ufffd")
+            hold = max([n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
+            text = text[:len(text) - hold]
+        new, self.sent, self.text = text[self.sent:], max(self.sent, len(text)), text
+        return new
+
 # ----------------------------------------------------------------------------
 # the tokenizer of a trained model (sample.py, eval.py)
 

@@ -241,3 +241,17 @@ def test_pycode_niah_mix_and_masks(tmp_path):
     assert meta["loss_mask"] and meta["eot"] == 0 and meta == read_meta(tmp_path)
     for split in ("train", "val"):
         assert os.path.getsize(tmp_path / f"{split}.mask") == meta[f"{split}_tokens"]
+
+
+def test_text_stream_holds_back_half_characters_and_stop_prefixes():
+    """Byte by byte: a two-byte character comes out whole, never as U+FFFD; a tail that may begin
+    a stop string waits; the stop string ends the text; the prompt is neither returned nor searched."""
+    tok = tokenizer.ByteTokenizer()
+    stream = tokenizer.TextStream(tok, stops=["END"], prompt=tok.encode("END of the prompt: "))
+    assert stream.text == "END of the prompt: "
+    parts = [stream.add([b]) for b in "héllo EN".encode()]
+    assert "\ufffd" not in "".join(parts) and parts[1] == "" and parts[2] == "é"
+    assert "".join(parts) == "héllo " and not stream.stopped  # "EN" may begin "END": held back
+    assert stream.add(list(b"D, more")) == "" and stream.stopped
+    plain = tokenizer.TextStream(tok)
+    assert "".join(plain.add([b]) for b in "aé".encode()[:-1]) + plain.add([], final=True) == "a\ufffd"
