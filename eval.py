@@ -26,10 +26,9 @@ import torch
 
 from attention import Attention
 from data import ruler
-from data.tokenizer import DataError, find_tokenizer, open_tokens, read_meta, saved_config
-from checkpoint import CheckpointError
+from data.tokenizer import DataError, open_tokens, read_meta, saved_config
+from checkpoint import CheckpointError, load_for_inference
 from hardware import pick_device
-from model import Nemotron
 
 # -----------------------------------------------------------------------------
 init_from = 'out'                  # a train.py out_dir, a ckpt.pt, or a Hugging Face NemotronH folder
@@ -171,8 +170,7 @@ def main():
         if not existed:
             os.remove(json_out)
     try:
-        model = Nemotron.from_pretrained(init_from, dtype=torch.float32, device=dev).eval()
-        tokenizer = find_tokenizer(init_from, model.config.vocab_size)
+        model, tokenizer = load_for_inference(init_from, torch.float32, dev)
     except (CheckpointError, DataError) as e:
         die(str(e))
     if swan != 'ckpt':
