@@ -21,8 +21,9 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 
-from moe import group_sizes, mm_by_groups
-from triton_ops import AmaxHistory, hadamard16, quantize_fp8, quantize_mxfp8, quantize_nvfp4, rht
+from moe import mm_by_groups
+from triton_ops import (AmaxHistory, grouped_mm_nograd, hadamard16, quantize_fp8, quantize_mxfp8, quantize_nvfp4, rht,
+                        use_triton)
 
 # -----------------------------------------------------------------------------
 # the recipe: how each GEMM operand is quantized
@@ -52,23 +53,25 @@ class Recipe:
     H: torch.Tensor = None    # nvfp4 with rht: the 16x16 transform, fixed for the run
 
 
-def quantize_operand(t, kind, recipe, key=None):
+def quantize_operand(t, kind, recipe, key=None, amax=None):
     """One GEMM operand t (rows, reduction) quantized as the recipe says for its kind: "x"
     (activations), "w" (weights) or "g" (gradients). key names the operand (which GEMM, which
-    side, which expert) for delayed scaling, which keeps one AmaxHistory per key."""
+    side, which expert) for delayed scaling, which keeps one AmaxHistory per key. amax (fp8
+    tensorwise or delayed, nvfp4): the amax to scale by, per row (R, 1) or column (1, C), instead
+    of t's own (and the history's): qdq_experts gives each expert's part its own."""
     if recipe.fmt == "fp8":
         # TE keeps an amax history per tensor; here each GEMM operand has its own (x for fprop, x^T
         # for wgrad, ...), which a training step updates with the same amax, so they scale alike.
         # footgun: an eval forward records into the forward operands' histories only, and a
         # recomputed forward (--recompute) records twice
         delayed = recipe.fp8_recipe == "delayed"
-        history = recipe.history.setdefault(key, AmaxHistory(device=t.device)) if delayed else None
+        history = recipe.history.setdefault(key, AmaxHistory(device=t.device)) if delayed and amax is None else None
         block = (128, 128) if kind == "w" else (1, 128)  # blockwise as DeepSeek-V3
-        return quantize_fp8(t, recipe.fp8_recipe, recipe.grad_fp8 if kind == "g" else "e4m3", history, block)
+        return quantize_fp8(t, recipe.fp8_recipe, recipe.grad_fp8 if kind == "g" else "e4m3", history, block, amax)
     if recipe.fmt == "mxfp8":
         return quantize_mxfp8(t)
     tile = (16, 16) if kind == "w" and recipe.w2d else (1, 16)
-    return quantize_nvfp4(t, tile, stochastic=kind == "g" and recipe.sr)
+    return quantize_nvfp4(t, tile, stochastic=kind == "g" and recipe.sr, amax=amax)
 
 
 def scaled_mm_runs(t):
@@ -140,10 +143,17 @@ class LowPrecLinear(nn.Linear):
 
 
 class LowPrecGroupedMM(torch.autograd.Function):
-    # moe.GroupedMM with every GEMM on quantized operands, the recipe of LowPrecLinearFn run
-    # expert by expert: each expert is its own quantized GEMM with its own tensor scales (and amax
-    # histories), as TransformerEngine's GroupedLinear. Emulated: the operands are quantized per
-    # expert, dequantized to fp32 and multiplied by one grouped GEMM (moe.mm_by_groups).
+    # moe.GroupedMM with every GEMM on quantized operands: the recipe of LowPrecLinearFn with each
+    # expert quantized on its own (its own tensor scales and amax histories), as TransformerEngine's
+    # GroupedLinear, and without a host sync: the experts' token counts never leave the device.
+    # - fprop and dgrad quantize the sorted token rows along K or n: no block spans two rows, so only
+    #   the per-tensor scales (fp8's, NVFP4's S_enc) depend on the experts: one amax per expert, from
+    #   the rows' amaxes, handed back to each row (quantize_experts);
+    # - wgrad reduces over the tokens: each expert's rows move to a start at a whole block
+    #   (pad_experts: zero rows between experts in a buffer of a static size), so no block, and no
+    #   16-run of the Hadamard transform, spans two experts; the tensor scales are then per column;
+    # - the weights are quantized expert by expert (E launches, no sync).
+    # Emulated: dequantized to fp32, then one grouped GEMM (Triton's on a GPU).
     # x (N, K): the sorted token copies; w (E, n, K): the experts' weights as nn.Linear holds them;
     # name: which projection, to key the amax histories. Saves x and w, as LowPrecLinearFn.
     @staticmethod
@@ -152,46 +162,87 @@ class LowPrecGroupedMM(torch.autograd.Function):
     def forward(ctx, x, w, offs, recipe, name):
         ctx.save_for_backward(x, w, offs)
         ctx.recipe, ctx.name = recipe, name
-        q = lambda t, kinds, i, g: qdq(t, kinds[i], recipe, (name, g, kinds, i))  # kinds, i: as lowprec_mm's
-        xq = torch.cat([q(xg, "xw", 0, g) for g, xg in enumerate(x.split(group_sizes(offs)))])  # (N, K)
-        wq = torch.stack([q(wg, "xw", 1, g) for g, wg in enumerate(w)])  # (E, n, K)
-        return mm_by_groups(xq, wq.transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, n): bf16 values
+        xq = qdq_experts(x, "x", recipe, (name, "xw", 0), expert_of(offs, x.size(0)), w.size(0), 0)  # (N, K)
+        wq = torch.stack([qdq(wg, "w", recipe, (name, g, "xw", 1)) for g, wg in enumerate(w)])  # (E, n, K)
+        return group_mm(xq, wq.transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, n): bf16 values
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cpu")
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
-        recipe, need_dx, need_dw = ctx.recipe, *ctx.needs_input_grad[:2]
-        q = lambda t, kinds, i, g: qdq(t, kinds[i], recipe, (ctx.name, g, kinds, i))
-        dyq, wq, a, b = [], [], [], []
-        sizes = group_sizes(offs)
-        # expert by expert, dgrad then wgrad, as LowPrecLinearFn (stochastic rounding draws alike)
-        for g, (xg, dyg) in enumerate(zip(x.split(sizes), dy.split(sizes))):
-            if need_dx:  # dgrad: dX_g = dY_g W_g, over n
-                dyq.append(q(dyg, "gw", 0, g))
-                wq.append(q(w[g].t(), "gw", 1, g))  # (K, n)
-            if need_dw:  # wgrad: dW_g = dY_g^T X_g, over the expert's own tokens
-                # each expert's tokens are quantized on their own (zero-padded to whole blocks), so no
-                # block along the tokens spans two experts; rht zero-pads them to a multiple of 16
-                # first, and the padded columns, no longer zero once transformed, stay in the GEMM
-                ag, bg = dyg.t(), xg.t()  # (n, M_g), (K, M_g)
-                if recipe.fmt == "nvfp4" and recipe.rht:
-                    ag, bg = rht(ag, recipe.H), rht(bg, recipe.H)  # (n, M_g'), (K, M_g')
-                a.append(q(ag, "gx", 0, g))
-                b.append(q(bg, "gx", 1, g))
+        recipe, name, (E, N) = ctx.recipe, ctx.name, (w.size(0), x.size(0))
         dx = dw = None
-        if need_dx:
-            dx = mm_by_groups(torch.cat(dyq), torch.stack(wq).transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, K)
-        if need_dw:  # the k-grouped form over the (padded) token columns of each expert
-            offs_w = torch.tensor([t.size(1) for t in a], device=offs.device).cumsum(0).to(torch.int32)  # (E,)
-            dw = mm_by_groups(torch.cat(a, 1), torch.cat(b, 1).t(), offs_w).to(w.dtype)  # (E, n, K)
+        if ctx.needs_input_grad[0]:  # dgrad: dX_g = dY_g W_g, over n
+            dyq = qdq_experts(dy, "g", recipe, (name, "gw", 0), expert_of(offs, N), E, 0)  # (N, n)
+            wq = torch.stack([qdq(w[g].t(), "w", recipe, (name, g, "gw", 1)) for g in range(E)])  # (E, K, n)
+            dx = group_mm(dyq, wq.transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, K)
+        if ctx.needs_input_grad[1]:  # wgrad: dW_g = dY_g^T X_g, over the expert's own tokens
+            # every expert's tokens start at a whole block of the token dim (rht's 16 for NVFP4)
+            (dyp, ends), (xp, _) = pad_experts(dy, offs, token_block(recipe)), pad_experts(x, offs, token_block(recipe))
+            a, b = dyp.t(), xp.t()  # (n, L), (K, L)
+            if recipe.fmt == "nvfp4" and recipe.rht:
+                a, b = rht(a, recipe.H), rht(b, recipe.H)  # the padding, no longer zero once transformed, stays
+            expert = expert_of(ends, a.size(1))  # (L,): each token column's expert
+            aq = qdq_experts(a, "g", recipe, (name, "gx", 0), expert, E, 1)
+            bq = qdq_experts(b, "x", recipe, (name, "gx", 1), expert, E, 1)
+            dw = group_mm(aq, bq.t(), ends).to(w.dtype)  # (E, n, K): the k-grouped form
         return dx, dw, None, None, None
+
+
+def expert_of(ends, n):
+    """(n,) int64: the expert of each of n rows sorted by expert, expert e's ending at ends[e]."""
+    return torch.searchsorted(ends, torch.arange(n, device=ends.device, dtype=ends.dtype), right=True)
+
+
+def token_block(recipe):
+    """The block along the tokens of the wgrad operands (and of rht): where each expert's tokens
+    must start so that no block holds two experts' tokens."""
+    if recipe.fmt == "fp8":
+        return 128 if recipe.fp8_recipe == "blockwise" else 1
+    return 32 if recipe.fmt == "mxfp8" else 16
+
+
+def pad_experts(t, offs, b):
+    """t (N, C), rows sorted by expert (expert e's end at offs[e]) -> (L, C) with each expert's rows
+    starting at a multiple of b, zeros between, and the experts' new ends (E,) int32. L is the
+    static bound N + E (b - 1), rounded up to b, so nothing waits for the counts; the zero tail
+    counts as the last expert's."""
+    if b == 1:
+        return t, offs
+    N, E = t.size(0), offs.size(0)
+    L = -(-(N + E * (b - 1)) // b) * b
+    counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()  # (E,)
+    ends = ((counts + b - 1) // b * b).cumsum(0)  # (E,)
+    shift = (ends - (counts + b - 1) // b * b) - (offs.long() - counts)  # (E,): new start - old start
+    rows = torch.arange(N, device=t.device) + shift[expert_of(offs, N)]  # (N,): where each row goes
+    ends[-1] = L
+    return t.new_zeros(L, t.size(1)).index_copy_(0, rows, t), ends.to(torch.int32)
+
+
+def qdq_experts(t, kind, recipe, key, expert, E, dim):
+    """t (R, C) holding E experts' operands, expert (R,) of each row (dim 0) or (C,) of each column
+    (dim 1), quantized as qdq quantizes each expert's part on its own and dequantized: the tensor
+    scales (fp8's and NVFP4's) and fp8 delayed scaling's histories are per expert; the blocks
+    never hold two experts' elements, so those need nothing more."""
+    if not t.numel() or recipe.fmt == "mxfp8" or (recipe.fmt == "fp8" and recipe.fp8_recipe == "blockwise"):
+        return qdq(t, kind, recipe, key)
+    amax = t.abs().amax(dim=1 - dim).float()  # (R,) or (C,)
+    amax = amax.new_zeros(E).scatter_reduce(0, expert, amax, "amax")  # (E,): each expert's
+    if recipe.fmt == "fp8" and recipe.fp8_recipe == "delayed":  # one history for all experts, per expert
+        amax = recipe.history.setdefault(key, AmaxHistory(device=t.device, parts=E)).update(amax)
+    return quantize_operand(t, kind, recipe, key, amax[expert].unsqueeze(1 - dim)).dequantize()
+
+
+def group_mm(a, b, offs):
+    """moe.mm_by_groups (both forms) on the Triton kernels where they run: the padded bmm's size,
+    the largest group, would be a host sync."""
+    return grouped_mm_nograd(a, b, offs) if use_triton(a) else mm_by_groups(a, b, offs)
 
 
 def qdq(t, kind, recipe, key):
     """t (rows, reduction) quantized by quantize_operand and dequantized (fp32): an emulated GEMM's
-    operand. An expert without tokens has nothing to quantize."""
+    operand. No tokens at all: nothing to quantize."""
     return quantize_operand(t, kind, recipe, key).dequantize() if t.numel() else t.float()
 
 
@@ -249,7 +300,7 @@ def apply_precision(model, precision, bf16_ends=True, rht=True, sr=True, w2d=Tru
 
 def amax_state(model):
     """Delayed scaling's amax histories of every low-precision layer of model, as plain tensors
-    {"<module>|<operand key>": amax (length,)}: what a checkpoint keeps, so that a resumed run
+    {"<module>|<operand key>": amax (length,) or (length, experts)}: what a checkpoint keeps, so that a resumed run
     scales its FP8 operands as the run it continues would have (the histories are not parameters
     or buffers: the state_dict does not hold them)."""
     state = {}
@@ -261,10 +312,21 @@ def amax_state(model):
 
 
 def load_amax_state(model, state):
-    """Put the histories of amax_state(...) back into model's recipes (after apply_precision)."""
+    """Put the histories of amax_state(...) back into model's recipes (after apply_precision).
+    Checkpoints from before the experts' activations and gradients shared one history of all
+    experts kept one per expert ("up_proj/3/gx/0"): those are stacked into it."""
+    per_expert = {}
     for full, amax in state.items():
         name, key = full.split("|")
-        key = tuple(int(k) if k.isdigit() else k for k in key.split("/"))  # ("xw", 0), ("up_proj", 3, "gx", 1)
-        history = AmaxHistory(len(amax), amax.device)
-        history.amax = amax.clone()
-        model.get_submodule(name).recipe.history[key] = history
+        key = tuple(int(k) if k.isdigit() else k for k in key.split("/"))  # ("xw", 0), ("up_proj", "gx", 1)
+        recipe = model.get_submodule(name).recipe
+        if len(key) == 4 and key[2][key[3]] != "w":  # (projection, expert, kinds, i): the old layout
+            per_expert.setdefault((name, key[0], *key[2:]), {})[key[1]] = amax
+            continue
+        recipe.history[key] = AmaxHistory(len(amax), amax.device)
+        recipe.history[key].amax = amax.clone()
+    for (name, *key), amaxes in per_expert.items():
+        experts = model.get_submodule(name)
+        columns = [amaxes.get(e, torch.zeros_like(next(iter(amaxes.values())))) for e in range(experts.up_proj.size(0))]
+        experts.recipe.history[tuple(key)] = history = AmaxHistory(len(columns[0]), columns[0].device)
+        history.amax = torch.stack(columns, 1)  # (length, E)

@@ -236,11 +236,6 @@ def mm_by_groups(a, b, offs):
     return torch.bmm(a_pad.transpose(1, 2), pad_groups(b, offs)[0])  # (E, K, n)
 
 
-def group_sizes(offs):
-    """The rows of each group, from the end rows offs (E,): a list of E ints (a host sync)."""
-    return torch.diff(offs, prepend=offs.new_zeros(1)).tolist()
-
-
 def grouped_mm_runs(a, b):
     """Whether torch._grouped_mm takes these operands. Measured on torch 2.13's CPU kernel: fp32,
     bf16 or fp16 only, and every stride but the unit one a multiple of 16 bytes. On a GPU the

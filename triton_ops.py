@@ -902,10 +902,11 @@ def _grouped_mm_fwd(x, w, offs):
     return y
 
 
-def _grouped_mm_dw(x, dy, offs, w):
+def _grouped_mm_dw(x, dy, offs, w=None):
     (Nr, K), N, E = x.shape, dy.shape[1], offs.shape[0]
-    assert dy.shape[0] == Nr and w.shape == (E, K, N) and x.dtype == dy.dtype
-    dw = torch.empty_like(w)  # w's strides: a gradient in another layout makes the .grad update a strided copy
+    assert dy.shape[0] == Nr and (w is None or w.shape == (E, K, N)) and x.dtype == dy.dtype
+    # w's strides: a gradient in another layout makes the .grad update a strided copy
+    dw = torch.empty_like(w) if w is not None else x.new_empty(E, K, N)
     cfg = _gemm_config(x, dw=True)
     grid = (E, triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _grouped_mm_dw_kernel[grid](x, dy, offs, dw, K, N,
@@ -938,6 +939,13 @@ def grouped_mm(x, w, offs):
     Returns y (N, n) in x's dtype, accumulated in fp32: y[offs[g-1]:offs[g]] = x[offs[g-1]:offs[g]] @ w[g].
     Differentiable in x and w. moe.grouped_mm_ref is the PyTorch reference."""
     return GroupedMMFn.apply(x, w, offs)
+
+
+def grouped_mm_nograd(a, b, offs):
+    """moe.mm_by_groups's two forms on the kernels, without autograd (lowprec's grouped GEMMs):
+    a (N, K) @ b (E, K, n) -> (N, n), rows grouped by offs; or a (K, N) @ b (N, n) -> (E, K, n),
+    the summed dimension N grouped by offs."""
+    return _grouped_mm_fwd(a, b, offs) if b.dim() == 3 else _grouped_mm_dw(a.t(), b, offs)
 
 
 # =============================================================================
@@ -1068,7 +1076,7 @@ class QTensor:
     fmt: str                  # "e4m3", "e5m2", "mxfp8" or "nvfp4"
     block: tuple              # (br, bc) elements per scale
     shape: tuple              # (R, C) before padding to (R', C')
-    tensor_scale: torch.Tensor = None  # nvfp4: S_dec, fp32 (1,)
+    tensor_scale: torch.Tensor = None  # nvfp4: S_dec, fp32 (1, 1), or one per block where parts differ
 
     def dequantize(self):
         if self.fmt == "nvfp4":
@@ -1079,10 +1087,10 @@ class QTensor:
             scale = pow2(self.scale.int() - 127) if self.fmt == "mxfp8" else self.scale
         (Rp, Cp), (br, bc) = values.shape, self.block
         # from (R'/br, br, C'/bc, bc)
-        out = (values.view(Rp // br, br, Cp // bc, bc) * scale[:, None, :, None]).view(Rp, Cp)
+        out = values.view(Rp // br, br, Cp // bc, bc) * scale[:, None, :, None]  # (R'/br, br, C'/bc, bc)
         if self.tensor_scale is not None:
-            out = out * self.tensor_scale
-        return out[:self.shape[0], :self.shape[1]]
+            out = out * self.tensor_scale[:, None, :, None]
+        return out.view(Rp, Cp)[:self.shape[0], :self.shape[1]]
 
 
 def pad_to_blocks(x, block):
@@ -1103,15 +1111,17 @@ def fp8_scale(amax, fmax):
 
 
 def quantize_tensor_ref(x, scale, fmt):
-    """x (R, C) * scale (fp32, 0-d: the encode scale) -> fp8 codes (R, C)."""
+    """x (R, C) * scale (fp32 encode scale: one, or per row (R, 1) or column (1, C)) -> fp8 codes (R, C)."""
     return to_fp8(x.float() * scale, fmt)
 
 
 def quantize_blocks_ref(x, fmt, block, g=None, rand=None):
     """The reference of _quantize_blocks_kernel: x (R, C), R and C multiples of block (br, bc).
-    fmt "e4m3"/"e5m2" (fp8 blockwise), "mxfp8" or "nvfp4" (g: nvfp4_global's (2,), rand: uniform
-    numbers (R, C) for stochastic rounding or None). Returns codes and per-block scales."""
+    fmt "e4m3"/"e5m2" (fp8 blockwise), "mxfp8" or "nvfp4" (g: nvfp4_global's (2,), or (2, R/br or 1,
+    C/bc or 1) for a tensor scale per block; rand: uniform numbers (R, C) for stochastic rounding or
+    None). Returns codes and per-block scales."""
     (R, C), (br, bc) = x.shape, block
+    g = g.view(2, 1, 1) if g is not None and g.dim() == 1 else g  # (2, R/br or 1, C/bc or 1)
     xb = x.float().contiguous().view(R // br, br, C // bc, bc)  # (R/br, br, C/bc, bc)
     # 1) the amax of each block
     amax = xb.abs().amax(dim=(1, 3))  # (R/br, C/bc)
@@ -1193,7 +1203,7 @@ if triton is not None:
         _store_fp8(q_ptr + i, q, i < n)
 
     @triton.jit
-    def _quantize_blocks_kernel(x_ptr, g_ptr, q_ptr, s_ptr, R, C, s_xr, s_xc, seed,
+    def _quantize_blocks_kernel(x_ptr, g_ptr, q_ptr, s_ptr, R, C, s_xr, s_xc, s_g, s_gr, s_gc, seed,
                                 FMT: tl.constexpr, M_BITS: tl.constexpr, EMIN: tl.constexpr,
                                 FMAX: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                                 TR: tl.constexpr, TC: tl.constexpr, SR: tl.constexpr):
@@ -1201,6 +1211,8 @@ if triton is not None:
         # (TR/BR, TC/BC) whole blocks (R, C are multiples of the block); x is read through its
         # strides, so a transposed view is quantized without a copy. Steps as quantize_blocks_ref;
         # SR: stochastic rounding with tl.rand(seed, r * C + c) for element (r, c) (uniform()).
+        # nvfp4's two tensor scales of block (br, bc) are at g_ptr + br * s_gr + bc * s_gc and s_g past it
+        # (strides 0 for one pair for all)
         i, j = tl.program_id(0), tl.program_id(1)
         ri, ci = tl.arange(0, TR), tl.arange(0, TC)
         rows, cols = i * TR + ri, j * TC + ci
@@ -1214,9 +1226,14 @@ if triton is not None:
         nan = tl.max(tl.max(tl.reshape((x != x).to(tl.int32), (TR // BR, BR, TC // BC, BC)), axis=3), axis=1)
         amax = tl.where(nan > 0, float("nan"), amax)
         # 2) each block's scales (a block's NaN carried through: min drops it, hence _min_keep_nan)
+        brow = i * (TR // BR) + tl.arange(0, TR // BR)
+        bcol = j * (TC // BC) + tl.arange(0, TC // BC)
+        s_mask = (brow[:, None] < R // BR) & (bcol[None, :] < C // BC)
         if FMT == "nvfp4":
-            scale = _round_rne(amax * tl.load(g_ptr), 3, -6, 448.0)  # s_b, an E4M3 value
-            enc = _min_keep_nan(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * tl.load(g_ptr + 1)),
+            g_ptrs = g_ptr + brow[:, None] * s_gr + bcol[None, :] * s_gc
+            g_enc, g_dec = tl.load(g_ptrs, mask=s_mask, other=1.0), tl.load(g_ptrs + s_g, mask=s_mask, other=1.0)
+            scale = _round_rne(amax * g_enc, 3, -6, 448.0)  # s_b, an E4M3 value
+            enc = _min_keep_nan(tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale * g_dec),
                                 3.4028234663852886e38)
         elif FMT == "mxfp8":
             bits = (amax * 0.002232142857142857).to(tl.int32, bitcast=True)  # amax * fl32(1/448)
@@ -1229,10 +1246,7 @@ if triton is not None:
             enc = tl.math.div_rn(tl.full(amax.shape, FMAX, tl.float32), amax)
             enc = tl.where(amax == 0, 1.0, _min_keep_nan(enc, 3.4028234663852886e38))
             scale = tl.math.div_rn(tl.full(enc.shape, 1.0, tl.float32), enc)
-        brow = i * (TR // BR) + tl.arange(0, TR // BR)
-        bcol = j * (TC // BC) + tl.arange(0, TC // BC)
         s_ptrs = s_ptr + brow[:, None] * (C // BC) + bcol[None, :]
-        s_mask = (brow[:, None] < R // BR) & (bcol[None, :] < C // BC)
         if FMT == "nvfp4":
             _store_fp8(s_ptrs, scale, s_mask)
         else:
@@ -1261,6 +1275,8 @@ if triton is not None:
 def _quantize_tensor(x, scale, fmt):
     if not use_triton(x):
         return quantize_tensor_ref(x, scale, fmt)
+    if scale.numel() > 1:  # a scale per row or column: multiplied in first (x * scale * 1 rounds as x * scale)
+        x, scale = x.float() * scale, scale.new_ones(())
     xc = x.contiguous()
     q = torch.empty(x.shape, device=x.device, dtype=TORCH_FP8[fmt])
     BLOCK = 4096 if gpu_tiles(x) else 1 << 16
@@ -1284,7 +1300,11 @@ def _quantize_blocks(x, fmt, block, g=None, seed=None):
     TC = max(bc, 4096 // TR)  # a tile of 4096 elements, or one 128 x 128 block
     m_bits, emin, fmax = FP8.get(fmt, FP8["e4m3"])
     grid = (triton.cdiv(R, TR), triton.cdiv(C, TC))
-    _quantize_blocks_kernel[grid](x, g if g is not None else x, q, s, R, C, x.stride(0), x.stride(1),
+    s_g = s_gr = s_gc = 0  # g's strides (nvfp4 only): one (2,) for all blocks, or a pair per block row / column
+    if g is not None:
+        g = g.view(2, 1, 1) if g.dim() == 1 else g  # (2, R/br or 1, C/bc or 1)
+        s_g, s_gr, s_gc = g.stride(0), *(st if n > 1 else 0 for n, st in zip(g.shape[1:], g.stride()[1:]))
+    _quantize_blocks_kernel[grid](x, g if g is not None else x, q, s, R, C, x.stride(0), x.stride(1), s_g, s_gr, s_gc,
                                   seed if seed is not None else 0, FMT=fmt, M_BITS=m_bits, EMIN=emin, FMAX=fmax,
                                   BR=br, BC=bc, TR=TR, TC=TC, SR=seed is not None,
                                   **(dict(num_warps=8) if TR * TC > 4096 and gpu_tiles(x) else {}))  # 128 x 128
@@ -1317,37 +1337,42 @@ def uniform(seed, R, C, device="cpu"):
 class AmaxHistory:
     """Delayed scaling's state for one tensor: the amaxes of its last `length` quantizations
     (TransformerEngine keeps 1024). The scale of a quantization comes from the largest of them;
-    the first one, with an empty history, uses its own amax."""
+    the first one, with an empty history, uses its own amax. parts: one history for each of that
+    many tensors, updated together (lowprec's grouped GEMMs: one per expert)."""
 
-    def __init__(self, length=1024, device=None):
-        self.amax = torch.zeros(length, device=device)
+    def __init__(self, length=1024, device=None, parts=None):
+        self.amax = torch.zeros(length, *([parts] if parts else []), device=device)  # (length,) or (length, parts)
 
     def update(self, amax):
-        """The amax to scale by now, then record this quantization's amax."""
-        past = self.amax.max()
-        self.amax = torch.roll(self.amax, 1)
+        """The amax to scale by now, then record this quantization's amax: 0-d, or (parts,)."""
+        past = self.amax.max(0).values
+        self.amax = torch.roll(self.amax, 1, 0)
         self.amax[0] = amax
         return torch.where(past > 0, past, amax)
 
 
-def quantize_fp8(x, recipe="tensorwise", fmt="e4m3", history=None, block=(1, 128)):
+def quantize_fp8(x, recipe="tensorwise", fmt="e4m3", history=None, block=(1, 128), amax=None):
     """FP8 quantization of x (R, C), fp32 or bf16, with blocks along the last dim:
     recipe "tensorwise" (current scaling: scale = fmax / amax of x), "delayed" (scale from the
     AmaxHistory `history`, which it updates), or "blockwise" (a scale per `block`: (1, 128) for
     activations and gradients, (128, 128) for weights). fmt "e4m3" (max 448) or "e5m2" (max 57344).
+    amax: what the scale comes from instead of x's amax (and the history), one per row (R, 1) or
+    per column (1, C): lowprec's grouped GEMMs give each expert's rows (or token columns) their own.
     Returns a QTensor: codes (R, C) in torch's float8 dtype, fp32 decode scales (1 / scale)."""
     assert x.dim() == 2 and fmt in FP8, (x.shape, fmt)
     fmax = FP8[fmt][2]
     if recipe == "blockwise":
         q, s = _quantize_blocks(pad_to_blocks(x, block), fmt, block)
         return QTensor(q, s, fmt, block, tuple(x.shape))
-    amax = x.abs().amax().float()
-    if recipe == "delayed":
-        amax = history.update(amax)
-    else:
-        assert recipe == "tensorwise", recipe
-    scale = fp8_scale(amax, fmax)
-    return QTensor(_quantize_tensor(x, scale, fmt), (1.0 / scale).view(1, 1), fmt, tuple(x.shape), tuple(x.shape))
+    if amax is None:
+        amax = x.abs().amax().float()
+        if recipe == "delayed":
+            amax = history.update(amax)
+        else:
+            assert recipe == "tensorwise", recipe
+    scale = fp8_scale(amax.view(1, 1) if amax.dim() == 0 else amax, fmax)  # (1, 1), (R, 1) or (1, C)
+    block = (x.size(0) // scale.size(0), x.size(1) // scale.size(1))  # (R, C), (1, C) or (R, 1)
+    return QTensor(_quantize_tensor(x, scale, fmt), 1.0 / scale, fmt, block, tuple(x.shape))
 
 
 def quantize_mxfp8(x):
@@ -1358,19 +1383,24 @@ def quantize_mxfp8(x):
     return QTensor(q, s, "mxfp8", (1, 32), tuple(x.shape))
 
 
-def quantize_nvfp4(x, tile=(1, 16), stochastic=False, generator=None):
+def quantize_nvfp4(x, tile=(1, 16), stochastic=False, generator=None, amax=None):
     """NVFP4 of x (R, C): E2M1 codes two per byte (element 2i in the low nibble), an E4M3 scale per
     tile along the last dim ((1, 16) activations and gradients, (16, 16) weights: W and W^T then
     quantize alike) and an fp32 tensor scale from the global amax. stochastic: round each element
     up or down at random, unbiased (gradients), with the uniform numbers of a seed drawn from
     generator (torch's default one if None: a run's RNG state makes it reproducible).
-    Returns a QTensor."""
+    amax: what the tensor scale comes from instead of x's amax, one per row (R, 1) or per column
+    (1, C), alike within a tile: lowprec's grouped GEMMs give each expert's rows (or token columns)
+    their own. Returns a QTensor."""
     assert x.dim() == 2 and tile in ((1, 16), (16, 16)), (x.shape, tile)
     xp = pad_to_blocks(x, tile)
-    g = nvfp4_global(x.abs().amax().float())
+    if amax is None:
+        g = nvfp4_global(x.abs().amax().float()).view(2, 1, 1)
+    else:  # a tensor scale per part: per row (R, 1) or per column (1, C), whole tiles, so one per tile
+        g = nvfp4_global(amax.float())[:, ::tile[0], ::tile[1]]  # (2, R/br or 1, C/bc or 1)
     seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator)) if stochastic else None
     q, s = _quantize_blocks(xp, "nvfp4", tile, g, seed)
-    return QTensor(q, s, "nvfp4", tile, tuple(x.shape), tensor_scale=g[1:])
+    return QTensor(q, s, "nvfp4", tile, tuple(x.shape), tensor_scale=g[1])
 
 
 def hadamard16(signs):

@@ -137,6 +137,24 @@ def quantizer_launches():
     return captured(run)
 
 
+LOWPREC_RECIPES = [("fp8", "tensorwise"), ("fp8", "delayed"), ("fp8", "blockwise"), ("mxfp8", None), ("nvfp4", None)]
+
+
+def lowprec_expert_launches(fmt, fp8_recipe, E=128, K=2688, N=1856, rows=4096):
+    """lowprec.LowPrecGroupedMM forward and backward: on meta tensors any host sync (.tolist(),
+    .item(), int() of a device tensor) raises, so getting through proves there is none."""
+    import lowprec
+    recipe = lowprec.Recipe(fmt, fp8_recipe or "tensorwise", H=triton_ops.hadamard16(torch.ones(16)).to("meta"))
+    x, w, offs = meta(rows, K), meta(E, N, K), meta(E, dtype=torch.int32, grad=False)
+    return captured(lambda: lowprec.LowPrecGroupedMM.apply(x, w, offs, recipe, "up_proj").sum().backward())
+
+
+@pytest.mark.parametrize("fmt,fp8_recipe", LOWPREC_RECIPES)
+def test_lowprec_experts_without_host_sync(fmt, fp8_recipe):
+    names = {launch[0] for launch in lowprec_expert_launches(fmt, fp8_recipe)}
+    assert {"_grouped_mm_kernel", "_grouped_mm_dw_kernel"} <= names, names  # the GEMMs on the kernels
+
+
 def all_jobs():
     """{job: [where it comes from]} for every launch of the shapes above."""
     found = {}
@@ -155,6 +173,8 @@ def all_jobs():
     for dtype in (torch.float32, torch.bfloat16):
         add(moe_launches(dtype), f"grouped GEMM {TYPES[dtype]}")
     add(quantizer_launches(), "quantizers")
+    for fmt, fp8_recipe in LOWPREC_RECIPES:
+        add(lowprec_expert_launches(fmt, fp8_recipe), f"low-precision experts {fmt} {fp8_recipe or ''}")
     return found
 
 # -----------------------------------------------------------------------------
