@@ -1,5 +1,6 @@
 """
-eval.py: long-context evaluation of a checkpoint. Read after sample.py and data/ruler.py.
+eval.py: evaluation of a checkpoint: long context, and the post-trained chat model. Read after sample.py,
+data/ruler.py and rollout.py.
 
     python eval.py --init_from=out-swan --lengths=256,1024,4096,8192               # val loss per length
     python eval.py --init_from=out-swan --swan=off                                 # without SWAN scaling
@@ -15,8 +16,15 @@ eval.py: long-context evaluation of a checkpoint. Read after sample.py and data/
    A run trained with doc_masking gets each prompt started with its data set's end-of-text token
    (--bos), and NIAH prompts end with the answer prefix its data set was built with (--answer_prefix).
 Printed as tables; --json_out=PATH also writes every figure as JSON.
+3. --tasks=chat: the chat model on data/envs.py's held-out tasks (rollout.evaluate: greedy, n per
+   environment, tool turns included): accuracy with reasoning on and off, mean thinking tokens, and
+   with --reasoning_budget=B (stated in the system turn, reasoning on) the share of answers whose
+   thinking stayed within B. --json=True prints one JSON object and nothing else.
+    python eval.py --tasks=chat --init_from=out-rl --n=24 --json=True
+    python eval.py --tasks=chat --init_from=out-rl --reasoning_budget=64
 """
-import json
+import contextlib
+import json as json_lib
 import os
 import sys
 import time
@@ -48,10 +56,19 @@ bos = 'auto'                       # start each RULER prompt with the data set's
                                    # 'auto' = on for a run trained with doc_masking (its documents start with one)
 device = 'auto'                    # 'auto' (cuda, else cpu), 'cpu', 'cuda', ...
 json_out = ''                      # also write the results here as JSON ('': don't)
-config_ranges = dict(loss_tokens='[1, inf)', n='[1, inf)', seed='[0, inf)')  # checked by configurator.py
+# --tasks=chat
+envs = 'math,code,instruct,tools'  # data/envs.py environments, comma-separated
+reasoning_budget = 0               # thinking tokens stated in the system turn (0: none)
+max_new_tokens = 256               # tokens per assistant turn
+max_turns = 3                      # assistant turns per episode (tool calls between them)
+max_len = 0                        # tokens of a whole episode (0: the block_size the checkpoint trained at, else 512)
+json = False                       # print one JSON object and nothing else
+config_ranges = dict(loss_tokens='[1, inf)', n='[1, inf)', seed='[0, inf)', reasoning_budget='[0, inf)',
+                     max_new_tokens='[1, inf)', max_turns='[1, inf)', max_len='[0, inf)')  # checked by configurator.py
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
+with contextlib.redirect_stdout(sys.stderr):  # its "Overriding: ..." echo must not mix with --json's object
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in config_keys}
 # -----------------------------------------------------------------------------
 
@@ -149,7 +166,49 @@ def table(title, rows, cols, cell, name=str):
         print(" | ".join([f"{name(r):>26}"] + [f"{cell(r, c):>8}" for c in cols]))
 
 
+def chat():
+    """3: the chat scores, as one JSON object (--json) or a table."""
+    from data.envs import ENVS
+    from rollout import evaluate, mean
+    env_list = [e for e in envs.split(',') if e]
+    unknown = [e for e in env_list if e not in ENVS]
+    if unknown or not env_list:
+        die(f"--envs={envs!r}: unknown environment {unknown[0] if unknown else '(none)'!r}; the environments are "
+            f"{', '.join(ENVS)}", 2)
+    try:
+        dev = pick_device('cpu' if device == 'auto' and not torch.cuda.is_available() else device)
+        model, tokenizer = load_for_inference(init_from, torch.float32, dev)
+    except (ValueError, CheckpointError, DataError) as e:
+        die(str(e), 2)
+    if tokenizer.eot is None:
+        die(f"{init_from}: its tokenizer has no end-of-text token: not a chat model (fine-tune it on data/sft)", 2)
+    length = max_len or saved_config(init_from).get('block_size') or 512
+    t0 = time.time()
+    on, off = (evaluate(model, tokenizer, env_list, n, tokenizer.eot, r, reasoning_budget if r == 'on' else None,
+                        max_new_tokens, max_turns, length) for r in ('on', 'off'))
+    scores = {env: {'accuracy_on': on[env]['accuracy'], 'accuracy_off': off[env]['accuracy'],
+                    'thinking_on': on[env]['thinking'], 'skipped': on[env]['skipped'],
+                    **({'within_budget': on[env]['within_budget']} if reasoning_budget else {})} for env in env_list}
+    result = {'init_from': init_from, 'n': n, 'reasoning_budget': reasoning_budget or None, 'max_len': length,
+              'envs': scores, 'mean_on': mean(s['accuracy_on'] for s in scores.values()),
+              'mean_off': mean(s['accuracy_off'] for s in scores.values()), 'time_s': time.time() - t0}
+    if json:
+        print(json_lib.dumps(result))
+    else:
+        cols = ['accuracy_on', 'accuracy_off', 'thinking_on', 'skipped']
+        cols += ['within_budget'] if reasoning_budget else []
+        table(f"held-out chat scores, {n} tasks per environment, greedy" +
+              (f", thinking budget {reasoning_budget}" if reasoning_budget else ""), env_list, cols,
+              lambda env, c: fmt(scores[env][c], 3))
+        print(f"mean accuracy: reasoning on {result['mean_on']:.3f}, off {result['mean_off']:.3f}")
+    if json_out:
+        with open(json_out, 'w') as f:
+            json_lib.dump(result, f, indent=1)
+
+
 def main():
+    if tasks == 'chat':
+        return chat()
     T_list = int_list('lengths', lengths, 1)
     blocks = int_list('star_blocks', star_blocks, 0)
     task_list = ruler.TASKS if tasks == 'all' else [t for t in tasks.split(',') if t]
@@ -239,7 +298,7 @@ def main():
               name=lambda r: f"{r[0]} {label(r[1])}")
     if json_out:
         with open(json_out, 'w') as f:
-            json.dump(results, f, indent=1)
+            json_lib.dump(results, f, indent=1)
         print(f"\nwrote {json_out}")
 
 

@@ -1,7 +1,7 @@
 """
 parallel.py: one model over many processes, in torchtitan's order made small. Read after train.py.
 
-train.py calls init_distributed (torchrun's processes), check_layout (can the flags' layout run on
+train.py calls processes (the device, and torchrun's group), check_layout (can the flags' layout run on
 these ranks?) and parallelize, which applies one function per technique, each returning what it
 builds (nothing here is global):
     apply_tp(model, mesh, sp)         1) tensor (and sequence) parallelism over the tp ranks of a replica
@@ -36,12 +36,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from attention import Attention
+from hardware import pick_device
 from mamba import Mamba2Mixer
 from model import Block
 from moe import MLP, MoE, shard_experts
 
 # -----------------------------------------------------------------------------
 # processes and the layout
+
+
+def processes(device):
+    """This process's place: (under torchrun, rank, local rank, world size, device), the device picked
+    (hardware.pick_device: ValueError if it is not there) and torchrun's group joined when RANK is set."""
+    device = pick_device(device)
+    if int(os.environ.get('RANK', -1)) == -1:
+        return False, 0, 0, 1, device
+    return (True, *init_distributed(device))
 
 
 def init_distributed(device):

@@ -8,6 +8,12 @@ plot.py: the figures of docs/, drawn from what the runs wrote. matplotlib is an 
         RULER score against Star Attention block size, one line per task and context length
     python plot.py rows rows.json --out=assets/rows.png
         decoding tokens/s against busy rows, eager and compiled (bench.py rows --json=rows.json)
+    python plot.py rl out-rl out-rl-instruct --out=assets/rl.png
+        rl.py runs (their log.jsonl): each environment's training reward against step (a moving mean
+        over 5 steps), one line per run and environment
+    python plot.py budget budget-32.json budget-64.json ... --out=assets/budget.png
+        eval.py --tasks=chat --reasoning_budget=B --json_out=...: held-out accuracy (reasoning on) and
+        the share of answers thinking within B, against B
     python plot.py runs out-lowprec-bf16 out-lowprec-fp8 ... --out=lowprec.png
         train.py runs (their log.jsonl): prints each one's final val loss and its difference from the
         first run's; draws train loss and val loss relative to the first run against step
@@ -82,6 +88,32 @@ def rows(ax, paths):
     ax.set(xlabel="rows decoding together", ylabel="generated tokens/s")
 
 
+def rl(ax, out_dirs):
+    for out_dir in out_dirs:
+        path = os.path.join(out_dir, "log.jsonl")
+        if not os.path.exists(path):
+            sys.exit(f"error: {path} does not exist (run rl.py --out_dir={out_dir} first)")
+        records = [r for r in map(json.loads, open(path)) if "filtered" in r]
+        envs = sorted({k for r in records for k, v in r.items() if isinstance(v, dict) and "reward" in v})
+        for env in envs:
+            points = [(r["step"], r[env]["reward"]) for r in records if env in r]
+            mean = [sum(v for _, v in points[max(0, i - 4):i + 1]) / len(points[max(0, i - 4):i + 1])
+                    for i in range(len(points))]  # over the last 5 steps that drew this environment
+            ax.plot([s for s, _ in points], mean, label=f"{os.path.basename(os.path.normpath(out_dir))} {env}")
+    ax.set(xlabel="RL step", ylabel="training reward (moving mean of 5)")
+
+
+def budget(ax, paths):
+    results = sorted((read_json(p) for p in paths), key=lambda r: r["reasoning_budget"] or 0)
+    envs = list(results[0]["envs"])
+    xs = [r["reasoning_budget"] for r in results]
+    for env in envs:
+        line, = ax.plot(xs, [r["envs"][env]["accuracy_on"] for r in results], marker="o", label=f"{env} accuracy")
+        ax.plot(xs, [r["envs"][env].get("within_budget") for r in results], marker="x", ls="--",
+                color=line.get_color(), label=f"{env} within budget")
+    ax.set(xlabel="thinking budget B (tokens)", ylabel="held-out accuracy / share within B")
+
+
 def read_run(out_dir):
     """{"train": [(step, loss)], "val": [(step, val loss)], "config": dict} from out_dir/log.jsonl;
     a resumed run appends to its log, so the last record of a step wins."""
@@ -132,9 +164,10 @@ def runs(fig, out_dirs):
 
 def main():
     ap = argparse.ArgumentParser(description="draw the docs figures")
-    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "runs"])
+    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "rl", "budget", "runs"])
     ap.add_argument("inputs", nargs="+",
-                    help="eval.py JSON files (lengths, blocks), bench.py rows JSON (rows), train.py out_dirs (runs)")
+                    help="eval.py JSON files (lengths, blocks, budget), bench.py rows JSON (rows), "
+                         "rl.py out_dirs (rl), train.py out_dirs (runs)")
     ap.add_argument("--out", default=None, help="the PNG to write (runs: optional, the table prints anyway)")
     ap.add_argument("--title", default="")
     args = ap.parse_args()
@@ -149,7 +182,7 @@ def main():
         ax = runs(fig, args.inputs)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        {"lengths": lengths, "blocks": blocks, "rows": rows}[args.kind](ax, args.inputs)
+        {"lengths": lengths, "blocks": blocks, "rows": rows, "rl": rl, "budget": budget}[args.kind](ax, args.inputs)
         ax.grid(alpha=0.3)
     ax.set_title(args.title)
     ax.legend(fontsize=8)

@@ -34,11 +34,11 @@ from tqdm import tqdm
 from checkpoint import (CheckpointError, check_out_dir, kept_message, read_amax, save_checkpoint, set_rng_state,
                         start_from)
 from data.tokenizer import DataError, check_dataset, load_tokenizer
-from hardware import peaks, pick_device
+from hardware import peaks
 from lowprec import amax_state, apply_precision, load_amax_state
 from model import RENAMED, Nemotron, NemotronConfig, flops_per_token
 from moe import MoE, Router, balance_metrics, moe_costs, routing_step, unshard_experts
-from parallel import (check_layout, clip_grad_norm, grad_sync, init_distributed, layout_free_state, local_bytes,
+from parallel import (check_layout, clip_grad_norm, grad_sync, layout_free_state, local_bytes, processes,
                       load_optimizer_state, parallelize, shutdown, sync_expert_grads)
 
 # -----------------------------------------------------------------------------
@@ -111,16 +111,12 @@ model_fields = [f.name for f in dataclasses.fields(NemotronConfig)]
 
 # -----------------------------------------------------------------------------
 # processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE, as in nanoGPT
-ddp = int(os.environ.get('RANK', -1)) != -1
-ddp_rank, ddp_local_rank, ddp_world_size = int(os.environ.get('RANK', 0)), 0, 1
-master_process = ddp_rank == 0
-print0 = print if master_process else lambda *args, **kwargs: None  # rank 0 speaks for all
 try:
-    device = pick_device(device)
+    ddp, ddp_rank, ddp_local_rank, ddp_world_size, device = processes(device)
 except ValueError as e:
     die(str(e), 2)
-if ddp:
-    ddp_rank, ddp_local_rank, ddp_world_size, device = init_distributed(device)
+master_process = ddp_rank == 0
+print0 = print if master_process else lambda *args, **kwargs: None  # rank 0 speaks for all
 device_type = device.split(':')[0]
 if min_lr > learning_rate:
     die(f"min_lr={min_lr} is above learning_rate={learning_rate}: the schedule would raise the rate as it decays", 2)

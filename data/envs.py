@@ -514,13 +514,16 @@ def tasks(env, n, split="train", start=0):
     return [make(env, base + start + i) for i in range(n)]
 
 
-def verify(task, completion):
+def verify(task, completion, on_error=None):
     """The reward in [0, 1] of a completion (the assistant's text; only final_answer() is graded).
-    Never raises: a malformed completion or task scores 0.0."""
+    Never raises: a malformed completion or task scores 0.0, and on_error(exception), if given,
+    hears of a grader that raised (rollout.py records it with the environment's name)."""
     try:
         reward = float(ENVIRONMENTS[task.env][1](task, final_answer(completion)))
-        return min(1.0, max(0.0, reward))
-    except Exception:  # a verifier error is no reward, never a crashed RL step
+        return min(1.0, max(0.0, reward)) if reward == reward else 0.0  # NaN: 0
+    except Exception as e:  # a verifier error is no reward, never a crashed RL step
+        if on_error is not None:
+            on_error(e)
         return 0.0
 
 

@@ -37,6 +37,9 @@ def check_meta(meta, where="meta"):
     missing = [k for k in REQUIRED[meta["tokenizer"]] if k not in meta]
     if missing:
         raise DataError(f"{where}: tokenizer kind {meta['tokenizer']!r} needs {missing}")
+    eot = meta.get("eot")
+    if eot is not None and (type(eot) is not int or not 0 <= eot < meta["vocab_size"]):
+        raise DataError(f"{where}: 'eot' is {eot!r}, expected a token id below vocab_size {meta['vocab_size']}")
     return meta
 
 def read_meta(data_dir):
@@ -190,13 +193,16 @@ def load_tokenizer(meta_or_path):
         meta = read_meta(meta_or_path)
     kind = meta["tokenizer"]
     if kind == "bytes":
-        return ByteTokenizer()
+        tok = ByteTokenizer()
     elif kind == "chars":
-        return CharTokenizer(meta["chars"])
+        tok = CharTokenizer(meta["chars"])
     elif kind == "tiktoken":
-        return TiktokenTokenizer(tiktoken_encoding(meta["encoding"]))
+        tok = TiktokenTokenizer(tiktoken_encoding(meta["encoding"]))
     else:  # "hf"
-        return HFTokenizer(meta["tokenizer_file"])
+        tok = HFTokenizer(meta["tokenizer_file"])
+    if meta.get("eot") is not None:  # the data set's end of text (e.g. "\0" of the byte sets): where a document ends
+        tok.eot = meta["eot"]
+    return tok
 
 class TextStream:
     """Generated text as tokens arrive, for streaming it (sample.py, serve.py): add(ids) returns

@@ -255,3 +255,13 @@ def test_text_stream_holds_back_half_characters_and_stop_prefixes():
     assert stream.add(list(b"D, more")) == "" and stream.stopped
     plain = tokenizer.TextStream(tok)
     assert "".join(plain.add([b]) for b in "aé".encode()[:-1]) + plain.add([], final=True) == "a\ufffd"
+
+
+def test_the_data_sets_end_of_text_is_the_tokenizers():
+    """meta.json's "eot" becomes the tokenizer's, so that sample.py, serve.py and rollouts stop where
+    the data set's documents end (data/sft's "\\0"); one outside the vocabulary is refused."""
+    assert load_tokenizer({"tokenizer": "bytes", "vocab_size": 256, "eot": 0}).eot == 0
+    assert load_tokenizer({"tokenizer": "bytes", "vocab_size": 256}).eot is None and ByteTokenizer.eot is None
+    for bad in (256, -1, "0", 1.5):
+        with pytest.raises(DataError, match="eot"):
+            load_tokenizer({"tokenizer": "bytes", "vocab_size": 256, "eot": bad})
