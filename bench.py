@@ -285,6 +285,22 @@ def bench_batch(models, n_prompts=16, lengths=(64, 512), new_tokens=64, rounds=3
 
 
 @torch.no_grad()
+def bench_prefill(model, lengths, n_prompts=16, rounds=3):
+    """ms of the prefill of n_prompts prompts of lengths drawn from `lengths` (seeded): one by one,
+    right-padded into one batch (what Engine.add_many does for prompts of one length group), and as
+    one packed sequence of all their tokens, the compute floor (rounds taking turns, after one)."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(lengths[0], lengths[1] + 1, (n_prompts,), generator=g).tolist()
+    ps = [torch.randint(0, model.config.vocab_size, (n,), generator=g) for n in lens]
+    T = max(lens)
+    padded = torch.stack([F.pad(p, (0, T - len(p))) for p in ps])  # (n_prompts, T)
+    forms = {"one by one": lambda: [model.hidden(p[None], new_cache(model, 1, len(p))) for p in ps],
+             "padded batch": lambda: model.hidden(padded, new_cache(model, n_prompts, T)),
+             "one packed sequence": lambda: model.hidden(torch.cat(ps)[None], new_cache(model, 1, sum(lens)))}
+    return {name: ms * 1000 for name, ms in interleaved(forms, rounds, 1).items()}, sum(lens), T * n_prompts
+
+
+@torch.no_grad()
 def bench_rows(model, rows=(1, 2, 4, 8, 16, 32), max_len=320, steps=16, warmup=2):
     """{"eager"|"compiled": {n: generated tokens/s}}: the engine's decode step alone (no prefill,
     no sampling) with n busy rows at position ~100, the two forms taking turns per row count."""
@@ -582,6 +598,13 @@ def report_batch(res, n_prompts, lengths, new_tokens, rounds):
           f"{verdict(ratio >= BATCH_TARGET)})" if ratio else "transformers skipped or failed: no peer to compare with")
 
 
+def report_prefill(res, tokens, padded, lengths):
+    print(f"\n== prefill of 16 prompts of {lengths[0]}..{lengths[1]} tokens ({tokens:,} tokens; padded: "
+          f"{padded:,}), ms")
+    for name, ms in res.items():
+        print(f"{name:<22}{ms:>10,.1f} ms")
+
+
 def report_serve(res, clients, max_tokens, lengths, compile):
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]
     print(f"\n== serving: serve.py, {clients} greedy streaming clients, prompts of {lengths[0]}..{lengths[1]} "
@@ -677,9 +700,10 @@ def val_prompts(model, data_dir, n=4, length=64):
 def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
     parser.add_argument("what", nargs="?", default="all",
-                        choices=["all", "train", "decode", "rows", "serve", "moe", "kernels", "star", "lowprec"],
-                        help="all = train + decode + moe; rows, serve, kernels (the Triton SSD), "
-                             "star and lowprec (FP8/NVFP4 Linear) run only when named")
+                        choices=["all", "train", "decode", "batch", "rows", "serve", "moe", "kernels", "star",
+                                 "lowprec"],
+                        help="all = train + decode (+ its batch) + moe; batch (16 prompts together), rows, serve, "
+                             "kernels (the Triton SSD), star and lowprec (FP8/NVFP4 Linear) run only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -721,13 +745,18 @@ def main():
         prompts = val_prompts(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)
         res = bench_speculative(model, prompts, new_tokens, args.speculative, rounds=1 if args.quick else 3)
         report_speculative(res, args.speculative, n, new_tokens)
-    elif args.what in ("all", "decode"):
+    elif args.what in ("all", "decode", "batch"):
         models = candidates(cfg, hf=not args.no_hf)
-        res = bench_decode(cfg, models=models, **decode_kw)
-        report_decode(res, decode_kw["steps"], decode_kw["warmup"], matmul_floor(models["ours hybrid"]))
+        if args.what != "batch":
+            res = bench_decode(cfg, models=models, **decode_kw)
+            report_decode(res, decode_kw["steps"], decode_kw["warmup"], matmul_floor(models["ours hybrid"]))
         batch_kw = dict(n_prompts=4, lengths=(8, 32), new_tokens=8, rounds=1) if args.quick else \
             dict(n_prompts=16, lengths=(64, 512), new_tokens=64, rounds=3)
         report_batch(bench_batch(models, **batch_kw), **batch_kw)
+        if args.what == "batch":  # where the batched time goes: the prefill, by how it is batched
+            for lengths in ((4, 8), (8, 16)) if args.quick else (batch_kw["lengths"], (8, 32)):
+                report_prefill(*bench_prefill(models["ours hybrid"].eval(), lengths, rounds=batch_kw["rounds"]),
+                               lengths)
     if args.what == "rows":
         rows_kw = dict(rows=(1, 2), max_len=128, steps=2) if args.quick else {}
         res = bench_rows(Nemotron(cfg).eval(), **rows_kw)

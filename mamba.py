@@ -241,8 +241,11 @@ class Mamba2Mixer(nn.Module):
         xBC = xBC.transpose(1, 2)  # (B, conv_dim, T)
         past = cache.conv if cache is not None else xBC.new_zeros(Bsz, self.conv_dim, self.K - 1)
         xBC = torch.cat([past, xBC], dim=-1)  # (B, conv_dim, K-1+T)
-        if cache is not None:
+        if cache is not None and cache.lengths is None:
             cache.conv = xBC[:, :, -(self.K - 1):].clone()
+        elif cache is not None:  # right-padded prompts: row b's window ends at its last token, lengths[b] - 1
+            last = cache.lengths[:, None] + torch.arange(self.K - 1, device=u.device)  # (B, K-1): K-1+t is token t
+            cache.conv = xBC.gather(2, last[:, None, :].expand(-1, self.conv_dim, -1))  # (B, conv_dim, K-1)
         if seq_idx is None:
             xBC = F.conv1d(xBC, self.conv1d.weight, self.conv1d.bias, groups=self.conv_dim)
         else:
@@ -251,6 +254,8 @@ class Mamba2Mixer(nn.Module):
         x, B, C = xBC.split([self.d_inner, self.G * self.N, self.G * self.N], dim=-1)
         # 2) discretisation parameters: dt > 0 within the configured limits, A < 0
         dt, A = self.discretize(dt)  # (B, T, H), (H,)
+        if cache is not None and cache.lengths is not None:  # padding: dt = 0, the state holds (no decay, no input)
+            dt = dt * (torch.arange(T, device=u.device) < cache.lengths[:, None])[..., None]
         # 3) the SSD over the whole sequence, starting from the cached state when decoding
         y, h = run_ssd(x.reshape(Bsz, T, self.H, self.P), dt, A,
                    B.reshape(Bsz, T, self.G, self.N), C.reshape(Bsz, T, self.G, self.N),

@@ -98,18 +98,27 @@ def engine_loop(engine, waiting):
             if job.cancelled:
                 engine.release(job.request)
                 del jobs[id(job.request)]
-        while engine.free_rows():
+        new = []  # as many waiting jobs as there are free rows, prefilled together
+        while len(new) < len(engine.free_rows()):
             try:  # with nothing to decode, wait for work; else only take what is there
-                job = waiting.get(timeout=1.0) if not jobs else waiting.get_nowait()
+                job = waiting.get(timeout=1.0) if not jobs and not new else waiting.get_nowait()
             except queue.Empty:
                 break
-            if job.cancelled:
-                continue
-            try:
-                engine.add(job.request)
-            except Exception as e:  # this request alone fails (e.g. out of memory in its prefill)
-                job.events.put(('error', f"{type(e).__name__}: {e}"))
-                continue
+            if not job.cancelled:
+                new.append(job)
+        try:
+            engine.add_many([job.request for job in new])
+            added = new
+        except Exception:  # one of them fails (e.g. out of memory in its prefill): each alone, to find it
+            added = []
+            for job in new:
+                try:
+                    if not any(r is job.request for r in engine.requests):  # not prefilled before the failure
+                        engine.add(job.request)
+                    added.append(job)
+                except Exception as e:
+                    job.events.put(('error', f"{type(e).__name__}: {e}"))
+        for job in added:
             jobs[id(job.request)] = (job, 0)
             report(id(job.request))  # its first token, from the prefill, goes out now
         try:

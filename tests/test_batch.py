@@ -68,6 +68,27 @@ def test_ragged_batch_greedy_equals_each_row_alone(kw, max_batch):
     assert [r.tokens for r in again] == [r.tokens for r in done]
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("kw", PATTERNS, ids=lambda kw: kw["pattern"])
+def test_prompts_prefilled_together_leave_the_states_of_each_alone(kw):
+    """Engine.add_many: ragged prompts right-padded into one forward (lengths 1 and 2: shorter than the
+    conv window; 17 > the ring of 6 + 8: prefilled alone) leave each row's Mamba conv window and SSM
+    state, attention keys and values and position as a prefill of that prompt alone does (1e-5),
+    and the same first tokens."""
+    model = tiny_model(**kw).eval()
+    ps = prompts([5, 1, 17, 2, 8], seed=4)
+    together, alone = Engine(model, 5, 32), Engine(model, 5, 32)
+    assert together.add_many([Request(p, 4, temperature=0) for p in ps]) == 5
+    for p in ps:
+        assert alone.add(Request(p, 4, temperature=0))
+    assert together.tokens.tolist() == alone.tokens.tolist() and together.cache.pos.tolist() == [5, 1, 17, 2, 8]
+    for a, b in zip(together.cache.layers, alone.cache.layers):
+        for name in ("conv", "ssm", "k", "v"):
+            if hasattr(a, name):
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+    assert together.add_many([Request([1], 2)]) == 0  # no free row: nothing taken
+
+
 def test_rows_keep_their_own_sampling_settings():
     """A greedy row, a top-k row and a top-p row with their own seeds: each gives the same tokens
     in the batch as alone, and the same again when rerun (its own generator)."""

@@ -107,6 +107,16 @@ def test_main_quick(monkeypatch, capsys):
     assert "transformers/compiled" not in out and "transformers skipped or failed: no peer" in out
 
 
+def test_batch_quick(monkeypatch, capsys):
+    """bench.py batch --quick --no_hf: the batched section alone, then the prefill three ways."""
+    monkeypatch.setattr(sys, "argv", ["bench.py", "batch", "--quick", "--no_hf"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "== batched decoding: 4 greedy prompts" in out and "ms/token" not in out  # no decode table
+    for form in ("one by one", "padded batch", "one packed sequence"):
+        assert len(re.findall(rf"{form} +{NUM} ms", out)) == 2, out
+
+
 def test_kernels_quick(monkeypatch, capsys):
     """bench.py kernels --quick: the reference SSD timed (the Triton one too on a GPU or under the
     interpreter), the table printed."""
