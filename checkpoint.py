@@ -14,6 +14,7 @@ import pickle
 import random
 import re
 import shutil
+import subprocess
 import tempfile
 import zipfile
 import zlib
@@ -387,6 +388,15 @@ def save_checkpoint(out_dir, state, model_state, optim_state, best, amax=None, s
             if path not in keep:
                 shutil.rmtree(path)
     dist.barrier()
+
+
+def git_commit():
+    """This code's git commit (short), for a run's log; None outside a git checkout."""
+    try:
+        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except OSError:
+        return None
 
 
 def kept_message(out_dir, best_step, best_val_loss, sharded):

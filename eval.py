@@ -19,7 +19,8 @@ Printed as tables; --json_out=PATH also writes every figure as JSON.
 3. --tasks=chat: the chat model on data/envs.py's held-out tasks (rollout.evaluate: greedy, n per
    environment, tool turns included): accuracy with reasoning on and off, mean thinking tokens, and
    with --reasoning_budget=B (stated in the system turn, reasoning on) the share of answers whose
-   thinking stayed within B. --json=True prints one JSON object and nothing else.
+   thinking stayed within B: enforced by default (the thinking closed after B tokens, as sample.py's
+   budget), or left to the model with --force_budget=False. --json=True prints one JSON object only.
     python eval.py --tasks=chat --init_from=out-rl --n=24 --json=True
     python eval.py --tasks=chat --init_from=out-rl --reasoning_budget=64
 """
@@ -59,6 +60,7 @@ json_out = ''                      # also write the results here as JSON ('': do
 # --tasks=chat
 envs = 'math,code,instruct,tools'  # data/envs.py environments, comma-separated
 reasoning_budget = 0               # thinking tokens stated in the system turn (0: none)
+force_budget = True                # and enforced: "</think>" put in after B tokens (False: the model's own length)
 max_new_tokens = 256               # tokens per assistant turn
 max_turns = 3                      # assistant turns per episode (tool calls between them)
 max_len = 0                        # tokens of a whole episode (0: the block_size the checkpoint trained at, else 512)
@@ -185,11 +187,12 @@ def chat():
     length = max_len or saved_config(init_from).get('block_size') or 512
     t0 = time.time()
     on, off = (evaluate(model, tokenizer, env_list, n, tokenizer.eot, r, reasoning_budget if r == 'on' else None,
-                        max_new_tokens, max_turns, length) for r in ('on', 'off'))
+                        max_new_tokens, max_turns, length, force_budget=force_budget) for r in ('on', 'off'))
     scores = {env: {'accuracy_on': on[env]['accuracy'], 'accuracy_off': off[env]['accuracy'],
                     'thinking_on': on[env]['thinking'], 'skipped': on[env]['skipped'],
                     **({'within_budget': on[env]['within_budget']} if reasoning_budget else {})} for env in env_list}
     result = {'init_from': init_from, 'n': n, 'reasoning_budget': reasoning_budget or None, 'max_len': length,
+              'force_budget': force_budget if reasoning_budget else None,
               'envs': scores, 'mean_on': mean(s['accuracy_on'] for s in scores.values()),
               'mean_off': mean(s['accuracy_off'] for s in scores.values()), 'time_s': time.time() - t0}
     if json:

@@ -74,8 +74,9 @@ def init_distributed(device):
     return rank, local_rank, world, device
 
 
-def check_layout(world, tp, ep, sp, fsdp, torchrun, block_size, accumulation, precision, half):
-    """Why this layout cannot run (one line), or None. half: training in float16 (a grad scaler)."""
+def check_layout(world, tp, ep, sp, fsdp, torchrun, block_size, accumulation, precision, half, teacher=False):
+    """Why this layout cannot run (one line), or None. half: training in float16 (a grad scaler);
+    teacher: distilling (train.py --teacher)."""
     for name, n in (('tp', tp), ('ep', ep)):
         if world % n != 0:
             return (f"{name}={n} must divide the number of ranks, {world} (launch with torchrun "
@@ -97,6 +98,8 @@ def check_layout(world, tp, ep, sp, fsdp, torchrun, block_size, accumulation, pr
         return f"precision={precision} runs without tensor parallelism: drop --tp (DDP, --fsdp and --ep work)"
     if (ep > 1 or tp > 1 or fsdp) and half:  # each rank's scaler would judge its own shard's grads
         return "ep, tp or fsdp with dtype='float16' is not supported (its grad scaler is per rank): use bfloat16"
+    if teacher and tp > 1:  # the teacher runs whole on every rank; tested under DDP and FSDP2 only
+        return "--teacher runs with DDP or --fsdp, not with --tp (not wired yet)"
     return None
 
 

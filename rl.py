@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, check_out_dir, load_for_inference, save_checkpoint
+from checkpoint import CheckpointError, check_out_dir, git_commit, load_for_inference, save_checkpoint
 from data.envs import ENVS, HELDOUT, make
 from data.tokenizer import DataError, saved_config
 from parallel import processes
@@ -189,7 +189,8 @@ if master:
     meta = os.path.join(init_from if os.path.isdir(init_from) else os.path.dirname(init_from), 'meta.json')
     if os.path.isfile(meta):  # the tokenizer travels with the run
         shutil.copyfile(meta, os.path.join(out_dir, 'meta.json'))
-    log({'config': config, 'init_from': init_from, 'world_size': world, 'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+    log({'config': config, 'init_from': init_from, 'git': git_commit(), 'world_size': world,
+         'time': time.strftime('%Y-%m-%d %H:%M:%S')})
 best_score = -math.inf
 if master:
     scores = held_out()

@@ -48,8 +48,9 @@ class Episode:
     spent: int = 0                   # tokens the policy sampled, over all turns
     reward: float = 0.0              # envs.verify of the final answer: correctness in [0, 1]
     done: bool = False
-    skipped: str = ""                # why it never ran or stopped early: "context", "turns"
+    skipped: str = ""                # why it never ran or stopped early: "context", "length", "turns"
     error: str = ""                  # the verifier's exception, if it raised (the reward is then 0)
+    forced: bool = False             # its thinking was ended at the budget (run_episodes' force_budget)
 
     @property
     def prompt_len(self):
@@ -87,32 +88,44 @@ def thinking_tokens(tokenizer, reply, reasoning):
 
 
 def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.0, top_k=None, max_turns=4,
-                 max_len=None, max_batch=64, compile=False):
+                 max_len=None, max_batch=64, compile=False, force_budget=False):
     """Play every episode to its end, in place: each turn, the live ones decode together. eot: the token
-    that ends the conversation (the policy samples it: mask 1). An episode whose prompt (or next
-    turn) would pass max_len tokens (the model's context) stops there, skipped="context", reward 0;
+    that ends the conversation (the policy samples it: mask 1). An episode whose prompt passes
+    max_len tokens (the model's context) never runs, skipped="context", reward 0; one whose turns
+    filled the context stops there, skipped="length", reward 0;
     one still calling tools after max_turns turns stops with skipped="turns", reward 0.
+    force_budget: an episode with a stated budget B thinks for at most B tokens; if its thinking has
+    not ended by then, "</think>" is put after them (read, mask 0; Nemotron's budget control) and it
+    answers in the next turn. Else the thinking must end by itself, or the episode scores 0.
     Returns the episodes."""
     for ep in episodes:
         ep.tokens = tokenizer.encode(opening(ep.task, ep.reasoning, ep.budget, ep.low_effort))
         ep.mask = [0] * len(ep.tokens)
     for turn in range(max_turns):
         live = [ep for ep in episodes if not ep.done]
-        for ep in live:
+        for ep in live:  # no room left: a prompt past the context never runs; a conversation that filled it stops
             if max_len is not None and len(ep.tokens) + 1 > max_len:
-                ep.done, ep.skipped = True, "context"
+                ep.done, ep.skipped = True, "context" if turn == 0 else "length"
         live = [ep for ep in live if not ep.done]
         if not live:
             break
         room = [max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(ep.tokens)) for ep in live]
+        forcing = [force_budget and turn == 0 and ep.reasoning == "on" and ep.budget is not None for ep in live]
+        room = [min(n, ep.budget) if f else n for n, ep, f in zip(room, live, forcing)]
         seeds = [(ep.seed * 1_000_003 + turn) % 2 ** 62 for ep in live]
         requests = generate_batch(model, [ep.tokens for ep in live], room, temperature=temperature, top_k=top_k,
                                   seed=seeds, stop=(eot,), max_batch=max_batch, compile=compile)
-        for ep, req in zip(live, requests):
+        for ep, req, forced in zip(live, requests, forcing):
             ids = list(req.tokens)
             text = tokenizer.decode(ids)
             call = tool_call(final_answer(text))
-            if call is not None and turn + 1 < max_turns:  # a tool call: cut after it, the tool answers
+            if forced and req.finish == "length" and THINK_CLOSE not in text and turn + 1 < max_turns:
+                close = tokenizer.encode(f"\n{THINK_CLOSE}\n")  # the budget is spent: the thinking ends here
+                ep.replies.append(text)
+                ep.tokens += ids + close
+                ep.mask += [1] * len(ids) + [0] * len(close)
+                ep.forced = True
+            elif call is not None and turn + 1 < max_turns:  # a tool call: cut after it, the tool answers
                 ids = cut_after(tokenizer, ids, "</tool>")
                 tool_turn = tokenizer.encode(f"\n<|tool|>\n{run_tool(ep.task, *call)}\n<|assistant|>\n")
                 ep.replies.append(tokenizer.decode(ids))
@@ -130,7 +143,7 @@ def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.
             ep.done, ep.skipped = True, "turns"
         ep.spent = sum(ep.mask)
         ep.thinking = thinking_tokens(tokenizer, ep.replies[0], ep.reasoning) if ep.replies else 0
-        unclosed = ep.reasoning == "on" and ep.replies and THINK_CLOSE not in ep.replies[0]  # no answer given
+        unclosed = ep.reasoning == "on" and ep.replies and THINK_CLOSE not in ep.replies[0] and not ep.forced
         if not (ep.skipped or not ep.replies or unclosed):
             ep.reward = verify(ep.task, ep.replies[-1], on_error=lambda e, ep=ep: setattr(ep, "error", repr(e)))
     return episodes
@@ -142,13 +155,13 @@ def mean(xs):
 
 
 def evaluate(model, tokenizer, envs, n, eot, reasoning="on", budget=None, max_new_tokens=256, max_turns=4,
-             max_len=None, max_batch=64, compile=False):
+             max_len=None, max_batch=64, compile=False, force_budget=False):
     """Held-out scores, greedy: n tasks per environment from the split training never draws (data/envs.py
     HELDOUT). Returns {env: {"accuracy": mean reward, "thinking": mean thinking tokens, "skipped": prompts
     past the context (scored 0), "within_budget": share of thinking within budget (when one is stated)}}."""
     episodes = [Episode(t, reasoning, budget) for env in envs for t in tasks(env, n, "heldout")]
     run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=0.0, max_turns=max_turns,
-                 max_len=max_len, max_batch=max_batch, compile=compile)
+                 max_len=max_len, max_batch=max_batch, compile=compile, force_budget=force_budget)
     scores = {}
     for env in envs:
         mine = [e for e in episodes if e.task.env == env]

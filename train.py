@@ -21,7 +21,7 @@ The training loop follows nanoGPT's train.py; the learning-rate schedule adds wa
 same global batch that one process would see, so both give the same weights. parallel.py spreads
 the model over the ranks, checkpoint.py writes and reads the checkpoints.
 """
-import dataclasses, json, math, os, subprocess, sys, time
+import dataclasses, json, math, os, sys, time
 from contextlib import nullcontext
 
 import numpy as np
@@ -31,9 +31,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_out_dir, kept_message, read_amax, save_checkpoint, set_rng_state,
-                        start_from)
+from checkpoint import (CheckpointError, check_out_dir, git_commit, kept_message, read_amax, save_checkpoint,
+                        set_rng_state, start_from)
 from data.tokenizer import DataError, check_dataset, load_tokenizer
+from distill import distilled, load_teacher
 from hardware import peaks
 from lowprec import amax_state, apply_precision, load_amax_state
 from model import RENAMED, Nemotron, NemotronConfig, flops_per_token
@@ -62,6 +63,10 @@ doc_masking = False             # packed documents: Mamba state, conv and attent
 # documents each); vocab_size, unless given, is the data set's (meta.json; a larger value pads the embedding)
 globals().update(NemotronConfig().to_dict())
 moe_bias_rate = 1e-2            # aux-loss-free balancing: bias step per optimizer step (0: off; DeepSeek-V3: 1e-3)
+# distillation (distill.py): learn from a teacher's logits as well as from the data
+teacher = ''                    # the teacher: an out_dir, a ckpt.pt or an HF folder, same vocabulary ('': none)
+distill_alpha = 0.5             # loss = (1 - alpha) LM + alpha T^2 KL(teacher || student)
+distill_temp = 1.0              # T: the softmax temperature of both distributions
 # optimizer: AdamW, weight decay on matrices only
 learning_rate = 4e-3            # peak learning rate
 max_iters = 1000                # total optimizer steps
@@ -99,6 +104,7 @@ config_ranges = {k: '[1, inf)' for k in ('eval_interval', 'eval_iters', 'log_int
 config_ranges.update({k: '[0, inf)' for k in ('sample_new_tokens', 'moe_bias_rate', 'learning_rate', 'weight_decay',
                                               'grad_clip', 'warmup_iters', 'min_lr', 'seed', 'peak_flops')})
 config_ranges.update(beta1='[0, 1)', beta2='[0, 1)', decay_frac='[0, 1]', dtype=('float32', 'bfloat16', 'float16'),
+                     distill_alpha='[0, 1]', distill_temp='(0, inf)',
                      precision=('bf16', 'fp8', 'mxfp8', 'nvfp4'), fp8_recipe=('tensorwise', 'delayed', 'blockwise'),
                      lr_schedule=('wsd', 'cosine'))
 config_renamed = RENAMED  # flags renamed since: configurator.py reads the old name as the new one, with a note
@@ -132,7 +138,7 @@ except CheckpointError as e:
 # the layout (parallel.py): W ranks = dp data-parallel replicas x tp tensor-parallel ranks
 amp = device_type in ('cuda', 'cpu') and dtype != 'float32'
 refused = check_layout(ddp_world_size, tp, ep, sp, fsdp, ddp, block_size, gradient_accumulation_steps, precision,
-                       amp and dtype == 'float16')
+                       amp and dtype == 'float16', bool(teacher))
 if refused:
     die(refused)
 dp_size, dp_rank = ddp_world_size // tp, ddp_rank // tp
@@ -222,6 +228,10 @@ config.update(model.config.to_dict())  # the config saved and logged is the mode
 if model.config.vocab_size < meta['vocab_size']:
     die(f"the model's vocab_size {model.config.vocab_size} is smaller than data/{dataset}'s {meta['vocab_size']}")
 model.to(device)
+try:  # a teacher: in eval mode, no gradients, the student's vocabulary, whole on every rank
+    teacher_model = load_teacher(teacher, model.config, device) if teacher else None
+except CheckpointError as e:
+    die(str(e), 2)
 if precision != 'bf16':  # chosen Linear layers and experts run their GEMMs on quantized operands; parameters unchanged
     lowp = apply_precision(model, precision, bf16_ends, nvfp4_rht, nvfp4_sr, nvfp4_2d, seed, fp8_recipe)
     print0(f"precision {precision}: " + ", ".join(f"{n.removeprefix('backbone.')} {f}" for n, f in lowp.items()))
@@ -319,13 +329,6 @@ def log(record):
     with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
         f.write(json.dumps(record) + '\n')
 
-def git_hash():
-    try:
-        return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        return None
-
 # -----------------------------------------------------------------------------
 # training loop
 flops_per_iter = flops_per_token(raw_model.config, block_size) * tokens_per_iter
@@ -336,7 +339,7 @@ start_iter = iter_num
 if master_process:
     with open(os.path.join(out_dir, 'meta.json'), 'w') as f:  # the tokenizer travels with the run
         json.dump(meta, f)
-    log({'config': config, 'git': git_hash(), 'torch': torch.__version__, 'device': device,
+    log({'config': config, 'git': git_commit(), 'torch': torch.__version__, 'device': device,
          'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
          'params': n_params, 'active_params': n_active, **costs, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
          'layout': {'dp': dp_size, 'tp': tp, 'ep': ep, 'fsdp': fsdp}, 'param_bytes_per_rank': param_bytes})
@@ -376,7 +379,9 @@ for iter_num in range(start_iter, max_iters + 1):
     for micro_step in range(accum_steps):
         grad_sync(model, micro_step == accum_steps - 1)  # reduce over the replicas on the last micro-step only
         with ctx:
-            _, loss = model(X, Y, seq_idx=S)
+            logits, loss = model(X, Y, seq_idx=S)
+            if teacher_model is not None:  # with the KL to the teacher's logits on the same tokens
+                loss = distilled(loss, logits, teacher_model, X, Y, S, distill_alpha, distill_temp)
             loss = loss / accum_steps  # the mean over micro-steps; DDP then averages over ranks
             aux = sum(r.aux_loss for r in routers) / accum_steps if seq_aux else None
         loss_sum += loss.detach().float()

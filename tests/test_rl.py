@@ -88,8 +88,9 @@ def scripted(replies):
 
     def fake(model, prompts, max_new_tokens, **kw):
         out = []
-        for prompt, text in zip(prompts, next(calls)):
-            req = Request(list(prompt), 100, stop=kw.get("stop", ()))
+        limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+        for prompt, text, limit in zip(prompts, next(calls), limits):
+            req = Request(list(prompt), limit, stop=kw.get("stop", ()))
             for t in TOK.encode(text):
                 if req.take(t):
                     break
@@ -127,6 +128,39 @@ def test_unclosed_thinking_context_and_turn_limits(monkeypatch):
     assert eps[0].reward == 0.0 and not eps[0].skipped  # reasoning on without </think>: no answer
     assert eps[1].skipped == "turns" and eps[1].reward == 0.0  # still calling tools at the last turn
     assert eps[2].skipped == "context" and eps[2].reward == 0.0 and eps[2].spent == 0
+
+
+def test_a_forced_budget_closes_the_thinking_and_the_answer_follows(monkeypatch):
+    """force_budget: the first turn gets B new tokens (6, and 20 for the second episode); unclosed at B,
+    "</think>" is put in (read, mask 0) and the next turn answers; a turn that closes by itself within
+    B is left alone."""
+    calls = []
+
+    def fake(model, prompts, max_new_tokens, **kw):
+        calls.append(max_new_tokens)
+        return scripted([["thinking on and on", "ok</think>\n7\0"], ["7\0"]])(model, prompts, max_new_tokens, **kw) \
+            if len(calls) == 1 else scripted([["7\0"]])(model, prompts, max_new_tokens, **kw)
+    monkeypatch.setattr(rollout, "generate_batch", fake)
+    eps = [Episode(Task("math", 0, "Q", "7", ""), "on", budget=6),
+           Episode(Task("math", 1, "Q", "7", ""), "on", budget=20)]
+    run_episodes(None, TOK, eps, 64, eot=0, max_turns=2, force_budget=True)
+    assert calls[0] == [6, 20]
+    forced, closed = eps
+    assert forced.forced and forced.thinking == 6 and forced.reward == 1.0 and "</think>" in TOK.decode(forced.tokens)
+    assert TOK.decode([t for t, m in zip(forced.tokens, forced.mask) if not m]).endswith("\n</think>\n")
+    assert not closed.forced and closed.reward == 1.0 and closed.thinking == 2
+    eps = [Episode(Task("math", 0, "Q", "7", ""), "on", budget=6)]  # the same, not forced: no answer, reward 0
+    monkeypatch.setattr(rollout, "generate_batch", scripted([["thinking on and on"], ["7\0"]]))
+    run_episodes(None, TOK, eps, 64, eot=0, max_turns=2)
+    assert eps[0].reward == 0.0 and not eps[0].forced
+
+
+def test_a_conversation_that_fills_the_context_stops_as_length(monkeypatch):
+    monkeypatch.setattr(rollout, "generate_batch", scripted([["<tool>lookup: x</tool>"]]))
+    ep = Episode(tools_task(), "off")
+    n = len(TOK.encode(rollout.opening(ep.task, "off")))
+    run_episodes(None, TOK, [ep], 64, eot=0, max_turns=3, max_len=n + 30)  # the tool turn leaves no room
+    assert ep.skipped == "length" and ep.reward == 0.0 and len(ep.replies) == 1
 
 
 def test_a_verifier_that_raises_scores_zero_and_is_recorded(monkeypatch):
