@@ -7,6 +7,7 @@ arXiv:2504.11409), the pieces prune.py searches with. Read after model.py, mamba
    - MLP neurons (and the shared expert's): mean |relu(W_up x)^2|, down_proj's input;
    - attention: each query head's mean |output|, summed over the heads of a KV group (whole groups go);
    - Mamba heads: mean |y| of the head's channels at out_proj's input (after the gated norm);
+   - routed experts: the routing weight each receives, summed over the tokens;
    - depth: the increase of the LM loss when the layer is skipped (its block made the identity).
 2) a Plan: how many of each to keep (uniform per layer kind, so the result is a plain NemotronConfig
    that transformers' NemotronH also loads) and which layers stay; plan_config gives its config.
@@ -16,8 +17,9 @@ arXiv:2504.11409), the pieces prune.py searches with. Read after model.py, mamba
    "naive" keeps the most important heads anywhere and renumbers them into groups in order, so a
    head may meet another group's B and C (the ablation). in_proj's z, x, B, C and dt rows, the
    conv's x channels, dt_bias, A_log, D, the gated norm's weight and out_proj's columns follow.
-   Routed experts keep their number and width; only their d_model side follows the embedding
-   channels. MTP depths are not pruned (a model with them is refused).
+   Routed experts: the most used kept, with their router rows and correction biases; their width
+   (moe_d_ff) is not pruned, and their d_model side follows the embedding channels. Mamba head
+   channels (P) are not pruned either. MTP depths are not pruned (a model with them is refused).
 """
 from dataclasses import dataclass, replace
 
@@ -35,10 +37,12 @@ class Plan:
     mamba_heads: int      # heads of each Mamba layer (a multiple of mamba_groups)
     n_kv_head: int        # KV groups of each attention layer (their query heads go with them)
     layers: tuple         # indices of the layers kept, in order
+    n_experts: int = 0    # routed experts of each MoE layer (0: all)
 
 
 def full_plan(cfg):
-    return Plan(cfg.d_model, cfg.d_ff, cfg.shared_d_ff, cfg.mamba_heads, cfg.n_kv_head, tuple(range(cfg.n_layer)))
+    return Plan(cfg.d_model, cfg.d_ff, cfg.shared_d_ff, cfg.mamba_heads, cfg.n_kv_head, tuple(range(cfg.n_layer)),
+                cfg.n_experts)
 
 
 def plan_config(cfg, plan):
@@ -46,7 +50,7 @@ def plan_config(cfg, plan):
     q_per_kv = cfg.n_head // cfg.n_kv_head
     return replace(cfg, d_model=plan.d_model, d_ff=plan.d_ff, shared_d_ff=plan.shared_d_ff,
                    mamba_heads=plan.mamba_heads, n_kv_head=plan.n_kv_head, n_head=plan.n_kv_head * q_per_kv,
-                   pattern="".join(cfg.pattern[i] for i in plan.layers))
+                   pattern="".join(cfg.pattern[i] for i in plan.layers), n_experts=plan.n_experts or cfg.n_experts)
 
 
 def num_params(cfg):
@@ -61,10 +65,11 @@ def num_params(cfg):
 @torch.no_grad()
 def importance(model, batches):
     """{"emb": (d_model,), "ffn": {layer: (d_ff,)}, "shared": {layer: (shared_d_ff,)}, "attn": {layer: (n_kv_head,)},
-    "mamba": {layer: (H,)}, "depth": (n_layer,)} from batches [(x, y)] of token ids (B, T) and targets."""
+    "mamba": {layer: (H,)}, "experts": {layer: (E,)}, "depth": (n_layer,)} from batches [(x, y)] of token ids
+    (B, T) and targets."""
     model.eval()
     cfg, layers = model.config, model.backbone.layers
-    s = {"emb": torch.zeros(cfg.d_model), "ffn": {}, "shared": {}, "attn": {}, "mamba": {}}
+    s = {"emb": torch.zeros(cfg.d_model), "ffn": {}, "shared": {}, "attn": {}, "mamba": {}, "experts": {}}
     hooks = []
 
     def on_input(store, i, reduce):  # adds reduce(input) to store[i]
@@ -77,6 +82,13 @@ def importance(model, batches):
 
     def on_norm(module, args, out):  # (a hook that returned a value would replace the output)
         s["emb"].add_(channels(out.float()).cpu())
+
+    def on_routing(i):  # the router's (weights, idx) (M, k): each expert's share of the routing
+        def hook(module, args, out):
+            weights, idx = out
+            mass = torch.zeros(cfg.n_experts).index_add_(0, idx.flatten().cpu(), weights.flatten().float().cpu())
+            s["experts"][i] = s["experts"].get(i, 0) + mass
+        return hook
     for m in model.modules():
         if isinstance(m, RMSNorm):
             hooks.append(m.register_forward_hook(on_norm))
@@ -84,8 +96,11 @@ def importance(model, batches):
         mixer = block.mixer
         if block.kind == "-":
             hooks.append(mixer.down_proj.register_forward_pre_hook(on_input(s["ffn"], i, channels)))
-        elif block.kind == "E" and cfg.shared_d_ff:
-            hooks.append(mixer.shared_experts.down_proj.register_forward_pre_hook(on_input(s["shared"], i, channels)))
+        elif block.kind == "E":
+            if cfg.shared_d_ff:
+                shared = mixer.shared_experts.down_proj
+                hooks.append(shared.register_forward_pre_hook(on_input(s["shared"], i, channels)))
+            hooks.append(mixer.gate.register_forward_hook(on_routing(i)))
         elif block.kind in "*W":
             per_group = lambda a: channels(a).view(cfg.n_kv_head, -1).sum(1)  # (n_head * hd,) -> (n_kv_head,)
             hooks.append(mixer.o_proj.register_forward_pre_hook(on_input(s["attn"], i, per_group)))
@@ -160,7 +175,9 @@ def prune(model, plan, scores, group_aware=True):
             out.update(prune_mamba(w, cfg, emb, mamba_heads_kept(scores["mamba"][i], cfg.mamba_heads, cfg.mamba_groups,
                                                                  plan.mamba_heads, group_aware)))
         elif kind == "E":
-            out.update(prune_moe(w, cfg, emb, top(scores["shared"][i], plan.shared_d_ff) if cfg.shared_d_ff else None))
+            experts = top(scores["experts"][i], plan.n_experts or cfg.n_experts)
+            out.update(prune_moe(w, cfg, emb, top(scores["shared"][i], plan.shared_d_ff) if cfg.shared_d_ff else None,
+                                 experts))
         sd.update({dst + k: v for k, v in out.items()})
     new.load_state_dict(sd)
     if new_cfg.tie_embeddings:
@@ -184,19 +201,19 @@ def prune_mamba(w, cfg, emb, heads):
             "mixer.out_proj.weight": w["mixer.out_proj.weight"][emb][:, ch]}
 
 
-def prune_moe(w, cfg, emb, shared):
-    """A MoE mixer's weights: experts and router whole, their d_model side at emb; the shared expert's
-    neurons at shared (None: it has none)."""
-    out = {"mixer.gate.weight": w["mixer.gate.weight"][:, emb],
-           "mixer.gate.e_score_correction_bias": w["mixer.gate.e_score_correction_bias"]}
+def prune_moe(w, cfg, emb, shared, experts):
+    """A MoE mixer's weights: the routed experts `experts` (with their router rows and biases), their
+    d_model side at emb; the shared expert's neurons at shared (None: it has none)."""
+    out = {"mixer.gate.weight": w["mixer.gate.weight"][experts][:, emb],
+           "mixer.gate.e_score_correction_bias": w["mixer.gate.e_score_correction_bias"][experts]}
+    up, down = w["mixer.experts.up_proj"][experts], w["mixer.experts.down_proj"][experts]  # (E', F, l), (E', l, F)
     if cfg.moe_latent_size:  # the latent projections take the d_model side; the experts work in the latent width
         out["mixer.fc1_latent_proj.weight"] = w["mixer.fc1_latent_proj.weight"][:, emb]
         out["mixer.fc2_latent_proj.weight"] = w["mixer.fc2_latent_proj.weight"][emb]
-        out["mixer.experts.up_proj"], out["mixer.experts.down_proj"] = w["mixer.experts.up_proj"], \
-            w["mixer.experts.down_proj"]
+        out["mixer.experts.up_proj"], out["mixer.experts.down_proj"] = up, down
     else:
-        out["mixer.experts.up_proj"] = w["mixer.experts.up_proj"][:, :, emb]  # (E, F, d')
-        out["mixer.experts.down_proj"] = w["mixer.experts.down_proj"][:, emb]  # (E, d', F)
+        out["mixer.experts.up_proj"] = up[:, :, emb]  # (E', F, d')
+        out["mixer.experts.down_proj"] = down[:, emb]  # (E', d', F)
     if shared is not None:
         out["mixer.shared_experts.up_proj.weight"] = w["mixer.shared_experts.up_proj.weight"][shared][:, emb]
         out["mixer.shared_experts.down_proj.weight"] = w["mixer.shared_experts.down_proj.weight"][emb][:, shared]

@@ -80,13 +80,16 @@ def test_group_aware_mamba_pruning_keeps_groups_whole():
 
 
 def test_a_pruned_model_loads_in_transformers(tmp_path):
-    """Every width and the depth cut (an attention and an MLP layer dropped): save_pretrained, then
-    transformers' NemotronH gives the same logits."""
+    """Every width, half the routed experts and the depth cut (an attention and an MLP layer dropped):
+    save_pretrained, then transformers' NemotronH gives the same logits."""
     model, scores = model_and_scores(pattern="M*-EM*", mamba_groups=2)
     cfg = model.config
-    plan = Plan(24, 20, 12, 2, 1, (0, 1, 3, 4))
+    plan = Plan(24, 20, 12, 2, 1, (0, 1, 3, 4), n_experts=4)
     small = prune(model, plan, scores)
     assert small.config.pattern == "M*EM" and small.num_params() == num_params(plan_config(cfg, plan))
+    kept = minitron.top(scores["experts"][3], 4)  # the most used experts, with their router rows
+    assert torch.equal(small.backbone.layers[2].mixer.gate.e_score_correction_bias,
+                       model.backbone.layers[3].mixer.gate.e_score_correction_bias[kept])
     small.save_pretrained(tmp_path)
     assert_close(logits_of(hf_load(tmp_path), IDX), logits_of(small, IDX), "transformers vs pruned", **TOL)
 
