@@ -689,6 +689,15 @@ def report_speculative(res, k, n_prompts, max_new_tokens):
           + " ".join(f"{a / max(st['rounds'], 1):.2f}" for a in st["accepted"]))
 
 
+@torch.no_grad()
+def bench_models(models, prompts, max_new_tokens, rounds=3):
+    """name -> greedy decoding tokens/s of each model (a teacher and its compressed students), batch 1,
+    prefill included, the models taking turns (median of `rounds` after one untimed)."""
+    steppers = {name: lambda m=m: [m.generate(p, max_new_tokens, temperature=0) for p in prompts]
+                for name, m in models.items()}
+    return {name: len(prompts) * max_new_tokens / t for name, t in interleaved(steppers, rounds, 1).items()}
+
+
 def val_prompts(model, data_dir, n=4, length=64):
     """n prompts of `length` tokens from evenly spaced places of data_dir/val.bin."""
     import numpy as np
@@ -710,7 +719,8 @@ def main():
     parser.add_argument("--compile", action="store_true", help="serve: the server's decode step compiled")
     parser.add_argument("--json", default=None, help="rows: also write the table to this JSON file (plot.py rows)")
     parser.add_argument("--init_from", default=None,
-                        help="decode: a trained out_dir with MTP depths, to time --speculative on real text")
+                        help="decode: a trained out_dir with MTP depths, to time --speculative on real text; or "
+                             "several, comma-separated (a teacher, its compressed students), timed side by side")
     parser.add_argument("--speculative", type=int, default=2, help="drafts per verification with --init_from")
     parser.add_argument("--dataset", default="pycode", help="where --init_from's prompts come from (val.bin)")
     parser.add_argument("--lengths", default=None, type=lambda v: tuple(int(n) for n in v.split(",")),
@@ -739,7 +749,16 @@ def main():
     if args.what in ("all", "train"):
         res = bench_train(cfg, hf=not args.no_hf, **train_kw)
         report_train(res, cfg, **train_kw)
-    if args.what == "decode" and args.init_from:  # a trained MTP model: plain vs speculative greedy decoding
+    if args.what == "decode" and args.init_from and "," in args.init_from:  # models side by side
+        models = {path: Nemotron.from_pretrained(path).eval() for path in args.init_from.split(",")}
+        n, new_tokens = (2, 16) if args.quick else (4, 256)
+        prompts = val_prompts(None, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)
+        res = bench_models(models, prompts, new_tokens, rounds=1 if args.quick else 3)
+        print(f"\n== greedy decoding, batch 1, {n} prompts x {new_tokens} new tokens, prefill included, taking turns")
+        first = next(iter(res))
+        for path, tps in res.items():
+            print(f"{path:<30}{models[path].num_params():>12,} params {tps:>10,.1f} tok/s  {tps / res[first]:.2f}x")
+    elif args.what == "decode" and args.init_from:  # a trained MTP model: plain vs speculative greedy decoding
         model = Nemotron.from_pretrained(args.init_from)
         n, new_tokens = (2, 16) if args.quick else (4, 256)
         prompts = val_prompts(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)

@@ -186,8 +186,9 @@ def chat():
         die(f"{init_from}: its tokenizer has no end-of-text token: not a chat model (fine-tune it on data/sft)", 2)
     length = max_len or saved_config(init_from).get('block_size') or 512
     t0 = time.time()
-    on, off = (evaluate(model, tokenizer, env_list, n, tokenizer.eot, r, reasoning_budget if r == 'on' else None,
-                        max_new_tokens, max_turns, length, force_budget=force_budget) for r in ('on', 'off'))
+    budget = {'on': reasoning_budget or None, 'off': None}  # (0: none)
+    on, off = (evaluate(model, tokenizer, env_list, n, tokenizer.eot, r, budget[r], max_new_tokens, max_turns, length,
+                        force_budget=force_budget) for r in ('on', 'off'))
     scores = {env: {'accuracy_on': on[env]['accuracy'], 'accuracy_off': off[env]['accuracy'],
                     'thinking_on': on[env]['thinking'], 'skipped': on[env]['skipped'],
                     **({'within_budget': on[env]['within_budget']} if reasoning_budget else {})} for env in env_list}

@@ -14,6 +14,8 @@ plot.py: the figures of docs/, drawn from what the runs wrote. matplotlib is an 
     python plot.py budget budget-32.json budget-64.json ... --out=assets/budget.png
         eval.py --tasks=chat --reasoning_budget=B --json_out=...: held-out accuracy (reasoning on) and
         the share of answers thinking within B, against B
+    python plot.py tokens out-distilled out-scratch ... --out=assets/compression.png
+        train.py runs: val loss against training tokens (steps x batch x block x accumulation)
     python plot.py runs out-lowprec-bf16 out-lowprec-fp8 ... --out=lowprec.png
         train.py runs (their log.jsonl): prints each one's final val loss and its difference from the
         first run's; draws train loss and val loss relative to the first run against step
@@ -133,6 +135,16 @@ def read_run(out_dir):
     return {"train": sorted(train.items()), "val": sorted(val.items()), "config": config}
 
 
+def tokens(ax, out_dirs):
+    for out_dir in out_dirs:
+        r = read_run(out_dir)
+        c = r["config"]
+        per_step = c["batch_size"] * c["block_size"] * c.get("gradient_accumulation_steps", 1)
+        ax.plot([s * per_step / 1e6 for s, _ in r["val"]], [v for _, v in r["val"]], marker="o",
+                label=os.path.basename(os.path.normpath(out_dir)))
+    ax.set(xlabel="training tokens (millions)", ylabel="val loss", ylim=(None, 2.0))
+
+
 def report(runs):
     """The table: final val loss of each run and its relative difference from the first run's."""
     names = list(runs)
@@ -164,10 +176,10 @@ def runs(fig, out_dirs):
 
 def main():
     ap = argparse.ArgumentParser(description="draw the docs figures")
-    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "rl", "budget", "runs"])
+    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "rl", "budget", "tokens", "runs"])
     ap.add_argument("inputs", nargs="+",
                     help="eval.py JSON files (lengths, blocks, budget), bench.py rows JSON (rows), "
-                         "rl.py out_dirs (rl), train.py out_dirs (runs)")
+                         "rl.py out_dirs (rl), train.py out_dirs (tokens, runs)")
     ap.add_argument("--out", default=None, help="the PNG to write (runs: optional, the table prints anyway)")
     ap.add_argument("--title", default="")
     args = ap.parse_args()
@@ -182,7 +194,8 @@ def main():
         ax = runs(fig, args.inputs)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        {"lengths": lengths, "blocks": blocks, "rows": rows, "rl": rl, "budget": budget}[args.kind](ax, args.inputs)
+        kinds = {"lengths": lengths, "blocks": blocks, "rows": rows, "rl": rl, "budget": budget, "tokens": tokens}
+        kinds[args.kind](ax, args.inputs)
         ax.grid(alpha=0.3)
     ax.set_title(args.title)
     ax.legend(fontsize=8)

@@ -79,12 +79,23 @@ def cut_after(tokenizer, ids, marker):
     return ids[:lo]
 
 
-def thinking_tokens(tokenizer, reply, reasoning):
-    """The tokens of a first assistant turn's thinking: up to its </think> (the opening <think> is in
-    the prompt); 0 with reasoning off, whose turn starts after an empty <think></think>."""
+def thinking_tokens(tokenizer, ids, reasoning):
+    """The tokens of a first assistant turn's thinking (ids: the tokens it sampled; the opening <think>
+    is in the prompt): those before its </think>, all of them if it never came; 0 with reasoning off,
+    whose turn starts after an empty <think></think>."""
     if reasoning == "off":
         return 0
-    return len(tokenizer.encode(reply.split(THINK_CLOSE, 1)[0]))
+    at = tokenizer.decode(ids).find(THINK_CLOSE)
+    if at < 0:
+        return len(ids)
+    lo, hi = 0, len(ids)  # the longest prefix whose text ends before the marker: bisect, the text only grows
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenizer.decode(ids[:mid])) <= at:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.0, top_k=None, max_turns=4,
@@ -110,7 +121,7 @@ def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.
         if not live:
             break
         room = [max_new_tokens if max_len is None else min(max_new_tokens, max_len - len(ep.tokens)) for ep in live]
-        forcing = [force_budget and turn == 0 and ep.reasoning == "on" and ep.budget is not None for ep in live]
+        forcing = [force_budget and turn == 0 and ep.reasoning == "on" and bool(ep.budget) for ep in live]
         room = [min(n, ep.budget) if f else n for n, ep, f in zip(room, live, forcing)]
         seeds = [(ep.seed * 1_000_003 + turn) % 2 ** 62 for ep in live]
         requests = generate_batch(model, [ep.tokens for ep in live], room, temperature=temperature, top_k=top_k,
@@ -118,6 +129,8 @@ def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.
         for ep, req, forced in zip(live, requests, forcing):
             ids = list(req.tokens)
             text = tokenizer.decode(ids)
+            if turn == 0:
+                ep.thinking = thinking_tokens(tokenizer, ids, ep.reasoning)
             call = tool_call(final_answer(text))
             if forced and req.finish == "length" and THINK_CLOSE not in text and turn + 1 < max_turns:
                 close = tokenizer.encode(f"\n{THINK_CLOSE}\n")  # the budget is spent: the thinking ends here
@@ -142,7 +155,6 @@ def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.
         if not ep.done:
             ep.done, ep.skipped = True, "turns"
         ep.spent = sum(ep.mask)
-        ep.thinking = thinking_tokens(tokenizer, ep.replies[0], ep.reasoning) if ep.replies else 0
         unclosed = ep.reasoning == "on" and ep.replies and THINK_CLOSE not in ep.replies[0] and not ep.forced
         if not (ep.skipped or not ep.replies or unclosed):
             ep.reward = verify(ep.task, ep.replies[-1], on_error=lambda e, ep=ep: setattr(ep, "error", repr(e)))

@@ -117,6 +117,21 @@ def test_batch_quick(monkeypatch, capsys):
         assert len(re.findall(rf"{form} +{NUM} ms", out)) == 2, out
 
 
+def test_decode_models_side_by_side(monkeypatch, capsys, tmp_path):
+    """bench.py decode --init_from=A,B --quick: each model's greedy tok/s and its ratio to the first."""
+    import numpy as np
+    from model import Nemotron
+    for name, d in (("a", 32), ("b", 16)):
+        Nemotron(NemotronConfig(**{**bench.QUICK, "d_model": d})).save_pretrained(str(tmp_path / name))
+    np.random.default_rng(0).integers(0, 64, 4096).astype(np.uint32).tofile(tmp_path / "val.bin")  # the prompts
+    monkeypatch.setattr(sys, "argv", ["bench.py", "decode", "--quick", f"--init_from={tmp_path / 'a'},{tmp_path / 'b'}",
+                                      f"--dataset={tmp_path}"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert re.search(rf"/a +[\d,]+ params +{NUM} tok/s  1\.00x", out)
+    assert re.search(rf"/b +[\d,]+ params +{NUM} tok/s", out)
+
+
 def test_kernels_quick(monkeypatch, capsys):
     """bench.py kernels --quick: the reference SSD timed (the Triton one too on a GPU or under the
     interpreter), the table printed."""
