@@ -10,8 +10,9 @@ then distil it with train.py. Read minitron.py first.
 1) importance of every channel, neuron, head and layer from calib_batches batches of the run's
    training data (minitron.importance);
 2) the candidates: every combination of a keep ratio per width axis in `axes` (1, 3/4, 1/2, 3/8, 1/4
-   of the embedding channels, MLP neurons, Mamba heads, attention KV groups, routed experts) and of
-   the number of least important layers dropped (depth), whose parameters fall in [0.9, 1] x the budget;
+   of the embedding channels, MLP neurons, Mamba heads, attention KV groups, routed experts; and,
+   when named, Mamba head channels and routed experts' neurons) and of the number of least
+   important layers dropped (depth), whose parameters fall in [0.9, 1] x the budget;
 3) the `candidates` largest of them pruned (minitron.prune) and scored by their KL to the teacher on
    eval_batches batches of the val split, after search_steps steps of distillation each (0: as pruned);
 4) the best written as an ordinary checkpoint (out_dir/ckpt.pt) that train.py, sample.py, bench.py and
@@ -34,7 +35,7 @@ init_from = 'out'               # the teacher: a train.py out_dir or ckpt.pt (a 
 out_dir = 'out-pruned'          # where the pruned model's ckpt.pt goes
 target_params = 0.5             # the budget: a fraction (<= 1) of the teacher's parameters, or a count (> 1)
 axes = 'emb,ffn,mamba,attn,experts,depth'  # what may shrink: emb(edding channels), ffn, mamba (heads), attn (KV
-                                # groups), experts (routed), depth
+                                # groups), experts (routed), depth; also mamba_dim (head channels), expert_ffn
 mamba_pruning = 'group'         # 'group': the same number of heads in every group (Minitron-SSM); 'naive'
 candidates = 12                 # candidates scored (the largest within the budget)
 search_steps = 0                # distillation steps per candidate before it is scored
@@ -55,7 +56,7 @@ config_keys = [k for k, v in globals().items()
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # and die()
 config = {k: globals()[k] for k in config_keys}
 
-AXES = ('emb', 'ffn', 'mamba', 'attn', 'experts', 'depth')
+AXES = ('emb', 'ffn', 'mamba', 'attn', 'experts', 'mamba_dim', 'expert_ffn', 'depth')
 RATIOS = (1.0, 0.75, 0.5, 0.375, 0.25)
 axis_list = [a for a in axes.split(',') if a]
 if not axis_list or set(axis_list) - set(AXES):
@@ -112,19 +113,22 @@ def shrink(n, r, unit=1):
 
 
 plans = {}
-for r_emb, r_ffn, r_mamba, r_attn, r_experts, drop in itertools.product(
-        *[RATIOS if a in axis_list else (1.0,) for a in AXES[:5]], range(cfg.n_layer if 'depth' in axis_list else 1)):
+for r_emb, r_ffn, r_mamba, r_attn, r_experts, r_dim, r_eff, drop in itertools.product(
+        *[RATIOS if a in axis_list else (1.0,) for a in AXES[:-1]], range(cfg.n_layer if 'depth' in axis_list else 1)):
     plan = Plan(shrink(cfg.d_model, r_emb, 8 if cfg.d_model >= 16 else 1), shrink(cfg.d_ff, r_ffn),
                 shrink(cfg.shared_d_ff, r_ffn) if cfg.shared_d_ff else 0,
                 shrink(cfg.mamba_heads, r_mamba, cfg.mamba_groups), shrink(cfg.n_kv_head, r_attn),
                 tuple(sorted(set(range(cfg.n_layer)) - set(order[:drop]))),
-                shrink(cfg.n_experts, r_experts, max(cfg.n_group, cfg.top_k)))
+                shrink(cfg.n_experts, r_experts, max(cfg.n_group, cfg.top_k)), shrink(cfg.mamba_head_dim, r_dim),
+                shrink(cfg.moe_d_ff, r_eff))
     layer_kinds = {cfg.pattern[i] for i in plan.layers}  # a width of a kind no kept layer has is the teacher's
     plan = replace(plan, d_ff=plan.d_ff if '-' in layer_kinds else cfg.d_ff,
                    shared_d_ff=plan.shared_d_ff if 'E' in layer_kinds else cfg.shared_d_ff,
                    mamba_heads=plan.mamba_heads if 'M' in layer_kinds else cfg.mamba_heads,
                    n_kv_head=plan.n_kv_head if layer_kinds & set('*W') else cfg.n_kv_head,
-                   n_experts=plan.n_experts if 'E' in layer_kinds else cfg.n_experts)
+                   n_experts=plan.n_experts if 'E' in layer_kinds else cfg.n_experts,
+                   mamba_head_dim=plan.mamba_head_dim if 'M' in layer_kinds else cfg.mamba_head_dim,
+                   moe_d_ff=plan.moe_d_ff if 'E' in layer_kinds else cfg.moe_d_ff)
     plans.setdefault(plan, None)
 sizes = {plan: num_params(plan_config(cfg, plan)) for plan in plans}
 smallest, largest = min(sizes.values()), max(s for p, s in sizes.items() if p != full) if len(sizes) > 1 else None
@@ -155,11 +159,12 @@ for plan in chosen:
     student = distil(prune(teacher, plan, scores, mamba_pruning == 'group'), search_steps)
     results.append((kl_to(teacher, student, held), plan, student))
 results.sort(key=lambda r: r[0])
-print(f"\n{'KL':>8} {'params':>10}  d_model  d_ff shared mamba_heads kv_heads experts  pattern")
+print(f"\n{'KL':>8} {'params':>10}  d_model  d_ff shared mamba_heads x dim kv_heads experts x ffn  pattern")
 for kl, plan, student in results:
     c = student.config
-    print(f"{kl:8.4f} {student.num_params():>10,}  {c.d_model:>7} {c.d_ff:>5} {c.shared_d_ff:>6} {c.mamba_heads:>11} "
-          f"{c.n_kv_head:>8} {c.n_experts:>7}  {c.pattern}")
+    print(f"{kl:8.4f} {student.num_params():>10,}  {c.d_model:>7} {c.d_ff:>5} {c.shared_d_ff:>6} "
+          f"{c.mamba_heads:>7} x {c.mamba_head_dim:<3} {c.n_kv_head:>8} {c.n_experts:>7} x {c.moe_d_ff:<3}  "
+          f"{c.pattern}")
 
 # 4) the best, as a checkpoint
 kl, plan, best = results[0]

@@ -80,16 +80,27 @@ def test_group_aware_mamba_pruning_keeps_groups_whole():
 
 
 def test_a_pruned_model_loads_in_transformers(tmp_path):
-    """Every width, half the routed experts and the depth cut (an attention and an MLP layer dropped):
-    save_pretrained, then transformers' NemotronH gives the same logits."""
+    """Every width (Mamba head channels and the experts' neurons too), half the routed experts and the
+    depth cut (an attention and an MLP layer dropped): save_pretrained, then transformers' NemotronH
+    gives the same logits."""
     model, scores = model_and_scores(pattern="M*-EM*", mamba_groups=2)
     cfg = model.config
-    plan = Plan(24, 20, 12, 2, 1, (0, 1, 3, 4), n_experts=4)
+    plan = Plan(24, 20, 12, 2, 1, (0, 1, 3, 4), n_experts=4, mamba_head_dim=4, moe_d_ff=8)
     small = prune(model, plan, scores)
     assert small.config.pattern == "M*EM" and small.num_params() == num_params(plan_config(cfg, plan))
     kept = minitron.top(scores["experts"][3], 4)  # the most used experts, with their router rows
     assert torch.equal(small.backbone.layers[2].mixer.gate.e_score_correction_bias,
                        model.backbone.layers[3].mixer.gate.e_score_correction_bias[kept])
+    e = int(kept[0])  # the first kept expert keeps its own 8 most active neurons (their rows of up_proj)
+    neurons = minitron.top(scores["expert_ffn"][3][e], 8)
+    emb = minitron.top(scores["emb"], 24)
+    assert torch.equal(small.backbone.layers[2].mixer.experts.up_proj[0],
+                       model.backbone.layers[3].mixer.experts.up_proj[e][neurons][:, emb])
+    dims = minitron.top(scores["mamba_dim"][0], 4)  # the same 4 channels of every kept head: D is per head
+    assert small.backbone.layers[0].mixer.norm.weight.shape == (2 * 4,)
+    heads = minitron.mamba_heads_kept(scores["mamba"][0], 4, 2, 2)
+    assert torch.equal(small.backbone.layers[0].mixer.norm.weight,
+                       model.backbone.layers[0].mixer.norm.weight[(heads[:, None] * 8 + dims).flatten()])
     small.save_pretrained(tmp_path)
     assert_close(logits_of(hf_load(tmp_path), IDX), logits_of(small, IDX), "transformers vs pruned", **TOL)
 
