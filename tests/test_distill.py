@@ -78,6 +78,17 @@ def test_distillation_pulls_a_fresh_student_toward_its_teacher(teacher, tmp_path
     assert kl['distilled'] < 0.5 * kl['data'], kl
 
 
+def test_distillation_keeps_the_mtp_and_moe_terms(teacher, tmp_path):
+    """A student with an MTP depth and the sequence-wise MoE balance loss, distilled: both terms are
+    still logged (the MTP loss inside the LM part, the balance loss added apart)."""
+    out = str(tmp_path / 'mtp')
+    ok(train(out, f'--teacher={teacher}', '--mtp_depth=1', '--moe_seq_aux_coef=1e-3', '--max_iters=3',
+             '--eval_interval=3'))
+    logged = [r for r in read_log(out) if 'loss' in r]
+    assert all(len(r['mtp_losses']) == 1 and math.isfinite(r['mtp_losses'][0]) for r in logged), logged[0]
+    assert all(r.get('aux_loss', 0) > 0 for r in logged), logged[0]
+
+
 @pytest.mark.parametrize('fsdp', [False, True])
 def test_distillation_under_torchrun(teacher, fsdp, tmp_path):
     """2 ranks (gloo), DDP or FSDP2, each with the whole teacher: the run ends, its losses finite."""

@@ -117,6 +117,8 @@ def test_prune_py_writes_a_checkpoint_within_the_budget(teacher, tmp_path):
     ok(run_script("train.py", f"--out_dir={tmp_path / 'distilled'}", f"--init_from={out}", f"--teacher={teacher}",
                   "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--block_size=32", "--batch_size=4",
                   "--sample_new_tokens=0", "--device=cpu", "--dtype=float32"))  # train.py takes it, and distils it
+    p = run_script("sample.py", f"--init_from={out}", "--max_new_tokens=5", "--device=cpu", "--start=def ")
+    assert p.returncode == 0 and "def " in p.stdout, p.stderr[-2000:]  # and sample.py
 
 
 def test_prune_py_bad_targets(teacher, tmp_path):
