@@ -101,6 +101,9 @@ def test_a_pruned_model_loads_in_transformers(tmp_path):
     heads = minitron.mamba_heads_kept(scores["mamba"][0], 4, 2, 2)
     assert torch.equal(small.backbone.layers[0].mixer.norm.weight,
                        model.backbone.layers[0].mixer.norm.weight[(heads[:, None] * 8 + dims).flatten()])
+    fresh = Nemotron(plan_config(cfg, plan)).eval()  # no hidden masks: its weights alone make the model
+    fresh.load_state_dict(small.state_dict())
+    assert type(small) is Nemotron and torch.equal(logits_of(fresh, IDX), logits_of(small, IDX))
     small.save_pretrained(tmp_path)
     assert_close(logits_of(hf_load(tmp_path), IDX), logits_of(small, IDX), "transformers vs pruned", **TOL)
 
