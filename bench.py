@@ -698,7 +698,7 @@ def bench_models(models, prompts, max_new_tokens, rounds=3):
     return {name: len(prompts) * max_new_tokens / t for name, t in interleaved(steppers, rounds, 1).items()}
 
 
-def val_prompts(model, data_dir, n=4, length=64):
+def val_prompts(data_dir, n=4, length=64):
     """n prompts of `length` tokens from evenly spaced places of data_dir/val.bin."""
     import numpy as np
     data = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint32, mode="r")
@@ -752,7 +752,7 @@ def main():
     if args.what == "decode" and args.init_from and "," in args.init_from:  # models side by side
         models = {path: Nemotron.from_pretrained(path).eval() for path in args.init_from.split(",")}
         n, new_tokens = (2, 16) if args.quick else (4, 256)
-        prompts = val_prompts(None, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)
+        prompts = val_prompts(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)
         res = bench_models(models, prompts, new_tokens, rounds=1 if args.quick else 3)
         print(f"\n== greedy decoding, batch 1, {n} prompts x {new_tokens} new tokens, prefill included, taking turns")
         first = next(iter(res))
@@ -761,7 +761,7 @@ def main():
     elif args.what == "decode" and args.init_from:  # a trained MTP model: plain vs speculative greedy decoding
         model = Nemotron.from_pretrained(args.init_from)
         n, new_tokens = (2, 16) if args.quick else (4, 256)
-        prompts = val_prompts(model, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)
+        prompts = val_prompts(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", args.dataset), n)
         res = bench_speculative(model, prompts, new_tokens, args.speculative, rounds=1 if args.quick else 3)
         report_speculative(res, args.speculative, n, new_tokens)
     elif args.what in ("all", "decode", "batch"):

@@ -170,16 +170,11 @@ def table(title, rows, cols, cell, name=str):
 
 def chat():
     """3: the chat scores, as one JSON object (--json) or a table."""
-    from data.envs import ENVS
+    from data.envs import env_names
     from rollout import evaluate, mean
-    env_list = [e for e in envs.split(',') if e]
-    unknown = [e for e in env_list if e not in ENVS]
-    if unknown or not env_list:
-        die(f"--envs={envs!r}: unknown environment {unknown[0] if unknown else '(none)'!r}; the environments are "
-            f"{', '.join(ENVS)}", 2)
     try:
-        dev = pick_device('cpu' if device == 'auto' and not torch.cuda.is_available() else device)
-        model, tokenizer = load_for_inference(init_from, torch.float32, dev)
+        env_list = env_names(envs)
+        model, tokenizer = load_for_inference(init_from, torch.float32, eval_device())
     except (ValueError, CheckpointError, DataError) as e:
         die(str(e), 2)
     if tokenizer.eot is None:
@@ -210,6 +205,11 @@ def chat():
             json_lib.dump(result, f, indent=1)
 
 
+def eval_device():
+    """--device, 'auto' picking CUDA or the CPU (not mps); ValueError for a device that is not there."""
+    return pick_device('cpu' if device == 'auto' and not torch.cuda.is_available() else device)
+
+
 def main():
     if tasks == 'chat':
         return chat()
@@ -220,7 +220,7 @@ def main():
     if unknown:
         die(f"unknown RULER task(s) {unknown}; choose from {', '.join(ruler.TASKS)} or 'all'")
     try:
-        dev = pick_device('cpu' if device == 'auto' and not torch.cuda.is_available() else device)  # auto: no mps
+        dev = eval_device()
     except ValueError as e:
         die(str(e))
     if json_out:  # before the work, not after it: an unwritable path would lose the results

@@ -473,9 +473,9 @@ class Engine:
         # a sliding-window layer's prefill ring (W + 8 slots) would drop a shorter prompt's keys under
         # the padding: past that length, a prompt is prefilled alone
         ring = min((m.window + 8 for m in self.model.modules() if getattr(m, "window", None)), default=None)
-        # the padding costs compute (a prefill is compute-bound on a CPU past ~100 tokens: 16 prompts of
-        # 141-482 tokens took 598 ms one by one, 695 ms padded together, 506 ms as one packed sequence):
-        # prompts of similar length go together, at most 1/8 of a batch's tokens padding
+        # the padding costs compute (a prefill is compute-bound on a CPU past ~100 tokens: `bench.py batch`
+        # times 16 prompts of 64-512 tokens at 480 ms one by one, 672 ms padded together, 449 ms as one
+        # packed sequence): prompts of similar length go together, at most 1/8 of a batch's tokens padding
         batches = []
         for b, r in sorted(take, key=lambda t: len(t[1].prompt)):
             n, last = len(r.prompt), batches[-1] if batches else None

@@ -148,7 +148,7 @@ class LowPrecGroupedMM(torch.autograd.Function):
     # GroupedLinear, and without a host sync: the experts' token counts never leave the device.
     # - fprop and dgrad quantize the sorted token rows along K or n: no block spans two rows, so only
     #   the per-tensor scales (fp8's, NVFP4's S_enc) depend on the experts: one amax per expert, from
-    #   the rows' amaxes, handed back to each row (quantize_experts);
+    #   the rows' amaxes, handed back to each row (qdq_experts);
     # - wgrad reduces over the tokens: each expert's rows move to a start at a whole block
     #   (pad_experts: zero rows between experts in a buffer of a static size), so no block, and no
     #   16-run of the Hadamard transform, spans two experts; the tensor scales are then per column;
@@ -179,7 +179,7 @@ class LowPrecGroupedMM(torch.autograd.Function):
             dx = group_mm(dyq, wq.transpose(1, 2), offs).bfloat16().to(x.dtype)  # (N, K)
         if ctx.needs_input_grad[1]:  # wgrad: dW_g = dY_g^T X_g, over the expert's own tokens
             # every expert's tokens start at a whole block of the token dim (rht's 16 for NVFP4)
-            (dyp, ends), (xp, _) = pad_experts(dy, offs, token_block(recipe)), pad_experts(x, offs, token_block(recipe))
+            (dyp, xp), ends = pad_experts(offs, token_block(recipe), dy, x)
             a, b = dyp.t(), xp.t()  # (n, L), (K, L)
             if recipe.fmt == "nvfp4" and recipe.rht:
                 a, b = rht(a, recipe.H), rht(b, recipe.H)  # the padding, no longer zero once transformed, stays
@@ -203,21 +203,22 @@ def token_block(recipe):
     return 32 if recipe.fmt == "mxfp8" else 16
 
 
-def pad_experts(t, offs, b):
-    """t (N, C), rows sorted by expert (expert e's end at offs[e]) -> (L, C) with each expert's rows
-    starting at a multiple of b, zeros between, and the experts' new ends (E,) int32. L is the
-    static bound N + E (b - 1), rounded up to b, so nothing waits for the counts; the zero tail
-    counts as the last expert's."""
+def pad_experts(offs, b, *ts):
+    """Tensors ts (N, C_i), rows sorted by expert (expert e's end at offs[e]) -> ([(L, C_i)], ends):
+    each expert's rows moved to start at a multiple of b, zeros between, and the experts' new ends
+    (E,) int32. L is the static bound N + E (b - 1), rounded up to b, so nothing waits for the
+    counts; the zero tail counts as the last expert's."""
     if b == 1:
-        return t, offs
-    N, E = t.size(0), offs.size(0)
+        return list(ts), offs
+    N, E = ts[0].size(0), offs.size(0)
     L = -(-(N + E * (b - 1)) // b) * b
     counts = torch.diff(offs, prepend=offs.new_zeros(1)).long()  # (E,)
-    ends = ((counts + b - 1) // b * b).cumsum(0)  # (E,)
-    shift = (ends - (counts + b - 1) // b * b) - (offs.long() - counts)  # (E,): new start - old start
-    rows = torch.arange(N, device=t.device) + shift[expert_of(offs, N)]  # (N,): where each row goes
+    padded = (counts + b - 1) // b * b  # (E,)
+    ends = padded.cumsum(0)  # (E,)
+    shift = (ends - padded) - (offs.long() - counts)  # (E,): new start - old start
+    rows = torch.arange(N, device=offs.device) + shift[expert_of(offs, N)]  # (N,): where each row goes
     ends[-1] = L
-    return t.new_zeros(L, t.size(1)).index_copy_(0, rows, t), ends.to(torch.int32)
+    return [t.new_zeros(L, t.size(1)).index_copy_(0, rows, t) for t in ts], ends.to(torch.int32)
 
 
 def qdq_experts(t, kind, recipe, key, expert, E, dim):

@@ -70,19 +70,19 @@ def num_params(cfg):
 @torch.no_grad()
 def importance(model, batches):
     """{"emb": (d_model,), "ffn": {layer: (d_ff,)}, "shared": {layer: (shared_d_ff,)}, "attn": {layer: (n_kv_head,)},
-    "mamba": {layer: (H,)}, "experts": {layer: (E,)}, "depth": (n_layer,)} from batches [(x, y)] of token ids
-    (B, T) and targets."""
+    "mamba": {layer: (H,)}, "mamba_dim": {layer: (P,)}, "experts": {layer: (E,)}, "expert_ffn": {layer: (E, moe_d_ff)},
+    "depth": (n_layer,)} from batches [(x, y)] of token ids (B, T) and targets."""
     model.eval()
     cfg, layers = model.config, model.backbone.layers
     s = {"emb": torch.zeros(cfg.d_model), "ffn": {}, "shared": {}, "attn": {}, "mamba": {}, "mamba_dim": {},
          "experts": {}, "expert_ffn": {}}
     hooks = []
 
+    def add(store, i, v):  # the calibration batches' scores summed
+        store[i] = store.get(i, 0) + v.cpu()
+
     def on_input(store, i, reduce):  # adds reduce(input) to store[i]
-        def hook(module, args):
-            v = reduce(args[0].detach().float())
-            store[i] = store.get(i, 0) + v.cpu()
-        return hook
+        return lambda module, args: add(store, i, reduce(args[0].detach().float()))
 
     channels = lambda a: a.abs().mean(dim=tuple(range(a.dim() - 1)))  # (..., C) -> (C,)
 
@@ -97,14 +97,14 @@ def importance(model, batches):
                 rows = (idx == e).any(1)  # the tokens routed to expert e
                 if rows.any():
                     act[e] = F.relu(x[rows].float() @ module.up_proj[e].float().t()).square().mean(0).cpu()
-            s["expert_ffn"][i] = s["expert_ffn"].get(i, 0) + act
+            add(s["expert_ffn"], i, act)
         return hook
 
     def on_routing(i):  # the router's (weights, idx) (M, k): each expert's share of the routing
         def hook(module, args, out):
             weights, idx = out
-            mass = torch.zeros(cfg.n_experts).index_add_(0, idx.flatten().cpu(), weights.flatten().float().cpu())
-            s["experts"][i] = s["experts"].get(i, 0) + mass
+            add(s["experts"], i, torch.zeros(cfg.n_experts, device=idx.device).index_add_(
+                0, idx.flatten(), weights.flatten().float()))
         return hook
     for m in model.modules():
         if isinstance(m, RMSNorm):
@@ -127,8 +127,9 @@ def importance(model, batches):
             per_dim = lambda a: channels(a).view(cfg.mamba_heads, -1).sum(0)  # (H * P,) -> (P,)
             hooks.append(mixer.out_proj.register_forward_pre_hook(on_input(s["mamba"], i, per_head)))
             hooks.append(mixer.out_proj.register_forward_pre_hook(on_input(s["mamba_dim"], i, per_dim)))
+    loss = lambda: sum(model(x, y)[1].item() for x, y in batches) / len(batches)  # the mean LM loss
     try:
-        base = sum(model(x, y)[1].item() for x, y in batches) / len(batches)
+        base = loss()
     finally:
         for h in hooks:
             h.remove()
@@ -136,7 +137,7 @@ def importance(model, batches):
     for block in layers:  # the loss without the layer: its block the identity for a moment
         block.forward = lambda x, cache=None, seq_idx=None: x
         try:
-            depth.append(sum(model(x, y)[1].item() for x, y in batches) / len(batches) - base)
+            depth.append(loss() - base)
         finally:
             del block.forward  # the class's forward again
     s["depth"] = torch.tensor(depth)
@@ -245,16 +246,3 @@ def prune_moe(w, cfg, emb, shared, experts, neurons):
         out["mixer.shared_experts.up_proj.weight"] = w["mixer.shared_experts.up_proj.weight"][shared][:, emb]
         out["mixer.shared_experts.down_proj.weight"] = w["mixer.shared_experts.down_proj.weight"][emb][:, shared]
     return out
-
-
-@torch.no_grad()
-def kl_to(teacher, student, batches):
-    """Mean KL(teacher || student) per target token over batches [(x, y)]: how far the student is."""
-    total, n = 0.0, 0
-    for x, y in batches:
-        t = F.log_softmax(teacher(x)[0].float(), -1)
-        s = F.log_softmax(student(x)[0].float(), -1)
-        keep = y >= 0
-        total += (t.exp() * (t - s)).sum(-1)[keep].sum().item()
-        n += int(keep.sum())
-    return total / max(n, 1)

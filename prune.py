@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, check_out_dir, load_model, save_checkpoint
-from data.tokenizer import DataError, read_meta, saved_config
+from data.tokenizer import DataError, check_dataset, saved_config
 from distill import kd_loss
 from hardware import pick_device
-from minitron import Plan, full_plan, importance, kl_to, num_params, plan_config, prune
+from minitron import Plan, full_plan, importance, num_params, plan_config, prune
 
 # -----------------------------------------------------------------------------
 init_from = 'out'               # the teacher: a train.py out_dir or ckpt.pt (a Hugging Face folder needs --dataset)
@@ -74,8 +74,8 @@ saved = saved_config(init_from)
 dataset = dataset or saved.get('dataset') or ''
 block_size = block_size or saved.get('block_size') or 256
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-try:
-    meta = read_meta(data_dir)
+try:  # both splits there, whole tokens inside the vocabulary, longer than block_size (as train.py checks)
+    check_dataset(data_dir, block_size)
 except DataError as e:
     die(f"{e} (pass --dataset=NAME for the calibration data)", 2)
 
@@ -140,24 +140,34 @@ chosen = sorted(fits, key=sizes.get, reverse=True)[:candidates]  # the largest f
 print(f"{len(plans)} candidates, {len(fits)} within the budget; scoring the {len(chosen)} largest")
 
 
-# 3) each pruned, distilled for search_steps, scored by its KL to the teacher
-def distil(student, steps):
+# 3) each pruned, distilled for search_steps, scored by its KL to the teacher; the same batches for every
+# candidate, so the teacher's logits on them are computed once
+with torch.no_grad():
+    search = [(x, y, teacher(x)[0]) for x, y in batches('train', search_steps, 2)]
+    held = [(x, y, teacher(x)[0]) for x, y in held]
+
+
+def distil(student):
     opt = torch.optim.AdamW(student.parameters(), lr=learning_rate, betas=(0.9, 0.95))
     student.train()
-    for step, (x, y) in enumerate(batches('train', steps, 2)):
-        logits, _ = student(x)
-        with torch.no_grad():
-            target = teacher(x)[0]
-        kd_loss(logits, target, y, 1.0).backward()
+    for x, y, target in search:
+        kd_loss(student(x)[0], target, y, 1.0).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     return student.eval()
 
 
+@torch.no_grad()
+def kl_to_teacher(student):
+    """The mean KL(teacher || student) per target token of the held-out batches."""
+    n = [int((y >= 0).sum()) for _, y, _ in held]
+    return sum(kd_loss(student(x)[0], t, y, 1.0).item() * k for (x, y, t), k in zip(held, n)) / max(sum(n), 1)
+
+
 results = []
 for plan in chosen:
-    student = distil(prune(teacher, plan, scores, mamba_pruning == 'group'), search_steps)
-    results.append((kl_to(teacher, student, held), plan, student))
+    student = distil(prune(teacher, plan, scores, mamba_pruning == 'group'))
+    results.append((kl_to_teacher(student), plan, student))
 results.sort(key=lambda r: r[0])
 print(f"\n{'KL':>8} {'params':>10}  d_model  d_ff shared mamba_heads x dim kv_heads experts x ffn  pattern")
 for kl, plan, student in results:
@@ -172,8 +182,7 @@ state = {'model_config': best.config.to_dict(), 'iter_num': 0, 'best_val_loss': 
          'config': {**saved, 'dataset': dataset, 'block_size': block_size, 'pruned_from': init_from, 'prune': config,
                     'kl_to_teacher': kl}}
 save_checkpoint(out_dir, state, best.state_dict(), {}, best=False)
-if os.path.isfile(os.path.join(data_dir, 'meta.json')):  # the tokenizer travels with the model
-    shutil.copyfile(os.path.join(data_dir, 'meta.json'), os.path.join(out_dir, 'meta.json'))
+shutil.copyfile(os.path.join(data_dir, 'meta.json'), os.path.join(out_dir, 'meta.json'))  # the tokenizer, with it
 with open(os.path.join(out_dir, 'prune.json'), 'w') as f:
     json.dump({'teacher': init_from, 'teacher_params': teacher_params, 'budget': budget,
                'candidates': [{'kl': k, 'params': m.num_params(), 'config': m.config.to_dict()}

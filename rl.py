@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, check_out_dir, git_commit, load_for_inference, save_checkpoint
-from data.envs import ENVS, HELDOUT, make
+from data.envs import HELDOUT, env_names, make
 from data.tokenizer import DataError, saved_config
 from parallel import processes
 from rollout import Episode, advantages, evaluate, grpo_loss, group_filter, mean, run_episodes, shaped, token_logprobs
@@ -84,11 +84,10 @@ config_keys = [k for k, v in globals().items()
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # and die()
 config = {k: globals()[k] for k in config_keys}
 
-env_list = [e.strip() for e in envs.split(',') if e.strip()]
-unknown = [e for e in env_list if e not in ENVS]
-if unknown or not env_list:
-    die(f"--envs={envs!r}: unknown environment {unknown[0] if unknown else '(none given)'!r}; "
-        f"the environments are {', '.join(ENVS)}", 2)
+try:
+    env_list = env_names(envs)
+except ValueError as e:
+    die(str(e), 2)
 try:
     weights = [float(w) for w in env_weights.split(',')] if env_weights else [1.0] * len(env_list)
     budget_list = [int(b) for b in budgets.split(',')] if budget_frac > 0 else []
@@ -229,7 +228,8 @@ for step in range(1, steps + 1):
                for b in batches]
     stats = {'kl': 0.0, 'clipped': 0.0, 'tokens': 0.0}
     for chunk, batch, (old_logp, ref_logp) in zip(chunks, batches, [o or (None, None) for o in old]):
-        n_tokens = all_sum([batch[1].sum().item() if batch else 0])[0]
+        my_tokens = batch[1].sum().item() if batch else 0  # this rank's sampled tokens in the minibatch
+        n_tokens = all_sum([my_tokens])[0]
         if n_tokens == 0:
             continue  # no rank has a sampled token in this minibatch
         if batch:
@@ -247,7 +247,7 @@ for step in range(1, steps + 1):
         optimizer.zero_grad(set_to_none=True)
         stats['kl'] += float(kl)
         stats['clipped'] += float(clipped)
-        stats['tokens'] += batch[1].sum().item() if batch else 0
+        stats['tokens'] += my_tokens
     # logs: per environment, summed over the ranks
     record = {'step': step}
     for env in env_list:

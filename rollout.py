@@ -52,10 +52,6 @@ class Episode:
     error: str = ""                  # the verifier's exception, if it raised (the reward is then 0)
     forced: bool = False             # its thinking was ended at the budget (run_episodes' force_budget)
 
-    @property
-    def prompt_len(self):
-        return self.mask.index(1) if 1 in self.mask else len(self.mask)
-
 
 def opening(task, reasoning="on", budget=None, low_effort=False):
     """The prompt text of an episode: the system turn (the switch, then any budget and effort lines),
@@ -65,18 +61,22 @@ def opening(task, reasoning="on", budget=None, low_effort=False):
     return chat_prompt(messages, reasoning)
 
 
-def cut_after(tokenizer, ids, marker):
-    """The shortest prefix of ids whose text holds marker (all of ids if none does)."""
-    if marker not in tokenizer.decode(ids):
-        return ids
-    lo, hi = 0, len(ids)  # the text of a prefix only grows with it: bisect for the first that holds it
+def first_prefix(tokenizer, ids, test):
+    """The length of the shortest prefix of ids whose text passes test (len(ids) + 1 if none does):
+    a prefix's text only grows with it, so test, once true, stays true and a bisection finds it."""
+    lo, hi = 0, len(ids) + 1
     while lo < hi:
         mid = (lo + hi) // 2
-        if marker in tokenizer.decode(ids[:mid]):
+        if mid <= len(ids) and test(tokenizer.decode(ids[:mid])):
             hi = mid
         else:
             lo = mid + 1
-    return ids[:lo]
+    return lo
+
+
+def cut_after(tokenizer, ids, marker):
+    """The shortest prefix of ids whose text holds marker (all of ids if none does)."""
+    return ids[:first_prefix(tokenizer, ids, lambda text: marker in text)]
 
 
 def thinking_tokens(tokenizer, ids, reasoning):
@@ -88,14 +88,7 @@ def thinking_tokens(tokenizer, ids, reasoning):
     at = tokenizer.decode(ids).find(THINK_CLOSE)
     if at < 0:
         return len(ids)
-    lo, hi = 0, len(ids)  # the longest prefix whose text ends before the marker: bisect, the text only grows
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if len(tokenizer.decode(ids[:mid])) <= at:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+    return first_prefix(tokenizer, ids, lambda text: len(text) > at) - 1  # the longest ending before the marker
 
 
 def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.0, top_k=None, max_turns=4,

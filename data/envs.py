@@ -494,6 +494,17 @@ ENVIRONMENTS = {"math": (math_task, grade_integer), "code": (code_task, grade_ou
 ENVS = tuple(ENVIRONMENTS)
 
 
+def env_names(text):
+    """The environments of a comma-separated list ("math,code"); ValueError naming the valid ones for an
+    unknown name or an empty list (rl.py's and eval.py's --envs)."""
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in names if e not in ENVIRONMENTS]
+    if unknown or not names:
+        raise ValueError(f"--envs={text!r}: unknown environment {unknown[0] if unknown else '(none given)'!r}; "
+                         f"the environments are {', '.join(ENVS)}")
+    return names
+
+
 def make(env, seed):
     """The task of environment `env` with this seed (an int >= 0): the same task for the same seed."""
     if env not in ENVIRONMENTS:
