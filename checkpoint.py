@@ -390,6 +390,12 @@ def save_checkpoint(out_dir, state, model_state, optim_state, best, amax=None, s
     dist.barrier()
 
 
+def append_log(out_dir, record):
+    """One JSON line more in out_dir/log.jsonl, the metrics log of train.py and rl.py."""
+    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
 def git_commit():
     """This code's git commit (short), for a run's log; None outside a git checkout."""
     try:

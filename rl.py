@@ -28,7 +28,7 @@ and controls the reasoning budget. One step here:
 Tasks are a function of (seed, step) and every episode samples from its own seed, so N ranks see the
 prompts one process would (whole groups per rank) and the same samples up to batch numerics.
 """
-import copy, json, math, os, random, shutil, time
+import copy, math, os, random, shutil, time
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, check_out_dir, git_commit, load_for_inference, save_checkpoint
+from checkpoint import CheckpointError, append_log, check_out_dir, git_commit, load_for_inference, save_checkpoint
 from data.envs import HELDOUT, env_names, make
 from data.tokenizer import DataError, saved_config
 from parallel import processes
@@ -167,11 +167,6 @@ def save(step, best, scores):
     save_checkpoint(out_dir, state, model.state_dict(), optimizer.state_dict(), best)
 
 
-def log(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
 def held_out():
     """Mean held-out accuracy per environment, greedy, reasoning on (rank 0)."""
     model.eval()
@@ -188,13 +183,13 @@ if master:
     meta = os.path.join(init_from if os.path.isdir(init_from) else os.path.dirname(init_from), 'meta.json')
     if os.path.isfile(meta):  # the tokenizer travels with the run
         shutil.copyfile(meta, os.path.join(out_dir, 'meta.json'))
-    log({'config': config, 'init_from': init_from, 'git': git_commit(), 'world_size': world,
-         'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+    append_log(out_dir, {'config': config, 'init_from': init_from, 'git': git_commit(), 'world_size': world,
+                         'time': time.strftime('%Y-%m-%d %H:%M:%S')})
 best_score = -math.inf
 if master:
     scores = held_out()
     print0("step 0 held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    log({'step': 0, 'heldout': scores})
+    append_log(out_dir, {'step': 0, 'heldout': scores})
     best_score = scores['mean']
 pbar = tqdm(total=steps, disable=not master, dynamic_ncols=True)
 for step in range(1, steps + 1):
@@ -269,7 +264,7 @@ for step in range(1, steps + 1):
                   kl=kl / tokens if tokens and reference is not None else None,
                   clipped=clipped / tokens if tokens else 0.0, time=time.time() - t0)
     if master:
-        log(record)
+        append_log(out_dir, record)
         pbar.update(1)
         pbar.set_postfix_str(' '.join(f"{env} {record[env]['reward']:.2f}" for env in env_list if env in record)
                              + f" | filtered {record['filtered']:.0%}")
@@ -281,7 +276,7 @@ for step in range(1, steps + 1):
             tqdm.write(f"step {step} held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
                        + (f"; {n_groups - n_kept:.0f} of {n_groups:.0f} groups filtered "
                           f"({n_solved:.0f} all solved, {n_failed:.0f} all failed)"))
-            log({'step': step, 'heldout': scores})
+            append_log(out_dir, {'step': step, 'heldout': scores})
             save(step, best, scores)
         if ddp:
             dist.barrier()

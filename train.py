@@ -31,8 +31,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (CheckpointError, check_out_dir, git_commit, kept_message, read_amax, save_checkpoint,
-                        set_rng_state, start_from)
+from checkpoint import (CheckpointError, append_log, check_out_dir, git_commit, kept_message, read_amax,
+                        save_checkpoint, set_rng_state, start_from)
 from data.tokenizer import DataError, check_dataset, load_tokenizer
 from distill import distilled, load_teacher
 from hardware import peaks
@@ -325,10 +325,6 @@ def save(best):
              'world_size': ddp_world_size}
     save_checkpoint(out_dir, state, model_state, optim_state, best, amax_state(raw_model), sharded=ddp)
 
-def log(record):
-    with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
 # -----------------------------------------------------------------------------
 # training loop
 flops_per_iter = flops_per_token(raw_model.config, block_size) * tokens_per_iter
@@ -339,10 +335,11 @@ start_iter = iter_num
 if master_process:
     with open(os.path.join(out_dir, 'meta.json'), 'w') as f:  # the tokenizer travels with the run
         json.dump(meta, f)
-    log({'config': config, 'git': git_commit(), 'torch': torch.__version__, 'device': device,
-         'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
-         'params': n_params, 'active_params': n_active, **costs, 'time': time.strftime('%Y-%m-%d %H:%M:%S'),
-         'layout': {'dp': dp_size, 'tp': tp, 'ep': ep, 'fsdp': fsdp}, 'param_bytes_per_rank': param_bytes})
+    append_log(out_dir, {'config': config, 'git': git_commit(), 'torch': torch.__version__, 'device': device,
+                         'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
+                         'params': n_params, 'active_params': n_active, **costs,
+                         'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'param_bytes_per_rank': param_bytes,
+                         'layout': {'dp': dp_size, 'tp': tp, 'ep': ep, 'fsdp': fsdp}})
 pbar = tqdm(total=max_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True)
 X, Y, S = get_train_batch(iter_num, 0)  # fetch the very first batch
 losses = None
@@ -356,7 +353,7 @@ for iter_num in range(start_iter, max_iters + 1):
         losses = estimate_loss()
         if master_process:
             pbar.write(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log({'step': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
+            append_log(out_dir, {'step': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val']})
         if not (math.isfinite(losses['train']) and math.isfinite(losses['val'])):
             pbar.close()
             die(f"loss is not finite at step {iter_num} (train {losses['train']}, val {losses['val']}): "
@@ -423,8 +420,8 @@ for iter_num in range(start_iter, max_iters + 1):
                              + (f" | mtp {' '.join(f'{l:.3f}' for l in mtp['mtp_losses'])}" if mtp else "")
                              + (f" | aux {auxf:.4f}" if seq_aux else ""))
         if master_process:
-            log({'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s, 'mfu': mfu, **moe,
-                 **mtp, **({'aux_loss': auxf} if seq_aux else {})})
+            append_log(out_dir, {'step': iter_num, 'loss': lossf, 'lr': lr, 'dt_ms': dt * 1000, 'tok/s': tok_s,
+                                 'mfu': mfu, **moe, **mtp, **({'aux_loss': auxf} if seq_aux else {})})
     pbar.update(1)
 pbar.close()
 
