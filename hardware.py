@@ -49,10 +49,15 @@ HARDWARE = {
                  nvlink_bw=200e9, net_bw=50e9, gpus_per_node=8, sms=132),
     "h200": dict(flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12}, hbm_gb=141, hbm_bw=4.8e12,
                  nvlink_bw=450e9, net_bw=50e9, gpus_per_node=8, sms=132),
-    "b200": dict(flops={"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12}, hbm_gb=180, hbm_bw=8e12,
+    "b200": dict(flops={"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "fp4": 9000e12}, hbm_gb=180, hbm_bw=8e12,
                  nvlink_bw=900e9, net_bw=50e9, gpus_per_node=8, sms=148),
-    "gb200": dict(flops={"bf16": 2450e12, "fp16": 2450e12, "fp8": 4900e12}, hbm_gb=186, hbm_bw=8e12,
+    "gb200": dict(flops={"bf16": 2450e12, "fp16": 2450e12, "fp8": 4900e12, "fp4": 9800e12}, hbm_gb=186, hbm_bw=8e12,
                   nvlink_bw=900e9, net_bw=50e9, gpus_per_node=72, sms=148),  # NVL72: one NVLink domain
+    # Blackwell Ultra: the B200's 16-bit and FP8 peaks, 1.5x its FP4, 288 GB, ConnectX-8 (800 Gb/s per GPU)
+    "b300": dict(flops={"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "fp4": 13500e12}, hbm_gb=270, hbm_bw=8e12,
+                 nvlink_bw=900e9, net_bw=100e9, gpus_per_node=8, sms=160),
+    "gb300": dict(flops={"bf16": 2500e12, "fp16": 2500e12, "fp8": 5000e12, "fp4": 15000e12}, hbm_gb=279, hbm_bw=8e12,
+                  nvlink_bw=900e9, net_bw=100e9, gpus_per_node=72, sms=160),
     # PCIe cards: peaks and memory only
     "l40s": dict(flops={"bf16": 362e12, "fp16": 362e12}, hbm_gb=48, hbm_bw=864e9),
     "l4": dict(flops={"bf16": 121e12, "fp16": 121e12}, hbm_gb=24, hbm_bw=300e9),

@@ -9,54 +9,86 @@ layouts that do not fit in memory, and ranks the rest by throughput:
     python plan.py --model=gpt3-175b --gpu=a100 --gpus=1024 --gbs=1536 --tp=8 --json
     python plan.py --model=config/tiny_cpu.py --gpu=cpu.json --gpus=2 --gbs=32 --precision=fp32 --emit
     python plan.py --calibrate --out=cpu.json          # measure this machine, write a hardware profile
-    python plan.py --validate=tests/published_runs.csv # predicted vs measured published runs
+    python plan.py --validate=tests/published_runs.csv,tests/published_runs_more.csv --cv=True
+                                                       # predicted vs measured published runs (planfit.py)
 
 Paper: "Automatically Planning Optimal Parallel Strategy for Large Language Models" (arXiv:2501.00254):
 a step's duration is its computation plus its communication minus their overlap, simulated for each
 candidate layout from model and hardware numbers, with the candidate space pruned. The terms follow
 Narayanan et al. 2021 (arXiv:2104.04473, PTD-P: 1F1B and interleaved pipelines), Korthikanti et al.
 2022 (arXiv:2205.05198: sequence parallelism, selective recompute, activation memory) and ZeRO
-(arXiv:1910.02054: memory by stage). Nothing here runs a model: it is arithmetic on a CPU.
+(arXiv:1910.02054: memory by stage); MoE all-to-alls by placement, FP8 / MXFP8 / NVFP4 casts and
+GEMM speed, NVL72 domains and the host's launch time are priced as docs/planner.md says, with the
+constants planfit.py fits on published runs. Nothing here runs a model: it is arithmetic on a CPU.
 """
-import contextlib, csv, functools, json, math, os, re, sys, time
+import contextlib, functools, json, math, os, sys, time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from mamba import ssd_flops
 from checkpoint import config_from_hf
 from configurator import die
-from hardware import CLUSTER_GPUS, HARDWARE, find_gpu
+from hardware import CLUSTER_GPUS, HARDWARE
 from model import NemotronConfig, config_file, flops_per_token, layer_params, mtp_params
 
 # -----------------------------------------------------------------------------
 # hardware (hardware.py's table), a kernel's fixed cost and a collective's latency (s), and the
-# fitted efficiencies
-GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6)
-# the fitted constants, the only ones (LOG.md, 2026-11-29: fit once on all of published_runs.csv):
-GEMM_EFF = 0.70   # a large GEMM's throughput over the dense peak (cuBLAS steady state)
-MEM_EFF = 0.90    # memory-bound kernels' bandwidth over the HBM peak
-NET_EFF = 0.85    # a large collective's bus bandwidth over the link's peak
-OVERLAP = 0.80    # the share of overlappable communication that compute actually hides
+# fitted efficiencies: every GPU profile carries them, so a fit (planfit.py) or a profile may set its own
+GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6, host_s=20e-6)  # host_s: the CPU's time to launch a kernel
+# the fitted constants, the only ones: planfit.fit_constants on every published run we have
+# (tests/published_runs*.csv; docs/planner.md gives the cross-validated errors)
+FIT = dict(
+    gemm_eff=0.689,     # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
+    mem_eff=0.834,     # memory-bound kernels' bandwidth over the HBM peak
+    net_eff=0.862,     # a large collective's bus bandwidth over the link's peak
+    overlap=0.597,     # the share of overlappable communication that compute actually hides
+    lowp_eff=0.60,     # a large FP8 / MXFP8 / NVFP4 GEMM's throughput over its own dense peak
+    ssd_eff=0.172,     # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
+    moe_sync_s=1.78e-3,  # s per MoE layer and pass that the GPU idles while the host sizes a dropless dispatch
+)
 HBM_USABLE = 0.95  # not fitted: CUDA context, communication buffers and fragmentation take the rest
 
 # bytes per element of activations, and per parameter of weights, gradients (reduced in this
 # precision) and optimizer states (Adam: fp32 master copy, m, v; plain fp32 training has no master)
 PRECISION = {"bf16": dict(act=2, w=2, g=4, opt=12), "fp16": dict(act=2, w=2, g=2, opt=12),
              "fp8": dict(act=2, w=3, g=4, opt=12),  # fp8 keeps a bf16 weight and its fp8 copy
+             "mxfp8": dict(act=2, w=4, g=4, opt=12),  # ... and MXFP8 one per orientation (row- and column-wise)
+             "nvfp4": dict(act=2, w=3, g=4, opt=12),  # ... NVFP4: two 4-bit copies
              "fp32": dict(act=4, w=4, g=4, opt=8)}
+# the peak the linear layers' GEMMs run at, by precision (the rest stays in 16 bit: attention and
+# SSD cores, router, LM head, embedding, norms), and the bytes per element of their operands
+LINEAR = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4), "fp8": ("fp8", 1),
+          "mxfp8": ("fp8", 1 + 1 / 32), "nvfp4": ("fp4", 0.5 + 1 / 16)}
+
+
+def quantize_bytes(precision, elements, act):
+    """HBM bytes that quantizing one GEMM operand of this many 16-bit elements moves (Transformer
+    Engine's recipes; lowprec.py implements the same ones): FP8 with per-tensor current scaling reads
+    it once for the amax and again to write an FP8 copy and its transpose (Hopper's FP8 GEMMs take
+    K-major operands only); MXFP8 writes row- and column-wise copies with a scale per 32 in one pass;
+    NVFP4 the same with 4-bit values and a scale per 16, plus the random Hadamard transform of the
+    wgrad operands (a 16-bit read and write). 0 for the 16-bit precisions."""
+    return elements * {"fp8": 2 * act + 2, "mxfp8": act + 2 * (1 + 1 / 32),
+                       "nvfp4": act + 2 * (0.5 + 1 / 16) + 2 * act}.get(precision, 0)
 
 
 def load_hardware(gpu, **overrides):
     """A preset name or a JSON profile (what --calibrate writes), with overrides applied."""
     if gpu in CLUSTER_GPUS:
-        hw = dict(GPU_DEFAULTS, name=gpu, **HARDWARE[gpu])
+        hw = dict(GPU_DEFAULTS, **FIT, name=gpu, **HARDWARE[gpu])
     elif os.path.isfile(gpu):
         with open(gpu) as f:
             try:
-                hw = dict(GPU_DEFAULTS, name=os.path.basename(gpu), **json.load(f))
+                hw = {**GPU_DEFAULTS, **FIT, "name": os.path.basename(gpu), **json.load(f)}  # a profile may set them
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{gpu}: not a hardware profile ({e})") from None
+        missing = [k for k in ("flops", "hbm_gb", "hbm_bw", "nvlink_bw", "net_bw", "gpus_per_node", "sms") if k not in hw]
+        if missing or not isinstance(hw["flops"], dict):
+            raise ValueError(f"{gpu}: a hardware profile needs {', '.join(missing or ['flops'])} "
+                             '(flops a dict such as {"bf16": 989e12})')
     else:
-        raise ValueError(f"unknown gpu '{gpu}': one of {', '.join(CLUSTER_GPUS)}, or a JSON profile")
+        raise ValueError(f"unknown gpu '{gpu}': one of {', '.join(CLUSTER_GPUS)}, or the path of a JSON profile "
+                         '({"flops": {"bf16": FLOP/s}, "hbm_gb": GB, "hbm_bw": B/s, "nvlink_bw": B/s, "net_bw": B/s, '
+                         '"gpus_per_node": n, "sms": n}; python plan.py --calibrate writes one for this machine)')
     hw.update({k: v for k, v in overrides.items() if v is not None})
     return hw
 
@@ -67,10 +99,11 @@ def load_hardware(gpu, **overrides):
 # a two-matrix MLP of width 1.5 f, which is how it is written here.
 
 def transformer(layers, hidden, heads, ffn, vocab, kv_heads=None, gated=False, experts=0, topk=2,
-                expert_ffn=None, shared_experts=0, moe_every=1, tie=False):
-    """A NemotronConfig for a dense or MoE Transformer given by its usual hyperparameters."""
+                expert_ffn=None, shared_experts=0, moe_every=1, tie=False, first_dense=0):
+    """A NemotronConfig for a dense or MoE Transformer given by its usual hyperparameters (MoE every
+    moe_every layers after the first_dense dense ones)."""
     w = 1.5 if gated else 1
-    moe = [experts > 0 and i % moe_every == 0 for i in range(layers)]
+    moe = [experts > 0 and i >= first_dense and (i - first_dense) % moe_every == 0 for i in range(layers)]
     return NemotronConfig(
         vocab_size=vocab, d_model=hidden, pattern="".join("*E" if e else "*-" for e in moe),
         n_head=heads, n_kv_head=kv_heads or heads, head_dim=hidden // heads, d_ff=int(w * ffn),
@@ -125,34 +158,57 @@ def load_model(spec):
 # -----------------------------------------------------------------------------
 # time of a kernel and of a collective on one GPU
 
-def gemm_time(hw, peak, batch, m, n, k, nbytes):
-    """A (batch of) m x k @ k x n GEMM: its output tiles (128 x 128) run in waves over the SMs, so a
-    last partial wave idles SMs; a GEMM with little reuse is bound by HBM instead (roofline)."""
-    tiles = batch * math.ceil(m / 128) * math.ceil(n / 128)
+def gemm_time(hw, peak, batch, m, n, k, nbytes, eff):
+    """A (batch of) m x k @ k x n GEMM at this fraction of the peak: its output tiles (128 x 128) run
+    in waves over the SMs, a partial tile as a whole one (a grouped GEMM's few rows per expert) and a
+    last partial wave idling SMs; a GEMM with little reuse is bound by HBM instead (roofline)."""
+    tm, tn = math.ceil(m / 128), math.ceil(n / 128)
+    tiles = batch * tm * tn
     util = tiles / (math.ceil(tiles / hw["sms"]) * hw["sms"])
-    compute = 2 * batch * m * n * k / (peak * GEMM_EFF * util)
-    memory = batch * (m * k + k * n + m * n) * nbytes / (hw["hbm_bw"] * MEM_EFF)
+    compute = 2 * batch * (128 * tm) * (128 * tn) * k / (peak * eff * util)
+    memory = batch * (m * k + k * n + m * n) * nbytes / (hw["hbm_bw"] * hw["mem_eff"])
     return max(compute, memory) + hw["kernel_s"]
 
 
 def mem_time(hw, nbytes, kernels):
-    return nbytes / (hw["hbm_bw"] * MEM_EFF) + kernels * hw["kernel_s"]
+    return nbytes / (hw["hbm_bw"] * hw["mem_eff"]) + kernels * hw["kernel_s"]
 
 
-def comm_time(hw, op, nbytes, n, intra):
-    """Ring collectives over n GPUs: nbytes is the full buffer (all-reduce, the gathered result,
-    the scattered input, the data one GPU sends in an all-to-all or a point-to-point message).
-    Inside the NVLink domain at NVLink speed, else at the GPU's share of the scale-out network."""
+def comm_time(hw, op, nbytes, n, local):
+    """Ring collectives over n GPUs, `local` of them in each NVLink domain (n: all in one): nbytes is
+    the full buffer (all-reduce, the gathered result, the scattered input, a point-to-point message).
+    Inside a domain at NVLink speed. Across domains, a domain's `local` members send over their own
+    network links at once (NCCL runs a ring per link), so the bus bandwidth is local times the GPU's
+    share of the scale-out network, at most NVLink's."""
     if n <= 1 or nbytes <= 0:
         return 0.0
     share = {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n,
-             "all_to_all": (n - 1) / n, "p2p": 1.0}[op]
-    return hw["latency_s"] + share * nbytes / ((hw["nvlink_bw"] if intra else hw["net_bw"]) * NET_EFF)
+             "p2p": 1.0}[op]
+    bw = hw["nvlink_bw"] if local >= n else min(hw["nvlink_bw"], local * hw["net_bw"])
+    return hw["latency_s"] + share * nbytes / (bw * hw["net_eff"])
 
 
-def hidden(comm, window):
+def in_domain(hw, n, stride):
+    """How many of a group of n GPUs, stride ranks apart, share an NVLink domain."""
+    return max(1, min(n, hw["gpus_per_node"] // stride))
+
+
+def all_to_all_time(hw, nbytes, n, stride):
+    """An all-to-all among n GPUs spaced stride ranks apart (Megatron orders ranks tp, cp, ep, dp, pp:
+    a GPU's expert-parallel peers are tp * cp apart). nbytes is what one GPU sends, (n - 1)/n of it to
+    others: the peers inside its NVLink domain get theirs over NVLink while the rest leave through
+    its network link at the same time, so the slower of the two sets the time."""
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    local = in_domain(hw, n, stride)
+    intra = (local - 1) / n * nbytes / (hw["nvlink_bw"] * hw["net_eff"])
+    inter = (n - local) / n * nbytes / (hw["net_bw"] * hw["net_eff"])
+    return hw["latency_s"] + max(intra, inter)
+
+
+def hidden(hw, comm, window):
     """The exposed part of communication that may overlap a compute window."""
-    return comm - OVERLAP * min(comm, window)
+    return comm - hw["overlap"] * min(comm, window)
 
 
 # -----------------------------------------------------------------------------
@@ -190,11 +246,13 @@ class Job:
     hw: dict
     precision: str = "bf16"
     attention: str = "flash"  # 'flash' (fused, causal half) or 'materialized' (scores in HBM: before FlashAttention)
+    moe_imbalance: float = 1.0  # the busiest expert-parallel rank's routed tokens over the mean (1: balanced)
 
     def __post_init__(self):
         self.bytes = PRECISION[self.precision]
-        self.peak = self.hw["flops"][self.precision]  # linear layers (in fp8 with --precision=fp8)
-        self.core_peak = self.hw["flops"]["bf16" if self.precision == "fp8" else self.precision]
+        self.low = self.precision in ("fp8", "mxfp8", "nvfp4")  # the linear layers' GEMMs in low precision
+        self.peak = self.hw["flops"][LINEAR[self.precision][0]]  # linear layers
+        self.core_peak = self.hw["flops"]["bf16" if self.low else self.precision]
         self.memo = Memo()
         self.flops = flops_per_token(self.cfg, self.seq)
         self.params = {k: layer_params(self.cfg, k) for k in set(self.cfg.pattern + self.cfg.mtp_pattern)}
@@ -266,7 +324,8 @@ def block_work(job, kind, b, tp, cp, ep, sp):
         w.mm += [(1, routed, E, d)]  # the router
         if cfg.moe_latent_size:
             w.lin += [(1, routed, l, d), (1, routed, d, l)]
-        rows = routed * k * ep / E  # tokens per local expert, balanced (aux-loss-free balancing keeps it near)
+        # tokens per local expert on the busiest expert-parallel rank (with ep > 1 it sets the pace)
+        rows = routed * k * ep / E * (job.moe_imbalance if ep > 1 else 1)
         w.lin += [(E / ep, rows, F, l), (E / ep, rows, l, F)]  # grouped GEMMs of the E/ep local experts
         if cfg.shared_d_ff:
             w.lin += [(1, t, cfg.shared_d_ff / tp, d), (1, t, d, cfg.shared_d_ff / tp)]
@@ -274,7 +333,7 @@ def block_work(job, kind, b, tp, cp, ep, sp):
         w.kernels += 6  # router top-k, permute, two activations, unpermute, combine
         w.saved += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
                     + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
-        w.a2a = routed * k * l * act  # dispatch (and the same back to combine)
+        w.a2a = rows * E / ep * l * act  # dispatch (and the same back to combine): what the busiest rank receives
     elif kind == "embed":  # the lookup
         w.mem, w.kernels, w.saved = t * d / ew * act, 1, 0.0
     elif kind == "head":  # final norm, LM head, cross-entropy over fp32 logits (vocab split over tp)
@@ -313,31 +372,41 @@ def layer_cost(job, kind, b, tp, cp, ep, sp):
     key = (kind, b, tp, cp, ep if kind == "E" else 1, sp)  # only MoE blocks depend on ep
     if key in job.memo.layer_cost:
         return job.memo.layer_cost[key]
-    w, hw, act, fp8 = block_work(job, kind, b, tp, cp, ep, sp), job.hw, job.bytes["act"], job.precision == "fp8"
+    w, hw, act = block_work(job, kind, b, tp, cp, ep, sp), job.hw, job.bytes["act"]
     t = b * job.seq // cp
     fwd = bwd = 0.0
-    mem = w.mem
+    mem, launches = w.mem, w.kernels + w.core_kernels + len(w.core_mm)  # kernels of the forward
     for batch, m, n, k, linear in [g + (True,) for g in w.lin] + [g + (False,) for g in w.mm]:
-        peak, nbytes = (job.peak, 1 if fp8 else act) if linear else (job.core_peak, act)
-        fwd += gemm_time(hw, peak, batch, m, n, k, nbytes)
-        bwd += gemm_time(hw, peak, batch, m, k, n, nbytes) + gemm_time(hw, peak, batch, n, k, m, nbytes)  # dgrad, wgrad
-        if fp8 and linear:  # casts to fp8: the input before the forward, the output's gradient before the backward
-            mem += batch * m * k * (act + 1)
-            bwd += mem_time(hw, batch * m * n * (act + 1), 1)
-    # the core: its GEMMs, then its fused kernels at GEMM speed or bound by their traffic, whichever is longer
-    core = sum(gemm_time(hw, job.core_peak, *g, act) for g in w.core_mm) + w.core_kernels * hw["kernel_s"] \
-        + max(w.core_flops / (job.core_peak * GEMM_EFF), w.core_bytes / (hw["hbm_bw"] * MEM_EFF))
+        low = job.low and linear
+        peak, nbytes = (job.peak, LINEAR[job.precision][1]) if low else (job.core_peak, act)
+        eff = hw["lowp_eff"] if low else hw["gemm_eff"]  # low-precision GEMMs reach less of their peak
+        fwd += gemm_time(hw, peak, batch, m, n, k, nbytes, eff)
+        bwd += gemm_time(hw, peak, batch, m, k, n, nbytes, eff) + gemm_time(hw, peak, batch, n, k, m, nbytes, eff)
+        launches += (batch if kind == "E" and linear else 1) * (1 + low)  # a GEMM (and a cast) per local expert
+        if low:  # quantize the input before the forward, the output's gradient before the backward
+            mem += quantize_bytes(job.precision, batch * m * k, act)
+            bwd += mem_time(hw, quantize_bytes(job.precision, batch * m * n, act), 1)
+    # the core: its GEMMs, then its fused kernels at GEMM speed (the SSD's at its own) or bound by
+    # their traffic, whichever is longer
+    fused = job.core_peak * hw["ssd_eff" if kind == "M" else "gemm_eff"]
+    core = sum(gemm_time(hw, job.core_peak, *g, act, hw["gemm_eff"]) for g in w.core_mm) \
+        + w.core_kernels * hw["kernel_s"] + max(w.core_flops / fused, w.core_bytes / (hw["hbm_bw"] * hw["mem_eff"]))
     fwd += mem_time(hw, mem, w.kernels) + core
     bwd += mem_time(hw, 2 * mem, 2 * w.kernels) + (2.5 if kind in "*W" else 2) * core
+    # the host launches every kernel (host_s each, PyTorch eager): a pass takes the longer of the two;
+    # dropless MoE routing makes the host wait for the tokens per expert before it can size the
+    # all-to-all and the grouped GEMMs, and the GPU idles while it catches up (moe_sync_s a pass)
+    sync = hw["moe_sync_s"] if kind == "E" else 0.0
+    fwd, bwd = max(fwd, launches * hw["host_s"]) + sync, max(bwd, 2 * launches * hw["host_s"]) + sync
     # tensor parallel: per pass one all-reduce of the block's output (or, with sp, an all-gather and a
     # reduce-scatter: the same bytes); the vocab-parallel embedding and head need one too
-    tp_comm = comm_time(hw, "all_reduce", t * job.cfg.d_model * act, tp, True)
-    a2a = 2 * comm_time(hw, "all_to_all", w.a2a, ep, ep <= hw["gpus_per_node"])
-    cp_comm = comm_time(hw, "all_gather", w.cp * cp, cp, tp * cp <= hw["gpus_per_node"]) if kind == "M" else \
-        comm_time(hw, "p2p", w.cp * (cp - 1), cp, tp * cp <= hw["gpus_per_node"])
+    tp_comm = comm_time(hw, "all_reduce", t * job.cfg.d_model * act, tp, tp)
+    a2a = 2 * all_to_all_time(hw, w.a2a, ep, tp * cp)
+    cp_comm = comm_time(hw, "all_gather", w.cp * cp, cp, in_domain(hw, cp, tp)) if kind == "M" else \
+        comm_time(hw, "p2p", w.cp * (cp - 1), cp, in_domain(hw, cp, tp))
     flops = sum(2 * bt * m * n * k for bt, m, n, k in w.lin + w.mm + w.core_mm) + w.core_flops
     cost = LayerCost(fwd=fwd, bwd=bwd, core=core if kind in "*W" and job.attention != "flash" else 0.0, tp=tp_comm,
-                     ep=a2a, cp_fwd=hidden(cp_comm, core), cp_bwd=hidden(2 * cp_comm, 2.5 * core), act=w.saved,
+                     ep=a2a, cp_fwd=hidden(hw, cp_comm, core), cp_bwd=hidden(hw, 2 * cp_comm, 2.5 * core), act=w.saved,
                      act_selective=w.saved - w.core_saved, act_full=w.act_full, flops=flops)
     job.memo.layer_cost[key] = cost
     return cost
@@ -401,6 +470,7 @@ class RankSums:
     experts: float          # routed-expert parameters on one GPU (split over ep)
     working: float          # bytes: the largest block's saved activations (the block at work)
     biggest: float          # the largest block's parameters on one GPU
+    blocks: int = 0         # blocks it holds (embedding and head aside)
 
 
 def rank_sums(job, L):
@@ -414,7 +484,7 @@ def rank_sums(job, L):
             blocks = [k for k in g.counts if k not in ("embed", "head")]
             biggest = max(job.params[k].dense / L.tp + job.params[k].experts / L.ep for k in blocks)
             out.append(RankSums(g.rank, g.n_ranks, cost_sum(cost, g.counts), dense / L.tp, experts / L.ep,
-                                max(cost[k].act for k in g.counts), biggest))
+                                max(cost[k].act for k in g.counts), biggest, sum(g.counts[k] for k in blocks)))
         job.memo.rank_sums[key] = out
     return job.memo.rank_sums[key]
 
@@ -425,7 +495,7 @@ def pipeline_p2p(job, L):
     if L.pp == 1:
         return 0.0
     message = L.mbs * job.seq / L.cp * job.cfg.d_model * job.bytes["act"] / L.tp
-    return 2 * L.vp * comm_time(job.hw, "p2p", message, 2, job.gpus <= job.hw["gpus_per_node"])
+    return 2 * L.vp * comm_time(job.hw, "p2p", message, 2, in_domain(job.hw, 2, L.tp * L.cp * L.dp))
 
 
 @dataclass
@@ -452,23 +522,25 @@ def rank_time(job, L, g):
     m = job.gbs // (L.dp * L.mbs)  # micro-batches per step on each pipeline
     full, sel = L.recompute == "full", L.recompute == "selective"
     dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep  # replicas of a dense / a routed-expert weight
-    dp_intra = L.tp * L.cp * L.dp <= hw["gpus_per_node"]
-    sync = lambda op, nbytes: comm_time(hw, op, g.dense * nbytes, dp_n, dp_intra) \
-        + comm_time(hw, op, g.experts * nbytes, edp_n, dp_intra)  # over the dense and the expert replicas
+    # over the dense replicas (tp ranks apart) and the routed experts' (ep ranks apart)
+    sync = lambda op, nbytes: comm_time(hw, op, g.dense * nbytes, dp_n, in_domain(hw, dp_n, L.tp)) \
+        + comm_time(hw, op, g.experts * nbytes, edp_n, in_domain(hw, edp_n, L.ep))
     recompute = total.fwd if full else total.core if sel else 0.0
     passes = 3 if full else 2  # forward, backward, and the forward again under full recompute
     back = total.bwd + recompute  # the window in which gradients appear
     fsdp = dp_t = 0.0
-    if L.zero == 3:  # every micro-batch gathers the weights (forward, again backward), scatters gradients
-        gather = sync("all_gather", nb["w"])
-        fsdp = hidden(gather, total.fwd) + hidden((1 + full) * gather + sync("reduce_scatter", nb["g"]), back)
+    if L.zero == 3:  # every micro-batch gathers the weights (forward, again backward), scatters gradients,
+        # tensor by tensor (about 4 a block: two matrices, a bias, a norm), each ring's latency n - 1 hops
+        ring = 4 * g.blocks * (dp_n - 1) * hw["latency_s"]
+        gather, scatter = sync("all_gather", nb["w"]) + ring, sync("reduce_scatter", nb["g"]) + ring
+        fsdp = hidden(hw, gather, total.fwd) + hidden(hw, (1 + full) * gather + scatter, back)
     elif L.zero == 0:  # DDP: all-reduce the gradients under the last micro-batch's backward
-        dp_t = hidden(sync("all_reduce", nb["g"]), back)
+        dp_t = hidden(hw, sync("all_reduce", nb["g"]), back)
     else:  # reduce-scatter gradients (ZeRO-2: every micro-batch's), gather new weights under the next forward
-        dp_t = hidden(sync("reduce_scatter", nb["g"]), back) * (m if L.zero == 2 else 1) \
-            + hidden(sync("all_gather", nb["w"]), total.fwd)
+        dp_t = hidden(hw, sync("reduce_scatter", nb["g"]), back) * (m if L.zero == 2 else 1) \
+            + hidden(hw, sync("all_gather", nb["w"]), total.fwd)
     if cfg.tie_embeddings and L.pp > 1 and g.rank in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last
-        dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, False)
+        dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, 1)
     local = g.dense / (dp_n if L.zero else 1) + g.experts / (edp_n if L.zero else 1)  # optimizer states held here
     # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
     optimizer = mem_time(hw, (30 if nb["opt"] == 12 else 28) * local, 8)
@@ -572,12 +644,12 @@ def sync_bound(job, L, stages):
     tables = 1 + (not job.cfg.tie_embeddings or L.pp > 1)  # the embedding and the LM head (MTP weights left out)
     dense, experts = (totals.dense + tables * job.cfg.vocab_size * job.cfg.d_model) / L.pp / L.tp, \
         totals.experts / L.pp / L.ep
-    dp_n, edp_n, intra = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep, L.tp * L.cp * L.dp <= hw["gpus_per_node"]
-    sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, intra) \
-        + comm_time(hw, op, experts * nbytes, edp_n, intra)
-    least = {0: hidden(sync("all_reduce", nb["g"]), back),
-             1: hidden(sync("reduce_scatter", nb["g"]), back) + hidden(sync("all_gather", nb["w"]), fwd),
-             3: m * (1 - OVERLAP) * (2 * sync("all_gather", nb["w"]) + sync("reduce_scatter", nb["g"]))}
+    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
+    sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, in_domain(hw, dp_n, L.tp)) \
+        + comm_time(hw, op, experts * nbytes, edp_n, in_domain(hw, edp_n, L.ep))
+    least = {0: hidden(hw, sync("all_reduce", nb["g"]), back),
+             1: hidden(hw, sync("reduce_scatter", nb["g"]), back) + hidden(hw, sync("all_gather", nb["w"]), fwd),
+             3: m * (1 - hw["overlap"]) * (2 * sync("all_gather", nb["w"]) + sync("reduce_scatter", nb["g"]))}
     least[2] = least[1]
     return min(least[z] for z in stages)
 
@@ -629,6 +701,16 @@ def broken_rule(job, L):
     return None
 
 
+def why_none(job, fixed):
+    """The rule that leaves no layout with these fixed dimensions: the one the layout they name
+    (dp from the GPU count, the rest at their least) breaks first."""
+    L = Layout(**{k: v for k, v in fixed.items() if k != "dp"})
+    if job.gpus % (L.tp * L.pp * L.cp):
+        return f"tp*pp*cp = {L.tp * L.pp * L.cp} does not divide the {job.gpus} GPUs"
+    L = replace(L, dp=fixed.get("dp", job.gpus // (L.tp * L.pp * L.cp)))
+    return broken_rule(job, L) or f"no layout satisfies the rules with {fixed}"
+
+
 def search(job, fixed=None, top=10, refuse=None):
     """The `top` fastest layouts of job.gpus GPUs that fit in memory (the dimensions in `fixed`
     held, and none that refuse(job, L) names a reason against), best first; the candidate counts;
@@ -637,7 +719,7 @@ def search(job, fixed=None, top=10, refuse=None):
       1. divisibility and placement (broken_rule): tp*pp*dp*cp = GPUs; tp inside a node and
          dividing heads, groups and widths; ep the experts; the batch dividing into micro-batches
          (a multiple of pp of them when interleaved); the sequence into 2*cp chunks; at least a
-         layer per chunk, and vp dividing the layers per rank (chunks as even as they go).
+         layer per chunk (chunks as even as they go where pp*vp does not divide the layers).
       2. dominated choices, never faster with the other dimensions equal: sequence parallelism
          off when tp > 1 (same communication, more work and memory); selective recompute with
          flash attention (nothing to drop); a heavier recompute at a ZeRO stage a lighter one
@@ -658,11 +740,13 @@ def search(job, fixed=None, top=10, refuse=None):
         for cp in opts("cp", powers_of_two(N // tp)):
             for pp in opts("pp", [p for p in divisors(N // tp // cp) if p <= n_layers]):
                 dp = N // (tp * cp * pp)
+                if dp * tp * cp * pp != N:
+                    continue
                 if fixed.get("dp", dp) != dp or gbs % dp:
                     continue
                 eps = [e for e in divisors(cfg.n_experts) if (tp * dp * cp) % e == 0] if moe else [1]
                 for ep in opts("ep", eps):
-                    for vp in opts("vp", divisors(n_layers // pp) if pp > 1 else [1]):
+                    for vp in opts("vp", range(1, n_layers // pp + 1) if pp > 1 else [1]):
                         for mbs in opts("mbs", divisors(gbs // dp)):
                             L = Layout(tp, pp, dp, cp, ep, vp, mbs, fixed.get("recompute", "none"),
                                        fixed.get("sp", tp > 1), fixed.get("zero", 0))
@@ -727,138 +811,6 @@ def explore(job, L, fixed, counts, results, bar):
 
 
 # -----------------------------------------------------------------------------
-# published runs (../shared/planner/published_runs.csv and files like it): predicted vs measured
-
-def eq3_flops(row):
-    """Narayanan et al. 2021, Eq. 3: FLOPs per step, with the forward pass that full recompute repeats."""
-    B, s, l, h, V = (float(row[k]) for k in ("gbs_seqs", "seq_len", "layers", "hidden", "vocab"))
-    return 96 * B * s * l * h * h * (1 + s / (6 * h) + V / (16 * l * h))
-
-
-def run_job(row):
-    """The Job of one published run, the layout fields it fixes, and its measured step time (s)."""
-    num = lambda k: float(row[k]) if re.fullmatch(r"[0-9.]+", (row.get(k) or "").strip()) else None
-    name = row["model"]
-    preset = next((p for p in PRESETS if p.replace("-", "") in name.lower().replace("-", "").replace(" ", "")), None)
-    if preset:
-        cfg = PRESETS[preset][0]
-    else:  # a Transformer from the row's shape; SwiGLU where the family uses it
-        gated = bool(re.search(r"llama|swiglu|mixtral|qwen|deepseek", name + row.get("notes", ""), re.I))
-        experts = int(num("moe_experts") or 0)
-        cfg = transformer(int(num("layers")), int(num("hidden")), int(num("heads")), int(num("ffn")), int(num("vocab")),
-                          kv_heads=int(num("kv_heads") or num("heads")), gated=gated, experts=experts,
-                          topk=int(num("moe_topk") or 2), expert_ffn=int(num("moe_expert_ffn") or num("ffn")),
-                          shared_experts=int(num("moe_shared_experts") or 0), tie="gpt" in name.lower())
-    year = min(int(y) for y in re.findall(r"20[0-9]{2}", row["source"] + row.get("framework", "")) or ["2025"])
-    gpu = find_gpu(row["gpu"])
-    if gpu not in CLUSTER_GPUS:
-        raise ValueError(f"run {row['id']}: no hardware preset for GPU '{row['gpu']}'")
-    precision = "fp8" if "FP8" in row["precision"].upper() else "fp16" if "FP16" in row["precision"].upper() else "bf16"
-    gpus, gbs, seq = int(num("gpu_count")), int(num("gbs_seqs")), int(num("seq_len"))
-    # runs before 2022 had neither FlashAttention (Dao et al. 2022) nor sequence parallelism (Korthikanti et al. 2022)
-    hw = load_hardware(gpu)
-    job = Job(cfg, seq, gbs, gpus, hw, precision, "materialized" if year < 2022 else "flash")
-    fixed = {k: int(num(k)) for k in ("tp", "pp", "dp", "cp", "ep", "vp", "mbs") if num(k)}
-    if all(k in fixed for k in ("tp", "pp", "dp")) and fixed["tp"] * fixed["pp"] * fixed["dp"] == gpus:
-        fixed.update(cp=1, ep=1)  # the named sizes use every GPU
-    zero = (row.get("zero_or_fsdp") or "").lower()
-    if not zero and year < 2022:
-        fixed["zero"] = 0  # Megatron-LM's distributed optimizer (ZeRO-1) came in 2022
-    elif zero:
-        fixed["zero"] = 3 if "zero-3" in zero or "fsdp" in zero else 2 if "zero-2" in zero else \
-            1 if "zero-1" in zero or "distributed optimizer" in zero else 0
-    recompute = (row.get("recompute") or "").lower()
-    if recompute:
-        fixed["recompute"] = recompute if recompute in ("full", "selective") else "none"
-    if year < 2022 or (row.get("seq_parallel") or "").lower() == "no":
-        fixed["sp"] = False
-    elif (row.get("seq_parallel") or "").lower() == "yes":
-        fixed["sp"] = True
-    tokens = gbs * seq
-    if num("step_time_s"):
-        measured = num("step_time_s")
-    elif num("tokens_per_s_per_gpu"):
-        measured = tokens / (num("tokens_per_s_per_gpu") * gpus)
-    else:
-        basis = row.get("tflops_basis", "").lower()
-        flops = eq3_flops(row) if "eq.3" in basis or "recompute" in basis else flops_per_token(cfg, seq) * tokens
-        measured = flops / (num("tflops_per_gpu") * 1e12 * gpus)
-    return job, fixed, measured
-
-
-def validate(path):
-    """Predict every row of a published-runs CSV: a list of dicts (id, measured and predicted step
-    time, error, the layout chosen); unknown layout fields are searched, as the planner would."""
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    out = []
-    for row in rows:
-        job, fixed, measured = run_job(row)
-        results, _, smallest = search(job, fixed, top=1)
-        if not results and smallest is None:
-            raise ValueError(f"run {row['id']}: no layout satisfies the rules with {fixed}")
-        best = results[0] if results else evaluate(job, smallest[1])  # a published layout the model thinks OOM
-        out.append(dict(id=row["id"], model=row["model"], gpus=job.gpus, measured_s=measured, result=best, row=row,
-                        predicted_s=best["step_time_s"], error=best["step_time_s"] / measured - 1,
-                        pair_group=row.get("pair_group") or None))
-    return out
-
-
-# -----------------------------------------------------------------------------
-# calibration: this machine's matmul, memory and collective speeds, as a hardware profile
-
-def _calibrate_rank(rank, port, queue):
-    import torch, torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # as torchrun runs each process (OMP_NUM_THREADS=1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-
-    def timed(fn, reps):  # median seconds of fn, both processes running it at once, as in training
-        times = []
-        for _ in range(reps):
-            dist.barrier()
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[reps // 2]
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    matmul = 2 * 1024 ** 3 / timed(lambda: a @ b, 15)
-    x, y = torch.randn(2 ** 23), torch.empty(2 ** 23)  # 32 MB each
-    copy = 2 * x.numel() * 4 / timed(lambda: y.copy_(x), 15)
-    one = torch.ones(1)
-    kernel = timed(lambda: [one.add(one) for _ in range(1000)], 9) / 1000
-    small, large = torch.ones(16), torch.ones(2 ** 22)  # 64 B and 16 MB
-    latency = timed(lambda: dist.all_reduce(small), 21)
-    bus = large.numel() * 4 / (timed(lambda: dist.all_reduce(large), 9) - latency)  # 2(n-1)/n = 1 for n = 2
-    if rank == 0:
-        queue.put(dict(matmul=matmul, copy=copy, kernel=kernel, latency=latency, bus=bus))
-    dist.destroy_process_group()
-
-
-def calibrate(out):
-    """Measure this CPU with 2 processes (gloo, one thread each, as torchrun runs train.py) and write
-    a hardware profile to out. Peaks are the measured speeds divided by the efficiencies the cost
-    model applies, so that the model reproduces what was measured for a large GEMM, a large copy
-    and a large all-reduce."""
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_calibrate_rank, args=(port, queue), nprocs=2)
-    m = queue.get()
-    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    profile = dict(flops={"fp32": m["matmul"] / GEMM_EFF}, hbm_gb=ram_gb / 2,
-                   hbm_bw=m["copy"] / MEM_EFF, nvlink_bw=m["bus"] / NET_EFF, net_bw=m["bus"] / NET_EFF, gpus_per_node=2,
-                   sms=1, kernel_s=m["kernel"], latency_s=m["latency"], measured=m)
-    with open(out, "w") as f:
-        json.dump(profile, f, indent=2)
-    return profile
-
-
-# -----------------------------------------------------------------------------
 # what train.py runs (--tp, --sp, --ep, --fsdp, --recompute): --emit plans within it
 
 
@@ -882,8 +834,8 @@ def train_py_refuses(job, L):
         return f"ZeRO-3 of the routed experts over their {L.dp // L.ep} replicas (--fsdp leaves the EP shards whole)"
     if L.sp and job.seq % L.tp:
         return f"sequence parallelism of seq_len={job.seq} over tp={L.tp}"
-    if job.precision == "fp8" and L.tp > 1:  # its low-precision GEMMs take whole weights
-        return f"fp8 with tp={L.tp}"
+    if job.low and L.tp > 1:  # its low-precision GEMMs take whole weights
+        return f"{job.precision} with tp={L.tp}"
     return None
 
 
@@ -909,10 +861,10 @@ LAYOUT_KEYS = [f.name for f in fields(Layout)]
 FLAGS = dict(
     model=None,          # a preset (gpt3-175b, llama3-70b, ...), an HF config.json / folder, or a train.py config file
     seq_len=None,        # tokens per sequence (default: the preset's, or the config file's block_size)
-    gpu="h100",          # a100, a800, h100, h800, h200, b200, gb200, or a JSON profile (--calibrate writes one)
+    gpu="h100",          # a100 a800 h100 h800 h200 b200 gb200 b300 gb300, or a JSON profile (--calibrate writes one)
     gpus=8,              # GPUs in the job
     gbs=None,            # global batch, sequences per step
-    precision="bf16",    # bf16, fp8 (linear layers), fp16, fp32
+    precision="bf16",    # bf16, fp8 / mxfp8 / nvfp4 (the linear layers' GEMMs), fp16, fp32
     attention="flash",   # flash, or materialized (s x s scores in memory, as before FlashAttention)
     **{k: None for k in LAYOUT_KEYS},  # --tp --pp --dp --cp --ep --vp --mbs --recompute --sp --zero: fix them
     layers=None, hidden=None, heads=None, kv_heads=None, ffn=None, vocab=None,  # a Transformer without --model
@@ -925,13 +877,16 @@ FLAGS = dict(
     emit=False,          # print the train.py command of the best layout train.py can run
     calibrate=False,     # measure this machine and write --out
     out="hardware.json",  # where --calibrate writes
-    validate=None,       # a published-runs CSV: predicted vs measured step times
+    validate=None,       # published-runs CSVs (comma-separated): predicted vs measured, by subset; layout pairs
+    cv=False,            # with --validate: fit the constants leaving one source out at a time (minutes)
+    moe_imbalance=1.0,   # the busiest expert-parallel rank's routed tokens over the mean (1: balanced routing)
 )
 # the valid range of each numeric flag, checked by configurator.py before any work (exit 2)
 RANGES = {**{k: "int [1, inf)" for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "layers",
                                           "hidden", "heads", "kv_heads", "ffn", "vocab", "topk", "expert_ffn",
                                           "moe_every", "gpus_per_node", "top")},
           "experts": "int [0, inf)", "shared_experts": "int [0, inf)", "zero": "int [0, 3]",
+          "moe_imbalance": "[1, inf)",
           **{k: "(0, inf)" for k in ("peak_tflops", "hbm_gb", "hbm_tbs", "nvlink_gbs", "net_gbs")}}
 
 
@@ -976,9 +931,10 @@ def make_job(a):
     hw = load_hardware(a["gpu"], hbm_gb=a["hbm_gb"], gpus_per_node=a["gpus_per_node"],
                        hbm_bw=a["hbm_tbs"] and a["hbm_tbs"] * 1e12, nvlink_bw=a["nvlink_gbs"] and a["nvlink_gbs"] * 1e9,
                        net_bw=a["net_gbs"] and a["net_gbs"] * 1e9)
+    peak = LINEAR[a["precision"]][0]  # the peak its linear layers run at
     if a["peak_tflops"]:
-        hw["flops"] = dict(hw["flops"], **{a["precision"]: a["peak_tflops"] * 1e12})
-    if a["precision"] not in hw["flops"]:
+        hw["flops"] = dict(hw["flops"], **{peak: a["peak_tflops"] * 1e12})
+    if peak not in hw["flops"] or (peak != a["precision"] and "bf16" not in hw["flops"]):
         raise ValueError(f"{hw['name']} has no {a['precision']} peak (it has {', '.join(hw['flops'])}): "
                          f"use --precision={next(iter(hw['flops']))} or --peak_tflops")
     fixed = {k: a[k] for k in LAYOUT_KEYS if a[k] is not None}
@@ -987,7 +943,7 @@ def make_job(a):
     if fixed.get("recompute", "none") not in ("none", "selective", "full") or fixed.get("zero", 0) not in (0, 1, 2, 3):
         raise ValueError(f"--recompute is none, selective or full and --zero 0, 1, 2 or 3, got "
                          f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
-    return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"]), fixed
+    return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"]), fixed
 
 
 def report(job, results, counts, seconds, top):
@@ -1025,7 +981,7 @@ def train_py_command(job, spec, r):
     launch = f"torchrun --standalone --nproc_per_node={job.gpus}" if nodes == 1 else \
         f"torchrun --nnodes={nodes} --nproc_per_node={job.gpus // nodes} --rdzv_backend=c10d --rdzv_endpoint=HOST:29500"
     # fp8 as Nemotron-H: the Linear layers' GEMMs in FP8, the rest in bf16 (train.py --precision=fp8)
-    dtype = {"bf16": "bfloat16", "fp8": "bfloat16", "fp16": "float16", "fp32": "float32"}[job.precision]
+    dtype = "bfloat16" if job.low else {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[job.precision]
     cfg, kinds = job.cfg, set(job.cfg.pattern + job.cfg.mtp_pattern * job.cfg.mtp_depth)
     if spec and spec.endswith(".py"):
         model = [spec]  # the config file carries the model; only the batch changes
@@ -1042,40 +998,19 @@ def train_py_command(job, spec, r):
         ["--fsdp=True"] * (L.zero == 3) + ["--recompute=True"] * (L.recompute == "full")
     return " ".join([launch, "train.py", *model, *layout, f"--batch_size={L.mbs}", f"--block_size={job.seq}",
                      f"--gradient_accumulation_steps={job.gbs // L.mbs}", f"--dtype={dtype}"] +
-                    ["--precision=fp8"] * (job.precision == "fp8"))
-
-
-def print_validation(rows):
-    print(f"{'id':<5} {'model':<24} {'GPUs':>5} {'tp':>2} {'pp':>3} {'dp':>5} {'mbs':>3} {'vp':>2} {'zero':>4} "
-          f"{'TFLOP/s':>7} {'pred.':>6} {'step s':>7} {'pred. s':>7} {'error':>7}")
-    for v in rows:
-        L, tflops = v["result"]["layout"], v["row"].get("tflops_per_gpu") or ""
-        # the published TFLOP/s per GPU, and the same FLOPs over the predicted step time
-        pred = f"{float(tflops) * v['measured_s'] / v['predicted_s']:.0f}" if tflops else ""
-        print(f"{v['id']:<5} {v['model'][:24]:<24} {v['gpus']:>5} {L.tp:>2} {L.pp:>3} {L.dp:>5} {L.mbs:>3} {L.vp:>2} "
-              f"{L.zero:>4} {tflops:>7} {pred:>6} {v['measured_s']:>7.2f} {v['predicted_s']:>7.2f} "
-              f"{v['error'] * 100:>+6.1f}%")
-    errors = [abs(v["error"]) for v in rows]
-    print(f"mean |error| {sum(errors) / len(errors) * 100:.1f}%, max {max(errors) * 100:.1f}% over {len(rows)} runs")
-    groups = {}
-    for v in rows:
-        if v["pair_group"]:
-            groups.setdefault(v["pair_group"], []).append(v)
-    same = [g for g, vs in groups.items()
-            if sorted(vs, key=lambda v: v["measured_s"]) == sorted(vs, key=lambda v: v["predicted_s"])]
-    if groups:
-        print(f"layouts compared on one model and cluster: ranked as published in {len(same)} of {len(groups)} groups")
+                    [f"--precision={job.precision}"] * job.low)
 
 
 def main(argv):
     a = parse_flags(argv)
     try:
-        if a["calibrate"]:
-            profile = calibrate(a["out"])
-            print(f"wrote {a['out']}: " + json.dumps(profile["measured"]))
-            return
-        if a["validate"]:
-            print_validation(validate(a["validate"]))
+        if a["calibrate"] or a["validate"]:
+            import planfit  # measured speeds: this machine's, the published runs'
+            if a["calibrate"]:
+                profile = planfit.calibrate(a["out"])
+                print(f"wrote {a['out']}: " + json.dumps(profile["measured"]))
+            else:
+                planfit.report(a["validate"].split(","), cv=a["cv"])
             return
         job, fixed = make_job(a)
         why = a["emit"] and train_py_refuses(job, Layout(**fixed))
@@ -1092,7 +1027,7 @@ def main(argv):
         else:
             results, counts, smallest = (search_train_py if a["emit"] else search)(job, fixed, top=a["top"])
             if not results:
-                raise ValueError("no layout satisfies the divisibility rules" if smallest is None else
+                raise ValueError(why_none(job, fixed) if smallest is None else
                                  f"no layout fits in {job.hw['hbm_gb']} GB per GPU: the smallest needs "
                                  f"{smallest[0]:.1f} GiB ({smallest[1]})")
         seconds = time.perf_counter() - t0
