@@ -247,6 +247,7 @@ class Job:
     precision: str = "bf16"
     attention: str = "flash"  # 'flash' (fused, causal half) or 'materialized' (scores in HBM: before FlashAttention)
     moe_imbalance: float = 1.0  # the busiest expert-parallel rank's routed tokens over the mean (1: balanced)
+    a2a_overlap: bool = False   # the expert all-to-alls overlap other micro-batches' compute (Megatron-Bridge)
 
     def __post_init__(self):
         self.bytes = PRECISION[self.precision]
@@ -399,14 +400,16 @@ def layer_cost(job, kind, b, tp, cp, ep, sp):
     sync = hw["moe_sync_s"] if kind == "E" else 0.0
     fwd, bwd = max(fwd, launches * hw["host_s"]) + sync, max(bwd, 2 * launches * hw["host_s"]) + sync
     # tensor parallel: per pass one all-reduce of the block's output (or, with sp, an all-gather and a
-    # reduce-scatter: the same bytes); the vocab-parallel embedding and head need one too
+    # reduce-scatter: the same bytes); the vocab-parallel embedding and head need one too. The expert
+    # all-to-alls are exposed, or with a2a_overlap (Megatron-Bridge's 1F1B overlap: one micro-batch's
+    # dispatch and combine beside another's compute) hidden under a forward's worth of compute
     tp_comm = comm_time(hw, "all_reduce", t * job.cfg.d_model * act, tp, tp)
     a2a = 2 * all_to_all_time(hw, w.a2a, ep, tp * cp)
     cp_comm = comm_time(hw, "all_gather", w.cp * cp, cp, in_domain(hw, cp, tp)) if kind == "M" else \
         comm_time(hw, "p2p", w.cp * (cp - 1), cp, in_domain(hw, cp, tp))
     flops = sum(2 * bt * m * n * k for bt, m, n, k in w.lin + w.mm + w.core_mm) + w.core_flops
     cost = LayerCost(fwd=fwd, bwd=bwd, core=core if kind in "*W" and job.attention != "flash" else 0.0, tp=tp_comm,
-                     ep=a2a, cp_fwd=hidden(hw, cp_comm, core), cp_bwd=hidden(hw, 2 * cp_comm, 2.5 * core), act=w.saved,
+                     ep=hidden(hw, a2a, fwd) if job.a2a_overlap else a2a, cp_fwd=hidden(hw, cp_comm, core), cp_bwd=hidden(hw, 2 * cp_comm, 2.5 * core), act=w.saved,
                      act_selective=w.saved - w.core_saved, act_full=w.act_full, flops=flops)
     job.memo.layer_cost[key] = cost
     return cost
@@ -880,6 +883,7 @@ FLAGS = dict(
     validate=None,       # published-runs CSVs (comma-separated): predicted vs measured, by subset; layout pairs
     cv=False,            # with --validate: fit the constants leaving one source out at a time (minutes)
     moe_imbalance=1.0,   # the busiest expert-parallel rank's routed tokens over the mean (1: balanced routing)
+    a2a_overlap=False,   # the expert all-to-alls overlap another micro-batch's compute (Megatron-Bridge's EP overlap)
 )
 # the valid range of each numeric flag, checked by configurator.py before any work (exit 2)
 RANGES = {**{k: "int [1, inf)" for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "layers",
@@ -943,7 +947,10 @@ def make_job(a):
     if fixed.get("recompute", "none") not in ("none", "selective", "full") or fixed.get("zero", 0) not in (0, 1, 2, 3):
         raise ValueError(f"--recompute is none, selective or full and --zero 0, 1, 2 or 3, got "
                          f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
-    return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"]), fixed
+    if type(a["a2a_overlap"]) is not bool:
+        raise ValueError(f"--a2a_overlap must be True or False, got {a['a2a_overlap']!r}")
+    return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"],
+               a["a2a_overlap"]), fixed
 
 
 def report(job, results, counts, seconds, top):

@@ -141,6 +141,14 @@ def test_moe_imbalance_and_sync():
     assert c1.fwd - c0.fwd == pytest.approx(1e-3) and c1.bwd - c0.bwd == pytest.approx(1e-3)
 
 
+def test_all_to_all_overlap():
+    """With a2a_overlap (Megatron-Bridge's expert-parallel overlap), a MoE layer's all-to-all per
+    pass is exposed only beyond `overlap` of a forward's compute; without, it is exposed whole."""
+    hw = ideal_gpu(mem_eff=1e9, moe_sync_s=0.0)
+    plain, hid = (plan.layer_cost(moe_job(hw, a2a_overlap=o), "E", 1, 1, 1, 8, False) for o in (False, True))
+    assert plain.ep > 0 and hid.ep == pytest.approx(plain.ep - hw["overlap"] * min(plain.ep, plain.fwd))
+
+
 def test_host_bound_layers():
     """A pass takes the longer of its GPU time and the host's time to launch its kernels: with
     16 local experts a GEMM (and in FP8 a cast) each, a tiny MoE layer is launch-bound."""
