@@ -81,7 +81,8 @@ def load_hardware(gpu, **overrides):
                 hw = {**GPU_DEFAULTS, **FIT, "name": os.path.basename(gpu), **json.load(f)}  # a profile may set them
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{gpu}: not a hardware profile ({e})") from None
-        missing = [k for k in ("flops", "hbm_gb", "hbm_bw", "nvlink_bw", "net_bw", "gpus_per_node", "sms") if k not in hw]
+        needed = ("flops", "hbm_gb", "hbm_bw", "nvlink_bw", "net_bw", "gpus_per_node", "sms")
+        missing = [k for k in needed if k not in hw]
         if missing or not isinstance(hw["flops"], dict):
             raise ValueError(f"{gpu}: a hardware profile needs {', '.join(missing or ['flops'])} "
                              '(flops a dict such as {"bf16": 989e12})')
@@ -409,7 +410,8 @@ def layer_cost(job, kind, b, tp, cp, ep, sp):
         comm_time(hw, "p2p", w.cp * (cp - 1), cp, in_domain(hw, cp, tp))
     flops = sum(2 * bt * m * n * k for bt, m, n, k in w.lin + w.mm + w.core_mm) + w.core_flops
     cost = LayerCost(fwd=fwd, bwd=bwd, core=core if kind in "*W" and job.attention != "flash" else 0.0, tp=tp_comm,
-                     ep=hidden(hw, a2a, fwd) if job.a2a_overlap else a2a, cp_fwd=hidden(hw, cp_comm, core), cp_bwd=hidden(hw, 2 * cp_comm, 2.5 * core), act=w.saved,
+                     ep=hidden(hw, a2a, fwd) if job.a2a_overlap else a2a, cp_fwd=hidden(hw, cp_comm, core),
+                     cp_bwd=hidden(hw, 2 * cp_comm, 2.5 * core), act=w.saved,
                      act_selective=w.saved - w.core_saved, act_full=w.act_full, flops=flops)
     job.memo.layer_cost[key] = cost
     return cost
