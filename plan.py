@@ -37,12 +37,12 @@ GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6, host_s=20e-6)  # host_s: the
 # the fitted constants, the only ones: planfit.fit_constants on every published run we have
 # (tests/published_runs*.csv; docs/planner.md gives the cross-validated errors)
 FIT = dict(
-    gemm_eff=0.689,     # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
-    mem_eff=0.834,     # memory-bound kernels' bandwidth over the HBM peak
-    net_eff=0.862,     # a large collective's bus bandwidth over the link's peak
-    overlap=0.597,     # the share of overlappable communication that compute actually hides
-    lowp_eff=0.60,     # a large FP8 / MXFP8 / NVFP4 GEMM's throughput over its own dense peak
-    ssd_eff=0.172,     # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
+    gemm_eff=0.689,      # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
+    mem_eff=0.802,       # memory-bound kernels' bandwidth over the HBM peak
+    net_eff=0.90,        # a large collective's bus bandwidth over the link's peak
+    overlap=0.55,        # the share of overlappable communication that compute actually hides
+    lowp_eff=0.60,       # a large FP8 / MXFP8 / NVFP4 GEMM's throughput over its own dense peak
+    ssd_eff=0.112,       # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
     moe_sync_s=1.78e-3,  # s per MoE layer and pass that the GPU idles while the host sizes a dropless dispatch
 )
 HBM_USABLE = 0.95  # not fitted: CUDA context, communication buffers and fragmentation take the rest
@@ -249,9 +249,10 @@ class Job:
     attention: str = "flash"  # 'flash' (fused, causal half) or 'materialized' (scores in HBM: before FlashAttention)
     moe_imbalance: float = 1.0  # the busiest expert-parallel rank's routed tokens over the mean (1: balanced)
     a2a_overlap: bool = False   # the expert all-to-alls overlap other micro-batches' compute (Megatron-Bridge)
+    grad_reduce: str = "fp32"   # the gradients' buffer and reduction: 'fp32', or 'bf16' (NVIDIA's performance recipes)
 
     def __post_init__(self):
-        self.bytes = PRECISION[self.precision]
+        self.bytes = dict(PRECISION[self.precision], **({"g": 2} if self.grad_reduce == "bf16" else {}))
         self.low = self.precision in ("fp8", "mxfp8", "nvfp4")  # the linear layers' GEMMs in low precision
         self.peak = self.hw["flops"][LINEAR[self.precision][0]]  # linear layers
         self.core_peak = self.hw["flops"]["bf16" if self.low else self.precision]
@@ -886,6 +887,7 @@ FLAGS = dict(
     cv=False,            # with --validate: fit the constants leaving one source out at a time (minutes)
     moe_imbalance=1.0,   # the busiest expert-parallel rank's routed tokens over the mean (1: balanced routing)
     a2a_overlap=False,   # the expert all-to-alls overlap another micro-batch's compute (Megatron-Bridge's EP overlap)
+    grad_reduce="fp32",  # gradients accumulated and reduced in fp32, or bf16 (Megatron's grad_reduce_in_fp32=False)
 )
 # the valid range of each numeric flag, checked by configurator.py before any work (exit 2)
 RANGES = {**{k: "int [1, inf)" for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "layers",
@@ -951,8 +953,10 @@ def make_job(a):
                          f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
     if type(a["a2a_overlap"]) is not bool:
         raise ValueError(f"--a2a_overlap must be True or False, got {a['a2a_overlap']!r}")
+    if a["grad_reduce"] not in ("fp32", "bf16"):
+        raise ValueError(f"--grad_reduce={a['grad_reduce']}: fp32 or bf16")
     return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"],
-               a["a2a_overlap"]), fixed
+               a["a2a_overlap"], a["grad_reduce"]), fixed
 
 
 def report(job, results, counts, seconds, top):

@@ -36,6 +36,7 @@ class Run:
     gpu: str                # a hardware.HARDWARE key
     precision: str          # a plan.PRECISION key
     attention: str          # 'flash' or 'materialized'
+    grad_reduce: str        # 'fp32', or 'bf16' in NVIDIA's performance recipes
     fixed: dict             # the layout fields the row gives (the planner searches the rest)
     measured: float         # s per step, or None where the row gives no throughput (priced, not scored)
     pair_group: str         # rows of one model on one cluster under other layouts or precisions, or ""
@@ -45,7 +46,7 @@ class Run:
     def job(self, fit=None):
         """The plan.Job of this run on its GPU, with these fitted constants (plan.FIT's by default)."""
         return plan.Job(self.cfg, self.seq, self.gbs, self.gpus, plan.load_hardware(self.gpu, **(fit or {})),
-                        self.precision, self.attention)
+                        self.precision, self.attention, grad_reduce=self.grad_reduce)
 
 
 def number(text):
@@ -199,8 +200,11 @@ def read_run(row, rows):
     precision = precision_of(row["precision"])
     # FlashAttention reached Megatron-LM in 2023: before, the s x s scores were materialized
     attention = "materialized" if year <= 2022 else "flash"
+    # NVIDIA's performance recipes (dgxc-benchmarking, the NeMo and Megatron-Bridge tables) keep and
+    # reduce gradients in bf16: their configs set grad_reduce_in_fp32 = False
+    grads = "bf16" if re.search(r"dgxc|perf", row["source"], re.I) else "fp32"
     run = Run(row["id"], re.match(r"S\d+", row["source"]).group(0), row["model"], cfg, seq, gbs, gpus, gpu, precision,
-              attention, fixed, None, row.get("pair_group") or "", [], notes)
+              attention, grads, fixed, None, row.get("pair_group") or "", [], notes)
     run.measured = measured(row, run)
     arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     run.subsets = [s for s, inside in [
@@ -303,7 +307,8 @@ def pairs(predictions):
 
 def inputs(run):
     """What the planner reads of a run."""
-    return (run.cfg, run.seq, run.gbs, run.gpus, run.gpu, run.precision, run.attention, sorted(run.fixed.items()))
+    return (run.cfg, run.seq, run.gbs, run.gpus, run.gpu, run.precision, run.attention, run.grad_reduce,
+            sorted(run.fixed.items()))
 
 
 # -----------------------------------------------------------------------------

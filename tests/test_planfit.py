@@ -149,6 +149,19 @@ def test_all_to_all_overlap():
     assert plain.ep > 0 and hid.ep == pytest.approx(plain.ep - hw["overlap"] * min(plain.ep, plain.fwd))
 
 
+def test_gradients_in_bf16():
+    """grad_reduce='bf16' (Megatron's grad_reduce_in_fp32=False, NVIDIA's performance recipes): the
+    gradient buffer takes 2 B a parameter, not 4, and the data-parallel reduce-scatter moves half."""
+    cfg = NemotronConfig(vocab_size=1024, d_model=1024, pattern="*-", n_head=8, n_kv_head=8, head_dim=128, d_ff=4096)
+    hw = ideal_gpu()
+    jobs = [plan.Job(cfg, 1, 16, 8, hw, grad_reduce=g) for g in ("fp32", "bf16")]
+    L = plan.Layout(dp=8, mbs=1, zero=1)
+    params = sum(r.dense for r in plan.rank_sums(jobs[0], L))
+    assert plan.memory(jobs[0], L) - plan.memory(jobs[1], L) == pytest.approx(2 * params, rel=1e-9)
+    scatter = [plan.comm_time(hw, "reduce_scatter", params * j.bytes["g"], 8, 8) for j in jobs]
+    assert scatter[1] == pytest.approx(scatter[0] / 2)
+
+
 def test_host_bound_layers():
     """A pass takes the longer of its GPU time and the host's time to launch its kernels: with
     16 local experts a GEMM (and in FP8 a cast) each, a tiny MoE layer is launch-bound."""
@@ -203,8 +216,8 @@ def test_fit_gives_the_committed_constants(runs):
 
 def test_one_source_held_out(runs):
     """Leave-one-source-out for the MoE-heavy source (S9, Megatron-Bridge's tables): constants fitted
-    on the other sources predict its 19 scored runs: mean |error| 19.5%, as docs/planner.md reports."""
+    on the other sources predict its 19 scored runs: mean |error| 19.2%, as docs/planner.md reports."""
     fit, _ = planfit.fit_constants([r for r in runs if r.source != "S9"])
     held = planfit.summary([planfit.predict(r, fit) for r in runs if r.source == "S9"])
-    assert held["all"][0] == 19 and held["all"][1] == pytest.approx(0.195, abs=0.005), held
+    assert held["all"][0] == 19 and held["all"][1] == pytest.approx(0.192, abs=0.005), held
 
