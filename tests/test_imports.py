@@ -82,7 +82,7 @@ def test_transformers_builds_nemotron_h_from_the_repo_root():
 # planfit plan's cost model
 
 LEVEL = {"triton_ops": 0, "hardware": 0, "configurator": 0, "data": 0,
-         "mamba": 1, "attention": 1, "moe": 1,
+         "mamba": 1, "attention": 1, "moe": 1, "asr": 1,
          "model": 2,
          "generate": 3, "checkpoint": 3, "lowprec": 3, "parallel": 3, "minitron": 3,
          "rollout": 4, "distill": 4,
