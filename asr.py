@@ -203,5 +203,9 @@ def rnnt_loss(logits, targets, frames, labels, blank=0):
     (padding past labels[b] is ignored), frames and labels (B,) the lengths T_b and U_b."""
     if logits.dim() != 4 or logits.shape[2] != targets.shape[1] + 1:
         raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, U + 1, V) for targets {tuple(targets.shape)}")
+    B, T, U1, _ = logits.shape
+    if frames.shape != (B,) or labels.shape != (B,) or frames.min() < 1 or frames.max() > T \
+            or labels.min() < 0 or labels.max() > U1 - 1:
+        raise ValueError(f"frames must be (B,) in [1, {T}] and labels (B,) in [0, {U1 - 1}]")
     blank_lp, label_lp = rnnt_lattice(logits, targets.clamp(min=0), blank)
     return _RNNTLoss.apply(blank_lp, label_lp, frames, labels)

@@ -79,6 +79,9 @@ def test_bad_shapes():
     logits, targets = lattice()
     with pytest.raises(ValueError, match="must be"):
         asr.rnnt_loss(logits[:, :, :-1], targets, torch.tensor([5] * 3), torch.tensor([3] * 3))
+    for frames, labels in (([6, 5, 5], [3, 3, 3]), ([0, 5, 5], [3, 3, 3]), ([5, 5, 5], [4, 3, 3]), ([5, 5], [3, 3])):
+        with pytest.raises(ValueError, match="frames must be"):
+            asr.rnnt_loss(logits, targets, torch.tensor(frames), torch.tensor(labels))
 
 
 def test_kernel_in_interpreter():
