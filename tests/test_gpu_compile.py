@@ -6,7 +6,7 @@ a block's 227 KB, no register spills in the SSD and decode kernels (ALLOWED_SPIL
 and tl.dot on tensor cores (wgmma or mma on sm_90, tcgen05 or mma on sm_100).
 
 How: each public op runs on meta tensors (shapes only: the host code chooses tiles and launches,
-nothing is computed) while every triton_ops._*_kernel is swapped for a recorder of its launches;
+nothing is computed) while every _*_kernel of triton_ops and asr is swapped for a recorder of its launches;
 each distinct (kernel, argument types, constexprs, warps, stages) is then compiled by
 triton.compile for the target, and ptxas -v reports its registers and spills. fp32 inputs are
 checked as train.py runs them: TF32 dots (torch.backends.cuda.matmul.allow_tf32 on).
@@ -30,7 +30,10 @@ from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import asr  # noqa: E402
 import triton_ops  # noqa: E402
+
+MODULES = (triton_ops, asr)  # where the kernels live
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on an H100 and a B200
 # spills allowed outside the SSD and decode kernels (bytes stored per thread), none so far
@@ -58,24 +61,29 @@ class Recorder:
 
 def captured(run):
     """[(kernel name, args, kwargs)] of every kernel launch that run() makes."""
-    log, names = [], [n for n in dir(triton_ops) if n.startswith("_") and n.endswith("_kernel")]
-    saved = {n: getattr(triton_ops, n) for n in names}
+    log = []
+    names = [(m, n) for m in MODULES for n in dir(m) if n.startswith("_") and n.endswith("_kernel")]
+    saved = {(m, n): getattr(m, n) for m, n in names}
     tf32 = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True  # as train.py trains
-        for n in names:
-            setattr(triton_ops, n, Recorder(n, log))
+        for m, n in names:
+            setattr(m, n, Recorder(n, log))
         run()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        for n, k in saved.items():
-            setattr(triton_ops, n, k)
+        for (m, n), k in saved.items():
+            setattr(m, n, k)
     return log
+
+
+def kernel_of(name):
+    return next(getattr(m, name) for m in MODULES if hasattr(m, name))
 
 
 def job(name, args, kw):
     """What triton.compile needs: (kernel name, signature, constexprs, options), all plain values."""
-    kernel = getattr(triton_ops, name)
+    kernel = kernel_of(name)
     values = dict(zip([p.name for p in kernel.params], args))
     values.update({k: v for k, v in kw.items() if k not in ("num_warps", "num_stages")})
     sig, const = {}, {}
@@ -137,6 +145,13 @@ def quantizer_launches():
     return captured(run)
 
 
+def rnnt_launches(B=8, T=500, U=255):
+    """asr's RNN-T kernel at 500 frames and 255 labels (a lane block of 256)."""
+    lattice = meta(B, T, U + 1, grad=False), meta(B, T, U, grad=False)
+    lengths = torch.full((B,), T, dtype=torch.int32), torch.full((B,), U, dtype=torch.int32)
+    return captured(lambda: asr._alpha_beta_triton(*lattice, *lengths))
+
+
 LOWPREC_RECIPES = [("fp8", "tensorwise"), ("fp8", "delayed"), ("fp8", "blockwise"), ("mxfp8", None), ("nvfp4", None)]
 
 
@@ -175,6 +190,7 @@ def all_jobs():
     add(quantizer_launches(), "quantizers")
     for fmt, fp8_recipe in LOWPREC_RECIPES:
         add(lowprec_expert_launches(fmt, fp8_recipe), f"low-precision experts {fmt} {fp8_recipe or ''}")
+    add(rnnt_launches(), "RNN-T loss")
     return found
 
 # -----------------------------------------------------------------------------
@@ -184,7 +200,7 @@ def all_jobs():
 def compile_job(j, arch=90):
     """Shared bytes, registers, spill bytes and the tensor-core instruction of one compiled job."""
     name, sig, const, options = j
-    src = ASTSource(fn=getattr(triton_ops, name), signature=dict(sig), constexprs=dict(const))
+    src = ASTSource(fn=kernel_of(name), signature=dict(sig), constexprs=dict(const))
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
     ptx = k.asm["ptx"]
     with tempfile.TemporaryDirectory() as d:  # triton's own ptxas and flags, with -v
@@ -234,7 +250,7 @@ def test_every_kernel_fits(jobs, arch):
     assert not bad, "\n".join(f"{k}: {', '.join(v)}" for k, v in bad.items())
     names = {j[0] for j in results}
     assert {"_chunk_scan_bwd_dx_kernel", "_ssd_update_kernel", "_grouped_mm_dw_kernel",
-            "_quantize_blocks_kernel"} <= names, names  # the capture reached every family
+            "_quantize_blocks_kernel", "_rnnt_kernel"} <= names, names  # the capture reached every family
 
 
 def table():
