@@ -56,6 +56,7 @@ PRECISION = {"bf16": dict(act=2, w=2, g=4, opt=12), "fp16": dict(act=2, w=2, g=2
              "fp32": dict(act=4, w=4, g=4, opt=8)}
 # the peak the linear layers' GEMMs run at, by precision (the rest stays in 16 bit: attention and
 # SSD cores, router, LM head, embedding, norms), and the bytes per element of their operands
+LOW_PRECISION = ("fp8", "mxfp8", "nvfp4")  # the precisions whose linear layers run in low precision
 LINEAR = {"bf16": ("bf16", 2), "fp16": ("fp16", 2), "fp32": ("fp32", 4), "fp8": ("fp8", 1),
           "mxfp8": ("fp8", 1 + 1 / 32), "nvfp4": ("fp4", 0.5 + 1 / 16)}
 
@@ -207,6 +208,15 @@ def all_to_all_time(hw, nbytes, n, stride):
     return hw["latency_s"] + max(intra, inter)
 
 
+def replica_sync(hw, L, op, dense, experts):
+    """A collective over the replicas of the dense weights (dp * cp of them, tp ranks apart) and
+    over those of the routed experts' (tp * dp * cp / ep, ep ranks apart); dense and experts are
+    the bytes of each on one GPU."""
+    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
+    return comm_time(hw, op, dense, dp_n, in_domain(hw, dp_n, L.tp)) \
+        + comm_time(hw, op, experts, edp_n, in_domain(hw, edp_n, L.ep))
+
+
 def hidden(hw, comm, window):
     """The exposed part of communication that may overlap a compute window."""
     return comm - hw["overlap"] * min(comm, window)
@@ -253,7 +263,7 @@ class Job:
 
     def __post_init__(self):
         self.bytes = dict(PRECISION[self.precision], **({"g": 2} if self.grad_reduce == "bf16" else {}))
-        self.low = self.precision in ("fp8", "mxfp8", "nvfp4")  # the linear layers' GEMMs in low precision
+        self.low = self.precision in LOW_PRECISION  # the linear layers' GEMMs in low precision
         self.peak = self.hw["flops"][LINEAR[self.precision][0]]  # linear layers
         self.core_peak = self.hw["flops"]["bf16" if self.low else self.precision]
         self.memo = Memo()
@@ -528,9 +538,7 @@ def rank_time(job, L, g):
     m = job.gbs // (L.dp * L.mbs)  # micro-batches per step on each pipeline
     full, sel = L.recompute == "full", L.recompute == "selective"
     dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep  # replicas of a dense / a routed-expert weight
-    # over the dense replicas (tp ranks apart) and the routed experts' (ep ranks apart)
-    sync = lambda op, nbytes: comm_time(hw, op, g.dense * nbytes, dp_n, in_domain(hw, dp_n, L.tp)) \
-        + comm_time(hw, op, g.experts * nbytes, edp_n, in_domain(hw, edp_n, L.ep))
+    sync = lambda op, nbytes: replica_sync(hw, L, op, g.dense * nbytes, g.experts * nbytes)
     recompute = total.fwd if full else total.core if sel else 0.0
     passes = 3 if full else 2  # forward, backward, and the forward again under full recompute
     back = total.bwd + recompute  # the window in which gradients appear
@@ -650,9 +658,7 @@ def sync_bound(job, L, stages):
     tables = 1 + (not job.cfg.tie_embeddings or L.pp > 1)  # the embedding and the LM head (MTP weights left out)
     dense, experts = (totals.dense + tables * job.cfg.vocab_size * job.cfg.d_model) / L.pp / L.tp, \
         totals.experts / L.pp / L.ep
-    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
-    sync = lambda op, nbytes: comm_time(hw, op, dense * nbytes, dp_n, in_domain(hw, dp_n, L.tp)) \
-        + comm_time(hw, op, experts * nbytes, edp_n, in_domain(hw, edp_n, L.ep))
+    sync = lambda op, nbytes: replica_sync(hw, L, op, dense * nbytes, experts * nbytes)
     least = {0: hidden(hw, sync("all_reduce", nb["g"]), back),
              1: hidden(hw, sync("reduce_scatter", nb["g"]), back) + hidden(hw, sync("all_gather", nb["w"]), fwd),
              3: m * (1 - hw["overlap"]) * (2 * sync("all_gather", nb["w"]) + sync("reduce_scatter", nb["g"]))}

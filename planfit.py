@@ -19,6 +19,7 @@ from model import flops_per_token
 
 LAYOUT_SIZES = ("tp", "pp", "dp", "cp", "ep", "vp", "mbs")
 GATED = r"llama|qwen|mixtral|deepseek|grok|gpt-oss"  # the families with a gated (SwiGLU-like) MLP
+BLACKWELL = ("b200", "gb200", "b300", "gb300")
 
 
 # -----------------------------------------------------------------------------
@@ -159,8 +160,8 @@ def read_run(row, rows):
     fixed.setdefault("cp", 1)  # the sources name context parallelism where they use it
     if "E" not in cfg.pattern:
         fixed["ep"] = 1
-    tp, pp, cp = (fixed.get(k) for k in ("tp", "pp", "cp"))
-    if tp and pp and cp:
+    tp, pp, cp = fixed.get("tp"), fixed.get("pp"), fixed["cp"]
+    if tp and pp:
         if gpus % (tp * pp * cp):
             raise ValueError(f"tp*pp*cp = {tp * pp * cp} does not divide the {gpus} GPUs")
         if fixed.get("dp") != gpus // (tp * pp * cp):
@@ -169,7 +170,7 @@ def read_run(row, rows):
             fixed["dp"] = gpus // (tp * pp * cp)
     gbs = n("gbs_seqs") or (n("tokens_per_batch") and n("tokens_per_batch") / seq)
     if not gbs:  # the batch of the same model on as many GPUs, from the run this one reproduces
-        blackwell = lambda r: find_gpu(r["gpu"]) in ("b200", "gb200", "b300", "gb300")
+        blackwell = lambda r: find_gpu(r["gpu"]) in BLACKWELL
         twins = [r for r in rows if r["model"] == row["model"] and r["gpu_count"] == row["gpu_count"]
                  and number(r["gbs_seqs"])]
         twin = min(twins, default=None, key=lambda r: (find_gpu(r["gpu"]) != gpu, blackwell(r) != blackwell(row),
@@ -209,8 +210,8 @@ def read_run(row, rows):
     arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     run.subsets = [s for s, inside in [
         ("dense", arch == "dense" and precision in ("bf16", "fp16") and gpu in ("a100", "h100")),
-        ("fp8", precision in ("fp8", "mxfp8", "nvfp4")), ("moe", arch == "moe"),
-        ("blackwell", gpu in ("b200", "gb200", "b300", "gb300")), ("hybrid", arch == "hybrid")] if inside]
+        ("fp8", precision in plan.LOW_PRECISION), ("moe", arch == "moe"),
+        ("blackwell", gpu in BLACKWELL), ("hybrid", arch == "hybrid")] if inside]
     return run
 
 
@@ -259,8 +260,7 @@ def predict(run, fit=None):
     if results:
         return Prediction(run, results[0], True)
     if smallest is None:
-        full = plan.Layout(**{k: run.fixed.get(k, getattr(plan.Layout(), k)) for k in plan.LAYOUT_KEYS})
-        raise ValueError(f"run {run.id}: {plan.broken_rule(job, full) or plan.why_none(job, run.fixed)}")
+        raise ValueError(f"run {run.id}: {plan.why_none(job, run.fixed)}")
     # it ran, so it fitted: the memory model missed; the fastest layout it allows, memory aside
     job.hw["hbm_gb"] = math.inf
     results, _, _ = plan.search(job, run.fixed, top=1)
