@@ -1,8 +1,12 @@
 """
-asr.py: speech recognition with transducers. Read after model.py.
+asr.py: speech recognition with transducers. Read after model.py; romanize.py holds the output side
+(pinyin, the tokenizer, Roman2Char), train_asr.py trains and scores, data/speech/prepare.py makes the corpus.
 
-So far: the RNN-Transducer loss (Graves 2012, arXiv:1211.3711, Sec. 2), a PyTorch reference and a
-Triton kernel beside it.
+Sections, in order: the RNN-Transducer loss (Graves 2012, arXiv:1211.3711, Sec. 2) with a PyTorch
+reference and a Triton kernel beside it; the fused joint (the lattice without the joint's whole
+logits); log-mel features; the FastConformer encoder; the prediction network with PET embeddings; the
+Transducer and greedy decoding; the command line:
+    python asr.py --wav=FILE.wav --init_from=out-asr/char     # a 16 kHz mono 16-bit WAV
 
 A transducer's joint network scores, for every audio frame t < T and every count u <= U of labels
 already emitted, the next output: a blank (move to frame t + 1) or the label y_{u+1} (stay on frame
@@ -21,10 +25,19 @@ same for label(t, u) with beta(t, u+1). Points on one anti-diagonal t + u = d de
 previous one, so the kernel sweeps the diagonals with one lane per u (Sec. 2 of Graves' paper;
 the wavefront order is that of Bagby et al. 2018 and of warp-transducer).
 """
-import math
+import argparse, math, os, sys
+import wave as wavefile
+from dataclasses import dataclass
+
+import numpy as np
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+from attention import apply_rope
+import romanize
+from romanize import split_syllable
 from triton_ops import use_triton
 
 try:
@@ -78,29 +91,29 @@ def rnnt_loss_ref(blank_lp, label_lp, frames, labels):
 
 
 def rnnt_alpha_beta(blank_lp, label_lp, frames, labels):
-    """alpha and beta, (B, T, U + 1) each (-inf outside a sequence's lattice), diagonal by diagonal
-    in PyTorch: what the Triton kernel computes."""
+    """alpha and beta, (B, T, U + 1) each (-inf outside a sequence's lattice), in PyTorch for the whole
+    batch a frame t at a time (what the kernel computes, in another order). Along u within a frame
+    the recursion is a scan: with C_t(u) = sum_{j < u} label(t, j) and a_t(k) = alpha(t-1, k) + blank(t-1, k),
+        alpha(t, u) = C_t(u) + logcumsumexp_{k <= u} (a_t(k) - C_t(k))
+        beta(t, u)  = -C_t(u) + logcumsumexp_{k >= u} (b_t(k) + C_t(k)),   b_t(k) = beta(t+1, k) + blank(t, k)."""
     B, T, U1 = blank_lp.shape
-    alpha = blank_lp.new_full((B, T, U1), NEG)
-    beta = blank_lp.new_full((B, T, U1), NEG)
-    for b in range(B):
-        Tb, Ub = int(frames[b]), int(labels[b])
-        bl, la = blank_lp[b, :Tb, :Ub + 1], label_lp[b, :Tb, :Ub]
-        a, be = alpha[b, :Tb, :Ub + 1], beta[b, :Tb, :Ub + 1]
-        label_at = lambda t, u: la[t, u.clamp(0, Ub - 1)] if Ub else torch.full(u.shape, NEG)  # label(t, u)
-        for d in range(Tb + Ub):
-            u = torch.arange(max(0, d - Tb + 1), min(d, Ub) + 1)  # the points t + u = d inside
-            t = d - u
-            from_t = torch.where(t > 0, a[(t - 1).clamp(min=0), u] + bl[(t - 1).clamp(min=0), u], NEG)
-            from_u = torch.where(u > 0, a[t, (u - 1).clamp(min=0)] + label_at(t, u - 1), NEG)
-            a[t, u] = torch.where((t == 0) & (u == 0), 0.0, torch.logaddexp(from_t, from_u))
-        for d in reversed(range(Tb + Ub)):
-            u = torch.arange(max(0, d - Tb + 1), min(d, Ub) + 1)
-            t = d - u
-            down = torch.where(t < Tb - 1, be[(t + 1).clamp(max=Tb - 1), u] + bl[t, u], NEG)
-            right = torch.where(u < Ub, be[t, (u + 1).clamp(max=Ub)] + label_at(t, u), NEG)
-            be[t, u] = torch.where((t == Tb - 1) & (u == Ub), bl[t, u], torch.logaddexp(down, right))
-    return alpha, beta
+    t_ = torch.arange(T, device=blank_lp.device)
+    u_ = torch.arange(U1, device=blank_lp.device)
+    inside = (t_[None, :, None] < frames[:, None, None]) & (u_[None, None, :] <= labels[:, None, None])  # (B, T, U + 1)
+    bl = blank_lp.masked_fill(~inside, NEG)
+    C = torch.nn.functional.pad(label_lp.clamp(min=-1e4).cumsum(-1), (1, 0))  # (B, T, U + 1): C_t(u)
+    alpha, beta = torch.empty_like(bl), torch.empty_like(bl)
+    a = torch.where(u_ == 0, 0.0, NEG).expand(B, U1)  # (B, U + 1): the start, reached at alpha(0, 0)
+    for t in range(T):
+        alpha[:, t] = C[:, t] + torch.logcumsumexp(a - C[:, t], -1)
+        a = alpha[:, t] + bl[:, t]
+    last = (t_[None, :] == frames[:, None] - 1)[..., None] & (u_ == labels[:, None])[:, None]  # (B, T, U + 1)
+    after = torch.full_like(bl[:, 0], NEG)  # beta(t + 1, .): none past the end
+    for t in reversed(range(T)):
+        b = torch.where(last[:, t], bl[:, t], after + bl[:, t])  # the last blank ends every path
+        after = -C[:, t] + torch.logcumsumexp((b + C[:, t]).flip(-1), -1).flip(-1)
+        beta[:, t] = after
+    return alpha.masked_fill(~inside, NEG), beta.masked_fill(~inside, NEG)
 
 
 def rnnt_grads(blank_lp, label_lp, alpha, beta, frames, labels):
@@ -203,9 +216,448 @@ def rnnt_loss(logits, targets, frames, labels, blank=0):
     (padding past labels[b] is ignored), frames and labels (B,) the lengths T_b and U_b."""
     if logits.dim() != 4 or logits.shape[2] != targets.shape[1] + 1:
         raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, U + 1, V) for targets {tuple(targets.shape)}")
-    B, T, U1, _ = logits.shape
+    blank_lp, label_lp = rnnt_lattice(logits, targets.clamp(min=0), blank)
+    return lattice_loss(blank_lp, label_lp, frames, labels)
+
+
+def lattice_loss(blank_lp, label_lp, frames, labels):
+    """The RNN-T loss of each sequence, (B,), from the lattice: blank_lp (B, T, U + 1), label_lp (B, T, U)."""
+    B, T, U1 = blank_lp.shape
     if frames.shape != (B,) or labels.shape != (B,) or frames.min() < 1 or frames.max() > T \
             or labels.min() < 0 or labels.max() > U1 - 1:
         raise ValueError(f"frames must be (B,) in [1, {T}] and labels (B,) in [0, {U1 - 1}]")
-    blank_lp, label_lp = rnnt_lattice(logits, targets.clamp(min=0), blank)
     return _RNNTLoss.apply(blank_lp, label_lp, frames, labels)
+
+
+# -----------------------------------------------------------------------------
+# the fused joint: the lattice from the joint's inputs, the (B, T, U + 1, V) logits never whole
+# The joint is z = W tanh(f_t + g_u) + b. The lattice needs only blank(t, u) and label(t, u), so the
+# frames go through in chunks of c: one chunk's logits (B, c, U + 1, V) exist at a time, and the
+# backward recomputes them, chunk by chunk, from f, g, W and b (all that is saved). With the
+# gradients of the loss with respect to the lattice, d_blank and d_label, the logits' gradient is
+#     d z_v = d_blank * (1[v = blank] - p_v) + d_label * (1[v = y_{u+1}] - p_v),   p = softmax(z)
+# and it flows back through tanh into f (summed over u), g (summed over t), W and b.
+
+class _JointLattice(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, f, g, weight, bias, targets, blank, chunk):
+        B, T, _ = f.shape
+        U1 = g.shape[1]
+        dtype = torch.promote_types(f.dtype, torch.float32)
+        blank_lp, label_lp = f.new_empty(B, T, U1, dtype=dtype), f.new_empty(B, T, U1 - 1, dtype=dtype)
+        for t0 in range(0, T, chunk):
+            c = min(chunk, T - t0)
+            z = torch.tanh(f[:, t0:t0 + c, None] + g[:, None]) @ weight.t() + bias  # (B, c, U + 1, V)
+            z = z.to(dtype)
+            lse = z.logsumexp(-1)  # (B, c, U + 1)
+            blank_lp[:, t0:t0 + c] = z[..., blank] - lse
+            index = targets[:, None, :, None].expand(B, c, U1 - 1, 1)  # (B, c, U, 1): y_{u+1}
+            label_lp[:, t0:t0 + c] = z[:, :, :-1].gather(-1, index)[..., 0] - lse[:, :, :-1]
+        ctx.save_for_backward(f, g, weight, bias, targets)
+        ctx.blank, ctx.chunk = blank, chunk
+        return blank_lp, label_lp
+
+    @staticmethod
+    def backward(ctx, d_blank, d_label):
+        f, g, weight, bias, targets = ctx.saved_tensors
+        B, T, _ = f.shape
+        U1 = g.shape[1]
+        df, dg, dw, db = torch.zeros_like(f), torch.zeros_like(g), torch.zeros_like(weight), torch.zeros_like(bias)
+        next_label = torch.cat([targets, targets.new_full((B, 1), ctx.blank)], 1)  # (B, U + 1); u = U is unused
+        for t0 in range(0, T, ctx.chunk):
+            c = min(ctx.chunk, T - t0)
+            h = torch.tanh(f[:, t0:t0 + c, None] + g[:, None])  # (B, c, U + 1, J)
+            p = torch.softmax((h @ weight.t() + bias).to(d_blank.dtype), -1)  # (B, c, U + 1, V)
+            d_b = d_blank[:, t0:t0 + c]  # (B, c, U + 1)
+            d_l = torch.nn.functional.pad(d_label[:, t0:t0 + c], (0, 1))  # (B, c, U + 1): none at u = U
+            dz = -p * (d_b + d_l)[..., None]
+            dz[..., ctx.blank] += d_b
+            dz.scatter_add_(-1, next_label[:, None, :, None].expand(B, c, U1, 1), d_l[..., None])
+            dz = dz.to(h.dtype)
+            dw += dz.flatten(0, 2).t() @ h.flatten(0, 2)  # (V, B c (U + 1)) @ (B c (U + 1), J)
+            db += dz.sum((0, 1, 2))
+            dh = (dz @ weight) * (1 - h * h)  # through W, then tanh
+            df[:, t0:t0 + c] = dh.sum(2)
+            dg += dh.sum(1)
+        return df, dg, dw, db, None, None, None
+
+
+def joint_lattice(f, g, weight, bias, targets, blank=0, chunk=4):
+    """(blank, label) log-probabilities, (B, T, U + 1) and (B, T, U), of the joint W tanh(f + g) + b
+    with f (B, T, J) and g (B, U + 1, J) already projected: rnnt_lattice(joint logits) without the
+    logits, `chunk` frames at a time."""
+    return _JointLattice.apply(f, g, weight, bias, targets.clamp(min=0), blank, chunk)
+
+
+# -----------------------------------------------------------------------------
+# features: log-mel filterbanks (NeMo's AudioToMelSpectrogramPreprocessor, in torch.stft)
+
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class ASRConfig:
+    vocab_size: int = 128     # output tokens, the blank (id 0) included
+    n_mels: int = 64          # mel bands, from a 512-point FFT of 25 ms windows every 10 ms
+    d_model: int = 96         # the encoder's width
+    n_heads: int = 4
+    n_layers: int = 3         # Conformer blocks
+    conv_kernel: int = 9      # the convolution module's depthwise kernel (FastConformer's 9)
+    sub_channels: int = 64    # channels of the 8x subsampling convolutions
+    pred_dim: int = 128       # the prediction network's embedding and LSTM width
+    pred_context: int = 0     # 0: an LSTM prediction network; k > 0: stateless, the last k labels
+    joint_dim: int = 128
+    dropout: float = 0.1
+    pet: tuple = ()           # PET's features beside the token: a subset of PET_FEATURES
+    ctc_weight: float = 0.0   # an auxiliary CTC loss on the encoder, weighted (NeMo's hybrid Transducer-CTC)
+
+
+def mel_filterbank(n_mels, n_fft=512, sample_rate=SAMPLE_RATE):
+    """(n_fft / 2 + 1, n_mels) triangular filters, equally spaced on the HTK mel scale 2595 log10(1 + f / 700)."""
+    mel = torch.linspace(0, 2595 * math.log10(1 + sample_rate / 2 / 700), n_mels + 2, dtype=torch.float64)
+    hz = 700 * (10 ** (mel / 2595) - 1)  # (n_mels + 2,) band edges
+    freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)[:, None]
+    rising = (freqs - hz[:-2]) / (hz[1:-1] - hz[:-2])  # (n_fft / 2 + 1, n_mels)
+    falling = (hz[2:] - freqs) / (hz[2:] - hz[1:-1])
+    return torch.minimum(rising, falling).clamp(min=0).float()
+
+
+def log_mel(wave, lengths, n_mels, hop=160):
+    """Features (B, F, n_mels) and frame counts (B,) from waveforms (B, N) in [-1, 1] with lengths (B,):
+    pre-emphasis 0.97, |STFT|^2, mel filters, log, then each utterance's bands normalised to zero mean
+    and unit variance over its own frames; frames past an utterance's end are zero. The features of
+    an utterance do not depend on the padding after it."""
+    wave = torch.cat([wave[:, :1], wave[:, 1:] - 0.97 * wave[:, :-1]], 1)
+    wave = wave.masked_fill(torch.arange(wave.shape[1], device=wave.device) >= lengths[:, None], 0.0)  # (B, N)
+    window = torch.hann_window(400, device=wave.device)
+    spec = torch.stft(wave, n_fft=512, hop_length=hop, win_length=400, window=window, center=True,
+                      pad_mode="constant", return_complex=True)  # (B, 257, F); zeros past the ends, as padding is
+    x = torch.log(spec.abs().pow(2).transpose(1, 2) @ mel_filterbank(n_mels).to(wave.device) + 2 ** -24)
+    frames = lengths // hop + 1
+    on = (torch.arange(x.shape[1], device=x.device) < frames[:, None])[..., None]  # (B, F, 1)
+    n = frames[:, None, None].to(x.dtype)
+    mean = (x * on).sum(1, keepdim=True) / n
+    std = (((x - mean) * on).pow(2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+    return ((x - mean) / (std + 1e-5)).masked_fill(~on, 0.0), frames
+
+
+# -----------------------------------------------------------------------------
+# the encoder: FastConformer (Rekesh et al. 2023, arXiv:2305.05084): 8x depthwise-separable
+# subsampling, then Conformer blocks (Gulati et al. 2020, arXiv:2005.08100)
+
+class Subsampling(nn.Module):
+    """8x in time (10 ms -> 80 ms frames) and in frequency: a 3x3 stride-2 convolution, then two
+    depthwise-separable ones (depthwise 3x3 stride 2, pointwise 1x1), ReLU after each, then a linear map."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        C = cfg.sub_channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, C, 3, 2, 1), nn.ReLU(),
+            nn.Conv2d(C, C, 3, 2, 1, groups=C), nn.Conv2d(C, C, 1), nn.ReLU(),
+            nn.Conv2d(C, C, 3, 2, 1, groups=C), nn.Conv2d(C, C, 1), nn.ReLU())
+        bands = cfg.n_mels
+        for _ in range(3):
+            bands = (bands - 1) // 2 + 1
+        self.out = nn.Linear(C * bands, cfg.d_model)
+
+    def forward(self, x, frames):
+        x = self.conv(x[:, None])  # (B, 1, F, n_mels) -> (B, C, F / 8, n_mels / 8)
+        B, C, T, M = x.shape
+        x = self.out(x.transpose(1, 2).reshape(B, T, C * M))  # (B, T, C, M) -> (B, T, C M) -> (B, T, d)
+        for _ in range(3):  # kernel 3, stride 2, padding 1
+            frames = (frames - 1) // 2 + 1
+        return x, frames
+
+
+def feed_forward(d, dropout):
+    return nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.SiLU(), nn.Dropout(dropout), nn.Linear(4 * d, d),
+                         nn.Dropout(dropout))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the valid frames. Positions enter as rotary embeddings (relative,
+    as FastConformer's Transformer-XL encodings are, in fewer lines)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.h = cfg.n_heads
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, on):
+        B, T, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, d/h)
+        q, k = apply_rope(q, 0, 10000.0), apply_rope(k, 0, 10000.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=on[:, None, None, :],
+                                           dropout_p=self.drop.p if self.training else 0.0)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, d)))  # (B, h, T, d/h) -> (B, T, d)
+
+
+class ConvModule(nn.Module):
+    """Pointwise conv to 2d, GLU, depthwise conv over time, norm, SiLU, pointwise conv. LayerNorm where
+    the paper has BatchNorm, so that padded frames never enter the statistics."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.norm = nn.LayerNorm(d)
+        self.expand = nn.Conv1d(d, 2 * d, 1)
+        self.depthwise = nn.Conv1d(d, d, cfg.conv_kernel, padding=cfg.conv_kernel // 2, groups=d)
+        self.mid_norm = nn.LayerNorm(d)
+        self.project = nn.Conv1d(d, d, 1)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, on):
+        y = self.norm(x).masked_fill(~on[..., None], 0.0).transpose(1, 2)  # (B, d, T)
+        y = F.glu(self.expand(y), dim=1).masked_fill(~on[:, None], 0.0)  # (B, 2d, T) -> (B, d, T)
+        y = F.silu(self.mid_norm(self.depthwise(y).transpose(1, 2))).transpose(1, 2)  # (B, d, T)
+        return self.drop(self.project(y).transpose(1, 2))  # (B, T, d)
+
+
+class ConformerBlock(nn.Module):
+    """x + FF/2, + MHSA, + Conv, + FF/2, LayerNorm: the macaron sandwich of Gulati et al., Sec. 2."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ff1, self.ff2 = feed_forward(cfg.d_model, cfg.dropout), feed_forward(cfg.d_model, cfg.dropout)
+        self.attn, self.conv = SelfAttention(cfg), ConvModule(cfg)
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, x, on):
+        x = x + 0.5 * self.ff1(x)
+        x = x + self.attn(x, on)
+        x = x + self.conv(x, on)
+        x = x + 0.5 * self.ff2(x)
+        return self.norm(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.subsample = Subsampling(cfg)
+        self.blocks = nn.ModuleList(ConformerBlock(cfg) for _ in range(cfg.n_layers))
+
+    def forward(self, wave, lengths):
+        """Encoder states (B, T, d) at 80 ms and their counts (B,), from waveforms (B, N) and lengths (B,)."""
+        x, frames = log_mel(wave, lengths, self.cfg.n_mels)
+        x, frames = self.subsample(x, frames)
+        on = torch.arange(x.shape[1], device=x.device) < frames[:, None]  # (B, T)
+        for block in self.blocks:
+            x = block(x, on)
+        return x, frames
+
+
+# -----------------------------------------------------------------------------
+# the prediction network, with PET: Pronunciation-aware Embeddings (Hu et al. 2024, arXiv:2404.04295)
+# A token's embedding is the sum of its features' embeddings, E(v) = sum_f E_f(f(v)), f over the
+# token itself and, for a Mandarin character, its syllable without tone, its tone, its initial and
+# its final (Sec. 3): characters that sound alike share most of their embedding. Feature value 0
+# means "none" (an English token has no tone) and embeds to zero.
+
+PET_FEATURES = ("syllable", "tone", "initial", "final")
+
+
+@dataclass
+class TokenFeatures:
+    """f(v) for each PET feature f and every output token v (0: none), and each feature's value count."""
+    names: tuple
+    values: list   # values[i][v] = f_i(v), a list of vocab_size ints per feature
+    sizes: list    # sizes[i] = number of values of f_i, the "none" 0 included
+
+
+def token_features(tokens, reading, names=PET_FEATURES):
+    """TokenFeatures for output tokens (strings, one per id) from reading(token): the token's tonal
+    syllable ('xiang1') or None; the values of each feature numbered in order of first appearance."""
+    parts = [split_syllable(reading(tok)) if reading(tok) else None for tok in tokens]
+    values, sizes = [], []
+    for name in names:
+        ids = {}
+        values.append([ids.setdefault(getattr(p, FEATURE_OF[name]), len(ids) + 1) if p else 0 for p in parts])
+        sizes.append(len(ids) + 1)
+    return TokenFeatures(tuple(names), values, sizes)
+
+
+FEATURE_OF = {"syllable": "toneless", "tone": "tone", "initial": "initial", "final": "final"}
+
+
+class PETEmbedding(nn.Module):
+    """E(v) = E_token(v) + sum_f E_f(f(v)) over the features on; a plain embedding with none."""
+
+    def __init__(self, vocab_size, d, features=None):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, d)
+        features = features or TokenFeatures((), [], [])
+        self.tables = nn.ModuleList(nn.Embedding(n, d, padding_idx=0) for n in features.sizes)
+        maps = torch.tensor(features.values, dtype=torch.long).view(len(features.sizes), vocab_size)  # (F, V)
+        self.register_buffer("maps", maps)
+
+    def forward(self, y):  # (B, U) -> (B, U, d)
+        e = self.token(y)
+        for table, f in zip(self.tables, self.maps):
+            e = e + table(f[y])
+        return e
+
+
+class PredictionNet(nn.Module):
+    """The transducer's label model g_u (B, U + 1, H): the previous labels' embeddings through an LSTM
+    (pred_context 0), or stateless (Ghodsi et al. 2020, arXiv:2002.02562): a linear map of the last
+    pred_context labels' embeddings, so that it cannot learn the whole sentence and leave the audio unheard."""
+
+    def __init__(self, cfg, features=None):
+        super().__init__()
+        self.context = cfg.pred_context
+        self.embed = PETEmbedding(cfg.vocab_size, cfg.pred_dim, features)
+        if self.context:
+            self.mix = nn.Linear(self.context * cfg.pred_dim, cfg.pred_dim)
+        else:
+            self.lstm = nn.LSTM(cfg.pred_dim, cfg.pred_dim, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, y, state=None):
+        """y (B, U) labels (the blank first as the start symbol) -> (B, U, H) and the state after them: the
+        LSTM's (h, c), or the stateless net's last pred_context - 1 labels (B, k - 1)."""
+        if not self.context:
+            g, state = self.lstm(self.drop(self.embed(y)), state)
+            return self.drop(g), state
+        k = self.context
+        ids = torch.cat([y.new_full((y.shape[0], k - 1), BLANK) if state is None else state, y], 1)  # (B, k - 1 + U)
+        windows = self.drop(self.embed(ids)).unfold(1, k, 1)  # (B, U, d, k): labels u - k + 1 .. u
+        g = torch.relu(self.mix(windows.transpose(2, 3).flatten(2)))  # (B, U, k, d) -> (B, U, k d) -> (B, U, H)
+        return self.drop(g), ids[:, ids.shape[1] - (k - 1):]
+
+    def choose(self, take, new, old):
+        """The state of each row: new where take (B,) is True, else old."""
+        if self.context:
+            return torch.where(take[:, None], new, old)
+        return tuple(torch.where(take[None, :, None], n, o) for n, o in zip(new, old))
+
+
+class Transducer(nn.Module):
+    """FastConformer encoder, prediction network and joint z = W tanh(W_f f_t + W_g g_u) + b (Graves 2012)."""
+
+    def __init__(self, cfg, features=None):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.predictor = PredictionNet(cfg, features)
+        self.joint_enc = nn.Linear(cfg.d_model, cfg.joint_dim)
+        self.joint_pred = nn.Linear(cfg.pred_dim, cfg.joint_dim, bias=False)
+        self.joint_out = nn.Linear(cfg.joint_dim, cfg.vocab_size)
+        self.ctc_head = nn.Linear(cfg.d_model, cfg.vocab_size) if cfg.ctc_weight else None
+
+    def joint(self, f, g):
+        """Logits (..., V) from projected encoder and prediction states that broadcast together."""
+        return self.joint_out(torch.tanh(f + g))
+
+    def forward(self, wave, lengths, targets, labels, chunk=None):
+        """The RNN-T loss of each utterance (B,) for targets (B, U) (ids >= 1, padding past labels[b]):
+        through joint_lattice, `chunk` frames at a time, or through the whole logits when chunk is None;
+        plus ctc_weight times a CTC loss of the encoder alone, which trains the encoder to hear faster."""
+        enc, frames = self.encoder(wave, lengths)
+        g, _ = self.predictor(F.pad(targets.clamp(min=0), (1, 0), value=BLANK))  # (B, U + 1, H)
+        f, g = self.joint_enc(enc), self.joint_pred(g)  # (B, T, J), (B, U + 1, J)
+        if chunk:
+            blank_lp, label_lp = joint_lattice(f, g, self.joint_out.weight, self.joint_out.bias, targets, BLANK, chunk)
+        else:
+            blank_lp, label_lp = rnnt_lattice(self.joint(f[:, :, None], g[:, None]), targets.clamp(min=0), BLANK)
+        loss = lattice_loss(blank_lp, label_lp, frames, labels)
+        if self.ctc_head is not None:
+            lp = self.ctc_head(enc).log_softmax(-1).transpose(0, 1)  # (B, T, V) -> (T, B, V)
+            ctc = F.ctc_loss(lp.float(), targets.clamp(min=0), frames, labels, blank=BLANK, reduction="none",
+                             zero_infinity=True)
+            loss = loss + self.cfg.ctc_weight * ctc
+        return loss
+
+
+BLANK = 0
+
+
+@torch.no_grad()
+def greedy_decode(model, wave, lengths, max_symbols=4):
+    """Each utterance's best-first labels (a list of id lists), all rows a frame at a time: at each
+    frame a row emits its argmax label and stays, up to max_symbols, until the argmax is the blank."""
+    enc, frames = model.encoder(wave, lengths)
+    f = model.joint_enc(enc)  # (B, T, J)
+    B = f.shape[0]
+    g, state = model.predictor(torch.full((B, 1), BLANK, dtype=torch.long, device=f.device))
+    g = model.joint_pred(g[:, 0])  # (B, J)
+    hyps = [[] for _ in range(B)]
+    for t in range(f.shape[1]):
+        active = t < frames  # (B,)
+        for _ in range(max_symbols):
+            k = model.joint(f[:, t], g).argmax(-1)  # (B,)
+            emit = active & (k != BLANK)
+            if not emit.any():
+                break
+            g_new, state_new = model.predictor(k[:, None], state)
+            g = torch.where(emit[:, None], model.joint_pred(g_new[:, 0]), g)
+            state = model.predictor.choose(emit, state_new, state)
+            for b in emit.nonzero()[:, 0].tolist():
+                hyps[b].append(int(k[b]))
+            active = emit
+    return hyps
+
+
+# -----------------------------------------------------------------------------
+# use: python asr.py --wav=FILE.wav --init_from=DIR (a folder train_asr.py wrote)
+
+def read_wav(path):
+    """The samples (N,) int16 of a 16 kHz mono 16-bit PCM WAV file; ValueError saying what is wrong otherwise."""
+    try:
+        with wavefile.open(path, "rb") as w:
+            rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
+            data = w.readframes(w.getnframes())
+    except (wavefile.Error, EOFError) as e:
+        raise ValueError(f"{path} is not a WAV file ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    if channels != 1:
+        raise ValueError(f"{path} has {channels} channels; a mono file is needed (sox {path} -c 1 mono.wav)")
+    if rate != SAMPLE_RATE:
+        raise ValueError(f"{path} is sampled at {rate} Hz; {SAMPLE_RATE} Hz is needed (sox {path} -r 16000 out.wav)")
+    if width != 2:
+        raise ValueError(f"{path} has {8 * width}-bit samples; 16-bit PCM is needed")
+    return np.frombuffer(data, dtype="<i2")
+
+
+def load_transducer(folder):
+    """The Transducer, its tokenizer and, for a romanized run, its Roman2Char, from folder/ckpt.pt."""
+    ckpt = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True)
+    cfg = ASRConfig(**{**ckpt["config"], "pet": tuple(ckpt["config"]["pet"])})
+    features = TokenFeatures(**ckpt["features"]) if ckpt["features"] else None
+    model = Transducer(cfg, features)
+    model.load_state_dict(ckpt["model"])
+    r2c = romanize.from_state(ckpt["roman2char"]) if ckpt["roman2char"] else None
+    return model.eval(), romanize.ConcatTokenizer.from_dict(ckpt["tokenizer"]), r2c
+
+
+def transcribe(model, tok, r2c, wave, lengths):
+    """Each utterance's units (Mandarin characters and English words) from waveforms (B, N) in [-1, 1]."""
+    units = [tok.decode(ids) for ids in greedy_decode(model, wave, lengths)]
+    return romanize.to_chars_batch(r2c, units) if r2c is not None else units
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description="Transcribe a 16 kHz mono WAV file with a transducer.")
+    parser.add_argument("--wav", required=True, help="the audio: 16 kHz, mono, 16-bit PCM")
+    parser.add_argument("--init_from", default="out-asr/char", help="a folder with train_asr.py's ckpt.pt")
+    args = parser.parse_args(argv)
+    try:
+        samples = read_wav(args.wav)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    if not os.path.exists(os.path.join(args.init_from, "ckpt.pt")):
+        sys.exit(f"error: {args.init_from}/ckpt.pt not found: train one with python train_asr.py")
+    model, tok, r2c = load_transducer(args.init_from)
+    wave = torch.from_numpy(samples.astype(np.float32) / 32768)[None]  # (1, N)
+    units = transcribe(model, tok, r2c, wave, torch.tensor([wave.shape[1]]))[0]
+    print(" ".join(units))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

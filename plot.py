@@ -16,6 +16,9 @@ plot.py: the figures of docs/, drawn from what the runs wrote. matplotlib is an 
         the share of answers thinking within B, against B
     python plot.py tokens out-distilled out-scratch ... --out=assets/compression.png
         train.py runs: val loss against training tokens (steps x batch x block x accumulation)
+    python plot.py asr out-asr/char out-asr/roman ... --out=assets/asr.png
+        train_asr.py runs (their log.jsonl): training loss (RNN-T loss per label, a moving mean over 50
+        steps) and val mixed error rate against step
     python plot.py runs out-lowprec-bf16 out-lowprec-fp8 ... --out=lowprec.png
         train.py runs (their log.jsonl): prints each one's final val loss and its difference from the
         first run's; draws train loss and val loss relative to the first run against step
@@ -116,6 +119,25 @@ def budget(ax, paths):
     ax.set(xlabel="thinking budget B (tokens)", ylabel="held-out accuracy / share within B")
 
 
+def asr(fig, run_dirs):
+    ax_loss, ax_mer = fig.subplots(1, 2)
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "log.jsonl")
+        if not os.path.exists(path):
+            sys.exit(f"error: {path} does not exist (run train_asr.py first)")
+        records = [json.loads(line) for line in open(path)]
+        loss = [r["loss"] for r in records]
+        mean = [sum(loss[max(0, i - 49):i + 1]) / len(loss[max(0, i - 49):i + 1]) for i in range(len(loss))]
+        name = os.path.basename(os.path.normpath(run_dir))
+        ax_loss.plot([r["step"] + 1 for r in records], mean, label=name, lw=1)
+        scored = [(r["step"] + 1, r["val"]["mer"]) for r in records if "val" in r]
+        ax_mer.plot(*zip(*scored), marker="o", label=name)
+    ax_loss.set(xlabel="step", ylabel="RNN-T loss per label (moving mean of 50)")
+    ax_mer.set(xlabel="step", ylabel="val mixed error rate")
+    ax_loss.legend(fontsize=8)
+    return ax_mer
+
+
 def read_run(out_dir):
     """{"train": [(step, loss)], "val": [(step, val loss)], "config": dict} from out_dir/log.jsonl;
     a resumed run appends to its log, so the last record of a step wins."""
@@ -176,10 +198,10 @@ def runs(fig, out_dirs):
 
 def main():
     ap = argparse.ArgumentParser(description="draw the docs figures")
-    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "rl", "budget", "tokens", "runs"])
+    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "rl", "budget", "tokens", "runs", "asr"])
     ap.add_argument("inputs", nargs="+",
                     help="eval.py JSON files (lengths, blocks, budget), bench.py rows JSON (rows), "
-                         "rl.py out_dirs (rl), train.py out_dirs (tokens, runs)")
+                         "rl.py out_dirs (rl), train.py out_dirs (tokens, runs), train_asr.py run folders (asr)")
     ap.add_argument("--out", default=None, help="the PNG to write (runs: optional, the table prints anyway)")
     ap.add_argument("--title", default="")
     args = ap.parse_args()
@@ -189,9 +211,9 @@ def main():
     if args.out is None:
         sys.exit(f"error: plot.py {args.kind} needs --out=FILE.png")
     plt = pyplot()
-    if args.kind == "runs":
+    if args.kind in ("runs", "asr"):
         fig = plt.figure(figsize=(11, 4))
-        ax = runs(fig, args.inputs)
+        ax = runs(fig, args.inputs) if args.kind == "runs" else asr(fig, args.inputs)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         kinds = {"lengths": lengths, "blocks": blocks, "rows": rows, "rl": rl, "budget": budget, "tokens": tokens}

@@ -4,7 +4,7 @@ force at tiny sizes; its analytic gradient against autograd through the referenc
 kernel (in the interpreter here, natively on a GPU) against the reference, values and gradients.
 Run: python -m pytest -q tests/test_asr.py
 """
-import itertools, os, subprocess, sys
+import itertools, math, os, subprocess, sys
 
 import pytest
 import torch
@@ -116,3 +116,126 @@ def test_kernel_equals_reference(B, T, U):
     got, = torch.autograd.grad(loss.sum(), x)
     want, = torch.autograd.grad(ref.sum(), logits)
     assert torch.allclose(got.cpu(), want, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the fused joint, the model, decoding, the WAV front door
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_fused_joint_equals_the_whole_logits(chunk):
+    """joint_lattice (T in chunks, the backward recomputing each chunk's logits) against rnnt_lattice
+    of the whole (B, T, U + 1, V) logits: the lattice and the loss's gradients to f, g, W, b, float64."""
+    g_ = torch.Generator().manual_seed(chunk)
+    B, T, U, J, V = 3, 7, 4, 5, 9
+    f, g, w, b = (torch.randn(*s, generator=g_, dtype=torch.float64).requires_grad_()
+                  for s in ((B, T, J), (B, U + 1, J), (V, J), (V,)))
+    targets = torch.randint(1, V, (B, U), generator=g_)
+    frames, labels = torch.tensor([7, 5, 2]), torch.tensor([4, 1, 0])
+    whole = asr.rnnt_lattice(torch.tanh(f[:, :, None] + g[:, None]) @ w.t() + b, targets)
+    fused = asr.joint_lattice(f, g, w, b, targets, 0, chunk)
+    for x, y in zip(whole, fused):
+        assert torch.allclose(x, y, atol=1e-12)
+    want = torch.autograd.grad(asr.lattice_loss(*whole, frames, labels).sum(), (f, g, w, b))
+    got = torch.autograd.grad(asr.lattice_loss(*fused, frames, labels).sum(), (f, g, w, b))
+    for x, y in zip(want, got):
+        assert torch.allclose(x, y, atol=1e-10)
+
+
+def test_log_mel_features():
+    """A 1 kHz tone peaks in the mel band whose centre is nearest 1 kHz; F = N // 160 + 1 frames; each
+    utterance is normalised over its own frames, and zero padding after it changes nothing (the STFT
+    pads with zeros too); padded frames are zero."""
+    n_mels = 64
+    t = torch.arange(16000) / asr.SAMPLE_RATE
+    tone = 0.5 * torch.sin(2 * math.pi * 1000 * t)
+    fb = asr.mel_filterbank(n_mels)
+    centre = fb.argmax(0).float() * asr.SAMPLE_RATE / 512  # each band's peak frequency
+    x, frames = asr.log_mel(tone[None], torch.tensor([16000]), n_mels)
+    assert frames.tolist() == [101] and x.shape == (1, 101, n_mels)
+    peak = x[0, 10:90].mean(0).argmax()
+    assert abs(centre[peak] - 1000) <= (centre[peak + 1] - centre[peak])
+    noise = torch.randn(2, 12000, generator=torch.Generator().manual_seed(0))
+    noise[1, 8000:] = 0
+    xs, fr = asr.log_mel(noise, torch.tensor([12000, 8000]), n_mels)
+    alone, _ = asr.log_mel(noise[1:, :8000], torch.tensor([8000]), n_mels)
+    assert fr.tolist() == [76, 51] and (xs[1, 51:] == 0).all()
+    assert torch.allclose(xs[1, :51], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 159, 160, 4000, 16001])
+def test_subsampling_shapes(n):
+    """8x subsampling: (B, F, n_mels) -> (B, ceil(F / 8)-ish, d) with the frame counts the three
+    stride-2 convolutions give, equal to the tensor's length for the longest row."""
+    cfg = asr.ASRConfig(vocab_size=10, n_layers=1, d_model=32, n_heads=2, sub_channels=8)
+    model = asr.Encoder(cfg)
+    wave = torch.randn(2, n)
+    enc, frames = model(wave, torch.tensor([n, max(1, n // 2)]))
+    F_ = n // 160 + 1
+    for _ in range(3):
+        F_ = (F_ - 1) // 2 + 1
+    assert enc.shape == (2, F_, 32) and frames[0] == F_ and frames[1] <= F_
+
+
+def test_pet_with_the_token_alone_is_a_plain_embedding():
+    """PET's E(v) = E_token(v) + sum_f E_f(f(v)): with no feature on it is nn.Embedding; with features
+    on it is that sum, two homophones (same syllable and tone) differ by their token rows alone, and a
+    token without a reading (English) gets its token row alone."""
+    tokens = ["", "green", "他", "她", "吃"]
+    reading = {"他": "ta1", "她": "ta1", "吃": "chi1"}.get
+    y = torch.tensor([[0, 1, 2, 3, 4, 2]])
+    plain = asr.PETEmbedding(5, 8)
+    assert torch.equal(plain(y), torch.nn.functional.embedding(y, plain.token.weight))
+    features = asr.token_features(tokens, reading)
+    assert features.values[0] == [0, 0, 1, 1, 2]  # syllable: ta, ta, chi
+    assert features.values[1] == [0, 0, 1, 1, 1]  # tone 1 for all three
+    pet = asr.PETEmbedding(5, 8, features)
+    e = pet(y)[0]
+    want = pet.token.weight[4] + sum(t.weight[m[4]] for t, m in zip(pet.tables, pet.maps))
+    assert torch.allclose(e[4], want)
+    assert torch.allclose(e[2] - pet.token.weight[2], e[3] - pet.token.weight[3])
+    assert torch.allclose(e[1], pet.token.weight[1])
+
+
+def tiny_set(n=4, seed=0):
+    """Utterances of tone sequences, one label per 0.2 s tone (label k at 300 + 150 k Hz)."""
+    g = torch.Generator().manual_seed(seed)
+    waves, labels = [], []
+    for _ in range(n):
+        y = torch.randint(1, 6, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g)
+        t = torch.arange(3200) / asr.SAMPLE_RATE
+        waves.append(torch.cat([0.3 * torch.sin(2 * math.pi * (300 + 150 * int(k)) * t) for k in y]))
+        labels.append(y)
+    lengths = torch.tensor([len(w) for w in waves])
+    wave = torch.zeros(n, int(lengths.max()))
+    targets = torch.zeros(n, max(map(len, labels)), dtype=torch.long)
+    for i, (w, y) in enumerate(zip(waves, labels)):
+        wave[i, :len(w)], targets[i, :len(y)] = w, y
+    return wave, lengths, targets, torch.tensor([len(y) for y in labels])
+
+
+def test_training_lowers_the_loss_and_greedy_decodes_what_it_learned():
+    """A few dozen AdamW steps on four tone utterances lower the loss several times over; the fused and
+    the whole joint give the same loss and gradients; greedy decoding then returns the labels."""
+    torch.manual_seed(0)
+    cfg = asr.ASRConfig(vocab_size=6, d_model=48, n_heads=2, n_layers=1, sub_channels=16, pred_dim=32,
+                        joint_dim=32, dropout=0.0)
+    model = asr.Transducer(cfg)
+    wave, lengths, targets, labels = tiny_set()
+    whole = model(wave, lengths, targets, labels)
+    fused = model(wave, lengths, targets, labels, chunk=2)
+    assert torch.allclose(whole, fused, atol=1e-5)
+    gw = torch.autograd.grad(whole.sum(), model.joint_out.weight)[0]
+    gf = torch.autograd.grad(fused.sum(), model.joint_out.weight)[0]
+    assert torch.allclose(gw, gf, atol=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(250):
+        loss = model(wave, lengths, targets, labels, chunk=2).mean()
+        first = first or loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 5
+    model.eval()
+    hyps = asr.greedy_decode(model, wave, lengths)
+    assert hyps == [targets[i, :labels[i]].tolist() for i in range(4)]

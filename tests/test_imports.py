@@ -82,11 +82,12 @@ def test_transformers_builds_nemotron_h_from_the_repo_root():
 # planfit plan's cost model
 
 LEVEL = {"triton_ops": 0, "hardware": 0, "configurator": 0, "data": 0,
-         "mamba": 1, "attention": 1, "moe": 1, "asr": 1,
-         "model": 2,
+         "mamba": 1, "attention": 1, "moe": 1, "romanize": 1,
+         "model": 2, "asr": 2,
          "generate": 3, "checkpoint": 3, "lowprec": 3, "parallel": 3, "minitron": 3,
          "rollout": 4, "distill": 4,
          "train": 5, "sample": 5, "serve": 5, "eval": 5, "rl": 5, "prune": 5, "bench": 5, "plan": 5, "plot": 5,
+         "train_asr": 5,
          "bench_kernels": 6, "planfit": 6}
 # imports inside a function, at call time: the public methods that stay on Nemotron and delegate,
 # bench.py's main() running bench_kernels.py's benches (bench.py kernels, lowprec), plan.py's main()

@@ -1,0 +1,340 @@
+"""
+train_asr.py: train asr.py's nano FastConformer-Transducer on the code-switching corpus and compare
+output encodings and embeddings, run beside run. Read after asr.py and romanize.py.
+
+    python data/speech/prepare.py                       # the corpus: espeak-ng, a few minutes
+    python romanize.py                                  # Roman2Char, from the corpus' text alone
+    python train_asr.py config/asr_romanization.py      # characters vs romanized + Roman2Char
+    python train_asr.py config/asr_pet.py               # conventional vs PET embeddings
+    python asr.py --wav=FILE.wav --init_from=out-asr/char
+
+Every run named in --runs trains the same encoder for the same steps on the same batches (a pure
+function of seed and step), and writes out_dir/<run>/ckpt.pt and results.json; the last lines print
+the runs side by side. A run is 'char' (Mandarin characters as output tokens), 'roman' (tonal pinyin
+pieces, turned into characters by Roman2Char after decoding), or either with '+pet' (the prediction
+network's embeddings composed from pronunciation features).
+
+Scores on held-out sentences: 'val' by the training speakers, 'test' by speakers never heard. The mixed
+error rate (MER) counts edits over units, a Mandarin character or an English word each. The chain
+statistic is P(error at a reference unit | the unit before it was wrong), beside P(error): an error
+that makes the next one likelier shows as the first above the second.
+"""
+import json, math, os, subprocess, sys, time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from asr import ASRConfig, Transducer, greedy_decode, token_features
+from romanize import build_tokenizer, count_readings, to_chars_batch
+import romanize
+
+# -----------------------------------------------------------------------------
+# config
+data_dir = 'data/speech'       # data/speech/prepare.py's output
+out_dir = 'out-asr'            # one folder per run: ckpt.pt, results.json, log.jsonl
+runs = 'char'                  # comma-separated runs: char, roman, char+pet, roman+pet
+roman2char = 'out-speech/roman2char.pt'  # romanize.py's model, for the 'roman' runs
+token_budget = 128             # tokenizer budget split by data share (romanize.build_tokenizer)
+steps = 2000                   # optimizer steps per run (about 6 minutes on 2 cores)
+batch_size = 16                # utterances per step
+learning_rate = 2e-3           # AdamW peak, after a linear warmup, cosine to a tenth
+warmup = 100
+weight_decay = 1e-3
+grad_clip = 1.0
+joint_chunk = 4                # frames per chunk of the fused joint (0: the whole (B, T, U + 1, V) logits)
+eval_every = 400               # steps between val scores (0: only at the end)
+eval_max = 0                   # utterances scored per split (0: all)
+memory_budget_mb = 1024        # the joint's memory budget for the batch-size column
+seed = 1337
+threads = 0                    # torch threads (0: torch's default)
+globals().update({k: v for k, v in asdict(ASRConfig()).items() if k not in ('vocab_size', 'pet')})  # model flags
+dropout = 0.0                  # the nano model underfits in minutes: no dropout
+ctc_weight = 0.3               # the encoder's CTC loss beside the transducer's (val MER 0.73 vs 0.85 at 1000 steps)
+config_ranges = {'steps': 'int [1, inf)', 'batch_size': 'int [1, inf)', 'learning_rate': '(0, 1]',
+                 'token_budget': 'int [8, inf)', 'joint_chunk': 'int [0, inf)', 'eval_every': 'int [0, inf)',
+                 'eval_max': 'int [0, inf)', 'warmup': 'int [0, inf)', 'dropout': '[0, 1)',
+                 'memory_budget_mb': '(0, inf)', 'threads': 'int [0, inf)'}
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # and die()
+config = {k: globals()[k] for k in config_keys}
+RUN_KINDS = ('char', 'roman', 'char+pet', 'roman+pet')
+
+
+# -----------------------------------------------------------------------------
+# data
+
+class Split:
+    """One split of the corpus: int16 audio, utterance offsets, units, pinyin and speakers."""
+
+    def __init__(self, folder, name):
+        with np.load(os.path.join(folder, f'{name}.npz')) as z:
+            self.audio, self.offsets = z['audio'], z['offsets']
+        with open(os.path.join(folder, f'{name}.jsonl')) as f:
+            rows = [json.loads(line) for line in f]
+        self.units = [r['units'] for r in rows]
+        self.pinyin = [r['pinyin'] for r in rows]
+        if len(self.offsets) != len(rows) + 1:
+            raise ValueError(f'{name}.npz holds {len(self.offsets) - 1} utterances, {name}.jsonl {len(rows)}')
+
+    def __len__(self):
+        return len(self.units)
+
+    def waves(self, idx):
+        """Waveforms (B, N) in [-1, 1], zero-padded, and their lengths (B,)."""
+        pieces = [self.audio[self.offsets[i]:self.offsets[i + 1]] for i in idx]
+        lengths = torch.tensor([len(p) for p in pieces])
+        wave = torch.zeros(len(pieces), int(lengths.max()))
+        for row, p in enumerate(pieces):
+            wave[row, :len(p)] = torch.from_numpy(p.astype(np.float32) / 32768)
+        return wave, lengths
+
+
+def load_data(folder):
+    if not os.path.exists(os.path.join(folder, 'meta.json')):
+        die(f'{folder}/meta.json not found: build the corpus first with python data/speech/prepare.py')
+    try:
+        return {name: Split(folder, name) for name in ('train', 'val', 'test')}
+    except (OSError, ValueError, KeyError) as e:
+        die(f'{folder}: {e} (build it again with python data/speech/prepare.py)')
+
+
+def targets(tok, split, idx):
+    """Label ids (B, U) padded with 0, and their counts (B,)."""
+    ids = [tok.encode(split.units[i], split.pinyin[i]) for i in idx]
+    labels = torch.tensor([len(y) for y in ids])
+    out = torch.zeros(len(ids), max(1, int(labels.max())), dtype=torch.long)
+    for row, y in enumerate(ids):
+        out[row, :len(y)] = torch.tensor(y, dtype=torch.long)
+    return out, labels
+
+
+# -----------------------------------------------------------------------------
+# scoring: edit-distance alignment, MER, the chain statistic
+
+def align(ref, hyp):
+    """For each reference unit, whether the best alignment gets it wrong (substituted or deleted), and
+    the edit count (insertions included): Levenshtein's table and its backtrace."""
+    n, m = len(ref), len(hyp)
+    d = np.zeros((n + 1, m + 1), dtype=np.int64)
+    d[:, 0], d[0, :] = np.arange(n + 1), np.arange(m + 1)
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1, d[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]))
+    wrong, i, j = [False] * n, n, m
+    while i > 0:
+        if j > 0 and d[i, j] == d[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]):
+            wrong[i - 1] = ref[i - 1] != hyp[j - 1]
+            i, j = i - 1, j - 1
+        elif d[i, j] == d[i - 1, j] + 1:
+            wrong[i - 1] = True
+            i -= 1
+        else:
+            j -= 1
+    return wrong, int(d[n, m])
+
+
+def is_mandarin(unit):
+    return any('\u4e00' <= ch <= '\u9fff' for ch in unit)
+
+
+def score(refs, hyps):
+    """MER over all units, CER over Mandarin characters, WER over English words (edits / reference
+    units of that kind, from the mixed alignment), and P(error), P(error | previous unit wrong)."""
+    edits = units = 0
+    kinds = {True: [0, 0], False: [0, 0]}  # is_mandarin -> [wrong, count]
+    after_wrong = [0, 0]  # [wrong, count] over units whose predecessor was wrong
+    for ref, hyp in zip(refs, hyps):
+        wrong, e = align(ref, hyp)
+        edits, units = edits + e, units + len(ref)
+        for k, (unit, w) in enumerate(zip(ref, wrong)):
+            kinds[is_mandarin(unit)][0] += w
+            kinds[is_mandarin(unit)][1] += 1
+            if k > 0 and wrong[k - 1]:
+                after_wrong[0] += w
+                after_wrong[1] += 1
+    rate = lambda pair: pair[0] / max(pair[1], 1)  # noqa: E731
+    return {'mer': edits / max(units, 1), 'cer_zh': rate(kinds[True]), 'wer_en': rate(kinds[False]),
+            'p_error': rate([kinds[True][0] + kinds[False][0], units]), 'p_error_after_error': rate(after_wrong),
+            'units': units}
+
+
+@torch.no_grad()
+def decode_split(model, tok, r2c, split, idx, batch=32):
+    """Decoded units per utterance (characters and English words), and for a roman run the syllables
+    the recogniser wrote before Roman2Char."""
+    model.eval()
+    out, syllables = [], []
+    for k in range(0, len(idx), batch):
+        wave, lengths = split.waves(idx[k:k + batch])
+        units = [tok.decode(ids) for ids in greedy_decode(model, wave, lengths)]
+        syllables += units
+        out += to_chars_batch(r2c, units) if r2c is not None else units
+    model.train()
+    return out, syllables
+
+
+def evaluate(model, tok, r2c, split):
+    idx = list(range(len(split) if not eval_max else min(eval_max, len(split))))
+    hyps, syllables = decode_split(model, tok, r2c, split, idx)
+    result = score([split.units[i] for i in idx], hyps)
+    if r2c is not None:  # the recogniser's own output, before Roman2Char: tonal syllables against the reference's
+        refs = [[p if p else u for u, p in zip(split.units[i], split.pinyin[i])] for i in idx]
+        result['mer_roman'] = score(refs, syllables)['mer']
+    return result
+
+
+# -----------------------------------------------------------------------------
+# the joint's memory: peak resident memory of one forward and backward, in a fresh process
+
+JOINT_PROBE = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from asr import joint_lattice, lattice_loss, rnnt_lattice
+def kib(key):
+    return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key))
+torch.manual_seed(0)
+B, T, U, J, V, chunk = {B}, {T}, {U}, {J}, {V}, {chunk}
+f = torch.randn(B, T, J, requires_grad=True); g = torch.randn(B, U + 1, J, requires_grad=True)
+w = torch.randn(V, J, requires_grad=True); b = torch.zeros(V, requires_grad=True)
+y = torch.randint(1, V, (B, U)); frames = torch.full((B,), T); labels = torch.full((B,), U)
+base = kib('VmRSS:')
+open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) starts again from here
+if chunk:
+    lattice = joint_lattice(f, g, w, b, y, 0, chunk)
+else:
+    lattice = rnnt_lattice(torch.tanh(f[:, :, None] + g[:, None]) @ w.t() + b, y)
+lattice_loss(*lattice, frames, labels).sum().backward()
+print(kib('VmHWM:') - base)
+"""
+
+
+def joint_peak_mb(vocab, chunk, B, T, U, J):
+    """MB above its inputs that one RNN-T forward and backward through the joint takes at its peak, in a
+    fresh process (Linux's peak resident set, reset before the step), for a batch of B utterances of T
+    frames and U labels: the whole (B, T, U + 1, V) logits (chunk 0), or the fused joint."""
+    code = JOINT_PROBE.format(root=os.path.dirname(os.path.abspath(__file__)), B=B, T=T, U=U, J=J, V=vocab,
+                              chunk=chunk)
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    if out.returncode:
+        die(f'the joint memory probe failed: {out.stderr.strip()[-300:]}')
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def joint_memory(tok, split):
+    """The joint's peak MB, whole and fused, at a batch of the longest utterances (T frames, U labels),
+    and the batch sizes that fit memory_budget_mb (the peak is linear in the batch)."""
+    T = int(np.diff(split.offsets).max()) // 160 + 1
+    for _ in range(3):  # asr.Subsampling
+        T = (T - 1) // 2 + 1
+    U = max(len(tok.encode(u, p)) for u, p in zip(split.units, split.pinyin))
+    mb = [joint_peak_mb(tok.vocab_size, c, batch_size, T, U, joint_dim) for c in (0, joint_chunk or 4)]
+    return {'T': T, 'U': U, 'B': batch_size, 'mb': mb,
+            'batch_fits': [int(memory_budget_mb / (m / batch_size)) if m > 0 else None for m in mb]}
+
+
+# -----------------------------------------------------------------------------
+# one run
+
+def output_tokens(tok):
+    """Each output id's text: '' for the blank, then the English and the Mandarin range's pieces."""
+    return [''] + [p.removeprefix(romanize.WORD_START) for p in tok.en.pieces + tok.zh.pieces]
+
+
+def reader(sentences):
+    """PET's pronunciation source: a token's tonal syllable, the token itself where it is one (roman
+    pieces), else a character's most frequent reading in the training text, else None (English)."""
+    readings, _ = count_readings(sentences)
+    reading = {}
+    for (syllable, char), _ in readings.most_common():
+        reading.setdefault(char, syllable)
+    return lambda token: token if romanize.is_syllable(token) else reading.get(token)
+
+
+def lr_at(step):
+    if step < warmup:
+        return learning_rate * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train_run(name, data):
+    mode, pet = name.split('+')[0], name.endswith('+pet')
+    sentences = [{'units': u, 'pinyin': p} for u, p in zip(data['train'].units, data['train'].pinyin)]
+    tok = build_tokenizer(sentences, mode, token_budget)
+    r2c = None
+    if mode == 'roman':
+        if not os.path.exists(roman2char):
+            die(f'{roman2char} not found: train Roman2Char first with python romanize.py')
+        r2c = romanize.load(roman2char)
+    features = token_features(output_tokens(tok), reader(sentences)) if pet else None
+    cfg = ASRConfig(vocab_size=tok.vocab_size, pet=features.names if pet else (),
+                    **{k: config[k] for k in asdict(ASRConfig()) if k not in ('vocab_size', 'pet')})
+    torch.manual_seed(seed)
+    model = Transducer(cfg, features)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay}, {'params': rest, 'weight_decay': 0}],
+                            lr=learning_rate)
+    folder = os.path.join(out_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, 'log.jsonl'), 'w').close()
+    train, n_params = data['train'], sum(p.numel() for p in model.parameters())
+    print(f'{name}: {tok.vocab_size} output tokens, {n_params / 1e6:.2f}M parameters')
+    t0, pbar = time.time(), tqdm(range(steps), desc=name, dynamic_ncols=True)
+    for step in pbar:
+        idx = np.random.default_rng([seed, step]).choice(len(train), batch_size, replace=False)
+        wave, lengths = train.waves(idx)
+        y, labels = targets(tok, train, idx)
+        for group in opt.param_groups:
+            group['lr'] = lr_at(step)
+        loss = model(wave, lengths, y, labels, chunk=joint_chunk or None).sum() / labels.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+        opt.step()
+        row = {'step': step, 'loss': loss.item(), 'grad_norm': norm.item(), 'lr': lr_at(step)}
+        if (eval_every and (step + 1) % eval_every == 0) or step == steps - 1:
+            row['val'] = evaluate(model, tok, r2c, data['val'])
+            pbar.write(f"{name} step {step + 1}: loss {row['loss']:.3f}, val MER {row['val']['mer']:.3f}")
+        with open(os.path.join(folder, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        pbar.set_postfix(loss=f'{loss.item():.3f}')
+    minutes = (time.time() - t0) / 60
+    result = {'run': name, 'vocab_size': tok.vocab_size, 'params': n_params, 'minutes': minutes,
+              'val': row['val'], 'test': evaluate(model, tok, r2c, data['test']), 'joint': joint_memory(tok, train)}
+    torch.save({'model': model.state_dict(), 'config': asdict(cfg), 'tokenizer': tok.to_dict(),
+                'features': asdict(features) if features else None, 'run': name,
+                'roman2char': romanize.state(r2c) if r2c is not None else None},
+               os.path.join(folder, 'ckpt.pt'))
+    return result
+
+
+def table(results):
+    lines = ['| run | vocab | joint MB, whole / fused | batch in budget, whole / fused | val MER | test MER | '
+             'test CER zh | test WER en | P(err) | P(err after err) |', '|' + ' --- |' * 10]
+    for r in results:
+        t = r['test']
+        j = r['joint']
+        lines.append(f"| {r['run']} | {r['vocab_size']} | {j['mb'][0]:.0f} / {j['mb'][1]:.0f} | "
+                     f"{j['batch_fits'][0]} / {j['batch_fits'][1]} | {r['val']['mer']:.3f} | {t['mer']:.3f} | "
+                     f"{t['cer_zh']:.3f} | {t['wer_en']:.3f} | {t['p_error']:.3f} | {t['p_error_after_error']:.3f} |")
+    return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+    names = runs.split(',')
+    bad = [n for n in names if n not in RUN_KINDS]
+    if bad:
+        die(f'--runs: unknown run {bad[0]!r}; runs are {", ".join(RUN_KINDS)}', 2)
+    if threads:
+        torch.set_num_threads(threads)
+    data = load_data(data_dir)
+    results = []
+    for name in names:
+        r = train_run(name, data)
+        with open(os.path.join(out_dir, name, 'results.json'), 'w') as f:
+            json.dump(r, f, indent=1)
+        results.append(r)
+    print(table(results))
