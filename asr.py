@@ -486,13 +486,20 @@ FEATURE_OF = {"syllable": "toneless", "tone": "tone", "initial": "initial", "fin
 
 
 class PETEmbedding(nn.Module):
-    """E(v) = E_token(v) + sum_f E_f(f(v)) over the features on; a plain embedding with none."""
+    """E(v) = E_token(v) + sum_f E_f(f(v)) over the features on; a plain embedding with none. With F features
+    each table starts at N(0, 1 / (F + 1)), so that the sum starts at the plain embedding's N(0, 1)."""
 
     def __init__(self, vocab_size, d, features=None):
         super().__init__()
         self.token = nn.Embedding(vocab_size, d)
         features = features or TokenFeatures((), [], [])
         self.tables = nn.ModuleList(nn.Embedding(n, d, padding_idx=0) for n in features.sizes)
+        if self.tables:  # the sum at a plain embedding's scale
+            for table in (self.token, *self.tables):
+                nn.init.normal_(table.weight, std=(1 + len(self.tables)) ** -0.5)
+            with torch.no_grad():
+                for table in self.tables:
+                    table.weight[0].zero_()  # value 0: the token has no such feature
         maps = torch.tensor(features.values, dtype=torch.long).view(len(features.sizes), vocab_size)  # (F, V)
         self.register_buffer("maps", maps)
 

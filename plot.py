@@ -17,8 +17,8 @@ plot.py: the figures of docs/, drawn from what the runs wrote. matplotlib is an 
     python plot.py tokens out-distilled out-scratch ... --out=assets/compression.png
         train.py runs: val loss against training tokens (steps x batch x block x accumulation)
     python plot.py asr out-asr/char out-asr/roman ... --out=assets/asr.png
-        train_asr.py runs (their log.jsonl): training loss (RNN-T loss per label, a moving mean over 50
-        steps) and val mixed error rate against step
+        train_asr.py runs (their log.jsonl): training loss (per label, RNN-T + the CTC term, a moving mean
+        over 50 steps) and val mixed error rate against step
     python plot.py runs out-lowprec-bf16 out-lowprec-fp8 ... --out=lowprec.png
         train.py runs (their log.jsonl): prints each one's final val loss and its difference from the
         first run's; draws train loss and val loss relative to the first run against step
@@ -132,7 +132,7 @@ def asr(fig, run_dirs):
         ax_loss.plot([r["step"] + 1 for r in records], mean, label=name, lw=1)
         scored = [(r["step"] + 1, r["val"]["mer"]) for r in records if "val" in r]
         ax_mer.plot(*zip(*scored), marker="o", label=name)
-    ax_loss.set(xlabel="step", ylabel="RNN-T loss per label (moving mean of 50)")
+    ax_loss.set(xlabel="step", ylabel="training loss per label (moving mean of 50)", yscale="log")
     ax_mer.set(xlabel="step", ylabel="val mixed error rate")
     ax_loss.legend(fontsize=8)
     return ax_mer

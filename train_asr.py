@@ -27,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from asr import ASRConfig, Transducer, greedy_decode, token_features
-from romanize import build_tokenizer, count_readings, to_chars_batch
 import romanize
+from romanize import build_tokenizer, count_readings, to_chars_batch
 
 # -----------------------------------------------------------------------------
 # config

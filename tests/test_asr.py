@@ -213,12 +213,14 @@ def tiny_set(n=4, seed=0):
     return wave, lengths, targets, torch.tensor([len(y) for y in labels])
 
 
-def test_training_lowers_the_loss_and_greedy_decodes_what_it_learned():
-    """A few dozen AdamW steps on four tone utterances lower the loss several times over; the fused and
-    the whole joint give the same loss and gradients; greedy decoding then returns the labels."""
+@pytest.mark.parametrize("pred_context, ctc_weight", [(0, 0.0), (2, 0.3)])
+def test_training_lowers_the_loss_and_greedy_decodes_what_it_learned(pred_context, ctc_weight):
+    """AdamW steps on four tone utterances lower the loss several times over; the fused and the whole
+    joint give the same loss and gradients; greedy decoding then returns the labels. With the LSTM
+    prediction network, and with the stateless one plus the encoder's CTC loss."""
     torch.manual_seed(0)
     cfg = asr.ASRConfig(vocab_size=6, d_model=48, n_heads=2, n_layers=1, sub_channels=16, pred_dim=32,
-                        joint_dim=32, dropout=0.0)
+                        joint_dim=32, dropout=0.0, pred_context=pred_context, ctc_weight=ctc_weight)
     model = asr.Transducer(cfg)
     wave, lengths, targets, labels = tiny_set()
     whole = model(wave, lengths, targets, labels)
@@ -239,3 +241,20 @@ def test_training_lowers_the_loss_and_greedy_decodes_what_it_learned():
     model.eval()
     hyps = asr.greedy_decode(model, wave, lengths)
     assert hyps == [targets[i, :labels[i]].tolist() for i in range(4)]
+
+
+@pytest.mark.parametrize("pred_context", [0, 1, 3])
+def test_prediction_net_label_by_label_equals_the_whole(pred_context):
+    """Greedy decoding feeds the prediction network one label at a time with its state (the LSTM's, or
+    the stateless net's last labels): the same g_u as the whole sequence at once."""
+    torch.manual_seed(0)
+    cfg = asr.ASRConfig(vocab_size=9, pred_dim=16, dropout=0.0, pred_context=pred_context)
+    net = asr.PredictionNet(cfg).eval()
+    y = torch.randint(1, 9, (2, 5))
+    y[:, 0] = asr.BLANK
+    whole, _ = net(y)
+    state, steps = None, []
+    for u in range(5):
+        g, state = net(y[:, u:u + 1], state)
+        steps.append(g)
+    assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-6)
