@@ -34,6 +34,7 @@ from romanize import build_tokenizer, count_readings, to_chars_batch
 # config
 data_dir = 'data/speech'       # data/speech/prepare.py's output
 out_dir = 'out-asr'            # one folder per run: ckpt.pt, results.json, log.jsonl
+overwrite = False              # replace runs that out_dir already holds (else refuse, before any work)
 runs = 'char'                  # comma-separated runs: char, roman, char+pet, roman+pet
 roman2char = 'out-speech/roman2char.pt'  # romanize.py's model, for the 'roman' runs
 token_budget = 128             # tokenizer budget split by data share (romanize.build_tokenizer)
@@ -328,6 +329,9 @@ if __name__ == '__main__':
     bad = [n for n in names if n not in RUN_KINDS]
     if bad:
         die(f'--runs: unknown run {bad[0]!r}; runs are {", ".join(RUN_KINDS)}', 2)
+    done = [n for n in names if os.path.exists(os.path.join(out_dir, n, 'ckpt.pt'))]
+    if done and not overwrite:
+        die(f'{out_dir}/{done[0]} holds a finished run: pass --overwrite=True to replace it, or another --out_dir', 2)
     if threads:
         torch.set_num_threads(threads)
     data = load_data(data_dir)

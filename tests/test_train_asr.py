@@ -68,7 +68,7 @@ def run(*args, cwd=REPO, timeout=600):
 def test_bad_flags_and_missing_data(tmp_path):
     out = run("train_asr.py", "--runs=char,bogus", f"--data_dir={tmp_path}")
     assert out.returncode == 2 and "unknown run 'bogus'" in out.stderr
-    out = run("train_asr.py", f"--data_dir={tmp_path}")
+    out = run("train_asr.py", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}")
     assert out.returncode == 1 and "python data/speech/prepare.py" in out.stderr
     assert "Traceback" not in out.stderr
     out = run("train_asr.py", "--steps=0")
@@ -102,6 +102,15 @@ def test_runs_write_results_and_the_table(trained):
     char, roman = (json.loads((out / n / "results.json").read_text()) for n in ("char", "roman"))
     assert "mer_roman" in roman["test"] and "mer_roman" not in char["test"]
     assert "| char+pet |" in stdout
+
+
+@needs_espeak
+def test_finished_runs_are_not_replaced_unasked(trained):
+    data, out, _ = trained
+    before = (out / "char" / "ckpt.pt").stat().st_mtime_ns
+    proc = run("train_asr.py", f"--data_dir={data}", f"--out_dir={out}", "--runs=roman,char")
+    assert proc.returncode == 2 and "--overwrite=True" in proc.stderr and "Traceback" not in proc.stderr
+    assert (out / "char" / "ckpt.pt").stat().st_mtime_ns == before
 
 
 @needs_espeak
