@@ -249,11 +249,7 @@ class _JointLattice(torch.autograd.Function):
         for t0 in range(0, T, chunk):
             c = min(chunk, T - t0)
             z = torch.tanh(f[:, t0:t0 + c, None] + g[:, None]) @ weight.t() + bias  # (B, c, U + 1, V)
-            z = z.to(dtype)
-            lse = z.logsumexp(-1)  # (B, c, U + 1)
-            blank_lp[:, t0:t0 + c] = z[..., blank] - lse
-            index = targets[:, None, :, None].expand(B, c, U1 - 1, 1)  # (B, c, U, 1): y_{u+1}
-            label_lp[:, t0:t0 + c] = z[:, :, :-1].gather(-1, index)[..., 0] - lse[:, :, :-1]
+            blank_lp[:, t0:t0 + c], label_lp[:, t0:t0 + c] = rnnt_lattice(z, targets, blank)
         ctx.save_for_backward(f, g, weight, bias, targets)
         ctx.blank, ctx.chunk = blank, chunk
         return blank_lp, label_lp
@@ -366,9 +362,14 @@ class Subsampling(nn.Module):
         x = self.conv(x[:, None])  # (B, 1, F, n_mels) -> (B, C, F / 8, n_mels / 8)
         B, C, T, M = x.shape
         x = self.out(x.transpose(1, 2).reshape(B, T, C * M))  # (B, T, C, M) -> (B, T, C M) -> (B, T, d)
-        for _ in range(3):  # kernel 3, stride 2, padding 1
+        return x, self.frames(frames)
+
+    @staticmethod
+    def frames(frames):
+        """The frame counts after the three convolutions (kernel 3, stride 2, padding 1 each)."""
+        for _ in range(3):
             frames = (frames - 1) // 2 + 1
-        return x, frames
+        return frames
 
 
 def feed_forward(d, dropout):

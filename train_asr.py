@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from asr import ASRConfig, Transducer, greedy_decode, token_features
+from asr import ASRConfig, Subsampling, Transducer, greedy_decode, token_features
 import romanize
-from romanize import build_tokenizer, count_readings, to_chars_batch
+from romanize import build_tokenizer, count_readings, is_mandarin, to_chars_batch
 
 # -----------------------------------------------------------------------------
 # config
@@ -136,10 +136,6 @@ def align(ref, hyp):
     return wrong, int(d[n, m])
 
 
-def is_mandarin(unit):
-    return any('\u4e00' <= ch <= '\u9fff' for ch in unit)
-
-
 def score(refs, hyps):
     """MER over all units, CER over Mandarin characters, WER over English words (edits / reference
     units of that kind, from the mixed alignment), and P(error), P(error | previous unit wrong)."""
@@ -226,9 +222,7 @@ def joint_peak_mb(vocab, chunk, B, T, U, J):
 def joint_memory(tok, split):
     """The joint's peak MB, whole and fused, at a batch of the longest utterances (T frames, U labels),
     and the batch sizes that fit memory_budget_mb (the peak is linear in the batch)."""
-    T = int(np.diff(split.offsets).max()) // 160 + 1
-    for _ in range(3):  # asr.Subsampling
-        T = (T - 1) // 2 + 1
+    T = Subsampling.frames(int(np.diff(split.offsets).max()) // 160 + 1)  # log_mel's frames, then 8x fewer
     U = max(len(tok.encode(u, p)) for u, p in zip(split.units, split.pinyin))
     mb = [joint_peak_mb(tok.vocab_size, c, batch_size, T, U, joint_dim) for c in (0, joint_chunk or 4)]
     return {'T': T, 'U': U, 'B': batch_size, 'mb': mb,
