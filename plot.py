@@ -93,6 +93,11 @@ def rows(ax, paths):
     ax.set(xlabel="rows decoding together", ylabel="generated tokens/s")
 
 
+def moving_mean(values, n):
+    """The mean of each value and the n - 1 before it (fewer at the start)."""
+    return [sum(values[max(0, i - n + 1):i + 1]) / len(values[max(0, i - n + 1):i + 1]) for i in range(len(values))]
+
+
 def rl(ax, out_dirs):
     for out_dir in out_dirs:
         path = os.path.join(out_dir, "log.jsonl")
@@ -102,8 +107,7 @@ def rl(ax, out_dirs):
         envs = sorted({k for r in records for k, v in r.items() if isinstance(v, dict) and "reward" in v})
         for env in envs:
             points = [(r["step"], r[env]["reward"]) for r in records if env in r]
-            mean = [sum(v for _, v in points[max(0, i - 4):i + 1]) / len(points[max(0, i - 4):i + 1])
-                    for i in range(len(points))]  # over the last 5 steps that drew this environment
+            mean = moving_mean([v for _, v in points], 5)  # over the last 5 steps that drew this environment
             ax.plot([s for s, _ in points], mean, label=f"{os.path.basename(os.path.normpath(out_dir))} {env}")
     ax.set(xlabel="RL step", ylabel="training reward (moving mean of 5)")
 
@@ -126,8 +130,7 @@ def asr(fig, run_dirs):
         if not os.path.exists(path):
             sys.exit(f"error: {path} does not exist (run train_asr.py first)")
         records = [json.loads(line) for line in open(path)]
-        loss = [r["loss"] for r in records]
-        mean = [sum(loss[max(0, i - 49):i + 1]) / len(loss[max(0, i - 49):i + 1]) for i in range(len(loss))]
+        mean = moving_mean([r["loss"] for r in records], 50)
         name = os.path.basename(os.path.normpath(run_dir))
         ax_loss.plot([r["step"] + 1 for r in records], mean, label=name, lw=1)
         scored = [(r["step"] + 1, r["val"]["mer"]) for r in records if "val" in r]
