@@ -1,6 +1,6 @@
 """
 hardware.py: the devices. pick_device() chooses the one a script runs on (train.py, sample.py,
-eval.py); HARDWARE is the GPUs we know, in one table: plan.py prices parallel layouts with it,
+eval.py); HARDWARE is the GPUs we know, in one table: steptime.py prices parallel layouts with it,
 train.py's MFU and bench.py's rooflines divide by its peaks.
 
 Per GPU: dense (no sparsity) tensor-core peaks by precision (FLOP/s), memory size (GB) and

@@ -2,11 +2,11 @@
 planfit.py: the planner against published training runs. Read after plan.py.
 
 Each row of a published-runs CSV (../shared/planner/published_runs*.csv, copied to tests/) becomes a
-plan.Job with the layout the run used and its measured step time; the planner predicts it. This file
+steptime.Job with the layout the run used and its measured step time; the planner predicts it. This file
 reports the error by subset (dense, FP8, MoE, Blackwell, hybrid), checks that layouts of one model
-on one cluster are ordered as measured, and fits plan.FIT's constants with leave-one-source-out
+on one cluster are ordered as measured, and fits steptime.FIT's constants with leave-one-source-out
 cross-validation, so that the published figures are for sources the constants never saw:
-    python plan.py --validate=tests/published_runs.csv,tests/published_runs_more.csv             # plan.FIT
+    python plan.py --validate=tests/published_runs.csv,tests/published_runs_more.csv             # steptime.FIT
     python plan.py --validate=tests/published_runs.csv,tests/published_runs_more.csv --cv=True   # + the folds
 It also holds plan.py --calibrate: this machine's speeds as a hardware profile.
 """
@@ -14,6 +14,7 @@ import csv, itertools, json, math, os, re, time
 from dataclasses import dataclass, field
 
 import plan
+import steptime
 from hardware import CLUSTER_GPUS, find_gpu
 from model import flops_per_token
 
@@ -35,7 +36,7 @@ class Run:
     gbs: int
     gpus: int
     gpu: str                # a hardware.HARDWARE key
-    precision: str          # a plan.PRECISION key
+    precision: str          # a steptime.PRECISION key
     attention: str          # 'flash' or 'materialized'
     grad_reduce: str        # 'fp32', or 'bf16' in NVIDIA's performance recipes
     fixed: dict             # the layout fields the row gives (the planner searches the rest)
@@ -45,9 +46,9 @@ class Run:
     notes: list = field(default_factory=list)  # what was read into the row (a derived dp, an assumed batch)
 
     def job(self, fit=None):
-        """The plan.Job of this run on its GPU, with these fitted constants (plan.FIT's by default)."""
-        return plan.Job(self.cfg, self.seq, self.gbs, self.gpus, plan.load_hardware(self.gpu, **(fit or {})),
-                        self.precision, self.attention, grad_reduce=self.grad_reduce)
+        """The steptime.Job of this run on its GPU, with these fitted constants (steptime.FIT's by default)."""
+        return steptime.Job(self.cfg, self.seq, self.gbs, self.gpus, steptime.load_hardware(self.gpu, **(fit or {})),
+                            self.precision, self.attention, grad_reduce=self.grad_reduce)
 
 
 def number(text):
@@ -80,7 +81,7 @@ def eq3_flops(row, B):
 
 
 def precision_of(text):
-    """plan.PRECISION's name for a row's precision: FP8 with current or delayed scaling, MXFP8, NVFP4, 16 bit."""
+    """steptime.PRECISION's name for a row's precision: FP8 with current or delayed scaling, MXFP8, NVFP4, 16 bit."""
     text = text.upper()
     if "NVFP4" in text or "FP4" in text:
         return "nvfp4"
@@ -210,7 +211,7 @@ def read_run(row, rows):
     arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     run.subsets = [s for s, inside in [
         ("dense", arch == "dense" and precision in ("bf16", "fp16") and gpu in ("a100", "h100")),
-        ("fp8", precision in plan.LOW_PRECISION), ("moe", arch == "moe"),
+        ("fp8", precision in steptime.LOW_PRECISION), ("moe", arch == "moe"),
         ("blackwell", gpu in BLACKWELL), ("hybrid", arch == "hybrid")] if inside]
     return run
 
@@ -243,7 +244,7 @@ def measured(row, run):
 @dataclass
 class Prediction:
     run: Run
-    result: dict            # plan.evaluate's dict of the layout the planner chose within what the run fixes
+    result: dict            # steptime.evaluate's dict of the layout the planner chose within what the run fixes
     fits: bool              # whether it fits in memory (a published layout the model thinks too big is still priced)
 
     @property
@@ -312,7 +313,7 @@ def inputs(run):
 
 
 # -----------------------------------------------------------------------------
-# the fit: a coordinate search of plan.FIT's constants, and leave-one-source-out cross-validation
+# the fit: a coordinate search of steptime.FIT's constants, and leave-one-source-out cross-validation
 
 # where the search starts (the values before any fit: 70% of peak for a large GEMM, 90% of HBM,
 # 85% of a link, 80% of overlappable communication hidden, FP8 60% of its peak, the SSD at half a
@@ -330,9 +331,9 @@ def loss(runs, fit):
 
 
 def fit_constants(runs, rounds=4):
-    """plan.FIT's constants that minimise loss on these runs, from START: each constant in turn
+    """steptime.FIT's constants that minimise loss on these runs, from START: each constant in turn
     tried at 9 points across a window around its value (clipped to BOUNDS), the window halving each
-    round; the result rounded to 3 significant digits (as plan.FIT writes them)."""
+    round; the result rounded to 3 significant digits (as steptime.FIT writes them)."""
     fit = dict(START)
     scored = [r for r in runs if r.measured]
     best = loss(scored, fit)
@@ -375,7 +376,7 @@ def subset_table(predictions, title):
 
 
 def report(paths, cv=False):
-    """Print every run predicted (with plan.FIT) against its measurement, the subset table, the
+    """Print every run predicted (with steptime.FIT) against its measurement, the subset table, the
     pair check and the memory model's misses; with cv, the same for leave-one-source-out fits."""
     runs, skipped = read_runs(paths)
     predictions = [predict(r) for r in runs]
@@ -393,7 +394,7 @@ def report(paths, cv=False):
     misses = [p.run.id for p in predictions if not p.fits]
     print(f"memory model: {len(misses)} of {len(predictions)} published layouts predicted not to fit: "
           + " ".join(misses))
-    print(subset_table(predictions, "fitted on all of them (plan.FIT)"))
+    print(subset_table(predictions, "fitted on all of them (steptime.FIT)"))
     if cv:
         held, fits = cross_validate(runs)
         for source, fit in fits.items():
@@ -447,9 +448,10 @@ def calibrate(out):
     mp.spawn(_calibrate_rank, args=(port, queue), nprocs=2)
     m = queue.get()
     ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
-    profile = dict(flops={"fp32": m["matmul"] / plan.FIT["gemm_eff"]}, hbm_gb=ram_gb / 2,
-                   hbm_bw=m["copy"] / plan.FIT["mem_eff"],
-                   nvlink_bw=m["bus"] / plan.FIT["net_eff"], net_bw=m["bus"] / plan.FIT["net_eff"], gpus_per_node=2,
+    profile = dict(flops={"fp32": m["matmul"] / steptime.FIT["gemm_eff"]}, hbm_gb=ram_gb / 2,
+                   hbm_bw=m["copy"] / steptime.FIT["mem_eff"],
+                   nvlink_bw=m["bus"] / steptime.FIT["net_eff"], net_bw=m["bus"] / steptime.FIT["net_eff"],
+                   gpus_per_node=2,
                    sms=1, kernel_s=m["kernel"], latency_s=m["latency"], host_s=0.0, measured=m)  # the CPU is the host
     with open(out, "w") as f:
         json.dump(profile, f, indent=2)

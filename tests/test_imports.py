@@ -79,12 +79,12 @@ def test_transformers_builds_nemotron_h_from_the_repo_root():
 # -----------------------------------------------------------------------------
 # our own imports point one way: the Triton file <- mixers <- model <- {generate, checkpoint} <- rollout <- scripts;
 # parallel and lowprec are imported by the scripts, never by the model files; bench_kernels uses bench's helpers,
-# planfit plan's cost model
+# planfit plan and its cost model (steptime)
 
 LEVEL = {"triton_ops": 0, "hardware": 0, "configurator": 0, "data": 0,
          "mamba": 1, "attention": 1, "moe": 1, "romanize": 1,
          "model": 2, "asr": 2,
-         "generate": 3, "checkpoint": 3, "lowprec": 3, "parallel": 3, "minitron": 3,
+         "generate": 3, "checkpoint": 3, "steptime": 3, "lowprec": 3, "parallel": 3, "minitron": 3,
          "rollout": 4, "distill": 4,
          "train": 5, "sample": 5, "serve": 5, "eval": 5, "rl": 5, "prune": 5, "bench": 5, "plan": 5, "plot": 5,
          "train_asr": 5,

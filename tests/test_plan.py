@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import plan
+import steptime
 from hardware import CLUSTER_GPUS, find_gpu, peaks
 from helpers import run_script
 from mamba import ssd_flops
@@ -55,16 +56,16 @@ def test_flops_per_token_by_hand():
 def test_layer_flops_by_hand():
     """The cost model's GEMMs (layer_cost's forward FLOPs) for b=1, s=6: 2 per weight per token,
     split by tp; flash attention over the causal half; MoE counts only the top-k experts."""
-    hw = dict(plan.load_hardware("h100"))
+    hw = dict(steptime.load_hardware("h100"))
     cfg = NemotronConfig(**dict(TINY, pattern="*-E"))
-    job = plan.Job(cfg, 6, 4, 8, hw)
-    assert plan.layer_cost(job, "-", 1, 1, 1, 1, False).flops == 2 * 6 * (2 * 8 * 16)
-    assert plan.layer_cost(job, "-", 1, 2, 1, 1, True).flops == 2 * 6 * (2 * 8 * 16) / 2
+    job = steptime.Job(cfg, 6, 4, 8, hw)
+    assert steptime.layer_cost(job, "-", 1, 1, 1, 1, False).flops == 2 * 6 * (2 * 8 * 16)
+    assert steptime.layer_cost(job, "-", 1, 2, 1, 1, True).flops == 2 * 6 * (2 * 8 * 16) / 2
     projections = 2 * 6 * (8 * 8 + 2 * 8 * 4 + 8 * 8)
-    assert plan.layer_cost(job, "*", 1, 1, 1, 1, False).flops == projections + 4 * 2 * 6 * 6 * 4 / 2
+    assert steptime.layer_cost(job, "*", 1, 1, 1, 1, False).flops == projections + 4 * 2 * 6 * 6 * 4 / 2
     router, experts, shared = 2 * 6 * 8 * 4, 2 * 6 * 2 * (2 * 8 * 6), 2 * 6 * 2 * 8 * 12
-    assert plan.layer_cost(job, "E", 1, 1, 1, 1, False).flops == router + experts + shared
-    assert plan.layer_cost(job, "E", 1, 1, 1, 4, False).flops == router + experts + shared  # ep moves, not removes
+    assert steptime.layer_cost(job, "E", 1, 1, 1, 1, False).flops == router + experts + shared
+    assert steptime.layer_cost(job, "E", 1, 1, 1, 4, False).flops == router + experts + shared  # ep moves, not removes
 
 
 def test_find_gpu_reads_device_names():
@@ -97,8 +98,8 @@ def test_counts_agree_with_model(kw):
         assert p.dense + p.experts == sum(w.numel() for w in model.mtp[0].parameters())
         active += len(model.mtp) * (p.dense + p.active)  # num_params counts each set of weights once
     assert active == model.num_params(active=True)
-    job = plan.Job(cfg, 8, 1, 1, plan.load_hardware("h100"))
-    dense, experts = plan.stage_params(job, 0, plan.stage_groups(job, 1, 1)[0].counts, 1)
+    job = steptime.Job(cfg, 8, 1, 1, steptime.load_hardware("h100"))
+    dense, experts = steptime.stage_params(job, 0, steptime.stage_groups(job, 1, 1)[0].counts, 1)
     assert dense + experts == sum(p.numel() for p in model.parameters())
 
 
@@ -139,9 +140,9 @@ def test_memory_model_against_measured_peak(pattern):
     cfg = NemotronConfig(vocab_size=256, d_model=128, pattern=pattern, n_head=4, n_kv_head=2, head_dim=32, d_ff=512,
                          mamba_heads=8, mamba_head_dim=32, d_state=32, chunk_size=32, n_experts=8, top_k=2,
                          moe_d_ff=256, shared_d_ff=256)
-    hw = dict(plan.load_hardware("a100"), flops={"fp32": 1e11})
-    job = plan.Job(cfg, 256, 8, 1, hw, "fp32")
-    predicted = plan.evaluate(job, plan.Layout(mbs=8))["memory_gib_per_gpu"] * 2**30
+    hw = dict(steptime.load_hardware("a100"), flops={"fp32": 1e11})
+    job = steptime.Job(cfg, 256, 8, 1, hw, "fp32")
+    predicted = steptime.evaluate(job, steptime.Layout(mbs=8))["memory_gib_per_gpu"] * 2**30
     measured = measured_peak(cfg, 8, 256)
     assert abs(predicted / measured - 1) < 0.3, (predicted / 2**20, measured / 2**20)
 
@@ -160,14 +161,15 @@ def ideal_gpu(bus_intra, bus_inter, latency):
     """A GPU whose compute takes no time (1e30 FLOP/s and B/s, no kernel cost), so nothing hides a
     collective and a step's communication terms are the collectives' times alone; its collectives
     run at bus bandwidths bus_intra inside a node of 8 and bus_inter per GPU across nodes (B/s,
-    after plan.FIT's net_eff), with this latency (s); launching kernels takes the host no time."""
-    return dict(plan.FIT, name="ideal", flops={p: 1e30 for p in ("bf16", "fp16", "fp8", "fp4", "fp32")}, hbm_gb=80,
-                hbm_bw=1e30, sms=1, nvlink_bw=bus_intra / plan.FIT["net_eff"], net_bw=bus_inter / plan.FIT["net_eff"],
+    after steptime.FIT's net_eff), with this latency (s); launching kernels takes the host no time."""
+    net_eff = steptime.FIT["net_eff"]
+    return dict(steptime.FIT, name="ideal", flops={p: 1e30 for p in ("bf16", "fp16", "fp8", "fp4", "fp32")}, hbm_gb=80,
+                hbm_bw=1e30, sms=1, nvlink_bw=bus_intra / net_eff, net_bw=bus_inter / net_eff,
                 gpus_per_node=8, kernel_s=0.0, latency_s=latency, host_s=0.0)
 
 
 def test_collective_times_by_hand():
-    """plan.comm_time against the ring algorithms' volumes (Patarasuk & Yuan 2009; NCCL's bus
+    """steptime.comm_time against the ring algorithms' volumes (Patarasuk & Yuan 2009; NCCL's bus
     bandwidth convention): of an n-byte buffer over p ranks, each rank sends 2(p-1)/p n in an
     all-reduce, (p-1)/p n in an all-gather or a reduce-scatter, n in a point-to-point; time =
     latency + bytes / bus bandwidth. 1 GB at 100 GB/s inside a node, 25 GB/s per GPU across; a group
@@ -184,18 +186,19 @@ def test_collective_times_by_hand():
             ("reduce_scatter", 8, 8, 0.00876),
             ("reduce_scatter", 16, 1, 0.03751),   # 10 us + 15/16 * 1 GB / 25 GB/s = 10 us + 37.5 ms
             ("p2p", 2, 1, 0.04001)]:              # 10 us + 1 GB / 25 GB/s = 10 us + 40 ms
-        assert plan.comm_time(hw, op, GB, p, local) == pytest.approx(seconds, rel=1e-9), (op, p, local)
+        assert steptime.comm_time(hw, op, GB, p, local) == pytest.approx(seconds, rel=1e-9), (op, p, local)
     # a ring all-reduce is a reduce-scatter then an all-gather, one latency fewer; one rank or no bytes: free
     for p, local in ((2, 2), (8, 8), (16, 1)):
-        both = plan.comm_time(hw, "reduce_scatter", GB, p, local) + plan.comm_time(hw, "all_gather", GB, p, local)
-        assert plan.comm_time(hw, "all_reduce", GB, p, local) == pytest.approx(both - 10e-6, rel=1e-12)
-    assert plan.comm_time(hw, "all_reduce", GB, 1, 1) == plan.comm_time(hw, "all_reduce", 0, 8, 8) == 0
-    domains = [plan.in_domain(hw, n, stride) for n, stride in ((4, 1), (16, 1), (16, 2), (16, 8), (16, 16))]
+        both = (steptime.comm_time(hw, "reduce_scatter", GB, p, local)
+                + steptime.comm_time(hw, "all_gather", GB, p, local))
+        assert steptime.comm_time(hw, "all_reduce", GB, p, local) == pytest.approx(both - 10e-6, rel=1e-12)
+    assert steptime.comm_time(hw, "all_reduce", GB, 1, 1) == steptime.comm_time(hw, "all_reduce", 0, 8, 8) == 0
+    domains = [steptime.in_domain(hw, n, stride) for n, stride in ((4, 1), (16, 1), (16, 2), (16, 8), (16, 16))]
     assert domains == [4, 8, 4, 1, 1]
 
 
 def test_all_to_all_by_placement():
-    """plan.all_to_all_time: a GPU sends (n-1)/n of its n bytes to its n-1 peers; those in its NVLink
+    """steptime.all_to_all_time: a GPU sends (n-1)/n of its n bytes to its n-1 peers; those in its NVLink
     domain (8 / stride of them, itself included) over NVLink, the rest over its network link at the
     same time, so the slower part sets the time. 1 GB, 100 GB/s NVLink, 25 GB/s network, 10 us."""
     hw, GB = ideal_gpu(100e9, 25e9, 10e-6), 1e9
@@ -205,7 +208,7 @@ def test_all_to_all_by_placement():
             (8, 2, 0.02001),    # stride 2 (tp = 2): 4 a node, max(3/8 GB / 100, 4/8 GB / 25) = 20 ms
             (64, 8, 0.03939),   # one a node: 63/64 GB / 25 GB/s = 39.375 ms
             (1, 1, 0.0)]:
-        assert plan.all_to_all_time(hw, GB, n, stride) == pytest.approx(seconds, rel=1e-3), (n, stride)
+        assert steptime.all_to_all_time(hw, GB, n, stride) == pytest.approx(seconds, rel=1e-3), (n, stride)
 
 
 @pytest.mark.parametrize("tp, recompute, sp, seconds", [
@@ -217,11 +220,11 @@ def test_tensor_parallel_all_reduce_by_hand(tp, recompute, sp, seconds):
     """The step's tp_comm against Megatron's count (Shoeybi et al. 2019; Korthikanti et al. 2022 for
     sp): per micro-batch and pass (forward, backward, and under full recompute the forward again),
     one all-reduce of the b x s x d activations, 1 x 64 x 16 x 2 B = 2048 B in bf16, after each
-    block (attention, MLP) and for the vocab-parallel embedding and LM head (plan.layer_cost's
+    block (attention, MLP) and for the vocab-parallel embedding and LM head (steptime.layer_cost's
     convention): 4 per pass; with sp an all-gather and a reduce-scatter of the same bytes, the same
     time. Ideal GPU, 1 MB/s bus bandwidth, 1 ms latency, 2 micro-batches: exact (rel 1e-9)."""
-    job = plan.Job(DENSE, 64, 2, tp, ideal_gpu(1e6, 0.25e6, 1e-3))
-    breakdown = plan.evaluate(job, plan.Layout(tp=tp, mbs=1, recompute=recompute, sp=sp))["breakdown"]
+    job = steptime.Job(DENSE, 64, 2, tp, ideal_gpu(1e6, 0.25e6, 1e-3))
+    breakdown = steptime.evaluate(job, steptime.Layout(tp=tp, mbs=1, recompute=recompute, sp=sp))["breakdown"]
     assert breakdown["tp_comm"] == pytest.approx(seconds, rel=1e-9)
 
 
@@ -249,24 +252,24 @@ def test_data_parallel_sync_by_hand(dp, zero, dp_comm, fsdp_comm):
     4 B; weights gathered in bf16, 2 B), a global batch of 16 sequences of 1 token. Ideal GPU (no
     compute window hides anything), 1 MB/s bus bandwidth in a node of 8, 0.1 MB/s per GPU across,
     1 ms latency: exact (rel 1e-9)."""
-    job = plan.Job(DENSE, 1, 16, dp, ideal_gpu(1e6, 0.1e6, 1e-3))
-    breakdown = plan.evaluate(job, plan.Layout(dp=dp, mbs=1, zero=zero))["breakdown"]
+    job = steptime.Job(DENSE, 1, 16, dp, ideal_gpu(1e6, 0.1e6, 1e-3))
+    breakdown = steptime.evaluate(job, steptime.Layout(dp=dp, mbs=1, zero=zero))["breakdown"]
     assert breakdown["dp_comm"] == pytest.approx(dp_comm, rel=1e-9, abs=1e-20)
     assert breakdown["fsdp_comm"] == pytest.approx(fsdp_comm, rel=1e-9, abs=1e-20)
 
 
 def test_zero_memory_by_hand():
-    """plan.memory's weights, gradients and optimizer states against ZeRO (Rajbhandari et al. 2020,
-    Sec. 5, Fig. 1) for DENSE's 6320 parameters in bf16, with plan.py's bytes per parameter: 2 B
+    """steptime.memory's weights, gradients and optimizer states against ZeRO (Rajbhandari et al. 2020,
+    Sec. 5, Fig. 1) for DENSE's 6320 parameters in bf16, with steptime.py's bytes per parameter: 2 B
     weights, 4 B gradients (reduced in fp32), 12 B Adam states (fp32 master, m, v); 18 B in all.
     Stage 1 divides the optimizer states by N_d, stage 2 also the gradients, stage 3 also the
-    weights. plan.py adds, from stage 2 (3), the whole gradient (weight) of the block at work, before
+    weights. steptime.memory adds, from stage 2 (3), the whole gradient (weight) of the block at work, before
     its reduce-scatter (after its gather): the largest block's, the MLP's 2064 parameters x 4 B
     (+ x 2 B). Sequences of one token, pp = 1 (one micro-batch in flight whatever dp): the
     activations are the same in every layout, read once at dp = 1 ZeRO-0 and bounded by 2% of the
     states (one token's: 1856 B, 1.6%); the rest is exact (rel 1e-12: float rounding)."""
-    job = plan.Job(DENSE, 1, 16, 8, ideal_gpu(1e6, 1e6, 1e-3))
-    acts = plan.memory(job, plan.Layout()) - 18 * DENSE_PARAMS
+    job = steptime.Job(DENSE, 1, 16, 8, ideal_gpu(1e6, 1e6, 1e-3))
+    acts = steptime.memory(job, steptime.Layout()) - 18 * DENSE_PARAMS
     assert 0 < acts < 0.02 * 18 * DENSE_PARAMS, acts
     expected = {  # (dp, ZeRO stage): bytes of weights + gradients + optimizer states (+ the block at work)
         (1, 0): 113760, (1, 1): 113760,   # 18 x 6320; nothing to shard over one rank
@@ -281,7 +284,8 @@ def test_zero_memory_by_hand():
         (8, 3): 26604,                    # 18 x 6320 / 8 + 12384 = 14220 + 12384
     }
     for (dp, zero), states in expected.items():
-        assert plan.memory(job, plan.Layout(dp=dp, zero=zero)) == pytest.approx(states + acts, rel=1e-12), (dp, zero)
+        memory = steptime.memory(job, steptime.Layout(dp=dp, zero=zero))
+        assert memory == pytest.approx(states + acts, rel=1e-12), (dp, zero)
 
 
 @pytest.mark.parametrize("precision, w, g, opt", [
@@ -290,17 +294,17 @@ def test_zero_memory_by_hand():
     ("fp8", 3, 4, 12),   # a bf16 weight and its fp8 copy; gradients and states as bf16's
 ])
 def test_zero_memory_other_precisions(precision, w, g, opt):
-    """test_zero_memory_by_hand at dp = 8 in plan.py's other precisions (its PRECISION table's bytes
+    """test_zero_memory_by_hand at dp = 8 in steptime.py's other precisions (its PRECISION table's bytes
     per parameter, written out here): (w + g + opt) P whole, then opt, g and w divided by 8 stage by
     stage, plus the block at work. Activations as there, bounded by 5% (fp32's 4 B ones: 3.7%);
     the rest exact."""
     P, mlp = DENSE_PARAMS, DENSE_MLP
-    job = plan.Job(DENSE, 1, 16, 8, ideal_gpu(1e6, 1e6, 1e-3), precision)
-    acts = plan.memory(job, plan.Layout()) - (w + g + opt) * P
+    job = steptime.Job(DENSE, 1, 16, 8, ideal_gpu(1e6, 1e6, 1e-3), precision)
+    acts = steptime.memory(job, steptime.Layout()) - (w + g + opt) * P
     assert 0 < acts < 0.05 * (w + g + opt) * P, acts
     for zero, states in ((0, (w + g + opt) * P), (1, (w + g) * P + opt * P / 8),
                          (2, w * P + (g + opt) * P / 8 + g * mlp), (3, (w + g + opt) * P / 8 + (g + w) * mlp)):
-        assert plan.memory(job, plan.Layout(dp=8, zero=zero)) == pytest.approx(states + acts, rel=1e-12), zero
+        assert steptime.memory(job, steptime.Layout(dp=8, zero=zero)) == pytest.approx(states + acts, rel=1e-12), zero
 
 
 # -----------------------------------------------------------------------------
@@ -316,9 +320,9 @@ def exhaustive(job):
             ("none", "selective", "full"), (False, True), range(4)):
         if job.gpus % (tp * cp * pp):
             continue
-        L = plan.Layout(tp, pp, job.gpus // (tp * cp * pp), cp, ep, vp, mbs, recompute, sp, zero)
+        L = steptime.Layout(tp, pp, job.gpus // (tp * cp * pp), cp, ep, vp, mbs, recompute, sp, zero)
         if plan.broken_rule(job, L) is None:
-            r = plan.evaluate(job, L)
+            r = steptime.evaluate(job, L)
             if r["fits"]:
                 out.append(r)
     return sorted(out, key=lambda r: r["step_time_s"])
@@ -332,8 +336,8 @@ def test_pruning_keeps_the_best(pattern, attention, hbm):
     cfg = NemotronConfig(vocab_size=32000, d_model=1024, pattern=pattern, n_head=8, n_kv_head=4, head_dim=128,
                          d_ff=4096, mamba_heads=32, mamba_head_dim=64, d_state=64, mamba_groups=4, chunk_size=128,
                          n_experts=8, top_k=2, moe_d_ff=1024, shared_d_ff=1024)
-    hw = dict(plan.load_hardware("a100"), gpus_per_node=4, hbm_gb=hbm)
-    job = plan.Job(cfg, 1024, 16, 8, hw, "bf16", attention)
+    hw = dict(steptime.load_hardware("a100"), gpus_per_node=4, hbm_gb=hbm)
+    job = steptime.Job(cfg, 1024, 16, 8, hw, "bf16", attention)
     every = exhaustive(job)
     found, counts, _ = plan.search(job, top=5)
     assert len(every) > 50 and counts["timed"] < counts["valid"] / 4, (len(every), counts)
@@ -353,11 +357,11 @@ def test_emit_plans_what_train_py_runs():
     80 GB GPUs with DDP alone (weights, fp32 gradients and Adam: 18 B per parameter); TP + SP +
     FSDP does."""
     cfg, seq = plan.load_model(os.path.join(ROOT, "config", "nano_h100.py"))
-    job = plan.Job(cfg, seq, 64, 8, plan.load_hardware("h100"))
+    job = steptime.Job(cfg, seq, 64, 8, steptime.load_hardware("h100"))
     results, _, _ = plan.search_train_py(job, {}, top=10)
     assert results and all(plan.train_py_refuses(job, r["layout"]) is None for r in results)
     assert {r["layout"].zero for r in results} == {0, 3} and any(r["layout"].ep > 1 for r in results)
-    job = plan.Job(plan.PRESETS["nemotron-h-8b"][0], 8192, 256, 64, plan.load_hardware("h100"))
+    job = steptime.Job(plan.PRESETS["nemotron-h-8b"][0], 8192, 256, 64, steptime.load_hardware("h100"))
     ddp = dict(tp=1, pp=1, cp=1, ep=1, vp=1, sp=False, zero=0, recompute="none")
     assert plan.search(job, ddp)[0] == []
     best = plan.search_train_py(job, {}, top=1)[0][0]["layout"]
@@ -376,7 +380,7 @@ def test_emit_plans_what_train_py_runs():
 def test_emit_layout_flags(layout, flags):
     """The command --emit prints carries the layout's train.py flags, and only those."""
     cfg, seq = plan.load_model(os.path.join(ROOT, "config", "nano_h100.py"))
-    job, L = plan.Job(cfg, seq, 64, 8, plan.load_hardware("h100")), plan.Layout(mbs=2, **layout)
+    job, L = steptime.Job(cfg, seq, 64, 8, steptime.load_hardware("h100")), steptime.Layout(mbs=2, **layout)
     assert plan.broken_rule(job, L) is None and plan.train_py_refuses(job, L) is None
     cmd = plan.train_py_command(job, "config/nano_h100.py", {"layout": L}).split()
     assert cmd[:5] == ["torchrun", "--standalone", "--nproc_per_node=8", "train.py", "config/nano_h100.py"]
@@ -386,12 +390,12 @@ def test_emit_layout_flags(layout, flags):
 
 def test_emit_refuses_what_train_py_cannot_run():
     cfg, seq = plan.load_model(os.path.join(ROOT, "config", "nano_h100.py"))
-    job = plan.Job(cfg, seq, 64, 8, plan.load_hardware("h100"))
+    job = steptime.Job(cfg, seq, 64, 8, steptime.load_hardware("h100"))
     for layout, words in [(dict(pp=2, dp=4), "pipeline parallelism"), (dict(cp=2, dp=4), "context parallelism"),
                           (dict(dp=8, zero=1), "ZeRO-1"), (dict(dp=8, recompute="selective"), "selective recompute"),
                           (dict(tp=2, dp=4), "DDP replicas"), (dict(tp=2, dp=4, ep=2, zero=3), "ep=2 with tp=2"),
                           (dict(dp=8, ep=2, zero=3), "over their 4 replicas")]:
-        assert words in (plan.train_py_refuses(job, plan.Layout(**layout)) or ""), layout
+        assert words in (plan.train_py_refuses(job, steptime.Layout(**layout)) or ""), layout
 
 
 # -----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-import plan
 import planfit
+import steptime
 from model import NemotronConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def runs():
 
 def ideal_gpu(**kw):
     """A GPU whose only costs are the ones a test names (no kernel, launch or collective latency)."""
-    hw = dict(plan.FIT, name="ideal", flops={"bf16": 1e15, "fp8": 2e15, "fp4": 4e15}, hbm_gb=80, hbm_bw=1e12, sms=1,
+    hw = dict(steptime.FIT, name="ideal", flops={"bf16": 1e15, "fp8": 2e15, "fp4": 4e15}, hbm_gb=80, hbm_bw=1e12, sms=1,
               nvlink_bw=1e11, net_bw=1e10, gpus_per_node=8, kernel_s=0.0, latency_s=0.0, host_s=0.0)
     return dict(hw, **kw)
 
@@ -90,14 +90,14 @@ def test_model_flops_reproduce_the_published_tflops():
 # the cost terms, each on its own
 
 def test_quantize_bytes_by_recipe():
-    """HBM bytes to quantize one 16-bit operand element (plan.quantize_bytes): FP8 current scaling
+    """HBM bytes to quantize one 16-bit operand element (steptime.quantize_bytes): FP8 current scaling
     reads it for the amax and again to write an FP8 copy and its transpose (2 + 2 + 2 x 1 B); MXFP8
     one read and two copies with a scale per 32 (2 + 2 x 33/32 B); NVFP4 two 4-bit copies with a
     scale per 16 plus the Hadamard transform's read and write (2 + 2 x 9/16 + 4 B); 16 bit: none."""
-    assert plan.quantize_bytes("fp8", 1000, 2) == 6000
-    assert plan.quantize_bytes("mxfp8", 1000, 2) == pytest.approx(4062.5)
-    assert plan.quantize_bytes("nvfp4", 1000, 2) == pytest.approx(7125)
-    assert plan.quantize_bytes("bf16", 1000, 2) == 0
+    assert steptime.quantize_bytes("fp8", 1000, 2) == 6000
+    assert steptime.quantize_bytes("mxfp8", 1000, 2) == pytest.approx(4062.5)
+    assert steptime.quantize_bytes("nvfp4", 1000, 2) == pytest.approx(7125)
+    assert steptime.quantize_bytes("bf16", 1000, 2) == 0
 
 
 def test_low_precision_gemm_speed_and_casts():
@@ -105,27 +105,27 @@ def test_low_precision_gemm_speed_and_casts():
     operands, and pays its casts; the attention core, router and LM head stay in 16 bit."""
     cfg = NemotronConfig(vocab_size=1024, d_model=4096, pattern="-", d_ff=16384)
     hw = ideal_gpu(gemm_eff=1.0, lowp_eff=0.5, mem_eff=1.0)
-    bf16, fp8 = (plan.layer_cost(plan.Job(cfg, 4096, 1, 1, hw, p), "-", 1, 1, 1, 1, False) for p in ("bf16", "fp8"))
+    cost = lambda p, kind: steptime.layer_cost(steptime.Job(cfg, 4096, 1, 1, hw, p), kind, 1, 1, 1, 1, False)
+    bf16, fp8 = cost("bf16", "-"), cost("fp8", "-")
     gemm = 2 * 2 * 4096 * 4096 * 16384  # two GEMMs, forward
-    casts = plan.quantize_bytes("fp8", 4096 * 4096 + 4096 * 16384, 2) / 1e12
+    casts = steptime.quantize_bytes("fp8", 4096 * 4096 + 4096 * 16384, 2) / 1e12
     mem = (5 * 4096 * 4096 + 2 * 4096 * 16384) * 2 / 1e12  # norm and residual, the activation function
     assert bf16.fwd == pytest.approx(gemm / 1e15 + mem, rel=1e-9)
     assert fp8.fwd == pytest.approx(gemm / (2e15 * 0.5) + mem + casts, rel=1e-9)  # no faster: 50% of a 2x peak
-    head = [plan.layer_cost(plan.Job(cfg, 4096, 1, 1, hw, p), "head", 1, 1, 1, 1, False).fwd for p in ("bf16", "fp8")]
-    assert head[0] == head[1]
+    assert cost("bf16", "head").fwd == cost("fp8", "head").fwd
 
 
 def test_grouped_gemm_pays_whole_tiles():
-    """plan.gemm_time: an expert with 40 rows computes a whole 128-row tile, so 8 experts of 40 rows
+    """steptime.gemm_time: an expert with 40 rows computes a whole 128-row tile, so 8 experts of 40 rows
     take as long as 8 of 128 when compute-bound; a second tile of rows doubles it."""
     hw = ideal_gpu(mem_eff=1e9)  # memory never binds
-    t = [plan.gemm_time(hw, 1e15, 8, m, 4096, 4096, 2, 1.0) for m in (40, 128, 129, 256)]
+    t = [steptime.gemm_time(hw, 1e15, 8, m, 4096, 4096, 2, 1.0) for m in (40, 128, 129, 256)]
     assert t[0] == t[1] == pytest.approx(2 * 8 * 128 * 4096 * 4096 / 1e15) and t[2] == t[3] == pytest.approx(2 * t[1])
 
 
 def moe_job(hw, **kw):
     cfg = NemotronConfig(vocab_size=1024, d_model=1024, pattern="E", n_experts=64, top_k=4, moe_d_ff=512)
-    return plan.Job(cfg, 4096, 8, 8, hw, **kw)
+    return steptime.Job(cfg, 4096, 8, 8, hw, **kw)
 
 
 def test_moe_imbalance_and_sync():
@@ -133,11 +133,12 @@ def test_moe_imbalance_and_sync():
     rows and the all-to-all it receives (ep > 1 only); a dropless layer adds moe_sync_s to each pass."""
     hw = ideal_gpu(mem_eff=1e9, moe_sync_s=0.0)
     even, skew = moe_job(hw), moe_job(hw, moe_imbalance=1.5)
-    a, b = (plan.block_work(j, "E", 1, 1, 1, 8, False) for j in (even, skew))
+    a, b = (steptime.block_work(j, "E", 1, 1, 1, 8, False) for j in (even, skew))
     assert b.a2a == pytest.approx(1.5 * a.a2a) and b.lin[0][1] == pytest.approx(1.5 * a.lin[0][1])
-    assert plan.block_work(skew, "E", 1, 1, 1, 1, False).lin == plan.block_work(even, "E", 1, 1, 1, 1, False).lin
+    a, b = (steptime.block_work(j, "E", 1, 1, 1, 1, False) for j in (even, skew))
+    assert b.lin == a.lin
     synced = moe_job(ideal_gpu(mem_eff=1e9, moe_sync_s=1e-3))
-    c0, c1 = plan.layer_cost(even, "E", 1, 1, 1, 8, False), plan.layer_cost(synced, "E", 1, 1, 1, 8, False)
+    c0, c1 = steptime.layer_cost(even, "E", 1, 1, 1, 8, False), steptime.layer_cost(synced, "E", 1, 1, 1, 8, False)
     assert c1.fwd - c0.fwd == pytest.approx(1e-3) and c1.bwd - c0.bwd == pytest.approx(1e-3)
 
 
@@ -145,7 +146,7 @@ def test_all_to_all_overlap():
     """With a2a_overlap (Megatron-Bridge's expert-parallel overlap), a MoE layer's all-to-all per
     pass is exposed only beyond `overlap` of a forward's compute; without, it is exposed whole."""
     hw = ideal_gpu(mem_eff=1e9, moe_sync_s=0.0)
-    plain, hid = (plan.layer_cost(moe_job(hw, a2a_overlap=o), "E", 1, 1, 1, 8, False) for o in (False, True))
+    plain, hid = (steptime.layer_cost(moe_job(hw, a2a_overlap=o), "E", 1, 1, 1, 8, False) for o in (False, True))
     assert plain.ep > 0 and hid.ep == pytest.approx(plain.ep - hw["overlap"] * min(plain.ep, plain.fwd))
 
 
@@ -154,11 +155,11 @@ def test_gradients_in_bf16():
     gradient buffer takes 2 B a parameter, not 4, and the data-parallel reduce-scatter moves half."""
     cfg = NemotronConfig(vocab_size=1024, d_model=1024, pattern="*-", n_head=8, n_kv_head=8, head_dim=128, d_ff=4096)
     hw = ideal_gpu()
-    jobs = [plan.Job(cfg, 1, 16, 8, hw, grad_reduce=g) for g in ("fp32", "bf16")]
-    L = plan.Layout(dp=8, mbs=1, zero=1)
-    params = sum(r.dense for r in plan.rank_sums(jobs[0], L))
-    assert plan.memory(jobs[0], L) - plan.memory(jobs[1], L) == pytest.approx(2 * params, rel=1e-9)
-    scatter = [plan.comm_time(hw, "reduce_scatter", params * j.bytes["g"], 8, 8) for j in jobs]
+    jobs = [steptime.Job(cfg, 1, 16, 8, hw, grad_reduce=g) for g in ("fp32", "bf16")]
+    L = steptime.Layout(dp=8, mbs=1, zero=1)
+    params = sum(r.dense for r in steptime.rank_sums(jobs[0], L))
+    assert steptime.memory(jobs[0], L) - steptime.memory(jobs[1], L) == pytest.approx(2 * params, rel=1e-9)
+    scatter = [steptime.comm_time(hw, "reduce_scatter", params * j.bytes["g"], 8, 8) for j in jobs]
     assert scatter[1] == pytest.approx(scatter[0] / 2)
 
 
@@ -166,9 +167,9 @@ def test_host_bound_layers():
     """A pass takes the longer of its GPU time and the host's time to launch its kernels: with
     16 local experts a GEMM (and in FP8 a cast) each, a tiny MoE layer is launch-bound."""
     tiny = NemotronConfig(vocab_size=64, d_model=64, pattern="E", n_experts=16, top_k=2, moe_d_ff=64, shared_d_ff=0)
-    job = plan.Job(tiny, 128, 1, 1, ideal_gpu(host_s=1e-3, moe_sync_s=0.0))
-    c = plan.layer_cost(job, "E", 1, 1, 1, 1, False)
-    w = plan.block_work(job, "E", 1, 1, 1, 1, False)
+    job = steptime.Job(tiny, 128, 1, 1, ideal_gpu(host_s=1e-3, moe_sync_s=0.0))
+    c = steptime.layer_cost(job, "E", 1, 1, 1, 1, False)
+    w = steptime.block_work(job, "E", 1, 1, 1, 1, False)
     launches = w.kernels + 1 + 2 * 16  # memory-bound kernels, the router, two grouped GEMMs of 16 experts
     assert c.fwd == pytest.approx(launches * 1e-3) and c.bwd == pytest.approx(2 * launches * 1e-3)
 
@@ -178,28 +179,28 @@ def test_mamba_scan_at_its_own_efficiency():
     time when compute-bound (on each GPU through its own peak and bandwidth)."""
     cfg = NemotronConfig(vocab_size=64, d_model=2048, pattern="M", mamba_heads=64, mamba_head_dim=64, d_state=128,
                          mamba_groups=8, chunk_size=256)
-    cost = lambda eff, gpu: plan.layer_cost(plan.Job(cfg, 8192, 1, 1, dict(plan.load_hardware(gpu), ssd_eff=eff,
-                                                                           host_s=0.0)), "M", 1, 1, 1, 1, False)
+    job = lambda eff, gpu: steptime.Job(cfg, 8192, 1, 1, dict(steptime.load_hardware(gpu), ssd_eff=eff, host_s=0.0))
+    cost = lambda eff, gpu: steptime.layer_cost(job(eff, gpu), "M", 1, 1, 1, 1, False)
     for gpu in ("h100", "b200"):
-        w = plan.block_work(plan.Job(cfg, 8192, 1, 1, plan.load_hardware(gpu)), "M", 1, 1, 1, 1, False)
-        core = lambda eff: w.core_flops / (plan.load_hardware(gpu)["flops"]["bf16"] * eff)
+        w = steptime.block_work(steptime.Job(cfg, 8192, 1, 1, steptime.load_hardware(gpu)), "M", 1, 1, 1, 1, False)
+        core = lambda eff: w.core_flops / (steptime.load_hardware(gpu)["flops"]["bf16"] * eff)
         assert cost(0.1, gpu).fwd - cost(0.2, gpu).fwd == pytest.approx(core(0.1) - core(0.2), rel=1e-9)
 
 
 def test_nvl72_is_one_domain():
     """GB200/GB300 NVL72: 72 GPUs in one NVLink domain, so a 64-GPU data-parallel group (tp = 1)
     syncs at NVLink speed, where on 8-GPU B200 nodes it spans eight of them."""
-    gb, b = plan.load_hardware("gb200"), plan.load_hardware("b200")
-    assert plan.in_domain(gb, 64, 1) == 64 and plan.in_domain(b, 64, 1) == 8
-    assert plan.comm_time(gb, "all_reduce", 1e9, 64, 64) < plan.comm_time(b, "all_reduce", 1e9, 64, 8)
-    assert plan.load_hardware("h800")["nvlink_bw"] == plan.load_hardware("a800")["nvlink_bw"] == 200e9
+    gb, b = steptime.load_hardware("gb200"), steptime.load_hardware("b200")
+    assert steptime.in_domain(gb, 64, 1) == 64 and steptime.in_domain(b, 64, 1) == 8
+    assert steptime.comm_time(gb, "all_reduce", 1e9, 64, 64) < steptime.comm_time(b, "all_reduce", 1e9, 64, 8)
+    assert steptime.load_hardware("h800")["nvlink_bw"] == steptime.load_hardware("a800")["nvlink_bw"] == 200e9
 
 
 # -----------------------------------------------------------------------------
 # the published figures
 
 def test_published_runs_with_the_committed_constants(runs):
-    """plan.FIT on every run (fitted on them all): the in-sample table docs/planner.md gives, and
+    """steptime.FIT on every run (fitted on them all): the in-sample table docs/planner.md gives, and
     the layout pairs: at least 90% of those the planner can tell apart ordered as measured."""
     table = planfit.summary([planfit.predict(r) for r in runs])
     assert table["all"][1] <= 0.15 and all(table[s][1] <= 0.20 for s in ("fp8", "blackwell", "hybrid")), table
@@ -208,10 +209,10 @@ def test_published_runs_with_the_committed_constants(runs):
 
 
 def test_fit_gives_the_committed_constants(runs):
-    """planfit.fit_constants on every published run returns plan.FIT: the constants in plan.py are
+    """planfit.fit_constants on every published run returns steptime.FIT: the constants in steptime.py are
     this fit's, not edited by hand."""
     fit, _ = planfit.fit_constants(runs)
-    assert fit == plan.FIT
+    assert fit == steptime.FIT
 
 
 def test_one_source_held_out(runs):
