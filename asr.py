@@ -487,20 +487,17 @@ FEATURE_OF = {"syllable": "toneless", "tone": "tone", "initial": "initial", "fin
 
 
 class PETEmbedding(nn.Module):
-    """E(v) = E_token(v) + sum_f E_f(f(v)) over the features on; a plain embedding with none. With F features
-    each table starts at N(0, 1 / (F + 1)), so that the sum starts at the plain embedding's N(0, 1)."""
+    """E(v) = E_token(v) + sum_f E_f(f(v)) over the features on; a plain embedding with none. The feature
+    tables start at zero, so that PET starts as the plain embedding and each shared row learns from the
+    summed gradients of the tokens that share it."""
 
     def __init__(self, vocab_size, d, features=None):
         super().__init__()
         self.token = nn.Embedding(vocab_size, d)
         features = features or TokenFeatures((), [], [])
         self.tables = nn.ModuleList(nn.Embedding(n, d, padding_idx=0) for n in features.sizes)
-        if self.tables:  # the sum at a plain embedding's scale
-            for table in (self.token, *self.tables):
-                nn.init.normal_(table.weight, std=(1 + len(self.tables)) ** -0.5)
-            with torch.no_grad():
-                for table in self.tables:
-                    table.weight[0].zero_()  # value 0: the token has no such feature
+        for table in self.tables:
+            nn.init.zeros_(table.weight)  # row 0 stays zero: the token has no such feature
         maps = torch.tensor(features.values, dtype=torch.long).view(len(features.sizes), vocab_size)  # (F, V)
         self.register_buffer("maps", maps)
 
@@ -543,6 +540,14 @@ class PredictionNet(nn.Module):
         if self.context:
             return torch.where(take[:, None], new, old)
         return tuple(torch.where(take[None, :, None], n, o) for n, o in zip(new, old))
+
+    def pick(self, state, rows):
+        """The state of these rows (N,), in this order (a beam's surviving hypotheses)."""
+        return state[rows] if self.context else tuple(s[:, rows] for s in state)
+
+    def join(self, states):
+        """One state of all the rows of these states, in order."""
+        return torch.cat(states) if self.context else tuple(torch.cat(s, 1) for s in zip(*states))
 
 
 class Transducer(nn.Module):
@@ -611,6 +616,55 @@ def greedy_decode(model, wave, lengths, max_symbols=4):
     return hyps
 
 
+@torch.no_grad()
+def beam_decode(model, wave, lengths, beam=4, max_symbols=4):
+    """Each utterance's most probable labels under a time-synchronous beam search of `beam` hypotheses
+    (Saon et al., ICASSP 2020), up to max_symbols labels a frame as greedy_decode. Within frame t each
+    round proposes every hypothesis y closed by a blank (y moves on to frame t + 1) and extended by
+    each label v; closed hypotheses with the same labels are one, scored by the log-sum of theirs (two
+    alignments of one label sequence); the best `beam` closed ones start frame t + 1."""
+    enc, frames = model.encoder(wave, lengths)
+    f = model.joint_enc(enc)  # (B, T, J)
+    pred, out = model.predictor, []
+    for b in range(f.shape[0]):
+        # 1. the start: the empty hypothesis, the prediction network after the start symbol (blank)
+        g, state = pred(torch.full((1, 1), BLANK, dtype=torch.long, device=f.device))
+        hyps, score, g = [()], f.new_zeros(1), model.joint_pred(g[:, 0])  # N hypotheses: (N,), (N, J)
+        for t in range(int(frames[b])):
+            closed, rounds = {}, []  # labels -> [score, row in the rounds' hypotheses]; each round's (g, state)
+            for r in range(max_symbols + 1):
+                row0 = sum(len(gr) for gr, _ in rounds)
+                rounds.append((g, state))
+                logp = model.joint(f[b, t], g).log_softmax(-1)  # (N, V)
+                # 2. every hypothesis closed by a blank, merged with the other alignments of its labels
+                for n, (y, s) in enumerate(zip(hyps, (score + logp[:, BLANK]).tolist())):
+                    if y in closed:
+                        closed[y][0] = float(np.logaddexp(closed[y][0], s))
+                    else:
+                        closed[y] = [s, row0 + n]
+                if r == max_symbols:
+                    break
+                # 3. the best `beam` extensions by one label, those that can still enter the closed beam
+                ext = score[:, None] + logp
+                ext[:, BLANK] = -math.inf
+                top = ext.flatten().topk(min(beam, ext.numel()))
+                floor = sorted(c[0] for c in closed.values())[-beam] if len(closed) >= beam else -math.inf
+                keep = top.values > floor
+                if not keep.any():
+                    break
+                rows, labels = top.indices[keep] // ext.shape[1], top.indices[keep] % ext.shape[1]
+                hyps = [hyps[n] + (v,) for n, v in zip(rows.tolist(), labels.tolist())]
+                g_new, state = pred(labels[:, None], pred.pick(state, rows))
+                score, g = top.values[keep], model.joint_pred(g_new[:, 0])
+            # 4. frame t + 1 starts from the best `beam` closed hypotheses, with their rows' g and state
+            hyps = sorted(closed, key=lambda y: closed[y][0], reverse=True)[:beam]
+            rows = torch.tensor([closed[y][1] for y in hyps], device=f.device)
+            score = f.new_tensor([closed[y][0] for y in hyps])
+            g = torch.cat([gr for gr, _ in rounds])[rows]
+            state = pred.pick(pred.join([st for _, st in rounds]), rows)
+        out.append(list(hyps[int(score.argmax())]))
+    return out
+
 # -----------------------------------------------------------------------------
 # use: python asr.py --wav=FILE.wav --init_from=DIR (a folder train_asr.py wrote)
 
@@ -644,9 +698,11 @@ def load_transducer(folder):
     return model.eval(), romanize.ConcatTokenizer.from_dict(ckpt["tokenizer"]), r2c
 
 
-def transcribe(model, tok, r2c, wave, lengths):
-    """Each utterance's units (Mandarin characters and English words) from waveforms (B, N) in [-1, 1]."""
-    units = [tok.decode(ids) for ids in greedy_decode(model, wave, lengths)]
+def transcribe(model, tok, r2c, wave, lengths, beam=0):
+    """Each utterance's units (Mandarin characters and English words) from waveforms (B, N) in [-1, 1],
+    decoded greedily (beam 0) or by a beam search of `beam` hypotheses."""
+    ids = beam_decode(model, wave, lengths, beam) if beam else greedy_decode(model, wave, lengths)
+    units = [tok.decode(y) for y in ids]
     return romanize.to_chars_batch(r2c, units) if r2c is not None else units
 
 
@@ -654,7 +710,10 @@ def main(argv):
     parser = argparse.ArgumentParser(description="Transcribe a 16 kHz mono WAV file with a transducer.")
     parser.add_argument("--wav", required=True, help="the audio: 16 kHz, mono, 16-bit PCM")
     parser.add_argument("--init_from", default="out-asr/char", help="a folder with train_asr.py's ckpt.pt")
+    parser.add_argument("--beam", type=int, default=0, help="0: greedy decoding; k: a beam search of k hypotheses")
     args = parser.parse_args(argv)
+    if args.beam < 0:
+        sys.exit(f"error: --beam={args.beam}: 0 (greedy) or a number of hypotheses")
     try:
         samples = read_wav(args.wav)
     except ValueError as e:
@@ -663,7 +722,7 @@ def main(argv):
         sys.exit(f"error: {args.init_from}/ckpt.pt not found: train one with python train_asr.py")
     model, tok, r2c = load_transducer(args.init_from)
     wave = torch.from_numpy(samples.astype(np.float32) / 32768)[None]  # (1, N)
-    units = transcribe(model, tok, r2c, wave, torch.tensor([wave.shape[1]]))[0]
+    units = transcribe(model, tok, r2c, wave, torch.tensor([wave.shape[1]]), args.beam)[0]
     print(" ".join(units))
 
 

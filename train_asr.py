@@ -6,6 +6,7 @@ output encodings and embeddings, run beside run. Read after asr.py and romanize.
     python romanize.py                                  # Roman2Char, from the corpus' text alone
     python train_asr.py config/asr_romanization.py      # characters vs romanized + Roman2Char
     python train_asr.py config/asr_pet.py               # conventional vs PET embeddings
+    python train_asr.py config/asr_pet.py --rescore=True --beam=4   # the finished runs, beam search
     python asr.py --wav=FILE.wav --init_from=out-asr/char
 
 Every run named in --runs trains the same encoder for the same steps on the same batches (a pure
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from asr import ASRConfig, Subsampling, Transducer, greedy_decode, token_features
+from asr import ASRConfig, Subsampling, Transducer, beam_decode, greedy_decode, load_transducer, token_features
 import romanize
 from romanize import build_tokenizer, count_readings, is_mandarin, to_chars_batch
 
@@ -48,6 +49,8 @@ joint_chunk = 4                # frames per chunk of the fused joint (0: the who
 eval_every = 400               # steps between val scores (0: only at the end)
 eval_max = 0                   # utterances scored per split (0: all)
 memory_budget_mb = 1024        # the joint's memory budget for the batch-size column
+beam = 0                       # decoding for the scores: 0 greedy, k a beam search of k hypotheses
+rescore = False                # score the finished runs in out_dir again (e.g. with --beam=4), no training
 seed = 1337
 threads = 0                    # torch threads (0: torch's default)
 globals().update({k: v for k, v in asdict(ASRConfig()).items() if k not in ('vocab_size', 'pet')})  # model flags
@@ -56,7 +59,7 @@ ctc_weight = 0.3               # the encoder's CTC loss beside the transducer's 
 config_ranges = {'steps': 'int [1, inf)', 'batch_size': 'int [1, inf)', 'learning_rate': '(0, 1]',
                  'token_budget': 'int [8, inf)', 'joint_chunk': 'int [0, inf)', 'eval_every': 'int [0, inf)',
                  'eval_max': 'int [0, inf)', 'warmup': 'int [0, inf)', 'dropout': '[0, 1)',
-                 'memory_budget_mb': '(0, inf)', 'threads': 'int [0, inf)'}
+                 'memory_budget_mb': '(0, inf)', 'threads': 'int [0, inf)', 'beam': 'int [0, inf)'}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # and die()
 config = {k: globals()[k] for k in config_keys}
@@ -165,7 +168,8 @@ def decode_split(model, tok, r2c, split, idx, batch=32):
     out, syllables = [], []
     for k in range(0, len(idx), batch):
         wave, lengths = split.waves(idx[k:k + batch])
-        units = [tok.decode(ids) for ids in greedy_decode(model, wave, lengths)]
+        ids = beam_decode(model, wave, lengths, beam) if beam else greedy_decode(model, wave, lengths)
+        units = [tok.decode(y) for y in ids]
         syllables += units
         out += to_chars_batch(r2c, units) if r2c is not None else units
     model.train()
@@ -310,10 +314,9 @@ def table(results):
     lines = ['| run | vocab | joint MB, whole / fused | batch in budget, whole / fused | val MER | test MER | '
              'test CER zh | test WER en | P(err) | P(err after err) |', '|' + ' --- |' * 10]
     for r in results:
-        t = r['test']
-        j = r['joint']
-        lines.append(f"| {r['run']} | {r['vocab_size']} | {j['mb'][0]:.0f} / {j['mb'][1]:.0f} | "
-                     f"{j['batch_fits'][0]} / {j['batch_fits'][1]} | {r['val']['mer']:.3f} | {t['mer']:.3f} | "
+        t, j = r['test'], r.get('joint')  # a rescored run has no joint figures
+        memory = f"{j['mb'][0]:.0f} / {j['mb'][1]:.0f} | {j['batch_fits'][0]} / {j['batch_fits'][1]}" if j else "- | -"
+        lines.append(f"| {r['run']} | {r['vocab_size']} | {memory} | {r['val']['mer']:.3f} | {t['mer']:.3f} | "
                      f"{t['cer_zh']:.3f} | {t['wer_en']:.3f} | {t['p_error']:.3f} | {t['p_error_after_error']:.3f} |")
     return '\n'.join(lines)
 
@@ -324,13 +327,20 @@ if __name__ == '__main__':
     if bad:
         die(f'--runs: unknown run {bad[0]!r}; runs are {", ".join(RUN_KINDS)}', 2)
     done = [n for n in names if os.path.exists(os.path.join(out_dir, n, 'ckpt.pt'))]
-    if done and not overwrite:
+    if rescore and len(done) < len(names):
+        die(f'--rescore: {out_dir}/{[n for n in names if n not in done][0]} holds no finished run', 2)
+    if done and not overwrite and not rescore:
         die(f'{out_dir}/{done[0]} holds a finished run: pass --overwrite=True to replace it, or another --out_dir', 2)
     if threads:
         torch.set_num_threads(threads)
     data = load_data(data_dir)
     results = []
     for name in names:
+        if rescore:  # results.json keeps the training's own scores
+            model, tok, r2c = load_transducer(os.path.join(out_dir, name))
+            results.append({'run': name, 'vocab_size': tok.vocab_size, 'val': evaluate(model, tok, r2c, data['val']),
+                            'test': evaluate(model, tok, r2c, data['test'])})
+            continue
         r = train_run(name, data)
         with open(os.path.join(out_dir, name, 'results.json'), 'w') as f:
             json.dump(r, f, indent=1)

@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_asr.py
 """
 import itertools, math, os, subprocess, sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,6 +242,7 @@ def test_training_lowers_the_loss_and_greedy_decodes_what_it_learned(pred_contex
     model.eval()
     hyps = asr.greedy_decode(model, wave, lengths)
     assert hyps == [targets[i, :labels[i]].tolist() for i in range(4)]
+    assert asr.beam_decode(model, wave, lengths, beam=4) == hyps
 
 
 @pytest.mark.parametrize("pred_context", [0, 1, 3])
@@ -258,3 +260,37 @@ def test_prediction_net_label_by_label_equals_the_whole(pred_context):
         g, state = net(y[:, u:u + 1], state)
         steps.append(g)
     assert torch.allclose(torch.cat(steps, 1), whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("pred_context", [0, 2])
+def test_beam_search_without_pruning_is_the_most_probable_labels(pred_context):
+    """With a beam wide enough to keep every hypothesis, beam_decode returns the label sequence of
+    highest probability summed over all its alignments of at most 2 labels a frame, found here by
+    enumerating every such alignment (13 choices a frame with 3 labels) of an untrained model."""
+    torch.manual_seed(1)
+    cfg = asr.ASRConfig(vocab_size=4, d_model=16, n_heads=2, n_layers=1, sub_channels=8, pred_dim=8, joint_dim=8,
+                        dropout=0.0, pred_context=pred_context)
+    model = asr.Transducer(cfg).eval()
+    with torch.no_grad():
+        model.joint_out.weight.mul_(4)  # peaked distributions: a clear winner
+        model.joint_out.bias[asr.BLANK] = -2.0  # labels likelier than blanks: several a frame
+    wave, lengths = 0.1 * torch.randn(2, 3000), torch.tensor([3000, 2000])
+    per_frame = [()] + [(v,) for v in (1, 2, 3)] + list(itertools.product((1, 2, 3), repeat=2))
+    best = []
+    with torch.no_grad():
+        enc, frames = model.encoder(wave, lengths)
+        f = model.joint_enc(enc)
+        logp = lambda t, y: model.joint(f[b, t], model.joint_pred(model.predictor(torch.tensor([[0] + y]))[0][0, -1]))
+        for b in range(2):
+            totals = {}
+            for path in itertools.product(per_frame, repeat=int(frames[b])):
+                y, score = [], 0.0
+                for t, emitted in enumerate(path):
+                    for k in emitted + (asr.BLANK,):  # the frame's labels, then the blank that ends it
+                        score += float(logp(t, y).log_softmax(-1)[k])
+                        y = y + [k] if k != asr.BLANK else y
+                totals[tuple(y)] = float(np.logaddexp(totals.get(tuple(y), -np.inf), score))
+            best.append(list(max(totals, key=totals.get)))
+    assert int(frames[0]) == 3 and int(frames[1]) == 2
+    assert asr.beam_decode(model, wave, lengths, beam=10 ** 4, max_symbols=2) == best
+    assert best != asr.beam_decode(model, wave, lengths, beam=10 ** 4, max_symbols=1)  # two a frame matter here

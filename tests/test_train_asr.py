@@ -114,6 +114,21 @@ def test_finished_runs_are_not_replaced_unasked(trained):
 
 
 @needs_espeak
+def test_rescore_scores_finished_runs_again_and_keeps_their_results(trained):
+    """--rescore decodes the finished runs again (here with a beam search) without training; results.json
+    keeps the training's own scores; a run that is not there exits 2 before any work."""
+    data, out, _ = trained
+    before = (out / "char" / "results.json").read_text()
+    proc = run("train_asr.py", f"--data_dir={data}", f"--out_dir={out}", "--runs=char,roman", "--rescore=True",
+               "--beam=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| char | " in proc.stdout and "| roman | " in proc.stdout
+    assert (out / "char" / "results.json").read_text() == before
+    proc = run("train_asr.py", f"--data_dir={data}", f"--out_dir={out}", "--runs=roman+pet", "--rescore=True")
+    assert proc.returncode == 2 and "holds no finished run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_espeak
 def test_wav_transcribes_and_refuses_bad_files(trained, tmp_path):
     data, out, _ = trained
     with np.load(data / "test.npz") as z:
@@ -124,6 +139,10 @@ def test_wav_transcribes_and_refuses_bad_files(trained, tmp_path):
     for name in ("char", "roman", "char+pet"):
         proc = run("asr.py", f"--wav={good}", f"--init_from={out / name}")
         assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run("asr.py", f"--wav={good}", f"--init_from={out / 'char'}", "--beam=3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run("asr.py", f"--wav={good}", f"--init_from={out / 'char'}", "--beam=-1")
+    assert proc.returncode == 1 and "--beam" in proc.stderr and "Traceback" not in proc.stderr
     stereo, slow, text = tmp_path / "stereo.wav", tmp_path / "slow.wav", tmp_path / "notes.wav"
     with wave.open(str(stereo), "wb") as w:
         w.setnchannels(2), w.setsampwidth(2), w.setframerate(16000), w.writeframes(np.zeros(200, "<i2").tobytes())
