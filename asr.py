@@ -5,8 +5,9 @@ asr.py: speech recognition with transducers. Read after model.py; romanize.py ho
 Sections, in order: the RNN-Transducer loss (Graves 2012, arXiv:1211.3711, Sec. 2) with a PyTorch
 reference and a Triton kernel beside it; the fused joint (the lattice without the joint's whole
 logits); log-mel features; the FastConformer encoder; the prediction network with PET embeddings; the
-Transducer and greedy decoding; the command line:
+Transducer, greedy decoding and a beam search; the command line:
     python asr.py --wav=FILE.wav --init_from=out-asr/char     # a 16 kHz mono 16-bit WAV
+    python asr.py --wav=FILE.wav --init_from=out-asr/roman --beam=4
 
 A transducer's joint network scores, for every audio frame t < T and every count u <= U of labels
 already emitted, the next output: a blank (move to frame t + 1) or the label y_{u+1} (stay on frame
@@ -545,10 +546,6 @@ class PredictionNet(nn.Module):
         """The state of these rows (N,), in this order (a beam's surviving hypotheses)."""
         return state[rows] if self.context else tuple(s[:, rows] for s in state)
 
-    def join(self, states):
-        """One state of all the rows of these states, in order."""
-        return torch.cat(states) if self.context else tuple(torch.cat(s, 1) for s in zip(*states))
-
 
 class Transducer(nn.Module):
     """FastConformer encoder, prediction network and joint z = W tanh(W_f f_t + W_g g_u) + b (Graves 2012)."""
@@ -618,51 +615,55 @@ def greedy_decode(model, wave, lengths, max_symbols=4):
 
 @torch.no_grad()
 def beam_decode(model, wave, lengths, beam=4, max_symbols=4):
-    """Each utterance's most probable labels under a time-synchronous beam search of `beam` hypotheses
-    (Saon et al., ICASSP 2020), up to max_symbols labels a frame as greedy_decode. Within frame t each
-    round proposes every hypothesis y closed by a blank (y moves on to frame t + 1) and extended by
-    each label v; closed hypotheses with the same labels are one, scored by the log-sum of theirs (two
-    alignments of one label sequence); the best `beam` closed ones start frame t + 1."""
+    """Each utterance's most probable labels under an alignment-length synchronous beam search (ALSD,
+    Saon et al., ICASSP 2020) of `beam` hypotheses. Step i holds hypotheses y at frame t = i - |y|, so
+    that all have made i moves through the T x U lattice and compare fairly: each proposes itself
+    closed by a blank (y moves to frame t + 1; past the last frame it is finished) and y + v for each
+    label v (same frame); proposals with the same labels are one hypothesis scored by the log-sum of
+    theirs (two alignments of one label sequence); the best `beam` go on. At most max_symbols * T
+    labels in all (greedy_decode: max_symbols a frame)."""
+    def merge(into, y, s, parent, label):  # two alignments of labels y are one hypothesis: their log-sum
+        if y in into:
+            into[y][0] = float(np.logaddexp(into[y][0], s))
+        else:
+            into[y] = [s, parent, label]
+
     enc, frames = model.encoder(wave, lengths)
     f = model.joint_enc(enc)  # (B, T, J)
     pred, out = model.predictor, []
     for b in range(f.shape[0]):
+        T = int(frames[b])
         # 1. the start: the empty hypothesis, the prediction network after the start symbol (blank)
         g, state = pred(torch.full((1, 1), BLANK, dtype=torch.long, device=f.device))
         hyps, score, g = [()], f.new_zeros(1), model.joint_pred(g[:, 0])  # N hypotheses: (N,), (N, J)
-        for t in range(int(frames[b])):
-            closed, rounds = {}, []  # labels -> [score, row in the rounds' hypotheses]; each round's (g, state)
-            for r in range(max_symbols + 1):
-                row0 = sum(len(gr) for gr, _ in rounds)
-                rounds.append((g, state))
-                logp = model.joint(f[b, t], g).log_softmax(-1)  # (N, V)
-                # 2. every hypothesis closed by a blank, merged with the other alignments of its labels
-                for n, (y, s) in enumerate(zip(hyps, (score + logp[:, BLANK]).tolist())):
-                    if y in closed:
-                        closed[y][0] = float(np.logaddexp(closed[y][0], s))
-                    else:
-                        closed[y] = [s, row0 + n]
-                if r == max_symbols:
-                    break
-                # 3. the best `beam` extensions by one label, those that can still enter the closed beam
-                ext = score[:, None] + logp
-                ext[:, BLANK] = -math.inf
-                top = ext.flatten().topk(min(beam, ext.numel()))
-                floor = sorted(c[0] for c in closed.values())[-beam] if len(closed) >= beam else -math.inf
-                keep = top.values > floor
-                if not keep.any():
-                    break
-                rows, labels = top.indices[keep] // ext.shape[1], top.indices[keep] % ext.shape[1]
-                hyps = [hyps[n] + (v,) for n, v in zip(rows.tolist(), labels.tolist())]
-                g_new, state = pred(labels[:, None], pred.pick(state, rows))
-                score, g = top.values[keep], model.joint_pred(g_new[:, 0])
-            # 4. frame t + 1 starts from the best `beam` closed hypotheses, with their rows' g and state
-            hyps = sorted(closed, key=lambda y: closed[y][0], reverse=True)[:beam]
-            rows = torch.tensor([closed[y][1] for y in hyps], device=f.device)
-            score = f.new_tensor([closed[y][0] for y in hyps])
-            g = torch.cat([gr for gr, _ in rounds])[rows]
-            state = pred.pick(pred.join([st for _, st in rounds]), rows)
-        out.append(list(hyps[int(score.argmax())]))
+        finished = {}  # labels -> [log-probability summed over the alignments that ended, ...]
+        for i in range(T + max_symbols * T):
+            u = torch.tensor([len(y) for y in hyps], device=f.device)  # (N,)
+            logp = model.joint(f[b, i - u], g).log_softmax(-1)  # (N, V): each at its own frame
+            # 2. the blank: y at its next frame, or finished after the last
+            proposals = {}  # labels -> [score, parent, label or BLANK]
+            for n, (y, s) in enumerate(zip(hyps, (score + logp[:, BLANK]).tolist())):
+                merge(finished if i - len(y) + 1 == T else proposals, y, s, n, BLANK)
+            # 3. the best `beam` extensions by one label
+            ext = score[:, None] + logp
+            ext[:, BLANK] = -math.inf
+            ext[u >= max_symbols * T] = -math.inf
+            top = ext.flatten().topk(min(beam, ext.numel()))
+            for s, k in zip(top.values.tolist(), top.indices.tolist()):
+                n, v = divmod(k, ext.shape[1])
+                if s > -math.inf:
+                    merge(proposals, hyps[n] + (v,), s, n, v)
+            if not proposals:
+                break
+            # 4. the best `beam` proposals go on; an extension steps its parent's prediction network
+            hyps = sorted(proposals, key=lambda y: proposals[y][0], reverse=True)[:beam]
+            parent = torch.tensor([proposals[y][1] for y in hyps], device=f.device)
+            label = torch.tensor([proposals[y][2] for y in hyps], device=f.device)
+            emit, old = label != BLANK, pred.pick(state, parent)
+            g_new, state_new = pred(label[:, None], old)
+            g = torch.where(emit[:, None], model.joint_pred(g_new[:, 0]), g[parent])
+            state, score = pred.choose(emit, state_new, old), f.new_tensor([proposals[y][0] for y in hyps])
+        out.append(list(max(finished, key=lambda y: finished[y][0])) if finished else [])
     return out
 
 # -----------------------------------------------------------------------------

@@ -13,9 +13,10 @@ bench.py: speed measured side by side in one process, printed as ratios. Read af
                                # and one W layer: attention.banded vs the dense window mask
     python bench.py lowprec    # FP8 / MXFP8 / NVFP4 Linear vs bf16, forward + backward;
                                # quantizer bandwidth (a GPU's job)
+    python bench.py rnnt       # asr.py's RNN-T loss kernel vs its reference; the joint's memory (a GPU's job)
     python bench.py --quick    # a tiny smoke version (tests/test_bench.py calls its functions)
 
-kernels, lowprec and (on a GPU, after moe) the grouped GEMM are bench_kernels.py's benches; they time
+kernels, lowprec, rnnt and (on a GPU, after moe) the grouped GEMM are bench_kernels.py's benches; they time
 with the helpers here (interleaved, timed, train_step, verdict).
 
 The candidates take turns, one step each (a, b, c, a, b, c, ...; decoding: 8 tokens each, so that
@@ -710,9 +711,10 @@ def main():
     parser = argparse.ArgumentParser(description="side-by-side speed of ours vs transformers' NemotronH")
     parser.add_argument("what", nargs="?", default="all",
                         choices=["all", "train", "decode", "batch", "rows", "serve", "moe", "kernels", "star",
-                                 "lowprec"],
+                                 "lowprec", "rnnt"],
                         help="all = train + decode (+ its batch) + moe; batch (16 prompts together), rows, serve, "
-                             "kernels (the Triton SSD), star and lowprec (FP8/NVFP4 Linear) run only when named")
+                             "kernels (the Triton SSD), star, lowprec (FP8/NVFP4 Linear) and rnnt (the RNN-T loss) "
+                             "run only when named")
     parser.add_argument("--quick", action="store_true", help="tiny config and few steps: a smoke test")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no_hf", action="store_true", help="skip transformers")
@@ -740,7 +742,7 @@ def main():
         if args.quick else dict(n_experts=(64, 128), tokens=4096, steps=5, warmup=2, cfg_kw=MOE)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"bench: torch {torch.__version__}, {os.cpu_count()} CPUs, load average {load:.1f}"
-          + ("" if args.what in ("kernels", "star", "lowprec") or args.init_from else
+          + ("" if args.what in ("kernels", "star", "lowprec", "rnnt") or args.init_from else
              f", config d_model={cfg.d_model} pattern={cfg.pattern!r} vocab={cfg.vocab_size}"))
     if load > (os.cpu_count() or 1) and torch.get_num_threads() > 1:
         print("note: the machine is busy (load > CPUs): threads that wait on each other make timings noisy; "
@@ -799,6 +801,8 @@ def main():
         report_window(bench_window(star_kw["contexts"], window, star_kw["steps"], star_kw["warmup"]), window)
     if args.what == "lowprec":
         bench_kernels.run_lowprec(args.quick)
+    if args.what == "rnnt":
+        bench_kernels.run_rnnt(args.quick)
     if args.what in ("all", "moe"):
         res = bench_moe(hf=not args.no_hf, **moe_kw)
         report_moe(res, moe_kw["tokens"], moe_kw["steps"], moe_kw["warmup"], moe_kw["cfg_kw"])

@@ -9,6 +9,7 @@ command line runs these:
     python bench.py kernels --lengths=4096,8192   # other sequence lengths
     python bench.py lowprec    # FP8 / MXFP8 / NVFP4 Linear vs bf16, forward + backward; quantizer bandwidth
     python bench.py moe        # on a GPU, after the MoE layer: the grouped GEMM beside one dense matmul
+    python bench.py rnnt       # the RNN-T loss kernel vs its reference; the joint's memory, whole vs fused
 
 These are a GPU's job: on a CPU they time the references, and the Triton path only under the
 interpreter (TRITON_INTERPRET=1), whose timings measure Python, not the kernels. As in bench.py,
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 import lowprec
 import triton_ops
+from asr import BLANK, joint_lattice, lattice_loss, rnnt_lattice
 from bench import interleaved, timed, train_step, verdict
 from hardware import peaks
 from mamba import ssd_flops, ssd_ref, ssd_step
@@ -304,3 +306,68 @@ def run_lowprec(quick):
     quant = bench_quantizers(R, C, reps=2 if quick else 20, device=device)
     report_lowprec(lin, (M, K, N), quant, (R, C))
 
+
+
+# -----------------------------------------------------------------------------
+# the RNN-T loss (asr.py): the Triton kernel beside its PyTorch reference, and the joint's peak memory
+# with its whole (B, T, U + 1, V) logits beside joint_lattice's chunks
+
+
+def bench_rnnt_loss(B, T, U, steps=10, warmup=2, device="cuda"):
+    """ms of one forward + backward of the loss from a (B, T, U + 1) lattice: kernel and reference."""
+    g = torch.Generator().manual_seed(0)
+    blank_lp = F.logsigmoid(torch.randn(B, T, U + 1, generator=g)).to(device).requires_grad_()
+    label_lp = F.logsigmoid(torch.randn(B, T, U, generator=g)).to(device).requires_grad_()
+    frames, labels = torch.full((B,), T, device=device), torch.full((B,), U, device=device)
+
+    def run(use):
+        def step():
+            triton_ops.USE_TRITON = use
+            lattice_loss(blank_lp, label_lp, frames, labels).sum().backward()
+        return step
+    secs = interleaved({"Triton kernel": run(True), "PyTorch reference": run(False)}, steps, warmup)
+    triton_ops.USE_TRITON = True
+    return {name: 1000 * t for name, t in secs.items()}
+
+
+def joint_peak_mb(B, T, U, V, J, chunk, device="cuda"):
+    """MB the GPU allocates above its inputs for one forward + backward of the joint and the loss:
+    the whole logits (chunk 0) or joint_lattice, chunk frames at a time."""
+    g = torch.Generator().manual_seed(0)
+    f, pred = (torch.randn(B, n, J, generator=g).to(device).requires_grad_() for n in (T, U + 1))
+    w = (0.05 * torch.randn(V, J, generator=g)).to(device).requires_grad_()
+    b = torch.zeros(V, device=device, requires_grad=True)
+    y = torch.randint(1, V, (B, U), generator=g).to(device)
+    frames, labels = torch.full((B,), T, device=device), torch.full((B,), U, device=device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    if chunk:
+        blank_lp, label_lp = joint_lattice(f, pred, w, b, y, BLANK, chunk)
+    else:
+        blank_lp, label_lp = rnnt_lattice(F.linear(torch.tanh(f[:, :, None] + pred[:, None]), w, b), y, BLANK)
+    lattice_loss(blank_lp, label_lp, frames, labels).sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_rnnt(quick):
+    """bench.py rnnt: on a GPU an ASR batch's lattice (16 utterances, 250 frames, 60 labels) and the
+    joint's memory at vocabularies of 1K to 8K; on a CPU the reference (and, under TRITON_INTERPRET=1,
+    the kernel in the interpreter) at a smaller size, without the memory table."""
+    gpu = torch.cuda.is_available()
+    B, T, U = (2, 8, 3) if quick else (16, 250, 60) if gpu else (8, 60, 20)
+    device = "cuda" if gpu else "cpu"
+    ms = bench_rnnt_loss(B, T, U, steps=1 if quick else 10, warmup=0 if quick else 2, device=device)
+    where = "" if gpu else " (CPU: the kernel only under TRITON_INTERPRET=1, timing Python)"
+    print(f"\nRNN-T loss, forward + backward, B={B} T={T} U={U}{where}")
+    for name, t in ms.items():
+        print(f"  {name:<18}{t:>9.3f} ms")
+    print(f"  reference / kernel: {ms['PyTorch reference'] / ms['Triton kernel']:.1f}x")
+    if gpu:
+        J = 640
+        print(f"\njoint + loss peak memory above the inputs, B={B} T={T} U={U} J={J} (MB)")
+        print(f"{'V':>6}{'whole logits':>14}{'fused, 4 frames':>17}{'ratio':>8}")
+        for V in ((1024,) if quick else (1024, 4096, 8192)):
+            whole, fused = (joint_peak_mb(B, T, U, V, J, chunk) for chunk in (0, 4))
+            print(f"{V:>6}{whole:>14,.0f}{fused:>17,.0f}{whole / fused:>7.1f}x")

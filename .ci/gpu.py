@@ -6,7 +6,8 @@ or hangs is reported and the others still run:
 0. device checks (python .ci/gpu.py --checks): the chunked SSD at gpu_125m's shapes, forward and
    backward in fp32 and bf16, against mamba.ssd_ref; one forward + backward of the gpu_125m model
    under bf16 autocast with packed documents, with the kernels and without;
-1. the Triton kernel and low-precision tests, on CUDA (tests/test_triton_ops.py, tests/test_lowprec.py),
+1. the Triton kernel and low-precision tests, on CUDA (tests/test_triton_ops.py, tests/test_lowprec.py,
+   the RNN-T kernel's test of tests/test_asr.py),
    which include ssd_update past 2^31 state elements, a quantizer view past 2^31 offsets and the
    quantizers' NaN/inf probes; exact fp32 dots unless a test asks for TF32 (triton_ops.dot_kind), so a
    failure that only a tf32 test shows is TF32's;
@@ -14,7 +15,8 @@ or hangs is reported and the others still run:
    (eager and compiled), TFLOP/s and % of the bf16 peak; the decode update's bandwidth; the
    end-to-end training tokens/s of config/gpu_125m.py with and without the kernels;
 3. the MoE grouped GEMM (TFLOP/s beside a dense matmul) and bench.py lowprec (FP8 / MXFP8 / NVFP4
-   Linear against bf16, quantizer bandwidth);
+   Linear against bf16, quantizer bandwidth); bench.py rnnt (asr.py's RNN-T loss kernel against its
+   reference, and the transducer joint's peak memory, whole logits against the fused joint);
 4. 200 steps of config/gpu_125m.py on random GPT-2-vocabulary tokens with end-of-text tokens every
    ~1000 tokens (so packed-document masking runs), one micro-step per step: tokens/s and MFU.
 
@@ -35,11 +37,12 @@ def steps(py, data_name, out_dir):
     return [
         ("device checks", [py, ".ci/gpu.py", "--checks"], 60),
         ("tests on CUDA", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_triton_ops.py",
-                           "tests/test_lowprec.py"], 110),
-        ("bench.py kernels", [py, "bench.py", "kernels", "--lengths=4096,8192"], 110),
+                           "tests/test_lowprec.py", "tests/test_asr.py::test_kernel_equals_reference"], 110),
+        ("bench.py kernels", [py, "bench.py", "kernels", "--lengths=4096,8192"], 95),
         ("grouped GEMM", [py, "-c", "import bench_kernels as k; k.report_grouped_gemm(*k.bench_grouped_gemm())"], 40),
         ("bench.py lowprec", [py, "bench.py", "lowprec"], 50),
-        ("bench.py decode", [py, "bench.py", "decode"], 90),  # the compiled step under CUDA graphs
+        ("bench.py rnnt", [py, "bench.py", "rnnt"], 30),
+        ("bench.py decode", [py, "bench.py", "decode"], 75),  # the compiled step under CUDA graphs
         ("bench.py serve", [py, "bench.py", "serve", "--compile"], 60),
         ("train config/gpu_125m.py", [py, "train.py", "config/gpu_125m.py", f"--dataset={data_name}",
                                       f"--out_dir={out_dir}", f"--max_iters={TRAIN_STEPS}",
@@ -162,7 +165,8 @@ def headline(step):
     verdicts and TFLOP/s lines."""
     pattern = {"tests on CUDA": r"\d+ (passed|failed)|error", "device checks": r"^(ok|FAILED) ",
                "grouped GEMM": r"TFLOP/s",
-               "bench.py kernels": r"target|end-to-end|faster"}.get(step["name"], r"target")
+               "bench.py kernels": r"target|end-to-end|faster",
+               "bench.py rnnt": r"reference / kernel|^\s*\d+\s+[\d,]+\s+[\d,]+"}.get(step["name"], r"target")
     return [line.strip() for line in step["output"].splitlines() if re.search(pattern, line)]
 
 

@@ -141,6 +141,16 @@ def test_kernels_quick(monkeypatch, capsys):
     assert "chunked SSD" in out and "reference" in out
 
 
+def test_rnnt_quick(monkeypatch, capsys):
+    """bench.py rnnt --quick: the RNN-T loss timed through the kernel path and the reference (on a CPU
+    without the interpreter both are the reference); the joint's memory table on a GPU only."""
+    monkeypatch.setattr(sys, "argv", ["bench.py", "rnnt", "--quick"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "Triton kernel" in out and "PyTorch reference" in out and "reference / kernel" in out
+    assert ("whole logits" in out) == torch.cuda.is_available()
+
+
 def test_bench_speculative_and_report(capsys):
     """Plain vs speculative greedy decoding of an (untrained) MTP model: both produce every token."""
     torch.manual_seed(0)
