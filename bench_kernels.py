@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import lowprec
+import quantize
 import triton_ops
 from asr import BLANK, joint_lattice, lattice_loss, rnnt_lattice
 from bench import interleaved, timed, train_step, verdict
@@ -233,7 +234,7 @@ def bench_lowprec_linear(M, K, N, steps=10, warmup=3, device="cpu"):
     x = torch.randn(M, K, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(N, K, device=device) * 0.02).requires_grad_()
     dy = torch.randn(M, N, device=device, dtype=dtype)
-    H = triton_ops.hadamard16(torch.ones(16)).to(device)
+    H = quantize.hadamard16(torch.ones(16)).to(device)
     steppers = {"bf16": lambda: torch.autograd.grad(F.linear(x, w.to(dtype)), (x, w), dy)}
     for fmt in ("fp8", "mxfp8", "nvfp4"):
         recipe = lowprec.Recipe(fmt, H=H)
@@ -247,12 +248,12 @@ def bench_quantizers(R, C, reps=20, device="cpu"):
     (the per-tensor recipes read the input a second time for the amax; not counted)."""
     x = torch.randn(R, C, device=device, dtype=torch.bfloat16)
     n = R * C
-    cands = {"fp8 tensorwise": (lambda: triton_ops.quantize_fp8(x), 2 * n + n),
-             "fp8 blockwise 1x128": (lambda: triton_ops.quantize_fp8(x, "blockwise"), 2 * n + n + 4 * n // 128),
-             "mxfp8 1x32": (lambda: triton_ops.quantize_mxfp8(x), 2 * n + n + n // 32),
-             "nvfp4 1x16": (lambda: triton_ops.quantize_nvfp4(x), 2 * n + n // 2 + n // 16),
-             "nvfp4 16x16": (lambda: triton_ops.quantize_nvfp4(x, (16, 16)), 2 * n + n // 2 + n // 256),
-             "nvfp4 1x16 SR": (lambda: triton_ops.quantize_nvfp4(x, stochastic=True), 2 * n + n // 2 + n // 16)}
+    cands = {"fp8 tensorwise": (lambda: quantize.quantize_fp8(x), 2 * n + n),
+             "fp8 blockwise 1x128": (lambda: quantize.quantize_fp8(x, "blockwise"), 2 * n + n + 4 * n // 128),
+             "mxfp8 1x32": (lambda: quantize.quantize_mxfp8(x), 2 * n + n + n // 32),
+             "nvfp4 1x16": (lambda: quantize.quantize_nvfp4(x), 2 * n + n // 2 + n // 16),
+             "nvfp4 16x16": (lambda: quantize.quantize_nvfp4(x, (16, 16)), 2 * n + n // 2 + n // 256),
+             "nvfp4 1x16 SR": (lambda: quantize.quantize_nvfp4(x, stochastic=True), 2 * n + n // 2 + n // 16)}
     res = {}
     for name, (fn, nbytes) in cands.items():
         fn()

@@ -1,8 +1,7 @@
 """
 lowprec.py: the FP8 / MXFP8 / NVFP4 training recipe: precision plan, low-precision Linear and expert
-GEMMs. Read after moe.py and the low-precision sections of triton_ops.py: the formats, QTensor and
-the quantizers (quantize_fp8 / quantize_mxfp8 / quantize_nvfp4, AmaxHistory, hadamard16, rht) that
-this file calls are there.
+GEMMs. Read after moe.py and quantize.py: the formats, QTensor and the quantizers (quantize_fp8 /
+quantize_mxfp8 / quantize_nvfp4, AmaxHistory, hadamard16, rht) that this file calls are there.
 
 Papers: Nemotron-H (arXiv:2504.03624) trains in FP8 with per-tensor current scaling; "Pretraining
 LLMs with NVFP4" (NVIDIA 2025) and Nemotron 3 Super in NVFP4; MXFP8 is the OCP Microscaling (MX)
@@ -12,8 +11,8 @@ train.py --precision calls apply_precision once, after the model is on its devic
 nn.Linear layers become LowPrecLinear in place, and the planned routed experts (moe.Experts) get
 LowPrecGroupedMM as their grouped GEMM. Parameters and state_dict keys do not change; delayed
 scaling's amax histories travel in checkpoints through amax_state / load_amax_state.
-Imported by train.py, bench.py and the tests, never by triton_ops.py, moe.py or model.py: this file
-imports them.
+Imported by train.py, bench.py and the tests, never by quantize.py, triton_ops.py, moe.py or model.py:
+this file imports them.
 """
 
 from dataclasses import dataclass, field, replace
@@ -22,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from moe import mm_by_groups
-from triton_ops import (AmaxHistory, grouped_mm_nograd, hadamard16, quantize_fp8, quantize_mxfp8, quantize_nvfp4, rht,
-                        use_triton)
+from quantize import AmaxHistory, hadamard16, quantize_fp8, quantize_mxfp8, quantize_nvfp4, rht
+from triton_ops import grouped_mm_nograd, use_triton
 
 # -----------------------------------------------------------------------------
 # the recipe: how each GEMM operand is quantized

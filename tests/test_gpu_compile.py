@@ -6,7 +6,7 @@ a block's 227 KB, no register spills in the SSD and decode kernels (ALLOWED_SPIL
 and tl.dot on tensor cores (wgmma or mma on sm_90, tcgen05 or mma on sm_100).
 
 How: each public op runs on meta tensors (shapes only: the host code chooses tiles and launches,
-nothing is computed) while every _*_kernel of triton_ops and asr is swapped for a recorder of its launches;
+nothing is computed) while every _*_kernel of triton_ops, quantize and asr is swapped for a recorder of its launches;
 each distinct (kernel, argument types, constexprs, warps, stages) is then compiled by
 triton.compile for the target, and ptxas -v reports its registers and spills. fp32 inputs are
 checked as train.py runs them: TF32 dots (torch.backends.cuda.matmul.allow_tf32 on).
@@ -31,9 +31,10 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import asr  # noqa: E402
+import quantize  # noqa: E402
 import triton_ops  # noqa: E402
 
-MODULES = (triton_ops, asr)  # where the kernels live
+MODULES = (triton_ops, quantize, asr)  # where the kernels live
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on an H100 and a B200
 # spills allowed outside the SSD and decode kernels (bytes stored per thread), none so far
@@ -138,10 +139,10 @@ def quantizer_launches():
         for fmt, block in (("e4m3", (1, 128)), ("e5m2", (128, 128)), ("mxfp8", (1, 32)), ("nvfp4", (1, 16)),
                            ("nvfp4", (16, 16))):
             g = meta(2, grad=False) if fmt == "nvfp4" else None
-            triton_ops._quantize_blocks(x, fmt, block, g)
-            triton_ops._quantize_blocks(x.t(), fmt, block, g, seed=7 if fmt == "nvfp4" else None)
-        triton_ops._quantize_tensor(x, meta((), grad=False), "e4m3")
-        triton_ops.uniform(7, 64, 64, device="meta")
+            quantize._quantize_blocks(x, fmt, block, g)
+            quantize._quantize_blocks(x.t(), fmt, block, g, seed=7 if fmt == "nvfp4" else None)
+        quantize._quantize_tensor(x, meta((), grad=False), "e4m3")
+        quantize.uniform(7, 64, 64, device="meta")
     return captured(run)
 
 
@@ -159,7 +160,7 @@ def lowprec_expert_launches(fmt, fp8_recipe, E=128, K=2688, N=1856, rows=4096):
     """lowprec.LowPrecGroupedMM forward and backward: on meta tensors any host sync (.tolist(),
     .item(), int() of a device tensor) raises, so getting through proves there is none."""
     import lowprec
-    recipe = lowprec.Recipe(fmt, fp8_recipe or "tensorwise", H=triton_ops.hadamard16(torch.ones(16)).to("meta"))
+    recipe = lowprec.Recipe(fmt, fp8_recipe or "tensorwise", H=quantize.hadamard16(torch.ones(16)).to("meta"))
     x, w, offs = meta(rows, K), meta(E, N, K), meta(E, dtype=torch.int32, grad=False)
     return captured(lambda: lowprec.LowPrecGroupedMM.apply(x, w, offs, recipe, "up_proj").sum().backward())
 

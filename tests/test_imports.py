@@ -82,7 +82,7 @@ def test_transformers_builds_nemotron_h_from_the_repo_root():
 # planfit plan and its cost model (steptime)
 
 LEVEL = {"triton_ops": 0, "hardware": 0, "configurator": 0, "data": 0,
-         "mamba": 1, "attention": 1, "moe": 1, "romanize": 1,
+         "mamba": 1, "attention": 1, "moe": 1, "romanize": 1, "quantize": 1,
          "model": 2, "asr": 2,
          "generate": 3, "checkpoint": 3, "steptime": 3, "lowprec": 3, "parallel": 3, "minitron": 3,
          "rollout": 4, "distill": 4,

@@ -1,5 +1,5 @@
 """
-Low-precision training (issue 8): the FP8 / MXFP8 / NVFP4 quantizers of triton_ops.py against
+Low-precision training (issue 8): the FP8 / MXFP8 / NVFP4 quantizers of quantize.py against
 independent references, the Triton quantize kernels against the PyTorch references bit for bit;
 the recipe of lowprec.py: the low-precision Linear against a plain fp32 Linear (every format and
 FP8 recipe), delayed scaling's history, the routed experts' low-precision grouped GEMM against a
@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import lowprec
+import quantize
 import triton_ops
 from helpers import assert_close, run_script
 from lowprec import LowPrecGroupedMM
@@ -72,11 +73,11 @@ def assert_same_bits(a, b, name):
 def fp8_probe(fmt):
     """Every finite value of the format, the midpoints between neighbours (exact ties), points a
     quarter of the way between them, values past the largest, and fp32 subnormals."""
-    values = torch.arange(256, dtype=torch.uint8).view(triton_ops.TORCH_FP8[fmt]).float()
+    values = torch.arange(256, dtype=torch.uint8).view(quantize.TORCH_FP8[fmt]).float()
     values = values[values.isfinite()].unique()  # sorted
     mids = (values[1:] + values[:-1]) / 2
     quarter = values[:-1] + (values[1:] - values[:-1]) / 4
-    fmax = triton_ops.FP8[fmt][2]
+    fmax = quantize.FP8[fmt][2]
     return torch.cat([values, mids, quarter, torch.tensor([fmax * 1.04, fmax * 2, -fmax * 3, 1e30, 1e-40, -1e-42])])
 
 
@@ -84,7 +85,7 @@ def e2m1_probe():
     g = torch.Generator().manual_seed(0)
     ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
     near = torch.cat([ties.nextafter(torch.zeros(())), ties.nextafter(torch.full((), 9.0))])
-    grid = torch.tensor(triton_ops.E2M1_VALUES)
+    grid = torch.tensor(quantize.E2M1_VALUES)
     v = torch.cat([ties, near, grid, torch.tensor([6.5, 7.0, 100.0, 1e-30]), torch.rand(4000, generator=g) * 7])
     return torch.cat([v, -v])
 
@@ -94,8 +95,8 @@ def test_e2m1_rounding_matches_ml_dtypes():
     import ml_dtypes
     v = e2m1_probe()
     ref = torch.from_numpy(v.numpy().astype(ml_dtypes.float4_e2m1fn).astype(np.float32))
-    assert torch.equal(triton_ops.round_ref(v, "e2m1"), ref)
-    assert triton_ops.round_ref(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]), "e2m1").tolist() == \
+    assert torch.equal(quantize.round_ref(v, "e2m1"), ref)
+    assert quantize.round_ref(torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]), "e2m1").tolist() == \
         [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0]
 
 
@@ -104,9 +105,9 @@ def test_fp8_rounding_matches_ml_dtypes():
     import ml_dtypes
     for fmt, np_fmt in (("e4m3", ml_dtypes.float8_e4m3fn), ("e5m2", ml_dtypes.float8_e5m2)):
         v = fp8_probe(fmt)
-        fmax = triton_ops.FP8[fmt][2]
+        fmax = quantize.FP8[fmt][2]
         ref = torch.from_numpy(v.clamp(-fmax, fmax).numpy().astype(np_fmt).astype(np.float32))
-        assert torch.equal(triton_ops.round_ref(v, fmt), ref), fmt
+        assert torch.equal(quantize.round_ref(v, fmt), ref), fmt
 
 
 def test_stochastic_rounding_is_unbiased():
@@ -116,24 +117,24 @@ def test_stochastic_rounding_is_unbiased():
     v = torch.tensor([0.1, 0.3, 0.7, 1.2, 1.9, 2.2, 2.9, 3.3, 4.5, 5.9, -0.4, -2.6, -5.0, 6.0, 0.0])
     draws = 20000
     rand = torch.rand(draws, len(v), generator=g)
-    r = triton_ops.round_sr_ref(v.expand(draws, -1), rand)  # (draws, len(v))
-    values = torch.tensor(triton_ops.E2M1_VALUES)
+    r = quantize.round_sr_ref(v.expand(draws, -1), rand)  # (draws, len(v))
+    values = torch.tensor(quantize.E2M1_VALUES)
     assert torch.isin(r.abs(), values).all()
     lo = values[(values[None, :] <= v.abs()[:, None]).sum(1) - 1]  # the neighbour below |v|
     assert ((r.abs() - lo).abs() <= 2.0 + 1e-6).all() and (r.abs() >= lo - 1e-6).all()
     err = r - v
     se = err.std(0) / draws ** 0.5
     assert (err.mean(0).abs() <= 4 * se + 1e-7).all(), (err.mean(0), se)
-    assert torch.equal(triton_ops.round_sr_ref(values, torch.rand(8, generator=g)), values)  # exact stays exact
+    assert torch.equal(quantize.round_sr_ref(values, torch.rand(8, generator=g)), values)  # exact stays exact
 
 
 def test_rht_is_orthogonal():
     signs = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(3)) * 2 - 1
-    H = triton_ops.hadamard16(signs)
+    H = quantize.hadamard16(signs)
     assert_close(H @ H.T, torch.eye(16), "H H^T", atol=1e-6)
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(5, 40, generator=g), torch.randn(7, 40, generator=g)  # 40 tokens: padded to 48
-    assert_close(triton_ops.rht(a, H) @ triton_ops.rht(b, H).T, a @ b.T, "wgrad through the RHT", atol=1e-5)
+    assert_close(quantize.rht(a, H) @ quantize.rht(b, H).T, a @ b.T, "wgrad through the RHT", atol=1e-5)
 
 
 def test_nvfp4_numerics_by_hand():
@@ -144,7 +145,7 @@ def test_nvfp4_numerics_by_hand():
     x[0, :16] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, -0.25, -0.75, -6.0, 0, 0, 0, 0, 0])
     x[0, 16:20] = torch.tensor([3.0, 1.0, 0.3, -1.5])
     x[0, 48] = 2688.0
-    q = triton_ops.quantize_nvfp4(x)
+    q = quantize.quantize_nvfp4(x)
     assert q.tensor_scale.item() == 1.0
     assert q.scale.float().tolist() == [[1.0, 0.5, 0.0, 448.0]]
     d = q.dequantize()
@@ -152,7 +153,7 @@ def test_nvfp4_numerics_by_hand():
     assert d[0, 16:20].tolist() == [3.0, 1.0, 0.25, -1.5]
     assert torch.equal(d[0, 32:48], torch.zeros(16)) and d[0, 48].item() == 2688.0
     assert q.data[0, 0].item() == 0x20 and q.data[0, 3].item() == 0x76  # (0, 1.0): codes 0, 2; (4.0, 6.0): 6, 7
-    assert torch.equal(triton_ops.quantize_nvfp4(torch.zeros(3, 16)).dequantize(), torch.zeros(3, 16))
+    assert torch.equal(quantize.quantize_nvfp4(torch.zeros(3, 16)).dequantize(), torch.zeros(3, 16))
 
 
 def test_mxfp8_scale_is_rounded_up():
@@ -162,11 +163,11 @@ def test_mxfp8_scale_is_rounded_up():
     amax = torch.cat([torch.tensor([448.0, 448.0 * 2, 447.0, 1.0, 1e-38, 3e38]), torch.rand(1000, generator=g) * 1e4])
     x = torch.zeros(len(amax), 32)
     x[:, 5] = amax
-    q = triton_ops.quantize_mxfp8(x)
-    scale = triton_ops.pow2(q.scale.int() - 127)[:, 0]
-    target = amax * triton_ops.fl32(1 / 448)
+    q = quantize.quantize_mxfp8(x)
+    scale = quantize.pow2(q.scale.int() - 127)[:, 0]
+    target = amax * quantize.fl32(1 / 448)
     assert (scale >= target).all() and ((scale / 2 < target) | (scale == 2.0 ** -127)).all()  # E8M0's smallest
-    assert torch.equal(q.dequantize()[:, 5], triton_ops.round_ref(amax / scale, "e4m3") * scale)
+    assert torch.equal(q.dequantize()[:, 5], quantize.round_ref(amax / scale, "e4m3") * scale)
 
 
 def test_fp8_recipes():
@@ -174,26 +175,26 @@ def test_fp8_recipes():
     call uses its own amax, later ones the largest in the history. Blockwise: one scale per block."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(40, 300, generator=g)
-    q = triton_ops.quantize_fp8(x, "tensorwise", "e4m3")
+    q = quantize.quantize_fp8(x, "tensorwise", "e4m3")
     scale = torch.tensor(448.0) / x.abs().amax()
     assert_same_bits(q.data, (x * scale).to(torch.float8_e4m3fn), "tensorwise codes")
     assert q.scale.item() == (1 / scale).item()
-    hist = triton_ops.AmaxHistory(length=4)
-    triton_ops.quantize_fp8(x * 10, "delayed", "e5m2", history=hist)
-    q2 = triton_ops.quantize_fp8(x, "delayed", "e5m2", history=hist)
+    hist = quantize.AmaxHistory(length=4)
+    quantize.quantize_fp8(x * 10, "delayed", "e5m2", history=hist)
+    q2 = quantize.quantize_fp8(x, "delayed", "e5m2", history=hist)
     assert q2.scale.item() == (1 / (torch.tensor(57344.0) / (x * 10).abs().amax())).item()
     assert hist.amax[:2].tolist() == [x.abs().amax().item(), (x * 10).abs().amax().item()]
     for block in ((1, 128), (128, 128)):
-        qb = triton_ops.quantize_fp8(x, "blockwise", "e4m3", block=block)
+        qb = quantize.quantize_fp8(x, "blockwise", "e4m3", block=block)
         assert qb.scale.shape == (-(-40 // block[0]), 3) and qb.dequantize().shape == x.shape
         assert_close(qb.dequantize(), x, f"blockwise {block}", atol=1e-4, rtol=2 ** -4)
 
 
 @pytest.mark.parametrize("quantize", [
-    lambda x: triton_ops.quantize_fp8(x, "tensorwise", "e4m3"),
-    lambda x: triton_ops.quantize_fp8(x, "blockwise", "e5m2"),
-    lambda x: triton_ops.quantize_mxfp8(x),
-    lambda x: triton_ops.quantize_nvfp4(x, (16, 16)),
+    lambda x: quantize.quantize_fp8(x, "tensorwise", "e4m3"),
+    lambda x: quantize.quantize_fp8(x, "blockwise", "e5m2"),
+    lambda x: quantize.quantize_mxfp8(x),
+    lambda x: quantize.quantize_nvfp4(x, (16, 16)),
 ], ids=["fp8", "fp8-block", "mxfp8", "nvfp4"])
 def test_bf16_inputs_quantize_like_their_fp32_values(quantize):
     x = torch.randn(33, 70, generator=torch.Generator().manual_seed(1)).bfloat16()
@@ -230,17 +231,17 @@ FORMATS = [("e4m3", (1, 128)), ("e5m2", (1, 128)), ("e4m3", (128, 128)), ("mxfp8
 def test_kernel_blocks_match_reference(fmt, block, dtype):
     """Rows and columns that are not multiples of the block (padded), the transposed view (read
     through its strides), NaN and inf in some blocks, and for NVFP4 stochastic rounding with the
-    kernel's own random numbers (tl.rand, through triton_ops.uniform)."""
+    kernel's own random numbers (tl.rand, through quantize.uniform)."""
     # (150, 200): padded to the blocks; the transposed view of a (160, 256) matrix: read through strides
     for name, t in (("x", probe_matrix(150, 200, dtype)), ("x^T", probe_matrix(160, 256, dtype).t())):
-        g = triton_ops.nvfp4_global(t.abs().amax().float()) if fmt == "nvfp4" else None
+        g = quantize.nvfp4_global(t.abs().amax().float()) if fmt == "nvfp4" else None
         t = t.clone()
         t[3, 5], t[40, 70], t[41, 150] = float("nan"), float("inf"), -float("inf")  # a block each
-        tp = triton_ops.pad_to_blocks(t, block)
+        tp = quantize.pad_to_blocks(t, block)
         for seed in ([None, 1234] if fmt == "nvfp4" else [None]):
-            q, s = triton_ops._quantize_blocks(tp, fmt, block, g, seed)
-            rand = None if seed is None else triton_ops.uniform(seed, *tp.shape, device=DEV)
-            q_ref, s_ref = triton_ops.quantize_blocks_ref(tp, fmt, block, g, rand)
+            q, s = quantize._quantize_blocks(tp, fmt, block, g, seed)
+            rand = None if seed is None else quantize.uniform(seed, *tp.shape, device=DEV)
+            q_ref, s_ref = quantize.quantize_blocks_ref(tp, fmt, block, g, rand)
             what = f"{fmt} {block} {dtype} {name}{' SR' if seed is not None else ''}"
             assert_same_bits(q, q_ref, what + " codes")
             assert_same_bits(s, s_ref, what + " scales")
@@ -263,8 +264,8 @@ def test_kernel_and_reference_per_part_tensor_scales():
         pieces = [y[part] if dim == 0 else y[:, part] for part in parts]
         for part, piece in zip(parts, pieces):
             (amax[part] if dim == 0 else amax[:, part]).fill_(piece.abs().max().item())
-        for name, fn in (("fp8", lambda t, a=None: triton_ops.quantize_fp8(t, amax=a)),
-                         ("nvfp4", lambda t, a=None: triton_ops.quantize_nvfp4(t, amax=a))):
+        for name, fn in (("fp8", lambda t, a=None: quantize.quantize_fp8(t, amax=a)),
+                         ("nvfp4", lambda t, a=None: quantize.quantize_nvfp4(t, amax=a))):
             ours = fn(y, amax).dequantize()
             alone = torch.cat([fn(piece).dequantize() for piece in pieces], dim)
             assert torch.equal(ours, alone), (name, dim, (ours - alone).abs().max())
@@ -277,9 +278,9 @@ def test_quantize_transposed_view_past_2_31_elements():
     the row stride pass 2^31, which the kernel computes in int64. The last rows of codes and scales
     equal the reference's on a copy of those rows."""
     x = torch.randn(2 ** 20, 2 ** 11 + 128, device="cuda", dtype=torch.bfloat16)
-    q, s = triton_ops._quantize_blocks(x.t(), "e4m3", (1, 128))
+    q, s = quantize._quantize_blocks(x.t(), "e4m3", (1, 128))
     tail = x.t()[-4:].contiguous()  # the last 4 rows of x^T: 2^20 columns each
-    q_ref, s_ref = triton_ops.quantize_blocks_ref(tail, "e4m3", (1, 128))
+    q_ref, s_ref = quantize.quantize_blocks_ref(tail, "e4m3", (1, 128))
     assert_same_bits(q[-4:], q_ref, "codes of the last rows")
     assert_same_bits(s[-4:], s_ref, "scales of the last rows")
 
@@ -291,9 +292,9 @@ def test_kernel_fp8_cast_equals_torch_cast(fmt):
     clamped to the format's range: every value, every tie, saturation, subnormals, and NaN kept as
     NaN, infinities saturated (a GPU's min would drop the NaN and store the largest value)."""
     v = torch.cat([fp8_probe(fmt), torch.tensor([float("nan"), float("inf"), -float("inf")])]).to(DEV)
-    fmax = triton_ops.FP8[fmt][2]
-    q = triton_ops._quantize_tensor(v, torch.ones((), device=DEV), fmt)
-    assert_same_bits(q, v.clamp(-fmax, fmax).to(triton_ops.TORCH_FP8[fmt]), fmt)
+    fmax = quantize.FP8[fmt][2]
+    q = quantize._quantize_tensor(v, torch.ones((), device=DEV), fmt)
+    assert_same_bits(q, v.clamp(-fmax, fmax).to(quantize.TORCH_FP8[fmt]), fmt)
 
 
 @kernel_test
@@ -305,15 +306,15 @@ def test_kernel_e2m1_rounding_equals_reference():
     v = v[: len(v) // 15 * 15].view(-1, 15)
     x = torch.cat([v, torch.full((len(v), 1), 6.0)], dim=1)  # (n, 16): amax 6 in every block
     x[0, 0] = 2688.0  # the tensor amax: S_enc = 1 (that block's own values get another scale)
-    q = triton_ops.quantize_nvfp4(x.to(DEV))
-    assert torch.equal(q.dequantize()[1:].cpu(), triton_ops.round_ref(x[1:], "e2m1"))
+    q = quantize.quantize_nvfp4(x.to(DEV))
+    assert torch.equal(q.dequantize()[1:].cpu(), quantize.round_ref(x[1:], "e2m1"))
 
 
 @kernel_test
 def test_kernel_public_quantizers_match_reference_path():
     x = probe_matrix(70, 90, torch.float32)
-    for fn in (lambda t: triton_ops.quantize_fp8(t, "tensorwise", "e5m2"), triton_ops.quantize_mxfp8,
-               lambda t: triton_ops.quantize_nvfp4(t, (16, 16))):
+    for fn in (lambda t: quantize.quantize_fp8(t, "tensorwise", "e5m2"), quantize.quantize_mxfp8,
+               lambda t: quantize.quantize_nvfp4(t, (16, 16))):
         a = fn(x)
         triton_ops.USE_TRITON = False
         b = fn(x)
@@ -350,7 +351,7 @@ def test_lowprec_linear_close_to_fp32_linear(fmt, fp8_recipe):
         ref.weight.copy_(torch.randn(580, 72, generator=g) * 0.05)
     x = torch.randn(4, 37, 72, generator=g)
     dy = torch.randn(4, 37, 580, generator=g)
-    recipe = lowprec.Recipe(fmt, fp8_recipe or "tensorwise", H=triton_ops.hadamard16(torch.ones(16)))
+    recipe = lowprec.Recipe(fmt, fp8_recipe or "tensorwise", H=quantize.hadamard16(torch.ones(16)))
     lp = torch.nn.Linear(72, 580, bias=False)
     lp.load_state_dict(ref.state_dict())
     lp.__class__, lp.recipe = lowprec.LowPrecLinear, recipe
@@ -383,7 +384,7 @@ def test_nvfp4_ablations_change_the_backward_only():
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(48, 64, generator=g) * 0.05
     x0, dy = torch.randn(40, 64, generator=g), torch.randn(40, 48, generator=g)
-    H = triton_ops.hadamard16(torch.ones(16))
+    H = quantize.hadamard16(torch.ones(16))
 
     def run(**kw):
         x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
@@ -416,7 +417,7 @@ def test_delayed_scaling_scales_by_earlier_amaxes():
 
     assert all(torch.equal(a, b) for a, b in zip(step(delayed, 5.0), step(current, 5.0)))
     y, dx = step(delayed, 1.0)
-    assert triton_ops.AmaxHistory().amax.numel() == 1024  # the history length, as TransformerEngine
+    assert quantize.AmaxHistory().amax.numel() == 1024  # the history length, as TransformerEngine
     assert delayed.history[("xw", 0)].amax[:3].tolist() == [x.abs().amax().item(), (5 * x).abs().amax().item(), 0.0]
 
     def by_hand(t, amax):  # fp8 E4M3 at the encode scale 448 / amax, decoded
@@ -449,7 +450,7 @@ def grouped_inputs(seed=0):
 
 def make_recipe(fmt, fp8_recipe):
     return lowprec.Recipe(fmt.split("-")[0], fp8_recipe or "tensorwise", rht="no-rht" not in fmt,
-                          H=triton_ops.hadamard16(torch.tensor([1, -1] * 8)))
+                          H=quantize.hadamard16(torch.tensor([1, -1] * 8)))
 
 
 def grads(fn, x, w, dy, seed):
@@ -522,7 +523,7 @@ def test_scaled_mm_agrees_with_the_emulation():
     on the codes and decode scales == dequantize + fp32 matmul, to fp32 summation order."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(32, 64, generator=g), torch.randn(48, 64, generator=g) * 3
-    qa, qb = triton_ops.quantize_fp8(a, fmt="e4m3"), triton_ops.quantize_fp8(b, fmt="e5m2")
+    qa, qb = quantize.quantize_fp8(a, fmt="e4m3"), quantize.quantize_fp8(b, fmt="e5m2")
     out = torch._scaled_mm(qa.data, qb.data.t(), qa.scale.view(()), qb.scale.view(()), out_dtype=torch.float32)
     assert_close(out, qa.dequantize() @ qb.dequantize().t(), "scaled_mm", atol=1e-4, rtol=1e-5)
 
@@ -619,9 +620,9 @@ def test_moe_model_trains_in_nvfp4():
 
 
 def test_model_files_do_not_import_lowprec():
-    """lowprec.py imports moe.py and triton_ops.py, never the reverse (moe.Experts is handed its
-    low-precision grouped GEMM by apply_precision): importing the model leaves lowprec unloaded."""
-    code = "import sys, model, moe, triton_ops; assert 'lowprec' not in sys.modules"
+    """lowprec.py imports moe.py, quantize.py and triton_ops.py, never the reverse (moe.Experts is handed
+    its low-precision grouped GEMM by apply_precision): importing the model leaves lowprec unloaded."""
+    code = "import sys, model, moe, quantize, triton_ops; assert 'lowprec' not in sys.modules"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
