@@ -287,6 +287,17 @@ def joint_lattice(f, g, weight, bias, targets, blank=0, chunk=4):
     return _JointLattice.apply(f, g, weight, bias, targets.clamp(min=0), blank, chunk)
 
 
+def joint_loss(f, g, weight, bias, targets, frames, labels, chunk=None, blank=0):
+    """The RNN-T loss of each sequence (B,) through the joint W tanh(f + g) + b: by joint_lattice, `chunk`
+    frames at a time, or through the whole (B, T, U + 1, V) logits when chunk is None (or 0)."""
+    if chunk:
+        lattice = joint_lattice(f, g, weight, bias, targets, blank, chunk)
+    else:
+        lattice = rnnt_lattice(F.linear(torch.tanh(f[:, :, None] + g[:, None]), weight, bias), targets.clamp(min=0),
+                               blank)
+    return lattice_loss(*lattice, frames, labels)
+
+
 # -----------------------------------------------------------------------------
 # features: log-mel filterbanks (NeMo's AudioToMelSpectrogramPreprocessor, in torch.stft)
 
@@ -571,11 +582,7 @@ class Transducer(nn.Module):
         enc, frames = self.encoder(wave, lengths)
         g, _ = self.predictor(F.pad(targets.clamp(min=0), (1, 0), value=BLANK))  # (B, U + 1, H)
         f, g = self.joint_enc(enc), self.joint_pred(g)  # (B, T, J), (B, U + 1, J)
-        if chunk:
-            blank_lp, label_lp = joint_lattice(f, g, self.joint_out.weight, self.joint_out.bias, targets, BLANK, chunk)
-        else:
-            blank_lp, label_lp = rnnt_lattice(self.joint(f[:, :, None], g[:, None]), targets.clamp(min=0), BLANK)
-        loss = lattice_loss(blank_lp, label_lp, frames, labels)
+        loss = joint_loss(f, g, self.joint_out.weight, self.joint_out.bias, targets, frames, labels, chunk, BLANK)
         if self.ctc_head is not None:
             lp = self.ctc_head(enc).log_softmax(-1).transpose(0, 1)  # (B, T, V) -> (T, B, V)
             ctc = F.ctc_loss(lp.float(), targets.clamp(min=0), frames, labels, blank=BLANK, reduction="none",

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import lowprec
 import quantize
 import triton_ops
-from asr import BLANK, joint_lattice, lattice_loss, rnnt_lattice
+from asr import joint_loss, lattice_loss
 from bench import interleaved, timed, train_step, verdict
 from hardware import peaks
 from mamba import ssd_flops, ssd_ref, ssd_step
@@ -308,7 +308,6 @@ def run_lowprec(quick):
     report_lowprec(lin, (M, K, N), quant, (R, C))
 
 
-
 # -----------------------------------------------------------------------------
 # the RNN-T loss (asr.py): the Triton kernel beside its PyTorch reference, and the joint's peak memory
 # with its whole (B, T, U + 1, V) logits beside joint_lattice's chunks
@@ -343,11 +342,7 @@ def joint_peak_mb(B, T, U, V, J, chunk, device="cuda"):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    if chunk:
-        blank_lp, label_lp = joint_lattice(f, pred, w, b, y, BLANK, chunk)
-    else:
-        blank_lp, label_lp = rnnt_lattice(F.linear(torch.tanh(f[:, :, None] + pred[:, None]), w, b), y, BLANK)
-    lattice_loss(blank_lp, label_lp, frames, labels).sum().backward()
+    joint_loss(f, pred, w, b, y, frames, labels, chunk).sum().backward()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 

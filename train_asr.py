@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from asr import ASRConfig, Subsampling, Transducer, beam_decode, greedy_decode, load_transducer, token_features
+from asr import ASRConfig, Subsampling, Transducer, load_transducer, token_features, transcribe
 import romanize
 from romanize import build_tokenizer, count_readings, is_mandarin, to_chars_batch
 
@@ -168,8 +168,7 @@ def decode_split(model, tok, r2c, split, idx, batch=32):
     out, syllables = [], []
     for k in range(0, len(idx), batch):
         wave, lengths = split.waves(idx[k:k + batch])
-        ids = beam_decode(model, wave, lengths, beam) if beam else greedy_decode(model, wave, lengths)
-        units = [tok.decode(y) for y in ids]
+        units = transcribe(model, tok, None, wave, lengths, beam)  # before Roman2Char
         syllables += units
         out += to_chars_batch(r2c, units) if r2c is not None else units
     model.train()
@@ -192,7 +191,7 @@ def evaluate(model, tok, r2c, split):
 JOINT_PROBE = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from asr import joint_lattice, lattice_loss, rnnt_lattice
+from asr import joint_loss
 def kib(key):
     return next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith(key))
 torch.manual_seed(0)
@@ -202,11 +201,7 @@ w = torch.randn(V, J, requires_grad=True); b = torch.zeros(V, requires_grad=True
 y = torch.randint(1, V, (B, U)); frames = torch.full((B,), T); labels = torch.full((B,), U)
 base = kib('VmRSS:')
 open('/proc/self/clear_refs', 'w').write('5')  # the peak (VmHWM) starts again from here
-if chunk:
-    lattice = joint_lattice(f, g, w, b, y, 0, chunk)
-else:
-    lattice = rnnt_lattice(torch.tanh(f[:, :, None] + g[:, None]) @ w.t() + b, y)
-lattice_loss(*lattice, frames, labels).sum().backward()
+joint_loss(f, g, w, b, y, frames, labels, chunk).sum().backward()
 print(kib('VmHWM:') - base)
 """
 
