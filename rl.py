@@ -185,12 +185,13 @@ if master:
         shutil.copyfile(meta, os.path.join(out_dir, 'meta.json'))
     append_log(out_dir, {'config': config, 'init_from': init_from, 'git': git_commit(), 'world_size': world,
                          'time': time.strftime('%Y-%m-%d %H:%M:%S')})
-best_score = -math.inf
+best_score, best_step = -math.inf, 0
 if master:
     scores = held_out()
     print0("step 0 held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
     append_log(out_dir, {'step': 0, 'heldout': scores})
     best_score = scores['mean']
+    save(0, True, scores)  # best.pt is the starting policy until a step beats it
 pbar = tqdm(total=steps, disable=not master, dynamic_ncols=True)
 for step in range(1, steps + 1):
     t0 = time.time()
@@ -272,7 +273,7 @@ for step in range(1, steps + 1):
         if master:
             scores = held_out()
             best = scores['mean'] > best_score
-            best_score = max(best_score, scores['mean'])
+            best_score, best_step = (scores['mean'], step) if best else (best_score, best_step)
             tqdm.write(f"step {step} held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
                        + (f"; {n_groups - n_kept:.0f} of {n_groups:.0f} groups filtered "
                           f"({n_solved:.0f} all solved, {n_failed:.0f} all failed)"))
@@ -281,7 +282,7 @@ for step in range(1, steps + 1):
         if ddp:
             dist.barrier()
 pbar.close()
-print0(f"done: {out_dir}/ckpt.pt, the best held-out accuracy in {out_dir}/best.pt ({best_score:.3f})")
+print0(f"done: {out_dir}/ckpt.pt; the best held-out accuracy, {best_score:.3f} at step {best_step}, in {out_dir}/best.pt")
 if ddp:
     dist.barrier()
     dist.destroy_process_group()

@@ -19,6 +19,8 @@ Environments (ENVS), each drawn from random.Random(seed) alone:
             or a JSON object with given integer keys and sum); reward: the fraction satisfied
   tools     a question that needs lookups in a small key-value store, then arithmetic; reward 1 for
             the exact integer in the final turn (the tool calls themselves earn nothing)
+  add       math's column addition sized to the nano model: two numbers from 1 to 999, same
+            trace and reward (docs/posttraining.md: the 0.89M model learns this one)
   ruler     RULER's needle in a haystack (data/ruler.py) at 500-2000 bytes; RULER's string-match score
             (the needle's value anywhere in the answer), 0 for an answer over 100 characters
 
@@ -185,12 +187,19 @@ def add_columns(numbers):
     return "\n".join(lines + [f"The sum is {total}."])
 
 
+def column_task(numbers):
+    prompt = f"Compute {' + '.join(map(str, numbers))}. Give the final answer as a single integer."
+    return prompt, str(sum(numbers)), add_columns(numbers), {"kind": "column"}
+
+
+def add_task(rng):  # math sized to the nano model: one kind of problem, short numbers
+    return column_task([rng.randint(1, 999), rng.randint(1, 999)])
+
+
 def math_task(rng):
     if rng.random() < 0.5:
         digits = [rng.randint(2, 5) for _ in range(rng.randint(2, 4))]
-        numbers = [rng.randint(10 ** (d - 1), 10 ** d - 1) for d in digits]
-        prompt = f"Compute {' + '.join(map(str, numbers))}. Give the final answer as a single integer."
-        return prompt, str(sum(numbers)), add_columns(numbers), {"kind": "column"}
+        return column_task([rng.randint(10 ** (d - 1), 10 ** d - 1) for d in digits])
     name, thing = rng.choice(NAMES), rng.choice(["apples", "marbles", "stickers", "cards", "shells", "coins"])
     n = rng.randint(10, 99)
     story, steps = [f"{name} has {n} {thing}."], []
@@ -490,7 +499,8 @@ def grade_ruler(task, final):
 
 ENVIRONMENTS = {"math": (math_task, grade_integer), "code": (code_task, grade_output),
                 "instruct": (instruct_task, grade_constraints), "tools": (tools_task, grade_integer),
-                "ruler": (ruler_task, grade_ruler)}  # name: (generator(rng), grader(task, final answer))
+                "ruler": (ruler_task, grade_ruler), "add": (add_task, grade_integer)}
+# name: (generator(rng), grader(task, final answer))
 ENVS = tuple(ENVIRONMENTS)
 
 
