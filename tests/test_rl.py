@@ -196,27 +196,29 @@ def chat_ckpt(tmp_path):
     return out
 
 
-def test_best_is_the_start_until_a_step_beats_it(chat_ckpt, tmp_path, monkeypatch):
-    """An RL run that never beats its starting policy still leaves best.pt: the start, step 0."""
+def rl_on_lower(chat_ckpt, out, monkeypatch, *flags):
+    """rl.py on the learnable "lower" environment with these flags added; the finished run."""
     monkeypatch.setitem(envs.ENVIRONMENTS, "lower", (lowercase_task, lowercase_share))
     monkeypatch.setattr(envs, "ENVS", (*envs.ENVS, "lower"))
-    out = tmp_path / "rl"
-    p = run_script("rl.py", f"--init_from={chat_ckpt}", f"--out_dir={out}", "--envs=lower", "--steps=1",
-                   "--prompts_per_step=2", "--group_size=2", "--max_new_tokens=4", "--think_frac=0",
-                   "--learning_rate=0", "--eval_tasks=2", "--device=cpu")
+    p = run_script("rl.py", f"--init_from={chat_ckpt}", f"--out_dir={out}", "--envs=lower", "--think_frac=0",
+                   "--eval_tasks=2", "--device=cpu", *flags)
     assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_best_is_the_start_until_a_step_beats_it(chat_ckpt, tmp_path, monkeypatch):
+    """An RL run that never beats its starting policy still leaves best.pt: the start, step 0."""
+    out = tmp_path / "rl"
+    p = rl_on_lower(chat_ckpt, out, monkeypatch, "--steps=1", "--prompts_per_step=2", "--group_size=2",
+                    "--max_new_tokens=4", "--learning_rate=0")
     assert "at step 0" in p.stdout and torch.load(out / "best.pt")["iter_num"] == 0
     assert torch.load(out / "ckpt.pt")["iter_num"] == 1
 
 
 def test_rl_raises_the_reward_of_a_learnable_environment(chat_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setitem(envs.ENVIRONMENTS, "lower", (lowercase_task, lowercase_share))
-    monkeypatch.setattr(envs, "ENVS", (*envs.ENVS, "lower"))
     out = tmp_path / "rl"
-    p = run_script("rl.py", f"--init_from={chat_ckpt}", f"--out_dir={out}", "--envs=lower", "--steps=20",
-                   "--prompts_per_step=4", "--group_size=8", "--max_new_tokens=12", "--think_frac=0",
-                   "--learning_rate=1e-2", "--eval_interval=20", "--eval_tasks=2", "--device=cpu")
-    assert p.returncode == 0, p.stderr[-3000:]
+    rl_on_lower(chat_ckpt, out, monkeypatch, "--steps=20", "--prompts_per_step=4", "--group_size=8",
+                "--max_new_tokens=12", "--learning_rate=1e-2", "--eval_interval=20")
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     rewards = [r["lower"]["reward"] for r in records if "lower" in r]
     assert len(rewards) == 20 and all(0 <= r["filtered"] <= 1 for r in records if "filtered" in r)
