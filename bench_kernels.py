@@ -105,6 +105,22 @@ def bench_decode_kernel(batch=64, heads=64, headdim=64, d_state=128, reps=50):
     return {"triton": state_bytes / kern_s, "reference": state_bytes / ref_s, "state_mb": h.numel() * 4 / 2 ** 20}
 
 
+def with_and_without_kernels(step, names, steps, warmup):
+    """interleaved() seconds of step() with the Triton kernels (names[0]) and with the PyTorch
+    references (names[1]), taking turns; triton_ops' switch is left as it was."""
+    saved = triton_ops.USE_TRITON
+
+    def run(use):
+        def turn():
+            triton_ops.USE_TRITON = use
+            step()
+        return turn
+    try:
+        return interleaved({names[0]: run(True), names[1]: run(False)}, steps, warmup)
+    finally:
+        triton_ops.USE_TRITON = saved
+
+
 def bench_e2e(cfg, batch_size=4, seq_len=2048, steps=5, warmup=2):
     """Training tokens/s (bf16 autocast, AdamW) of cfg on this GPU with the Triton kernels and
     without them (mamba.py's PyTorch references), taking turns step by step."""
@@ -114,14 +130,10 @@ def bench_e2e(cfg, batch_size=4, seq_len=2048, steps=5, warmup=2):
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len + 1), device=dev)
     step = train_step(model, x[:, :-1], x[:, 1:].contiguous())
 
-    def with_kernels(use):
-        def run():
-            triton_ops.USE_TRITON = use
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                step()
-        return run
-    secs = interleaved({"with kernels": with_kernels(True), "without": with_kernels(False)}, steps, warmup)
-    triton_ops.USE_TRITON = True
+    def run():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            step()
+    secs = with_and_without_kernels(run, ("with kernels", "without"), steps, warmup)
     return {name: batch_size * seq_len / t for name, t in secs.items()}
 
 
@@ -320,13 +332,8 @@ def bench_rnnt_loss(B, T, U, steps=10, warmup=2, device="cuda"):
     label_lp = F.logsigmoid(torch.randn(B, T, U, generator=g)).to(device).requires_grad_()
     frames, labels = torch.full((B,), T, device=device), torch.full((B,), U, device=device)
 
-    def run(use):
-        def step():
-            triton_ops.USE_TRITON = use
-            lattice_loss(blank_lp, label_lp, frames, labels).sum().backward()
-        return step
-    secs = interleaved({"Triton kernel": run(True), "PyTorch reference": run(False)}, steps, warmup)
-    triton_ops.USE_TRITON = True
+    secs = with_and_without_kernels(lambda: lattice_loss(blank_lp, label_lp, frames, labels).sum().backward(),
+                                    ("Triton kernel", "PyTorch reference"), steps, warmup)
     return {name: 1000 * t for name, t in secs.items()}
 
 

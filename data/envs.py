@@ -497,10 +497,10 @@ def grade_ruler(task, final):
 # ----------------------------------------------------------------------------
 # the environments
 
+# name: (generator(rng), grader(task, final answer))
 ENVIRONMENTS = {"math": (math_task, grade_integer), "code": (code_task, grade_output),
                 "instruct": (instruct_task, grade_constraints), "tools": (tools_task, grade_integer),
                 "ruler": (ruler_task, grade_ruler), "add": (add_task, grade_integer)}
-# name: (generator(rng), grader(task, final answer))
 ENVS = tuple(ENVIRONMENTS)
 
 
