@@ -282,7 +282,8 @@ for step in range(1, steps + 1):
         if ddp:
             dist.barrier()
 pbar.close()
-print0(f"done: {out_dir}/ckpt.pt; the best held-out accuracy, {best_score:.3f} at step {best_step}, in {out_dir}/best.pt")
+print0(f"done: {out_dir}/ckpt.pt; the best held-out accuracy, {best_score:.3f} at step {best_step}, "
+       f"in {out_dir}/best.pt")
 if ddp:
     dist.barrier()
     dist.destroy_process_group()
