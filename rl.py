@@ -39,7 +39,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, append_log, check_out_dir, git_commit, load_for_inference, save_checkpoint
 from data.envs import HELDOUT, env_names, make
 from data.tokenizer import DataError, saved_config
-from parallel import processes
+from parallel import processes, shutdown
 from rollout import Episode, advantages, evaluate, grpo_loss, group_filter, mean, run_episodes, shaped, token_logprobs
 
 # -----------------------------------------------------------------------------
@@ -285,5 +285,4 @@ pbar.close()
 print0(f"done: {out_dir}/ckpt.pt; the best held-out accuracy, {best_score:.3f} at step {best_step}, "
        f"in {out_dir}/best.pt")
 if ddp:
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown(None)  # barrier, destroy, and exit before a gloo thread can abort the interpreter's finalization

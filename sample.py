@@ -183,13 +183,8 @@ def main():
         stream_sample(model, tokenizer, ids, dev)
         print('---------------', flush=True)
     if star_group is not None:
-        import torch.distributed as dist
-        # drop our reference first, so that destroying the group joins gloo's worker threads now:
-        # left to interpreter shutdown, a worker still freeing its last broadcast's tensor needs the
-        # GIL, is killed taking it, and aborts the process ("terminate called without an active
-        # exception", seen on 2 of 20 runs under load; LOG.md)
-        star_group = None
-        dist.destroy_process_group()
+        from parallel import shutdown
+        shutdown(None)  # a barrier, every group destroyed, and the process ends before a gloo thread can abort it
 
 
 if __name__ == '__main__':
