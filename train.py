@@ -160,8 +160,10 @@ if dtype != 'float32' and not amp:
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 if not os.path.exists(os.path.join(data_dir, 'meta.json')):  # meta.json is written last: no meta, no data
     if dataset != 'pycode':
-        die(f"data/{dataset} is not prepared: run `python data/{dataset}/prepare.py` first" if os.path.exists(
-            os.path.join(data_dir, 'prepare.py')) else f"no data set '{dataset}' (no data/{dataset}/prepare.py)")
+        die(f"data/{dataset} is not prepared: run `python data/{dataset}/prepare.py` first"
+            if os.path.exists(os.path.join(data_dir, 'prepare.py')) else
+            f"no data set '{dataset}': data/{dataset} has neither a prepare.py nor a prepared set (one that another "
+            f"script writes, e.g. python data/sft/prepare.py --out_dir=data/{dataset}, must be made first)")
     if master_process:  # the default data set needs no network: it is this Python's own stdlib
         print0("preparing data/pycode (first use)...")
         from data.pycode.prepare import prepare
