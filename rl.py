@@ -184,7 +184,7 @@ if master:
     if os.path.isfile(meta):  # the tokenizer travels with the run
         shutil.copyfile(meta, os.path.join(out_dir, 'meta.json'))
     append_log(out_dir, {'config': config, 'init_from': init_from, 'git': git_commit(), 'world_size': world,
-                         'time': time.strftime('%Y-%m-%d %H:%M:%S')})
+                         'time': time.strftime('%Y-%m-%d %H:%M:%S')}, fresh=True)
 best_score, best_step = -math.inf, 0
 if master:
     scores = held_out()

@@ -341,7 +341,7 @@ if master_process:
                          'world_size': ddp_world_size, 'init_from': init_from, 'start_iter': start_iter,
                          'params': n_params, 'active_params': n_active, **costs,
                          'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'param_bytes_per_rank': param_bytes,
-                         'layout': {'dp': dp_size, 'tp': tp, 'ep': ep, 'fsdp': fsdp}})
+                         'layout': {'dp': dp_size, 'tp': tp, 'ep': ep, 'fsdp': fsdp}}, fresh=not resumed)
 pbar = tqdm(total=max_iters, initial=start_iter, disable=not master_process, dynamic_ncols=True)
 X, Y, S = get_train_batch(iter_num, 0)  # fetch the very first batch
 losses = None

@@ -213,6 +213,10 @@ def test_best_is_the_start_until_a_step_beats_it(chat_ckpt, tmp_path, monkeypatc
                     "--max_new_tokens=4", "--learning_rate=0")
     assert "at step 0" in p.stdout and torch.load(out / "best.pt")["iter_num"] == 0
     assert torch.load(out / "ckpt.pt")["iter_num"] == 1
+    rl_on_lower(chat_ckpt, out, monkeypatch, "--steps=1", "--prompts_per_step=2", "--group_size=2",
+                "--max_new_tokens=4", "--overwrite=True")  # a second run there starts a new log
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert sum("config" in r for r in records) == 1 and [r["step"] for r in records if "filtered" in r] == [1]
 
 
 def test_rl_raises_the_reward_of_a_learnable_environment(chat_ckpt, tmp_path, monkeypatch):

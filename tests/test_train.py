@@ -150,6 +150,9 @@ def test_resume_is_bit_identical(tmp_path):
     assert sorted(la) == sorted(lb) == list(range(12))
     assert [la[s] for s in range(6, 12)] == [lb[s] for s in range(6, 12)]
     assert [r['step'] for r in read_log(b) if 'val_loss' in r] == [0, 4, 6, 8, 12]  # no eval twice at 6
+    assert sum('config' in r for r in read_log(b)) == 2  # the resumed run appended to the log
+    ok(train(a, *flags, '--max_iters=2', '--overwrite=True'))  # a fresh run replacing a's: a's log goes too
+    assert sum('config' in r for r in read_log(a)) == 1 and sorted(step_losses(a)) == [0, 1]
 
 
 @pytest.fixture(scope='module')
