@@ -391,7 +391,7 @@ def save_checkpoint(out_dir, state, model_state, optim_state, best, amax=None, s
 
 
 def append_log(out_dir, record, fresh=False):
-    """One JSON line more in out_dir/log.jsonl, the metrics log of train.py and rl.py. fresh: the first
+    """One JSON line more in out_dir/log.jsonl, the metrics log of train.py, rl.py and train_asr.py. fresh: the first
     line of a run that does not resume, which starts the log anew (a run allowed to replace the folder's
     checkpoints replaces their log too, so that no plot mixes two runs' steps)."""
     with open(os.path.join(out_dir, 'log.jsonl'), 'w' if fresh else 'a') as f:

@@ -273,7 +273,8 @@ for step in range(1, steps + 1):
         if master:
             scores = held_out()
             best = scores['mean'] > best_score
-            best_score, best_step = (scores['mean'], step) if best else (best_score, best_step)
+            if best:
+                best_score, best_step = scores['mean'], step
             tqdm.write(f"step {step} held-out accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
                        + (f"; {n_groups - n_kept:.0f} of {n_groups:.0f} groups filtered "
                           f"({n_solved:.0f} all solved, {n_failed:.0f} all failed)"))

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from asr import ASRConfig, Subsampling, Transducer, load_transducer, token_features, transcribe
+from checkpoint import append_log
 import romanize
 from romanize import build_tokenizer, count_readings, is_mandarin, to_chars_batch
 
@@ -273,7 +274,6 @@ def train_run(name, data):
                             lr=learning_rate)
     folder = os.path.join(out_dir, name)
     os.makedirs(folder, exist_ok=True)
-    open(os.path.join(folder, 'log.jsonl'), 'w').close()
     train, n_params = data['train'], sum(p.numel() for p in model.parameters())
     print(f'{name}: {tok.vocab_size} output tokens, {n_params / 1e6:.2f}M parameters')
     t0, pbar = time.time(), tqdm(range(steps), desc=name, dynamic_ncols=True)
@@ -292,8 +292,7 @@ def train_run(name, data):
         if (eval_every and (step + 1) % eval_every == 0) or step == steps - 1:
             row['val'] = evaluate(model, tok, r2c, data['val'])
             pbar.write(f"{name} step {step + 1}: loss {row['loss']:.3f}, val MER {row['val']['mer']:.3f}")
-        with open(os.path.join(folder, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps(row) + '\n')
+        append_log(folder, row, fresh=step == 0)  # a run starts its folder's log anew
         pbar.set_postfix(loss=f'{loss.item():.3f}')
     minutes = (time.time() - t0) / 60
     result = {'run': name, 'vocab_size': tok.vocab_size, 'params': n_params, 'minutes': minutes,
