@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, append_log, check_out_dir, git_commit, load_for_inference, save_checkpoint
+from data.chat import BUDGETS
 from data.envs import HELDOUT, env_names, make
 from data.tokenizer import DataError, saved_config
 from parallel import processes, shutdown
@@ -63,7 +64,7 @@ kl_coef = 0.0                   # beta: weight of the KL to the starting policy 
 minibatches = 2                 # optimizer steps per RL step, over the step's episodes
 think_frac = 0.5                # share of prompts with reasoning on (the rest off)
 budget_frac = 0.3               # share of the reasoning-on prompts that state a thinking budget
-budgets = '32,64,128'           # the budgets (tokens) they state
+budgets = ','.join(map(str, BUDGETS))  # the budgets (tokens) they state: 32,64,128
 low_effort_frac = 0.1           # share of prompts in low-effort mode
 low_effort_lambda = 0.002       # its reward: correctness - lambda * tokens spent
 filter_groups = True            # the curriculum filter: drop groups whose rewards are all equal

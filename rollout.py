@@ -23,15 +23,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from data.chat import THINK_CLOSE, chat_prompt
+from data.chat import THINK_CLOSE, budget_line, chat_prompt
 from data.envs import Task, final_answer, run_tool, tasks, tool_call, verify
 from generate import generate_batch
 
 LOW_EFFORT = "Low effort."
-
-
-def budget_line(budget):
-    return f"Think for at most {budget} tokens."
 
 
 @dataclass

@@ -16,7 +16,13 @@ import torch
 
 THINK_OPEN, THINK_CLOSE = '<think>', '</think>'
 GRACE = 32  # tokens a closing thinking section may run past its budget while waiting for a newline
+BUDGETS = (32, 64, 128)  # the thinking budgets the nano recipe states (rl.py, data/sft/prepare.py)
 ROLES = ('system', 'user', 'assistant', 'tool')  # tool: a tool's result (data/envs.py)
+
+
+def budget_line(budget):
+    """The system-turn line that states a thinking budget of B tokens (rl.py, eval.py, the SFT set)."""
+    return f"Think for at most {budget} tokens."
 
 
 class ChatError(ValueError):

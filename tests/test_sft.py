@@ -1,7 +1,7 @@
 """
 Tests for the SFT data set (data/sft/prepare.py): the loss masks cover the assistant's tokens only,
-the reasoning switch is on for half the examples, the format is data/chat.py's, and a fine-tune
-from a missing checkpoint says what to run first.
+the reasoning switch is on for half the examples, the format is data/chat.py's, budgeted examples
+state their budget and think within it, and a fine-tune from a missing checkpoint says what to run first.
 
 Run: python -m pytest -q tests/test_sft.py
 """
@@ -12,9 +12,11 @@ import re
 import numpy as np
 import pytest
 
-from data.chat import chat_prompt
+from data.chat import budget_line, chat_prompt
 from data.envs import demonstration, make
+from data.sft.prepare import FILL, within
 from helpers import run_script
+from rollout import opening
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +66,46 @@ def test_half_the_examples_think(sft):
     assert sum("<think></think>" in ex for ex in examples) == 3
 
 
+def test_a_budgeted_trace_keeps_whole_lines_within_its_share_of_the_budget():
+    trace = "  865\n+ 395\nunits: 5 + 5 = 10, write 0, carry 1\ntens: 6 + 9 + carry 1 = 16, write 6, carry 1"
+    assert FILL == 0.75
+    assert within(trace, 32, len) == "  865\n+ 395"             # 12 tokens with the newline, 24 allowed
+    assert within(trace, 64, len) == "\n".join(trace.split("\n")[:3])  # 48 of 48: the limit is inclusive
+    assert within(trace, 63, len) == "  865\n+ 395"
+    assert within(trace, 1000, len) == trace
+    assert within("a line longer than the budget allows", 8, len) == ""
+
+
+def test_budgeted_examples_state_the_budget_and_think_within_it(tmp_path):
+    p = run_script("data/sft/prepare.py", "--n_train=12", "--n_val=2", "--envs=add,instruct", "--budget_frac=0.5",
+                   "--budgets=32,96", f"--out_dir={tmp_path}")
+    assert p.returncode == 0, p.stderr
+    text, mask = stream(tmp_path, "train")
+    assert json.loads((tmp_path / "meta.json").read_text())["budgets"] == [32, 96]
+    examples = text[1:].split("\0")[:-1]
+    budgeted = {}
+    for i, ex in enumerate(examples):
+        env, think = ("add", "instruct")[i % 2], (i // 2) % 2 == 0
+        task = make(env, i // 2)
+        stated = re.search(r"Think for at most (\d+) tokens\.", ex)
+        assert think or not stated  # budgets only with thinking on
+        if not stated:
+            continue
+        B = int(stated.group(1))
+        budgeted[B] = budgeted.get(B, 0) + 1
+        assert ex.startswith(opening(task, "on", B)) and budget_line(B) in ex  # rl.py's and eval.py's prompt, as is
+        thinking = ex[len(opening(task, "on", B)):].split("</think>")[0]
+        assert len(thinking) <= FILL * B and task.trace.startswith(thinking.rstrip("\n"))
+        assert ex.endswith("</think>\n" + task.answer)  # the full answer after the shortened thinking
+    assert set(budgeted) == {32, 96} and 2 <= sum(budgeted.values()) <= 10  # about half of the 12 thinking-on
+
+
 def test_bad_flags(tmp_path):
     p = run_script("data/sft/prepare.py", "--envs=math,chess", f"--out_dir={tmp_path}")
     assert p.returncode == 1 and "chess" in p.stderr and "math" in p.stderr and "Traceback" not in p.stderr
+    for flag in ("--budgets=32,x", "--budgets=0", "--budget_frac=1.5"):
+        p = run_script("data/sft/prepare.py", flag, f"--out_dir={tmp_path}")
+        assert p.returncode == 1 and flag.split("=")[0] in p.stderr and "Traceback" not in p.stderr
 
 
 def test_fine_tuning_without_a_pretrained_model_says_what_to_run(sft, tmp_path):
