@@ -112,3 +112,26 @@ def test_fine_tuning_without_a_pretrained_model_says_what_to_run(sft, tmp_path):
     p = run_script("train.py", "config/sft.py", f"--dataset={sft}", f"--init_from={tmp_path / 'out'}",
                    f"--out_dir={tmp_path / 'sft'}")
     assert p.returncode != 0 and "python train.py" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_budget_stage_fine_tunes_an_sft_model_on_a_budget_set(tmp_path):
+    import torch
+    from model import Nemotron, NemotronConfig
+    data = tmp_path / "sft_budget"
+    p = run_script("data/sft/prepare.py", "--n_train=8", "--n_val=2", "--envs=add,instruct", "--budget_frac=0.5",
+                   f"--out_dir={data}")
+    assert p.returncode == 0, p.stderr
+    torch.manual_seed(0)
+    cfg = NemotronConfig(vocab_size=256, d_model=32, pattern="M*", n_head=2, n_kv_head=1, head_dim=16, d_ff=64,
+                         mamba_heads=2, mamba_head_dim=16, d_state=8, chunk_size=8)
+    sft_dir = tmp_path / "out-sft"
+    sft_dir.mkdir()
+    torch.save({"model": Nemotron(cfg).state_dict(), "model_config": cfg.to_dict(),
+                "config": {"dataset": "sft", "block_size": 256}}, sft_dir / "ckpt.pt")
+    p = run_script("train.py", "config/sft_budget.py", f"--dataset={data}", f"--init_from={sft_dir}",
+                   f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2",
+                   "--eval_iters=1", "--batch_size=2", "--block_size=256", "--device=cpu", "--compile=False")
+    assert p.returncode == 0, p.stderr
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["config"]["learning_rate"] == 3e-4 and log[0]["config"]["init_from"] == str(sft_dir)
+    assert (tmp_path / "out" / "ckpt.pt").exists()
