@@ -14,8 +14,8 @@ and controls the reasoning budget. One step here:
      conditions: reasoning on (--think_frac) or off; with reasoning on, a stated thinking budget B on
      --budget_frac of them; low effort on --low_effort_frac (rollout.py puts them in the system turn);
   2) roll out a group of G = group_size episodes per prompt with the current policy (rollout.py);
-  3) reward r_i: the verifier's score; 0 if the thinking ran past a stated budget; in low effort,
-     minus low_effort_lambda times the tokens spent;
+  3) reward r_i: the verifier's score; -budget_penalty if the thinking ran past a stated budget; in
+     low effort, minus low_effort_lambda times the tokens spent;
   4) GRPO's advantages (DeepSeekMath, arXiv:2402.03300), per group: A_i = (r_i - mean r) / (std r + eps);
   5) the curriculum filter: a group whose rewards are all equal (all solved, or all failed) has A = 0
      and teaches nothing: dropped, and counted;
@@ -65,6 +65,7 @@ minibatches = 2                 # optimizer steps per RL step, over the step's e
 think_frac = 0.5                # share of prompts with reasoning on (the rest off)
 budget_frac = 0.3               # share of the reasoning-on prompts that state a thinking budget
 budgets = ','.join(map(str, BUDGETS))  # the budgets (tokens) they state: 32,64,128
+budget_penalty = 0.0            # reward of a thinking past its budget: -budget_penalty (0: as a wrong answer)
 low_effort_frac = 0.1           # share of prompts in low-effort mode
 low_effort_lambda = 0.002       # its reward: correctness - lambda * tokens spent
 filter_groups = True            # the curriculum filter: drop groups whose rewards are all equal
@@ -78,7 +79,8 @@ config_ranges = {k: '[1, inf)' for k in ('steps', 'prompts_per_step', 'group_siz
                                          'minibatches', 'eval_interval', 'eval_tasks')}
 config_ranges.update({k: '[0, 1]' for k in ('think_frac', 'budget_frac', 'low_effort_frac')})
 config_ranges.update({k: '[0, inf)' for k in ('max_len', 'temperature', 'learning_rate', 'weight_decay', 'grad_clip',
-                                              'kl_coef', 'low_effort_lambda', 'seed')}, clip_eps='(0, 1)')
+                                              'kl_coef', 'low_effort_lambda', 'budget_penalty', 'seed')},
+                     clip_eps='(0, 1)')
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -207,7 +209,8 @@ for step in range(1, steps + 1):
     model.train()
     # 3-5) rewards, advantages, the filter
     groups = [episodes[k:k + group_size] for k in range(0, len(episodes), group_size)]  # specs' order
-    rewards = torch.tensor([[shaped(ep, low_effort_lambda) for ep in grp] for grp in groups]).view(-1, group_size)
+    rewards = torch.tensor([[shaped(ep, low_effort_lambda, budget_penalty) for ep in grp] for grp in groups])
+    rewards = rewards.view(-1, group_size)  # (groups, G), also when no group ran
     adv = advantages(rewards)  # (groups, G)
     keep = (group_filter(rewards) if filter_groups else torch.ones(len(groups), dtype=torch.bool)).tolist()
     solved = sum(all(ep.reward == 1 for ep in grp) for grp in groups)
@@ -251,7 +254,7 @@ for step in range(1, steps + 1):
         mine = [ep for ep in episodes if ep.task.env == env]
         on = [ep for ep in mine if ep.reasoning == 'on' and not ep.skipped]
         n, r, acc, think, n_on, skipped, errors = all_sum([
-            len(mine), sum(shaped(ep, low_effort_lambda) for ep in mine), sum(ep.reward for ep in mine),
+            len(mine), sum(shaped(ep, low_effort_lambda, budget_penalty) for ep in mine), sum(ep.reward for ep in mine),
             sum(ep.thinking for ep in on),
             len(on), sum(ep.skipped == 'context' for ep in mine), sum(bool(ep.error) for ep in mine)])
         if n:

@@ -178,10 +178,11 @@ def evaluate(model, tokenizer, envs, n, eot, reasoning="on", budget=None, max_ne
 # GRPO's objective (rl.py runs it; its docstring numbers the steps)
 
 
-def shaped(ep, low_effort_lambda):
-    """Step 3, the episode's reward: correctness, 0 if the thinking ran past a stated budget, and in
-    low effort minus low_effort_lambda per token spent."""
-    r = 0.0 if ep.budget is not None and ep.thinking > ep.budget else ep.reward
+def shaped(ep, low_effort_lambda, budget_penalty=0.0):
+    """Step 3, the episode's reward: correctness; -budget_penalty if the thinking ran past a stated
+    budget (0: no credit; above 0, worse than a wrong answer that kept it); in low effort minus
+    low_effort_lambda per token spent."""
+    r = -budget_penalty if ep.budget is not None and ep.thinking > ep.budget else ep.reward
     return r - low_effort_lambda * ep.spent if ep.low_effort else r
 
 

@@ -74,6 +74,8 @@ def test_shaped_reward_budget_and_low_effort():
     assert shaped(ep, 0.01) == 1.0
     ep.thinking = 11
     assert shaped(ep, 0.01) == 0.0  # past the stated budget: no credit
+    wrong_within = Episode(ep.task, budget=10, reward=0.0, thinking=10)
+    assert shaped(ep, 0.01, budget_penalty=0.5) == -0.5 < shaped(wrong_within, 0.01, 0.5) == 0.0  # below wrong
     ep.budget, ep.low_effort = None, True
     assert math.isclose(shaped(ep, 0.01), 1.0 - 0.5)
 
