@@ -20,9 +20,10 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn as nn
 
+from expert_gemm import grouped_mm_nograd
 from moe import mm_by_groups
 from quantize import AmaxHistory, hadamard16, quantize_fp8, quantize_mxfp8, quantize_nvfp4, rht
-from triton_ops import grouped_mm_nograd, use_triton
+from triton_ops import use_triton
 
 # -----------------------------------------------------------------------------
 # the recipe: how each GEMM operand is quantized

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import expert_gemm
 import triton_ops
 
 # -----------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def experts_static(x, weights, idx, up_proj, down_proj):
 
 
 def grouped_mm_ref(x, w, offs):
-    """Grouped GEMM, the PyTorch reference of triton_ops.grouped_mm. x (N, K) holds the rows of E
+    """Grouped GEMM, the PyTorch reference of expert_gemm.grouped_mm. x (N, K) holds the rows of E
     groups one after another, offs (E,) int32 the end row of each (offs[-1] = N), w (E, K, n):
     rows offs[g-1]:offs[g] of the result (N, n) are those rows of x times w[g]. Differentiable."""
     return GroupedMM.apply(x, w, offs)
@@ -273,7 +274,7 @@ class Experts(nn.Module):
 
     def forward(self, x, weights, idx):
         """x (M, l), weights and idx (M, k) -> (M, l). Dropless: every token copy is served, by one
-        grouped GEMM per projection over all experts (triton_ops.grouped_mm on a GPU)."""
+        grouped GEMM per projection over all experts (expert_gemm.grouped_mm on a GPU)."""
         M, k = idx.shape
         if M <= DECODE_ROWS and torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return experts_static(x, weights, idx, self.up_proj, self.down_proj)  # a compiled decode step
@@ -289,7 +290,7 @@ class Experts(nn.Module):
             y = mm(F.relu(h).square(), self.down_proj, offs, self.recipe, "down_proj")  # (M*k, l)
         else:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            mm = triton_ops.grouped_mm if triton_ops.use_triton(x) else grouped_mm_ref
+            mm = expert_gemm.grouped_mm if triton_ops.use_triton(x) else grouped_mm_ref
             h = mm(x[token].to(dtype), self.up_proj.to(dtype).transpose(1, 2), offs)  # (M*k, F)
             y = mm(F.relu(h).square(), self.down_proj.to(dtype).transpose(1, 2), offs)  # (M*k, l)
         # 3) weight each copy's output and add it to its token, in fp32

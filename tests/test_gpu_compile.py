@@ -6,8 +6,8 @@ a block's 227 KB, no register spills in the SSD and decode kernels (ALLOWED_SPIL
 and tl.dot on tensor cores (wgmma or mma on sm_90, tcgen05 or mma on sm_100).
 
 How: each public op runs on meta tensors (shapes only: the host code chooses tiles and launches,
-nothing is computed) while every _*_kernel of triton_ops, quantize and asr is swapped for a recorder of its launches;
-each distinct (kernel, argument types, constexprs, warps, stages) is then compiled by
+nothing is computed) while every _*_kernel of triton_ops, expert_gemm, quantize and asr is swapped for a
+recorder of its launches; each distinct (kernel, argument types, constexprs, warps, stages) is then compiled by
 triton.compile for the target, and ptxas -v reports its registers and spills. fp32 inputs are
 checked as train.py runs them: TF32 dots (torch.backends.cuda.matmul.allow_tf32 on).
 
@@ -31,10 +31,11 @@ from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import asr  # noqa: E402
+import expert_gemm  # noqa: E402
 import quantize  # noqa: E402
 import triton_ops  # noqa: E402
 
-MODULES = (triton_ops, quantize, asr)  # where the kernels live
+MODULES = (triton_ops, expert_gemm, quantize, asr)  # where the kernels live
 
 SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on an H100 and a B200
 # spills allowed outside the SSD and decode kernels (bytes stored per thread), none so far
@@ -129,7 +130,7 @@ def decode_launches(H, P, G, N, dtype, K):
 def moe_launches(dtype, E=128, K=2688, N=1856, rows=4096):
     x, w = meta(rows, K, dtype=dtype), meta(E, K, N, dtype=dtype)
     offs = meta(E, dtype=torch.int32, grad=False)
-    return captured(lambda: triton_ops.grouped_mm(x, w, offs).sum().backward())
+    return captured(lambda: expert_gemm.grouped_mm(x, w, offs).sum().backward())
 
 
 def quantizer_launches():
