@@ -22,9 +22,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+import expert_gemm
 import lowprec
 import quantize
-import expert_gemm
 import triton_ops
 from asr import joint_loss, lattice_loss
 from bench import interleaved, timed, train_step, verdict

@@ -117,13 +117,13 @@ def test_fine_tuning_without_a_pretrained_model_says_what_to_run(sft, tmp_path):
 def test_the_budget_stage_fine_tunes_an_sft_model_on_a_budget_set(tmp_path):
     import torch
     from model import Nemotron, NemotronConfig
+    from test_rl import TINY
     data = tmp_path / "sft_budget"
     p = run_script("data/sft/prepare.py", "--n_train=8", "--n_val=2", "--envs=add,instruct", "--budget_frac=0.5",
                    f"--out_dir={data}")
     assert p.returncode == 0, p.stderr
     torch.manual_seed(0)
-    cfg = NemotronConfig(vocab_size=256, d_model=32, pattern="M*", n_head=2, n_kv_head=1, head_dim=16, d_ff=64,
-                         mamba_heads=2, mamba_head_dim=16, d_state=8, chunk_size=8)
+    cfg = NemotronConfig(**TINY)
     sft_dir = tmp_path / "out-sft"
     sft_dir.mkdir()
     torch.save({"model": Nemotron(cfg).state_dict(), "model_config": cfg.to_dict(),

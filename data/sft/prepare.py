@@ -112,10 +112,11 @@ def main():
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
     except ValueError:
-        budgets = []
-    if not budgets or min(budgets) < 1 or not 0 <= args.budget_frac <= 1:
-        sys.exit(f"error: --budgets={args.budgets!r} must be comma-separated token counts >= 1" if not budgets or
-                 min(budgets) < 1 else f"error: --budget_frac={args.budget_frac} must be between 0 and 1")
+        budgets = [0]
+    if min(budgets) < 1:
+        sys.exit(f"error: --budgets={args.budgets!r} must be comma-separated token counts >= 1")
+    if not 0 <= args.budget_frac <= 1:
+        sys.exit(f"error: --budget_frac={args.budget_frac} must be between 0 and 1")
     tok = ByteTokenizer()
     train, train_mask = build(envs, args.n_train, 0, tok, args.budget_frac, budgets)
     val, val_mask = build(envs, args.n_val, args.n_train, tok, args.budget_frac, budgets)
