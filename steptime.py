@@ -24,10 +24,10 @@ GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6, host_s=20e-6)  # host_s: the
 # the fitted constants, the only ones: planfit.fit_constants on every published run we have
 # (tests/published_runs*.csv; docs/planner.md gives the cross-validated errors)
 FIT = dict(
-    gemm_eff=0.689,      # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
+    gemm_eff=0.678,      # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
     mem_eff=0.802,       # memory-bound kernels' bandwidth over the HBM peak
     net_eff=0.90,        # a large collective's bus bandwidth over the link's peak
-    overlap=0.55,        # the share of overlappable communication that compute actually hides
+    overlap=0.566,       # the share of overlappable communication that compute actually hides
     lowp_eff=0.60,       # a large FP8 / MXFP8 / NVFP4 GEMM's throughput over its own dense peak
     ssd_eff=0.112,       # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
     moe_sync_s=1.78e-3,  # s per MoE layer and pass that the GPU idles while the host sizes a dropless dispatch
@@ -121,8 +121,7 @@ def in_domain(hw, n, stride):
 
 
 def all_to_all_time(hw, nbytes, n, stride):
-    """An all-to-all among n GPUs spaced stride ranks apart (Megatron orders ranks tp, cp, ep, dp, pp:
-    a GPU's expert-parallel peers are tp * cp apart). nbytes is what one GPU sends, (n - 1)/n of it to
+    """An all-to-all among n GPUs spaced stride ranks apart. nbytes is what one GPU sends, (n - 1)/n of it to
     others: the peers inside its NVLink domain get theirs over NVLink while the rest leave through
     its network link at the same time, so the slower of the two sets the time."""
     if n <= 1 or nbytes <= 0:
@@ -341,7 +340,10 @@ def layer_cost(job, kind, b, tp, cp, ep, sp):
     # all-to-alls are exposed, or with a2a_overlap (Megatron-Bridge's 1F1B overlap: one micro-batch's
     # dispatch and combine beside another's compute) hidden under a forward's worth of compute
     tp_comm = comm_time(hw, "all_reduce", t * job.cfg.d_model * act, tp, tp)
-    a2a = 2 * all_to_all_time(hw, w.a2a, ep, tp * cp)
+    # Megatron-Core (0.10 on: MoE parallel folding, arXiv:2504.14960) lays the experts' ranks out
+    # on their own grid, expert-TP fastest, then ep: with the experts whole on each GPU (expert-TP 1,
+    # as block_work prices them) a GPU's expert-parallel peers are adjacent ranks, whatever tp and cp
+    a2a = 2 * all_to_all_time(hw, w.a2a, ep, 1)
     cp_comm = comm_time(hw, "all_gather", w.cp * cp, cp, in_domain(hw, cp, tp)) if kind == "M" else \
         comm_time(hw, "p2p", w.cp * (cp - 1), cp, in_domain(hw, cp, tp))
     flops = sum(2 * bt * m * n * k for bt, m, n, k in w.lin + w.mm + w.core_mm) + w.core_flops

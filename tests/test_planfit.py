@@ -150,6 +150,17 @@ def test_all_to_all_overlap():
     assert plain.ep > 0 and hid.ep == pytest.approx(plain.ep - hw["overlap"] * min(plain.ep, plain.fwd))
 
 
+def test_expert_all_to_all_stays_in_the_node_under_tp():
+    """Megatron-Core's folded expert grid: with tp = 4 and ep = 8 on nodes of 8, a GPU's 8 expert
+    peers are adjacent ranks, one node, so the dispatch and combine go over NVLink alone (not 6 of
+    8 over the network, as with peers tp apart); the bytes are the routed tokens of this tp rank."""
+    hw = ideal_gpu(mem_eff=1e9, moe_sync_s=0.0)
+    job = moe_job(hw)
+    w, c = steptime.block_work(job, "E", 1, 4, 1, 8, True), steptime.layer_cost(job, "E", 1, 4, 1, 8, True)
+    assert w.a2a == pytest.approx(4096 / 4 * 4 * 1024 * 2)  # tokens / tp * top-k * d_model * 2 B
+    assert c.ep == pytest.approx(2 * 7 / 8 * w.a2a / (hw["nvlink_bw"] * hw["net_eff"]))
+
+
 def test_gradients_in_bf16():
     """grad_reduce='bf16' (Megatron's grad_reduce_in_fp32=False, NVIDIA's performance recipes): the
     gradient buffer takes 2 B a parameter, not 4, and the data-parallel reduce-scatter moves half."""
@@ -217,8 +228,8 @@ def test_fit_gives_the_committed_constants(runs):
 
 def test_one_source_held_out(runs):
     """Leave-one-source-out for the MoE-heavy source (S9, Megatron-Bridge's tables): constants fitted
-    on the other sources predict its 19 scored runs: mean |error| 19.2%, as docs/planner.md reports."""
+    on the other sources predict its 19 scored runs: mean |error| 15.6%, as docs/planner.md reports."""
     fit, _ = planfit.fit_constants([r for r in runs if r.source != "S9"])
     held = planfit.summary([planfit.predict(r, fit) for r in runs if r.source == "S9"])
-    assert held["all"][0] == 19 and held["all"][1] == pytest.approx(0.192, abs=0.005), held
+    assert held["all"][0] == 19 and held["all"][1] == pytest.approx(0.156, abs=0.005), held
 
