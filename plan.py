@@ -23,8 +23,8 @@ from dataclasses import asdict, fields, replace
 from checkpoint import config_from_hf
 from configurator import die
 from model import NemotronConfig, config_file
-from steptime import (HBM_USABLE, LINEAR, PRECISION, Job, Layout, compute_bound, evaluate, load_hardware, memory,
-                      sync_bound)
+from steptime import (HBM_USABLE, LINEAR, MLA, PRECISION, Job, Layout, compute_bound, evaluate, load_hardware,
+                      memory, sync_bound)
 
 # -----------------------------------------------------------------------------
 # models: a NemotronConfig describes any stack (pattern of M mamba2, * attention, - mlp, E moe).
@@ -32,14 +32,14 @@ from steptime import (HBM_USABLE, LINEAR, PRECISION, Job, Layout, compute_bound,
 # a two-matrix MLP of width 1.5 f, which is how it is written here.
 
 def transformer(layers, hidden, heads, ffn, vocab, kv_heads=None, gated=False, experts=0, topk=2,
-                expert_ffn=None, shared_experts=0, moe_every=1, tie=False, first_dense=0):
+                expert_ffn=None, shared_experts=0, moe_every=1, tie=False, first_dense=0, head_dim=None):
     """A NemotronConfig for a dense or MoE Transformer given by its usual hyperparameters (MoE every
-    moe_every layers after the first_dense dense ones)."""
+    moe_every layers after the first_dense dense ones; heads hidden / heads wide unless head_dim says)."""
     w = 1.5 if gated else 1
     moe = [experts > 0 and i >= first_dense and (i - first_dense) % moe_every == 0 for i in range(layers)]
     return NemotronConfig(
         vocab_size=vocab, d_model=hidden, pattern="".join("*E" if e else "*-" for e in moe),
-        n_head=heads, n_kv_head=kv_heads or heads, head_dim=hidden // heads, d_ff=int(w * ffn),
+        n_head=heads, n_kv_head=kv_heads or heads, head_dim=head_dim or hidden // heads, d_ff=int(w * ffn),
         n_experts=max(experts, 1), top_k=min(topk, max(experts, 1)), moe_d_ff=int(w * (expert_ffn or ffn)),
         shared_d_ff=int(w * (expert_ffn or ffn) * shared_experts), tie_embeddings=tie)
 
@@ -297,8 +297,10 @@ FLAGS = dict(
     attention="flash",   # flash, or materialized (s x s scores in memory, as before FlashAttention)
     **{k: None for k in LAYOUT_KEYS},  # --tp --pp --dp --cp --ep --vp --mbs --recompute --sp --zero: fix them
     layers=None, hidden=None, heads=None, kv_heads=None, ffn=None, vocab=None,  # a Transformer without --model
+    head_dim=None,       # ... with heads this wide (default hidden / heads; Qwen3's are 128)
     experts=0, topk=2, expert_ffn=None, shared_experts=0, moe_every=1,  # ... with MoE layers
     gated=False,         # ... with a gated (SwiGLU) MLP of width ffn
+    mla=False,           # price the attention blocks as multi-head latent attention of DeepSeek-V3's sizes
     peak_tflops=None, hbm_gb=None, hbm_tbs=None,  # override the --gpu profile: peak at --precision, HBM GB and TB/s,
     nvlink_gbs=None, net_gbs=None, gpus_per_node=None,  # link GB/s per direction in and out of a node, node size
     top=10,              # rows of the table
@@ -314,8 +316,8 @@ FLAGS = dict(
 )
 # the valid range of each numeric flag, checked by configurator.py before any work (exit 2)
 RANGES = {**{k: "int [1, inf)" for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "layers",
-                                          "hidden", "heads", "kv_heads", "ffn", "vocab", "topk", "expert_ffn",
-                                          "moe_every", "gpus_per_node", "top")},
+                                          "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "topk",
+                                          "expert_ffn", "moe_every", "gpus_per_node", "top")},
           "experts": "int [0, inf)", "shared_experts": "int [0, inf)", "zero": "int [0, 3]",
           "moe_imbalance": "[1, inf)",
           **{k: "(0, inf)" for k in ("peak_tflops", "hbm_gb", "hbm_tbs", "nvlink_gbs", "net_gbs")}}
@@ -347,12 +349,13 @@ def make_job(a):
         need = [k for k in ("hidden", "heads", "ffn", "vocab") if a[k] is None]
         if need:
             raise ValueError(f"a Transformer from flags needs --{' --'.join(need)}")
-        if a["hidden"] % a["heads"]:
-            raise ValueError(f"--hidden={a['hidden']} must be a multiple of --heads={a['heads']}")
+        if a["hidden"] % a["heads"] and a["head_dim"] is None:
+            raise ValueError(f"--hidden={a['hidden']} must be a multiple of --heads={a['heads']} (or give --head_dim)")
         if a["heads"] % (a["kv_heads"] or a["heads"]):
             raise ValueError(f"--heads={a['heads']} must be a multiple of --kv_heads={a['kv_heads']}")
         cfg, seq = transformer(a["layers"], a["hidden"], a["heads"], a["ffn"], a["vocab"], a["kv_heads"], a["gated"],
-                               a["experts"], a["topk"], a["expert_ffn"], a["shared_experts"], a["moe_every"]), None
+                               a["experts"], a["topk"], a["expert_ffn"], a["shared_experts"], a["moe_every"],
+                               head_dim=a["head_dim"]), None
     else:
         raise ValueError("give --model=... (a preset, an HF config or a train.py config) or --layers --hidden "
                          "--heads --ffn --vocab")
@@ -374,12 +377,13 @@ def make_job(a):
     if fixed.get("recompute", "none") not in ("none", "selective", "full") or fixed.get("zero", 0) not in (0, 1, 2, 3):
         raise ValueError(f"--recompute is none, selective or full and --zero 0, 1, 2 or 3, got "
                          f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
-    if type(a["a2a_overlap"]) is not bool:
-        raise ValueError(f"--a2a_overlap must be True or False, got {a['a2a_overlap']!r}")
+    for k in ("a2a_overlap", "mla"):
+        if type(a[k]) is not bool:
+            raise ValueError(f"--{k} must be True or False, got {a[k]!r}")
     if a["grad_reduce"] not in ("fp32", "bf16"):
         raise ValueError(f"--grad_reduce={a['grad_reduce']}: fp32 or bf16")
     return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"],
-               a["a2a_overlap"], a["grad_reduce"]), fixed
+               a["a2a_overlap"], a["grad_reduce"], MLA() if a["mla"] else None), fixed
 
 
 def report(job, results, counts, seconds, top):

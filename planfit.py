@@ -20,6 +20,12 @@ from model import flops_per_token
 
 LAYOUT_SIZES = ("tp", "pp", "dp", "cp", "ep", "vp", "mbs")
 GATED = r"llama|qwen|mixtral|deepseek|grok|gpt-oss"  # the families with a gated (SwiGLU-like) MLP
+HEAD_DIM = {"qwen3": 128, "gpt-oss": 64}  # the families whose heads are not hidden / heads wide (their HF configs)
+# the published recipes (model, GPU) whose expert all-to-alls overlap another micro-batch's compute:
+# Megatron-Bridge's Qwen3-235B-A22B on H100 at TP=2 PP=8 VP=4 EP=32 sets moe_a2a_overlap=True
+# (scripts/performance/configs/qwen/qwen3_workload_base_configs.py); its other MoE recipes that
+# these rows use set it False or dispatch with DeepEP / HybridEP instead
+A2A_OVERLAP = {("qwen3-235b-a22b", "h100")}
 BLACKWELL = ("b200", "gb200", "b300", "gb300")
 
 
@@ -44,11 +50,14 @@ class Run:
     pair_group: str         # rows of one model on one cluster under other layouts or precisions, or ""
     subsets: list           # the subsets it belongs to: dense, fp8, moe, blackwell, hybrid
     notes: list = field(default_factory=list)  # what was read into the row (a derived dp, an assumed batch)
+    mla: steptime.MLA = None  # the attention is multi-head latent attention (DeepSeek-V3's), or None
+    a2a_overlap: bool = False  # the recipe overlaps the expert all-to-alls (A2A_OVERLAP)
 
     def job(self, fit=None):
         """The steptime.Job of this run on its GPU, with these fitted constants (steptime.FIT's by default)."""
         return steptime.Job(self.cfg, self.seq, self.gbs, self.gpus, steptime.load_hardware(self.gpu, **(fit or {})),
-                            self.precision, self.attention, grad_reduce=self.grad_reduce)
+                            self.precision, self.attention, a2a_overlap=self.a2a_overlap, grad_reduce=self.grad_reduce,
+                            mla=self.mla)
 
 
 def number(text):
@@ -106,7 +115,8 @@ def zero_of(text):
 
 def row_model(row):
     """The NemotronConfig of a row: a preset where the name is one, else a Transformer of the row's
-    shape (SwiGLU where the family uses it; the first k layers dense where the source says so)."""
+    shape (SwiGLU where the family uses it, its head width; the first k layers dense where the source
+    says so)."""
     name = row["model"].lower().replace("-", "").replace(" ", "")
     preset = next((p for p in plan.PRESETS if p.replace("-", "") in name), None)
     if preset:
@@ -119,7 +129,8 @@ def row_model(row):
                             gated=bool(re.search(GATED, row["model"], re.I)),
                             experts=n("moe_experts"), topk=n("moe_topk") or 2, expert_ffn=n("moe_expert_ffn") or None,
                             shared_experts=n("moe_shared_experts"), tie="gpt" in name and "oss" not in name,
-                            first_dense=int(dense.group(1)) if dense else 0)
+                            first_dense=int(dense.group(1)) if dense else 0,
+                            head_dim=next((hd for f, hd in HEAD_DIM.items() if f.replace("-", "") in name), None))
 
 
 COLUMNS = {"id", "source", "model", "gpu", "gpu_count", "precision", "seq_len", "gbs_seqs", "step_time_s",
@@ -206,7 +217,9 @@ def read_run(row, rows):
     # reduce gradients in bf16: their configs set grad_reduce_in_fp32 = False
     grads = "bf16" if re.search(r"dgxc|perf", row["source"], re.I) else "fp32"
     run = Run(row["id"], re.match(r"S\d+", row["source"]).group(0), row["model"], cfg, seq, gbs, gpus, gpu, precision,
-              attention, grads, fixed, None, row.get("pair_group") or "", [], notes)
+              attention, grads, fixed, None, row.get("pair_group") or "", [], notes,
+              steptime.MLA() if re.search(r"\bMLA\b", row.get("arch_source") or "") else None,
+              "bridge" in row["framework"].lower() and (row["model"].lower(), gpu) in A2A_OVERLAP)
     run.measured = measured(row, run)
     arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     run.subsets = [s for s, inside in [

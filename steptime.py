@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from mamba import ssd_flops
 from hardware import CLUSTER_GPUS, HARDWARE
-from model import NemotronConfig, flops_per_token, layer_params, mtp_params
+from model import NemotronConfig, Params, flops_per_token, layer_params, mtp_params
 
 # -----------------------------------------------------------------------------
 # hardware (hardware.py's table), a kernel's fixed cost and a collective's latency (s), and the
@@ -25,11 +25,11 @@ GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6, host_s=20e-6)  # host_s: the
 # (tests/published_runs*.csv; docs/planner.md gives the cross-validated errors)
 FIT = dict(
     gemm_eff=0.678,      # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
-    mem_eff=0.802,       # memory-bound kernels' bandwidth over the HBM peak
-    net_eff=0.90,        # a large collective's bus bandwidth over the link's peak
-    overlap=0.566,       # the share of overlappable communication that compute actually hides
+    mem_eff=0.736,       # memory-bound kernels' bandwidth over the HBM peak
+    net_eff=0.975,       # a large collective's bus bandwidth over the link's peak
+    overlap=0.644,       # the share of overlappable communication that compute actually hides
     lowp_eff=0.60,       # a large FP8 / MXFP8 / NVFP4 GEMM's throughput over its own dense peak
-    ssd_eff=0.112,       # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
+    ssd_eff=0.0977,      # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
     moe_sync_s=1.78e-3,  # s per MoE layer and pass that the GPU idles while the host sizes a dropless dispatch
 )
 HBM_USABLE = 0.95  # not fitted: CUDA context, communication buffers and fragmentation take the rest
@@ -172,6 +172,31 @@ class Memo:
     model_totals: dict = field(default_factory=dict)  # (tp, cp, ep, mbs, sp) -> ModelTotals
 
 
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention (DeepSeek-V2, arXiv:2405.04434; DeepSeek-V3's sizes by default),
+    which the planner prices in place of an attention block's GQA: queries from a q_rank-wide latent,
+    keys and values from one kv_rank-wide latent plus a rope_dim-wide rotary key, both shared by the
+    heads; per head, qk_dim-wide scores (rope_dim of them rotary) and v_dim-wide values. The latents'
+    down-projections are whole on every tensor-parallel rank (Megatron-Core splits the up-projections)."""
+    q_rank: int = 1536
+    kv_rank: int = 512
+    qk_dim: int = 192
+    rope_dim: int = 64
+    v_dim: int = 128
+
+    def gemms(self, t, a, d, tp):
+        """(batch, m, n, k) of its five projections for t tokens, a heads, width d: q down, q up,
+        kv down (with the rotary key), kv up (keys' non-rotary part and values), output."""
+        kv_up = a * (self.qk_dim - self.rope_dim + self.v_dim) / tp
+        return [(1, t, self.q_rank, d), (1, t, a * self.qk_dim / tp, self.q_rank),
+                (1, t, self.kv_rank + self.rope_dim, d), (1, t, kv_up, self.kv_rank), (1, t, d, a * self.v_dim / tp)]
+
+    def params(self, a, d):
+        """Its weights with a heads at width d: the five projections and the two latents' norms."""
+        return sum(n * k for _, _, n, k in self.gemms(1, a, d, 1)) + self.q_rank + self.kv_rank
+
+
 @dataclass
 class Job:
     cfg: NemotronConfig
@@ -184,6 +209,7 @@ class Job:
     moe_imbalance: float = 1.0  # the busiest expert-parallel rank's routed tokens over the mean (1: balanced)
     a2a_overlap: bool = False   # the expert all-to-alls overlap other micro-batches' compute (Megatron-Bridge)
     grad_reduce: str = "fp32"   # the gradients' buffer and reduction: 'fp32', or 'bf16' (NVIDIA's performance recipes)
+    mla: MLA = None             # the attention blocks are multi-head latent attention of these sizes (None: cfg's GQA)
 
     def __post_init__(self):
         self.bytes = dict(PRECISION[self.precision], **({"g": 2} if self.grad_reduce == "bf16" else {}))
@@ -193,6 +219,13 @@ class Job:
         self.memo = Memo()
         self.flops = flops_per_token(self.cfg, self.seq)
         self.params = {k: layer_params(self.cfg, k) for k in set(self.cfg.pattern + self.cfg.mtp_pattern)}
+        if self.mla and "*" in self.params:  # MLA's weights; its FLOPs: 6 a weight, scores qk_dim and values v_dim wide
+            cfg, m = self.cfg, self.mla
+            n = (cfg.pattern + cfg.mtp_pattern * cfg.mtp_depth).count("*")
+            gqa = self.params["*"]
+            self.params["*"] = Params(cfg.d_model + m.params(cfg.n_head, cfg.d_model), 0, 0)
+            scores = 3 * 2 * cfg.n_head * (m.qk_dim + m.v_dim - 2 * cfg.head_dim) * self.seq / 2
+            self.flops += n * (6 * (self.params["*"].dense - gqa.dense) + scores)
 
 
 @dataclass
@@ -223,23 +256,32 @@ def block_work(job, kind, b, tp, cp, ep, sp):
     w = BlockWork(mem=5 * t * d / ew * act, kernels=2, saved=2 * t * d / ew * act)
     if kind in "*W":  # W: sliding-window attention, RoPE always, each query against at most a window of keys
         a, g, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        w.lin += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
-        w.saved += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
-        if cfg.rope or kind == "W":
-            w.mem, w.kernels = w.mem + 4 * t * (a + g) * hd / tp * act, w.kernels + 1
+        qk, v = hd, hd  # per head, the width of the scores' product and of the values
+        if job.mla and kind == "*":
+            m, qk, v = job.mla, job.mla.qk_dim, job.mla.v_dim
+            w.lin += m.gemms(t, a, d, tp)
+            # the two latents (normed), q, k, v; the output for o_proj
+            w.saved += t * (m.q_rank + m.kv_rank + m.rope_dim + a * (2 * qk + 2 * v) / tp) * act
+            w.mem, w.kernels = w.mem + 4 * t * (a / tp + 1) * m.rope_dim * act, w.kernels + 1  # RoPE
+            w.cp = t * a * (qk + v) / tp * act  # the K and V this GPU passes along the ring
+        else:
+            w.lin += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
+            w.saved += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
+            w.cp = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring
+            if cfg.rope or kind == "W":
+                w.mem, w.kernels = w.mem + 4 * t * (a + g) * hd / tp * act, w.kernels + 1
         heads, q = b * a / tp, s / cp  # each GPU: its heads, its queries against all s keys (a ring under cp)
         if kind == "W":  # the same causal-half count over an effective length 2W(1 - W/2s) instead of s
             window = min(s, cfg.sliding_window)
             s = 2 * window * (1 - window / (2 * s))
         if job.attention == "flash":  # one fused kernel over the causal half; backward 2.5x (recomputes scores)
-            w.core_flops, w.core_kernels = 4 * heads * q * s * hd / 2, 1
+            w.core_flops, w.core_kernels = 2 * heads * q * s * (qk + v) / 2, 1
             w.saved += t * a / tp * 4  # the softmax statistics (fp32)
         else:  # Megatron before FlashAttention: full s x s scores written, softmaxed, dropped out, read back
-            w.core_mm, w.core_kernels = [(heads, q, s, hd), (heads, q, hd, s)], 2
+            w.core_mm, w.core_kernels = [(heads, q, s, qk), (heads, q, v, s)], 2
             # per score, 9 B at 16 bit: softmax in and out, dropout in, out and mask
             w.core_bytes = 9 * heads * q * s * act / 2
             w.core_saved = 5 * heads * q * s * act / 2  # softmax output, dropout mask and output (Korthikanti's 5as)
-        w.cp = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring
     elif kind == "-":
         w.lin += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
         w.mem, w.kernels = w.mem + 2 * t * cfg.d_ff / tp * act, w.kernels + 1  # the activation function

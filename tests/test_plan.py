@@ -68,6 +68,42 @@ def test_layer_flops_by_hand():
     assert steptime.layer_cost(job, "E", 1, 1, 1, 4, False).flops == router + experts + shared  # ep moves, not removes
 
 
+def test_mla_by_hand():
+    """Multi-head latent attention priced with DeepSeek-V3's shapes (its config.json: 128 heads, q and
+    kv latents 1536 and 512, scores 128 + 64 rotary wide, values 128): 187.1M weights a layer; the
+    forward of s=6 tokens: 2 FLOPs a weight a token (the down-projections whole under tp = 2), and
+    flash attention's scores and values 192 and 128 wide; Job.flops counts the same per token (and
+    its norms, as flops_per_token does)."""
+    hw = dict(steptime.load_hardware("h100"))
+    cfg = plan.transformer(2, 7168, 128, 18432, 1000)
+    job, mla = steptime.Job(cfg, 6, 4, 8, hw, mla=steptime.MLA()), steptime.MLA()
+    weights = 7168 * 1536 + 1536 * 128 * 192 + 7168 * (512 + 64) + 512 * 128 * (128 + 128) + 128 * 128 * 7168
+    assert mla.params(128, 7168) == weights + 1536 + 512 and round(weights / 1e5) == 1871
+    assert job.params["*"].dense == 7168 + weights + 1536 + 512
+    scores = 2 * 128 * 6 * 6 * (192 + 128) / 2
+    assert steptime.layer_cost(job, "*", 1, 1, 1, 1, False).flops == 2 * 6 * weights + scores
+    down = 7168 * 1536 + 7168 * 576  # replicated on both tp ranks
+    assert steptime.layer_cost(job, "*", 1, 2, 1, 1, True).flops == 2 * 6 * (down + (weights - down) / 2) + scores / 2
+    gqa = steptime.Job(cfg, 6, 4, 8, hw)
+    per_token = lambda j: sum(3 * steptime.layer_cost(j, k, 1, 1, 1, 1, False).flops / 6 for k in "*-")
+    norms = 6 * (1536 + 512)  # flops_per_token's 6 a weight counts the latents' norms too
+    assert job.flops - gqa.flops == 2 * (per_token(job) - per_token(gqa) + norms)  # two layers
+
+
+def test_head_dim_apart_from_hidden():
+    """Qwen3's heads are 128 wide at hidden 2048 with 32 of them: the q, k, v and o projections and the
+    scores follow head_dim, and plan.py takes --head_dim (without it, hidden must divide by heads)."""
+    cfg = plan.transformer(1, 2048, 32, 768, 1000, kv_heads=4, head_dim=128)
+    assert cfg.head_dim == 128 and plan.transformer(1, 2048, 32, 768, 1000).head_dim == 64
+    job = steptime.Job(cfg, 6, 4, 8, dict(steptime.load_hardware("h100")))
+    projections = 2 * 6 * (2048 * (32 + 2 * 4) * 128 + 32 * 128 * 2048)
+    assert steptime.layer_cost(job, "*", 1, 1, 1, 1, False).flops == projections + 2 * 32 * 6 * 6 * 2 * 128 / 2
+    flags = ["--layers=2", "--hidden=100", "--heads=3", "--ffn=64", "--vocab=64", "--gbs=8", "--seq_len=64"]
+    assert plan.make_job(plan.parse_flags(flags + ["--head_dim=32"]))[0].cfg.head_dim == 32
+    with pytest.raises(ValueError, match="--head_dim"):
+        plan.make_job(plan.parse_flags(flags))
+
+
 def test_find_gpu_reads_device_names():
     """hardware.find_gpu: CUDA's device names and the published runs' GPU column, each to its own
     row of the table (GB200 is no B200, A100 no A10, L40S no L4); an unknown GPU has no peaks."""

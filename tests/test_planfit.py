@@ -58,6 +58,10 @@ def test_every_published_layout_is_priced(runs):
     assert by_id["R180"].gbs == 256 and "R132" in by_id["R180"].notes[0]
     assert by_id["R141"].precision == "mxfp8" and by_id["R173"].subsets == ["fp8", "blackwell", "hybrid"]
     assert by_id["R168"].measured is None  # a layout without a throughput: priced, not scored
+    # the attention as each family has it; the one recipe that overlaps its expert all-to-alls
+    assert {r.model for r in runs if r.mla} == {"DeepSeek-V3"}
+    assert by_id["R155"].cfg.head_dim == 128 and by_id["R154"].cfg.head_dim == 64 and by_id["R111"].cfg.head_dim == 56
+    assert [r.id for r in runs if r.a2a_overlap] == ["R155"]
     for r in runs:
         p = planfit.predict(r)
         assert p.result["step_time_s"] > 0 and all(getattr(p.result["layout"], k) == v for k, v in r.fixed.items())
@@ -228,8 +232,8 @@ def test_fit_gives_the_committed_constants(runs):
 
 def test_one_source_held_out(runs):
     """Leave-one-source-out for the MoE-heavy source (S9, Megatron-Bridge's tables): constants fitted
-    on the other sources predict its 19 scored runs: mean |error| 15.6%, as docs/planner.md reports."""
+    on the other sources predict its 19 scored runs: mean |error| 13.3%, as docs/planner.md reports."""
     fit, _ = planfit.fit_constants([r for r in runs if r.source != "S9"])
     held = planfit.summary([planfit.predict(r, fit) for r in runs if r.source == "S9"])
-    assert held["all"][0] == 19 and held["all"][1] == pytest.approx(0.156, abs=0.005), held
+    assert held["all"][0] == 19 and held["all"][1] == pytest.approx(0.133, abs=0.005), held
 
