@@ -17,6 +17,7 @@ from data.envs import demonstration, make
 from data.sft.prepare import FILL, within
 from helpers import run_script
 from rollout import opening
+from test_rl import chat_ckpt  # noqa: F401 (a fixture: a tiny chat model checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -114,20 +115,11 @@ def test_fine_tuning_without_a_pretrained_model_says_what_to_run(sft, tmp_path):
     assert p.returncode != 0 and "python train.py" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_the_budget_stage_fine_tunes_an_sft_model_on_a_budget_set(tmp_path):
-    import torch
-    from model import Nemotron, NemotronConfig
-    from test_rl import TINY
-    data = tmp_path / "sft_budget"
+def test_the_budget_stage_fine_tunes_an_sft_model_on_a_budget_set(chat_ckpt, tmp_path):
+    data, sft_dir = tmp_path / "sft_budget", chat_ckpt  # test_rl's tiny chat model stands in for out-sft/
     p = run_script("data/sft/prepare.py", "--n_train=8", "--n_val=2", "--envs=add,instruct", "--budget_frac=0.5",
                    f"--out_dir={data}")
     assert p.returncode == 0, p.stderr
-    torch.manual_seed(0)
-    cfg = NemotronConfig(**TINY)
-    sft_dir = tmp_path / "out-sft"
-    sft_dir.mkdir()
-    torch.save({"model": Nemotron(cfg).state_dict(), "model_config": cfg.to_dict(),
-                "config": {"dataset": "sft", "block_size": 256}}, sft_dir / "ckpt.pt")
     p = run_script("train.py", "config/sft_budget.py", f"--dataset={data}", f"--init_from={sft_dir}",
                    f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--lr_decay_iters=2", "--eval_interval=2",
                    "--eval_iters=1", "--batch_size=2", "--block_size=256", "--device=cpu", "--compile=False")
