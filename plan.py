@@ -377,9 +377,6 @@ def make_job(a):
     if fixed.get("recompute", "none") not in ("none", "selective", "full") or fixed.get("zero", 0) not in (0, 1, 2, 3):
         raise ValueError(f"--recompute is none, selective or full and --zero 0, 1, 2 or 3, got "
                          f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
-    for k in ("a2a_overlap", "mla"):
-        if type(a[k]) is not bool:
-            raise ValueError(f"--{k} must be True or False, got {a[k]!r}")
     if a["grad_reduce"] not in ("fp32", "bf16"):
         raise ValueError(f"--grad_reduce={a['grad_reduce']}: fp32 or bf16")
     return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"],
