@@ -46,7 +46,7 @@ class Run:
     attention: str          # 'flash' or 'materialized'
     grad_reduce: str        # 'fp32', or 'bf16' in NVIDIA's performance recipes
     fixed: dict             # the layout fields the row gives (the planner searches the rest)
-    measured: float         # s per step, or None where the row gives no throughput (priced, not scored)
+    measured: float         # s per step; None (priced, not scored) with no throughput or not_as_described
     pair_group: str         # rows of one model on one cluster under other layouts or precisions, or ""
     subsets: list           # the subsets it belongs to: dense, fp8, moe, blackwell, hybrid
     notes: list = field(default_factory=list)  # what was read into the row (a derived dp, an assumed batch)
@@ -221,12 +221,33 @@ def read_run(row, rows):
               steptime.MLA() if re.search(r"\bMLA\b", row.get("arch_source") or "") else None,
               "bridge" in row["framework"].lower() and (row["model"].lower(), gpu) in A2A_OVERLAP)
     run.measured = measured(row, run)
+    why = not_as_described(run)
+    if why and run.measured:  # it cannot have run as the row says: priced, not scored
+        run.notes.append(why)
+        run.measured = None
     arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     run.subsets = [s for s, inside in [
         ("dense", arch == "dense" and precision in ("bf16", "fp16") and gpu in ("a100", "h100")),
         ("fp8", precision in steptime.LOW_PRECISION), ("moe", arch == "moe"),
         ("blackwell", gpu in BLACKWELL), ("hybrid", arch == "hybrid")] if inside]
     return run
+
+
+def not_as_described(run):
+    """Why the layout a row states cannot be the one that ran, or None. Where the row fixes tp, pp,
+    ep and the ZeRO stage, each GPU holds its share of the weights and of the gradients whatever the
+    rest; at one byte a weight and two a gradient (FP8 weights, bf16 gradients: the least any
+    recipe behind these rows keeps) that share alone must fit in the GPU's memory."""
+    f = run.fixed
+    if not {"tp", "pp", "dp", "ep", "zero"} <= f.keys():
+        return None
+    L = steptime.Layout(f["tp"], f["pp"], f["dp"], f["cp"], f["ep"], f.get("vp", 1), zero=f["zero"])
+    job = run.job()
+    least = max(steptime.held(g, L, 3) + 2 * steptime.held(g, L, 2) for g in steptime.rank_sums(job, L))
+    if least <= job.hw["hbm_gb"] * 1e9:
+        return None
+    return (f"not scored: at tp {L.tp} pp {L.pp} ZeRO-{L.zero} a GPU would hold {least / 1e9:.0f} GB of weights "
+            f"and gradients alone (1 and 2 bytes each) on a {job.hw['hbm_gb']:.0f} GB GPU")
 
 
 def measured(row, run):

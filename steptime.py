@@ -25,8 +25,8 @@ GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6, host_s=20e-6)  # host_s: the
 # (tests/published_runs*.csv; docs/planner.md gives the cross-validated errors)
 FIT = dict(
     gemm_eff=0.678,      # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
-    mem_eff=0.736,       # memory-bound kernels' bandwidth over the HBM peak
-    net_eff=0.975,       # a large collective's bus bandwidth over the link's peak
+    mem_eff=0.758,       # memory-bound kernels' bandwidth over the HBM peak
+    net_eff=0.95,        # a large collective's bus bandwidth over the link's peak
     overlap=0.644,       # the share of overlappable communication that compute actually hides
     lowp_eff=0.60,       # a large FP8 / MXFP8 / NVFP4 GEMM's throughput over its own dense peak
     ssd_eff=0.0977,      # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
@@ -506,7 +506,7 @@ def rank_time(job, L, g):
     cfg, hw, nb, total = job.cfg, job.hw, job.bytes, g.total
     m = job.gbs // (L.dp * L.mbs)  # micro-batches per step on each pipeline
     full, sel = L.recompute == "full", L.recompute == "selective"
-    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep  # replicas of a dense / a routed-expert weight
+    dp_n = L.dp * L.cp  # replicas of a dense weight
     sync = lambda op, nbytes: replica_sync(hw, L, op, g.dense * nbytes, g.experts * nbytes)
     recompute = total.fwd if full else total.core if sel else 0.0
     passes = 3 if full else 2  # forward, backward, and the forward again under full recompute
@@ -524,7 +524,7 @@ def rank_time(job, L, g):
             + hidden(hw, sync("all_gather", nb["w"]), total.fwd)
     if cfg.tie_embeddings and L.pp > 1 and g.rank in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last
         dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, 1)
-    local = g.dense / (dp_n if L.zero else 1) + g.experts / (edp_n if L.zero else 1)  # optimizer states held here
+    local = held(g, L, 1)  # the weights whose optimizer states are held here
     # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
     optimizer = mem_time(hw, (30 if nb["opt"] == 12 else 28) * local, 8)
     return RankTime(g.n_ranks, compute=total.fwd + total.bwd + recompute, recompute=recompute, tp=total.tp * passes,
@@ -554,21 +554,27 @@ def evaluate(job, L):
                 memory_gib_per_gpu=peak / 2**30, fits=peak <= HBM_USABLE * job.hw["hbm_gb"] * 1e9, breakdown=breakdown)
 
 
+def held(g, L, stage):
+    """Parameters of RankSums g whose copy of a state one GPU holds when ZeRO shards that state from
+    `stage` on (1: optimizer states, 2: gradients, 3: weights): a dense weight's over its dp * cp
+    replicas, a routed expert's over its tp * dp * cp / ep."""
+    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
+    return g.dense / (dp_n if L.zero >= stage else 1) + g.experts / (edp_n if L.zero >= stage else 1)
+
+
 def memory(job, L):
     """Peak bytes per GPU of layout L: weights, gradients and optimizer states by ZeRO stage, the
     activations of the micro-batches in flight (1F1B: pp - rank of them; interleaved: Korthikanti et
     al.'s count), and the working set of the block being recomputed and differentiated."""
     nb, m, full, sel = job.bytes, job.gbs // (L.dp * L.mbs), L.recompute == "full", L.recompute == "selective"
-    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
     peak = 0.0
     for g in rank_sums(job, L):
-        shard = lambda stage: g.dense / (dp_n if L.zero >= stage else 1) + g.experts / (edp_n if L.zero >= stage else 1)
         in_flight = min(m, L.pp - g.rank) if L.vp == 1 else \
             min(m * L.vp, 2 * (L.pp - g.rank - 1) + (L.vp - 1) * L.pp + 1)
         per_chunk = (g.total.act_full if full else g.total.act_selective if sel else g.total.act) / L.vp
         # sharded gradients (weights) exist whole for the block at work, before its reduce-scatter (after its gather)
         working = g.working + g.biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
-        states = nb["w"] * shard(3) + nb["g"] * shard(2) + nb["opt"] * shard(1)
+        states = nb["w"] * held(g, L, 3) + nb["g"] * held(g, L, 2) + nb["opt"] * held(g, L, 1)
         peak = max(peak, states + in_flight * per_chunk + working)
     return peak
 
