@@ -24,7 +24,7 @@ from checkpoint import config_from_hf
 from configurator import die
 from model import NemotronConfig, config_file
 from steptime import (HBM_USABLE, LINEAR, MLA, PRECISION, Job, Layout, compute_bound, evaluate, load_hardware,
-                      memory, sync_bound)
+                      memory, replicas, sync_bound)
 
 # -----------------------------------------------------------------------------
 # models: a NemotronConfig describes any stack (pattern of M mamba2, * attention, - mlp, E moe).
@@ -207,7 +207,7 @@ def explore(job, L, fixed, counts, results, bar):
     """The recompute levels and ZeRO stages of one layout worth timing (rules 2 and 4): those that
     fit in memory are evaluated into results. Returns (whether any fits, (GiB, layout) of the least
     memory-hungry one when none does)."""
-    sharded = L.dp * L.cp > 1 or L.tp * L.dp * L.cp // L.ep > 1
+    sharded = replicas(L) != (1, 1)
     selective = job.attention != "flash" and "*" in job.cfg.pattern  # else it has nothing to drop
     levels = ["none", "selective", "full"] if selective else ["none", "full"]
     levels = [fixed["recompute"]] if "recompute" in fixed else levels

@@ -132,11 +132,16 @@ def all_to_all_time(hw, nbytes, n, stride):
     return hw["latency_s"] + max(intra, inter)
 
 
+def replicas(L):
+    """How many GPUs of layout L hold a copy of a dense weight (dp * cp) and of a routed expert's
+    (tp * dp * cp / ep): the groups that data parallelism and ZeRO sync and shard over."""
+    return L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
+
+
 def replica_sync(hw, L, op, dense, experts):
-    """A collective over the replicas of the dense weights (dp * cp of them, tp ranks apart) and
-    over those of the routed experts' (tp * dp * cp / ep, ep ranks apart); dense and experts are
-    the bytes of each on one GPU."""
-    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
+    """A collective over the replicas of the dense weights (tp ranks apart) and over those of the
+    routed experts' (ep ranks apart); dense and experts are the bytes of each on one GPU."""
+    dp_n, edp_n = replicas(L)
     return comm_time(hw, op, dense, dp_n, in_domain(hw, dp_n, L.tp)) \
         + comm_time(hw, op, experts, edp_n, in_domain(hw, edp_n, L.ep))
 
@@ -506,7 +511,7 @@ def rank_time(job, L, g):
     cfg, hw, nb, total = job.cfg, job.hw, job.bytes, g.total
     m = job.gbs // (L.dp * L.mbs)  # micro-batches per step on each pipeline
     full, sel = L.recompute == "full", L.recompute == "selective"
-    dp_n = L.dp * L.cp  # replicas of a dense weight
+    dp_n, _ = replicas(L)
     sync = lambda op, nbytes: replica_sync(hw, L, op, g.dense * nbytes, g.experts * nbytes)
     recompute = total.fwd if full else total.core if sel else 0.0
     passes = 3 if full else 2  # forward, backward, and the forward again under full recompute
@@ -558,7 +563,7 @@ def held(g, L, stage):
     """Parameters of RankSums g whose copy of a state one GPU holds when ZeRO shards that state from
     `stage` on (1: optimizer states, 2: gradients, 3: weights): a dense weight's over its dp * cp
     replicas, a routed expert's over its tp * dp * cp / ep."""
-    dp_n, edp_n = L.dp * L.cp, L.tp * L.dp * L.cp // L.ep
+    dp_n, edp_n = replicas(L)
     return g.dense / (dp_n if L.zero >= stage else 1) + g.experts / (edp_n if L.zero >= stage else 1)
 
 
@@ -620,7 +625,7 @@ def sync_bound(job, L, stages):
     """The least exposed data-parallel communication of any of these ZeRO stages on a rank with the
     average share of the weights, under a window no longer than the longest block times the blocks
     per rank plus the embedding and heads. Added to compute_bound, a lower bound of the step."""
-    if L.dp * L.cp == 1 and L.tp * L.dp * L.cp // L.ep == 1:
+    if replicas(L) == (1, 1):
         return 0.0
     totals = model_totals(job, L)
     ends, longest = totals.ends, totals.longest
