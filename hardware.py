@@ -9,8 +9,11 @@ it, GPUs per NVLink domain, and SMs (a GEMM's output tiles run in waves of this 
 data sheets and ../shared/planner/conventions_and_hardware.md (NVIDIA's dgxc recipes): NVLink
 600 / 900 / 1800 GB/s bidirectional; HDR InfiniBand 200 Gb/s per A100, NDR or RoCE 400 Gb/s per
 H100 / B200 GPU. SM counts from the data sheets (B200: 148, as reported). The export parts H800
-and A800 are an H100 and an A100 with 400 GB/s NVLink. The PCIe cards at the end carry no link
-figures: train.py and bench.py use their peaks, the planner does not offer them.
+and A800 are an H100 and an A100 with 400 GB/s NVLink. host_bw: the GPU's link to its CPU's memory
+per direction (activation offloading): PCIe Gen4 / Gen5 x16 (32 / 64 GB/s) on the x86 boards; on
+GB200 / GB300 NVLink-C2C (900 GB/s both ways) to a Grace that two GPUs share, 225 GB/s each way. The
+PCIe cards at the end carry no link figures: train.py and bench.py use their peaks, the planner
+does not offer them.
 """
 
 import torch
@@ -40,24 +43,24 @@ def pick_dtype(name, device):
 
 HARDWARE = {
     "a100": dict(flops={"bf16": 312e12, "fp16": 312e12}, hbm_gb=80, hbm_bw=2.0e12,
-                 nvlink_bw=300e9, net_bw=25e9, gpus_per_node=8, sms=108),
+                 nvlink_bw=300e9, net_bw=25e9, host_bw=32e9, gpus_per_node=8, sms=108),
     "a800": dict(flops={"bf16": 312e12, "fp16": 312e12}, hbm_gb=80, hbm_bw=2.0e12,
-                 nvlink_bw=200e9, net_bw=25e9, gpus_per_node=8, sms=108),
+                 nvlink_bw=200e9, net_bw=25e9, host_bw=32e9, gpus_per_node=8, sms=108),
     "h100": dict(flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12}, hbm_gb=80, hbm_bw=3.35e12,
-                 nvlink_bw=450e9, net_bw=50e9, gpus_per_node=8, sms=132),
+                 nvlink_bw=450e9, net_bw=50e9, host_bw=64e9, gpus_per_node=8, sms=132),
     "h800": dict(flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12}, hbm_gb=80, hbm_bw=3.35e12,
-                 nvlink_bw=200e9, net_bw=50e9, gpus_per_node=8, sms=132),
+                 nvlink_bw=200e9, net_bw=50e9, host_bw=64e9, gpus_per_node=8, sms=132),
     "h200": dict(flops={"bf16": 989e12, "fp16": 989e12, "fp8": 1979e12}, hbm_gb=141, hbm_bw=4.8e12,
-                 nvlink_bw=450e9, net_bw=50e9, gpus_per_node=8, sms=132),
+                 nvlink_bw=450e9, net_bw=50e9, host_bw=64e9, gpus_per_node=8, sms=132),
     "b200": dict(flops={"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "fp4": 9000e12}, hbm_gb=180, hbm_bw=8e12,
-                 nvlink_bw=900e9, net_bw=50e9, gpus_per_node=8, sms=148),
+                 nvlink_bw=900e9, net_bw=50e9, host_bw=64e9, gpus_per_node=8, sms=148),
     "gb200": dict(flops={"bf16": 2450e12, "fp16": 2450e12, "fp8": 4900e12, "fp4": 9800e12}, hbm_gb=186, hbm_bw=8e12,
-                  nvlink_bw=900e9, net_bw=50e9, gpus_per_node=72, sms=148),  # NVL72: one NVLink domain
+                  nvlink_bw=900e9, net_bw=50e9, host_bw=225e9, gpus_per_node=72, sms=148),  # NVL72: one NVLink domain
     # Blackwell Ultra: the B200's 16-bit and FP8 peaks, 1.5x its FP4, 288 GB, ConnectX-8 (800 Gb/s per GPU)
     "b300": dict(flops={"bf16": 2250e12, "fp16": 2250e12, "fp8": 4500e12, "fp4": 13500e12}, hbm_gb=270, hbm_bw=8e12,
-                 nvlink_bw=900e9, net_bw=100e9, gpus_per_node=8, sms=160),
+                 nvlink_bw=900e9, net_bw=100e9, host_bw=64e9, gpus_per_node=8, sms=160),
     "gb300": dict(flops={"bf16": 2500e12, "fp16": 2500e12, "fp8": 5000e12, "fp4": 15000e12}, hbm_gb=279, hbm_bw=8e12,
-                  nvlink_bw=900e9, net_bw=100e9, gpus_per_node=72, sms=160),
+                  nvlink_bw=900e9, net_bw=100e9, host_bw=225e9, gpus_per_node=72, sms=160),
     # PCIe cards: peaks and memory only
     "l40s": dict(flops={"bf16": 362e12, "fp16": 362e12}, hbm_gb=48, hbm_bw=864e9),
     "l4": dict(flops={"bf16": 121e12, "fp16": 121e12}, hbm_gb=24, hbm_bw=300e9),

@@ -3,7 +3,8 @@ plan.py: the parallelism planner. Read after model.py and train.py.
 
 Given a model, a GPU type, a GPU count and a global batch, it prices one training step for every
 parallel layout (tensor, pipeline, data, context and expert parallel sizes, virtual pipeline stages,
-micro-batch, activation recompute, sequence parallelism, ZeRO stage) with steptime.py's cost model,
+micro-batch, activation recompute, sequence parallelism, ZeRO stage, activations offloaded to the
+host) with steptime.py's cost model,
 drops the layouts that do not fit in memory, and ranks the rest by throughput:
     python plan.py --model=nemotron-h-8b --gpu=h100 --gpus=64 --gbs=768
     python plan.py --model=gpt3-175b --gpu=a100 --gpus=1024 --gbs=1536 --tp=8 --json
@@ -24,7 +25,7 @@ from checkpoint import config_from_hf
 from configurator import die
 from model import NemotronConfig, config_file
 from steptime import (HBM_USABLE, LINEAR, MLA, PRECISION, Job, Layout, compute_bound, evaluate, load_hardware,
-                      memory, replicas, sync_bound)
+                      memory, offloaded, replicas, sync_bound)
 
 # -----------------------------------------------------------------------------
 # models: a NemotronConfig describes any stack (pattern of M mamba2, * attention, - mlp, E moe).
@@ -127,6 +128,12 @@ def broken_rule(job, L):
         return f"recompute={L.recompute!r}: none, selective or full"
     if L.zero not in (0, 1, 2, 3):
         return f"zero={L.zero}: 0, 1, 2 or 3"
+    if L.offload and (L.pp > 1 or L.recompute != "none"):  # Megatron-Core's TransformerConfig refuses both
+        return f"offload={L.offload}: activations are offloaded with pp 1 and no recompute only"
+    if not 0 <= L.offload < len(cfg.pattern):
+        return f"offload={L.offload}: 0 up to the {len(cfg.pattern)} blocks, less one"
+    if L.offload and "host_bw" not in job.hw:
+        return f"offload={L.offload}: the GPU profile gives no host link (host_bw, bytes/s each way)"
     return None
 
 
@@ -153,7 +160,10 @@ def search(job, fixed=None, top=10, refuse=None):
          off when tp > 1 (same communication, more work and memory); selective recompute with
          flash attention (nothing to drop); a heavier recompute at a ZeRO stage a lighter one
          fitted with; ZeRO-2 or -3 where a lower stage >= 1 fits (more communication, no less work).
-      3. memory: if nothing fits at some micro-batch, nothing fits at a larger one.
+      3. memory: if nothing fits at some micro-batch, nothing fits at a larger one. Activation
+         offloading (pp 1, no recompute) is tried where nothing fits without recompute, with the
+         fewest blocks that fit (each more only adds copies); it and recompute do not dominate
+         each other.
       4. bound: candidates are evaluated in order of lower_bound, until it exceeds the top-th
          step time found."""
     fixed = fixed or {}
@@ -178,7 +188,7 @@ def search(job, fixed=None, top=10, refuse=None):
                     for vp in opts("vp", range(1, n_layers // pp + 1) if pp > 1 else [1]):
                         for mbs in opts("mbs", divisors(gbs // dp)):
                             L = Layout(tp, pp, dp, cp, ep, vp, mbs, fixed.get("recompute", "none"),
-                                       fixed.get("sp", tp > 1), fixed.get("zero", 0))
+                                       fixed.get("sp", tp > 1), fixed.get("zero", 0), fixed.get("offload", 0))
                             if broken_rule(job, L) or (refuse and refuse(job, L)):
                                 continue
                             counts["valid"] += (1 if "recompute" in fixed else 3) * (1 if "zero" in fixed else 4) \
@@ -210,18 +220,32 @@ def explore(job, L, fixed, counts, results, bar):
     sharded = replicas(L) != (1, 1)
     selective = job.attention != "flash" and "*" in job.cfg.pattern  # else it has nothing to drop
     levels = ["none", "selective", "full"] if selective else ["none", "full"]
-    levels = [fixed["recompute"]] if "recompute" in fixed else levels
+    levels = [fixed["recompute"]] if "recompute" in fixed else ["none"] if L.offload else levels
     stages = [fixed["zero"]] if "zero" in fixed else [0, 1, 2, 3] if sharded else [0]
     cap = HBM_USABLE * job.hw["hbm_gb"] * 1e9
 
     def need(recompute, zero):  # bytes per GPU
         counts["checked"] += 1
         return memory(job, replace(L, recompute=recompute, zero=zero))
+    # offloading where nothing fits without recompute: memory falls by a block's activations for each
+    # block offloaded after the first (one stays in flight), so the fewest that fit are counted out
+    spill = []
+    if "offload" not in fixed and L.pp == 1 and levels[0] == "none" and "host_bw" in job.hw:
+        block = offloaded(job, replace(L, offload=1))
+        for zero in stages:
+            over = need("none", zero) - cap
+            k = 1 + math.ceil(over / block) if over > 0 and block > 0 else 0
+            if 1 < k < len(job.cfg.pattern):
+                spill.append(replace(L, offload=k, zero=zero))
+    for S in spill:
+        if compute_bound(job, S) + sync_bound(job, S, [S.zero]) <= bar:
+            results.append(evaluate(job, S))
+            counts["timed"] += 1
     # the heaviest recompute takes the least memory at each ZeRO stage (ZeRO-3 need not take less than
     # ZeRO-2: it gathers a whole block at a time); if none of those fits, nothing does
     floor, floor_zero = min((need(levels[-1], zero), zero) for zero in stages)  # (bytes, ZeRO stage)
     if floor > cap:
-        return False, (floor / 2**30, replace(L, recompute=levels[-1], zero=floor_zero))
+        return bool(spill), (floor / 2**30, replace(L, recompute=levels[-1], zero=floor_zero))
     fitted = set()
     for recompute in levels:
         R = replace(L, recompute=recompute)
@@ -257,6 +281,8 @@ def train_py_refuses(job, L):
         return "selective recompute (--recompute recomputes whole blocks: full)"
     if L.ep > 1 and L.tp > 1:
         return f"ep={L.ep} with tp={L.tp}"
+    if L.offload:
+        return f"activation offloading (offload={L.offload})"
     if L.tp > 1 and L.dp > 1 and L.zero != 3:
         return f"tp={L.tp} with {L.dp} DDP replicas (TP replicas take --fsdp: ZeRO-3)"
     if L.ep > 1 and L.zero == 3 and L.dp > L.ep:  # the planner's ZeRO-3 would count them sharded over dp/ep
@@ -274,7 +300,7 @@ def search_train_py(job, fixed, top=10):
     results, counts, smallest = [], {}, None
     for zero in [fixed["zero"]] if "zero" in fixed else (0, 3):
         for recompute in [fixed["recompute"]] if "recompute" in fixed else ("none", "full"):
-            only = dict(fixed, pp=1, cp=1, vp=1, zero=zero, recompute=recompute)
+            only = dict(fixed, pp=1, cp=1, vp=1, zero=zero, recompute=recompute, offload=0)
             found, n, least = search(job, only, top, refuse=train_py_refuses)
             results += found
             counts = {k: counts.get(k, 0) + v for k, v in n.items()}
@@ -295,7 +321,7 @@ FLAGS = dict(
     gbs=None,            # global batch, sequences per step
     precision="bf16",    # bf16, fp8 / mxfp8 / nvfp4 (the linear layers' GEMMs), fp16, fp32
     attention="flash",   # flash, or materialized (s x s scores in memory, as before FlashAttention)
-    **{k: None for k in LAYOUT_KEYS},  # --tp --pp --dp --cp --ep --vp --mbs --recompute --sp --zero: fix them
+    **{k: None for k in LAYOUT_KEYS},  # --tp --pp --dp --cp --ep --vp --mbs --recompute --sp --zero --offload: fix them
     layers=None, hidden=None, heads=None, kv_heads=None, ffn=None, vocab=None,  # a Transformer without --model
     head_dim=None,       # ... with heads this wide (default hidden / heads; Qwen3's are 128)
     experts=0, topk=2, expert_ffn=None, shared_experts=0, moe_every=1,  # ... with MoE layers
@@ -313,12 +339,13 @@ FLAGS = dict(
     moe_imbalance=1.0,   # the busiest expert-parallel rank's routed tokens over the mean (1: balanced routing)
     a2a_overlap=False,   # the expert all-to-alls overlap another micro-batch's compute (Megatron-Bridge's EP overlap)
     grad_reduce="fp32",  # gradients accumulated and reduced in fp32, or bf16 (Megatron's grad_reduce_in_fp32=False)
+    fp8_gather=False,    # ZeRO gathers fp8 / mxfp8 weights, not 16-bit ones (Megatron's fp8_param_gather)
 )
 # the valid range of each numeric flag, checked by configurator.py before any work (exit 2)
 RANGES = {**{k: "int [1, inf)" for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "layers",
                                           "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab", "topk",
                                           "expert_ffn", "moe_every", "gpus_per_node", "top")},
-          "experts": "int [0, inf)", "shared_experts": "int [0, inf)", "zero": "int [0, 3]",
+          "experts": "int [0, inf)", "shared_experts": "int [0, inf)", "zero": "int [0, 3]", "offload": "int [0, inf)",
           "moe_imbalance": "[1, inf)",
           **{k: "(0, inf)" for k in ("peak_tflops", "hbm_gb", "hbm_tbs", "nvlink_gbs", "net_gbs")}}
 
@@ -379,8 +406,10 @@ def make_job(a):
                          f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
     if a["grad_reduce"] not in ("fp32", "bf16"):
         raise ValueError(f"--grad_reduce={a['grad_reduce']}: fp32 or bf16")
+    if type(a["fp8_gather"]) is not bool:
+        raise ValueError(f"--fp8_gather must be True or False, got {a['fp8_gather']!r}")
     return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"],
-               a["a2a_overlap"], a["grad_reduce"], MLA() if a["mla"] else None), fixed
+               a["a2a_overlap"], a["grad_reduce"], MLA() if a["mla"] else None, a["fp8_gather"]), fixed
 
 
 def report(job, results, counts, seconds, top):
@@ -392,13 +421,13 @@ def report(job, results, counts, seconds, top):
              f"{counts['timed']:,} fit and timed ({seconds:.2f} s)"]
     keys = list(results[0]["breakdown"])
     head = f"{'#':>3} {'tp':>2} {'pp':>3} {'dp':>5} {'cp':>2} {'ep':>3} {'vp':>2} {'mbs':>3} {'recomp':>9} {'sp':>2} " \
-           f"{'zero':>4} {'step s':>9} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>5} {'GiB':>6} |" + \
+           f"{'zero':>4} {'off':>3} {'step s':>9} {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>5} {'GiB':>6} |" + \
            "".join(f" {k.replace('_comm', ''):>9}" for k in keys)
     lines += [head + "   (breakdown, s)", "-" * len(head)]
     for i, r in enumerate(results[:top]):
         L = r["layout"]
         lines.append(f"{i + 1:>3} {L.tp:>2} {L.pp:>3} {L.dp:>5} {L.cp:>2} {L.ep:>3} {L.vp:>2} {L.mbs:>3} "
-                     f"{L.recompute:>9} {'y' if L.sp else 'n':>2} {L.zero:>4} {r['step_time_s']:>9.4g} "
+                     f"{L.recompute:>9} {'y' if L.sp else 'n':>2} {L.zero:>4} {L.offload:>3} {r['step_time_s']:>9.4g} "
                      f"{r['tokens_per_s_per_gpu']:>9.4g} {r['model_tflops_per_gpu']:>7.3g} {r['mfu'] * 100:>4.1f}% "
                      f"{r['memory_gib_per_gpu']:>6.1f} |" + "".join(f" {r['breakdown'][k]:>9.3g}" for k in keys)
                      + ("" if r["fits"] else "  does not fit"))

@@ -26,6 +26,12 @@ HEAD_DIM = {"qwen3": 128, "gpt-oss": 64}  # the families whose heads are not hid
 # (scripts/performance/configs/qwen/qwen3_workload_base_configs.py); its other MoE recipes that
 # these rows use set it False or dispatch with DeepEP / HybridEP instead
 A2A_OVERLAP = {("qwen3-235b-a22b", "h100")}
+# the published FSDP recipes (model, GPU) that keep some layers' activations in the host's memory,
+# as (Megatron layers offloaded, micro-batch): Megatron-Bridge's Llama-3 70B FP8 with use_megatron_fsdp
+# sets cpu_offloading_num_layers to 40 of its 80 layers at micro-batch 2 on GB200, and 5 at the
+# default micro-batch 1 on B200 (scripts/performance/configs/llama/llama3_workload_base_configs.py);
+# no other row's recipe offloads
+OFFLOAD = {("llama3.1-70b", "gb200"): (40, 2), ("llama3.1-70b", "b200"): (5, 1)}
 BLACKWELL = ("b200", "gb200", "b300", "gb300")
 
 
@@ -52,12 +58,13 @@ class Run:
     notes: list = field(default_factory=list)  # what was read into the row (a derived dp, an assumed batch)
     mla: steptime.MLA = None  # the attention is multi-head latent attention (DeepSeek-V3's), or None
     a2a_overlap: bool = False  # the recipe overlaps the expert all-to-alls (A2A_OVERLAP)
+    fp8_gather: bool = False   # the recipe's ZeRO gathers fp8 weights (NVIDIA's performance recipes)
 
     def job(self, fit=None):
         """The steptime.Job of this run on its GPU, with these fitted constants (steptime.FIT's by default)."""
         return steptime.Job(self.cfg, self.seq, self.gbs, self.gpus, steptime.load_hardware(self.gpu, **(fit or {})),
                             self.precision, self.attention, a2a_overlap=self.a2a_overlap, grad_reduce=self.grad_reduce,
-                            mla=self.mla)
+                            mla=self.mla, fp8_gather=self.fp8_gather)
 
 
 def number(text):
@@ -180,6 +187,14 @@ def read_run(row, rows):
             if "dp" in fixed:  # NVIDIA's tables give dp = GPUs / (the recipe's smallest scale), MaxText FSDP x DP
                 notes.append(f"dp {fixed['dp']} -> {gpus // (tp * pp * cp)} (tp*pp*dp*cp must be the GPUs)")
             fixed["dp"] = gpus // (tp * pp * cp)
+    recipe = "bridge" in row["framework"].lower() and zero_of(row["zero_or_fsdp"]) == 3 and \
+        OFFLOAD.get((row["model"].lower(), gpu))
+    if recipe:  # Megatron layers -> our blocks (a Transformer layer is two: attention, MLP)
+        fixed["offload"] = recipe[0] * len(cfg.pattern) // int(n("layers") or len(cfg.pattern))
+        if "mbs" not in fixed:
+            fixed["mbs"] = recipe[1]
+            notes.append(f"mbs {recipe[1]} and {recipe[0]} layers offloaded, from the recipe")
+    fixed.setdefault("offload", 0)
     gbs = n("gbs_seqs") or (n("tokens_per_batch") and n("tokens_per_batch") / seq)
     if not gbs:  # the batch of the same model on as many GPUs, from the run this one reproduces
         blackwell = lambda r: find_gpu(r["gpu"]) in BLACKWELL
@@ -214,12 +229,14 @@ def read_run(row, rows):
     # FlashAttention reached Megatron-LM in 2023: before, the s x s scores were materialized
     attention = "materialized" if year <= 2022 else "flash"
     # NVIDIA's performance recipes (dgxc-benchmarking, the NeMo and Megatron-Bridge tables) keep and
-    # reduce gradients in bf16: their configs set grad_reduce_in_fp32 = False
-    grads = "bf16" if re.search(r"dgxc|perf", row["source"], re.I) else "fp32"
+    # reduce gradients in bf16 (their configs set grad_reduce_in_fp32 = False) and gather fp8 weights
+    # (Megatron-Bridge's FP8 and MXFP8 precision recipes set fp8_param_gather = True)
+    nvidia = bool(re.search(r"dgxc|perf", row["source"], re.I))
+    grads = "bf16" if nvidia else "fp32"
     run = Run(row["id"], re.match(r"S\d+", row["source"]).group(0), row["model"], cfg, seq, gbs, gpus, gpu, precision,
               attention, grads, fixed, None, row.get("pair_group") or "", [], notes,
               steptime.MLA() if re.search(r"\bMLA\b", row.get("arch_source") or "") else None,
-              "bridge" in row["framework"].lower() and (row["model"].lower(), gpu) in A2A_OVERLAP)
+              "bridge" in row["framework"].lower() and (row["model"].lower(), gpu) in A2A_OVERLAP, nvidia)
     run.measured = measured(row, run)
     why = not_as_described(run)
     if why and run.measured:  # it cannot have run as the row says: priced, not scored

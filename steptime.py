@@ -25,22 +25,23 @@ GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6, host_s=20e-6)  # host_s: the
 # (tests/published_runs*.csv; docs/planner.md gives the cross-validated errors)
 FIT = dict(
     gemm_eff=0.678,      # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
-    mem_eff=0.758,       # memory-bound kernels' bandwidth over the HBM peak
-    net_eff=0.95,        # a large collective's bus bandwidth over the link's peak
-    overlap=0.644,       # the share of overlappable communication that compute actually hides
+    mem_eff=0.703,       # memory-bound kernels' bandwidth over the HBM peak
+    net_eff=1.0,         # a large collective's bus bandwidth over the link's peak
+    overlap=0.831,       # the share of overlappable communication that compute actually hides
     lowp_eff=0.60,       # a large FP8 / MXFP8 / NVFP4 GEMM's throughput over its own dense peak
-    ssd_eff=0.0977,      # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
-    moe_sync_s=1.78e-3,  # s per MoE layer and pass that the GPU idles while the host sizes a dropless dispatch
+    ssd_eff=0.0828,      # the chunked SSD's fused kernels over the 16-bit peak (chunk-sized products)
+    moe_sync_s=1.94e-3,  # s per MoE layer and pass that the GPU idles while the host sizes a dropless dispatch
 )
 HBM_USABLE = 0.95  # not fitted: CUDA context, communication buffers and fragmentation take the rest
 
 # bytes per element of activations, and per parameter of weights, gradients (reduced in this
-# precision) and optimizer states (Adam: fp32 master copy, m, v; plain fp32 training has no master)
-PRECISION = {"bf16": dict(act=2, w=2, g=4, opt=12), "fp16": dict(act=2, w=2, g=2, opt=12),
-             "fp8": dict(act=2, w=3, g=4, opt=12),  # fp8 keeps a bf16 weight and its fp8 copy
-             "mxfp8": dict(act=2, w=4, g=4, opt=12),  # ... and MXFP8 one per orientation (row- and column-wise)
-             "nvfp4": dict(act=2, w=3, g=4, opt=12),  # ... NVFP4: two 4-bit copies
-             "fp32": dict(act=4, w=4, g=4, opt=8)}
+# precision), optimizer states (Adam: fp32 master copy, m, v; plain fp32 training has no master) and
+# the weights ZeRO gathers (the 16-bit copy: the low-precision ones are cast from it after the gather)
+PRECISION = {"bf16": dict(act=2, w=2, g=4, opt=12, gw=2), "fp16": dict(act=2, w=2, g=2, opt=12, gw=2),
+             "fp8": dict(act=2, w=3, g=4, opt=12, gw=2),  # fp8 keeps a bf16 weight and its fp8 copy
+             "mxfp8": dict(act=2, w=4, g=4, opt=12, gw=2),  # ... and MXFP8 one per orientation (row- and column-wise)
+             "nvfp4": dict(act=2, w=3, g=4, opt=12, gw=2),  # ... NVFP4: two 4-bit copies
+             "fp32": dict(act=4, w=4, g=4, opt=8, gw=4)}
 # the peak the linear layers' GEMMs run at, by precision (the rest stays in 16 bit: attention and
 # SSD cores, router, LM head, embedding, norms), and the bytes per element of their operands
 LOW_PRECISION = ("fp8", "mxfp8", "nvfp4")  # the precisions whose linear layers run in low precision
@@ -166,6 +167,7 @@ class Layout:
     recompute: str = "none"  # 'none', 'selective' (attention scores) or 'full' (each layer from its input)
     sp: bool = False        # sequence parallel: norms and residuals split over the tp ranks
     zero: int = 0           # 0 DDP, 1 optimizer states, 2 + gradients, 3 + weights sharded (FSDP)
+    offload: int = 0        # blocks whose activations wait in the host's memory (pp 1, no recompute)
 
 
 @dataclass
@@ -215,10 +217,13 @@ class Job:
     a2a_overlap: bool = False   # the expert all-to-alls overlap other micro-batches' compute (Megatron-Bridge)
     grad_reduce: str = "fp32"   # the gradients' buffer and reduction: 'fp32', or 'bf16' (NVIDIA's performance recipes)
     mla: MLA = None             # the attention blocks are multi-head latent attention of these sizes (None: cfg's GQA)
+    fp8_gather: bool = False    # ZeRO gathers fp8 / mxfp8 weights, not 16-bit ones (Megatron's fp8_param_gather)
 
     def __post_init__(self):
         self.bytes = dict(PRECISION[self.precision], **({"g": 2} if self.grad_reduce == "bf16" else {}))
         self.low = self.precision in LOW_PRECISION  # the linear layers' GEMMs in low precision
+        if self.fp8_gather and self.precision in ("fp8", "mxfp8"):
+            self.bytes["gw"] = LINEAR[self.precision][1]
         self.peak = self.hw["flops"][LINEAR[self.precision][0]]  # linear layers
         self.core_peak = self.hw["flops"]["bf16" if self.low else self.precision]
         self.memo = Memo()
@@ -248,6 +253,7 @@ class BlockWork:
     cp: float = 0.0         # bytes this GPU sends per context-parallel ring step (K and V; the SSM state)
     a2a: float = 0.0        # bytes this GPU sends per expert all-to-all (dispatch; combine sends as many)
     act_full: float = 0.0   # bytes full recompute keeps: the block's input
+    lin_in: float = 0.0     # of saved, the linear layers' inputs (kept in low precision under fp8 and the like)
 
 
 def block_work(job, kind, b, tp, cp, ep, sp):
@@ -258,7 +264,7 @@ def block_work(job, kind, b, tp, cp, ep, sp):
     t = b * s // cp         # tokens on this GPU
     ew = tp if sp else 1    # sequence parallelism splits the d-wide elementwise work and its activations
     # the pre-norm (read, write) and the residual add (2 reads, 1 write); the norm's input and output saved
-    w = BlockWork(mem=5 * t * d / ew * act, kernels=2, saved=2 * t * d / ew * act)
+    w = BlockWork(mem=5 * t * d / ew * act, kernels=2, saved=2 * t * d / ew * act, lin_in=t * d / ew * act)
     if kind in "*W":  # W: sliding-window attention, RoPE always, each query against at most a window of keys
         a, g, hd = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         qk, v = hd, hd  # per head, the width of the scores' product and of the values
@@ -267,11 +273,13 @@ def block_work(job, kind, b, tp, cp, ep, sp):
             w.lin += m.gemms(t, a, d, tp)
             # the two latents (normed), q, k, v; the output for o_proj
             w.saved += t * (m.q_rank + m.kv_rank + m.rope_dim + a * (2 * qk + 2 * v) / tp) * act
+            w.lin_in += t * (m.q_rank + m.kv_rank + a * v / tp) * act  # the latents, the output
             w.mem, w.kernels = w.mem + 4 * t * (a / tp + 1) * m.rope_dim * act, w.kernels + 1  # RoPE
             w.cp = t * a * (qk + v) / tp * act  # the K and V this GPU passes along the ring
         else:
             w.lin += [(1, t, (a + 2 * g) * hd / tp, d), (1, t, d, a * hd / tp)]
             w.saved += t * (a + 2 * g) * hd / tp * act + t * a * hd / tp * act  # q, k, v; the output for o_proj
+            w.lin_in += t * a * hd / tp * act
             w.cp = t * 2 * g * hd / tp * act  # the K and V this GPU passes along the ring
             if cfg.rope or kind == "W":
                 w.mem, w.kernels = w.mem + 4 * t * (a + g) * hd / tp * act, w.kernels + 1
@@ -291,6 +299,7 @@ def block_work(job, kind, b, tp, cp, ep, sp):
         w.lin += [(1, t, cfg.d_ff / tp, d), (1, t, d, cfg.d_ff / tp)]
         w.mem, w.kernels = w.mem + 2 * t * cfg.d_ff / tp * act, w.kernels + 1  # the activation function
         w.saved += 2 * t * cfg.d_ff / tp * act  # its input and output
+        w.lin_in += t * cfg.d_ff / tp * act
     elif kind == "M":
         H, P, N, G, Q = cfg.mamba_heads / tp, cfg.mamba_head_dim, cfg.d_state, cfg.mamba_groups / tp, cfg.chunk_size
         d_in, conv = H * P, H * P + 2 * G * N
@@ -301,6 +310,7 @@ def block_work(job, kind, b, tp, cp, ep, sp):
         w.core_bytes = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
         w.mem, w.kernels = w.mem + (2 * conv + 3 * d_in) * t * act, w.kernels + 2
         w.saved += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
+        w.lin_in += t * d_in * act  # the gated norm's output for out_proj
         w.cp = b * H * P * N * 4  # under cp each GPU passes its final SSM state on
     elif kind == "E":
         E, k, F, l = cfg.n_experts, cfg.top_k, cfg.moe_d_ff, cfg.moe_latent_size or d
@@ -318,14 +328,19 @@ def block_work(job, kind, b, tp, cp, ep, sp):
         w.saved += (2 * routed * k * l + 2 * routed * k * F + 2 * t * cfg.shared_d_ff / tp
                     + (2 * routed * l if cfg.moe_latent_size else 0)) * act + routed * E * 4
         w.a2a = rows * E / ep * l * act  # dispatch (and the same back to combine): what the busiest rank receives
+        # the permuted tokens and the activations' outputs into the experts' GEMMs, the shared expert's;
+        # the norm's output feeds the 16-bit router too
+        w.lin_in += (routed * k * (l + F) + t * cfg.shared_d_ff / tp) * act - t * d / ew * act
     elif kind == "embed":  # the lookup
-        w.mem, w.kernels, w.saved = t * d / ew * act, 1, 0.0
+        w.mem, w.kernels, w.saved, w.lin_in = t * d / ew * act, 1, 0.0, 0.0
     elif kind == "head":  # final norm, LM head, cross-entropy over fp32 logits (vocab split over tp)
         V = cfg.vocab_size
         w.mm += [(1, t, V / tp, d)]
         w.mem, w.kernels = 2 * t * d / ew * act + t * V / tp * (act + 8), 4
-        w.saved = 2 * t * d / ew * act + t * V / tp * (act + 4)
+        w.saved, w.lin_in = 2 * t * d / ew * act + t * V / tp * (act + 4), 0.0  # the LM head stays in 16 bit
     w.act_full = t * d / ew * act  # what full recompute keeps: the block's input
+    if job.low:  # Transformer Engine keeps a linear layer's input as its quantized copy for the wgrad GEMM
+        w.saved -= w.lin_in * (1 - LINEAR[job.precision][1] / act)
     return w
 
 
@@ -498,12 +513,13 @@ class RankTime:
     cp: float               # s per micro-batch: exposed context-parallel communication
     p2p: float              # s per micro-batch: pipeline point-to-point
     fsdp: float             # s per micro-batch: exposed ZeRO-3 weight gathers and gradient reduce-scatters
+    offload: float          # s per micro-batch: exposed copies of offloaded activations to the host and back
     dp: float               # s per step: exposed gradient (and ZeRO-1/2 weight) sync after the last micro-batch
     optimizer: float        # s per step: the Adam update of the weights held here
 
     @property
     def micro_batch(self):  # s: the rank's pace, one micro-batch with its communication
-        return self.compute + self.tp + self.ep + self.cp + self.p2p + self.fsdp
+        return self.compute + self.tp + self.ep + self.cp + self.p2p + self.fsdp + self.offload
 
 
 def rank_time(job, L, g):
@@ -520,21 +536,24 @@ def rank_time(job, L, g):
     if L.zero == 3:  # every micro-batch gathers the weights (forward, again backward), scatters gradients,
         # tensor by tensor (about 4 a block: two matrices, a bias, a norm), each ring's latency n - 1 hops
         ring = 4 * g.blocks * (dp_n - 1) * hw["latency_s"]
-        gather, scatter = sync("all_gather", nb["w"]) + ring, sync("reduce_scatter", nb["g"]) + ring
+        gather, scatter = sync("all_gather", nb["gw"]) + ring, sync("reduce_scatter", nb["g"]) + ring
         fsdp = hidden(hw, gather, total.fwd) + hidden(hw, (1 + full) * gather + scatter, back)
     elif L.zero == 0:  # DDP: all-reduce the gradients under the last micro-batch's backward
         dp_t = hidden(hw, sync("all_reduce", nb["g"]), back)
     else:  # reduce-scatter gradients (ZeRO-2: every micro-batch's), gather new weights under the next forward
         dp_t = hidden(hw, sync("reduce_scatter", nb["g"]), back) * (m if L.zero == 2 else 1) \
-            + hidden(hw, sync("all_gather", nb["w"]), total.fwd)
+            + hidden(hw, sync("all_gather", nb["gw"]), total.fwd)
     if cfg.tie_embeddings and L.pp > 1 and g.rank in (0, L.pp - 1):  # the shared embedding's gradient, first <-> last
         dp_t += comm_time(hw, "all_reduce", cfg.vocab_size * cfg.d_model / L.tp * nb["g"], 2, 1)
+    # offloaded activations go to the host under the forward and come back under the backward
+    copy = offloaded(job, L) / (hw["host_bw"] * hw["net_eff"]) if L.offload else 0.0
+    offload = hidden(hw, copy, total.fwd) + hidden(hw, copy, back)
     local = held(g, L, 1)  # the weights whose optimizer states are held here
     # Adam reads and writes every local master weight, gradient and moment (30 B; 28 B without a master copy)
     optimizer = mem_time(hw, (30 if nb["opt"] == 12 else 28) * local, 8)
     return RankTime(g.n_ranks, compute=total.fwd + total.bwd + recompute, recompute=recompute, tp=total.tp * passes,
                     ep=total.ep * passes, cp=total.cp_fwd * (1 + full) + total.cp_bwd, p2p=pipeline_p2p(job, L),
-                    fsdp=fsdp, dp=dp_t, optimizer=optimizer)
+                    fsdp=fsdp, offload=offload, dp=dp_t, optimizer=optimizer)
 
 
 def evaluate(job, L):
@@ -549,7 +568,7 @@ def evaluate(job, L):
     tail = max(ranks, key=lambda x: x.dp + x.optimizer)
     breakdown = {"compute": m * (slow.compute - slow.recompute), "recompute": m * slow.recompute,
                  "tp_comm": m * slow.tp, "ep_comm": m * slow.ep, "cp_comm": m * slow.cp,
-                 "pp_p2p": m * slow.p2p, "pp_bubble": bubble, "fsdp_comm": m * slow.fsdp,
+                 "pp_p2p": m * slow.p2p, "pp_bubble": bubble, "fsdp_comm": m * slow.fsdp, "offload": m * slow.offload,
                  "dp_comm": tail.dp, "optimizer": tail.optimizer}
     step = sum(breakdown.values())
     tokens, peak = job.gbs * job.seq, memory(job, L)
@@ -567,16 +586,28 @@ def held(g, L, stage):
     return g.dense / (dp_n if L.zero >= stage else 1) + g.experts / (edp_n if L.zero >= stage else 1)
 
 
+def offloaded(job, L):
+    """Activation bytes per micro-batch that layout L keeps in the host's memory: L.offload blocks of
+    the average block's (Megatron-Core's cpu_offloading_num_layers; it allows pp 1 only, so the
+    whole model is on the rank)."""
+    if not L.offload:
+        return 0.0
+    t, cfg = model_totals(job, L), job.cfg
+    return L.offload * (t.total.act - t.ends.act) / (len(cfg.pattern) + len(cfg.mtp_pattern) * cfg.mtp_depth)
+
+
 def memory(job, L):
     """Peak bytes per GPU of layout L: weights, gradients and optimizer states by ZeRO stage, the
     activations of the micro-batches in flight (1F1B: pp - rank of them; interleaved: Korthikanti et
-    al.'s count), and the working set of the block being recomputed and differentiated."""
+    al.'s count) less those offloaded to the host (one block's stays in flight, double-buffered),
+    and the working set of the block being recomputed and differentiated."""
     nb, m, full, sel = job.bytes, job.gbs // (L.dp * L.mbs), L.recompute == "full", L.recompute == "selective"
     peak = 0.0
     for g in rank_sums(job, L):
         in_flight = min(m, L.pp - g.rank) if L.vp == 1 else \
             min(m * L.vp, 2 * (L.pp - g.rank - 1) + (L.vp - 1) * L.pp + 1)
         per_chunk = (g.total.act_full if full else g.total.act_selective if sel else g.total.act) / L.vp
+        per_chunk -= offloaded(job, L) * (1 - 1 / L.offload) if L.offload else 0.0
         # sharded gradients (weights) exist whole for the block at work, before its reduce-scatter (after its gather)
         working = g.working + g.biggest * (nb["g"] * (L.zero >= 2) + nb["w"] * (L.zero == 3))
         states = nb["w"] * held(g, L, 3) + nb["g"] * held(g, L, 2) + nb["opt"] * held(g, L, 1)
@@ -640,7 +671,7 @@ def sync_bound(job, L, stages):
         totals.experts / L.pp / L.ep
     sync = lambda op, nbytes: replica_sync(hw, L, op, dense * nbytes, experts * nbytes)
     least = {0: hidden(hw, sync("all_reduce", nb["g"]), back),
-             1: hidden(hw, sync("reduce_scatter", nb["g"]), back) + hidden(hw, sync("all_gather", nb["w"]), fwd),
-             3: m * (1 - hw["overlap"]) * (2 * sync("all_gather", nb["w"]) + sync("reduce_scatter", nb["g"]))}
+             1: hidden(hw, sync("reduce_scatter", nb["g"]), back) + hidden(hw, sync("all_gather", nb["gw"]), fwd),
+             3: m * (1 - hw["overlap"]) * (2 * sync("all_gather", nb["gw"]) + sync("reduce_scatter", nb["g"]))}
     least[2] = least[1]
     return min(least[z] for z in stages)

@@ -324,6 +324,71 @@ def test_zero_memory_by_hand():
         assert memory == pytest.approx(states + acts, rel=1e-12), (dp, zero)
 
 
+# DENSE twice over: four blocks. Per token of a bf16 micro-batch (tp 1), steptime.block_work saves in
+# the attention block the norm's input and output (2 x 16 x 2 B), q, k, v (12 x 4 x 2 B), the output
+# for o_proj (16 x 2 B) and the fp32 softmax statistics (4 heads x 4 B): 208 B; in the MLP the norm's
+# two (64 B) and the activation's input and output (2 x 64 x 2 B): 320 B. Of these the linear layers'
+# inputs are the norm's output and o_proj's input (64 B), the norm's output and fc2's input (160 B).
+DENSE4 = NemotronConfig(vocab_size=100, d_model=16, pattern="*-*-", n_head=4, n_kv_head=4, head_dim=4, d_ff=64)
+
+
+def test_offloaded_activations_by_hand():
+    """Activation offloading (Megatron-Core's cpu_offloading_num_layers) of k of DENSE4's blocks:
+    k times the average block's activations, (208 + 320) / 2 = 264 B a token, go to the host under
+    the forward and come back under the backward. The GPU keeps one of them in flight, so its peak
+    falls by (k - 1) x 264 B a token; on a GPU whose compute takes no time nothing hides the copies:
+    2 per micro-batch at the host link's rate. 64 tokens, 2 micro-batches: exact (rel 1e-9)."""
+    hw = dict(ideal_gpu(1e6, 1e6, 1e-3), host_bw=1e6)
+    job = steptime.Job(DENSE4, 64, 2, 1, hw)
+    base = steptime.memory(job, steptime.Layout(mbs=1))
+    for k in (1, 2, 3):
+        L = steptime.Layout(mbs=1, offload=k)
+        assert steptime.offloaded(job, L) == pytest.approx(k * 264 * 64, rel=1e-12)
+        assert steptime.memory(job, L) == pytest.approx(base - (k - 1) * 264 * 64, rel=1e-12), k
+        seconds = 2 * 2 * k * 264 * 64 / (1e6 * hw["net_eff"])
+        assert steptime.evaluate(job, L)["breakdown"]["offload"] == pytest.approx(seconds, rel=1e-9), k
+
+
+def test_offload_rules_and_search():
+    """Megatron-Core offloads activations with pp 1 and no recompute only, fewer blocks than the
+    model has, and the planner needs the host link's figure. Where nothing fits without recompute
+    (Llama-3 70B at micro-batch 2, FSDP, one GB200), the search offloads the fewest blocks that fit."""
+    job = steptime.Job(DENSE4, 64, 8, 2, dict(ideal_gpu(1e6, 1e6, 1e-3), host_bw=1e6))
+    assert "pp 1 and no recompute" in plan.broken_rule(job, steptime.Layout(pp=2, offload=1))
+    assert "pp 1 and no recompute" in plan.broken_rule(job, steptime.Layout(dp=2, recompute="full", offload=1))
+    assert "less one" in plan.broken_rule(job, steptime.Layout(dp=2, offload=4))
+    assert plan.broken_rule(job, steptime.Layout(dp=2, offload=3)) is None
+    job.hw.pop("host_bw")
+    assert "host_bw" in plan.broken_rule(job, steptime.Layout(dp=2, offload=3))
+    cfg, seq = plan.PRESETS["llama3-70b"]
+    job = steptime.Job(cfg, seq, 256, 64, steptime.load_hardware("gb200"), "fp8")
+    fixed = dict(tp=1, pp=1, cp=1, mbs=2, zero=3, recompute="none")
+    results, _, _ = plan.search(job, fixed, top=3)
+    best = results[0]["layout"]
+    cap = steptime.HBM_USABLE * job.hw["hbm_gb"] * 1e9
+    assert best.offload > 1 and steptime.memory(job, best) <= cap
+    fewer = [steptime.Layout(**dict(vars(best), offload=k)) for k in (0, best.offload - 1)]
+    assert all(steptime.memory(job, L) > cap for L in fewer)
+
+
+def test_low_precision_activations_and_gathers():
+    """Under fp8 Transformer Engine keeps a linear layer's input as its 1-byte copy: DENSE4's
+    attention block saves 64 / 2 B a token less, its MLP 160 / 2 B. With Megatron's fp8_param_gather
+    ZeRO gathers 1-byte weights: ZeRO-1 on 8 GPUs of test_data_parallel_sync_by_hand's ideal GPU,
+    DENSE's reduce-scatter of 4-byte gradients, 23.12 ms, and the all-gather of 6320 x 1 B,
+    1 ms + 7/8 x 6320 B / 1 MB/s = 6.53 ms (12.06 ms at 2 B)."""
+    hw = ideal_gpu(1e6, 0.1e6, 1e-3)
+    bf16, fp8 = (steptime.Job(DENSE4, 64, 2, 1, hw, p) for p in ("bf16", "fp8"))
+    for kind, saved in (("*", 32 * 64), ("-", 80 * 64)):
+        act = [steptime.layer_cost(job, kind, 1, 1, 1, 1, False).act for job in (bf16, fp8)]
+        drop = act[0] - act[1]
+        assert drop == pytest.approx(saved, rel=1e-12), kind
+    for gather, seconds in ((False, 0.03518), (True, 0.02965)):
+        job = steptime.Job(DENSE, 1, 16, 8, hw, "fp8", fp8_gather=gather)
+        dp = steptime.evaluate(job, steptime.Layout(dp=8, mbs=1, zero=1))["breakdown"]["dp_comm"]
+        assert dp == pytest.approx(seconds, rel=1e-9), gather
+
+
 @pytest.mark.parametrize("precision, w, g, opt", [
     ("fp16", 2, 2, 12),  # ZeRO's own mixed precision: 2 + 2 + K = 12 (the paper's 16 B per parameter)
     ("fp32", 4, 4, 8),   # no master copy: Adam's m and v
@@ -390,8 +455,7 @@ def test_pruning_keeps_the_best(pattern, attention, hbm):
 def test_emit_plans_what_train_py_runs():
     """--emit searches only what train.py runs (plan.train_py_refuses): no pipeline or context
     parallelism, DDP or FSDP (ZeRO 0 or 3), recompute none or full. An 8B hybrid does not fit on
-    80 GB GPUs with DDP alone (weights, fp32 gradients and Adam: 18 B per parameter); TP + SP +
-    FSDP does."""
+    80 GB GPUs with DDP alone (weights, fp32 gradients and Adam: 18 B per parameter); FSDP does."""
     cfg, seq = plan.load_model(os.path.join(ROOT, "config", "nano_h100.py"))
     job = steptime.Job(cfg, seq, 64, 8, steptime.load_hardware("h100"))
     results, _, _ = plan.search_train_py(job, {}, top=10)
@@ -401,7 +465,7 @@ def test_emit_plans_what_train_py_runs():
     ddp = dict(tp=1, pp=1, cp=1, ep=1, vp=1, sp=False, zero=0, recompute="none")
     assert plan.search(job, ddp)[0] == []
     best = plan.search_train_py(job, {}, top=1)[0][0]["layout"]
-    assert best.tp > 1 and best.sp and best.zero == 3 and best.pp == best.cp == 1
+    assert best.zero == 3 and best.pp == best.cp == 1 and best.offload == 0
 
 
 @pytest.mark.parametrize("layout, flags", [
