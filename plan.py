@@ -406,8 +406,6 @@ def make_job(a):
                          f"{fixed.get('recompute', 'none')!r} and {fixed.get('zero', 0)!r}")
     if a["grad_reduce"] not in ("fp32", "bf16"):
         raise ValueError(f"--grad_reduce={a['grad_reduce']}: fp32 or bf16")
-    if type(a["fp8_gather"]) is not bool:
-        raise ValueError(f"--fp8_gather must be True or False, got {a['fp8_gather']!r}")
     return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"],
                a["a2a_overlap"], a["grad_reduce"], MLA() if a["mla"] else None, a["fp8_gather"]), fixed
 

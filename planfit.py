@@ -187,8 +187,8 @@ def read_run(row, rows):
             if "dp" in fixed:  # NVIDIA's tables give dp = GPUs / (the recipe's smallest scale), MaxText FSDP x DP
                 notes.append(f"dp {fixed['dp']} -> {gpus // (tp * pp * cp)} (tp*pp*dp*cp must be the GPUs)")
             fixed["dp"] = gpus // (tp * pp * cp)
-    recipe = "bridge" in row["framework"].lower() and zero_of(row["zero_or_fsdp"]) == 3 and \
-        OFFLOAD.get((row["model"].lower(), gpu))
+    bridge, zero = "bridge" in row["framework"].lower(), zero_of(row["zero_or_fsdp"])
+    recipe = bridge and zero == 3 and OFFLOAD.get((row["model"].lower(), gpu))
     if recipe:  # Megatron layers -> our blocks (a Transformer layer is two: attention, MLP)
         fixed["offload"] = recipe[0] * len(cfg.pattern) // int(n("layers") or len(cfg.pattern))
         if "mbs" not in fixed:
@@ -212,7 +212,6 @@ def read_run(row, rows):
     if "~" in row["gbs_seqs"] and gbs % step:  # an approximate batch: the nearest whole number of micro-batches
         notes.append(f"gbs ~{gbs} -> {max(1, round(gbs / step)) * step}")
         gbs = max(1, round(gbs / step)) * step
-    zero = zero_of(row["zero_or_fsdp"])
     if zero is None and re.search(r"megatron|nemo", row["framework"], re.I):  # their default: from 2022 on,
         zero = 0 if year < 2022 else 1  # the distributed optimizer (NeMo's recipes turn it on)
     if zero is not None:
@@ -236,7 +235,7 @@ def read_run(row, rows):
     run = Run(row["id"], re.match(r"S\d+", row["source"]).group(0), row["model"], cfg, seq, gbs, gpus, gpu, precision,
               attention, grads, fixed, None, row.get("pair_group") or "", [], notes,
               steptime.MLA() if re.search(r"\bMLA\b", row.get("arch_source") or "") else None,
-              "bridge" in row["framework"].lower() and (row["model"].lower(), gpu) in A2A_OVERLAP, nvidia)
+              bridge and (row["model"].lower(), gpu) in A2A_OVERLAP, nvidia)
     run.measured = measured(row, run)
     why = not_as_described(run)
     if why and run.measured:  # it cannot have run as the row says: priced, not scored
