@@ -35,6 +35,7 @@ import torch
 
 from attention import Attention
 from data import ruler
+from data.envs import MAX_TURNS
 from data.tokenizer import DataError, open_tokens, read_meta, saved_config
 from checkpoint import CheckpointError, load_for_inference
 from hardware import pick_device
@@ -62,7 +63,7 @@ envs = 'math,code,instruct,tools'  # data/envs.py environments, comma-separated
 reasoning_budget = 0               # thinking tokens stated in the system turn (0: none)
 force_budget = True                # and enforced: "</think>" put in after B tokens (False: the model's own length)
 max_new_tokens = 256               # tokens per assistant turn
-max_turns = 3                      # assistant turns per episode (tool calls between them)
+max_turns = MAX_TURNS              # assistant turns per episode (tool calls between them)
 max_len = 0                        # tokens of a whole episode (0: the block_size the checkpoint trained at, else 512)
 json = False                       # print one JSON object and nothing else
 config_ranges = dict(loss_tokens='[1, inf)', n='[1, inf)', seed='[0, inf)', reasoning_budget='[0, inf)',

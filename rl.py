@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, append_log, check_out_dir, git_commit, load_for_inference, save_checkpoint
 from data.chat import BUDGETS
-from data.envs import HELDOUT, env_names, make
+from data.envs import HELDOUT, MAX_TURNS, env_names, make
 from data.tokenizer import DataError, saved_config
 from parallel import processes, shutdown
 from rollout import Episode, advantages, evaluate, grpo_loss, group_filter, mean, run_episodes, shaped, token_logprobs
@@ -53,7 +53,7 @@ steps = 60                      # RL steps
 prompts_per_step = 8            # tasks per step, over all ranks
 group_size = 8                  # G: episodes per task
 max_new_tokens = 256            # tokens per assistant turn
-max_turns = 3                   # assistant turns per episode (tool calls in between)
+max_turns = MAX_TURNS           # assistant turns per episode (tool calls in between)
 max_len = 0                     # tokens of a whole episode (0: the block_size the checkpoint trained at)
 temperature = 1.0               # sampling temperature of the rollouts
 learning_rate = 1e-4            # AdamW, constant

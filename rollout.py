@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data.chat import THINK_CLOSE, budget_line, chat_prompt
-from data.envs import Task, final_answer, run_tool, tasks, tool_call, verify
+from data.envs import MAX_TURNS, Task, final_answer, run_tool, tasks, tool_call, verify
 from generate import generate_batch
 
 LOW_EFFORT = "Low effort."
@@ -87,8 +87,8 @@ def thinking_tokens(tokenizer, ids, reasoning):
     return first_prefix(tokenizer, ids, lambda text: len(text) > at) - 1  # the longest ending before the marker
 
 
-def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.0, top_k=None, max_turns=4,
-                 max_len=None, max_batch=64, compile=False, force_budget=False):
+def run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.0, top_k=None,
+                 max_turns=MAX_TURNS, max_len=None, max_batch=64, compile=False, force_budget=False):
     """Play every episode to its end, in place: each turn, the live ones decode together. eot: the token
     that ends the conversation (the policy samples it: mask 1). An episode whose prompt passes
     max_len tokens (the model's context) never runs, skipped="context", reward 0; one whose turns
@@ -155,7 +155,7 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def evaluate(model, tokenizer, envs, n, eot, reasoning="on", budget=None, max_new_tokens=256, max_turns=4,
+def evaluate(model, tokenizer, envs, n, eot, reasoning="on", budget=None, max_new_tokens=256, max_turns=MAX_TURNS,
              max_len=None, max_batch=64, compile=False, force_budget=False):
     """Held-out scores, greedy: n tasks per environment from the split training never draws (data/envs.py
     HELDOUT). Returns {env: {"accuracy": mean reward, "thinking": mean thinking tokens, "skipped": prompts

@@ -45,6 +45,10 @@ from data.chat import THINK_CLOSE, THINK_OPEN
 from data.tokenizer import ByteTokenizer
 
 HELDOUT = 1_000_000_000  # seeds >= HELDOUT are the held-out split, never used for training
+MAX_TURNS = 5  # assistant turns an episode may take: a tools demonstration takes 4 (two lookups, calc, the
+# answer), and one more lets a policy retry a failed call (rl.py's and eval.py's --max_turns)
+TASK_BYTES = 440  # a task's prompt, trace and answer at most: with the chat template's turns around them, a
+# conversation fits in the 512 tokens that config/sft.py trains on and rollouts run in (byte tokens)
 
 
 @dataclass
@@ -282,8 +286,9 @@ def snippet(rng):
 
 
 def walk(lines, rows, out):
-    """One trace line per executed line: what it changed, what it printed, which way a condition went."""
-    said_lines = []
+    """One trace line per executed line: what it changed, what it printed, which way a condition went; the
+    statement is written out the first time a line runs (a loop's later passes give only the effect)."""
+    said_lines, seen = [], set()
     for (ln, before, pos), (nxt, after, pos2) in zip(rows, rows[1:]):
         stmt = lines[ln - 1].strip()
         said = [f"{k} = {v}" for k, v in after.items() if before.get(k) != v]
@@ -296,19 +301,23 @@ def walk(lines, rows, out):
         if pos2 > pos:
             said.append(f"prints {printed!r}")
         said = said or (["the loop ends"] if stmt.startswith("for ") else ["no change"])
-        said_lines.append(f"line {ln}: {stmt}  ->  {', '.join(said)}")
+        said_lines.append(f"line {ln}: " + (f"{stmt}  ->  " if ln not in seen else "") + ", ".join(said))
+        seen.add(ln)
     return "\n".join(said_lines + ["Output:", out.rstrip("\n")])
 
 
 def code_task(rng):
-    lines = snippet(rng)
-    src = "\n".join(lines) + "\n"
-    ok, result = run_python(f"SRC = {src!r}\n" + TRACER, timeout=5.0, max_output=1 << 16)
-    if not ok:
-        raise RuntimeError(f"a generated snippet failed in the sandbox: {result}\n{src}")
-    run = json.loads(result)
-    prompt = f"What does this Python code print?\n```python\n{src}```\nReply with the exact output only."
-    return prompt, run["out"].rstrip("\n"), walk(lines, run["rows"], run["out"]), {"source": src}
+    while True:  # a snippet whose trace would not fit the context is drawn again (long loops)
+        lines = snippet(rng)
+        src = "\n".join(lines) + "\n"
+        ok, result = run_python(f"SRC = {src!r}\n" + TRACER, timeout=5.0, max_output=1 << 16)
+        if not ok:
+            raise RuntimeError(f"a generated snippet failed in the sandbox: {result}\n{src}")
+        run = json.loads(result)
+        prompt = f"What does this Python code print?\n```python\n{src}```\nReply with the exact output only."
+        answer, trace = run["out"].rstrip("\n"), walk(lines, run["rows"], run["out"])
+        if len(prompt) + len(trace) + len(answer) <= TASK_BYTES:
+            return prompt, answer, trace, {"source": src}
 
 
 def grade_output(task, final):
@@ -429,14 +438,14 @@ def calc(expression):
 
 
 def tools_task(rng):
-    if rng.random() < 0.5:  # prices: 2 or 3 items, some distractors in the store
-        store = {k: rng.randint(2, 99) for k in rng.sample(ITEMS, 6)}
-        items = rng.sample(list(store), rng.randint(2, 3))
+    if rng.random() < 0.5:  # prices: two items, others in the store
+        store = {k: rng.randint(2, 99) for k in rng.sample(ITEMS, 5)}
+        items = rng.sample(list(store), 2)
         counts = [rng.randint(1, 6) for _ in items]
         parts = [f"{c} {k}{'s' if c > 1 else ''}" for c, k in zip(counts, items)]
-        question = f"What do {', '.join(parts[:-1])} and {parts[-1]} cost together, in cents?"
+        question = f"What do {parts[0]} and {parts[1]} cost, in cents?"
         expression = " + ".join(f"{c}*{store[k]}" for c, k in zip(counts, items))
-        trace = f"I need the price of each of {', '.join(items)}: look each up, then add {' + '.join(parts)}."
+        trace = f"Look up {items[0]} and {items[1]}, then add."
     else:  # ages: a difference
         store = {k: rng.randint(5, 90) for k in rng.sample(NAMES, 5)}
         older, younger = sorted(rng.sample(list(store), 2), key=lambda k: (-store[k], k))
@@ -444,12 +453,10 @@ def tools_task(rng):
         items = [older, younger]
         question = f"How many years older is {older} than {younger}?"
         expression = f"{store[older]} - {store[younger]}"
-        trace = f"I need the ages of {older} and {younger}: look both up, then subtract."
+        trace = f"Look up {older} and {younger}, then subtract."
     calls = [["lookup", k, str(store[k])] for k in items] + [["calc", expression, calc(expression)]]
-    prompt = ("You can call a tool by replying with <tool>name: argument</tool> and nothing else; its result comes "
-              "back in the next turn. Tools: lookup: <key> gives a stored value (the price of an item in cents, or "
-              "a person's age); calc: <expression> does integer arithmetic (+ - * / // % and parentheses). When you "
-              f"know the answer, reply with the integer alone.\n\nQuestion: {question}")
+    prompt = ("Tools: <tool>lookup: KEY</tool> (a price in cents, or an age), <tool>calc: EXPRESSION</tool> (integer "
+              f"+ - * / // %). One call a reply; at the end, the integer alone.\n\n{question}")
     return prompt, calls[-1][2], trace, {"store": store, "calls": calls}
 
 

@@ -122,6 +122,21 @@ def test_tool_turns_masks_and_final_answer(monkeypatch):
     assert ep.spent == len(sampled.encode())
 
 
+def test_demonstrated_tool_use_fits_the_default_turns(monkeypatch):
+    """The tools environment's own demonstrations (two lookups, a calc, the answer), played back
+    as the policy under the default turn limit (rl.py's and eval.py's --max_turns), finish and score 1: a limit
+    below a demonstration's turns would score every tool episode 0 whatever the model learned."""
+    longest = 0
+    for task in envs.tasks("tools", 40):
+        replies = [m["content"] for m in envs.demonstration(task) if m["role"] == "assistant"]
+        longest = max(longest, len(replies))
+        monkeypatch.setattr(rollout, "generate_batch", scripted([[r + "\0" * (i == len(replies) - 1)]
+                                                                 for i, r in enumerate(replies)]))
+        ep = run_episodes(None, TOK, [Episode(task, "on")], 256, eot=0)[0]
+        assert not ep.skipped and ep.reward == 1.0, (task.seed, ep.replies)
+    assert longest == 4 < envs.MAX_TURNS  # two lookups, calc, answer; one turn to spare
+
+
 def test_unclosed_thinking_context_and_turn_limits(monkeypatch):
     monkeypatch.setattr(rollout, "generate_batch", scripted([["7 but never closed", "<tool>lookup: x</tool>"]]))
     long_task = Task("math", 0, "x" * 400, "7", "")

@@ -7,17 +7,18 @@ Run: python -m pytest -q tests/test_sft.py
 """
 
 import json
+import os
 import re
 
 import numpy as np
 import pytest
 
 from data.chat import budget_line, chat_prompt
-from data.envs import demonstration, make
-from data.sft.prepare import FILL, within
+from data.envs import ENVS, TASK_BYTES, demonstration, make, tasks
+from data.sft.prepare import FILL, render, within
 from helpers import run_script
 from rollout import opening
-from test_rl import chat_ckpt  # noqa: F401 (a fixture: a tiny chat model checkpoint)
+from test_rl import REPO, chat_ckpt  # noqa: F401 (a fixture: a tiny chat model checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,21 @@ def test_masks_cover_the_assistant_turns_only(sft):
                 assert f"<|tool|>\n{t['content']}\n<|assistant|>\n" in said
         assert not re.search(r"<\|(user|system|tool)\|>", marked)
         pos += len(ex) + 1
+
+
+def test_every_conversation_fits_the_context_it_is_trained_and_played_in():
+    """A demonstration longer than config/sft.py's block_size is cut into windows that never hold a whole
+    conversation, and its episode runs out of context before it can answer: every environment's, with
+    thinking on and off, must fit, with its prompt, trace and answer within data/envs.py's TASK_BYTES."""
+    cfg = {}
+    exec(open(os.path.join(REPO, "config", "sft.py")).read(), cfg)
+    for env in ENVS:
+        for task in tasks(env, 8 if env in ("code", "ruler") else 60):
+            assert len(task.prompt) + len(task.trace) + len(task.answer) <= TASK_BYTES or env == "ruler", task
+            for think in (True, False):
+                if env != "ruler":  # ruler's haystacks are long contexts by design: not an SFT environment
+                    n = sum(len(text.encode()) for text, _ in render(task, think))
+                    assert n <= cfg["block_size"], (env, task.seed, think, n)
 
 
 def test_half_the_examples_think(sft):
