@@ -25,7 +25,7 @@ from checkpoint import config_from_hf
 from configurator import die
 from model import NemotronConfig, config_file
 from steptime import (HBM_USABLE, LINEAR, MLA, PRECISION, Job, Layout, compute_bound, evaluate, load_hardware,
-                      memory, offloaded, replicas, sync_bound)
+                      memory, replicas, sync_bound)
 
 # -----------------------------------------------------------------------------
 # models: a NemotronConfig describes any stack (pattern of M mamba2, * attention, - mlp, E moe).
@@ -224,19 +224,22 @@ def explore(job, L, fixed, counts, results, bar):
     stages = [fixed["zero"]] if "zero" in fixed else [0, 1, 2, 3] if sharded else [0]
     cap = HBM_USABLE * job.hw["hbm_gb"] * 1e9
 
-    def need(recompute, zero):  # bytes per GPU
+    def need(recompute, zero, offload=L.offload):  # bytes per GPU
         counts["checked"] += 1
-        return memory(job, replace(L, recompute=recompute, zero=zero))
-    # offloading where nothing fits without recompute: memory falls by a block's activations for each
-    # block offloaded after the first (one stays in flight), so the fewest that fit are counted out
-    spill = []
+        return memory(job, replace(L, recompute=recompute, zero=zero, offload=offload))
+    # offloading where nothing fits without recompute: memory() falls with each block offloaded after
+    # the first (one stays in flight), so the fewest blocks that fit are found by bisection on it
+    spill, most = [], len(job.cfg.pattern) - 1  # rule 4: fewer blocks than the model has
     if "offload" not in fixed and L.pp == 1 and levels[0] == "none" and "host_bw" in job.hw:
-        block = offloaded(job, replace(L, offload=1))
         for zero in stages:
-            over = need("none", zero) - cap
-            k = 1 + math.ceil(over / block) if over > 0 and block > 0 else 0
-            if 1 < k < len(job.cfg.pattern):
-                spill.append(replace(L, offload=k, zero=zero))
+            fits = lambda k: need("none", zero, k) <= cap
+            if fits(0) or most < 2 or not fits(most):
+                continue
+            lo, hi = 1, most  # offloading one block saves nothing: fits(1) is fits(0), False; fits(most) is True
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+            spill.append(replace(L, offload=hi, zero=zero))
     for S in spill:
         if compute_bound(job, S) + sync_bound(job, S, [S.zero]) <= bar:
             results.append(evaluate(job, S))
