@@ -22,7 +22,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-import expert_gemm
 import lowprec
 import quantize
 import triton_ops
@@ -31,6 +30,7 @@ from bench import interleaved, timed, train_step, verdict
 from hardware import peaks
 from mamba import ssd_flops, ssd_ref, ssd_step
 from model import Nemotron, config_file
+from moe import grouped_mm_triton
 
 SSD_TARGET = 5.0      # compiled reference / Triton SSD forward+backward ms at length 8K
 FP8_TARGET = 1.3      # bf16 / FP8 Linear ms, forward + backward, on a GPU with FP8 tensor cores
@@ -193,11 +193,11 @@ def run_kernels(quick, lengths=None):
 
 
 # -----------------------------------------------------------------------------
-# the MoE grouped GEMM: expert_gemm.grouped_mm beside one dense matmul
+# the MoE grouped GEMM: moe.grouped_mm_triton beside one dense matmul
 
 
 def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, steps=20, device="cuda"):
-    """On a GPU: achieved TFLOP/s of expert_gemm.grouped_mm, forward + backward (y, dx, dw: three
+    """On a GPU: achieved TFLOP/s of moe.grouped_mm_triton, forward + backward (y, dx, dw: three
     GEMMs), bf16, random dropless routing, beside one dense bf16 matmul of the same total rows.
     The default sizes are Nemotron 3 Nano's expert up-projection (d 2688, expert d_ff 1856)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -209,7 +209,7 @@ def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, ste
     w0 = w[0].detach().clone().requires_grad_()
     dy = torch.randn(tokens * top_k, N, device=device, dtype=bf16)
     # autograd.grad, not backward: no gradient accumulation inside the timed step
-    candidates = {"grouped_mm": lambda: torch.autograd.grad(expert_gemm.grouped_mm(x, w, offs), (x, w), dy),
+    candidates = {"grouped_mm": lambda: torch.autograd.grad(grouped_mm_triton(x, w, offs), (x, w), dy),
                   "dense mm": lambda: torch.autograd.grad(x @ w0, (x, w0), dy)}
     res = {}
     for name, step in candidates.items():
@@ -227,7 +227,7 @@ def bench_grouped_gemm(n_experts=128, tokens=16384, top_k=6, K=2688, N=1856, ste
 
 
 def report_grouped_gemm(res, shape):
-    print(f"\n== grouped GEMM on {shape['device']}: expert_gemm.grouped_mm, bf16, forward + backward "
+    print(f"\n== grouped GEMM on {shape['device']}: moe.grouped_mm_triton, bf16, forward + backward "
           f"(y, dx, dw), {shape['n_experts']} experts, {shape['tokens']} tokens x top-{shape['top_k']}, "
           f"K={shape['K']}, N={shape['N']}")
     print(f"grouped GEMM {res['grouped_mm']:.0f} TFLOP/s; one dense bf16 matmul of the same rows "

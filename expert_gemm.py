@@ -1,7 +1,8 @@
 """
 expert_gemm.py: the MoE experts' grouped GEMM as Triton kernels, all experts in one launch, forward and
-backward; moe.grouped_mm_ref is its PyTorch reference. Read after moe.py and triton_ops.py, whose
-switch (use_triton) and dot helpers it shares.
+backward. moe.GroupedMM is their autograd Function (moe.grouped_mm_triton), moe.grouped_mm_ref the
+PyTorch reference. Read after moe.py and triton_ops.py, whose switch (use_triton) and dot helpers it
+shares.
 
 The token copies arrive sorted by expert: rows offs[g-1]:offs[g] of x belong to expert g
 (offs[-1] = number of rows). y = x @ w[g] on each expert's rows, with a dropless row count per
@@ -126,11 +127,10 @@ def _grouped_mm_fwd(x, w, offs):
     return y
 
 
-def _grouped_mm_dw(x, dy, offs, w=None):
+def _grouped_mm_dw(x, dy, offs):
     (Nr, K), N, E = x.shape, dy.shape[1], offs.shape[0]
-    assert dy.shape[0] == Nr and (w is None or w.shape == (E, K, N)) and x.dtype == dy.dtype
-    # w's strides: a gradient in another layout makes the .grad update a strided copy
-    dw = torch.empty_like(w) if w is not None else x.new_empty(E, K, N)
+    assert dy.shape[0] == Nr and x.dtype == dy.dtype
+    dw = x.new_empty(E, K, N)
     cfg = _gemm_config(x, dw=True)
     grid = (E, triton.cdiv(K, cfg["BLOCK_K"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _grouped_mm_dw_kernel[grid](x, dy, offs, dw, K, N,
@@ -140,33 +140,8 @@ def _grouped_mm_dw(x, dy, offs, w=None):
     return dw
 
 
-class GroupedMMFn(torch.autograd.Function):
-    # saves x and w (the weight gradient needs x, the input gradient w); nothing is recomputed
-    @staticmethod
-    def forward(ctx, x, w, offs):
-        ctx.save_for_backward(x, w, offs)
-        return _grouped_mm_fwd(x, w, offs)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w, offs = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        dx = _grouped_mm_fwd(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-        dw = _grouped_mm_dw(x, dy, offs, w) if ctx.needs_input_grad[1] else None
-        return dx, dw, None
-
-
-def grouped_mm(x, w, offs):
-    """All experts' GEMMs in one launch. x (N, K): the token copies sorted by expert, offs (E,)
-    int32: the end row of each expert's copies (offs[-1] = N, an expert without tokens repeats
-    the previous end), w (E, K, n), any strides, same dtype as x (fp32 or bf16).
-    Returns y (N, n) in x's dtype, accumulated in fp32: y[offs[g-1]:offs[g]] = x[offs[g-1]:offs[g]] @ w[g].
-    Differentiable in x and w. moe.grouped_mm_ref is the PyTorch reference."""
-    return GroupedMMFn.apply(x, w, offs)
-
-
 def grouped_mm_nograd(a, b, offs):
-    """moe.mm_by_groups's two forms on the kernels, without autograd (lowprec's grouped GEMMs):
+    """moe.mm_by_groups's two forms on the kernels, without autograd (moe.GroupedMM's and lowprec's):
     a (N, K) @ b (E, K, n) -> (N, n), rows grouped by offs; or a (K, N) @ b (N, n) -> (E, K, n),
     the summed dimension N grouped by offs."""
     return _grouped_mm_fwd(a, b, offs) if b.dim() == 3 else _grouped_mm_dw(a.t(), b, offs)

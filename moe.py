@@ -198,31 +198,39 @@ def experts_static(x, weights, idx, up_proj, down_proj):
 
 
 def grouped_mm_ref(x, w, offs):
-    """Grouped GEMM, the PyTorch reference of expert_gemm.grouped_mm. x (N, K) holds the rows of E
+    """Grouped GEMM, the PyTorch reference of grouped_mm_triton. x (N, K) holds the rows of E
     groups one after another, offs (E,) int32 the end row of each (offs[-1] = N), w (E, K, n):
     rows offs[g-1]:offs[g] of the result (N, n) are those rows of x times w[g]. Differentiable."""
-    return GroupedMM.apply(x, w, offs)
+    return GroupedMM.apply(x, w, offs, mm_by_groups)
+
+
+def grouped_mm_triton(x, w, offs):
+    """grouped_mm_ref on expert_gemm's Triton kernels: all experts' GEMMs in one launch, x and w of one
+    dtype (fp32 or bf16, any strides), accumulated in fp32; offs may repeat (an expert without rows)."""
+    return GroupedMM.apply(x, w, offs, expert_gemm.grouped_mm_nograd)
 
 
 class GroupedMM(torch.autograd.Function):
     # torch._grouped_mm has an autograd formula, but in torch 2.13 on CPU it fails on gradients
     # that are not plain row-major (e.g. the stride-0 gradient of a .sum()), so the backward is
     # written out: dx is again a grouped GEMM, against the transposed weights, and dw[g] = x_g^T dy_g
-    # is the "k-grouped" form of the same op (groups along the summed dimension).
+    # is the "k-grouped" form of the same op (groups along the summed dimension). mm is the op in
+    # both forms: mm_by_groups, or expert_gemm.grouped_mm_nograd on the kernels.
     @staticmethod
-    def forward(ctx, x, w, offs):
+    def forward(ctx, x, w, offs, mm):
         ctx.save_for_backward(x, w, offs)
-        return mm_by_groups(x, w, offs)
+        ctx.mm = mm
+        return mm(x, w, offs)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, offs = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = mm_by_groups(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+        mm, dy = ctx.mm, dy.to(x.dtype).contiguous()
+        dx = mm(dy, w.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:  # in w's own layout: another would make the .grad update a strided copy
-            dw = mm_by_groups(dy.t(), x, offs).transpose(1, 2) if w.stride(1) == 1 else mm_by_groups(x.t(), dy, offs)
-        return dx, dw, None
+            dw = mm(dy.t(), x, offs).transpose(1, 2) if w.stride(1) == 1 else mm(x.t(), dy, offs)
+        return dx, dw, None, None
 
 
 def mm_by_groups(a, b, offs):
@@ -274,7 +282,7 @@ class Experts(nn.Module):
 
     def forward(self, x, weights, idx):
         """x (M, l), weights and idx (M, k) -> (M, l). Dropless: every token copy is served, by one
-        grouped GEMM per projection over all experts (expert_gemm.grouped_mm on a GPU)."""
+        grouped GEMM per projection over all experts (on expert_gemm's kernels on a GPU)."""
         M, k = idx.shape
         if M <= DECODE_ROWS and torch.compiler.is_compiling() and not torch.is_grad_enabled():
             return experts_static(x, weights, idx, self.up_proj, self.down_proj)  # a compiled decode step
@@ -290,7 +298,7 @@ class Experts(nn.Module):
             y = mm(F.relu(h).square(), self.down_proj, offs, self.recipe, "down_proj")  # (M*k, l)
         else:
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            mm = expert_gemm.grouped_mm if triton_ops.use_triton(x) else grouped_mm_ref
+            mm = grouped_mm_triton if triton_ops.use_triton(x) else grouped_mm_ref
             h = mm(x[token].to(dtype), self.up_proj.to(dtype).transpose(1, 2), offs)  # (M*k, F)
             y = mm(F.relu(h).square(), self.down_proj.to(dtype).transpose(1, 2), offs)  # (M*k, l)
         # 3) weight each copy's output and add it to its token, in fp32

@@ -32,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import asr  # noqa: E402
 import expert_gemm  # noqa: E402
+import moe  # noqa: E402
 import quantize  # noqa: E402
 import triton_ops  # noqa: E402
 
@@ -130,7 +131,7 @@ def decode_launches(H, P, G, N, dtype, K):
 def moe_launches(dtype, E=128, K=2688, N=1856, rows=4096):
     x, w = meta(rows, K, dtype=dtype), meta(E, K, N, dtype=dtype)
     offs = meta(E, dtype=torch.int32, grad=False)
-    return captured(lambda: expert_gemm.grouped_mm(x, w, offs).sum().backward())
+    return captured(lambda: moe.grouped_mm_triton(x, w, offs).sum().backward())
 
 
 def quantizer_launches():

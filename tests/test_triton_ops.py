@@ -30,13 +30,12 @@ import torch
 import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
-import expert_gemm
 import triton_ops
 from helpers import assert_close
 from generate import MambaCache
 from mamba import Mamba2Mixer, ssd_ref, ssd_step
 from model import Nemotron, NemotronConfig
-from moe import Experts, experts_loop, grouped_mm_ref
+from moe import Experts, experts_loop, grouped_mm_ref, grouped_mm_triton
 
 INSIDE = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 inside = pytest.mark.skipif(not INSIDE, reason="runs in the interpreter subprocess of test_in_interpreter")
@@ -308,7 +307,7 @@ def test_grouped_mm_matches_ref(dtype):
     x = torch.randn(sum(counts), 48, generator=g).to(DEV, dtype).requires_grad_()
     w = torch.randn(6, 40, 48, generator=g).to(DEV, dtype).transpose(1, 2).detach().requires_grad_()  # (E, K, n)
     dy = torch.randn(sum(counts), 40, generator=g).to(DEV, dtype)
-    y = expert_gemm.grouped_mm(x, w, offs)
+    y = grouped_mm_triton(x, w, offs)
     y.backward(dy)
     x32, w32 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
     ref = grouped_mm_ref(x32, w32, offs)
@@ -323,7 +322,7 @@ def test_grouped_mm_matches_ref(dtype):
 
 @inside
 def test_experts_on_the_kernel_match_the_loop():
-    """moe.Experts through expert_gemm.grouped_mm (the switch on) == experts_loop, fp32, with two
+    """moe.Experts through moe.grouped_mm_triton (the switch on) == experts_loop, fp32, with two
     experts idle: outputs and gradients of x, weights, up_proj, down_proj (atol 1e-4)."""
     g = torch.Generator().manual_seed(0)
     M, E, k, l, F_ = 24, 6, 2, 32, 16
@@ -356,7 +355,7 @@ def test_grouped_mm_with_tf32_dots(tf32):
     x = torch.randn(sum(counts), 64, generator=g).to(DEV)
     w = torch.randn(3, 64, 48, generator=g).to(DEV)
     assert triton_ops.dot_kind(x) == ("tf32" if DEV == "cuda" else "tf32-emulated")
-    y, ref = expert_gemm.grouped_mm(x, w, offs), grouped_mm_ref(x, w, offs)
+    y, ref = grouped_mm_triton(x, w, offs), grouped_mm_ref(x, w, offs)
     bound = grouped_mm_ref(x.abs(), w.abs(), offs) * 2 ** -9 + 1e-6  # each operand off by < 2^-10 of itself
     assert ((y - ref).abs() <= bound).all(), ((y - ref).abs() / bound).max()
     assert (y - ref).abs().max() > 1e-6, "TF32 made no difference: are the dots TF32?"
