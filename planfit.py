@@ -236,12 +236,21 @@ def read_run(row, rows):
               attention, grads, fixed, None, row.get("pair_group") or "", [], notes,
               steptime.MLA() if re.search(r"\bMLA\b", row.get("arch_source") or "") else None,
               bridge and (row["model"].lower(), gpu) in A2A_OVERLAP, nvidia)
-    run.measured = measured(row, run)
+    arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
+    counter = None  # a MoE or hybrid row's TFLOP/s alone: the FLOPs a token by its source's counter, from a twin
+    if arch != "dense" and n("tflops_per_gpu") and not n("step_time_s") and not n("tokens_per_s_per_gpu"):
+        twins = [r for r in rows if r["model"] == row["model"] and r["seq_len"] == row["seq_len"]
+                 and bridge == ("bridge" in r["framework"].lower())
+                 and number(r["tokens_per_s_per_gpu"]) and number(r["tflops_per_gpu"])]
+        twin = min(twins, default=None, key=lambda r: (find_gpu(r["gpu"]) != gpu, r["precision"] != row["precision"]))
+        if twin:
+            counter = number(twin["tflops_per_gpu"]) * 1e12 / number(twin["tokens_per_s_per_gpu"])
+            notes.append(f"{counter / 1e9:.1f} GFLOP a token by the counter of {twin['id']}")
+    run.measured = measured(row, run, counter)
     why = not_as_described(run)
     if why and run.measured:  # it cannot have run as the row says: priced, not scored
         run.notes.append(why)
         run.measured = None
-    arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     run.subsets = [s for s, inside in [
         ("dense", arch == "dense" and precision in ("bf16", "fp16") and gpu in ("a100", "h100")),
         ("fp8", precision in steptime.LOW_PRECISION), ("moe", arch == "moe"),
@@ -266,10 +275,11 @@ def not_as_described(run):
             f"and gradients alone (1 and 2 bytes each) on a {job.hw['hbm_gb']:.0f} GB GPU")
 
 
-def measured(row, run):
+def measured(row, run, counter=None):
     """The run's step time (s): published, or from tokens/s per GPU, or from TFLOP/s per GPU by the
     FLOP count its source uses (Narayanan et al.'s Eq. 3 with recompute; Megatron's and NeMo's model
-    FLOPs; else the FLOPs the model executes); None where the row gives no throughput."""
+    FLOPs, or `counter`, the FLOPs a token their counter gives this model; else the FLOPs the model
+    executes); None where the row gives no throughput."""
     n = lambda k: number(row.get(k))
     tokens = run.gbs * run.seq
     if n("step_time_s"):
@@ -282,7 +292,7 @@ def measured(row, run):
     if "eq.3" in basis or "recompute" in basis:
         flops = eq3_flops(row, run.gbs)
     elif re.search(r"megatron|nemo|megascale", row["framework"] + basis, re.I):  # their count, non-causal
-        flops = model_flops(row, run.seq) * tokens
+        flops = (counter or model_flops(row, run.seq)) * tokens
     else:  # a count the source does not give (Llama 3, OPT): the FLOPs the model executes, causal
         flops = flops_per_token(run.cfg, run.seq) * tokens
     return flops / (n("tflops_per_gpu") * 1e12 * run.gpus)

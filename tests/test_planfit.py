@@ -106,6 +106,19 @@ def test_model_flops_reproduce_the_published_tflops():
     assert checked >= 40, checked
 
 
+def test_moe_tflops_alone_are_read_by_the_source_counter():
+    """A MoE row that gives TFLOP/s alone (S11's DeepSeek-V3 on 256 B200, 405.59 by Megatron-Bridge's
+    counter) is turned into a step time by the FLOPs a token that counter gives the same model on the
+    same GPU and precision (S9's R141: 557 TFLOP/s at 2139 tokens/s, 260.4 GFLOP), not by
+    model_flops, which leaves out MLA's widths and the MTP layer (0.91 of it there). With R141's
+    batch of 2048 x 4096 tokens: 260.4e9 x 2048 x 4096 / (405.59e12 x 256) = 21.04 s."""
+    runs, _ = planfit.read_runs(FILES)
+    run = next(r for r in runs if r.id == "R183")
+    assert run.measured == pytest.approx(557e12 / 2139 * 2048 * 4096 / (405.59e12 * 256), rel=1e-9)
+    assert run.measured == pytest.approx(21.04, abs=0.01)
+    assert any("R141" in note for note in run.notes)
+
+
 # -----------------------------------------------------------------------------
 # the cost terms, each on its own
 
