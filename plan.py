@@ -343,6 +343,7 @@ FLAGS = dict(
     a2a_overlap=False,   # the expert all-to-alls overlap another micro-batch's compute (Megatron-Bridge's EP overlap)
     grad_reduce="fp32",  # gradients accumulated and reduced in fp32, or bf16 (Megatron's grad_reduce_in_fp32=False)
     fp8_gather=False,    # ZeRO gathers fp8 / mxfp8 weights, not 16-bit ones (Megatron's fp8_param_gather)
+    mamba_fused=False,   # Mamba activations as Megatron-Core's fused path keeps them (False: as mamba.py's)
 )
 # the valid range of each numeric flag, checked by configurator.py before any work (exit 2)
 RANGES = {**{k: "int [1, inf)" for k in ("gpus", "gbs", "seq_len", "tp", "pp", "dp", "cp", "ep", "vp", "mbs", "layers",
@@ -410,7 +411,8 @@ def make_job(a):
     if a["grad_reduce"] not in ("fp32", "bf16"):
         raise ValueError(f"--grad_reduce={a['grad_reduce']}: fp32 or bf16")
     return Job(cfg, seq, a["gbs"], a["gpus"], hw, a["precision"], a["attention"], a["moe_imbalance"],
-               a["a2a_overlap"], a["grad_reduce"], MLA() if a["mla"] else None, a["fp8_gather"]), fixed
+               a["a2a_overlap"], a["grad_reduce"], MLA() if a["mla"] else None, a["fp8_gather"],
+               a["mamba_fused"]), fixed
 
 
 def report(job, results, counts, seconds, top):

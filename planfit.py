@@ -59,12 +59,13 @@ class Run:
     mla: steptime.MLA = None  # the attention is multi-head latent attention (DeepSeek-V3's), or None
     a2a_overlap: bool = False  # the recipe overlaps the expert all-to-alls (A2A_OVERLAP)
     fp8_gather: bool = False   # the recipe's ZeRO gathers fp8 weights (NVIDIA's performance recipes)
+    mamba_fused: bool = False  # Megatron-Core's fused Mamba path (its default, use_mem_eff_path)
 
     def job(self, fit=None):
         """The steptime.Job of this run on its GPU, with these fitted constants (steptime.FIT's by default)."""
         return steptime.Job(self.cfg, self.seq, self.gbs, self.gpus, steptime.load_hardware(self.gpu, **(fit or {})),
                             self.precision, self.attention, a2a_overlap=self.a2a_overlap, grad_reduce=self.grad_reduce,
-                            mla=self.mla, fp8_gather=self.fp8_gather)
+                            mla=self.mla, fp8_gather=self.fp8_gather, mamba_fused=self.mamba_fused)
 
 
 def number(text):
@@ -235,7 +236,8 @@ def read_run(row, rows):
     run = Run(row["id"], re.match(r"S\d+", row["source"]).group(0), row["model"], cfg, seq, gbs, gpus, gpu, precision,
               attention, grads, fixed, None, row.get("pair_group") or "", [], notes,
               steptime.MLA() if re.search(r"\bMLA\b", row.get("arch_source") or "") else None,
-              bridge and (row["model"].lower(), gpu) in A2A_OVERLAP, nvidia)
+              bridge and (row["model"].lower(), gpu) in A2A_OVERLAP, nvidia,
+              mamba_fused=bool(re.search(r"megatron|nemo", row["framework"], re.I)))  # its MambaMixer's default
     arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     counter = None  # a MoE or hybrid row's TFLOP/s alone: the FLOPs a token by its source's counter, from a twin
     if arch != "dense" and n("tflops_per_gpu") and not n("step_time_s") and not n("tokens_per_s_per_gpu"):

@@ -218,6 +218,7 @@ class Job:
     grad_reduce: str = "fp32"   # the gradients' buffer and reduction: 'fp32', or 'bf16' (NVIDIA's performance recipes)
     mla: MLA = None             # the attention blocks are multi-head latent attention of these sizes (None: cfg's GQA)
     fp8_gather: bool = False    # ZeRO gathers fp8 / mxfp8 weights, not 16-bit ones (Megatron's fp8_param_gather)
+    mamba_fused: bool = False   # the Mamba mixers save as Megatron-Core's fused path does (False: as mamba.py's)
 
     def __post_init__(self):
         self.bytes = dict(PRECISION[self.precision], **({"g": 2} if self.grad_reduce == "bf16" else {}))
@@ -309,8 +310,12 @@ def block_work(job, kind, b, tp, cp, ep, sp):
         w.core_flops, w.core_kernels = t * ssd_flops(H, P, N, Q), 5
         w.core_bytes = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
         w.mem, w.kernels = w.mem + (2 * conv + 3 * d_in) * t * act, w.kernels + 2
-        w.saved += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
         w.lin_in += t * d_in * act  # the gated norm's output for out_proj
+        if job.mamba_fused:  # mamba_split_conv1d_scan_combined keeps in_proj's output alone (its backward
+            # recomputes the conv and the gated scan output from it); then the norm's input and fp32 1/rms
+            w.saved += t * (2 * d_in + 2 * G * N + H + 2 * d_in) * act + t * G * 4
+        else:  # as mamba.py runs: in_proj's output, the conv's, y and the gated norm's, fp32 dt and chunk states
+            w.saved += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
         w.cp = b * H * P * N * 4  # under cp each GPU passes its final SSM state on
     elif kind == "E":
         E, k, F, l = cfg.n_experts, cfg.top_k, cfg.moe_d_ff, cfg.moe_latent_size or d

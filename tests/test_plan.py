@@ -53,6 +53,20 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(mamba, 6) == 6 * (weights + head) + 3 * ssd
 
 
+def test_mamba_saved_activations_by_hand():
+    """A Mamba block's activations saved for the backward, per token at 2 bytes (TINY: d 8, 2 heads of
+    4, N 4, 1 group, chunks of 4, so d_in 8, in_proj's output 2 d_in + 2 G N + H = 26, the conv's
+    width 16). As mamba.py runs (Triton SSD or not): the pre-norm's input and output 2 d, in_proj's
+    output, the conv's output, y and the gated norm's output 2 d_in, fp32 dt (4 H bytes) and chunk
+    states (4 H P N / Q bytes). Megatron-Core's fused mamba_split_conv1d_scan_combined, then its norm
+    and out_proj: 2 d, in_proj's output, the norm's input and output 2 d_in and its fp32 1/rms (4 G)."""
+    cfg, seq = NemotronConfig(**dict(TINY, pattern="M")), 8
+    for fused, per_token in ((False, 2 * (2 * 8 + 26 + 16 + 2 * 8) + 4 * 2 + 4 * 2 * 4 * 4 / 4),
+                             (True, 2 * (2 * 8 + 26 + 2 * 8) + 4 * 1)):
+        job = steptime.Job(cfg, seq, 1, 1, steptime.load_hardware("h100"), mamba_fused=fused)
+        assert steptime.block_work(job, "M", 1, 1, 1, 1, False).saved == pytest.approx(per_token * seq, rel=1e-12)
+
+
 def test_layer_flops_by_hand():
     """The cost model's GEMMs (layer_cost's forward FLOPs) for b=1, s=6: 2 per weight per token,
     split by tp; flash attention over the causal half; MoE counts only the top-k experts."""
