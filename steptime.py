@@ -225,6 +225,9 @@ class Job:
         self.low = self.precision in LOW_PRECISION  # the linear layers' GEMMs in low precision
         if self.fp8_gather and self.precision in ("fp8", "mxfp8"):
             self.bytes["gw"] = LINEAR[self.precision][1]
+            # and the weights are fp8 primary weights, no 16-bit copy: TE's Float8Tensor keeps its data and
+            # transpose, an MXFP8Tensor both orientations with a scale per 32
+            self.bytes["w"] = 2 * LINEAR[self.precision][1]
         self.peak = self.hw["flops"][LINEAR[self.precision][0]]  # linear layers
         self.core_peak = self.hw["flops"]["bf16" if self.low else self.precision]
         self.memo = Memo()

@@ -403,18 +403,20 @@ def test_low_precision_activations_and_gathers():
         assert dp == pytest.approx(seconds, rel=1e-9), gather
 
 
-@pytest.mark.parametrize("precision, w, g, opt", [
-    ("fp16", 2, 2, 12),  # ZeRO's own mixed precision: 2 + 2 + K = 12 (the paper's 16 B per parameter)
-    ("fp32", 4, 4, 8),   # no master copy: Adam's m and v
-    ("fp8", 3, 4, 12),   # a bf16 weight and its fp8 copy; gradients and states as bf16's
+@pytest.mark.parametrize("precision, fp8_gather, w, g, opt", [
+    ("fp16", False, 2, 2, 12),  # ZeRO's own mixed precision: 2 + 2 + K = 12 (the paper's 16 B per parameter)
+    ("fp32", False, 4, 4, 8),   # no master copy: Adam's m and v
+    ("fp8", False, 3, 4, 12),   # a bf16 weight and its fp8 copy; gradients and states as bf16's
+    ("fp8", True, 2, 4, 12),    # fp8 primary weights (Megatron's fp8_param_gather): the fp8 data and its transpose
+    ("mxfp8", True, 2 + 2 / 32, 4, 12),  # both orientations of MXFP8, a scale per 32
 ])
-def test_zero_memory_other_precisions(precision, w, g, opt):
+def test_zero_memory_other_precisions(precision, fp8_gather, w, g, opt):
     """test_zero_memory_by_hand at dp = 8 in steptime.py's other precisions (its PRECISION table's bytes
     per parameter, written out here): (w + g + opt) P whole, then opt, g and w divided by 8 stage by
     stage, plus the block at work. Activations as there, bounded by 5% (fp32's 4 B ones: 3.7%);
     the rest exact."""
     P, mlp = DENSE_PARAMS, DENSE_MLP
-    job = steptime.Job(DENSE, 1, 16, 8, ideal_gpu(1e6, 1e6, 1e-3), precision)
+    job = steptime.Job(DENSE, 1, 16, 8, ideal_gpu(1e6, 1e6, 1e-3), precision, fp8_gather=fp8_gather)
     acts = steptime.memory(job, steptime.Layout()) - (w + g + opt) * P
     assert 0 < acts < 0.05 * (w + g + opt) * P, acts
     for zero, states in ((0, (w + g + opt) * P), (1, (w + g) * P + opt * P / 8),
