@@ -164,6 +164,14 @@ def read_runs(paths):
     return runs, skipped
 
 
+def closest(row, rows, gpu, keep):
+    """Of the rows that pass keep, the one most like row (on `gpu`): the same GPU first, then the same
+    generation (Blackwell or not), then the same precision; None if none passes."""
+    blackwell = lambda r: find_gpu(r["gpu"]) in BLACKWELL
+    return min((r for r in rows if keep(r)), default=None, key=lambda r: (
+        find_gpu(r["gpu"]) != gpu, blackwell(r) != blackwell(row), r["precision"] != row["precision"]))
+
+
 def read_run(row, rows):
     """One row as a Run (ValueError: why it cannot be priced). Layout fields the row leaves empty are
     searched, as the planner does for a user; what had to be read into the row is kept in Run.notes."""
@@ -198,11 +206,8 @@ def read_run(row, rows):
     fixed.setdefault("offload", 0)
     gbs = n("gbs_seqs") or (n("tokens_per_batch") and n("tokens_per_batch") / seq)
     if not gbs:  # the batch of the same model on as many GPUs, from the run this one reproduces
-        blackwell = lambda r: find_gpu(r["gpu"]) in BLACKWELL
-        twins = [r for r in rows if r["model"] == row["model"] and r["gpu_count"] == row["gpu_count"]
-                 and number(r["gbs_seqs"])]
-        twin = min(twins, default=None, key=lambda r: (find_gpu(r["gpu"]) != gpu, blackwell(r) != blackwell(row),
-                                                       r["precision"] != row["precision"]))
+        twin = closest(row, rows, gpu, lambda r: r["model"] == row["model"] and r["gpu_count"] == row["gpu_count"]
+                       and number(r["gbs_seqs"]))
         if twin is None:
             raise ValueError("no global batch given, nor one of the same model on as many GPUs")
         gbs = number(twin["gbs_seqs"])
@@ -213,7 +218,8 @@ def read_run(row, rows):
     if "~" in row["gbs_seqs"] and gbs % step:  # an approximate batch: the nearest whole number of micro-batches
         notes.append(f"gbs ~{gbs} -> {max(1, round(gbs / step)) * step}")
         gbs = max(1, round(gbs / step)) * step
-    if zero is None and re.search(r"megatron|nemo", row["framework"], re.I):  # their default: from 2022 on,
+    megatron = bool(re.search(r"megatron|nemo", row["framework"], re.I))
+    if zero is None and megatron:  # their default: from 2022 on,
         zero = 0 if year < 2022 else 1  # the distributed optimizer (NeMo's recipes turn it on)
     if zero is not None:
         fixed["zero"] = zero
@@ -237,14 +243,13 @@ def read_run(row, rows):
               attention, grads, fixed, None, row.get("pair_group") or "", [], notes,
               steptime.MLA() if re.search(r"\bMLA\b", row.get("arch_source") or "") else None,
               bridge and (row["model"].lower(), gpu) in A2A_OVERLAP, nvidia,
-              mamba_fused=bool(re.search(r"megatron|nemo", row["framework"], re.I)))  # its MambaMixer's default
+              mamba_fused=megatron)  # Megatron-Core's MambaMixer trains on the fused path by default
     arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     counter = None  # a MoE or hybrid row's TFLOP/s alone: the FLOPs a token by its source's counter, from a twin
     if arch != "dense" and n("tflops_per_gpu") and not n("step_time_s") and not n("tokens_per_s_per_gpu"):
-        twins = [r for r in rows if r["model"] == row["model"] and r["seq_len"] == row["seq_len"]
-                 and bridge == ("bridge" in r["framework"].lower())
-                 and number(r["tokens_per_s_per_gpu"]) and number(r["tflops_per_gpu"])]
-        twin = min(twins, default=None, key=lambda r: (find_gpu(r["gpu"]) != gpu, r["precision"] != row["precision"]))
+        twin = closest(row, rows, gpu, lambda r: r["model"] == row["model"] and r["seq_len"] == row["seq_len"]
+                       and bridge == ("bridge" in r["framework"].lower())
+                       and number(r["tokens_per_s_per_gpu"]) and number(r["tflops_per_gpu"]))
         if twin:
             counter = number(twin["tflops_per_gpu"]) * 1e12 / number(twin["tokens_per_s_per_gpu"])
             notes.append(f"{counter / 1e9:.1f} GFLOP a token by the counter of {twin['id']}")

@@ -314,11 +314,12 @@ def block_work(job, kind, b, tp, cp, ep, sp):
         w.core_bytes = t * (2 * d_in + 2 * G * N) * act + t * H * 8 + t / Q * H * P * N * 8
         w.mem, w.kernels = w.mem + (2 * conv + 3 * d_in) * t * act, w.kernels + 2
         w.lin_in += t * d_in * act  # the gated norm's output for out_proj
-        if job.mamba_fused:  # mamba_split_conv1d_scan_combined keeps in_proj's output alone (its backward
-            # recomputes the conv and the gated scan output from it); then the norm's input and fp32 1/rms
-            w.saved += t * (2 * d_in + 2 * G * N + H + 2 * d_in) * act + t * G * 4
-        else:  # as mamba.py runs: in_proj's output, the conv's, y and the gated norm's, fp32 dt and chunk states
-            w.saved += t * (2 * d_in + 2 * G * N + H + conv + 2 * d_in) * act + t * H * 4 + t / Q * H * P * N * 4
+        # either way: in_proj's output, the gated norm's input (y) and output
+        w.saved += t * (2 * d_in + 2 * G * N + H + 2 * d_in) * act
+        if job.mamba_fused:  # mamba_split_conv1d_scan_combined recomputes the conv and y from in_proj's output;
+            w.saved += t * G * 4  # the norm keeps its fp32 1/rms per group
+        else:  # as mamba.py runs: the conv's output, fp32 dt and chunk states as well
+            w.saved += t * conv * act + t * H * 4 + t / Q * H * P * N * 4
         w.cp = b * H * P * N * 4  # under cp each GPU passes its final SSM state on
     elif kind == "E":
         E, k, F, l = cfg.n_experts, cfg.top_k, cfg.moe_d_ff, cfg.moe_latent_size or d
