@@ -20,7 +20,7 @@ error rate (MER) counts edits over units, a Mandarin character or an English wor
 statistic is P(error at a reference unit | the unit before it was wrong), beside P(error): an error
 that makes the next one likelier shows as the first above the second.
 """
-import json, math, os, subprocess, sys, time
+import collections, json, math, os, subprocess, sys, time
 from dataclasses import asdict
 
 import numpy as np
@@ -100,9 +100,11 @@ def load_data(folder):
     if not os.path.exists(os.path.join(folder, 'meta.json')):
         die(f'{folder}/meta.json not found: build the corpus first with python data/speech/prepare.py')
     try:
-        return {name: Split(folder, name) for name in ('train', 'val', 'test')}
+        data = {name: Split(folder, name) for name in ('train', 'val', 'test')}
     except (OSError, ValueError, KeyError) as e:
         die(f'{folder}: {e} (build it again with python data/speech/prepare.py)')
+    data['seen'] = collections.Counter(u for units in data['train'].units for u in units)  # {unit: count}
+    return data
 
 
 def targets(tok, split, idx):
@@ -117,6 +119,9 @@ def targets(tok, split, idx):
 
 # -----------------------------------------------------------------------------
 # scoring: edit-distance alignment, MER, the chain statistic
+
+RARE = 20  # a Mandarin character the training transcripts hold at most this often is rare (PET's long tail)
+
 
 def align(ref, hyp):
     """For each reference unit, whether the best alignment gets it wrong (substituted or deleted), and
@@ -140,25 +145,31 @@ def align(ref, hyp):
     return wrong, int(d[n, m])
 
 
-def score(refs, hyps):
+def score(refs, hyps, seen=None):
     """MER over all units, CER over Mandarin characters, WER over English words (edits / reference
-    units of that kind, from the mixed alignment), and P(error), P(error | previous unit wrong)."""
+    units of that kind, from the mixed alignment), and P(error), P(error | previous unit wrong). With
+    seen (training counts of units), also the CER of rare characters (seen at most RARE times) and
+    P(error | previous unit a rare character)."""
     edits = units = 0
     kinds = {True: [0, 0], False: [0, 0]}  # is_mandarin -> [wrong, count]
-    after_wrong = [0, 0]  # [wrong, count] over units whose predecessor was wrong
+    after_wrong, rare, after_rare = [0, 0], [0, 0], [0, 0]  # [wrong, count] of units of each condition
+    is_rare = lambda u: seen is not None and is_mandarin(u) and seen.get(u, 0) <= RARE  # noqa: E731
     for ref, hyp in zip(refs, hyps):
         wrong, e = align(ref, hyp)
         edits, units = edits + e, units + len(ref)
         for k, (unit, w) in enumerate(zip(ref, wrong)):
-            kinds[is_mandarin(unit)][0] += w
-            kinds[is_mandarin(unit)][1] += 1
-            if k > 0 and wrong[k - 1]:
-                after_wrong[0] += w
-                after_wrong[1] += 1
+            for pair, counts in ((kinds[is_mandarin(unit)], True), (after_wrong, k > 0 and wrong[k - 1]),
+                                 (rare, is_rare(unit)), (after_rare, k > 0 and is_rare(ref[k - 1]))):
+                if counts:
+                    pair[0] += w
+                    pair[1] += 1
     rate = lambda pair: pair[0] / max(pair[1], 1)  # noqa: E731
-    return {'mer': edits / max(units, 1), 'cer_zh': rate(kinds[True]), 'wer_en': rate(kinds[False]),
-            'p_error': rate([kinds[True][0] + kinds[False][0], units]), 'p_error_after_error': rate(after_wrong),
-            'units': units}
+    out = {'mer': edits / max(units, 1), 'cer_zh': rate(kinds[True]), 'wer_en': rate(kinds[False]),
+           'p_error': rate([kinds[True][0] + kinds[False][0], units]), 'p_error_after_error': rate(after_wrong),
+           'units': units}
+    if seen is not None:
+        out.update(cer_rare=rate(rare), p_error_after_rare=rate(after_rare), rare_units=rare[1])
+    return out
 
 
 @torch.no_grad()
@@ -176,10 +187,10 @@ def decode_split(model, tok, r2c, split, idx, batch=32):
     return out, syllables
 
 
-def evaluate(model, tok, r2c, split):
+def evaluate(model, tok, r2c, split, seen):
     idx = list(range(len(split) if not eval_max else min(eval_max, len(split))))
     hyps, syllables = decode_split(model, tok, r2c, split, idx)
-    result = score([split.units[i] for i in idx], hyps)
+    result = score([split.units[i] for i in idx], hyps, seen)
     if r2c is not None:  # the recogniser's own output, before Roman2Char: tonal syllables against the reference's
         refs = [[p if p else u for u, p in zip(split.units[i], split.pinyin[i])] for i in idx]
         result['mer_roman'] = score(refs, syllables)['mer']
@@ -290,13 +301,13 @@ def train_run(name, data):
         opt.step()
         row = {'step': step, 'loss': loss.item(), 'grad_norm': norm.item(), 'lr': lr_at(step)}
         if (eval_every and (step + 1) % eval_every == 0) or step == steps - 1:
-            row['val'] = evaluate(model, tok, r2c, data['val'])
+            row['val'] = evaluate(model, tok, r2c, data['val'], data['seen'])
             pbar.write(f"{name} step {step + 1}: loss {row['loss']:.3f}, val MER {row['val']['mer']:.3f}")
         append_log(folder, row, fresh=step == 0)  # a run starts its folder's log anew
         pbar.set_postfix(loss=f'{loss.item():.3f}')
     minutes = (time.time() - t0) / 60
-    result = {'run': name, 'vocab_size': tok.vocab_size, 'params': n_params, 'minutes': minutes,
-              'val': row['val'], 'test': evaluate(model, tok, r2c, data['test']), 'joint': joint_memory(tok, train)}
+    result = {'run': name, 'vocab_size': tok.vocab_size, 'params': n_params, 'minutes': minutes, 'val': row['val'],
+              'test': evaluate(model, tok, r2c, data['test'], data['seen']), 'joint': joint_memory(tok, train)}
     torch.save({'model': model.state_dict(), 'config': asdict(cfg), 'tokenizer': tok.to_dict(),
                 'features': asdict(features) if features else None, 'run': name,
                 'roman2char': romanize.state(r2c) if r2c is not None else None},
@@ -306,12 +317,14 @@ def train_run(name, data):
 
 def table(results):
     lines = ['| run | vocab | joint MB, whole / fused | batch in budget, whole / fused | val MER | test MER | '
-             'test CER zh | test WER en | P(err) | P(err after err) |', '|' + ' --- |' * 10]
+             'test CER zh | test WER en | P(err) | P(err after err) | rare CER | P(err after rare) |',
+             '|' + ' --- |' * 12]
     for r in results:
         t, j = r['test'], r.get('joint')  # a rescored run has no joint figures
         memory = f"{j['mb'][0]:.0f} / {j['mb'][1]:.0f} | {j['batch_fits'][0]} / {j['batch_fits'][1]}" if j else "- | -"
         lines.append(f"| {r['run']} | {r['vocab_size']} | {memory} | {r['val']['mer']:.3f} | {t['mer']:.3f} | "
-                     f"{t['cer_zh']:.3f} | {t['wer_en']:.3f} | {t['p_error']:.3f} | {t['p_error_after_error']:.3f} |")
+                     f"{t['cer_zh']:.3f} | {t['wer_en']:.3f} | {t['p_error']:.3f} | {t['p_error_after_error']:.3f} | "
+                     f"{t['cer_rare']:.3f} ({t['rare_units']}) | {t['p_error_after_rare']:.3f} |")
     return '\n'.join(lines)
 
 
@@ -332,8 +345,8 @@ if __name__ == '__main__':
     for name in names:
         if rescore:  # results.json keeps the training's own scores
             model, tok, r2c = load_transducer(os.path.join(out_dir, name))
-            results.append({'run': name, 'vocab_size': tok.vocab_size, 'val': evaluate(model, tok, r2c, data['val']),
-                            'test': evaluate(model, tok, r2c, data['test'])})
+            results.append({'run': name, 'vocab_size': tok.vocab_size,
+                            **{k: evaluate(model, tok, r2c, data[k], data['seen']) for k in ('val', 'test')}})
             continue
         r = train_run(name, data)
         with open(os.path.join(out_dir, name, 'results.json'), 'w') as f:

@@ -87,6 +87,47 @@ def test_sentences_deterministic_and_code_switched(lexicon):
     assert any("hang2" in s.pinyin for s in a) and any("xing2" in s.pinyin for s in a)  # 行, read by its word
 
 
+LONGTAIL = speech.LEXICON + "," + speech.LEXICON.replace("lexicon.tsv", "lexicon_longtail.tsv")
+
+
+def test_longtail_lexicon_adds_rare_words_and_homophones(lexicon):
+    """lexicon_longtail.tsv reads after lexicon.tsv without a repeat, only into slots the grammar has, and
+    adds characters (PET's rare tokens), many of them sounding like characters the base lexicon has."""
+    both = speech.read_lexicon(LONGTAIL)
+    extra = both[len(lexicon):]
+    assert both[:len(lexicon)] == lexicon and len(extra) >= 100 and all(e.lang == "zh" for e in extra)
+    assert {e.slot for e in extra} <= {e.slot for e in lexicon} - {"frame"}
+    base = {(c, p) for e in lexicon if e.lang == "zh" for c, p in zip(e.word, e.pinyin)}
+    new = {(c, p) for e in extra for c, p in zip(e.word, e.pinyin)} - base
+    assert len({c for c, _ in new} - {c for c, _ in base}) >= 120
+    assert len({(c, p) for c, p in new if p in {q for _, q in base}}) >= 20  # homophones of base characters
+
+
+def test_zipf_makes_the_last_words_of_a_slot_rare():
+    """--zipf draws a slot's k-th word with weight 1 / k^s: the first words far commoner than the last; the
+    default (zipf 0) is the uniform draw, the same sentences as without the argument."""
+    both = speech.read_lexicon(LONGTAIL)
+    assert speech.sentences(50, 3, both) == speech.sentences(50, 3, both, 0.0)
+    drawn = speech.sentences(4000, 3, both, 1.2)
+    counts = collections.Counter(u for s in drawn for u in s.units)
+    places = [e.word for e in both if e.slot == "place" and e.lang == "zh"]  # 35: 17 base, then 18 rare
+    head = sum(counts[c] for w in places[:3] for c in w)
+    tail = sum(counts[c] for w in places[-3:] for c in w if not any(c in v for v in places[:-3]))
+    assert head > 10 * tail > 0, (head, tail)
+    rare = lambda c: sum(n <= 5 for n in c.values())  # character and word types seen at most 5 times
+    uniform = collections.Counter(u for s in speech.sentences(4000, 3, both) for u in s.units)
+    assert rare(counts) > 3 * rare(uniform), (rare(counts), rare(uniform))
+
+
+def test_two_lexicons_name_a_repeat_across_files(tmp_path):
+    first, second = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    first.write_text("lang\tword\tpinyin\tslot\nzh\t书\tshu1\tthing\n", encoding="utf-8")
+    second.write_text("lang\tword\tpinyin\tslot\nzh\t笔\tbi3\tthing\nzh\t书\tshu1\tthing\n", encoding="utf-8")
+    assert [e.word for e in speech.read_lexicon(str(first))] == ["书"]
+    with pytest.raises(ValueError, match=f"line 3: repeats line 2 of {first}"):
+        speech.read_lexicon(f"{first},{second}")
+
+
 def test_ssml_runs_and_variant():
     s = speech.Sentence(("the", "绿", "茶", "here", "is", "贵"), (None, "lv4", "cha2", None, None, "gui4"))
     assert speech.ssml(s, "f2") == (
@@ -119,7 +160,8 @@ def test_missing_espeak_says_how_to_install(monkeypatch, tmp_path, lexicon):
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--n_train=0"], "--n_train"), (["--n_text=-1"], "--n_text"), (["--n_test=100000000"], "--n_test")])
+    (["--n_train=0"], "--n_train"), (["--n_text=-1"], "--n_text"), (["--n_test=100000000"], "--n_test"),
+    (["--zipf=-1"], "--zipf"), (["--lexicon=no/such.tsv"], "--lexicon")])
 def test_bad_flags_exit_2(capsys, tmp_path, flags, named):
     with pytest.raises(SystemExit) as e:
         speech.main([f"--out_dir={tmp_path}", *flags])

@@ -58,7 +58,13 @@ def test_score_counts_units_and_chains():
     assert r["p_error"] == pytest.approx(2 / 9)
     assert r["p_error_after_error"] == pytest.approx(1 / 2)  # after 他 (wrong): 是 wrong; after 是: 司 right
     r = s["score"]([["a", "b", "c"]], [["a", "c"]])  # a deletion
-    assert r["mer"] == pytest.approx(1 / 3) and r["p_error_after_error"] == 0
+    assert r["mer"] == pytest.approx(1 / 3) and r["p_error_after_error"] == 0 and "cer_rare" not in r
+    seen = {"我": 100, "想": 100, "吃": 100, "他": 21, "是": 20, "机": 3}  # 司 never seen: rare too
+    r = s["score"](refs, hyps, seen)
+    assert r["rare_units"] == 3 and r["cer_rare"] == pytest.approx(1 / 3)  # 是 wrong; 司, 机 right
+    assert r["p_error_after_rare"] == pytest.approx(0)  # after 是: 司 right; after 司: 机 right
+    r = s["score"]([["是", "机"]], [["事", "鸡"]], seen)
+    assert r["cer_rare"] == 1 and r["p_error_after_rare"] == 1
 
 
 def run(*args, cwd=REPO, timeout=600):

@@ -3,12 +3,15 @@ data/speech/prepare.py: a synthetic Mandarin-English code-switching speech corpu
 from a template grammar over a hand-written lexicon. Read data/speech/lexicon.tsv first.
 Run: python data/speech/prepare.py            (about 2 minutes on 2 cores; needs espeak-ng)
      python data/speech/prepare.py --n_train=400 --n_text=2000 --out_dir=data/speech_small
+     python data/speech/prepare.py --lexicon=data/speech/lexicon.tsv,data/speech/lexicon_longtail.tsv --zipf=1.2 \
+         --out_dir=data/speech_longtail    (the long-tail corpus: more words per slot, drawn by a Zipf law)
 
 Sentences: ZH_TEMPLATES, a Mandarin frame whose slots are filled in English with probability P_EN ("我 明天 去
 bank 还 书"), or EN_TEMPLATES, an English frame whose slots are filled in Mandarin with probability P_ZH ("i left my 钥匙 at
 office"). A unit is one Mandarin character or one English word; each Mandarin unit carries the tonal pinyin of
 the word it came from, so the word resolves a polyphone (银行 hang2, 旅行 xing2) and a model that hears 他/她/它
-(all ta1) must tell them apart from context.
+(all ta1) must tell them apart from context. A slot's words are drawn uniformly, or with --zipf=s > 0 the k-th
+word of the slot (in lexicon order, counted per language) with weight 1 / k^s: the words that come last are rare.
 Speech: one SSML document per utterance; every Mandarin run is read from its pinyin by the cmn-latn-pinyin voice,
 every English run by en-us, each run in a <voice> element of its own (a closing </voice> does not restore the
 voice before it). espeak-ng's 22050 Hz is resampled to 16 kHz by the FFT, silence trimmed to 50 ms each side.
@@ -94,8 +97,16 @@ def parse_entry(line, where):
 
 
 def read_lexicon(path=LEXICON):
-    """The entries of a lexicon file (lexicon.tsv's format); ValueError names the first malformed line."""
-    entries, seen, header = [], {}, False
+    """The entries of a lexicon file (lexicon.tsv's format), or of several in order (comma-separated paths);
+    ValueError names the first malformed line, or a line that repeats one before it in any of the files."""
+    entries, seen = [], {}
+    for one in path.split(","):
+        entries += read_lexicon_file(one, seen)
+    return entries
+
+
+def read_lexicon_file(path, seen):
+    entries, header = [], False
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
@@ -108,8 +119,10 @@ def read_lexicon(path=LEXICON):
                 continue
             entry = parse_entry(line, f"{path}, line {lineno}")
             if entry in seen:
-                raise ValueError(f"{path}, line {lineno}: repeats line {seen[entry]}: {line!r}")
-            seen[entry] = lineno
+                where, before = seen[entry]
+                raise ValueError(f"{path}, line {lineno}: repeats line {before}"
+                                 + ("" if where == path else f" of {where}") + f": {line!r}")
+            seen[entry] = (path, lineno)
             entries.append(entry)
     return entries
 
@@ -198,14 +211,19 @@ def capacity(lexicon):
     return total
 
 
-def draw(rng, lang, parts):
-    """One sentence of a compiled template: each slot filled in the other language with P_EN (P_ZH)."""
+def draw(rng, lang, parts, zipf=0.0):
+    """One sentence of a compiled template: each slot filled in the other language with P_EN (P_ZH), its word
+    drawn uniformly (zipf 0) or the k-th with weight 1 / k^zipf."""
     other, p_other = ("en", P_EN) if lang == "zh" else ("zh", P_ZH)
     units, pinyin = [], []
     for part in parts:
         if not isinstance(part, Entry):
             switch = rng.random() < p_other
-            part = rng.choice(part[other] if (switch and part[other]) or not part[lang] else part[lang])
+            words = part[other] if (switch and part[other]) or not part[lang] else part[lang]
+            if zipf:
+                part = rng.choices(words, [k ** -zipf for k in range(1, len(words) + 1)])[0]
+            else:
+                part = rng.choice(words)  # the default corpus as it always was drawn
         if part.lang == "zh":
             units += part.word
             pinyin += part.pinyin
@@ -215,21 +233,21 @@ def draw(rng, lang, parts):
     return Sentence(tuple(units), tuple(pinyin))
 
 
-def unique_sentences(seed, lexicon):
+def unique_sentences(seed, lexicon, zipf=0.0):
     """An endless stream of distinct sentences (by text), in an order fixed by the seed."""
     grammar, rng, seen = compile_templates(lexicon), random.Random(seed), set()
     while True:
-        s = draw(rng, *rng.choice(grammar))
+        s = draw(rng, *rng.choice(grammar), zipf)
         if MIN_UNITS <= len(s.units) <= MAX_UNITS and s.text not in seen:
             seen.add(s.text)
             yield s
 
 
-def sentences(n, seed, lexicon):
+def sentences(n, seed, lexicon, zipf=0.0):
     """n distinct code-switched sentences, the same ones for the same (n, seed); sentences(n + 1) extends them."""
     if n > capacity(lexicon):
         raise ValueError(f"{n} distinct sentences asked for, the grammar makes {capacity(lexicon)}")
-    return list(itertools.islice(unique_sentences(seed, lexicon), n))
+    return list(itertools.islice(unique_sentences(seed, lexicon, zipf), n))
 
 
 def is_heldout(sentence):
@@ -355,10 +373,10 @@ def write_split(out_dir, split, pairs, pool):
     return hours
 
 
-def split_sentences(seed, lexicon, n_train, n_heldout):
+def split_sentences(seed, lexicon, n_train, n_heldout, zipf=0.0):
     """The first n_train training and n_heldout held-out sentences of the seed's stream."""
     train, heldout = [], []
-    for s in unique_sentences(seed, lexicon):
+    for s in unique_sentences(seed, lexicon, zipf):
         split = heldout if is_heldout(s) else train
         if len(split) < (n_heldout if split is heldout else n_train):
             split.append(s)
@@ -375,11 +393,18 @@ def main(argv=None):
     ap.add_argument("--n_text", type=int, default=20000, help="training sentences without audio, for a text model")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--workers", type=int, default=2, help="espeak-ng processes at a time")
+    ap.add_argument("--lexicon", default=LEXICON, help="lexicon files, comma-separated, read in order")
+    ap.add_argument("--zipf", type=float, default=0.0, help="a slot's k-th word drawn with weight 1/k^zipf")
     args = ap.parse_args(argv)
     for flag in ("n_train", "n_val", "n_test", "n_text", "workers"):
         if getattr(args, flag) <= 0:
             ap.error(f"--{flag} must be > 0, got {getattr(args, flag)}")
-    lexicon = read_lexicon()
+    if not 0 <= args.zipf <= 4:
+        ap.error(f"--zipf must be in [0, 4], got {args.zipf}")
+    try:
+        lexicon = read_lexicon(args.lexicon)
+    except (OSError, ValueError) as e:
+        ap.error(f"--lexicon: {e}")
     # drawing distinct sentences at random slows down as the grammar runs out: ask for at most half of them
     most = capacity(lexicon) // 2
     if args.n_val + args.n_test > most * HELDOUT_PERCENT // 100:
@@ -392,7 +417,8 @@ def main(argv=None):
     check_espeak()
 
     t0 = time.time()
-    train, heldout = split_sentences(args.seed, lexicon, max(args.n_train, args.n_text), args.n_val + args.n_test)
+    train, heldout = split_sentences(args.seed, lexicon, max(args.n_train, args.n_text), args.n_val + args.n_test,
+                                     args.zipf)
     rng = random.Random(args.seed)
     splits = {
         "train": [(s, rng.choice(SPEAKERS_TRAIN)) for s in train[:args.n_train]],
@@ -413,7 +439,8 @@ def main(argv=None):
             "hours": {split: round(h, 4) for split, h in hours.items()},
             "speakers": {split: [s.name for s in group] for split, group in speakers.items()},
             "lexicon": {"zh_chars": len({c for e in lexicon if e.lang == "zh" for c in e.word}),
-                        "en_words": len({e.word for e in lexicon if e.lang == "en"})},
+                        "en_words": len({e.word for e in lexicon if e.lang == "en"}),
+                        "files": [os.path.basename(p) for p in args.lexicon.split(",")], "zipf": args.zipf},
             "heldout_percent": HELDOUT_PERCENT}
     write_atomically(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     print(f"text: {args.n_text:,} sentences; {sum(hours.values()):.2f} h of audio in {time.time() - t0:.0f} s "
