@@ -13,6 +13,7 @@ import torch
 
 import bench
 import bench_kernels
+import generate
 from helpers import assert_close
 from model import NemotronConfig
 
@@ -43,7 +44,10 @@ def test_bench_decode_and_report(capsys):
     res = bench.bench_decode(CFG, contexts=(16, 40), steps=2, warmup=1, models=models)
     assert list(res) == [16, 40]
     assert set(res[16]) == {"ours hybrid", "ours attention-only", "transformers", "ours static (eager)",
-                            "ours compiled"}
+                            "ours compiled", "ours compiled, py wrap"}
+    assert generate.CPU_COMPILE == {"cpp_wrapper": True}  # restored after each of the Python wrapper's tokens
+    wrappers = {key[2] for key in models["ours hybrid"]._decode_steps}  # one compiled step each way
+    assert wrappers == {(("cpp_wrapper", True),), (("cpp_wrapper", False),)}
     assert all(r["ms"] > 0 and r["prefill_s"] > 0 for by_name in res.values() for r in by_name.values())
     floor = bench.matmul_floor(models["ours hybrid"], reps=3)
     assert floor > 0
@@ -52,6 +56,7 @@ def test_bench_decode_and_report(capsys):
     assert "ms/token at 40 / at 16" in out
     assert re.search(rf"transformers / ours compiled ms/token: {NUM}x at worst \(target >= 3.0x", out), out
     assert re.search(rf"matmul floor ms/token: {NUM}; ours compiled / floor: {NUM}x at 16 \(target <= 2.0x", out), out
+    assert re.search(rf"Python wrapper / with its C\+\+ wrapper: {NUM}x to {NUM}x", out), out
 
 
 def test_bench_batch_and_report(capsys):
@@ -99,8 +104,8 @@ def test_main_quick(monkeypatch, capsys):
     bench.main()
     out = capsys.readouterr().out
     assert "decode" in out and "target <= 1.3" in out
-    assert re.search(r"ours static \(eager\) +ours compiled\n", out), out
-    assert re.search(rf"\n +128( +{NUM} \( +{NUM}s\)){{4}}\n", out), out  # 4 candidates at context 128
+    assert re.search(r"ours static \(eager\) +ours compiled +ours compiled, py wrap\n", out), out
+    assert re.search(rf"\n +128( +{NUM} \( +{NUM}s\)){{5}}\n", out), out  # 5 candidates at context 128
     assert re.search(rf"matmul floor ms/token: {NUM}; ours compiled / floor: {NUM}x at 64 \(target <= 2.0x", out), out
     assert "== batched decoding: 4 greedy prompts" in out
     assert re.search(rf"ours compiled +{NUM} tok/s", out) and re.search(rf"ours static \(eager\) +{NUM} tok/s", out)
