@@ -19,6 +19,9 @@ plot.py: the figures of docs/, drawn from what the runs wrote. matplotlib is an 
     python plot.py asr out-asr/char out-asr/roman ... --out=assets/asr.png
         train_asr.py runs (their log.jsonl): training loss (per label, RNN-T + the CTC term, a moving mean
         over 50 steps) and val mixed error rate against step
+    python plot.py pet out-asr-pet-lt out-asr-pet-lt2 ... --out=assets/pet_longtail.png
+        train_asr.py out_dirs that each hold a 'char' and a 'char+pet' run (their results.json): plain
+        against PET, a line per out_dir (seed), in test CER, rare characters' CER and the chain statistic
     python plot.py runs out-lowprec-bf16 out-lowprec-fp8 ... --out=lowprec.png
         train.py runs (their log.jsonl): prints each one's final val loss and its difference from the
         first run's; draws train loss and val loss relative to the first run against step
@@ -141,6 +144,25 @@ def asr(fig, run_dirs):
     return ax_mer
 
 
+PET_METRICS = (("cer_zh", "test CER (Mandarin)"), ("cer_rare", "test CER, rare characters"),
+               ("p_error_after_error", "P(error | previous unit wrong)"))
+
+
+def pet(fig, out_dirs):
+    axes = fig.subplots(1, len(PET_METRICS))
+    pairs = []
+    for out_dir in out_dirs:
+        pairs.append([read_json(os.path.join(out_dir, run, "results.json"))["test"] for run in ("char", "char+pet")])
+    for ax, (key, title) in zip(axes, PET_METRICS):
+        for plain, composed in pairs:
+            ax.plot([0, 1], [plain[key], composed[key]], color="grey", marker="o", alpha=0.6)
+        mean = [sum(p[i][key] for p in pairs) / len(pairs) for i in (0, 1)]
+        ax.plot([0, 1], mean, color="black", marker="s", lw=2, label=f"mean of {len(pairs)}")
+        ax.set(xticks=[0, 1], xticklabels=["plain", "PET"], xlim=(-0.3, 1.3), title=title)
+        ax.grid(alpha=0.3)
+    return axes[0]
+
+
 def read_run(out_dir):
     """{"train": [(step, loss)], "val": [(step, val loss)], "config": dict} from out_dir/log.jsonl;
     a resumed run appends to its log, so the last record of a step wins."""
@@ -201,10 +223,11 @@ def runs(fig, out_dirs):
 
 def main():
     ap = argparse.ArgumentParser(description="draw the docs figures")
-    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "rl", "budget", "tokens", "runs", "asr"])
+    ap.add_argument("kind", choices=["lengths", "blocks", "rows", "rl", "budget", "tokens", "runs", "asr", "pet"])
     ap.add_argument("inputs", nargs="+",
                     help="eval.py JSON files (lengths, blocks, budget), bench.py rows JSON (rows), "
-                         "rl.py out_dirs (rl), train.py out_dirs (tokens, runs), train_asr.py run folders (asr)")
+                         "rl.py out_dirs (rl), train.py out_dirs (tokens, runs), train_asr.py run folders (asr), "
+                         "train_asr.py out_dirs (pet)")
     ap.add_argument("--out", default=None, help="the PNG to write (runs: optional, the table prints anyway)")
     ap.add_argument("--title", default="")
     args = ap.parse_args()
@@ -214,15 +237,18 @@ def main():
     if args.out is None:
         sys.exit(f"error: plot.py {args.kind} needs --out=FILE.png")
     plt = pyplot()
-    if args.kind in ("runs", "asr"):
+    if args.kind in ("runs", "asr", "pet"):
         fig = plt.figure(figsize=(11, 4))
-        ax = runs(fig, args.inputs) if args.kind == "runs" else asr(fig, args.inputs)
+        ax = {"runs": runs, "asr": asr, "pet": pet}[args.kind](fig, args.inputs)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         kinds = {"lengths": lengths, "blocks": blocks, "rows": rows, "rl": rl, "budget": budget, "tokens": tokens}
         kinds[args.kind](ax, args.inputs)
         ax.grid(alpha=0.3)
-    ax.set_title(args.title)
+    if args.kind == "pet":  # its panels carry their own titles
+        fig.suptitle(args.title)
+    else:
+        ax.set_title(args.title)
     ax.legend(fontsize=8)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     fig.tight_layout()
