@@ -60,12 +60,14 @@ class Run:
     a2a_overlap: bool = False  # the recipe overlaps the expert all-to-alls (A2A_OVERLAP)
     fp8_gather: bool = False   # the recipe's ZeRO gathers fp8 weights (NVIDIA's performance recipes)
     mamba_fused: bool = False  # Megatron-Core's fused Mamba path (its default, use_mem_eff_path)
+    zero3_bw: float = 0.0      # B/s: its framework's ceiling on ZeRO-3 collectives (DeepSpeed's of 2021), or 0
 
     def job(self, fit=None):
         """The steptime.Job of this run on its GPU, with these fitted constants (steptime.FIT's by default)."""
         return steptime.Job(self.cfg, self.seq, self.gbs, self.gpus, steptime.load_hardware(self.gpu, **(fit or {})),
                             self.precision, self.attention, a2a_overlap=self.a2a_overlap, grad_reduce=self.grad_reduce,
-                            mla=self.mla, fp8_gather=self.fp8_gather, mamba_fused=self.mamba_fused)
+                            mla=self.mla, fp8_gather=self.fp8_gather, mamba_fused=self.mamba_fused,
+                            zero3_bw=self.zero3_bw)
 
 
 def number(text):
@@ -244,6 +246,8 @@ def read_run(row, rows):
               steptime.MLA() if re.search(r"\bMLA\b", row.get("arch_source") or "") else None,
               bridge and (row["model"].lower(), gpu) in A2A_OVERLAP, nvidia,
               mamba_fused=megatron)  # Megatron-Core's MambaMixer trains on the fused path by default
+    if zero == 3 and "deepspeed" in row["zero_or_fsdp"].lower() and year <= 2021:
+        run.zero3_bw = steptime.DEEPSPEED_2021_ZERO3_BW
     arch = row.get("arch_type") or ("moe" if "E" in cfg.pattern else "hybrid" if "M" in cfg.pattern else "dense")
     counter = None  # a MoE or hybrid row's TFLOP/s alone: the FLOPs a token by its source's counter, from a twin
     if arch != "dense" and n("tflops_per_gpu") and not n("step_time_s") and not n("tokens_per_s_per_gpu"):
@@ -432,8 +436,12 @@ def cross_validate(runs, workers=2):
 # the report: plan.py --validate=FILES [--cv=True]
 
 def subset_table(predictions, title):
-    lines = [f"{title}: mean |error| of the step time by subset (runs, mean, max)"]
-    for name, (n, mean, worst) in summary(predictions).items():
+    lines = [f"{title}: mean |error| of the step time by subset, then by source (runs, mean, max)"]
+    scored = [p for p in predictions if p.error is not None]
+    by_source = {s: [abs(p.error) for p in scored if p.run.source == s]
+                 for s in sorted({p.run.source for p in scored}, key=lambda s: int(s[1:]))}
+    for name, (n, mean, worst) in list(summary(predictions).items()) + [
+            (s, (len(e), sum(e) / len(e), max(e))) for s, e in by_source.items()]:
         lines.append(f"  {name:<10} {n:>4} {mean * 100:>6.1f}% {worst * 100:>6.1f}%")
     right, total, same, wrong = pairs(predictions)
     lines.append(f"  layout pairs ordered as measured: {right} of {total}"

@@ -24,7 +24,7 @@ GPU_DEFAULTS = dict(kernel_s=4e-6, latency_s=10e-6, host_s=20e-6)  # host_s: the
 # the fitted constants, the only ones: planfit.fit_constants on every published run we have
 # (tests/published_runs*.csv; docs/planner.md gives the cross-validated errors)
 FIT = dict(
-    gemm_eff=0.678,      # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
+    gemm_eff=0.689,      # a large 16-bit GEMM's throughput over the dense peak (cuBLAS steady state)
     mem_eff=0.703,       # memory-bound kernels' bandwidth over the HBM peak
     net_eff=1.0,         # a large collective's bus bandwidth over the link's peak
     overlap=0.831,       # the share of overlappable communication that compute actually hides
@@ -33,6 +33,11 @@ FIT = dict(
     moe_sync_s=1.94e-3,  # s per MoE layer and pass that the GPU idles while the host sizes a dropless dispatch
 )
 HBM_USABLE = 0.95  # not fitted: CUDA context, communication buffers and fragmentation take the rest
+# not fitted: the bus bandwidth of DeepSpeed's ZeRO-3 of early 2021 (v0.3: an all-gather, a copy and a device
+# sync for each parameter), ~22 GB/s a GPU even over NVLink: on 8 A100 of one node a 5.1B model's forward took
+# ~470 ms under ZeRO-3 and 60 under ZeRO-2, ~410 ms for gathering its 10.2 GB of fp16 weights (DeepSpeed
+# issue #1174 and PR #1188, June 2021). planfit gives it to the runs that used that DeepSpeed's ZeRO-3.
+DEEPSPEED_2021_ZERO3_BW = 7 / 8 * 5.1e9 * 2 / 0.41
 
 # bytes per element of activations, and per parameter of weights, gradients (reduced in this
 # precision), optimizer states (Adam: fp32 master copy, m, v; plain fp32 training has no master) and
@@ -219,6 +224,7 @@ class Job:
     mla: MLA = None             # the attention blocks are multi-head latent attention of these sizes (None: cfg's GQA)
     fp8_gather: bool = False    # ZeRO gathers fp8 / mxfp8 weights, not 16-bit ones (Megatron's fp8_param_gather)
     mamba_fused: bool = False   # the Mamba mixers save as Megatron-Core's fused path does (False: as mamba.py's)
+    zero3_bw: float = 0.0       # B/s: the framework's own ceiling on a GPU's ZeRO-3 collectives (0: the network's)
 
     def __post_init__(self):
         self.bytes = dict(PRECISION[self.precision], **({"g": 2} if self.grad_reduce == "bf16" else {}))
@@ -546,6 +552,10 @@ def rank_time(job, L, g):
         # tensor by tensor (about 4 a block: two matrices, a bias, a norm), each ring's latency n - 1 hops
         ring = 4 * g.blocks * (dp_n - 1) * hw["latency_s"]
         gather, scatter = sync("all_gather", nb["gw"]) + ring, sync("reduce_scatter", nb["g"]) + ring
+        if job.zero3_bw:  # a framework that moves them slower than the network (DEEPSPEED_2021_ZERO3_BW)
+            edp_n = replicas(L)[1]
+            cap = lambda b: (g.dense * (dp_n - 1) / dp_n + g.experts * (edp_n - 1) / edp_n) * b / job.zero3_bw
+            gather, scatter = max(gather, cap(nb["gw"])), max(scatter, cap(nb["g"]))
         fsdp = hidden(hw, gather, total.fwd) + hidden(hw, (1 + full) * gather + scatter, back)
     elif L.zero == 0:  # DDP: all-reduce the gradients under the last micro-batch's backward
         dp_t = hidden(hw, sync("all_reduce", nb["g"]), back)

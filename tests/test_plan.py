@@ -308,6 +308,24 @@ def test_data_parallel_sync_by_hand(dp, zero, dp_comm, fsdp_comm):
     assert breakdown["fsdp_comm"] == pytest.approx(fsdp_comm, rel=1e-9, abs=1e-20)
 
 
+@pytest.mark.parametrize("dp, fsdp_comm", [
+    # the ceiling 0.1 MB/s of bus bandwidth, under the ring's 1 MB/s: every gather 7/8 x 12640 B / 0.1 MB/s
+    # = 110.6 ms, every scatter 7/8 x 25280 B / 0.1 MB/s = 221.2 ms, their latency inside the ceiling
+    (8, 0.8848),    # 2 micro-batches x (2 x 110.6 + 221.2) ms
+    # across two nodes: 15/16 x 12640 / 0.1e6 = 118.5 ms under the ring's 135.8125 ms (15.8125 + 120): that
+    # stays; 15/16 x 25280 / 0.1e6 = 237 ms over its 150.625 ms
+    (16, 0.508625),  # 1 x (2 x 135.8125 + 237) ms
+])
+def test_zero3_framework_ceiling_by_hand(dp, fsdp_comm):
+    """Job.zero3_bw (DeepSpeed's ZeRO-3 of 2021, steptime.DEEPSPEED_2021_ZERO3_BW): each ZeRO-3 gather and
+    scatter takes its bytes' ring share over the ceiling where that is slower than the network's ring
+    (test_data_parallel_sync_by_hand's cases at zero 3). Exact (rel 1e-9)."""
+    job = steptime.Job(DENSE, 1, 16, dp, ideal_gpu(1e6, 0.1e6, 1e-3), zero3_bw=0.1e6)
+    breakdown = steptime.evaluate(job, steptime.Layout(dp=dp, mbs=1, zero=3))["breakdown"]
+    assert breakdown["fsdp_comm"] == pytest.approx(fsdp_comm, rel=1e-9)
+    assert steptime.DEEPSPEED_2021_ZERO3_BW == pytest.approx(21.8e9, rel=0.01)  # 7/8 x 10.2 GB in 0.41 s
+
+
 def test_zero_memory_by_hand():
     """steptime.memory's weights, gradients and optimizer states against ZeRO (Rajbhandari et al. 2020,
     Sec. 5, Fig. 1) for DENSE's 6320 parameters in bf16, with steptime.py's bytes per parameter: 2 B

@@ -245,13 +245,33 @@ def test_nvl72_is_one_domain():
 
 def test_published_runs_with_the_committed_constants(runs):
     """steptime.FIT on every run (fitted on them all): the in-sample table docs/planner.md gives, and
-    the layout pairs: 33 of the 37 the planner can tell apart ordered as measured (89%, short of the
-    90% target), the four it orders wrong all S1's DeepSpeed ZeRO-3 against Megatron's PTD-P."""
+    the layout pairs: 36 of the 37 the planner can tell apart ordered as measured (97%; target 90%),
+    the one it orders wrong S1's DeepSpeed ZeRO-3 against Megatron's PTD-P on 384 GPUs (6% apart)."""
     table = planfit.summary([planfit.predict(r) for r in runs])
     assert table["all"][1] <= 0.15 and all(table[s][1] <= 0.20 for s in ("fp8", "blackwell", "hybrid")), table
     right, total, same, wrong = planfit.pairs([planfit.predict(r) for r in runs])
-    assert total == 37 and same == 24 and right >= 33, wrong
-    assert set(wrong) <= {("R012", "R018"), ("R013", "R019"), ("R015", "R021"), ("R016", "R022")}, wrong
+    assert total == 37 and same == 24 and right >= 36, wrong
+    assert set(wrong) <= {("R012", "R018")}, wrong
+
+
+def test_deepspeed_2021_zero3_rows_get_its_ceiling(runs):
+    """DEEPSPEED_2021_ZERO3_BW goes to S1's six DeepSpeed ZeRO-3 rows alone (not their Megatron twins, nor
+    any later FSDP row), and it is what orders them against PTD-P: without it, four pairs go wrong."""
+    capped = sorted(r.id for r in runs if r.zero3_bw)
+    assert capped == ["R012", "R013", "R014", "R015", "R016", "R017"], capped
+    assert all(r.zero3_bw == steptime.DEEPSPEED_2021_ZERO3_BW for r in runs if r.zero3_bw)
+    with_it = {r.id: planfit.predict(r).result["step_time_s"] for r in runs if r.zero3_bw}
+    for r in runs:
+        r.zero3_bw = 0.0
+    try:
+        right, _, _, wrong = planfit.pairs([planfit.predict(r) for r in runs])
+        without = {id: planfit.predict(r).result["step_time_s"] for r in runs for id in [r.id] if id in with_it}
+    finally:
+        for r in runs:
+            if r.id in with_it:
+                r.zero3_bw = steptime.DEEPSPEED_2021_ZERO3_BW
+    assert right == 33 and len(wrong) == 4, wrong
+    assert all(with_it[id] > 1.1 * without[id] for id in with_it), (with_it, without)
 
 
 def test_fit_gives_the_committed_constants(runs):
@@ -263,8 +283,8 @@ def test_fit_gives_the_committed_constants(runs):
 
 def test_one_source_held_out(runs):
     """Leave-one-source-out for the MoE-heavy source (S9, Megatron-Bridge's tables): constants fitted
-    on the other sources predict its 19 scored runs: mean |error| 13.3%, as docs/planner.md reports."""
+    on the other sources predict its 19 scored runs: mean |error| 12.4%, as docs/planner.md reports."""
     fit, _ = planfit.fit_constants([r for r in runs if r.source != "S9"])
     held = planfit.summary([planfit.predict(r, fit) for r in runs if r.source == "S9"])
-    assert held["all"][0] == 19 and held["all"][1] == pytest.approx(0.133, abs=0.005), held
+    assert held["all"][0] == 19 and held["all"][1] == pytest.approx(0.124, abs=0.005), held
 
