@@ -35,7 +35,7 @@ from romanize import build_tokenizer, count_readings, is_mandarin, to_chars_batc
 # -----------------------------------------------------------------------------
 # config
 data_dir = 'data/speech'       # data/speech/prepare.py's output
-out_dir = 'out-asr'            # one folder per run: ckpt.pt, results.json, log.jsonl
+out_dir = 'out-asr'            # one folder per run: ckpt.pt, results.json, log.jsonl (rescore_beam*.json)
 overwrite = False              # replace runs that out_dir already holds (else refuse, before any work)
 runs = 'char'                  # comma-separated runs: char, roman, char+pet, roman+pet
 roman2char = 'out-speech/roman2char.pt'  # romanize.py's model, for the 'roman' runs
@@ -51,7 +51,7 @@ eval_every = 400               # steps between val scores (0: only at the end)
 eval_max = 0                   # utterances scored per split (0: all)
 memory_budget_mb = 1024        # the joint's memory budget for the batch-size column
 beam = 0                       # decoding for the scores: 0 greedy, k a beam search of k hypotheses
-rescore = False                # score the finished runs in out_dir again (e.g. with --beam=4), no training
+rescore = False                # score the finished runs again (e.g. --beam=4) into rescore_beam{beam}.json
 seed = 1337
 threads = 0                    # torch threads (0: torch's default)
 globals().update({k: v for k, v in asdict(ASRConfig()).items() if k not in ('vocab_size', 'pet')})  # model flags
@@ -343,10 +343,12 @@ if __name__ == '__main__':
     data = load_data(data_dir)
     results = []
     for name in names:
-        if rescore:  # results.json keeps the training's own scores
+        if rescore:  # results.json keeps the training's own scores; these go beside it, by decoding
             model, tok, r2c = load_transducer(os.path.join(out_dir, name))
-            results.append({'run': name, 'vocab_size': tok.vocab_size,
+            results.append({'run': name, 'vocab_size': tok.vocab_size, 'beam': beam,
                             **{k: evaluate(model, tok, r2c, data[k], data['seen']) for k in ('val', 'test')}})
+            with open(os.path.join(out_dir, name, f'rescore_beam{beam}.json'), 'w') as f:
+                json.dump(results[-1], f, indent=1)
             continue
         r = train_run(name, data)
         with open(os.path.join(out_dir, name, 'results.json'), 'w') as f:

@@ -121,8 +121,9 @@ def test_finished_runs_are_not_replaced_unasked(trained):
 
 @needs_espeak
 def test_rescore_scores_finished_runs_again_and_keeps_their_results(trained):
-    """--rescore decodes the finished runs again (here with a beam search) without training; results.json
-    keeps the training's own scores; a run that is not there exits 2 before any work."""
+    """--rescore decodes the finished runs again (here with a beam search) without training into
+    rescore_beam{k}.json, the scores its table prints; results.json keeps the training's own scores; a run
+    that is not there exits 2 before any work."""
     data, out, _ = trained
     before = (out / "char" / "results.json").read_text()
     proc = run("train_asr.py", f"--data_dir={data}", f"--out_dir={out}", "--runs=char,roman", "--rescore=True",
@@ -130,6 +131,11 @@ def test_rescore_scores_finished_runs_again_and_keeps_their_results(trained):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| char | " in proc.stdout and "| roman | " in proc.stdout
     assert (out / "char" / "results.json").read_text() == before
+    for name in ("char", "roman"):
+        scores = json.loads((out / name / "rescore_beam2.json").read_text())
+        assert scores["run"] == name and scores["beam"] == 2
+        assert f"| {name} | {scores['vocab_size']} | - | - | {scores['val']['mer']:.3f} | {scores['test']['mer']:.3f} |" \
+            in proc.stdout
     proc = run("train_asr.py", f"--data_dir={data}", f"--out_dir={out}", "--runs=roman+pet", "--rescore=True")
     assert proc.returncode == 2 and "holds no finished run" in proc.stderr and "Traceback" not in proc.stderr
 
