@@ -360,11 +360,11 @@ class StaticCache:
 
 def decode_step(model, cache, tokens, advance):
     """One token for every row of a StaticCache: tokens (B, 1) at positions cache.pos -> logits
-    (B, vocab); each row's position then moves by advance (B,) (1, or 0 for a row not decoding:
-    it computes, and keeps writing the same slot)."""
+    (B, vocab) and their argmax (B,), the greedy rows' tokens; each row's position then moves by
+    advance (B,) (1, or 0 for a row not decoding: it computes, and keeps writing the same slot)."""
     logits = model.lm_head(model.hidden(tokens, cache.layers)[:, -1]).float()  # (B, vocab)
     cache.pos.add_(advance)
-    return logits
+    return logits, logits.argmax(-1)
 
 
 # inductor's options for the step on a CPU: its C++ wrapper calls the graph's kernels from C++, not a
@@ -522,19 +522,21 @@ class Engine:
         if not busy:
             return []
         n = min(len(self.requests), 1 << busy[-1].bit_length())  # a power of two > the highest busy row
-        logits = step_function(self.model, n, self.max_len, self.compile)(self.model, *self.first(n))  # (n, vocab)
+        logits, greedy = step_function(self.model, n, self.max_len, self.compile)(self.model, *self.first(n))
+        tokens = greedy.tolist()  # (n,): each row's argmax, read in one go; a sampling row's is replaced
         done = []
         for b in busy:
             r = self.requests[b]
             try:
-                token = sample_row(logits[b], r)
+                token = tokens[b] if r.temperature == 0 else sample_row(logits[b], r)
             except RuntimeError as e:  # this row cannot be sampled (NaN logits): it ends, the others go on
                 r.finish, r.error, token = "error", str(e), None
             if token is None or r.take(token):
                 self.free(b)
                 done.append(r)
             else:
-                self.tokens[b, 0] = token
+                tokens[b] = token
+        self.tokens[:n, 0] = torch.tensor(tokens, device=self.tokens.device)  # a free row's is never read
         return done
 
     def release(self, r):

@@ -43,7 +43,8 @@ def test_static_step_matches_the_full_forward(kw):
     advance = torch.ones(len(seqs), dtype=torch.long)
     for t in range(steps):
         tokens = torch.tensor([[seq[n + t]] for seq, n in zip(seqs, lengths)])  # (B, 1)
-        logits = decode_step(model, cache, tokens, advance)  # (B, vocab)
+        logits, greedy = decode_step(model, cache, tokens, advance)  # (B, vocab), (B,)
+        assert torch.equal(greedy, logits.argmax(-1))
         for b, n in enumerate(lengths):
             torch.testing.assert_close(logits[b], full[b][n + t], **LOGIT_TOL)
     assert cache.pos.tolist() == [n + steps for n in lengths]
