@@ -104,6 +104,11 @@ def load_data(folder):
     except (OSError, ValueError, KeyError) as e:
         die(f'{folder}: {e} (build it again with python data/speech/prepare.py)')
     data['seen'] = collections.Counter(u for units in data['train'].units for u in units)  # {unit: count}
+    data['readings'] = collections.defaultdict(set)  # {character: its tonal syllables in the training transcripts}
+    for units, pinyin in zip(data['train'].units, data['train'].pinyin):
+        for u, p in zip(units, pinyin):
+            if p:
+                data['readings'][u].add(p)
     return data
 
 
@@ -124,7 +129,7 @@ RARE = 20  # a Mandarin character the training transcripts hold at most this oft
 
 
 def align(ref, hyp):
-    """For each reference unit, whether the best alignment gets it wrong (substituted or deleted), and
+    """For each reference unit, the hypothesis unit the best alignment pairs it with (None: deleted), and
     the edit count (insertions included): Levenshtein's table and its backtrace."""
     n, m = len(ref), len(hyp)
     d = np.zeros((n + 1, m + 1), dtype=np.int64)
@@ -132,43 +137,55 @@ def align(ref, hyp):
     for i in range(1, n + 1):
         for j in range(1, m + 1):
             d[i, j] = min(d[i - 1, j] + 1, d[i, j - 1] + 1, d[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]))
-    wrong, i, j = [False] * n, n, m
+    got, i, j = [None] * n, n, m
     while i > 0:
         if j > 0 and d[i, j] == d[i - 1, j - 1] + (ref[i - 1] != hyp[j - 1]):
-            wrong[i - 1] = ref[i - 1] != hyp[j - 1]
+            got[i - 1] = hyp[j - 1]
             i, j = i - 1, j - 1
         elif d[i, j] == d[i - 1, j] + 1:
-            wrong[i - 1] = True
             i -= 1
         else:
             j -= 1
-    return wrong, int(d[n, m])
+    return got, int(d[n, m])
 
 
-def score(refs, hyps, seen=None):
+def score(refs, hyps, seen=None, readings=None):
     """MER over all units, CER over Mandarin characters, WER over English words (edits / reference
     units of that kind, from the mixed alignment), and P(error), P(error | previous unit wrong). With
     seen (training counts of units), also the CER of rare characters (seen at most RARE times) and
-    P(error | previous unit a rare character)."""
+    P(error | previous unit a rare character). With readings ({character: tonal syllables}), also the
+    share of Mandarin units written as a homophone (another character of a syllable they share) and
+    P(error | previous unit written as a homophone): the error chains PET is meant to break."""
     edits = units = 0
     kinds = {True: [0, 0], False: [0, 0]}  # is_mandarin -> [wrong, count]
     after_wrong, rare, after_rare = [0, 0], [0, 0], [0, 0]  # [wrong, count] of units of each condition
+    homophone, after_homophone = [0, 0], [0, 0]
     is_rare = lambda u: seen is not None and is_mandarin(u) and seen.get(u, 0) <= RARE  # noqa: E731
+    sounds = lambda u: readings.get(u, set()) if readings is not None else set()  # noqa: E731
     for ref, hyp in zip(refs, hyps):
-        wrong, e = align(ref, hyp)
+        got, e = align(ref, hyp)
+        wrong = [g != u for u, g in zip(ref, got)]
+        homo = [is_mandarin(u) and g not in (None, u) and bool(sounds(u) & sounds(g)) for u, g in zip(ref, got)]
         edits, units = edits + e, units + len(ref)
         for k, (unit, w) in enumerate(zip(ref, wrong)):
             for pair, counts in ((kinds[is_mandarin(unit)], True), (after_wrong, k > 0 and wrong[k - 1]),
-                                 (rare, is_rare(unit)), (after_rare, k > 0 and is_rare(ref[k - 1]))):
+                                 (rare, is_rare(unit)), (after_rare, k > 0 and is_rare(ref[k - 1])),
+                                 (after_homophone, k > 0 and homo[k - 1])):
                 if counts:
                     pair[0] += w
                     pair[1] += 1
+            if readings is not None and is_mandarin(unit):  # [written as a homophone, Mandarin units]
+                homophone[0] += homo[k]
+                homophone[1] += 1
     rate = lambda pair: pair[0] / max(pair[1], 1)  # noqa: E731
     out = {'mer': edits / max(units, 1), 'cer_zh': rate(kinds[True]), 'wer_en': rate(kinds[False]),
            'p_error': rate([kinds[True][0] + kinds[False][0], units]), 'p_error_after_error': rate(after_wrong),
            'units': units}
     if seen is not None:
         out.update(cer_rare=rate(rare), p_error_after_rare=rate(after_rare), rare_units=rare[1])
+    if readings is not None:
+        out.update(homophones=rate(homophone), p_error_after_homophone=rate(after_homophone),
+                   homophone_errors=homophone[0], after_homophone_units=after_homophone[1])
     return out
 
 
@@ -187,10 +204,10 @@ def decode_split(model, tok, r2c, split, idx, batch=32):
     return out, syllables
 
 
-def evaluate(model, tok, r2c, split, seen):
+def evaluate(model, tok, r2c, split, seen, readings):
     idx = list(range(len(split) if not eval_max else min(eval_max, len(split))))
     hyps, syllables = decode_split(model, tok, r2c, split, idx)
-    result = score([split.units[i] for i in idx], hyps, seen)
+    result = score([split.units[i] for i in idx], hyps, seen, readings)
     if r2c is not None:  # the recogniser's own output, before Roman2Char: tonal syllables against the reference's
         refs = [[p if p else u for u, p in zip(split.units[i], split.pinyin[i])] for i in idx]
         result['mer_roman'] = score(refs, syllables)['mer']
@@ -301,13 +318,14 @@ def train_run(name, data):
         opt.step()
         row = {'step': step, 'loss': loss.item(), 'grad_norm': norm.item(), 'lr': lr_at(step)}
         if (eval_every and (step + 1) % eval_every == 0) or step == steps - 1:
-            row['val'] = evaluate(model, tok, r2c, data['val'], data['seen'])
+            row['val'] = evaluate(model, tok, r2c, data['val'], data['seen'], data['readings'])
             pbar.write(f"{name} step {step + 1}: loss {row['loss']:.3f}, val MER {row['val']['mer']:.3f}")
         append_log(folder, row, fresh=step == 0)  # a run starts its folder's log anew
         pbar.set_postfix(loss=f'{loss.item():.3f}')
     minutes = (time.time() - t0) / 60
     result = {'run': name, 'vocab_size': tok.vocab_size, 'params': n_params, 'minutes': minutes, 'val': row['val'],
-              'test': evaluate(model, tok, r2c, data['test'], data['seen']), 'joint': joint_memory(tok, train)}
+              'test': evaluate(model, tok, r2c, data['test'], data['seen'], data['readings']),
+              'joint': joint_memory(tok, train)}
     torch.save({'model': model.state_dict(), 'config': asdict(cfg), 'tokenizer': tok.to_dict(),
                 'features': asdict(features) if features else None, 'run': name,
                 'roman2char': romanize.state(r2c) if r2c is not None else None},
@@ -317,14 +335,15 @@ def train_run(name, data):
 
 def table(results):
     lines = ['| run | vocab | joint MB, whole / fused | batch in budget, whole / fused | val MER | test MER | '
-             'test CER zh | test WER en | P(err) | P(err after err) | rare CER | P(err after rare) |',
-             '|' + ' --- |' * 12]
+             'test CER zh | test WER en | P(err) | P(err after err) | rare CER | P(err after rare) | '
+             'P(err after a homophone) |', '|' + ' --- |' * 13]
     for r in results:
         t, j = r['test'], r.get('joint')  # a rescored run has no joint figures
         memory = f"{j['mb'][0]:.0f} / {j['mb'][1]:.0f} | {j['batch_fits'][0]} / {j['batch_fits'][1]}" if j else "- | -"
         lines.append(f"| {r['run']} | {r['vocab_size']} | {memory} | {r['val']['mer']:.3f} | {t['mer']:.3f} | "
                      f"{t['cer_zh']:.3f} | {t['wer_en']:.3f} | {t['p_error']:.3f} | {t['p_error_after_error']:.3f} | "
-                     f"{t['cer_rare']:.3f} ({t['rare_units']}) | {t['p_error_after_rare']:.3f} |")
+                     f"{t['cer_rare']:.3f} ({t['rare_units']}) | {t['p_error_after_rare']:.3f} | "
+                     f"{t['p_error_after_homophone']:.3f} ({t['after_homophone_units']}) |")
     return '\n'.join(lines)
 
 
@@ -346,7 +365,7 @@ if __name__ == '__main__':
         if rescore:  # results.json keeps the training's own scores; these go beside it, by decoding
             model, tok, r2c = load_transducer(os.path.join(out_dir, name))
             results.append({'run': name, 'vocab_size': tok.vocab_size, 'beam': beam,
-                            **{k: evaluate(model, tok, r2c, data[k], data['seen']) for k in ('val', 'test')}})
+                            **{k: evaluate(model, tok, r2c, data[k], data['seen'], data['readings']) for k in ('val', 'test')}})
             with open(os.path.join(out_dir, name, f'rescore_beam{beam}.json'), 'w') as f:
                 json.dump(results[-1], f, indent=1)
             continue

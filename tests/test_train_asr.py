@@ -43,9 +43,11 @@ def test_alignment_is_the_edit_distance():
     for _ in range(60):
         ref = list(rng.choice(list("abc"), rng.integers(0, 6)))
         hyp = list(rng.choice(list("abc"), rng.integers(0, 6)))
-        wrong, edits = s["align"](ref, hyp)
+        got, edits = s["align"](ref, hyp)
         assert edits == edit_distance(ref, hyp)
-        assert len(wrong) == len(ref) and sum(wrong) <= edits
+        assert len(got) == len(ref) and sum(g != u for u, g in zip(ref, got)) <= edits
+        rest = iter(hyp)  # the paired hypothesis units are a subsequence of the hypothesis
+        assert all(any(g == h for h in rest) for g in got if g is not None)
 
 
 def test_score_counts_units_and_chains():
@@ -65,6 +67,13 @@ def test_score_counts_units_and_chains():
     assert r["p_error_after_rare"] == pytest.approx(0)  # after 是: 司 right; after 司: 机 right
     r = s["score"]([["是", "机"]], [["事", "鸡"]], seen)
     assert r["cer_rare"] == 1 and r["p_error_after_rare"] == 1
+    readings = {"他": {"ta1"}, "她": {"ta1"}, "是": {"shi4"}, "事": {"shi4"}, "司": {"si1"}, "机": {"ji1"},
+                "我": {"wo3"}, "想": {"xiang3"}, "吃": {"chi1"}}
+    r = s["score"](refs, hyps, seen, readings)  # 他 -> 她 and 是 -> 事: homophones, 2 of the 7 characters
+    assert r["homophones"] == pytest.approx(2 / 7) and r["homophone_errors"] == 2
+    assert r["after_homophone_units"] == 2 and r["p_error_after_homophone"] == pytest.approx(1 / 2)  # 是 wrong, 司 not
+    r = s["score"]([["是", "机", "司"]], [["我", "机"]], None, readings)  # another sound, then a deletion
+    assert r["homophones"] == 0 and r["after_homophone_units"] == 0 and r["p_error_after_homophone"] == 0
 
 
 def run(*args, cwd=REPO, timeout=600):
