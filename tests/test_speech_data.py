@@ -103,6 +103,23 @@ def test_longtail_lexicon_adds_rare_words_and_homophones(lexicon):
     assert len({(c, p) for c, p in new if p in {q for _, q in base}}) >= 20  # homophones of base characters
 
 
+def test_homophone_lexicon_starts_words_with_a_frequent_sound(lexicon):
+    """lexicon_homophones.tsv reads after lexicon.tsv without a repeat, into the grammar's slots, and half
+    its words start with a character whose syllable and tone start another word of the same slot written
+    with another character (place: 市场 and 事务所; thing: 试卷, 视频, 饰品): the first syllable alone
+    cannot tell them apart."""
+    both = speech.read_lexicon(speech.LEXICON + "," + speech.LEXICON.replace("lexicon.tsv", "lexicon_homophones.tsv"))
+    extra = both[len(lexicon):]
+    assert both[:len(lexicon)] == lexicon and len(extra) >= 40 and all(e.lang == "zh" for e in extra)
+    assert {e.slot for e in extra} <= {e.slot for e in lexicon} - {"frame"}
+    sounds = {(e.slot, e.pinyin[0]): set() for e in both if e.lang == "zh"}  # (slot, first syllable) -> chars
+    for e in both:
+        if e.lang == "zh":
+            sounds[e.slot, e.pinyin[0]].add(e.word[0])
+    shared = [e for e in extra if len(sounds[e.slot, e.pinyin[0]]) > 1]
+    assert len(shared) >= 20, [e.word for e in extra if e not in shared]
+
+
 def test_zipf_makes_the_last_words_of_a_slot_rare():
     """--zipf draws a slot's k-th word with weight 1 / k^s: the first words far commoner than the last; the
     default (zipf 0) is the uniform draw, the same sentences as without the argument."""
