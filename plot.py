@@ -145,15 +145,17 @@ def asr(fig, run_dirs):
 
 
 PET_METRICS = (("cer_zh", "test CER (Mandarin)"), ("cer_rare", "test CER, rare characters"),
-               ("p_error_after_error", "P(error | previous unit wrong)"))
+               ("p_error_after_error", "P(error | previous wrong)"),
+               ("p_error_after_homophone", "P(error | previous a homophone)"))
 
 
 def pet(fig, out_dirs):
-    axes = fig.subplots(1, len(PET_METRICS))
     pairs = []
     for out_dir in out_dirs:
         pairs.append([read_json(os.path.join(out_dir, run, "results.json"))["test"] for run in ("char", "char+pet")])
-    for ax, (key, title) in zip(axes, PET_METRICS):
+    metrics = [(k, t) for k, t in PET_METRICS if all(k in r for pair in pairs for r in pair)]  # what every run has
+    axes = fig.subplots(1, len(metrics))
+    for ax, (key, title) in zip(axes, metrics):
         for plain, composed in pairs:
             ax.plot([0, 1], [plain[key], composed[key]], color="grey", marker="o", alpha=0.6)
         mean = [sum(p[i][key] for p in pairs) / len(pairs) for i in (0, 1)]
@@ -238,7 +240,7 @@ def main():
         sys.exit(f"error: plot.py {args.kind} needs --out=FILE.png")
     plt = pyplot()
     if args.kind in ("runs", "asr", "pet"):
-        fig = plt.figure(figsize=(11, 4))
+        fig = plt.figure(figsize=(13 if args.kind == "pet" else 11, 4))
         ax = {"runs": runs, "asr": asr, "pet": pet}[args.kind](fig, args.inputs)
     else:
         fig, ax = plt.subplots(figsize=(7, 4.5))
