@@ -104,11 +104,10 @@ def load_data(folder):
     except (OSError, ValueError, KeyError) as e:
         die(f'{folder}: {e} (build it again with python data/speech/prepare.py)')
     data['seen'] = collections.Counter(u for units in data['train'].units for u in units)  # {unit: count}
+    pairs, _ = count_readings({'units': u, 'pinyin': p} for u, p in zip(data['train'].units, data['train'].pinyin))
     data['readings'] = collections.defaultdict(set)  # {character: its tonal syllables in the training transcripts}
-    for units, pinyin in zip(data['train'].units, data['train'].pinyin):
-        for u, p in zip(units, pinyin):
-            if p:
-                data['readings'][u].add(p)
+    for syllable, char in pairs:
+        data['readings'][char].add(syllable)
     return data
 
 
@@ -204,10 +203,12 @@ def decode_split(model, tok, r2c, split, idx, batch=32):
     return out, syllables
 
 
-def evaluate(model, tok, r2c, split, seen, readings):
+def evaluate(model, tok, r2c, data, name):
+    """score() of data[name] ('val' or 'test') decoded, with the training counts and readings of data."""
+    split = data[name]
     idx = list(range(len(split) if not eval_max else min(eval_max, len(split))))
     hyps, syllables = decode_split(model, tok, r2c, split, idx)
-    result = score([split.units[i] for i in idx], hyps, seen, readings)
+    result = score([split.units[i] for i in idx], hyps, data['seen'], data['readings'])
     if r2c is not None:  # the recogniser's own output, before Roman2Char: tonal syllables against the reference's
         refs = [[p if p else u for u, p in zip(split.units[i], split.pinyin[i])] for i in idx]
         result['mer_roman'] = score(refs, syllables)['mer']
@@ -318,14 +319,13 @@ def train_run(name, data):
         opt.step()
         row = {'step': step, 'loss': loss.item(), 'grad_norm': norm.item(), 'lr': lr_at(step)}
         if (eval_every and (step + 1) % eval_every == 0) or step == steps - 1:
-            row['val'] = evaluate(model, tok, r2c, data['val'], data['seen'], data['readings'])
+            row['val'] = evaluate(model, tok, r2c, data, 'val')
             pbar.write(f"{name} step {step + 1}: loss {row['loss']:.3f}, val MER {row['val']['mer']:.3f}")
         append_log(folder, row, fresh=step == 0)  # a run starts its folder's log anew
         pbar.set_postfix(loss=f'{loss.item():.3f}')
     minutes = (time.time() - t0) / 60
     result = {'run': name, 'vocab_size': tok.vocab_size, 'params': n_params, 'minutes': minutes, 'val': row['val'],
-              'test': evaluate(model, tok, r2c, data['test'], data['seen'], data['readings']),
-              'joint': joint_memory(tok, train)}
+              'test': evaluate(model, tok, r2c, data, 'test'), 'joint': joint_memory(tok, train)}
     torch.save({'model': model.state_dict(), 'config': asdict(cfg), 'tokenizer': tok.to_dict(),
                 'features': asdict(features) if features else None, 'run': name,
                 'roman2char': romanize.state(r2c) if r2c is not None else None},
@@ -365,7 +365,7 @@ if __name__ == '__main__':
         if rescore:  # results.json keeps the training's own scores; these go beside it, by decoding
             model, tok, r2c = load_transducer(os.path.join(out_dir, name))
             results.append({'run': name, 'vocab_size': tok.vocab_size, 'beam': beam,
-                            **{k: evaluate(model, tok, r2c, data[k], data['seen'], data['readings']) for k in ('val', 'test')}})
+                            **{k: evaluate(model, tok, r2c, data, k) for k in ('val', 'test')}})
             with open(os.path.join(out_dir, name, f'rescore_beam{beam}.json'), 'w') as f:
                 json.dump(results[-1], f, indent=1)
             continue

@@ -265,7 +265,7 @@ def test_deepspeed_2021_zero3_rows_get_its_ceiling(runs):
         r.zero3_bw = 0.0
     try:
         right, _, _, wrong = planfit.pairs([planfit.predict(r) for r in runs])
-        without = {id: planfit.predict(r).result["step_time_s"] for r in runs for id in [r.id] if id in with_it}
+        without = {r.id: planfit.predict(r).result["step_time_s"] for r in runs if r.id in with_it}
     finally:
         for r in runs:
             if r.id in with_it:
