@@ -595,15 +595,18 @@ BLANK = 0
 
 
 @torch.no_grad()
-def greedy_decode(model, wave, lengths, max_symbols=4):
+def greedy_decode(model, wave, lengths, max_symbols=4, feed=None):
     """Each utterance's best-first labels (a list of id lists), all rows a frame at a time: at each
-    frame a row emits its argmax label and stays, up to max_symbols, until the argmax is the blank."""
+    frame a row emits its argmax label and stays, up to max_symbols, until the argmax is the blank.
+    feed: (targets (B, U), labels (B,)) to give the prediction network the reference's n-th label when a
+    row emits its n-th (n < labels), not the label emitted: decoding with the right context, so that
+    an error cannot lead to the next through the prediction network (a diagnostic of error chains)."""
     enc, frames = model.encoder(wave, lengths)
     f = model.joint_enc(enc)  # (B, T, J)
     B = f.shape[0]
     g, state = model.predictor(torch.full((B, 1), BLANK, dtype=torch.long, device=f.device))
     g = model.joint_pred(g[:, 0])  # (B, J)
-    hyps = [[] for _ in range(B)]
+    hyps, emitted = [[] for _ in range(B)], torch.zeros(B, dtype=torch.long, device=f.device)
     for t in range(f.shape[1]):
         active = t < frames  # (B,)
         for _ in range(max_symbols):
@@ -611,12 +614,17 @@ def greedy_decode(model, wave, lengths, max_symbols=4):
             emit = active & (k != BLANK)
             if not emit.any():
                 break
-            g_new, state_new = model.predictor(k[:, None], state)
+            given = k
+            if feed is not None:  # the reference's label where the row still has one
+                y, labels = feed
+                n = emitted.clamp(max=y.shape[1] - 1)
+                given = torch.where(emitted < labels, y.gather(1, n[:, None])[:, 0], k)  # (B,)
+            g_new, state_new = model.predictor(given[:, None], state)
             g = torch.where(emit[:, None], model.joint_pred(g_new[:, 0]), g)
             state = model.predictor.choose(emit, state_new, state)
             for b in emit.nonzero()[:, 0].tolist():
                 hyps[b].append(int(k[b]))
-            active = emit
+            emitted, active = emitted + emit, emit
     return hyps
 
 
@@ -706,10 +714,10 @@ def load_transducer(folder):
     return model.eval(), romanize.ConcatTokenizer.from_dict(ckpt["tokenizer"]), r2c
 
 
-def transcribe(model, tok, r2c, wave, lengths, beam=0):
+def transcribe(model, tok, r2c, wave, lengths, beam=0, feed=None):
     """Each utterance's units (Mandarin characters and English words) from waveforms (B, N) in [-1, 1],
-    decoded greedily (beam 0) or by a beam search of `beam` hypotheses."""
-    ids = beam_decode(model, wave, lengths, beam) if beam else greedy_decode(model, wave, lengths)
+    decoded greedily (beam 0) or by a beam search of `beam` hypotheses; feed as greedy_decode's."""
+    ids = beam_decode(model, wave, lengths, beam) if beam else greedy_decode(model, wave, lengths, feed=feed)
     units = [tok.decode(y) for y in ids]
     return romanize.to_chars_batch(r2c, units) if r2c is not None else units
 

@@ -7,6 +7,7 @@ output encodings and embeddings, run beside run. Read after asr.py and romanize.
     python train_asr.py config/asr_romanization.py      # characters vs romanized + Roman2Char
     python train_asr.py config/asr_pet.py               # conventional vs PET embeddings
     python train_asr.py config/asr_pet.py --rescore=True --beam=4   # the finished runs, beam search
+    python train_asr.py config/asr_pet.py --rescore=True --oracle=True   # ... fed the reference as context
     python asr.py --wav=FILE.wav --init_from=out-asr/char
 
 Every run named in --runs trains the same encoder for the same steps on the same batches (a pure
@@ -52,6 +53,7 @@ eval_max = 0                   # utterances scored per split (0: all)
 memory_budget_mb = 1024        # the joint's memory budget for the batch-size column
 beam = 0                       # decoding for the scores: 0 greedy, k a beam search of k hypotheses
 rescore = False                # score the finished runs again (e.g. --beam=4) into rescore_beam{beam}.json
+oracle = False                 # with rescore: greedy, the prediction network fed the reference (rescore_oracle.json)
 seed = 1337
 threads = 0                    # torch threads (0: torch's default)
 globals().update({k: v for k, v in asdict(ASRConfig()).items() if k not in ('vocab_size', 'pet')})  # model flags
@@ -111,9 +113,17 @@ def load_data(folder):
     return data
 
 
-def targets(tok, split, idx):
-    """Label ids (B, U) padded with 0, and their counts (B,)."""
-    ids = [tok.encode(split.units[i], split.pinyin[i]) for i in idx]
+def targets(tok, split, idx, unknown=None):
+    """Label ids (B, U) padded with 0, and their counts (B,). A character that the tokenizer cannot spell
+    (never in the training transcripts) raises ValueError, or with unknown given is that one id."""
+    def spell(unit, syllable):
+        try:
+            return tok.encode([unit], [syllable])
+        except ValueError:
+            if unknown is None:
+                raise
+            return [unknown]
+    ids = [sum((spell(u, p) for u, p in zip(split.units[i], split.pinyin[i])), []) for i in idx]
     labels = torch.tensor([len(y) for y in ids])
     out = torch.zeros(len(ids), max(1, int(labels.max())), dtype=torch.long)
     for row, y in enumerate(ids):
@@ -196,7 +206,8 @@ def decode_split(model, tok, r2c, split, idx, batch=32):
     out, syllables = [], []
     for k in range(0, len(idx), batch):
         wave, lengths = split.waves(idx[k:k + batch])
-        units = transcribe(model, tok, None, wave, lengths, beam)  # before Roman2Char
+        feed = targets(tok, split, idx[k:k + batch], unknown=0) if oracle else None  # unknown: the blank
+        units = transcribe(model, tok, None, wave, lengths, beam, feed)  # before Roman2Char
         syllables += units
         out += to_chars_batch(r2c, units) if r2c is not None else units
     model.train()
@@ -353,6 +364,8 @@ if __name__ == '__main__':
     if bad:
         die(f'--runs: unknown run {bad[0]!r}; runs are {", ".join(RUN_KINDS)}', 2)
     done = [n for n in names if os.path.exists(os.path.join(out_dir, n, 'ckpt.pt'))]
+    if oracle and (beam or not rescore):
+        die('--oracle=True rescores finished runs greedily: pass --rescore=True and no --beam', 2)
     if rescore and len(done) < len(names):
         die(f'--rescore: {out_dir}/{[n for n in names if n not in done][0]} holds no finished run', 2)
     if done and not overwrite and not rescore:
@@ -366,7 +379,9 @@ if __name__ == '__main__':
             model, tok, r2c = load_transducer(os.path.join(out_dir, name))
             results.append({'run': name, 'vocab_size': tok.vocab_size, 'beam': beam,
                             **{k: evaluate(model, tok, r2c, data, k) for k in ('val', 'test')}})
-            with open(os.path.join(out_dir, name, f'rescore_beam{beam}.json'), 'w') as f:
+            results[-1]['oracle'] = oracle
+            with open(os.path.join(out_dir, name, 'rescore_oracle.json' if oracle else f'rescore_beam{beam}.json'),
+                      'w') as f:
                 json.dump(results[-1], f, indent=1)
             continue
         r = train_run(name, data)

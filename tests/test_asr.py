@@ -297,3 +297,29 @@ def test_beam_search_without_pruning_is_the_most_probable_labels(pred_context):
             best.append(list(max(totals, key=totals.get)))
     assert int(frames[0]) == 3 and int(frames[1]) == 2 and len(best[0]) >= 2
     assert asr.beam_decode(model, wave, lengths, beam=10 ** 4, max_symbols=1) == best
+
+
+def test_greedy_decode_fed_the_reference():
+    """With feed, the prediction network is given the reference's n-th label when the decoder emits its
+    n-th (its own label past the reference's end), and the emitted labels are still the decoder's; fed
+    its own greedy labels, it decodes them again."""
+    torch.manual_seed(1)
+    cfg = asr.ASRConfig(vocab_size=5, d_model=16, n_heads=2, n_layers=1, sub_channels=8, pred_dim=8, joint_dim=8,
+                        dropout=0.0)
+    model = asr.Transducer(cfg).eval()
+    with torch.no_grad():
+        model.joint_out.weight.mul_(4)
+        model.joint_out.bias[asr.BLANK] = -2.0  # several labels a frame
+    wave, lengths = 0.1 * torch.randn(2, 6000), torch.tensor([6000, 4000])
+    hyps = asr.greedy_decode(model, wave, lengths)
+    assert min(map(len, hyps)) >= 3
+    own = torch.zeros(2, max(map(len, hyps)), dtype=torch.long)
+    for b, y in enumerate(hyps):
+        own[b, :len(y)] = torch.tensor(y)
+    assert asr.greedy_decode(model, wave, lengths, feed=(own, torch.tensor([len(y) for y in hyps]))) == hyps
+    given = []
+    model.predictor.register_forward_hook(lambda m, args, out: given.append(args[0][0, 0].item()))
+    reference = torch.tensor([[4, 4, 1]])  # shorter than what the decoder emits
+    fed = asr.greedy_decode(model, wave[:1], lengths[:1], feed=(reference, torch.tensor([3])))[0]
+    assert given[0] == asr.BLANK and len(given) == len(fed) + 1  # the start, then one call a label (one row)
+    assert given[1:] == [4, 4, 1] + fed[3:]

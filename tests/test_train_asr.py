@@ -147,6 +147,14 @@ def test_rescore_scores_finished_runs_again_and_keeps_their_results(trained):
         assert f"| {name} | {scores['vocab_size']} | - | - | {mers} |" in proc.stdout
     proc = run("train_asr.py", f"--data_dir={data}", f"--out_dir={out}", "--runs=roman+pet", "--rescore=True")
     assert proc.returncode == 2 and "holds no finished run" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("train_asr.py", f"--data_dir={data}", f"--out_dir={out}", "--runs=char", "--rescore=True",
+               "--oracle=True")  # greedy with the reference as the prediction network's context
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scores = json.loads((out / "char" / "rescore_oracle.json").read_text())
+    assert scores["oracle"] is True and scores["beam"] == 0 and 0 <= scores["test"]["mer"]
+    for bad in (["--oracle=True"], ["--oracle=True", "--rescore=True", "--beam=2"]):
+        proc = run("train_asr.py", f"--data_dir={data}", f"--out_dir={out}", "--runs=char", *bad)
+        assert proc.returncode == 2 and "--oracle=True rescores" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @needs_espeak
