@@ -318,6 +318,7 @@ class ASRConfig:
     joint_dim: int = 128
     dropout: float = 0.1
     pet: tuple = ()           # PET's features beside the token: a subset of PET_FEATURES
+    pet_share: float = 0.0    # PET's feature rows start with this share of the token rows' variance (0: at zero)
     ctc_weight: float = 0.0   # an auxiliary CTC loss on the encoder, weighted (NeMo's hybrid Transducer-CTC)
 
 
@@ -499,17 +500,20 @@ FEATURE_OF = {"syllable": "toneless", "tone": "tone", "initial": "initial", "fin
 
 
 class PETEmbedding(nn.Module):
-    """E(v) = E_token(v) + sum_f E_f(f(v)) over the features on; a plain embedding with none. The feature
-    tables start at zero, so that PET starts as the plain embedding and each shared row learns from the
-    summed gradients of the tokens that share it."""
+    """E(v) = E_token(v) + sum_f E_f(f(v)) over the features on; a plain embedding with none. With share 0
+    the feature tables start at zero, so that PET starts as the plain embedding and each shared row learns
+    from the summed gradients of the tokens that share it; with share s each of the F tables starts at
+    N(0, s / F), so that two tokens sharing every feature start at cosine s / (1 + s)."""
 
-    def __init__(self, vocab_size, d, features=None):
+    def __init__(self, vocab_size, d, features=None, share=0.0):
         super().__init__()
-        self.token = nn.Embedding(vocab_size, d)
+        self.token = nn.Embedding(vocab_size, d)  # N(0, 1)
         features = features or TokenFeatures((), [], [])
         self.tables = nn.ModuleList(nn.Embedding(n, d, padding_idx=0) for n in features.sizes)
-        for table in self.tables:
-            nn.init.zeros_(table.weight)  # row 0 stays zero: the token has no such feature
+        with torch.random.fork_rng():  # the draws below leave the rest of the model's initialisation as it was
+            for table in self.tables:
+                nn.init.normal_(table.weight, std=math.sqrt(share / len(self.tables)))
+                table.weight.data[0] = 0  # row 0 stays zero: the token has no such feature
         maps = torch.tensor(features.values, dtype=torch.long).view(len(features.sizes), vocab_size)  # (F, V)
         self.register_buffer("maps", maps)
 
@@ -528,7 +532,7 @@ class PredictionNet(nn.Module):
     def __init__(self, cfg, features=None):
         super().__init__()
         self.context = cfg.pred_context
-        self.embed = PETEmbedding(cfg.vocab_size, cfg.pred_dim, features)
+        self.embed = PETEmbedding(cfg.vocab_size, cfg.pred_dim, features, cfg.pet_share)
         if self.context:
             self.mix = nn.Linear(self.context * cfg.pred_dim, cfg.pred_dim)
         else:

@@ -62,7 +62,8 @@ ctc_weight = 0.3               # the encoder's CTC loss beside the transducer's 
 config_ranges = {'steps': 'int [1, inf)', 'batch_size': 'int [1, inf)', 'learning_rate': '(0, 1]',
                  'token_budget': 'int [8, inf)', 'joint_chunk': 'int [0, inf)', 'eval_every': 'int [0, inf)',
                  'eval_max': 'int [0, inf)', 'warmup': 'int [0, inf)', 'dropout': '[0, 1)',
-                 'memory_budget_mb': '(0, inf)', 'threads': 'int [0, inf)', 'beam': 'int [0, inf)'}
+                 'memory_budget_mb': '(0, inf)', 'threads': 'int [0, inf)', 'beam': 'int [0, inf)',
+                 'pet_share': '[0, inf)'}
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())  # and die()
 config = {k: globals()[k] for k in config_keys}

@@ -4,7 +4,7 @@ force at tiny sizes; its analytic gradient against autograd through the referenc
 kernel (in the interpreter here, natively on a GPU) against the reference, values and gradients.
 Run: python -m pytest -q tests/test_asr.py
 """
-import itertools, math, os, subprocess, sys
+import dataclasses, itertools, math, os, subprocess, sys
 
 import numpy as np
 import pytest
@@ -195,6 +195,36 @@ def test_pet_with_the_token_alone_is_a_plain_embedding():
     assert torch.allclose(e[4], want)
     assert torch.allclose(e[2] - pet.token.weight[2], e[3] - pet.token.weight[3])
     assert torch.allclose(e[1], pet.token.weight[1])
+
+
+def test_pet_share_sets_how_alike_homophones_start():
+    """pet_share s: each of the F feature tables starts at N(0, s / F), so that two tokens sharing every
+    feature start at cosine s / (1 + s) (0 at s = 0, where the tables are zero); the draws leave the random
+    state, and so the rest of the model's initialisation, where zero-started tables leave it."""
+    tokens = ["", "green"] + ["他", "她"] * 50
+    features = asr.token_features(tokens, {"他": "ta1", "她": "ta1"}.get)
+    cfg = asr.ASRConfig(vocab_size=len(tokens), d_model=16, n_heads=2, n_layers=1, sub_channels=8, pred_dim=4096,
+                        joint_dim=8, dropout=0.0, pet=features.names)
+    models = {}
+    for share in (0.0, 1.0, 3.0):
+        torch.manual_seed(0)
+        models[share] = asr.Transducer(dataclasses.replace(cfg, pet_share=share), features)
+    torch.manual_seed(0)
+    asr.PETEmbedding(len(tokens), 8, features, share=2.0)
+    after = torch.get_rng_state()
+    torch.manual_seed(0)
+    [torch.nn.Embedding(n, 8) for n in [len(tokens)] + features.sizes]  # the draws of zero-started tables
+    assert torch.equal(after, torch.get_rng_state())
+    assert all(t.weight.abs().max() == 0 for t in models[0.0].predictor.embed.tables)
+    for share in (1.0, 3.0):
+        embed = models[share].predictor.embed
+        e = embed(torch.tensor([[2, 3]]))[0]  # two homophones: every feature shared
+        shared = e[0] - embed.token.weight[2]
+        assert abs(shared.var().item() - share) < 0.1 * share
+        assert abs(torch.cosine_similarity(e[0], e[1], dim=0).item() - share / (1 + share)) < 0.05
+        assert all(t.weight[0].abs().max() == 0 for t in embed.tables)  # "no such feature" stays zero
+        for (name, p), q in zip(models[share].named_parameters(), models[0.0].parameters(), strict=True):
+            assert ".tables." in name or torch.equal(p, q), name
 
 
 def tiny_set(n=4, seed=0):
