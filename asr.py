@@ -611,6 +611,7 @@ def greedy_decode(model, wave, lengths, max_symbols=4, feed=None):
     g, state = model.predictor(torch.full((B, 1), BLANK, dtype=torch.long, device=f.device))
     g = model.joint_pred(g[:, 0])  # (B, J)
     hyps, emitted = [[] for _ in range(B)], torch.zeros(B, dtype=torch.long, device=f.device)
+    y, labels = feed if feed is not None else (None, None)  # the reference (B, U) and its lengths (B,)
     for t in range(f.shape[1]):
         active = t < frames  # (B,)
         for _ in range(max_symbols):
@@ -619,8 +620,7 @@ def greedy_decode(model, wave, lengths, max_symbols=4, feed=None):
             if not emit.any():
                 break
             given = k
-            if feed is not None:  # the reference's label where the row still has one
-                y, labels = feed
+            if y is not None:  # the reference's label where the row still has one
                 n = emitted.clamp(max=y.shape[1] - 1)
                 given = torch.where(emitted < labels, y.gather(1, n[:, None])[:, 0], k)  # (B,)
             g_new, state_new = model.predictor(given[:, None], state)

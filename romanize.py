@@ -185,8 +185,9 @@ class ConcatTokenizer:
 
     is_mandarin = staticmethod(is_mandarin)
 
-    def encode(self, units, pinyin):
-        """Ids of a sentence (no blank); ValueError for a unit that the ranges cannot spell."""
+    def encode(self, units, pinyin, unknown=None):
+        """Ids of a sentence (no blank); a character that the ranges cannot spell is the id unknown where one
+        is given, and a ValueError otherwise."""
         ids = []
         for unit, syllable in zip(units, pinyin):
             if syllable is None:
@@ -195,6 +196,8 @@ class ConcatTokenizer:
                 ids += [self.zh_start + self.zh.index[p] for p in self.zh.encode(syllable)]
             elif unit in self.zh.index:
                 ids.append(self.zh_start + self.zh.index[unit])
+            elif unknown is not None:
+                ids.append(unknown)
             else:
                 raise ValueError(f"character {unit!r} is not in the Mandarin range")
         return ids

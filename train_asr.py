@@ -117,14 +117,7 @@ def load_data(folder):
 def targets(tok, split, idx, unknown=None):
     """Label ids (B, U) padded with 0, and their counts (B,). A character that the tokenizer cannot spell
     (never in the training transcripts) raises ValueError, or with unknown given is that one id."""
-    def spell(unit, syllable):
-        try:
-            return tok.encode([unit], [syllable])
-        except ValueError:
-            if unknown is None:
-                raise
-            return [unknown]
-    ids = [sum((spell(u, p) for u, p in zip(split.units[i], split.pinyin[i])), []) for i in idx]
+    ids = [tok.encode(split.units[i], split.pinyin[i], unknown) for i in idx]
     labels = torch.tensor([len(y) for y in ids])
     out = torch.zeros(len(ids), max(1, int(labels.max())), dtype=torch.long)
     for row, y in enumerate(ids):
@@ -378,9 +371,8 @@ if __name__ == '__main__':
     for name in names:
         if rescore:  # results.json keeps the training's own scores; these go beside it, by decoding
             model, tok, r2c = load_transducer(os.path.join(out_dir, name))
-            results.append({'run': name, 'vocab_size': tok.vocab_size, 'beam': beam,
+            results.append({'run': name, 'vocab_size': tok.vocab_size, 'beam': beam, 'oracle': oracle,
                             **{k: evaluate(model, tok, r2c, data, k) for k in ('val', 'test')}})
-            results[-1]['oracle'] = oracle
             with open(os.path.join(out_dir, name, 'rescore_oracle.json' if oracle else f'rescore_beam{beam}.json'),
                       'w') as f:
                 json.dump(results[-1], f, indent=1)

@@ -135,6 +135,10 @@ def test_tokenizer_ranges_sizes_and_round_trips():
             assert tok.decode(ids) == want
             assert romanize.ConcatTokenizer.from_dict(tok.to_dict()).decode(ids) == want
     assert 1 - roman.vocab_size / char.vocab_size == romanize.vocabulary_reduction(char, roman)
+    with pytest.raises(ValueError, match="not in the Mandarin range"):  # a character never in the transcripts
+        char.encode(["green", "龘", "她"], [None, "da2", "ta1"])
+    assert char.encode(["green", "龘", "她"], [None, "da2", "ta1"], unknown=0) == (
+        char.encode(["green"], [None]) + [0] + char.encode(["她"], ["ta1"]))  # or spelled as the id given
     assert roman.is_mandarin("ta1") and roman.is_mandarin("她") and not roman.is_mandarin("apple")
 
 
