@@ -21,6 +21,8 @@ Environments (ENVS), each drawn from random.Random(seed) alone:
             the exact integer in the final turn (the tool calls themselves earn nothing)
   add       math's column addition sized to the nano model: two numbers from 1 to 999, same
             trace and reward (docs/posttraining.md: the 0.89M model learns this one)
+  add5      the same with two numbers of 1 to 5 digits each (the digit counts uniform): a copy
+            that one attention layer learns for three digits only, two learn for five
   ruler     RULER's needle in a haystack (data/ruler.py) at 500-2000 bytes; RULER's string-match score
             (the needle's value anywhere in the answer), 0 for an answer over 100 characters
 
@@ -198,6 +200,10 @@ def column_task(numbers):
 
 def add_task(rng):  # math sized to the nano model: one kind of problem, short numbers
     return column_task([rng.randint(1, 999), rng.randint(1, 999)])
+
+
+def add5_task(rng):  # the copy test: numbers of any length up to math's five digits
+    return column_task([rng.randint(10 ** (d - 1), 10 ** d - 1) for d in (rng.randint(1, 5), rng.randint(1, 5))])
 
 
 def math_task(rng):
@@ -507,7 +513,8 @@ def grade_ruler(task, final):
 # name: (generator(rng), grader(task, final answer))
 ENVIRONMENTS = {"math": (math_task, grade_integer), "code": (code_task, grade_output),
                 "instruct": (instruct_task, grade_constraints), "tools": (tools_task, grade_integer),
-                "ruler": (ruler_task, grade_ruler), "add": (add_task, grade_integer)}
+                "ruler": (ruler_task, grade_ruler), "add": (add_task, grade_integer),
+                "add5": (add5_task, grade_integer)}
 ENVS = tuple(ENVIRONMENTS)
 
 

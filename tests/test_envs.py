@@ -69,7 +69,7 @@ def test_tool_demonstration_replays_through_run_tool():
 @pytest.mark.parametrize("env", ENVS)
 def test_wrong_answers_score_below_one(env):
     for task in tasks(env, 4):
-        if env in ("math", "add", "tools"):
+        if env in ("math", "add", "add5", "tools"):
             wrong = [str(int(task.answer) + 1), task.answer + "0", f"The answer is {task.answer}"]
         elif env == "code":
             wrong = [task.answer + "0", task.answer.upper() + "!", ""]
