@@ -198,18 +198,22 @@ def column_task(numbers):
     return prompt, str(sum(numbers)), add_columns(numbers), {"kind": "column"}
 
 
+def numbers(rng, digits):  # one random number of each digit count in digits
+    return [rng.randint(10 ** (d - 1), 10 ** d - 1) for d in digits]
+
+
 def add_task(rng):  # math sized to the nano model: one kind of problem, short numbers
     return column_task([rng.randint(1, 999), rng.randint(1, 999)])
 
 
 def add5_task(rng):  # the copy test: numbers of any length up to math's five digits
-    return column_task([rng.randint(10 ** (d - 1), 10 ** d - 1) for d in (rng.randint(1, 5), rng.randint(1, 5))])
+    return column_task(numbers(rng, [rng.randint(1, 5), rng.randint(1, 5)]))
 
 
 def math_task(rng):
     if rng.random() < 0.5:
         digits = [rng.randint(2, 5) for _ in range(rng.randint(2, 4))]
-        return column_task([rng.randint(10 ** (d - 1), 10 ** d - 1) for d in digits])
+        return column_task(numbers(rng, digits))
     name, thing = rng.choice(NAMES), rng.choice(["apples", "marbles", "stickers", "cards", "shells", "coins"])
     n = rng.randint(10, 99)
     story, steps = [f"{name} has {n} {thing}."], []

@@ -15,8 +15,8 @@ import pytest
 
 from data import envs
 from data.chat import chat_prompt
-from data.envs import (ENVS, HELDOUT, Task, demonstration, final_answer, make, run_python, run_tool, tasks, tool_call,
-                       verify)
+from data.envs import (ENVIRONMENTS, ENVS, HELDOUT, Task, demonstration, final_answer, grade_integer, make, run_python,
+                       run_tool, tasks, tool_call, verify)
 
 SEEDS = range(6)  # each code task costs one sandbox run (~40 ms)
 
@@ -69,7 +69,7 @@ def test_tool_demonstration_replays_through_run_tool():
 @pytest.mark.parametrize("env", ENVS)
 def test_wrong_answers_score_below_one(env):
     for task in tasks(env, 4):
-        if env in ("math", "add", "add5", "tools"):
+        if ENVIRONMENTS[env][1] is grade_integer:  # math, add, add5, tools: an exact integer
             wrong = [str(int(task.answer) + 1), task.answer + "0", f"The answer is {task.answer}"]
         elif env == "code":
             wrong = [task.answer + "0", task.answer.upper() + "!", ""]
