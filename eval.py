@@ -20,7 +20,9 @@ Printed as tables; --json_out=PATH also writes every figure as JSON.
    environment, tool turns included): accuracy with reasoning on and off, mean thinking tokens, and
    with --reasoning_budget=B (stated in the system turn, reasoning on) the share of answers whose
    thinking stayed within B: enforced by default (the thinking closed after B tokens, as sample.py's
-   budget), or left to the model with --force_budget=False. --json=True prints one JSON object only.
+   budget), or left to the model with --force_budget=False. --best_of=k also samples k episodes a task
+   (temperature 1, reasoning on, as GRPO's groups are) and scores each task by the best of them (pass@k
+   for a 0/1 reward): how often RL's group holds an answer worth reinforcing. --json=True prints one JSON object only.
     python eval.py --tasks=chat --init_from=out-rl --n=24 --json=True
     python eval.py --tasks=chat --init_from=out-rl --reasoning_budget=64
 """
@@ -65,9 +67,11 @@ force_budget = True                # and enforced: "</think>" put in after B tok
 max_new_tokens = 256               # tokens per assistant turn
 max_turns = MAX_TURNS              # assistant turns per episode (tool calls between them)
 max_len = 0                        # tokens of a whole episode (0: the block_size the checkpoint trained at, else 512)
+best_of = 0                        # k > 0: also k episodes a task at temperature 1, reasoning on: the best reward
 json = False                       # print one JSON object and nothing else
 config_ranges = dict(loss_tokens='[1, inf)', n='[1, inf)', seed='[0, inf)', reasoning_budget='[0, inf)',
-                     max_new_tokens='[1, inf)', max_turns='[1, inf)', max_len='[0, inf)')  # checked by configurator.py
+                     max_new_tokens='[1, inf)', max_turns='[1, inf)', max_len='[0, inf)',
+                     best_of='[0, inf)')  # checked by configurator.py
 config_keys = [k for k, v in globals().items()
                if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, type(None)))]
 with contextlib.redirect_stdout(sys.stderr):  # its "Overriding: ..." echo must not mix with --json's object
@@ -184,11 +188,13 @@ def chat():
     t0 = time.time()
     budget = {'on': reasoning_budget or None, 'off': None}  # (0: none)
     on, off = (evaluate(model, tokenizer, env_list, n, tokenizer.eot, r, budget[r], max_new_tokens, max_turns, length,
-                        force_budget=force_budget) for r in ('on', 'off'))
+                        force_budget=force_budget, samples=best_of * (r == 'on')) for r in ('on', 'off'))
     scores = {env: {'accuracy_on': on[env]['accuracy'], 'accuracy_off': off[env]['accuracy'],
                     'thinking_on': on[env]['thinking'], 'skipped': on[env]['skipped'],
-                    **({'within_budget': on[env]['within_budget']} if reasoning_budget else {})} for env in env_list}
+                    **({'within_budget': on[env]['within_budget']} if reasoning_budget else {}),
+                    **({'best_of_k': on[env]['best_of_k']} if best_of else {})} for env in env_list}
     result = {'init_from': init_from, 'n': n, 'reasoning_budget': reasoning_budget or None, 'max_len': length,
+              'best_of': best_of or None,
               'force_budget': force_budget if reasoning_budget else None,
               'envs': scores, 'mean_on': mean(s['accuracy_on'] for s in scores.values()),
               'mean_off': mean(s['accuracy_off'] for s in scores.values()), 'time_s': time.time() - t0}
@@ -197,10 +203,12 @@ def chat():
     else:
         cols = ['accuracy_on', 'accuracy_off', 'thinking_on', 'skipped']
         cols += ['within_budget'] if reasoning_budget else []
+        cols += ['best_of_k'] if best_of else []
         table(f"held-out chat scores, {n} tasks per environment, greedy" +
               (f", thinking budget {reasoning_budget}" if reasoning_budget else ""), env_list, cols,
               lambda env, c: fmt(scores[env][c], 3))
-        print(f"mean accuracy: reasoning on {result['mean_on']:.3f}, off {result['mean_off']:.3f}")
+        print(f"mean accuracy: reasoning on {result['mean_on']:.3f}, off {result['mean_off']:.3f}" +
+              (f"; best of {best_of} {mean(s['best_of_k'] for s in scores.values()):.3f}" if best_of else ""))
     if json_out:
         with open(json_out, 'w') as f:
             json_lib.dump(result, f, indent=1)

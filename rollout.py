@@ -156,12 +156,18 @@ def mean(xs):
 
 
 def evaluate(model, tokenizer, envs, n, eot, reasoning="on", budget=None, max_new_tokens=256, max_turns=MAX_TURNS,
-             max_len=None, max_batch=64, compile=False, force_budget=False):
+             max_len=None, max_batch=64, compile=False, force_budget=False, samples=0):
     """Held-out scores, greedy: n tasks per environment from the split training never draws (data/envs.py
     HELDOUT). Returns {env: {"accuracy": mean reward, "thinking": mean thinking tokens, "skipped": prompts
-    past the context (scored 0), "within_budget": share of thinking within budget (when one is stated)}}."""
+    past the context (scored 0), "within_budget": share of thinking within budget (when one is stated)}}.
+    samples = k > 0 adds "best_of_k": k episodes per task sampled at temperature 1, as GRPO's groups are,
+    and the mean over tasks of the best reward among them (pass@k for a 0/1 reward): what RL can find."""
     episodes = [Episode(t, reasoning, budget) for env in envs for t in tasks(env, n, "heldout")]
     run_episodes(model, tokenizer, episodes, max_new_tokens, eot, temperature=0.0, max_turns=max_turns,
+                 max_len=max_len, max_batch=max_batch, compile=compile, force_budget=force_budget)
+    sampled = [Episode(ep.task, reasoning, budget, seed=j * samples + i)
+               for j, ep in enumerate(episodes) for i in range(samples)]
+    run_episodes(model, tokenizer, sampled, max_new_tokens, eot, temperature=1.0, max_turns=max_turns,
                  max_len=max_len, max_batch=max_batch, compile=compile, force_budget=force_budget)
     scores = {}
     for env in envs:
@@ -171,6 +177,9 @@ def evaluate(model, tokenizer, envs, n, eot, reasoning="on", budget=None, max_ne
                        "skipped": len(mine) - len(ran)}
         if budget:
             scores[env]["within_budget"] = mean(e.thinking <= budget for e in ran)
+        if samples:  # (len(mine) * samples,) episodes, task-major -> (len(mine), samples) rewards
+            group = [e.reward for e in sampled if e.task.env == env]
+            scores[env]["best_of_k"] = mean(max(group[i:i + samples]) for i in range(0, len(group), samples))
     return scores
 
 

@@ -172,6 +172,25 @@ def test_a_forced_budget_closes_the_thinking_and_the_answer_follows(monkeypatch)
     assert eps[0].reward == 0.0 and not eps[0].forced
 
 
+def test_best_of_k_scores_each_task_by_its_best_sample(monkeypatch):
+    """evaluate(samples=k): k episodes a task at temperature 1, every one its own seed, and each task
+    scored by the best of its own k (rewards set by task and sample here, whatever the batch order)."""
+    k, table = 4, [[0, 0, 0, 0], [0, 1, 0, 0], [0.25, 0.75, 0, 0]]  # (task, sample) -> reward
+    seen = []
+
+    def fake(model, tokenizer, episodes, max_new_tokens, eot, temperature=1.0, **kw):
+        for ep in episodes:
+            j = ep.task.seed - envs.HELDOUT
+            ep.reward = 0.5 * (j == 2) if temperature == 0 else table[j][ep.seed % k]
+            seen.append((temperature, ep.task.seed, ep.seed))
+    monkeypatch.setattr(rollout, "run_episodes", fake)
+    scores = rollout.evaluate(None, TOK, ["math"], 3, eot=0, samples=k)["math"]
+    assert scores["best_of_k"] == pytest.approx((0 + 1 + 0.75) / 3) and scores["accuracy"] == pytest.approx(0.5 / 3)
+    sampled = [s for s in seen if s[0] == 1.0]
+    assert len(sampled) == 3 * k and len({seed for _, _, seed in sampled}) == 3 * k
+    assert "best_of_k" not in rollout.evaluate(None, TOK, ["math"], 3, eot=0)["math"]
+
+
 def test_a_conversation_that_fills_the_context_stops_as_length(monkeypatch):
     monkeypatch.setattr(rollout, "generate_batch", scripted([["<tool>lookup: x</tool>"]]))
     ep = Episode(tools_task(), "off")
@@ -261,12 +280,13 @@ def test_rl_bad_input(chat_ckpt, tmp_path):
 
 def test_eval_chat_prints_one_json_object(chat_ckpt):
     p = run_script("eval.py", "--tasks=chat", f"--init_from={chat_ckpt}", "--n=2", "--envs=math,instruct",
-                   "--max_new_tokens=8", "--reasoning_budget=4", "--json=True")
+                   "--max_new_tokens=8", "--reasoning_budget=4", "--best_of=2", "--json=True")
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(p.stdout)  # nothing else on stdout
     assert set(result["envs"]) == {"math", "instruct"} and result["reasoning_budget"] == 4
     for s in result["envs"].values():
         assert 0 <= s["accuracy_on"] <= 1 and 0 <= s["accuracy_off"] <= 1 and 0 <= s["within_budget"] <= 1
+        assert 0 <= s["best_of_k"] <= 1
     p = run_script("eval.py", "--tasks=chat", f"--init_from={chat_ckpt}", "--n=2", "--envs=math", "--max_new_tokens=8",
                    "--json=True")  # no budget: the random model thinks for all its 8 tokens, never closing
     assert p.returncode == 0 and json.loads(p.stdout)["envs"]["math"]["thinking_on"] == 8, p.stdout
