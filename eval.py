@@ -21,8 +21,9 @@ Printed as tables; --json_out=PATH also writes every figure as JSON.
    with --reasoning_budget=B (stated in the system turn, reasoning on) the share of answers whose
    thinking stayed within B: enforced by default (the thinking closed after B tokens, as sample.py's
    budget), or left to the model with --force_budget=False. --best_of=k also samples k episodes a task
-   (temperature 1, reasoning on, as GRPO's groups are) and scores each task by the best of them (pass@k
-   for a 0/1 reward): how often RL's group holds an answer worth reinforcing. --json=True prints one JSON object only.
+   (temperature 1, reasoning on, as GRPO's groups are) and scores each task by the best of them
+   (pass@k for a 0/1 reward): how often RL's group holds an answer worth reinforcing. --json=True
+   prints one JSON object only.
     python eval.py --tasks=chat --init_from=out-rl --n=24 --json=True
     python eval.py --tasks=chat --init_from=out-rl --reasoning_budget=64
 """
@@ -197,7 +198,9 @@ def chat():
               'best_of': best_of or None,
               'force_budget': force_budget if reasoning_budget else None,
               'envs': scores, 'mean_on': mean(s['accuracy_on'] for s in scores.values()),
-              'mean_off': mean(s['accuracy_off'] for s in scores.values()), 'time_s': time.time() - t0}
+              'mean_off': mean(s['accuracy_off'] for s in scores.values()),
+              'mean_best_of': mean(s['best_of_k'] for s in scores.values()) if best_of else None,
+              'time_s': time.time() - t0}
     if json:
         print(json_lib.dumps(result))
     else:
@@ -208,7 +211,7 @@ def chat():
               (f", thinking budget {reasoning_budget}" if reasoning_budget else ""), env_list, cols,
               lambda env, c: fmt(scores[env][c], 3))
         print(f"mean accuracy: reasoning on {result['mean_on']:.3f}, off {result['mean_off']:.3f}" +
-              (f"; best of {best_of} {mean(s['best_of_k'] for s in scores.values()):.3f}" if best_of else ""))
+              (f"; best of {best_of} {result['mean_best_of']:.3f}" if best_of else ""))
     if json_out:
         with open(json_out, 'w') as f:
             json_lib.dump(result, f, indent=1)

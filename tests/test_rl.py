@@ -287,6 +287,7 @@ def test_eval_chat_prints_one_json_object(chat_ckpt):
     for s in result["envs"].values():
         assert 0 <= s["accuracy_on"] <= 1 and 0 <= s["accuracy_off"] <= 1 and 0 <= s["within_budget"] <= 1
         assert 0 <= s["best_of_k"] <= 1
+    assert result["mean_best_of"] == pytest.approx(sum(s["best_of_k"] for s in result["envs"].values()) / 2)
     p = run_script("eval.py", "--tasks=chat", f"--init_from={chat_ckpt}", "--n=2", "--envs=math", "--max_new_tokens=8",
                    "--json=True")  # no budget: the random model thinks for all its 8 tokens, never closing
     assert p.returncode == 0 and json.loads(p.stdout)["envs"]["math"]["thinking_on"] == 8, p.stdout
